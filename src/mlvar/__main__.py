@@ -1,0 +1,3 @@
+from mlvar.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Pure-numpy analysis core: per-sample variance metrics, detection scores and accuracy spread."""

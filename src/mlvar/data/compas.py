@@ -1,0 +1,577 @@
+"""COMPAS (ProPublica two-year recidivism): fetch, load, filter and prepare scenarios.
+
+Scenarios (DESIGN section 4):
+
+- ``original``: the filtered data, unchanged.
+- ``artificial``: a binary feature equal to the label, flipped with probability ``ratio`` in
+  train and validation and with probability 0.5 in test (a shortcut that carries no signal
+  at test time). Affected: rows where the feature disagrees with the label.
+- ``holdout``: clusters are the leaves of a depth-limited decision tree; the training rows
+  of one cluster are removed. Affected: the validation and test rows of that cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import math
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import train_test_split
+from sklearn.tree import DecisionTreeClassifier
+
+from mlvar.data.scenario import Scenario, SplitData, write_scenario
+from mlvar.errors import MlvarError, unknown_choice
+from mlvar.io import sha256_file
+
+COMPAS_URL = (
+    "https://raw.githubusercontent.com/propublica/compas-analysis/master/"
+    "compas-scores-two-years.csv"
+)
+COMPAS_SHA256 = "c451db85908b2f7fef1d83203bedf6b71ecda0d5af468d82ae62178f91d0cc7d"
+COMPAS_FILENAME = "compas-scores-two-years.csv"
+
+MODES = ("original", "artificial", "holdout")
+CLASS_NAMES = ["no_recid", "recid"]
+LABEL = "two_year_recid"
+# Feature columns in the order they appear in the feature matrix; categoricals are expanded
+# in place into one column per category.
+FEATURES = (
+    "sex",
+    "age",
+    "race",
+    "juv_fel_count",
+    "juv_misd_count",
+    "juv_other_count",
+    "priors_count",
+    "c_charge_degree",
+)
+CATEGORICAL = ("sex", "race", "c_charge_degree")
+NUMERIC = ("age", "juv_fel_count", "juv_misd_count", "juv_other_count", "priors_count")
+REQUIRED_COLUMNS = (
+    "id",
+    "sex",
+    "age",
+    "race",
+    "juv_fel_count",
+    "juv_misd_count",
+    "juv_other_count",
+    "priors_count",
+    "c_charge_degree",
+    "days_b_screening_arrest",
+    "is_recid",
+    "score_text",
+    "two_year_recid",
+)
+_NUMERIC_REQUIRED = (
+    "id",
+    *NUMERIC,
+    "days_b_screening_arrest",
+    "is_recid",
+    "two_year_recid",
+)
+
+TEST_SIZE = 0.165
+VAL_SIZE = 0.125
+SPLIT_SEED = 69
+TREE_MIN_SAMPLES_LEAF = 300
+TREE_RANDOM_STATE = 0
+ARTIFICIAL_TEST_FLIP = 0.5
+
+_FETCH_HINT = "run 'mlvar data fetch compas' (or --source PATH)"
+
+
+def raw_path(data_root: str | os.PathLike) -> Path:
+    """Path of the raw CSV inside a data root: ``<data_root>/raw/compas-scores-two-years.csv``."""
+    return Path(data_root) / "raw" / COMPAS_FILENAME
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_compas(path: str | os.PathLike) -> pd.DataFrame:
+    """Read the COMPAS CSV and check that it has the columns mlvar needs.
+
+    Raises
+    ------
+    MlvarError
+        The file is missing, is not a CSV, or lacks required columns (all named).
+    """
+    return _read_compas(Path(path), str(path))
+
+
+def _read_compas(path: Path, label: str) -> pd.DataFrame:
+    """Read ``path``; ``label`` names the file in messages (a URL or the user's path)."""
+    hint = "pass the ProPublica compas-scores-two-years.csv"
+    if not path.is_file():
+        raise MlvarError(f"COMPAS file {label} not found", _FETCH_HINT)
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 16)
+    if not head.strip():
+        raise MlvarError(f"COMPAS file {label} is empty", hint)
+    # A NUL byte never occurs in a text CSV; catching it here gives a clear message instead
+    # of whatever the parser makes of binary data.
+    if b"\x00" in head:
+        raise MlvarError(f"COMPAS file {label} is not a CSV file (binary data)", hint)
+    try:
+        # Default NA handling: 'N/A' and empty cells become NaN, as in ProPublica's analysis.
+        df = pd.read_csv(path, low_memory=False, encoding="utf-8")
+    except UnicodeDecodeError:
+        raise MlvarError(f"COMPAS file {label} is not a CSV file (not UTF-8 text)", hint) from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
+        msg = " ".join(str(exc).split())[:200]
+        raise MlvarError(f"COMPAS file {label} is not a valid CSV: {msg}", hint) from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise MlvarError(f"COMPAS file {label} lacks required columns: {', '.join(missing)}", hint)
+    bad = [c for c in _NUMERIC_REQUIRED if not pd.api.types.is_numeric_dtype(df[c])]
+    if bad:
+        raise MlvarError(f"COMPAS file {label} has non-numeric columns: {', '.join(bad)}", hint)
+    if len(df) == 0:
+        raise MlvarError(f"COMPAS file {label} has no data rows", hint)
+    return df
+
+
+def filter_compas(df: pd.DataFrame) -> pd.DataFrame:
+    """Apply ProPublica's standard filter (6,172 of 7,214 rows on the published file).
+
+    Keeps ``days_b_screening_arrest`` in [-30, 30], ``is_recid != -1``,
+    ``c_charge_degree != 'O'`` and ``score_text != 'N/A'``. Missing values fail every test,
+    as in ProPublica's R code (where a comparison with NA drops the row); ``score_text`` read
+    with pandas' default NA values turns 'N/A' into NaN, so both spellings are dropped.
+    The result has a fresh 0..n-1 index in file order.
+    """
+    days = df["days_b_screening_arrest"]
+    score = df["score_text"]
+    keep = (
+        days.between(-30, 30)
+        & (df["is_recid"] != -1)
+        & df["is_recid"].notna()
+        & (df["c_charge_degree"] != "O")
+        & df["c_charge_degree"].notna()
+        & (score != "N/A")
+        & score.notna()
+    )
+    return df.loc[keep].reset_index(drop=True)
+
+
+def _feature_frame(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """One-hot encode the features of a filtered frame (unstandardised, float64).
+
+    Categories are sorted, so the column order depends only on which values occur.
+    """
+    gaps = [c for c in (*FEATURES, LABEL, "id") if df[c].isna().any()]
+    if gaps:
+        raise MlvarError(
+            f"COMPAS file has missing values in columns: {', '.join(gaps)}",
+            "pass the unmodified ProPublica compas-scores-two-years.csv",
+        )
+    columns: dict[str, np.ndarray] = {}
+    for feature in FEATURES:
+        if feature in CATEGORICAL:
+            values = df[feature].astype(str)
+            for category in sorted(values.unique()):
+                columns[f"{feature}={category}"] = (values == category).to_numpy(np.float64)
+        else:
+            columns[feature] = df[feature].to_numpy(np.float64)
+    frame = pd.DataFrame(columns)
+    return frame, list(frame.columns)
+
+
+# --------------------------------------------------------------------------- fetching
+
+
+def fetch_compas(
+    data_root: str | os.PathLike,
+    source: str | os.PathLike | None = None,
+    verify: bool = True,
+    progress: Callable[[int, int | None], None] | None = None,
+) -> dict[str, Any]:
+    """Download the COMPAS CSV (or copy ``source``) to :func:`raw_path`.
+
+    The file is streamed to a temporary name, its sha256 is checked (unless ``verify`` is
+    False), it is parsed as the COMPAS CSV, and only then renamed into place. On any failure
+    nothing new is left in ``data_root``.
+
+    Parameters
+    ----------
+    data_root
+        Data root; the file goes to ``<data_root>/raw/``.
+    source
+        Local copy to use instead of downloading.
+    verify
+        Check the published sha256.
+    progress
+        Called as ``progress(done_bytes, total_bytes_or_None)`` while copying.
+
+    Returns
+    -------
+    dict
+        ``path``, ``sha256``, ``rows``, ``verified``, ``source`` (URL or path) and ``action``.
+    """
+    final = raw_path(data_root)
+    if source is not None:
+        source = Path(source).expanduser()
+        if not source.is_file():
+            raise MlvarError(
+                f"source file {source} not found", "pass the path of compas-scores-two-years.csv"
+            )
+        origin = str(source)
+    else:
+        origin = COMPAS_URL
+    created = _missing_dirs(final.parent)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{final.name}-", dir=final.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            if source is not None:
+                digest = _copy_file(source, out, progress)
+            else:
+                digest = _download(COMPAS_URL, out, progress)
+            out.flush()
+            os.fsync(out.fileno())
+        # mkstemp creates 0600; the raw file is ordinary data other users may read.
+        os.chmod(tmp, 0o644)
+        # Parse first: "not a CSV" or "lacks columns" says more than a checksum mismatch.
+        df = _read_compas(tmp, origin)
+        if verify and digest != COMPAS_SHA256:
+            raise MlvarError(
+                f"checksum mismatch for {origin}: sha256 {digest}, expected {COMPAS_SHA256}",
+                "use the unmodified ProPublica file, or skip the check with --no-verify",
+            )
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        # Remove the folders this call created so a failure leaves the data root as it was.
+        for folder in created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    return {
+        "dataset": "compas",
+        "path": str(final),
+        "sha256": digest,
+        "rows": int(len(df)),
+        "verified": bool(verify),
+        "source": origin,
+        "action": "copied" if source is not None else "downloaded",
+    }
+
+
+def _missing_dirs(folder: Path) -> list[Path]:
+    """Folders from ``folder`` upwards that do not exist yet, deepest first."""
+    missing = []
+    for path in (folder, *folder.parents):
+        if path.exists():
+            break
+        missing.append(path)
+    return missing
+
+
+def _copy_file(source: Path, out: Any, progress: Callable[[int, int | None], None] | None) -> str:
+    digest = hashlib.sha256()
+    total = source.stat().st_size
+    done = 0
+    try:
+        with open(source, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                out.write(chunk)
+                digest.update(chunk)
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, total)
+    except OSError as exc:
+        raise MlvarError(
+            f"cannot copy {source}: {exc.strerror or exc}", "check the path and free disk space"
+        ) from None
+    return digest.hexdigest()
+
+
+def _download(url: str, out: Any, progress: Callable[[int, int | None], None] | None) -> str:
+    digest = hashlib.sha256()
+    done = 0
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            while chunk := response.read(1 << 16):
+                out.write(chunk)
+                digest.update(chunk)
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, total)
+    except (
+        TimeoutError,
+        urllib.error.URLError,
+        http.client.HTTPException,
+        ConnectionError,
+        ValueError,
+    ) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise MlvarError(
+            f"cannot download {url}: {reason}",
+            "check the network, or download the file yourself and pass --source PATH",
+        ) from None
+    except OSError as exc:
+        # Network failures mid-stream surface as plain OSError; disk errors too, so name both.
+        raise MlvarError(
+            f"download of {url} failed: {exc}",
+            "check the network and free disk space, or pass --source PATH",
+        ) from None
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- preparing
+
+
+def check_ratio(ratio: Any, lo: float, hi: float, what: str) -> float:
+    """Return ``ratio`` as a float in [lo, hi] or raise :class:`MlvarError` naming the range."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float, np.integer, np.floating)):
+        raise MlvarError(
+            f"{what} ratio must be a number, got {ratio!r}", f"use a value in [{lo}, {hi}]"
+        )
+    value = float(ratio)
+    if not (math.isfinite(value) and lo <= value <= hi):
+        raise MlvarError(f"{what} ratio {ratio} is out of range", f"use a value in [{lo}, {hi}]")
+    return value
+
+
+def as_int(value: Any) -> int | None:
+    """``value`` as an int when it is an integer (or a string of digits), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value.strip())
+    return None
+
+
+def format_ratio(ratio: float) -> str:
+    """How a ratio appears in scenario names: Python's shortest float repr (0.3, 1.0)."""
+    return repr(float(ratio))
+
+
+def _split_indices(n: int) -> dict[str, np.ndarray]:
+    """Row positions of train, val and test (not stratified, ``random_state=69``)."""
+    rest, test = train_test_split(np.arange(n), test_size=TEST_SIZE, random_state=SPLIT_SEED)
+    train, val = train_test_split(rest, test_size=VAL_SIZE, random_state=SPLIT_SEED)
+    return {"train": np.asarray(train), "val": np.asarray(val), "test": np.asarray(test)}
+
+
+def prepare_compas(
+    data_root: str | os.PathLike,
+    mode: str,
+    ratio: float | None = None,
+    cluster: int | None = None,
+    seed: int = 0,
+    force: bool = False,
+) -> Scenario:
+    """Prepare a COMPAS scenario from ``<data_root>/raw/compas-scores-two-years.csv``.
+
+    Parameters
+    ----------
+    data_root
+        Data root holding ``raw/`` and the scenario folders.
+    mode
+        ``original``, ``artificial`` (needs ``ratio`` in [0, 0.5]) or ``holdout`` (needs
+        ``cluster``).
+    ratio
+        Flip probability of the artificial feature in train and validation.
+    cluster
+        Index of the held-out cluster, 0 = fewest training rows.
+    seed
+        Seed of the artificial feature's flips (``artificial`` only).
+    force
+        Replace an existing scenario folder.
+
+    Returns
+    -------
+    Scenario
+        The written scenario.
+    """
+    data_root = Path(data_root)
+    if mode not in MODES:
+        raise unknown_choice("compas mode", str(mode), MODES)
+    if mode != "artificial" and ratio is not None:
+        raise MlvarError(f"compas mode '{mode}' takes no --ratio", "only --mode artificial does")
+    if mode != "holdout" and cluster is not None:
+        raise MlvarError(f"compas mode '{mode}' takes no --cluster", "only --mode holdout does")
+    seed_int = as_int(seed)
+    if seed_int is None or seed_int < 0:
+        raise MlvarError(f"seed must be a non-negative integer, got {seed!r}", "e.g. --seed 0")
+    if mode != "artificial" and seed_int != 0:
+        raise MlvarError(f"compas mode '{mode}' takes no --seed", "only --mode artificial does")
+    if mode == "artificial":
+        if ratio is None:
+            raise MlvarError("compas mode 'artificial' needs --ratio", "use a value in [0, 0.5]")
+        ratio = check_ratio(ratio, 0.0, 0.5, "artificial")
+    cluster_int: int | None = None
+    if mode == "holdout":
+        if cluster is None:
+            raise MlvarError("compas mode 'holdout' needs --cluster", "e.g. --cluster 0")
+        cluster_int = as_int(cluster)
+        if cluster_int is None:
+            raise MlvarError(f"cluster must be an integer, got {cluster!r}", "e.g. --cluster 0")
+
+    path = raw_path(data_root)
+    if not path.is_file():
+        raise MlvarError(f"COMPAS file {path} not found", _FETCH_HINT)
+    source_sha = sha256_file(path)
+    df = filter_compas(load_compas(path))
+    if len(df) < 10:
+        raise MlvarError(
+            f"only {len(df)} COMPAS rows pass the ProPublica filter", "use the published file"
+        )
+    raw, feature_names = _feature_frame(df)
+    x_raw = raw.to_numpy(np.float64)
+    y_all = df[LABEL].to_numpy(np.int64)
+    if not np.isin(y_all, (0, 1)).all():
+        raise MlvarError(f"column {LABEL} has values other than 0 and 1", "use the published file")
+    ids = df["id"].to_numpy(np.int64)
+    if len(np.unique(ids)) != len(ids):
+        raise MlvarError("column id has duplicate values", "use the published file")
+    index = _split_indices(len(df))
+
+    # Standardise numeric columns with training statistics only (no test leakage).
+    num_cols = [feature_names.index(c) for c in NUMERIC]
+    train_num = x_raw[index["train"]][:, num_cols]
+    mean = train_num.mean(axis=0)
+    std = train_num.std(axis=0)
+    std = np.where(std > 0, std, 1.0)  # a constant column stays constant rather than NaN
+    x_std = x_raw.copy()
+    x_std[:, num_cols] = (x_std[:, num_cols] - mean) / std
+
+    splits = {
+        s: SplitData(
+            x=x_std[idx].astype(np.float32),
+            y=y_all[idx],
+            id=ids[idx],
+            affected=np.zeros(len(idx), dtype=bool),
+            group=np.full(len(idx), -1, dtype=np.int64),
+        )
+        for s, idx in index.items()
+    }
+    params: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+
+    if mode == "original":
+        name = "compas-original"
+        description = "Unchanged COMPAS data (ProPublica filter); nothing injected."
+    elif mode == "artificial":
+        assert ratio is not None
+        params = {"ratio": ratio, "seed": seed_int}
+        name = f"compas-artificial-r{format_ratio(ratio)}" + (f"-s{seed_int}" if seed_int else "")
+        # Draw order is fixed (train, val, test), so a seed gives the same feature everywhere.
+        rng = np.random.default_rng(seed_int)
+        flip_p = {"train": ratio, "val": ratio, "test": ARTIFICIAL_TEST_FLIP}
+        feature_names = [*feature_names, "artificial"]
+        for s in ("train", "val", "test"):
+            data = splits[s]
+            flips = rng.random(len(data)) < flip_p[s]
+            feature = np.where(flips, 1 - data.y, data.y)
+            data.x = np.concatenate([data.x, feature[:, None].astype(np.float32)], axis=1)
+            data.affected = feature != data.y
+        extra["artificial"] = {
+            "feature": "artificial",
+            "flip_probability": flip_p,
+            "rng": "numpy.random.default_rng(seed).random(n) < p, drawn for train, val, test",
+        }
+        description = (
+            f"Added a binary feature 'artificial' equal to the label flipped with probability "
+            f"{ratio} in train and validation and 0.5 in test; affected rows are those where it "
+            f"disagrees with the label."
+        )
+    else:
+        assert cluster_int is not None
+        tree = DecisionTreeClassifier(
+            random_state=TREE_RANDOM_STATE, min_samples_leaf=TREE_MIN_SAMPLES_LEAF
+        )
+        tree.fit(x_raw, y_all)
+        leaves = tree.apply(x_raw)
+        leaf_ids = np.unique(leaves)
+        train_counts = np.array([(leaves[index["train"]] == leaf).sum() for leaf in leaf_ids])
+        # Sort by training size ascending, ties by leaf node id (lexsort: last key is primary).
+        order = np.lexsort((leaf_ids, train_counts))
+        leaf_ids = leaf_ids[order]
+        n_clusters = len(leaf_ids)
+        if not 0 <= cluster_int < n_clusters:
+            raise MlvarError(
+                f"cluster {cluster_int} is out of range 0..{n_clusters - 1}",
+                f"COMPAS has {n_clusters} clusters; pick one in 0..{n_clusters - 1}",
+            )
+        cluster_of_leaf = {int(leaf): k for k, leaf in enumerate(leaf_ids)}
+        group_all = np.array([cluster_of_leaf[int(leaf)] for leaf in leaves], dtype=np.int64)
+        sizes = {
+            s: [int((group_all[idx] == k).sum()) for k in range(n_clusters)]
+            for s, idx in index.items()
+        }
+        for s, idx in index.items():
+            data = splits[s]
+            data.group = group_all[idx]
+            data.affected = data.group == cluster_int
+        train = splits["train"]
+        keep = train.group != cluster_int
+        splits["train"] = SplitData(
+            x=train.x[keep],
+            y=train.y[keep],
+            id=train.id[keep],
+            affected=train.affected[keep],
+            group=train.group[keep],
+        )
+        params = {"cluster": cluster_int}
+        name = f"compas-holdout-cluster{cluster_int}"
+        extra["clusters"] = {
+            "n_clusters": n_clusters,
+            "leaf_ids": [int(leaf) for leaf in leaf_ids],
+            "sizes": sizes,
+            "tree": {
+                "class": "sklearn.tree.DecisionTreeClassifier",
+                "random_state": TREE_RANDOM_STATE,
+                "min_samples_leaf": TREE_MIN_SAMPLES_LEAF,
+                "fit_on": "all filtered rows, unstandardised features, two_year_recid",
+            },
+            "order": "training rows ascending, ties by leaf node id",
+            "removed_train_rows": int(sizes["train"][cluster_int]),
+        }
+        description = (
+            f"Removed the {sizes['train'][cluster_int]} training rows of decision-tree cluster "
+            f"{cluster_int} (of {n_clusters}); affected rows are its validation and test rows."
+        )
+
+    manifest: dict[str, Any] = {
+        "dataset": "compas",
+        "mode": mode,
+        "params": params,
+        "description": description,
+        "source": {"file": COMPAS_FILENAME, "sha256": source_sha, "url": COMPAS_URL},
+        "class_names": list(CLASS_NAMES),
+        "label": LABEL,
+        "feature_names": feature_names,
+        "input": {"kind": "tabular", "n_features": len(feature_names)},
+        "standardisation": {
+            "columns": list(NUMERIC),
+            "mean": [float(v) for v in mean],
+            "std": [float(v) for v in std],
+            "fit_on": "train",
+        },
+        "filter": {
+            "rule": "days_b_screening_arrest in [-30, 30], is_recid != -1, "
+            "c_charge_degree != 'O', score_text != 'N/A'",
+            "rows": int(len(df)),
+        },
+        "split": {"test_size": TEST_SIZE, "val_size": VAL_SIZE, "random_state": SPLIT_SEED},
+        **extra,
+    }
+    return write_scenario(data_root, name, manifest, splits, force=force)

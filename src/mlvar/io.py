@@ -1,0 +1,155 @@
+"""Atomic, deterministic file writing.
+
+Every file mlvar writes appears in one step: it is written to a temporary name in the
+same folder, flushed and fsynced, then renamed over the final name. A killed process
+leaves at most a stray ``.tmp-*`` file, never a truncated file under the real name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# A fixed timestamp for zip members so that the same arrays give byte-identical .npz files.
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    try:
+        # mkstemp creates 0600; a data file is as readable as any other the user writes.
+        os.chmod(tmp, 0o644)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def dumps_json(obj: Any) -> str:
+    """Serialise ``obj`` as stable, human-readable JSON (sorted keys, trailing newline)."""
+    return json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as JSON atomically."""
+    atomic_write_bytes(path, dumps_json(obj).encode())
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """Serialise one array in the ``.npy`` format."""
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> str:
+    """Save ``array`` as ``.npy`` atomically and return the sha256 of the file's bytes."""
+    data = npy_bytes(array)
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """Serialise arrays as an uncompressed ``.npz`` with fixed member timestamps.
+
+    ``numpy.savez`` stamps each member with the current time, so two saves of the same
+    arrays differ; this writer does not, which makes prepared scenarios byte-identical.
+    """
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name in sorted(arrays):
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH)
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, npy_bytes(arrays[name]))
+    return buf.getvalue()
+
+
+def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Load every array of an ``.npz`` file (pickled objects refused)."""
+    with np.load(path, allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """Return the hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def staging_dir(final: Path, replace: bool = False) -> Iterator[Path]:
+    """Build a folder under a temporary name and rename it to ``final`` on success.
+
+    On any exception the temporary folder is removed, so a failed or killed build never
+    leaves a folder under the final name. With ``replace`` an existing ``final`` is swapped
+    out only once the new folder is complete.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp creates 0700
+        yield tmp
+        if replace and final.exists():
+            old = tmp.with_name(tmp.name + "-old")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(final.parent)

@@ -1,0 +1,1 @@
+"""Seeded training of many model copies and the service that writes them to a run store."""
