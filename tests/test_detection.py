@@ -222,3 +222,15 @@ def test_detect_baselines_no_affected_is_nan_without_warnings() -> None:
         out = detect_baselines(scores, np.zeros(5, dtype=int), np.zeros(5, dtype=bool))
     assert len(out) == 3
     assert out[list(SCORE_COLUMNS)].isna().all().all()
+
+
+def test_detect_over_split_when_the_whole_class_is_affected() -> None:
+    # A held-out class: every class-0 sample is affected, so ranking within class 0 would
+    # have no negatives; the split is the population instead.
+    affected = LABELS == 0
+    out = detect(METRIC_VALUES, LABELS, affected, names=["n_correct"]).set_index("metric")
+    assert out.loc["n_correct", "scope"] == "split"
+    assert out.loc["n_correct", "population"] == 8
+    # -n_correct: affected 0, 0, -3, -3 vs unaffected 0, 0, 0, 0:
+    # each 0 ties all 4 (2 wins), each -3 loses all (0) -> (2 + 2) / 16
+    assert out.loc["n_correct", "auroc"] == pytest.approx(4 / 16)

@@ -156,8 +156,12 @@ def _scope(
         if classes.size == 1:
             # A label-aware metric partly measures the label itself; comparing within the
             # affected class keeps it from "detecting" the class instead of the samples.
+            # When the whole class is affected (a held-out class) there is nothing to
+            # compare within, so the split is the population.
             c = classes[0]
-            return f"class {c}", labels == c
+            in_class = labels == c
+            if not affected[in_class].all():
+                return f"class {c}", in_class
     return "split", None
 
 

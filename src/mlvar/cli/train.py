@@ -1,0 +1,167 @@
+"""``mlvar train``: train N seeded models on a prepared scenario."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mlvar.cli.common import (
+    ConfigOpt,
+    JsonOpt,
+    cli_errors,
+    console,
+    get_config,
+    print_json,
+    progress_bar,
+    table,
+)
+from mlvar.config import RANDOMNESS_SOURCES
+from mlvar.data.registry import DATASETS
+from mlvar.errors import MlvarError
+from mlvar.train import service
+
+
+def _parse_vary(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if value.strip().lower() == "none":
+        return []
+    if not items:
+        raise MlvarError("--vary is empty", "e.g. --vary init,order (or --vary none)")
+    return items
+
+
+def train(
+    dataset: Annotated[
+        str, typer.Argument(help=f"Dataset: {', '.join(DATASETS)}.", show_default=False)
+    ],
+    scenario: Annotated[
+        str | None,
+        typer.Option(
+            help="Prepared scenario: its name, or its mode when unambiguous; may be left out "
+            "when the dataset has one prepared scenario.",
+            show_default=False,
+        ),
+    ] = None,
+    runs: Annotated[int, typer.Option(help="Number of seeded runs (run r uses seed base+r).")] = 10,
+    name: Annotated[
+        str | None,
+        typer.Option(help="Experiment name (default: <scenario>-<model>).", show_default=False),
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="cpu or cuda (default from config: cpu).", show_default=False)
+    ] = None,
+    engine: Annotated[
+        str | None,
+        typer.Option(
+            help="batched (all seeds stacked, default) or loop (one model at a time).",
+            show_default=False,
+        ),
+    ] = None,
+    vary: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated randomness sources that follow the run seed: "
+            f"{', '.join(RANDOMNESS_SOURCES)} (default all); the others stay fixed. "
+            "'none' fixes all.",
+            show_default=False,
+        ),
+    ] = None,
+    epochs: Annotated[
+        int | None, typer.Option(help="Override the epochs.", show_default=False)
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="Override the learning rate.", show_default=False)
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Override the batch size.", show_default=False)
+    ] = None,
+    base_seed: Annotated[
+        int | None, typer.Option(help="Seed of run 0 (default 0).", show_default=False)
+    ] = None,
+    pack_size: Annotated[
+        int | None,
+        typer.Option(help="Seeds trained together by the batched engine.", show_default=False),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Delete an existing experiment of this name first.")
+    ] = False,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Train N seeded copies of a model; finished runs are kept and skipped on re-runs.
+
+    Examples:
+
+      mlvar train compas --scenario artificial --runs 50
+
+      mlvar train digits --runs 16 --vary init      # only initialisation varies
+
+      mlvar train compas --scenario compas-holdout-cluster5 --runs 20 --engine loop
+    """
+    with cli_errors():
+        cfg = get_config(config)
+        overrides = {
+            "device": device,
+            "engine": engine,
+            "vary": _parse_vary(vary),
+            "epochs": epochs,
+            "lr": lr,
+            "batch_size": batch_size,
+            "base_seed": base_seed,
+            "pack_size": pack_size,
+        }
+        with progress_bar(not json_out) as bar:
+            task = bar.add_task(f"training {dataset}", total=None)
+
+            def on_progress(done: int, total: int, message: str) -> None:
+                bar.update(task, completed=done, total=total, description=f"epochs ({message})")
+
+            result = service.train(
+                cfg,
+                dataset,
+                scenario=scenario,
+                runs=runs,
+                name=name,
+                overrides=overrides,
+                force=force,
+                progress=on_progress,
+            )
+    if json_out:
+        print_json(result.to_dict())
+        return
+    _print_result(result)
+
+
+def _print_result(result: service.TrainResult) -> None:
+    if result.cleaned:
+        console.print(f"Removed {len(result.cleaned)} unfinished run folder(s) and retrained them.")
+    if result.trained:
+        splits = list(next(iter(result.accuracy.values())))
+        rows = []
+        for split in splits:
+            accs = [a[split] for a in result.accuracy.values()]
+            mean = sum(accs) / len(accs)
+            std = (
+                (sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) ** 0.5
+                if len(accs) > 1
+                else None
+            )
+            rows.append([split, len(accs), mean, std, min(accs), max(accs)])
+        console.print(
+            table(
+                f"{result.experiment}: accuracy of the {len(result.trained)} runs trained now",
+                ["split", "runs", "mean", "std", "min", "max"],
+                rows,
+            )
+        )
+        console.print(
+            f"Trained {len(result.trained)} run(s) in {result.wall_time_s:.1f} s "
+            f"({result.engine} engine, {result.device})."
+        )
+    if result.skipped:
+        console.print(f"Skipped {len(result.skipped)} finished run(s).")
+    console.print(f"Run store: {Path(result.path)}")

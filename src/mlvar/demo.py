@@ -1,0 +1,70 @@
+"""The whole pipeline on scikit-learn's digits, offline: ``mlvar demo``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlvar.analysis import service as analysis
+from mlvar.config import Config
+from mlvar.data import registry
+from mlvar.report.html import build_report
+from mlvar.store import ExperimentStore
+from mlvar.train import service as training
+
+DEMO_SUBCLASS = 3  # the held-out digit: coarse class "2-3" keeps only its 2s in training
+DEMO_RUNS = 16
+
+#: ``step(message)`` before each stage; ``progress(done, total, message)`` during training.
+Step = Callable[[str], None]
+
+
+@dataclass
+class DemoResult:
+    scenario: str
+    experiment: str
+    report: Path
+    accuracy: analysis.AccuracyResult
+    ranking: analysis.RankResult
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "scenario": self.scenario,
+            "experiment": self.experiment,
+            "report": str(self.report),
+            "accuracy": self.accuracy.to_dict(),
+            "detection": self.ranking.to_dict(top=10)["detection"],
+        }
+
+
+def run_demo(
+    config: Config,
+    runs: int = DEMO_RUNS,
+    step: Step | None = None,
+    progress: training.Progress | None = None,
+) -> DemoResult:
+    """Prepare digits with digit 3 held out, train ``runs`` seeds, analyse, write the report.
+
+    Re-running reuses the prepared scenario and the finished runs.
+    """
+    say = step or (lambda _msg: None)
+    root = Path(config.paths.data_root)
+    name = f"digits-holdout-sub{DEMO_SUBCLASS}-r1.0"
+    say(f"preparing scenario {name}")
+    if (root / name / "manifest.json").is_file():
+        from mlvar.data.scenario import open_scenario
+
+        scenario = open_scenario(root, name)
+    else:
+        scenario = registry.prepare(root, "digits", mode="holdout", subclass=DEMO_SUBCLASS)
+    say(f"training {runs} seeds")
+    trained = training.train(config, "digits", scenario=scenario.name, runs=runs, progress=progress)
+    store = ExperimentStore.open(config.paths.runs_root, trained.experiment)
+    say("analysing")
+    acc = analysis.accuracy(store, "test")
+    ranking = analysis.rank(store, "test")
+    say("writing the report")
+    report = build_report(store, Path(config.paths.reports_root) / trained.experiment)
+    return DemoResult(scenario.name, trained.experiment, report.path, acc, ranking)

@@ -1,0 +1,274 @@
+"""The run store: one folder per experiment, one sub-folder per finished run.
+
+::
+
+    <runs_root>/<experiment>/
+      experiment.json          dataset, scenario (name, manifest sha256), model, training
+                               config, class names, splits
+      samples/<split>.parquet  sample_id, label, affected, group: the row order of every
+                               run's arrays
+      runs/<run-id>/run.json   seed, vary, status="complete", timings, metrics, and the
+                               sha256 of each array (written last)
+      runs/<run-id>/<split>.logits.npy   [n_samples, n_classes]
+
+Every file is written atomically and ``run.json`` last, so a run folder without a valid
+``run.json`` is an unfinished run: it is removed and redone, never read. The format is
+documented in ``docs/run-store.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mlvar.errors import MlvarError, closest
+from mlvar.io import (
+    atomic_save_npy,
+    atomic_write_bytes,
+    atomic_write_json,
+    sha256_file,
+    staging_dir,
+)
+
+STORE_FORMAT = 1
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+SAMPLE_COLUMNS = ("sample_id", "label", "affected", "group")
+
+
+def run_id_for(index: int) -> str:
+    """The run id of run ``index`` of an mlvar-trained experiment."""
+    return f"run-{index:04d}"
+
+
+def check_experiment_name(name: str) -> str:
+    """Experiment names become folder names: letters, digits, '.', '_' and '-'."""
+    if not RUN_ID_RE.match(name) or name in (".", ".."):
+        raise MlvarError(
+            f"invalid experiment name '{name}'",
+            "use letters, digits, '.', '_' and '-', starting with a letter or digit",
+        )
+    return name
+
+
+@dataclass
+class RunRecord:
+    """A finished run: its folder and ``run.json``."""
+
+    run_id: str
+    path: Path
+    meta: dict[str, Any]
+
+    @property
+    def seed(self) -> int | None:
+        return self.meta.get("seed")
+
+    def logits_path(self, split: str) -> Path:
+        return self.path / f"{split}.logits.npy"
+
+    def verify(self, split: str | None = None) -> list[str]:
+        """Names of the arrays (of ``split``, or all) whose sha256 differs from ``run.json``."""
+        bad = []
+        for name, info in self.meta.get("arrays", {}).items():
+            if split is not None and name != f"{split}.logits.npy":
+                continue
+            file = self.path / name
+            if not file.is_file() or sha256_file(file) != info.get("sha256"):
+                bad.append(name)
+        return bad
+
+    def load_logits(self, split: str, mmap: bool = True) -> np.ndarray:
+        """The ``[n, C]`` logits of ``split`` (memory-mapped by default)."""
+        return np.load(self.logits_path(split), mmap_mode="r" if mmap else None, allow_pickle=False)
+
+
+def _samples_table(sample_id, label, affected, group) -> pa.Table:
+    return pa.table(
+        {
+            "sample_id": pa.array(np.asarray(sample_id, dtype=np.int64)),
+            "label": pa.array(np.asarray(label, dtype=np.int64)),
+            "affected": pa.array(np.asarray(affected, dtype=bool)),
+            "group": pa.array(np.asarray(group, dtype=np.int64)),
+        }
+    )
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+class ExperimentStore:
+    """One experiment's folder in the run store."""
+
+    def __init__(self, root: Path, meta: dict[str, Any]) -> None:
+        self.root = root
+        self.meta = meta
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.meta["splits"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta["class_names"])
+
+    @classmethod
+    def create(
+        cls,
+        runs_root: Path,
+        name: str,
+        meta: dict[str, Any],
+        samples: dict[str, dict[str, np.ndarray]],
+    ) -> ExperimentStore:
+        """Create the experiment folder atomically with ``experiment.json`` and samples.
+
+        ``samples[split]`` has arrays ``sample_id``, ``label``, ``affected``, ``group``.
+        """
+        check_experiment_name(name)
+        root = Path(runs_root) / name
+        meta = dict(meta, store_format=STORE_FORMAT, splits=list(samples))
+        with staging_dir(root) as tmp:
+            for split, cols in samples.items():
+                table = _samples_table(*(cols[c] for c in SAMPLE_COLUMNS))
+                atomic_write_bytes(tmp / "samples" / f"{split}.parquet", parquet_bytes(table))
+            (tmp / "runs").mkdir()
+            atomic_write_json(tmp / "experiment.json", meta)
+        return cls(root, meta)
+
+    @classmethod
+    def open(cls, runs_root: Path, name: str) -> ExperimentStore:
+        """Open an existing experiment; raise :class:`MlvarError` if it is not there."""
+        root = Path(runs_root) / name
+        file = root / "experiment.json"
+        if not file.is_file():
+            known = list_experiments(runs_root)
+            near = closest(name, known)
+            if near:
+                hint = f"did you mean '{near}'?"
+            elif known:
+                hint = "experiments here: " + ", ".join(known)
+            else:
+                hint = "train one with 'mlvar train' or import predictions"
+            raise MlvarError(f"unknown experiment '{name}' in {runs_root}", hint)
+        try:
+            meta = json.loads(file.read_text())
+        except (OSError, ValueError) as exc:
+            raise MlvarError(
+                f"{file} is corrupt: {exc}", "remove the experiment and retrain"
+            ) from None
+        return cls(root, meta)
+
+    def samples(self, split: str) -> pd.DataFrame:
+        """The sample table of ``split`` in the row order of every run's arrays."""
+        if split not in self.splits:
+            raise MlvarError(
+                f"experiment '{self.name}' has no split '{split}'",
+                "valid: " + ", ".join(self.splits),
+            )
+        return pq.read_table(self.root / "samples" / f"{split}.parquet").to_pandas()
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.root / "runs" / run_id
+
+    def runs(self, verify: bool = False) -> list[RunRecord]:
+        """The finished runs, sorted by run id.
+
+        A folder without a readable ``run.json`` with ``status == "complete"`` is not a
+        run. With ``verify``, a run whose arrays fail their sha256 is skipped with a
+        warning that names it.
+        """
+        found = []
+        runs_dir = self.root / "runs"
+        if not runs_dir.is_dir():
+            return []
+        for path in sorted(runs_dir.iterdir()):
+            record = read_run(path)
+            if record is None:
+                continue
+            if verify:
+                bad = record.verify()
+                if bad:
+                    warnings.warn(
+                        f"skipping run {record.run_id} of {self.name}: "
+                        f"sha256 mismatch in {', '.join(bad)}",
+                        stacklevel=2,
+                    )
+                    continue
+            found.append(record)
+        return found
+
+    def unfinished_run_dirs(self) -> list[Path]:
+        """Run folders left by a killed process (no complete ``run.json``)."""
+        runs_dir = self.root / "runs"
+        if not runs_dir.is_dir():
+            return []
+        return [p for p in sorted(runs_dir.iterdir()) if p.is_dir() and read_run(p) is None]
+
+    def write_run(
+        self, run_id: str, logits: dict[str, np.ndarray], meta: dict[str, Any]
+    ) -> RunRecord:
+        """Write one run: every split's logits, then ``run.json`` (status complete) last.
+
+        Any earlier unfinished folder of the same id is replaced.
+        """
+        if not RUN_ID_RE.match(run_id):
+            raise ValueError(f"invalid run id {run_id!r}")
+        path = self.run_dir(run_id)
+        if path.exists():
+            if read_run(path) is not None:
+                raise FileExistsError(f"run {run_id} of {self.name} is already complete")
+            shutil.rmtree(path)
+        arrays = {}
+        for split, array in logits.items():
+            expected = self.n_samples(split)
+            if array.ndim != 2 or array.shape[0] != expected:
+                raise ValueError(
+                    f"{split} logits have shape {array.shape}, expected ({expected}, C)"
+                )
+            name = f"{split}.logits.npy"
+            digest = atomic_save_npy(path / name, array)
+            arrays[name] = {"sha256": digest, "shape": list(array.shape), "dtype": str(array.dtype)}
+        meta = dict(meta, run_id=run_id, status="complete", arrays=arrays)
+        atomic_write_json(path / "run.json", meta)
+        return RunRecord(run_id, path, meta)
+
+    def n_samples(self, split: str) -> int:
+        """Number of samples of ``split`` (read from the parquet footer)."""
+        return pq.read_metadata(self.root / "samples" / f"{split}.parquet").num_rows
+
+
+def read_run(path: Path) -> RunRecord | None:
+    """The run in ``path``, or None when it is unfinished (no complete ``run.json``)."""
+    file = path / "run.json"
+    if not path.is_dir() or not file.is_file():
+        return None
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("status") != "complete":
+        return None
+    return RunRecord(path.name, path, meta)
+
+
+def list_experiments(runs_root: Path) -> list[str]:
+    """Names of the experiments under ``runs_root``."""
+    root = Path(runs_root)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / "experiment.json").is_file())

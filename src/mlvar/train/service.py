@@ -1,0 +1,283 @@
+"""Train N seeded copies of a model on a prepared scenario and write them to the run store.
+
+This is the function behind ``mlvar train``; a notebook can call :func:`train` directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mlvar import __version__
+from mlvar.config import Config, TrainConfig, validate_train
+from mlvar.data.registry import DATASETS
+from mlvar.data.scenario import Scenario, SplitData, resolve_scenario
+from mlvar.errors import MlvarError, unknown_choice
+from mlvar.store import ExperimentStore, check_experiment_name, list_experiments, run_id_for
+from mlvar.train.mlp import ENGINES, TrainData
+from mlvar.train.seeding import RunGenerators, run_seed
+
+#: ``progress(done, total, message)`` in units of run-epochs.
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did."""
+
+    experiment: str
+    path: Path
+    trained: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    cleaned: list[str] = field(default_factory=list)  # unfinished folders removed
+    accuracy: dict[str, dict[str, float]] = field(default_factory=dict)  # run -> split -> acc
+    wall_time_s: float = 0.0
+    device: str = "cpu"
+    engine: str = "batched"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["path"] = str(self.path)
+        return data
+
+
+def features(split: SplitData, manifest: dict[str, Any]) -> np.ndarray:
+    """Model inputs of one split as float32 ``[n, F]``: images are flattened and scaled."""
+    x = split.x
+    if manifest.get("input", {}).get("kind") == "image":
+        scale = float(manifest["input"].get("max_value", 255))
+        return (x.reshape(len(x), -1).astype(np.float32) / scale).astype(np.float32)
+    return x.astype(np.float32, copy=False)
+
+
+def _code_version() -> str:
+    """mlvar's version, with the git commit when running from a checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        if out.returncode == 0 and out.stdout.strip():
+            return f"{__version__}+g{out.stdout.strip()}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return __version__
+
+
+def _packages() -> dict[str, str]:
+    import pandas
+    import sklearn
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "pandas": pandas.__version__,
+        "scikit-learn": sklearn.__version__,
+    }
+
+
+def experiment_meta(name: str, scenario: Scenario, cfg: TrainConfig) -> dict[str, Any]:
+    """The ``experiment.json`` content of an mlvar-trained experiment."""
+    return {
+        "name": name,
+        "dataset": scenario.dataset,
+        "scenario": {
+            "name": scenario.name,
+            "mode": scenario.mode,
+            "params": scenario.manifest.get("params", {}),
+            "description": scenario.manifest.get("description", ""),
+            "manifest_sha256": scenario.manifest_sha256,
+        },
+        "model": cfg.model,
+        "train": cfg.identity(),
+        "class_names": scenario.class_names,
+        "input": scenario.manifest.get("input", {}),
+        "created_by": f"mlvar {__version__}",
+    }
+
+
+_IDENTITY_KEYS = ("dataset", "scenario.manifest_sha256", "model", "train")
+
+
+def _get(meta: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        meta = meta.get(part, {}) if isinstance(meta, dict) else {}
+    return meta
+
+
+def _check_same_experiment(existing: dict[str, Any], wanted: dict[str, Any], name: str) -> None:
+    diffs = []
+    for key in _IDENTITY_KEYS:
+        old, new = _get(existing, key), _get(wanted, key)
+        if old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            diffs += [
+                f"{key}.{k}: {old.get(k)!r} -> {new.get(k)!r}"
+                for k in sorted(set(old) | set(new))
+                if old.get(k) != new.get(k)
+            ]
+        else:
+            diffs.append(f"{key}: {old!r} -> {new!r}")
+    if diffs:
+        raise MlvarError(
+            f"experiment '{name}' was trained with a different setup ({'; '.join(diffs)})",
+            "pass --name NEW for a new experiment, or --force to replace this one",
+        )
+
+
+def prepare_training(
+    config: Config,
+    dataset: str,
+    scenario: str | None,
+    runs: int,
+    name: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> tuple[Scenario, TrainConfig, str]:
+    """Validate a training request without touching the disk.
+
+    Returns the scenario, the resolved training config and the experiment name.
+    """
+    if dataset not in DATASETS:
+        raise unknown_choice("dataset", dataset, DATASETS)
+    if runs < 1:
+        raise MlvarError(f"--runs must be at least 1, got {runs}", "e.g. --runs 20")
+    cfg = config.train_for(dataset)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            setattr(cfg, key, list(value) if key == "vary" else value)
+    validate_train(cfg, f"train.{dataset}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise MlvarError(
+            "--device cuda was asked for, but CUDA is not available here", "use --device cpu"
+        )
+    found = resolve_scenario(config.paths.data_root, dataset, scenario)
+    exp_name = check_experiment_name(name or f"{found.name}-{cfg.model}")
+    return found, cfg, exp_name
+
+
+def train(
+    config: Config,
+    dataset: str,
+    scenario: str | None = None,
+    runs: int = 10,
+    name: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> TrainResult:
+    """Train runs ``0 .. runs-1`` of an experiment, skipping those already finished.
+
+    Parameters
+    ----------
+    config
+        The resolved configuration (paths and per-dataset training defaults).
+    dataset, scenario
+        The dataset, and the prepared scenario (name, mode, or None when unambiguous).
+    runs
+        How many seeded runs the experiment should have.
+    name
+        Experiment name; defaults to ``<scenario>-<model>``.
+    overrides
+        Training-config fields to override (``epochs``, ``lr``, ``engine``, ``vary``...).
+    force
+        Replace an existing experiment of the same name.
+    progress
+        Called as ``progress(done, total, message)`` in run-epochs.
+    """
+    found, cfg, exp_name = prepare_training(config, dataset, scenario, runs, name, overrides)
+    runs_root = Path(config.paths.runs_root)
+    meta = experiment_meta(exp_name, found, cfg)
+    root = runs_root / exp_name
+    if force and root.exists():
+        shutil.rmtree(root)
+    if exp_name in list_experiments(runs_root):
+        store = ExperimentStore.open(runs_root, exp_name)
+        _check_same_experiment(store.meta, meta, exp_name)
+    else:
+        splits = {s: found.load(s) for s in found.splits}
+        samples = {
+            s: {"sample_id": d.id, "label": d.y, "affected": d.affected, "group": d.group}
+            for s, d in splits.items()
+        }
+        store = ExperimentStore.create(runs_root, exp_name, meta, samples)
+
+    result = TrainResult(exp_name, store.root, device=cfg.device, engine=cfg.engine)
+    for path in store.unfinished_run_dirs():
+        shutil.rmtree(path)
+        result.cleaned.append(path.name)
+    done = {r.run_id for r in store.runs()}
+    pending = [i for i in range(runs) if run_id_for(i) not in done]
+    result.skipped = [run_id_for(i) for i in range(runs) if run_id_for(i) in done]
+    if not pending:
+        return result
+
+    device = torch.device(cfg.device)
+    splits = {s: found.load(s) for s in found.splits}
+    data = TrainData(
+        x=torch.from_numpy(features(splits["train"], found.manifest)).to(device),
+        y=torch.from_numpy(splits["train"].y).to(device),
+        n_classes=len(found.class_names),
+    )
+    eval_x = {
+        s: torch.from_numpy(features(d, found.manifest)).to(device) for s, d in splits.items()
+    }
+    engine = ENGINES[cfg.engine]
+    pack = cfg.pack_size if cfg.engine == "batched" else 1
+    total = len(pending) * cfg.epochs
+    code_version, packages = _code_version(), _packages()
+    started_all = time.perf_counter()
+    for start in range(0, len(pending), pack):
+        indices = pending[start : start + pack]
+        gens = [RunGenerators(cfg.base_seed, i, cfg.vary) for i in indices]
+        offset = start * cfg.epochs
+        label = f"runs {run_id_for(indices[0])}..{run_id_for(indices[-1])}"
+
+        def on_epoch(done_: int, _total: int, offset: int = offset, label: str = label) -> None:
+            if progress:
+                progress(offset + done_, total, label)
+
+        started_at = datetime.now(UTC).isoformat(timespec="seconds")
+        t0 = time.perf_counter()
+        outputs = engine(data, cfg, gens, eval_x, progress=on_epoch)
+        pack_wall = time.perf_counter() - t0
+        for index, gen, logits in zip(indices, gens, outputs, strict=True):
+            arrays = {s: v.numpy().astype(cfg.logits_dtype) for s, v in logits.items()}
+            acc = {s: float((arrays[s].argmax(axis=1) == splits[s].y).mean()) for s in arrays}
+            run_meta = {
+                "run_index": index,
+                "seed": run_seed(cfg.base_seed, index),
+                "source_seeds": gen.seeds,
+                "vary": cfg.vary,
+                "config": dataclasses.asdict(cfg),
+                "engine": cfg.engine,
+                "device": cfg.device,
+                "pack_size": len(indices),
+                "started_at": started_at,
+                "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "wall_time_s": pack_wall / len(indices),
+                "pack_wall_time_s": pack_wall,
+                "metrics": {f"{s}_accuracy": a for s, a in acc.items()},
+                "code_version": code_version,
+                "packages": packages,
+            }
+            record = store.write_run(run_id_for(index), arrays, run_meta)
+            result.trained.append(record.run_id)
+            result.accuracy[record.run_id] = acc
+    result.wall_time_s = time.perf_counter() - started_all
+    return result
