@@ -52,3 +52,17 @@ def tree_listing() -> Callable[[Path], list[tuple[str, int]]]:
         )
 
     return listing
+
+
+#: Environment variables that change what ``load_config`` returns.
+MLVAR_CONFIG_VARS = ("MLVAR_CONFIG", "MLVAR_DATA_ROOT", "MLVAR_RUNS_ROOT", "MLVAR_REPORTS_ROOT")
+
+
+@pytest.fixture
+def no_mlvar_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Remove every ``MLVAR_*`` config variable and make ``tmp_path`` the current directory
+    (so no stray ``./mlvar.toml`` is read); return ``tmp_path``."""
+    for var in MLVAR_CONFIG_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

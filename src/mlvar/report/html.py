@@ -133,8 +133,12 @@ def build_report(
     context = {
         "title": f"mlvar report: {store.name}",
         "experiment": store.name,
-        "meta": meta,
-        "scenario": meta.get("scenario", {}),
+        # Imported stores may lack any of these: show what is there.
+        "dataset": meta.get("dataset", "?"),
+        "model": meta.get("model", "?"),
+        "scenario": {
+            k: meta.get("scenario", {}).get(k, "?") for k in ("name", "mode", "description")
+        },
         "train": meta.get("train", {}),
         "split": split,
         "n_runs": acc.n_runs,

@@ -187,68 +187,155 @@ def train_loop(
     return results
 
 
-class StackedMLP:
-    """``S`` MLPs as stacked parameter tensors (used by the ``batched`` engine)."""
+class _Pack:
+    """``S`` MLPs as stacked tensors, trained by a hand-written forward and backward pass.
+
+    Layouts (``S`` seeds, ``B`` batch rows, ``H`` hidden units, ``C`` classes):
+
+    * Parameters and their gradients live in two flat tensors (one fused Adam step updates
+      everything); the layers are views: ``W1 [S, F, H]``, ``b1, g1, be1 [S, H]``,
+      ``W2 [S, H, H]``, ``b2, g2, be2 [S, H]``, ``W3t [S, C, H]`` (the output layer is
+      stored transposed: batched matmuls with an output only ``C`` = 2 wide are ~4x slower
+      on the CPU than with ``C`` as the rows), ``b3 [S, C]``.
+    * The activations that batch norm sees are kept as ``[B, S, H]``, that is ``[B, S*H]``:
+      ``torch.native_batch_norm`` over ``S*H`` channels is then a plain call on contiguous
+      memory, the very kernel ``nn.BatchNorm1d`` runs on the loop engine's ``[B, H]``, so
+      both engines round alike (a custom batch norm made a seed diverge chaotically). The
+      batched matmuls read that layout through a transposed view (``bmm`` takes strided
+      operands without copying) and write ``[S, B, H]``; the ReLU that follows writes the
+      result back into ``[B, S, H]``, so the transposition costs no extra pass.
+    * Gradients are written straight into the flat gradient tensor (``out=``), so there is
+      no zeroing and no accumulation.
+
+    Doing without autograd saves its bookkeeping, which at these sizes (a step is ~100
+    small kernels) costs as much as the arithmetic, and lets every intermediate buffer be
+    reused from step to step.
+    """
 
     def __init__(self, inits: list[list[torch.Tensor]], device: torch.device) -> None:
         s, hidden = len(inits), inits[0][0].shape[-1]
         stacked = [torch.stack(ps) for ps in zip(*inits, strict=True)]
         w1, b1, w2, b2, w3, b3 = stacked
         ones, zeros = torch.ones(s, hidden), torch.zeros(s, hidden)
-        tensors = [w1, b1, ones, zeros, w2, b2, ones, zeros, w3, b3]
-        # All parameters and their gradients live in two flat tensors; the layers are leaf
-        # views into them. Autograd accumulates each layer's gradient in place into its
-        # view, and the optimiser updates one tensor per step instead of ten small ones.
+        tensors = [w1, b1, ones, zeros, w2, b2, ones, zeros, w3.transpose(1, 2), b3]
         self.flat = torch.cat([t.reshape(-1) for t in tensors]).to(device)
         self.flat.grad = torch.zeros_like(self.flat)
-        self.layers, start = [], 0
+        self.params, self.grads, start = [], [], 0
         for t in tensors:
             size = t.numel()
-            view = self.flat[start : start + size].view(t.shape).requires_grad_()
-            view.grad = self.flat.grad[start : start + size].view(t.shape)
-            self.layers.append(view)
+            self.params.append(self.flat[start : start + size].view(t.shape))
+            self.grads.append(self.flat.grad[start : start + size].view(t.shape))
             start += size
         self.running = [
-            [torch.zeros(s * hidden, device=device), torch.ones(s * hidden, device=device)]
+            (torch.zeros(s * hidden, device=device), torch.ones(s * hidden, device=device))
             for _ in range(2)
         ]
+        self.s, self.hidden = s, hidden
+        self._buffers: dict[int, list[torch.Tensor]] = {}
 
     def parameters(self) -> list[torch.Tensor]:
         return [self.flat]
 
-    def zero_grad(self) -> None:
-        self.flat.grad.zero_()
+    def _workspace(self, b: int) -> list[torch.Tensor]:
+        # Step buffers in the [B, S, H] layout, one set per batch size (at most two sizes).
+        if b not in self._buffers:
+            shape = (b, self.s, self.hidden)
+            self._buffers[b] = [torch.empty(shape, device=self.flat.device) for _ in range(4)]
+        return self._buffers[b]
 
-    def _bn(
-        self, h: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, layer: int, train: bool
-    ) -> torch.Tensor:
-        # Batch norm of [S, B, H] as F.batch_norm over [B, S*H]: the very kernel the loop
-        # engine's nn.BatchNorm1d runs, so both engines round alike.
-        s, b, hidden = h.shape
-        flat = h.transpose(0, 1).reshape(b, s * hidden)
-        running_mean, running_var = self.running[layer]
-        out = F.batch_norm(
-            flat,
-            running_mean,
-            running_var,
-            gamma.reshape(-1),
-            beta.reshape(-1),
-            train,
-            BN_MOMENTUM,
-            BN_EPS,
+    def train_step(
+        self, x: torch.Tensor, onehot: torch.Tensor, keep: torch.Tensor | None
+    ) -> None:
+        """Gradients of the summed per-seed mean cross-entropy, written to ``flat.grad``.
+
+        ``x`` is ``[S, B, F]``, ``onehot`` the float targets ``[S, B, C]``, ``keep`` the
+        scaled dropout mask ``[B, S, H]`` (or None).
+        """
+        w1, b1, g1, be1, w2, b2, g2, be2, w3t, b3 = self.params
+        gw1, gb1, gg1, gbe1, gw2, gb2, gg2, gbe2, gw3t, gb3 = self.grads
+        (rm1, rv1), (rm2, rv2) = self.running
+        s, b, h = x.shape[0], x.shape[1], self.hidden
+        a1, a2, dy, dz = self._workspace(b)  # all [B, S, H]
+
+        # Forward. native_batch_norm also updates the running statistics, as in train mode.
+        z1 = torch.baddbmm(b1.unsqueeze(1), x, w1)  # [S, B, H]
+        torch.clamp_min(z1.transpose(0, 1), 0, out=a1)  # ReLU (what F.relu runs)
+        y1, mean1, invstd1 = torch.native_batch_norm(
+            a1.view(b, s * h), g1.view(-1), be1.view(-1), rm1, rv1, True, BN_MOMENTUM, BN_EPS
         )
-        return out.view(b, s, hidden).transpose(0, 1)
-
-    def forward(
-        self, x: torch.Tensor, keep: torch.Tensor | None = None, train: bool = True
-    ) -> torch.Tensor:
-        """``x`` is ``[S, B, F]`` (or ``[B, F]``, shared by all seeds); returns ``[S, B, C]``."""
-        w1, b1, g1, be1, w2, b2, g2, be2, w3, b3 = self.layers
-        h = self._bn(F.relu(torch.matmul(x, w1) + b1.unsqueeze(1)), g1, be1, 0, train)
-        h = self._bn(F.relu(torch.matmul(h, w2) + b2.unsqueeze(1)), g2, be2, 1, train)
+        y1 = y1.view(b, s, h).transpose(0, 1)  # [S, B, H] view for the matmuls
+        z2 = torch.baddbmm(b2.unsqueeze(1), y1, w2)
+        torch.clamp_min(z2.transpose(0, 1), 0, out=a2)
+        y2, mean2, invstd2 = torch.native_batch_norm(
+            a2.view(b, s * h), g2.view(-1), be2.view(-1), rm2, rv2, True, BN_MOMENTUM, BN_EPS
+        )
         if keep is not None:
-            h = h * keep
-        return torch.matmul(h, w3) + b3.unsqueeze(1)
+            y2.mul_(keep.view(b, s * h))
+        y2 = y2.view(b, s, h).transpose(0, 1)
+        logits = torch.baddbmm(b3.unsqueeze(1), y2, w3t.transpose(1, 2))  # [S, B, C]
+
+        # Cross-entropy, mean over the batch: the kernels and constants autograd uses for
+        # F.cross_entropy (nll_loss puts -1/B at the target, then log_softmax's backward).
+        log_p = torch.log_softmax(logits, -1)
+        dlogits = torch._log_softmax_backward_data(
+            onehot * (-1.0 / b), log_p, -1, log_p.dtype
+        )
+
+        # Backward, layer 3.
+        torch.bmm(dlogits.transpose(1, 2), y2, out=gw3t)
+        torch.sum(dlogits, 1, out=gb3)
+        dy_sbh = torch.bmm(dlogits, w3t)  # [S, B, H]
+        if keep is not None:
+            torch.mul(dy_sbh.transpose(0, 1), keep, out=dy)
+        else:
+            dy.copy_(dy_sbh.transpose(0, 1))
+        # Layer 2 (batch norm, ReLU, linear).
+        dz2 = self._bn_relu_backward(dy, a2, g2, rm2, rv2, mean2, invstd2, gg2, gbe2, dz)
+        torch.bmm(y1.transpose(1, 2), dz2, out=gw2)
+        torch.sum(dz2, 1, out=gb2)
+        dy.copy_(torch.bmm(dz2, w2.transpose(1, 2)).transpose(0, 1))
+        # Layer 1.
+        dz1 = self._bn_relu_backward(dy, a1, g1, rm1, rv1, mean1, invstd1, gg1, gbe1, dz)
+        torch.bmm(x.transpose(1, 2), dz1, out=gw1)
+        torch.sum(dz1, 1, out=gb1)
+
+    @staticmethod
+    def _bn_relu_backward(dy, a, gamma, rm, rv, mean, invstd, g_gamma, g_beta, out):
+        """Backward of ``batch_norm(relu(z))``; returns dL/dz as an ``[S, B, H]`` view."""
+        b, s, h = a.shape
+        da, dgamma, dbeta = torch.ops.aten.native_batch_norm_backward(
+            dy.view(b, s * h),
+            a.view(b, s * h),
+            gamma.view(-1),
+            rm,
+            rv,
+            mean,
+            invstd,
+            True,
+            BN_EPS,
+            [True, True, True],
+        )
+        g_gamma.view(-1).copy_(dgamma)
+        g_beta.view(-1).copy_(dbeta)
+        # ReLU's backward from its output, as autograd does: pass where a > 0.
+        torch.ops.aten.threshold_backward.grad_input(da.view(b, s, h), a, 0, grad_input=out)
+        return out.transpose(0, 1)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval-mode logits ``[S, n, C]`` of the ``[n, F]`` inputs ``x``, for every seed."""
+        w1, b1, g1, be1, w2, b2, g2, be2, w3t, b3 = self.params
+        (rm1, rv1), (rm2, rv2) = self.running
+        n, s, h = x.shape[0], self.s, self.hidden
+
+        def bn(z: torch.Tensor, gamma, beta, rm, rv) -> torch.Tensor:
+            flat = F.relu(z).transpose(0, 1).reshape(n, s * h)
+            out = F.batch_norm(flat, rm, rv, gamma.view(-1), beta.view(-1), False, 0.0, BN_EPS)
+            return out.view(n, s, h).transpose(0, 1)
+
+        y1 = bn(torch.baddbmm(b1.unsqueeze(1), x.expand(s, -1, -1), w1), g1, be1, rm1, rv1)
+        y2 = bn(torch.baddbmm(b2.unsqueeze(1), y1, w2), g2, be2, rm2, rv2)
+        return torch.baddbmm(b3.unsqueeze(1), y2, w3t.transpose(1, 2))
 
 
 def train_batched(
@@ -269,9 +356,10 @@ def train_batched(
     if trace:
         for pos, init in enumerate(inits):
             trace("init", pos, init)
-    model = StackedMLP(inits, device)
+    model = _Pack(inits, device)
     opt = _adam(model.parameters(), cfg)
-    keep = torch.empty(s, n, cfg.hidden, dtype=torch.bool)
+    onehot_all = F.one_hot(data.y, data.n_classes).float()
+    keep = torch.empty(n, s, cfg.hidden, dtype=torch.bool)  # [n, S, H]: see _Pack
     order = torch.empty(s, n, dtype=torch.int64)
     for epoch in range(cfg.epochs):
         # Every run permutes the same n samples, so all runs have the same batch sizes.
@@ -279,28 +367,25 @@ def train_batched(
             perm, sizes = epoch_order(g.order, n, cfg.batch_size)
             order[pos, : len(perm)] = perm
             if cfg.dropout:
-                fill_dropout_keep(g.dropout, keep[pos], cfg.dropout)
-        order_d, keep_d = order.to(device), _scaled_keep(keep, cfg.dropout, device)
+                fill_dropout_keep(g.dropout, keep[:, pos], cfg.dropout)
+        # One gather per epoch instead of two per step: each step's batch is then a view.
+        order_d = order.to(device)
+        x_epoch, onehot_epoch = data.x[order_d], onehot_all[order_d]  # [S, n, F], [S, n, C]
+        keep_d = _scaled_keep(keep, cfg.dropout, device) if cfg.dropout else None
         start = 0
         for step, size in enumerate(sizes):
-            idx = order_d[:, start : start + size]
             if trace:
                 for pos in range(s):
                     trace("batch", pos, (epoch, step, order[pos, start : start + size]))
-            mask = keep_d[:, start : start + size] if cfg.dropout else None
+            rows = slice(start, start + size)
             start += size
-            logits = model.forward(data.x[idx], mask)
-            per_sample = F.cross_entropy(
-                logits.reshape(s * size, -1), data.y[idx].reshape(-1), reduction="none"
+            model.train_step(
+                x_epoch[:, rows], onehot_epoch[:, rows], keep_d[rows] if cfg.dropout else None
             )
-            loss = per_sample.view(s, size).mean(dim=1).sum()
-            model.zero_grad()
-            loss.backward()
             opt.step()
         if progress:
             progress((epoch + 1) * s, cfg.epochs * s)
-    with torch.no_grad():
-        outs = {k: model.forward(x, train=False).float().cpu() for k, x in eval_x.items()}
+    outs = {k: model.predict(x).float().cpu() for k, x in eval_x.items()}
     return [{k: v[pos] for k, v in outs.items()} for pos in range(s)]
 
 
