@@ -393,12 +393,6 @@ def test_train_cuda_unavailable(trained: Path, tree_listing: Listing) -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: config.validate_train accepts a negative base_seed; numpy's SeedSequence then "
-    "raises ValueError (traceback, exit 1) after train.service.train has already created the "
-    "experiment folder",
-)
 def test_train_negative_base_seed(trained: Path, tree_listing: Listing) -> None:
     fails_cleanly(
         trained,
@@ -540,11 +534,6 @@ def test_unknown_metric_rank(trained: Path, tree_listing: Listing) -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: report.html.build_report runs analysis.accuracy (which writes "
-    "analysis/accuracy-test.*) before analysis.rank rejects the unknown --by metric",
-)
 def test_unknown_metric_report(trained: Path, tree_listing: Listing) -> None:
     fails_cleanly(
         trained,
@@ -558,11 +547,6 @@ def test_unknown_metric_report(trained: Path, tree_listing: Listing) -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: report html --out naming an existing file: build_report writes the analysis "
-    "files, then atomic_write_bytes raises FileExistsError (traceback, exit 1)",
-)
 def test_report_out_is_a_file(trained: Path, tree_listing: Listing) -> None:
     target = trained / "a-file"
     target.write_text("not a folder\n")
@@ -647,11 +631,6 @@ def test_config_invalid_toml(work: Path, tree_listing: Listing) -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (minor): typer's own usage errors (a non-integer --runs, a missing argument) "
-    "print a multi-line box with the usage, not one 'Error: ... (hint: ...)' line",
-)
 def test_usage_error_is_one_line(work: Path, tree_listing: Listing) -> None:
     fails_cleanly(work, tree_listing, "train", "digits", "--runs", "abc", words=("--runs",))
 
@@ -676,24 +655,11 @@ LEAF_COMMANDS = [
     ["report", "html"],
     ["demo"],
 ]
-NO_EXAMPLE = {("data", "list"), ("analyze", "metrics"), ("demo",)}
 
 
 @pytest.mark.parametrize(
     "command",
-    [
-        pytest.param(
-            c,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: the command's docstring has no example (DESIGN 2: every "
-                "command's --help has examples)",
-            ),
-        )
-        if tuple(c) in NO_EXAMPLE
-        else c
-        for c in LEAF_COMMANDS
-    ],
+    LEAF_COMMANDS,
     ids=[" ".join(c) for c in LEAF_COMMANDS],
 )
 def test_help_mentions_example(command: list[str]) -> None:

@@ -383,17 +383,12 @@ def test_out_of_range(no_mlvar_env: Path, line: str, words: tuple[str, ...]) -> 
         assert word in err.message, (word, err.message)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: config.validate_train accepts non-finite lr / weight_decay (inf, nan) and a "
-    "negative base_seed (numpy seeding then fails with a traceback in training)",
-)
 @pytest.mark.parametrize(
     "line, key",
     [("lr = inf", "lr"), ("weight_decay = nan", "weight_decay"), ("base_seed = -1", "base_seed")],
     ids=["lr-inf", "weight-decay-nan", "negative-seed"],
 )
-def test_out_of_range_not_yet_checked(no_mlvar_env: Path, line: str, key: str) -> None:
+def test_non_finite_or_negative_values_rejected(no_mlvar_env: Path, line: str, key: str) -> None:
     err = error_of(write(no_mlvar_env, f"[train.compas]\n{line}\n"))
     assert f"train.compas.{key}" in err.message
 

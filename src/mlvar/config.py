@@ -10,6 +10,7 @@ directory.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -128,7 +129,7 @@ def validate_train(cfg: TrainConfig, where: str = "train") -> TrainConfig:
 
     if cfg.epochs < 1:
         raise bad("epochs", f"must be at least 1, got {cfg.epochs}", "use a positive count")
-    if not cfg.lr > 0:
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
         raise bad("lr", f"must be positive, got {cfg.lr}", "try 1e-3")
     if cfg.batch_size < 2:
         raise bad("batch_size", f"must be at least 2, got {cfg.batch_size}", "try 64")
@@ -136,8 +137,10 @@ def validate_train(cfg: TrainConfig, where: str = "train") -> TrainConfig:
         raise bad("hidden", f"must be at least 1, got {cfg.hidden}", "try 64")
     if not 0 <= cfg.dropout < 1:
         raise bad("dropout", f"must lie in [0, 1), got {cfg.dropout}", "try 0.1")
-    if cfg.weight_decay < 0:
+    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
         raise bad("weight_decay", f"must be >= 0, got {cfg.weight_decay}", "try 0")
+    if cfg.base_seed < 0:
+        raise bad("base_seed", f"must be >= 0, got {cfg.base_seed}", "seeds are non-negative")
     if cfg.pack_size < 1:
         raise bad("pack_size", f"must be at least 1, got {cfg.pack_size}", "try 50")
     if cfg.model != "mlp":

@@ -2,12 +2,48 @@
 
 from __future__ import annotations
 
+import sys
+from typing import Any
+
 import typer
+from typer.core import TyperGroup
 
 from mlvar import __version__
 from mlvar.cli import analyze, data, demo, report, train
 
+try:  # typer >= 0.20 vendors click
+    from typer._click import exceptions as _click_exc
+except ImportError:  # older typer depends on the click package
+    from click import exceptions as _click_exc
+
+
+class _OneLineErrors(TyperGroup):
+    """The root group: usage errors (a bad option value, a missing argument) print one
+    ``Error: ... (hint: ...)`` line and exit with 2, like every other user error."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except _click_exc.UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":
+                exc.show()  # a bare group or command: its help is the answer
+                sys.exit(exc.exit_code)
+            where = exc.ctx.command_path if exc.ctx else "mlvar"
+            print(f"Error: {exc.format_message()} (hint: see '{where} --help')", file=sys.stderr)
+            sys.exit(2)
+        except _click_exc.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            print("Aborted.", file=sys.stderr)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     name="mlvar",
     help=(
         "Measure how much models vary from one random seed to the next, and use that "

@@ -88,7 +88,7 @@ def rank(
     by: Annotated[
         str, typer.Option(help=f"Metric to rank by: {', '.join(METRICS)}.")
     ] = service.DEFAULT_RANK_BY,
-    top: Annotated[int, typer.Option(help="Rows of the ranking to print.")] = 20,
+    top: Annotated[int, typer.Option(min=0, help="Rows of the ranking to print.")] = 20,
     allow_mixed: MixedOpt = False,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
@@ -153,7 +153,10 @@ def rank(
 
 @app.command("metrics")
 def metrics(json_out: JsonOpt = False) -> None:
-    """List the per-sample metrics with their formulas and orientation."""
+    """List the per-sample metrics with their formulas and orientation.
+
+    Example: mlvar analyze metrics --json
+    """
     rows = [
         [
             m.name,

@@ -57,17 +57,37 @@ def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 
 
-def progress_bar(enabled: bool = True) -> Progress:
-    """A rich progress bar on stderr (so that ``--json`` output stays clean)."""
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-        disable=not enabled,
-    )
+class ProgressBar:
+    """A rich progress bar on stderr (so ``--json`` output stays clean) that appears on its
+    first update: input errors raised before any work print no empty bar."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._progress: Progress | None = None
+        self._task = None
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def update(self, description: str, completed: float, total: float | None = None) -> None:
+        if not self.enabled:
+            return
+        if self._progress is None:
+            self._progress = Progress(
+                TextColumn("[progress.description]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=err_console,
+                transient=True,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task(description, total=total)
+        self._progress.update(self._task, completed=completed, total=total, description=description)
 
 
 def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:

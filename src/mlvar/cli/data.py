@@ -10,11 +10,11 @@ import typer
 from mlvar.cli.common import (
     ConfigOpt,
     JsonOpt,
+    ProgressBar,
     cli_errors,
     console,
     get_config,
     print_json,
-    progress_bar,
     table,
 )
 from mlvar.data import registry
@@ -51,11 +51,10 @@ def fetch(
     """
     with cli_errors():
         cfg = get_config(config)
-        with progress_bar(not json_out) as bar:
-            task = bar.add_task(f"fetching {dataset}", total=None)
+        with ProgressBar(not json_out) as bar:
 
             def on_bytes(done: int, total: int | None) -> None:
-                bar.update(task, completed=done, total=total)
+                bar.update(f"fetching {dataset}", done, total)
 
             info = registry.fetch(
                 cfg.paths.data_root, dataset, source=source, verify=not no_verify, progress=on_bytes
@@ -160,7 +159,10 @@ def info(
 
 @app.command("list")
 def list_(config: ConfigOpt = None, json_out: JsonOpt = False) -> None:
-    """List the prepared scenarios in the data root."""
+    """List the prepared scenarios in the data root.
+
+    Example: mlvar data list --json
+    """
     with cli_errors():
         cfg = get_config(config)
         found = list_scenarios(cfg.paths.data_root)

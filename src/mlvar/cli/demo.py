@@ -9,12 +9,12 @@ import typer
 from mlvar.cli.common import (
     ConfigOpt,
     JsonOpt,
+    ProgressBar,
     cli_errors,
     console,
     err_console,
     get_config,
     print_json,
-    progress_bar,
     table,
 )
 from mlvar.demo import DEMO_RUNS, run_demo
@@ -30,18 +30,23 @@ def demo(
     Holds out digit 3 (its coarse class "2-3" keeps only the 2s in training), trains the
     seeds, ranks test samples by variance metrics, scores which metric finds the held-out
     3s, and writes the HTML report. Paths come from the config (default ./mlvar-work/).
+
+    Examples:
+
+      mlvar demo
+
+      mlvar demo --runs 32 --json
     """
     with cli_errors():
         cfg = get_config(config)
-        with progress_bar(not json_out) as bar:
-            task = bar.add_task("training", total=None)
+        with ProgressBar(not json_out) as bar:
 
             def step(message: str) -> None:
                 if not json_out:
                     err_console.print(f"[bold]mlvar demo[/]: {message}")
 
             def on_progress(done: int, total: int, message: str) -> None:
-                bar.update(task, completed=done, total=total, description=f"epochs ({message})")
+                bar.update(f"epochs ({message})", done, total)
 
             result = run_demo(cfg, runs=runs, step=step, progress=on_progress)
     if json_out:

@@ -26,7 +26,7 @@ def html(
         ),
     ] = None,
     split: Annotated[str, typer.Option(help="Split to report on.")] = "test",
-    top: Annotated[int, typer.Option(help="Ranked samples to list.")] = TOP_DEFAULT,
+    top: Annotated[int, typer.Option(min=1, help="Ranked samples to list.")] = TOP_DEFAULT,
     by: Annotated[
         str, typer.Option(help=f"Metric to rank by: {', '.join(METRICS)}.")
     ] = DEFAULT_RANK_BY,

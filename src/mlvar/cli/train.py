@@ -10,11 +10,11 @@ import typer
 from mlvar.cli.common import (
     ConfigOpt,
     JsonOpt,
+    ProgressBar,
     cli_errors,
     console,
     get_config,
     print_json,
-    progress_bar,
     table,
 )
 from mlvar.config import RANDOMNESS_SOURCES
@@ -114,11 +114,10 @@ def train(
             "base_seed": base_seed,
             "pack_size": pack_size,
         }
-        with progress_bar(not json_out) as bar:
-            task = bar.add_task(f"training {dataset}", total=None)
+        with ProgressBar(not json_out) as bar:
 
             def on_progress(done: int, total: int, message: str) -> None:
-                bar.update(task, completed=done, total=total, description=f"epochs ({message})")
+                bar.update(f"epochs ({message})", done, total)
 
             result = service.train(
                 cfg,

@@ -18,6 +18,7 @@ import numpy as np
 from mlvar import __version__
 from mlvar.analysis import service as analysis
 from mlvar.analysis.metrics import METRICS
+from mlvar.errors import MlvarError, unknown_choice
 from mlvar.io import atomic_write_bytes, atomic_write_text
 from mlvar.store import ExperimentStore
 
@@ -85,6 +86,17 @@ def build_report(
     by: str = analysis.DEFAULT_RANK_BY,
 ) -> ReportResult:
     """Write ``out_dir/index.html`` (and its plot) for one experiment."""
+    # Check what can be checked before any analysis writes its files.
+    if by not in METRICS:
+        raise unknown_choice("metric", by, METRICS)
+    out_dir = Path(out_dir)
+    for parent in (out_dir, *out_dir.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise MlvarError(
+                    f"report folder {out_dir}: {parent} is a file", "pick another --out"
+                )
+            break
     acc = analysis.accuracy(store, split)
     ranked = analysis.rank(store, split, by=by)
     per_run_acc = acc.per_run["accuracy"].to_numpy()
@@ -169,7 +181,6 @@ def build_report(
         "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
     html = _environment().get_template("index.html").render(**context)
-    out_dir = Path(out_dir)
     atomic_write_bytes(out_dir / "accuracy_hist.png", _accuracy_histogram(per_run_acc, split))
     atomic_write_text(out_dir / "index.html", html)
     return ReportResult(store.name, out_dir / "index.html", acc.n_runs)

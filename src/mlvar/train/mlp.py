@@ -243,9 +243,7 @@ class _Pack:
             self._buffers[b] = [torch.empty(shape, device=self.flat.device) for _ in range(4)]
         return self._buffers[b]
 
-    def train_step(
-        self, x: torch.Tensor, onehot: torch.Tensor, keep: torch.Tensor | None
-    ) -> None:
+    def train_step(self, x: torch.Tensor, onehot: torch.Tensor, keep: torch.Tensor | None) -> None:
         """Gradients of the summed per-seed mean cross-entropy, written to ``flat.grad``.
 
         ``x`` is ``[S, B, F]``, ``onehot`` the float targets ``[S, B, C]``, ``keep`` the
@@ -277,9 +275,7 @@ class _Pack:
         # Cross-entropy, mean over the batch: the kernels and constants autograd uses for
         # F.cross_entropy (nll_loss puts -1/B at the target, then log_softmax's backward).
         log_p = torch.log_softmax(logits, -1)
-        dlogits = torch._log_softmax_backward_data(
-            onehot * (-1.0 / b), log_p, -1, log_p.dtype
-        )
+        dlogits = torch._log_softmax_backward_data(onehot * (-1.0 / b), log_p, -1, log_p.dtype)
 
         # Backward, layer 3.
         torch.bmm(dlogits.transpose(1, 2), y2, out=gw3t)

@@ -167,7 +167,7 @@ def prepare_training(
             "--device cuda was asked for, but CUDA is not available here", "use --device cpu"
         )
     found = resolve_scenario(config.paths.data_root, dataset, scenario)
-    exp_name = check_experiment_name(name or f"{found.name}-{cfg.model}")
+    exp_name = check_experiment_name(name if name is not None else f"{found.name}-{cfg.model}")
     return found, cfg, exp_name
 
 
