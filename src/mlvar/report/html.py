@@ -94,7 +94,8 @@ def build_report(
         if parent.exists():
             if not parent.is_dir():
                 raise MlvarError(
-                    f"report folder {out_dir}: {parent} is a file", "pick another --out"
+                    f"report folder {out_dir} is not a folder ({parent} is a file)",
+                    "pick another --out",
                 )
             break
     acc = analysis.accuracy(store, split)
