@@ -228,3 +228,20 @@ def test_no_dropout_and_a_single_run():
     loop = train_loop(data, cfg, gens([4]), eval_x(data))
     batched = train_batched(data, cfg, gens([4]), eval_x(data))
     torch.testing.assert_close(batched[0]["train"], loop[0]["train"], atol=ENGINE_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("engine", ["batched", "loop"])
+def test_recording_dynamics_changes_nothing_and_ends_at_the_final_logits(engine: str) -> None:
+    data = synthetic(n=96, features=6, classes=3)
+    inputs = eval_x(data)
+    cfg = config(epochs=3)
+    plain = ENGINES[engine](data, cfg, gens(range(2)), inputs)
+    recorded = ENGINES[engine](data, cfg, gens(range(2)), inputs, dynamics=data.x)
+    for a, b in zip(plain, recorded, strict=True):
+        for split in inputs:
+            assert torch.equal(a[split], b[split])
+        dyn = b["dynamics"]
+        assert dyn.shape == (3, 96, 3)
+        # the last epoch's record is the final model evaluated on the same inputs
+        assert torch.equal(dyn[-1], b["train"])
+        assert not torch.equal(dyn[0], dyn[-1])

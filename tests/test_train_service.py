@@ -172,3 +172,19 @@ def test_sigkill_mid_training_then_rerun_matches_uninterrupted(
             assert np.array_equal(a[run_id][split], b[run_id][split]), (run_id, split)
         meta = json.loads((killed.run_dir(run_id) / "run.json").read_text())
         assert meta["status"] == "complete" and meta["seed"] == int(run_id[-4:])
+
+
+def test_record_dynamics_stores_per_epoch_train_logits(digits_root: Path, tmp_path: Path) -> None:
+    cfg = make_config(digits_root)
+    cfg.paths.runs_root = tmp_path / "runs"
+    res = train(cfg, "digits", runs=2, overrides={"epochs": 3, "record_dynamics": True})
+    store = ExperimentStore.open(cfg.paths.runs_root, res.experiment)
+    for run in store.runs(verify=True):
+        assert run.has_dynamics and run.meta["dynamics_epochs"] == 3
+        dyn = run.load_dynamics()
+        train_logits = run.load_logits("train")
+        assert dyn.dtype == np.float16 and dyn.shape == (3, *train_logits.shape)
+        np.testing.assert_allclose(dyn[-1], train_logits, rtol=2e-3, atol=2e-3)
+    # recording is not part of the experiment's identity: more runs without it may join
+    more = train(cfg, "digits", runs=3, overrides={"epochs": 3})
+    assert more.trained == ["run-0002"]

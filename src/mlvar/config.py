@@ -52,11 +52,12 @@ class TrainConfig:
     vary: list[str] = field(default_factory=lambda: list(RANDOMNESS_SOURCES))
     pack_size: int = 50  # seeds trained together by the batched engine (bounds memory)
     logits_dtype: str = "float32"  # dtype of stored logits: float32 or float16
+    record_dynamics: bool = False  # also store train-set logits after every epoch (float16)
 
     def identity(self) -> dict[str, Any]:
         """The fields that define what a run computes (not where or how fast)."""
         data = dataclasses.asdict(self)
-        for key in ("engine", "device", "pack_size"):
+        for key in ("engine", "device", "pack_size", "record_dynamics"):
             data.pop(key)
         return data
 

@@ -86,6 +86,14 @@ def train(
         int | None,
         typer.Option(help="Seeds trained together by the batched engine.", show_default=False),
     ] = None,
+    record_dynamics: Annotated[
+        bool,
+        typer.Option(
+            "--record-dynamics",
+            help="Also store train-set logits after every epoch (for Data Maps and "
+            "forgetting events).",
+        ),
+    ] = False,
     force: Annotated[
         bool, typer.Option("--force", help="Delete an existing experiment of this name first.")
     ] = False,
@@ -113,6 +121,7 @@ def train(
             "batch_size": batch_size,
             "base_seed": base_seed,
             "pack_size": pack_size,
+            "record_dynamics": record_dynamics or None,
         }
         with ProgressBar(not json_out) as bar:
 

@@ -177,10 +177,14 @@ def train_loop(
     eval_x: dict[str, torch.Tensor],
     progress: EpochProgress | None = None,
     trace: Trace | None = None,
+    dynamics: torch.Tensor | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Train one model per entry of ``gens``, one after the other.
 
     Returns, per run, the logits ``[n, C]`` of every tensor in ``eval_x`` (on the CPU).
+    With ``dynamics`` (inputs ``[m, F]``, usually the training set), each run's result also
+    holds ``"dynamics"``: eval-mode logits of those inputs after every epoch, ``[E, m, C]``.
+    Recording reads the model only; it changes nothing in training.
     """
     device = data.x.device
     n = len(data.y)
@@ -196,6 +200,7 @@ def train_loop(
             opt = _adam(model.parameters(), cfg)
             model.train()
             keep = torch.empty(n, cfg.hidden, dtype=torch.bool)
+            recorded = []
             for epoch in range(cfg.epochs):
                 order, sizes = epoch_order(g.order, n, cfg.batch_size)
                 if cfg.dropout:
@@ -212,11 +217,18 @@ def train_loop(
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
+                if dynamics is not None:
+                    model.eval()
+                    with torch.no_grad():
+                        recorded.append(model(dynamics).float().cpu())
+                    model.train()
                 if progress:
                     progress(pos * cfg.epochs + epoch + 1, total)
             model.eval()
             with torch.no_grad():
                 results.append({k: model(x).float().cpu() for k, x in eval_x.items()})
+            if dynamics is not None:
+                results[-1]["dynamics"] = torch.stack(recorded)
     return results
 
 
@@ -374,6 +386,7 @@ def train_batched(
     eval_x: dict[str, torch.Tensor],
     progress: EpochProgress | None = None,
     trace: Trace | None = None,
+    dynamics: torch.Tensor | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Train one model per entry of ``gens`` together as stacked tensors.
 
@@ -401,7 +414,7 @@ def train_batched(
         elif trace:
             trace(kind, *payload)
 
-    job = _Job(data, cfg, gens, inits, eval_x, tracing=trace is not None)
+    job = _Job(data, cfg, gens, inits, eval_x, tracing=trace is not None, dynamics=dynamics)
     with _one_thread_per_kernel(device):
         if workers == 1:
             outs = [job.train(slices[0], dispatch)]
@@ -429,6 +442,7 @@ class _Job:
     inits: list[list[torch.Tensor]]
     eval_x: dict[str, torch.Tensor]
     tracing: bool
+    dynamics: torch.Tensor | None = None  # inputs evaluated after every epoch
     stop: threading.Event = field(default_factory=threading.Event)
 
     def train_in_threads(self, slices: list[range], dispatch: Callable[..., None]) -> list:
@@ -476,6 +490,7 @@ class _Job:
         keep = torch.empty((n, s, cfg.hidden) if cfg.dropout else (0,), dtype=torch.bool)
         scale = dropout_threshold(cfg.dropout)[1]
         order = torch.empty(s, n, dtype=torch.int64)
+        recorded = []
         for epoch in range(cfg.epochs):
             if self.stop.is_set():
                 raise RuntimeError("training was stopped")
@@ -503,8 +518,13 @@ class _Job:
                 mask = torch.mul(keep_d[rows].view(torch.uint8), scale) if cfg.dropout else None
                 model.train_step(x_epoch[:, rows], onehot_epoch[:, rows], mask)
                 opt.step()
+            if self.dynamics is not None:
+                recorded.append(model.predict(self.dynamics).float().cpu())
             emit("epoch", s)
-        return {k: model.predict(x).float().cpu() for k, x in self.eval_x.items()}
+        out = {k: model.predict(x).float().cpu() for k, x in self.eval_x.items()}
+        if self.dynamics is not None:
+            out["dynamics"] = torch.stack(recorded, dim=1)  # [S, E, m, C]
+        return out
 
 
 ENGINES = {"batched": train_batched, "loop": train_loop}

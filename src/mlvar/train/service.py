@@ -254,9 +254,17 @@ def train(
 
         started_at = datetime.now(UTC).isoformat(timespec="seconds")
         t0 = time.perf_counter()
-        outputs = engine(data, cfg, gens, eval_x, progress=on_epoch)
+        outputs = engine(
+            data,
+            cfg,
+            gens,
+            eval_x,
+            progress=on_epoch,
+            dynamics=eval_x["train"] if cfg.record_dynamics else None,
+        )
         pack_wall = time.perf_counter() - t0
         for index, gen, logits in zip(indices, gens, outputs, strict=True):
+            recorded = logits.pop("dynamics", None)
             arrays = {s: v.numpy().astype(cfg.logits_dtype) for s, v in logits.items()}
             acc = {s: float((arrays[s].argmax(axis=1) == splits[s].y).mean()) for s in arrays}
             run_meta = {
@@ -276,7 +284,12 @@ def train(
                 "code_version": code_version,
                 "packages": packages,
             }
-            record = store.write_run(run_id_for(index), arrays, run_meta)
+            record = store.write_run(
+                run_id_for(index),
+                arrays,
+                run_meta,
+                dynamics=None if recorded is None else recorded.numpy().astype(np.float16),
+            )
             result.trained.append(record.run_id)
             result.accuracy[record.run_id] = acc
     result.wall_time_s = time.perf_counter() - started_all
