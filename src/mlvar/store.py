@@ -10,6 +10,7 @@
       runs/<run-id>/run.json   seed, vary, status="complete", timings, metrics, and the
                                sha256 of each array (written last)
       runs/<run-id>/<split>.logits.npy   [n_samples, n_classes]
+      runs/<run-id>/train.dynamics.npy   optional: per-epoch train logits [E, n_train, C]
 
 Every file is written atomically and ``run.json`` last, so a run folder without a valid
 ``run.json`` is an unfinished run: it is removed and redone, never read. The format is
@@ -43,6 +44,8 @@ from mlvar.io import (
 STORE_FORMAT = 1
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 SAMPLE_COLUMNS = ("sample_id", "label", "affected", "group")
+DYNAMICS_FILE = "train.dynamics.npy"
+"""Optional per-epoch train logits of a run, ``[E, n_train, C]`` (float16 or float32)."""
 
 
 def run_id_for(index: int) -> str:
@@ -89,6 +92,20 @@ class RunRecord:
     def load_logits(self, split: str, mmap: bool = True) -> np.ndarray:
         """The ``[n, C]`` logits of ``split`` (memory-mapped by default)."""
         return np.load(self.logits_path(split), mmap_mode="r" if mmap else None, allow_pickle=False)
+
+    @property
+    def dynamics_path(self) -> Path:
+        """``train.dynamics.npy``: per-epoch train logits ``[E, n_train, C]``, if recorded."""
+        return self.path / DYNAMICS_FILE
+
+    @property
+    def has_dynamics(self) -> bool:
+        """Whether ``run.json`` lists per-epoch train logits."""
+        return DYNAMICS_FILE in self.meta.get("arrays", {})
+
+    def load_dynamics(self, mmap: bool = True) -> np.ndarray:
+        """The ``[E, n_train, C]`` per-epoch train logits (memory-mapped by default)."""
+        return np.load(self.dynamics_path, mmap_mode="r" if mmap else None, allow_pickle=False)
 
 
 def _samples_table(sample_id, label, affected, group) -> pa.Table:
@@ -220,11 +237,17 @@ class ExperimentStore:
         return [p for p in sorted(runs_dir.iterdir()) if p.is_dir() and read_run(p) is None]
 
     def write_run(
-        self, run_id: str, logits: dict[str, np.ndarray], meta: dict[str, Any]
+        self,
+        run_id: str,
+        logits: dict[str, np.ndarray],
+        meta: dict[str, Any],
+        dynamics: np.ndarray | None = None,
     ) -> RunRecord:
         """Write one run: every split's logits, then ``run.json`` (status complete) last.
 
-        Any earlier unfinished folder of the same id is replaced.
+        ``dynamics`` (optional): per-epoch train logits ``[E, n_train, C]``, written as
+        ``train.dynamics.npy`` with ``run.json["dynamics_epochs"] = E``. Any earlier
+        unfinished folder of the same id is replaced.
         """
         if not RUN_ID_RE.match(run_id):
             raise ValueError(f"invalid run id {run_id!r}")
@@ -243,6 +266,20 @@ class ExperimentStore:
             name = f"{split}.logits.npy"
             digest = atomic_save_npy(path / name, array)
             arrays[name] = {"sha256": digest, "shape": list(array.shape), "dtype": str(array.dtype)}
+        if dynamics is not None:
+            expected = self.n_samples("train") if "train" in self.splits else None
+            if dynamics.ndim != 3 or dynamics.shape[0] < 1 or dynamics.shape[1] != expected:
+                raise ValueError(
+                    f"training dynamics have shape {dynamics.shape}, expected "
+                    f"(epochs, {expected}, C)"
+                )
+            digest = atomic_save_npy(path / DYNAMICS_FILE, dynamics)
+            arrays[DYNAMICS_FILE] = {
+                "sha256": digest,
+                "shape": list(dynamics.shape),
+                "dtype": str(dynamics.dtype),
+            }
+            meta = dict(meta, dynamics_epochs=int(dynamics.shape[0]))
         meta = dict(meta, run_id=run_id, status="complete", arrays=arrays)
         atomic_write_json(path / "run.json", meta)
         return RunRecord(run_id, path, meta)
