@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import shutil
+import struct
+import tarfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 # The real ProPublica file lives in the shared folder beside the repository (DESIGN 4).
@@ -66,3 +72,226 @@ def no_mlvar_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+# ---------------------------------------------------------------- tiny CIFAR archives
+#
+# Archives in the exact CIFAR formats (python: pickled dicts written the way Python 2 wrote
+# them, channel-planar uint8 rows; binary: label byte(s) + 3072 bytes), with the real folder
+# and file names, but only a few random images per class.
+
+CIFAR10_NAMES = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+]
+
+#: The real CIFAR-100 hierarchy: superclass -> its five fine classes.
+CIFAR100_HIERARCHY = {
+    "aquatic_mammals": ["beaver", "dolphin", "otter", "seal", "whale"],
+    "fish": ["aquarium_fish", "flatfish", "ray", "shark", "trout"],
+    "flowers": ["orchid", "poppy", "rose", "sunflower", "tulip"],
+    "food_containers": ["bottle", "bowl", "can", "cup", "plate"],
+    "fruit_and_vegetables": ["apple", "mushroom", "orange", "pear", "sweet_pepper"],
+    "household_electrical_devices": ["clock", "keyboard", "lamp", "telephone", "television"],
+    "household_furniture": ["bed", "chair", "couch", "table", "wardrobe"],
+    "insects": ["bee", "beetle", "butterfly", "caterpillar", "cockroach"],
+    "large_carnivores": ["bear", "leopard", "lion", "tiger", "wolf"],
+    "large_man-made_outdoor_things": ["bridge", "castle", "house", "road", "skyscraper"],
+    "large_natural_outdoor_scenes": ["cloud", "forest", "mountain", "plain", "sea"],
+    "large_omnivores_and_herbivores": ["camel", "cattle", "chimpanzee", "elephant", "kangaroo"],
+    "medium_mammals": ["fox", "porcupine", "possum", "raccoon", "skunk"],
+    "non-insect_invertebrates": ["crab", "lobster", "snail", "spider", "worm"],
+    "people": ["baby", "boy", "girl", "man", "woman"],
+    "reptiles": ["crocodile", "dinosaur", "lizard", "snake", "turtle"],
+    "small_mammals": ["hamster", "mouse", "rabbit", "shrew", "squirrel"],
+    "trees": ["maple_tree", "oak_tree", "palm_tree", "pine_tree", "willow_tree"],
+    "vehicles_1": ["bicycle", "bus", "motorcycle", "pickup_truck", "train"],
+    "vehicles_2": ["lawn_mower", "rocket", "streetcar", "tank", "tractor"],
+}
+
+
+class _Py2Pickler(pickle._Pickler):  # type: ignore[name-defined]
+    """Protocol 2 as Python 2's cPickle wrote the CIFAR batches: strings as BINSTRING and
+    numpy's reconstructor under its old module name."""
+
+    dispatch = pickle._Pickler.dispatch.copy()  # type: ignore[attr-defined]
+
+    def _save_str8(self, obj: str | bytes) -> None:
+        data = obj.encode("latin1") if isinstance(obj, str) else obj
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
+        self.memoize(obj)
+
+    dispatch[str] = _save_str8
+    dispatch[bytes] = _save_str8
+
+    def save_global(self, obj: object, name: str | None = None) -> None:
+        if getattr(obj, "__name__", "") == "_reconstruct":
+            self.write(pickle.GLOBAL + b"numpy.core.multiarray\n_reconstruct\n")
+            self.memoize(obj)
+            return
+        super().save_global(obj, name)
+
+
+def py2_pickle(obj: object) -> bytes:
+    buf = io.BytesIO()
+    _Py2Pickler(buf, protocol=2).dump(obj)
+    return buf.getvalue()
+
+
+def _tar(path: Path, members: dict[str, bytes], folder: str) -> Path:
+    with tarfile.open(path, "w:gz", compresslevel=1) as tar:
+        info = tarfile.TarInfo(folder)
+        info.type = tarfile.DIRTYPE
+        info.mode = 0o755
+        tar.addfile(info)
+        for name, data in members.items():
+            info = tarfile.TarInfo(f"{folder}/{name}")
+            info.size = len(data)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@dataclass
+class TinyCifar:
+    """A tiny CIFAR copy: the archive and the arrays it holds (NHWC, file order)."""
+
+    archive: Path
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    coarse_train: np.ndarray | None = None
+    coarse_test: np.ndarray | None = None
+    members: dict[str, bytes] | None = None
+    folder: str = ""
+
+
+def _images(rng: np.random.Generator, n: int) -> np.ndarray:
+    return rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+
+
+def _planar(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2).reshape(len(x), -1))
+
+
+def build_cifar10(
+    path: Path, per_class: int = 10, test_per_class: int = 5, fmt: str = "python", seed: int = 0
+) -> TinyCifar:
+    """A CIFAR-10 archive with ``per_class`` train and ``test_per_class`` test images per class
+    in shuffled order (train split over the five batches)."""
+    rng = np.random.default_rng(seed)
+    y_train = rng.permutation(np.repeat(np.arange(10), per_class))
+    y_test = rng.permutation(np.repeat(np.arange(10), test_per_class))
+    x_train, x_test = _images(rng, len(y_train)), _images(rng, len(y_test))
+    batches = np.array_split(np.arange(len(y_train)), 5)
+    members: dict[str, bytes] = {}
+    if fmt == "python":
+        folder = "cifar-10-batches-py"
+        members["batches.meta"] = py2_pickle(
+            {"num_cases_per_batch": len(batches[0]), "label_names": CIFAR10_NAMES, "num_vis": 3072}
+        )
+        for i, idx in enumerate(batches, 1):
+            members[f"data_batch_{i}"] = py2_pickle(
+                {
+                    "batch_label": f"training batch {i} of 5",
+                    "labels": [int(v) for v in y_train[idx]],
+                    "data": _planar(x_train[idx]),
+                    "filenames": [f"img_{j}.png" for j in idx],
+                }
+            )
+        members["test_batch"] = py2_pickle(
+            {
+                "batch_label": "testing batch 1 of 1",
+                "labels": [int(v) for v in y_test],
+                "data": _planar(x_test),
+                "filenames": [f"test_{j}.png" for j in range(len(y_test))],
+            }
+        )
+    else:
+        folder = "cifar-10-batches-bin"
+
+        def records(x: np.ndarray, y: np.ndarray) -> bytes:
+            return np.concatenate([y.astype(np.uint8)[:, None], _planar(x)], axis=1).tobytes()
+
+        members["batches.meta.txt"] = ("\n".join(CIFAR10_NAMES) + "\n\n").encode()
+        for i, idx in enumerate(batches, 1):
+            members[f"data_batch_{i}.bin"] = records(x_train[idx], y_train[idx])
+        members["test_batch.bin"] = records(x_test, y_test)
+    _tar(path, members, folder)
+    return TinyCifar(path, x_train, y_train, x_test, y_test, members=members, folder=folder)
+
+
+def build_cifar100(
+    path: Path, per_fine: int = 4, test_per_fine: int = 2, seed: int = 1
+) -> TinyCifar:
+    """A CIFAR-100 python archive with ``per_fine`` train / ``test_per_fine`` test images per
+    fine class, in shuffled order, with the real fine and coarse names and hierarchy."""
+    coarse_names = sorted(CIFAR100_HIERARCHY)
+    fine_names = sorted(f for fines in CIFAR100_HIERARCHY.values() for f in fines)
+    parent = np.array(
+        [
+            coarse_names.index(next(c for c, fs in CIFAR100_HIERARCHY.items() if f in fs))
+            for f in fine_names
+        ]
+    )
+    rng = np.random.default_rng(seed)
+    fine_train = rng.permutation(np.repeat(np.arange(100), per_fine))
+    fine_test = rng.permutation(np.repeat(np.arange(100), test_per_fine))
+    x_train, x_test = _images(rng, len(fine_train)), _images(rng, len(fine_test))
+    members = {
+        "meta": py2_pickle({"fine_label_names": fine_names, "coarse_label_names": coarse_names}),
+        "train": py2_pickle(
+            {
+                "filenames": [f"img_{j}.png" for j in range(len(fine_train))],
+                "batch_label": "training batch 1 of 1",
+                "fine_labels": [int(v) for v in fine_train],
+                "coarse_labels": [int(v) for v in parent[fine_train]],
+                "data": _planar(x_train),
+            }
+        ),
+        "test": py2_pickle(
+            {
+                "filenames": [f"test_{j}.png" for j in range(len(fine_test))],
+                "batch_label": "testing batch 1 of 1",
+                "fine_labels": [int(v) for v in fine_test],
+                "coarse_labels": [int(v) for v in parent[fine_test]],
+                "data": _planar(x_test),
+            }
+        ),
+    }
+    _tar(path, members, "cifar-100-python")
+    return TinyCifar(
+        path,
+        x_train,
+        fine_train,
+        x_test,
+        fine_test,
+        coarse_train=parent[fine_train],
+        coarse_test=parent[fine_test],
+        members=members,
+        folder="cifar-100-python",
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_cifar10(tmp_path_factory: pytest.TempPathFactory) -> TinyCifar:
+    """A tiny CIFAR-10 python-format archive (10 train + 5 test images per class)."""
+    return build_cifar10(tmp_path_factory.mktemp("cifar10") / "cifar-10-python.tar.gz")
+
+
+@pytest.fixture(scope="session")
+def tiny_cifar100(tmp_path_factory: pytest.TempPathFactory) -> TinyCifar:
+    """A tiny CIFAR-100 python-format archive (4 train + 2 test images per fine class)."""
+    return build_cifar100(tmp_path_factory.mktemp("cifar100") / "cifar-100-python.tar.gz")

@@ -154,3 +154,119 @@ def test_prepare_digits_direct_errors(tmp_path: Path) -> None:
     with pytest.raises(MlvarError, match="takes no --source"):
         registry.fetch(tmp_path, "digits", source=tmp_path / "x")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- class modes (--cls)
+
+
+@pytest.mark.parametrize(
+    ("mode", "cls", "ratio"),
+    [
+        ("holdout", 3, 0.5),
+        ("holdout", 0, 1.0),
+        ("holdout-dup", 3, 0.5),
+        ("augmentation", 3, 0.5),
+        ("augmentation", 8, 1.0),
+        ("augmentation-all", None, 0.25),
+    ],
+)
+def test_class_modes_match_reference(
+    root: Path, ref: dict, mode: str, cls: int | None, ratio: float
+) -> None:
+    scenario = registry.prepare(root, "digits", mode=mode, cls=cls, ratio=ratio, force=True)
+    assert scenario.name == (
+        f"digits-{mode}" + (f"-cls{cls}" if cls is not None else "") + f"-r{ratio}"
+    )
+    assert scenario.class_names == [str(d) for d in range(10)]
+    assert scenario.manifest["input"] == {"kind": "image", "shape": [8, 8, 1], "max_value": 16}
+    splits = _load(scenario)
+    images = ref["images"].astype(np.uint8)
+    target = ref["target"]
+    train = ref["index"]["train"]
+    classes = range(10) if mode == "augmentation-all" else [cls]
+    chosen = np.concatenate(
+        [
+            train[target[train] == c][: math.floor(ratio * (target[train] == c).sum())]
+            for c in classes
+        ]
+    )
+    appearance = mode.startswith("augmentation")
+    assert set(splits) == {"train", "val", "test"} | ({"test_gray"} if appearance else set())
+    for s in ("val", "test"):
+        data, idx = splits[s], ref["index"][s]
+        np.testing.assert_array_equal(data.id, idx)
+        np.testing.assert_array_equal(data.x[..., 0], images[idx])
+        expected = np.zeros(len(idx), bool) if mode == "augmentation-all" else target[idx] == cls
+        np.testing.assert_array_equal(data.affected, expected)
+    data = splits["train"]
+    np.testing.assert_array_equal(data.y, target[data.id])
+    if mode == "holdout":
+        np.testing.assert_array_equal(data.id, train[~np.isin(train, chosen)])
+        assert not data.affected.any()
+        return
+    np.testing.assert_array_equal(data.id, train)
+    np.testing.assert_array_equal(data.affected, np.isin(train, chosen))
+    keep = ~data.affected
+    np.testing.assert_array_equal(data.x[keep, ..., 0], images[train[keep]])
+    if mode == "holdout-dup":
+        copies = scenario.manifest["change"]["copies"]
+        members = train[target[train] == cls]
+        assert set(copies["source_ids"]) <= set(members[len(chosen) :].tolist())
+        np.testing.assert_array_equal(data.x[data.affected, ..., 0], images[copies["source_ids"]])
+        return
+    # Colour inversion 16 - x, in train and in the test_gray copy of test.
+    np.testing.assert_array_equal(
+        data.x[data.affected, ..., 0], 16 - images[data.id[data.affected]]
+    )
+    test, inverted = splits["test"], splits["test_gray"]
+    np.testing.assert_array_equal(inverted.x, 16 - test.x)
+    np.testing.assert_array_equal(inverted.id, test.id)
+    if mode == "augmentation-all":
+        assert inverted.affected.all()
+    else:
+        np.testing.assert_array_equal(inverted.affected, test.affected)
+
+
+def test_class_mode_twice_identical_bytes(tmp_path: Path) -> None:
+    kwargs = {"mode": "holdout-dup", "cls": 5, "ratio": 0.5, "seed": 2}
+    first = registry.prepare(tmp_path, "digits", **kwargs)
+    assert first.name == "digits-holdout-dup-cls5-r0.5-s2"
+    files = {p.name: p.read_bytes() for p in sorted(first.path.iterdir())}
+    second = registry.prepare(tmp_path, "digits", force=True, **kwargs)
+    assert {p.name: p.read_bytes() for p in sorted(second.path.iterdir())} == files
+
+
+def test_holdout_subclass_group_counts(root: Path) -> None:
+    scenario = registry.prepare(root, "digits", subclass=3, ratio=1.0, force=True)
+    groups = {(g["split"], g["group"]): g for g in registry.scenario_info(scenario)["groups"]}
+    assert groups[("train", "3")]["total"] == 0
+    assert groups[("test", "3")]["affected"] == groups[("test", "3")]["total"] > 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({"mode": "holdout", "cls": 3, "subclass": 3, "ratio": 0.5}, "not both|with --cls"),
+        ({"mode": "augmentation", "subclass": 3, "ratio": 0.5}, "takes no --subclass"),
+        ({"mode": "augmentation-all", "cls": 3, "ratio": 0.5}, "takes no --cls"),
+        ({"mode": "augmentation", "cls": 3}, "needs --ratio"),
+        ({"mode": "holdout-dup", "cls": 3, "ratio": 1.0}, "no sample of the class to copy"),
+        ({"mode": "holdout", "cls": 10, "ratio": 0.5}, "0-9"),
+        ({"mode": "original", "cls": 3}, "takes no --cls"),
+        ({"mode": "augmentation", "cls": 3, "ratio": 0.5, "seed": 1}, "takes no --seed"),
+    ],
+)
+def test_class_mode_bad_input_writes_nothing(
+    tmp_path: Path, tree_listing, kwargs: dict, pattern: str
+) -> None:
+    before = tree_listing(tmp_path)
+    with pytest.raises(MlvarError, match=pattern):
+        registry.prepare(tmp_path / "data", "digits", **kwargs)
+    assert tree_listing(tmp_path) == before
+
+
+def test_digits_contact_sheet(tmp_path: Path) -> None:
+    scenario = registry.prepare(tmp_path / "data", "digits", mode="augmentation", cls=3, ratio=0.5)
+    out = registry.contact_sheet(scenario, tmp_path / "sheet.png")
+    assert (tmp_path / "sheet.png").read_bytes()[:4] == b"\x89PNG"
+    assert "train: affected" in out["rows"] and "test_gray: affected" in out["rows"]

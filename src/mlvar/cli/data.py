@@ -13,6 +13,7 @@ from mlvar.cli.common import (
     ProgressBar,
     cli_errors,
     console,
+    err_console,
     get_config,
     print_json,
     table,
@@ -33,21 +34,32 @@ def fetch(
     dataset: Annotated[str, typer.Argument(help=f"Dataset: {DATASETS}.", show_default=False)],
     source: Annotated[
         Path | None,
-        typer.Option(help="Use this local copy instead of downloading.", show_default=False),
+        typer.Option(
+            help="Use this local copy instead of downloading: compas: the CSV; cifar10/cifar100: "
+            "the .tar.gz archive or its extracted folder (torchvision's layout too).",
+            show_default=False,
+        ),
     ] = None,
     no_verify: Annotated[
-        bool, typer.Option("--no-verify", help="Skip the checksum (for modified copies).")
+        bool,
+        typer.Option("--no-verify", help="Skip the checksum (for subsampled or modified copies)."),
     ] = False,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Download a dataset's source file and verify its checksum.
 
+    An interrupted CIFAR download resumes when the command is run again.
+
     Examples:
 
       mlvar data fetch compas
 
       mlvar data fetch compas --source ~/Downloads/compas-scores-two-years.csv
+
+      mlvar data fetch cifar10
+
+      mlvar data fetch cifar100 --source ~/torchvision-data
     """
     with cli_errors():
         cfg = get_config(config)
@@ -59,10 +71,12 @@ def fetch(
             info = registry.fetch(
                 cfg.paths.data_root, dataset, source=source, verify=not no_verify, progress=on_bytes
             )
+    if info.get("warning"):
+        err_console.print(f"Warning: {info['warning']}", markup=False, highlight=False)
     if json_out:
         print_json(info)
         return
-    rows = [[k, v] for k, v in info.items()]
+    rows = [[k, v] for k, v in info.items() if k != "warning"]
     console.print(table(f"fetched {dataset}", ["field", "value"], rows))
 
 
@@ -72,7 +86,9 @@ def prepare(
     mode: Annotated[
         str | None,
         typer.Option(
-            help="Scenario mode. compas: original, artificial, holdout. digits: original, holdout.",
+            help="Scenario mode. compas: original, artificial, holdout. cifar10 and digits: "
+            "original, holdout, holdout-dup, augmentation, augmentation-all. cifar100: original, "
+            "holdout (the default with --subclass).",
             show_default=False,
         ),
     ] = None,
@@ -80,7 +96,9 @@ def prepare(
         float | None,
         typer.Option(
             help="compas artificial: label-flip probability of the added feature, in [0, 0.5]. "
-            "digits holdout: fraction of the subclass held out, in [0, 1] (default 1).",
+            "cifar10/digits class modes: fraction of the class's training samples affected, in "
+            "[0, 1]. cifar100 and digits --subclass: fraction of the subclass held out, in "
+            "[0, 1] (default 1).",
             show_default=False,
         ),
     ] = None,
@@ -90,9 +108,27 @@ def prepare(
     ] = None,
     subclass: Annotated[
         str | None,
-        typer.Option(help="digits holdout: the digit (0-9) to hold out.", show_default=False),
+        typer.Option(
+            help="digits holdout: the digit (0-9) to hold out of its coarse class. cifar100: a "
+            "fine class of a kept superclass, or a +-joined pair (baby, boy+man).",
+            show_default=False,
+        ),
     ] = None,
-    seed: Annotated[int, typer.Option(help="compas artificial: seed of the label flips.")] = 0,
+    cls: Annotated[
+        str | None,
+        typer.Option(
+            "--cls",
+            help="cifar10 and digits class modes: the target class index 0-9 (default 0; "
+            "digits holdout needs --cls or --subclass).",
+            show_default=False,
+        ),
+    ] = None,
+    seed: Annotated[
+        int,
+        typer.Option(
+            help="compas artificial: seed of the label flips. holdout-dup: of the copies."
+        ),
+    ] = 0,
     force: Annotated[bool, typer.Option("--force", help="Rebuild an existing scenario.")] = False,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
@@ -106,6 +142,12 @@ def prepare(
       mlvar data prepare compas --mode holdout --cluster 5
 
       mlvar data prepare digits --mode holdout --subclass 3
+
+      mlvar data prepare cifar10 --mode holdout-dup --ratio 0.9 --cls 0
+
+      mlvar data prepare cifar100 --subclass boy+man --ratio 1.0
+
+      mlvar data prepare digits --mode augmentation --cls 3 --ratio 0.5
     """
     with cli_errors():
         cfg = get_config(config)
@@ -118,6 +160,7 @@ def prepare(
             subclass=subclass,
             seed=seed,
             force=force,
+            cls=cls,
         )
         info = registry.scenario_info(scenario)
     if json_out:
@@ -133,6 +176,9 @@ def _print_info(info: dict) -> None:
     ]
     title = f"{info['name']}: {info.get('description', '')}"
     console.print(table(title, ["split", "class", "total", "affected", "unaffected"], rows))
+    if info.get("groups"):
+        group_rows = [[g["split"], g["group"], g["total"], g["affected"]] for g in info["groups"]]
+        console.print(table("affected groups", ["split", "group", "total", "affected"], group_rows))
 
 
 @app.command("info", no_args_is_help=True)
@@ -140,21 +186,36 @@ def info(
     scenario: Annotated[
         str, typer.Argument(help="A prepared scenario's name.", show_default=False)
     ],
+    sheet: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write a PNG contact sheet of affected and unaffected samples here.",
+            show_default=False,
+        ),
+    ] = None,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Counts per split, class and affected group of a prepared scenario.
 
-    Example: mlvar data info digits-holdout-sub3-r1.0
+    Examples:
+
+      mlvar data info digits-holdout-sub3-r1.0
+
+      mlvar data info cifar10-augmentation-cls0-r0.5 --sheet sheet.png
     """
     with cli_errors():
         cfg = get_config(config)
         found = open_scenario(cfg.paths.data_root, scenario)
         details = registry.scenario_info(found)
+        if sheet is not None:
+            details["sheet"] = registry.contact_sheet(found, sheet)["path"]
     if json_out:
         print_json(details)
         return
     _print_info(details)
+    if sheet is not None:
+        console.print(f"Wrote contact sheet {details['sheet']}")
 
 
 @app.command("list")

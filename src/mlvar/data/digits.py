@@ -7,6 +7,9 @@ Scenarios (DESIGN section 4):
   (mirroring CIFAR-100 superclasses); the first ``floor(a * count)`` samples of digit ``d``
   are removed from train and from validation (each split separately, in split order). Test
   is untouched; its samples of digit ``d`` are the affected ones.
+- ``holdout --cls c``, ``holdout-dup``, ``augmentation``, ``augmentation-all`` (``--ratio a``):
+  the CIFAR-10 class modes on the 10 digits (:mod:`mlvar.data.images`), with colour inversion
+  ``16 - x`` as the appearance change; ``test_gray`` holds the inverted test set.
 """
 
 from __future__ import annotations
@@ -21,11 +24,12 @@ import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+from mlvar.data import images as image_modes
 from mlvar.data.compas import as_int, check_ratio, format_ratio
 from mlvar.data.scenario import Scenario, SplitData, write_scenario
 from mlvar.errors import MlvarError, unknown_choice
 
-MODES = ("original", "holdout")
+MODES = ("original", "holdout", "holdout-dup", "augmentation", "augmentation-all")
 SOURCE_NAME = "sklearn.datasets.load_digits"
 TEST_SIZE = 0.3
 VAL_SIZE = 0.1
@@ -79,6 +83,8 @@ def prepare_digits(
     subclass: int | str | None = None,
     ratio: float | None = 1.0,
     force: bool = False,
+    cls: int | str | None = None,
+    seed: int = 0,
 ) -> Scenario:
     """Prepare a digits scenario (no download needed).
 
@@ -87,14 +93,20 @@ def prepare_digits(
     data_root
         Data root that receives the scenario folder.
     mode
-        ``original`` or ``holdout``.
+        ``original``, ``holdout`` (with ``subclass`` or ``cls``), ``holdout-dup``,
+        ``augmentation`` or ``augmentation-all``.
     subclass
-        Digit 0-9 to hold out (``holdout`` only, required there).
+        Digit 0-9 to hold out of its coarse class (``holdout`` only).
     ratio
-        Fraction in [0, 1] of the digit's train and validation samples to remove
-        (``holdout`` only; None means the default 1.0).
+        ``holdout --subclass``: fraction in [0, 1] of the digit's train and validation
+        samples to remove (None means the default 1.0). Class modes: fraction of the class's
+        training samples affected (required).
     force
         Replace an existing scenario folder.
+    cls
+        Target digit of a class mode (default 0; not for ``augmentation-all``).
+    seed
+        Seed of the copies' draw (``holdout-dup`` only).
 
     Returns
     -------
@@ -104,6 +116,23 @@ def prepare_digits(
     data_root = Path(data_root)
     if mode not in MODES:
         raise unknown_choice("digits mode", str(mode), MODES)
+    if mode in image_modes.CLASS_MODES and (mode != "holdout" or cls is not None):
+        if subclass is not None:
+            raise MlvarError(
+                f"digits mode '{mode}' takes no --subclass with --cls"
+                if mode == "holdout"
+                else f"digits mode '{mode}' takes no --subclass",
+                "--subclass D holds out a digit of its coarse class (--mode holdout); "
+                "--cls C picks the target class of the class modes",
+            )
+        return _prepare_class_mode(data_root, mode, cls, ratio, seed, force)
+    if cls is not None:
+        raise MlvarError(
+            f"digits mode '{mode}' takes no --cls",
+            "use --mode holdout|holdout-dup|augmentation with --cls",
+        )
+    if as_int(seed) != 0:
+        raise MlvarError(f"digits mode '{mode}' takes no --seed", "only --mode holdout-dup does")
     if mode == "original":
         if subclass is not None:
             raise MlvarError("digits mode 'original' takes no --subclass", "use --mode holdout")
@@ -113,7 +142,10 @@ def prepare_digits(
             raise MlvarError("digits mode 'original' takes no --ratio", "use --mode holdout")
     else:
         if subclass is None:
-            raise MlvarError("digits mode 'holdout' needs --subclass", "e.g. --subclass 3 (0-9)")
+            raise MlvarError(
+                "digits mode 'holdout' needs --subclass D or --cls C",
+                "e.g. --subclass 3 (digit 3 of coarse class 2-3) or --cls 3 --ratio 0.5",
+            )
         subclass = _check_subclass(subclass)
         ratio = check_ratio(1.0 if ratio is None else ratio, 0.0, 1.0, "holdout")
 
@@ -159,6 +191,9 @@ def prepare_digits(
         }
         params = {"subclass": subclass, "ratio": ratio}
         name = f"digits-holdout-sub{subclass}-r{format_ratio(ratio)}"
+        extra["group_counts"] = image_modes.group_counts(
+            splits, [subclass], {subclass: str(subclass)}
+        )
         extra["holdout"] = {
             "subclass": subclass,
             "coarse_class": subclass // 2,
@@ -178,6 +213,67 @@ def prepare_digits(
         "description": description,
         "source": {"name": SOURCE_NAME, "sha256": digest},
         "class_names": class_names,
+        "input": {"kind": "image", "shape": [8, 8, 1], "max_value": MAX_VALUE},
+        "group": "digit",
+        "split": {
+            "test_size": TEST_SIZE,
+            "val_size": VAL_SIZE,
+            "random_state": SPLIT_SEED,
+            "stratify": "digit",
+        },
+        **extra,
+    }
+    return write_scenario(data_root, name, manifest, splits, force=force)
+
+
+def _prepare_class_mode(
+    data_root: Path, mode: str, cls: Any, ratio: Any, seed: Any, force: bool
+) -> Scenario:
+    """The CIFAR-10 class modes on the 10 digits, inversion ``16 - x`` as the change."""
+    cls_i, ratio_f, seed_i = image_modes.check_class_mode(
+        "digits", mode, cls, ratio, seed, N_DIGITS
+    )
+    name = image_modes.class_mode_name("digits", mode, cls_i, ratio_f, seed_i)
+    if (data_root / name).exists() and not force:
+        raise MlvarError(
+            f"scenario '{name}' already exists in {data_root}", "pass --force to rebuild it"
+        )
+    images, digits, digest = load_digit_arrays()
+    index = _split_indices(digits)
+    ids = np.arange(len(digits), dtype=np.int64)
+    invert = image_modes.inverter(MAX_VALUE)
+    splits, info = image_modes.class_mode_splits(
+        images, digits, ids, digits, index, mode, cls_i, ratio_f or 0.0, seed_i, invert, N_DIGITS
+    )
+    params: dict[str, Any] = {}
+    if cls_i is not None:
+        params["cls"] = cls_i
+    params["ratio"] = ratio_f
+    if mode == "holdout-dup":
+        params["seed"] = seed_i
+    extra: dict[str, Any] = {
+        "change": {
+            "mode": mode,
+            "target_class": cls_i,
+            "appearance": "colour inversion 16 - x"
+            if mode in image_modes.APPEARANCE_MODES
+            else None,
+            **info,
+        }
+    }
+    if mode in image_modes.APPEARANCE_MODES:
+        extra["test_gray"] = (
+            "the test split colour-inverted (16 - x); named test_gray like CIFAR's grayscale copy"
+        )
+    manifest: dict[str, Any] = {
+        "dataset": "digits",
+        "mode": mode,
+        "params": params,
+        "description": image_modes.class_mode_description(
+            mode, str(cls_i) if cls_i is not None else None, ratio_f, "colour-inverted", seed_i
+        ),
+        "source": {"name": SOURCE_NAME, "sha256": digest},
+        "class_names": [str(d) for d in range(N_DIGITS)],
         "input": {"kind": "image", "shape": [8, 8, 1], "max_value": MAX_VALUE},
         "group": "digit",
         "split": {

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from mlvar.data import compas, digits
+from mlvar.data import cifar, compas, digits, images
 from mlvar.data.scenario import Scenario
 from mlvar.errors import MlvarError, unknown_choice
 
@@ -25,8 +25,9 @@ PrepareFn = Callable[..., Scenario]
 class DatasetSpec:
     """One dataset: its scenario modes, whether it must be fetched, and how to prepare it.
 
-    ``prepare`` is called as ``prepare(data_root, mode, ratio, cluster, subclass, seed, force)``
-    with a mode already validated; it rejects parameters the mode does not take.
+    ``prepare`` is called as
+    ``prepare(data_root, mode, ratio, cluster, subclass, seed, force, cls)`` with a mode
+    already validated; it rejects parameters the mode does not take.
     """
 
     name: str
@@ -48,7 +49,11 @@ def _reject(dataset: str, mode: str, **given: Any) -> None:
 
 _OPTIONS = {
     "compas": "--mode artificial --ratio A [--seed S] | --mode holdout --cluster K",
-    "digits": "--mode holdout --subclass D [--ratio A]",
+    "digits": "--mode holdout --subclass D [--ratio A] | --mode holdout|holdout-dup|augmentation "
+    "--cls C --ratio A [--seed S] | --mode augmentation-all --ratio A",
+    "cifar10": "--mode holdout|holdout-dup|augmentation --ratio A [--cls C] [--seed S] "
+    "| --mode augmentation-all --ratio A",
+    "cifar100": "--subclass NAME[+NAME] [--ratio A]",
 }
 
 
@@ -60,8 +65,9 @@ def _prepare_compas(
     subclass: Any,
     seed: int,
     force: bool,
+    cls: Any = None,
 ) -> Scenario:
-    _reject("compas", mode, subclass=subclass)
+    _reject("compas", mode, subclass=subclass, cls=cls)
     return compas.prepare_compas(
         data_root, mode, ratio=ratio, cluster=cluster, seed=seed, force=force
     )
@@ -75,11 +81,44 @@ def _prepare_digits(
     subclass: Any,
     seed: int,
     force: bool,
+    cls: Any = None,
 ) -> Scenario:
-    _reject("digits", mode, cluster=cluster, seed=seed)
+    _reject("digits", mode, cluster=cluster)
+    if mode not in ("holdout-dup",):
+        _reject("digits", mode, seed=seed)
     if mode == "original":
-        _reject("digits", mode, subclass=subclass, ratio=ratio)
-    return digits.prepare_digits(data_root, mode, subclass=subclass, ratio=ratio, force=force)
+        _reject("digits", mode, subclass=subclass, ratio=ratio, cls=cls)
+    return digits.prepare_digits(
+        data_root, mode, subclass=subclass, ratio=ratio, force=force, cls=cls, seed=seed
+    )
+
+
+def _prepare_cifar10(
+    data_root: Path,
+    mode: str,
+    ratio: float | None,
+    cluster: int | None,
+    subclass: Any,
+    seed: int,
+    force: bool,
+    cls: Any = None,
+) -> Scenario:
+    _reject("cifar10", mode, cluster=cluster, subclass=subclass)
+    return cifar.prepare_cifar10(data_root, mode, cls=cls, ratio=ratio, seed=seed, force=force)
+
+
+def _prepare_cifar100(
+    data_root: Path,
+    mode: str,
+    ratio: float | None,
+    cluster: int | None,
+    subclass: Any,
+    seed: int,
+    force: bool,
+    cls: Any = None,
+) -> Scenario:
+    _reject("cifar100", mode, cluster=cluster, cls=cls, seed=seed)
+    return cifar.prepare_cifar100(data_root, mode, subclass=subclass, ratio=ratio, force=force)
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -97,6 +136,20 @@ DATASETS: dict[str, DatasetSpec] = {
         description="scikit-learn digits (8x8 gray images, 1,797 samples; ships offline)",
         prepare=_prepare_digits,
     ),
+    "cifar10": DatasetSpec(
+        name="cifar10",
+        modes=cifar.CIFAR10_MODES,
+        needs_fetch=True,
+        description="CIFAR-10 (32x32 colour images, 10 classes, 50,000 + 10,000)",
+        prepare=_prepare_cifar10,
+    ),
+    "cifar100": DatasetSpec(
+        name="cifar100",
+        modes=cifar.CIFAR100_MODES,
+        needs_fetch=True,
+        description="CIFAR-100 as 10 superclasses (32x32 colour images, 25,000 + 5,000)",
+        prepare=_prepare_cifar100,
+    ),
 }
 
 
@@ -108,8 +161,8 @@ def get_dataset(dataset: str) -> DatasetSpec:
 
 
 def default_mode(dataset: str, subclass: Any = None) -> str:
-    """The mode used when none is given: digits with a subclass is ``holdout``."""
-    if dataset == "digits" and subclass is not None:
+    """The mode used when none is given: digits or cifar100 with a subclass is ``holdout``."""
+    if dataset in ("digits", "cifar100") and subclass is not None:
         return "holdout"
     return "original"
 
@@ -123,6 +176,7 @@ def prepare(
     subclass: int | str | None = None,
     seed: int = 0,
     force: bool = False,
+    cls: int | str | None = None,
 ) -> Scenario:
     """Prepare a scenario of ``dataset`` and return it.
 
@@ -133,7 +187,7 @@ def prepare(
     dataset, mode
         Which dataset and scenario mode; ``mode`` defaults to ``original`` (digits:
         ``holdout`` when ``subclass`` is given).
-    ratio, cluster, subclass, seed
+    ratio, cluster, subclass, seed, cls
         Mode parameters; one the mode does not take is an error.
     force
         Replace an existing scenario folder instead of refusing.
@@ -149,7 +203,7 @@ def prepare(
         mode = default_mode(dataset, subclass)
     if mode not in spec.modes:
         raise unknown_choice(f"{dataset} mode", str(mode), spec.modes)
-    return spec.prepare(Path(data_root), mode, ratio, cluster, subclass, seed, force)
+    return spec.prepare(Path(data_root), mode, ratio, cluster, subclass, seed, force, cls)
 
 
 def fetch(
@@ -168,6 +222,10 @@ def fetch(
     spec = get_dataset(dataset)
     if dataset == "compas":
         return compas.fetch_compas(data_root, source=source, verify=verify, progress=progress)
+    if dataset in cifar.SOURCES:
+        return cifar.fetch_cifar(
+            data_root, dataset, source=source, verify=verify, progress=progress
+        )
     assert not spec.needs_fetch
     if source is not None:
         raise MlvarError(f"{dataset} takes no --source", f"{dataset} ships with scikit-learn")
@@ -192,7 +250,9 @@ def scenario_info(scenario: Scenario) -> dict[str, Any]:
         ``name``, ``dataset``, ``mode``, ``params``, ``description``, ``class_names``,
         ``splits`` (per split: ``total``, ``affected``, ``unaffected`` and ``per_class``
         mapping each class name to its ``total`` / ``affected`` / ``unaffected`` counts)
-        and ``rows`` (the same per split and class, flattened: one dict per row).
+        and ``rows`` (the same per split and class, flattened: one dict per row), and
+        ``groups``: one row (``split``, ``group``, ``total``, ``affected``) per split and
+        affected subgroup (a held-out fine class or digit), empty where there are none.
     """
     class_names = scenario.class_names
     counts = scenario.manifest.get("counts") or {}
@@ -219,6 +279,11 @@ def scenario_info(scenario: Scenario) -> dict[str, Any]:
             "unaffected": total_all - affected_all,
             "per_class": by_class,
         }
+    groups = [
+        {"split": split, "group": group, "total": int(c["total"]), "affected": int(c["affected"])}
+        for split, per_group in (scenario.manifest.get("group_counts") or {}).items()
+        for group, c in per_group.items()
+    ]
     return {
         "name": scenario.name,
         "dataset": scenario.dataset,
@@ -228,4 +293,14 @@ def scenario_info(scenario: Scenario) -> dict[str, Any]:
         "class_names": class_names,
         "splits": splits,
         "rows": rows,
+        "groups": groups,
     }
+
+
+def contact_sheet(scenario: Scenario, path: str | os.PathLike, per_row: int = 8) -> dict[str, Any]:
+    """Write a PNG contact sheet of a scenario's affected and unaffected samples to ``path``.
+
+    Returns ``path`` and the titles of the sheet's rows. A scenario without images is an
+    :class:`MlvarError`, and nothing is written then.
+    """
+    return images.write_contact_sheet(scenario, path, per_row=per_row)
