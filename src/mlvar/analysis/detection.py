@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mlvar.analysis.metrics import BASELINE_USES_LABEL, METRICS
+from mlvar.analysis.metrics import ALL_METRICS, BASELINE_USES_LABEL
 from mlvar.errors import MlvarError, unknown_choice
 
 RANK_COLUMNS: tuple[str, ...] = ("rank_first", "rank_median", "rank_top10_mean", "rank_mean")
@@ -196,7 +196,8 @@ def detect(
     labels, affected
         Per-sample labels and ground truth, in the row order of ``metrics_df``.
     names
-        Metrics to score (default: every registry metric present in ``metrics_df``).
+        Metrics to score (default: every registry metric present in ``metrics_df``,
+        training-dynamics metrics included).
 
     Returns
     -------
@@ -208,20 +209,20 @@ def detect(
     n = len(metrics_df)
     labels, affected = _check_labels(labels, affected, n)
     if names is None:
-        chosen = [m for m in METRICS if m in metrics_df.columns]
+        chosen = [m for m in ALL_METRICS if m in metrics_df.columns]
     else:
         for name in names:
-            if name not in METRICS:
-                raise unknown_choice("metric", name, METRICS)
+            if name not in ALL_METRICS:
+                raise unknown_choice("metric", name, ALL_METRICS)
             if name not in metrics_df.columns:
                 raise MlvarError(
                     f"metric '{name}' was not computed",
                     "computed: " + ", ".join(map(str, metrics_df.columns)),
                 )
-        chosen = [m for m in METRICS if m in set(names)]
+        chosen = [m for m in ALL_METRICS if m in set(names)]
     rows = []
     for name in chosen:
-        metric = METRICS[name]
+        metric = ALL_METRICS[name]
         score = metric.suspicion(metrics_df[name].to_numpy())
         scope, mask = _scope(metric.uses_label, labels, affected)
         s, a = (score, affected) if mask is None else (score[mask], affected[mask])

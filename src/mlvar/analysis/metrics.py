@@ -74,6 +74,22 @@ def entropy(p: np.ndarray, axis: int = -1) -> np.ndarray:
     return 0.0 - np.sum(plogp, axis=axis)
 
 
+def sequential_sum(x: np.ndarray) -> np.ndarray:
+    """Sum over the first axis in order (``x[0] + x[1] + ...``), as float64.
+
+    ``numpy.sum(axis=0)`` may associate the additions differently depending on the other
+    dimensions, so the same sample could get a different last bit in a different chunk;
+    this order never changes, which makes streamed and sharded results exact.
+    """
+    x = np.asarray(x)
+    if x.shape[0] == 0:
+        return np.zeros(x.shape[1:])
+    acc = np.array(x[0], dtype=np.float64)
+    for row in x[1:]:
+        acc += row
+    return acc
+
+
 class _Stats:
     """Intermediate per-run arrays shared by several metrics, each computed once on demand.
 
@@ -256,7 +272,12 @@ class Metric:
     higher_is_suspicious
         Orientation: True when a larger value marks a more suspicious sample.
     compute
-        ``compute(probs [R, n, C], labels [n]) -> float64 [n]``.
+        ``compute(probs [R, n, C], labels [n]) -> float64 [n]``; for a training-dynamics
+        metric (``needs == "dynamics"``), ``compute(probs [R, E, n, C], labels [n])``
+        with E epochs.
+    needs
+        ``"probs"`` (final predictions of any split) or ``"dynamics"`` (per-epoch
+        predictions on the train split, :data:`DYNAMICS_METRICS`).
     """
 
     name: str
@@ -264,6 +285,7 @@ class Metric:
     uses_label: bool
     higher_is_suspicious: bool
     compute: ComputeFn
+    needs: str = "probs"
 
     def suspicion(self, values: np.ndarray) -> np.ndarray:
         """Return ``values`` oriented so that higher means more suspicious (float64)."""
@@ -358,3 +380,150 @@ def baseline_scores(probs: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarr
     """
     stats = _Stats(probs, labels)
     return {"neg_gconf": -stats.gconf, "neg_maxconf": -stats.maxconf}
+
+
+# ---------------------------------------------------------------- training dynamics
+
+# name -> (formula, uses_label, higher_is_suspicious). Each is the mean over runs of a
+# per-run value computed from that run's per-epoch probabilities p_e (e = 1..E) on the
+# train split (:func:`dynamics_run_values`).
+_DYNAMICS_SPECS: dict[str, tuple[str, bool, bool]] = {
+    "dm_confidence": ("mean_r mean_e p_e[y] (Data Maps confidence)", True, False),
+    "dm_variability": ("mean_r std_e p_e[y] (ddof 0; Data Maps variability)", True, True),
+    "dm_correctness": (
+        "mean_r mean_e [argmax_c p_e[c] = y] (Data Maps correctness)",
+        True,
+        False,
+    ),
+    "forgetting_events": (
+        "mean_r #{e : correct at epoch e, wrong at e+1} (Toneva forgetting events)",
+        True,
+        True,
+    ),
+    "never_learnt": ("mean_r [wrong at every epoch] (fraction of runs)", True, True),
+}
+
+
+def _check_dynamics(dyn_probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    dyn = np.asarray(dyn_probs, dtype=np.float64)
+    if dyn.ndim != 4 or 0 in (dyn.shape[0], dyn.shape[1], dyn.shape[3]):
+        raise MlvarError(
+            f"training dynamics must have shape [runs, epochs, samples, classes] with at "
+            f"least one run, epoch and class, got {dyn.shape}",
+            "pass one [epochs, samples, classes] array per run stacked along the first axis",
+        )
+    labels = np.asarray(labels)
+    if labels.shape != (dyn.shape[2],):
+        raise MlvarError(
+            f"labels have shape {labels.shape} but the dynamics hold {dyn.shape[2]} samples",
+            "labels must follow the row order of the train split",
+        )
+    return dyn, labels.astype(np.int64, copy=False)
+
+
+def dynamics_run_values(probs_e: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Data Maps and forgetting statistics of one run.
+
+    Parameters
+    ----------
+    probs_e
+        Per-epoch probabilities of one run, shape ``[E, n, C]`` (float64).
+    labels
+        Integer labels, shape ``[n]``.
+
+    Returns
+    -------
+    dict[str, numpy.ndarray]
+        ``{name: float64 [n]}`` for every name in :data:`DYNAMICS_METRICS`: confidence
+        (mean over epochs of ``p_e[y]``), variability (its std, ddof 0), correctness
+        (fraction of epochs whose argmax is y), forgetting events (transitions correct ->
+        wrong between consecutive epochs) and never learnt (1.0 when no epoch is correct).
+    """
+    e, n = probs_e.shape[0], probs_e.shape[1]
+    p_y = probs_e[:, np.arange(n), labels]  # [E, n]
+    correct = probs_e.argmax(axis=2) == labels[None, :]  # [E, n]
+    forgotten = correct[:-1] & ~correct[1:] if e > 1 else np.zeros((0, n), dtype=bool)
+    confidence = sequential_sum(p_y) / e
+    dev = p_y - confidence[None, :]
+    return {
+        "dm_confidence": confidence,
+        "dm_variability": np.sqrt(sequential_sum(dev * dev) / e),
+        "dm_correctness": correct.sum(axis=0) / e,
+        "forgetting_events": forgotten.sum(axis=0).astype(np.float64),
+        "never_learnt": (~correct.any(axis=0)).astype(np.float64),
+    }
+
+
+def _dynamics_compute(name: str) -> ComputeFn:
+    def compute(dyn_probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        return compute_dynamics_metrics(dyn_probs, labels, [name])[name].to_numpy()
+
+    return compute
+
+
+DYNAMICS_METRICS: dict[str, Metric] = {
+    name: Metric(name, formula, uses_label, higher, _dynamics_compute(name), needs="dynamics")
+    for name, (formula, uses_label, higher) in _DYNAMICS_SPECS.items()
+}
+"""Registry of training-dynamics metrics (train split, when runs recorded per-epoch
+predictions), in output column order. Kept apart from :data:`METRICS` so that
+:func:`compute_metrics` needs nothing but final probabilities."""
+
+ALL_METRICS: dict[str, Metric] = {**METRICS, **DYNAMICS_METRICS}
+"""Every metric: :data:`METRICS` then :data:`DYNAMICS_METRICS`."""
+
+
+def compute_dynamics_metrics(
+    dyn_probs: np.ndarray, labels: np.ndarray, names: Sequence[str] | None = None
+) -> pd.DataFrame:
+    """Training-dynamics metrics for one chunk of train samples.
+
+    Parameters
+    ----------
+    dyn_probs
+        Per-epoch probabilities, shape ``[R, E, n, C]``.
+    labels
+        Integer labels, shape ``[n]``.
+    names
+        Metrics to compute (default: all of :data:`DYNAMICS_METRICS`).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One float64 column per metric (mean over runs), one row per sample.
+    """
+    if names is None:
+        chosen = list(DYNAMICS_METRICS)
+    else:
+        for name in names:
+            if name not in DYNAMICS_METRICS:
+                raise unknown_choice("training-dynamics metric", name, DYNAMICS_METRICS)
+        chosen = [m for m in DYNAMICS_METRICS if m in set(names)]
+    dyn, labels = _check_dynamics(dyn_probs, labels)
+    sums = dynamics_sums(iter(dyn), labels)
+    r = dyn.shape[0]
+    return pd.DataFrame(
+        {name: sums[name] / r for name in chosen},
+        index=pd.RangeIndex(dyn.shape[2]),
+        columns=chosen,
+    )
+
+
+def dynamics_sums(runs, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Sum over runs, in the order given, of :func:`dynamics_run_values`.
+
+    ``runs`` yields one ``[E, n, C]`` probability array per run, so only one run's
+    dynamics is held at a time. Dividing by the number of runs gives the metrics.
+    """
+    labels = np.asarray(labels).astype(np.int64, copy=False)
+    total: dict[str, np.ndarray] | None = None
+    for probs_e in runs:
+        values = dynamics_run_values(np.asarray(probs_e, dtype=np.float64), labels)
+        if total is None:
+            total = {k: v.copy() for k, v in values.items()}
+        else:
+            for k, v in values.items():
+                total[k] += v
+    if total is None:
+        raise MlvarError("no runs with training dynamics", "record per-epoch predictions")
+    return total

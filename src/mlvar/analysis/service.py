@@ -1,14 +1,24 @@
 """Analysis of a run store: accuracy across seeds, per-sample metrics, ranking, detection.
 
-Reads stored predictions only (never models). Logits are memory-mapped and processed in
-chunks of samples, so memory stays bounded by ``runs x chunk x classes``.
+Reads stored predictions only (never models). Each chunk of samples is read from
+memory-mapped logits (mapped for that chunk only, so the resident set never holds a
+whole file), converted to probabilities and reduced to per-sample sufficient statistics
+(:mod:`mlvar.analysis.partial`). Memory is bounded by one chunk (sized so that
+``runs x chunk x classes`` float64 values take about :data:`CHUNK_BYTES`) plus the
+``O(runs x samples + samples x classes)`` per-sample outputs; no ``runs x samples x
+classes`` array is ever held.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
+import tempfile
 import warnings
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +27,46 @@ import pandas as pd
 
 from mlvar.analysis.accuracy import accuracy_summary
 from mlvar.analysis.detection import detect, detect_baselines
-from mlvar.analysis.metrics import METRICS, baseline_scores, compute_metrics, softmax
+from mlvar.analysis.metrics import ALL_METRICS, DYNAMICS_METRICS, dynamics_sums
+from mlvar.analysis.partial import Partial, finalize, from_probs
 from mlvar.errors import MlvarError, unknown_choice
-from mlvar.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from mlvar.store import ExperimentStore, RunRecord, parquet_bytes
+from mlvar.io import atomic_write_json
+from mlvar.store import DYNAMICS_FILE, ExperimentStore, RunRecord
 
 DEFAULT_RANK_BY = "gconf_mean"
-CHUNK = 8192  # samples per chunk when streaming over memory-mapped logits
+CHUNK = 8192  # legacy default chunk size; chunks are now sized by CHUNK_BYTES
+CHUNK_BYTES = 32 * 2**20  # float64 bytes of one [runs, chunk, classes] block
+MAX_CHUNK = 65536  # samples per chunk at most
+
+
+def chunk_size(n_runs: int, n_classes: int, per_sample: int = 1) -> int:
+    """Samples per chunk so that ``n_runs x chunk x n_classes x per_sample`` float64
+    values take about :data:`CHUNK_BYTES`."""
+    per = 8 * max(1, n_runs) * max(1, n_classes) * max(1, per_sample)
+    return int(max(1, min(MAX_CHUNK, CHUNK_BYTES // per)))
+
+
+def _softmax_inplace(x: np.ndarray) -> np.ndarray:
+    """:func:`mlvar.analysis.metrics.softmax` over the last axis, in place on float64 ``x``
+    (the same operations, so the same bits, without three temporaries)."""
+    m = np.max(x, axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    x -= m
+    np.exp(x, out=x)
+    x /= np.sum(x, axis=-1, keepdims=True)
+    return x
+
+
+def _read_rows(path: Path, start: int, stop: int, out: np.ndarray, axis: int = 0) -> None:
+    """Copy rows ``start:stop`` (along ``axis``) of the ``.npy`` at ``path`` into ``out``.
+
+    The file is memory-mapped for this read only: once copied, the mapping is dropped, so
+    pages of a large file do not accumulate in the resident set.
+    """
+    array = np.load(path, mmap_mode="r", allow_pickle=False)
+    index = (slice(None),) * axis + (slice(start, stop),)
+    out[...] = array[index]
+    del array
 
 
 @dataclass
@@ -44,19 +87,84 @@ class Predictions:
     def affected(self) -> np.ndarray:
         return self.samples["affected"].to_numpy()
 
-    def chunks(self, size: int = CHUNK):
-        """Yield ``(start, stop, probs [R, chunk, C])``, probabilities in float64."""
-        arrays = [r.load_logits(self.split) for r in self.runs]
-        n = len(self.samples)
-        for start in range(0, n, size):
-            stop = min(start + size, n)
-            logits = np.stack([a[start:stop] for a in arrays]).astype(np.float64)
-            yield start, stop, softmax(logits)
+    @property
+    def n_classes(self) -> int:
+        return len(self.store.class_names)
+
+    @property
+    def has_dynamics(self) -> bool:
+        """True on the train split when every run recorded per-epoch predictions."""
+        return self.split == "train" and all(
+            DYNAMICS_FILE in r.meta.get("arrays", {}) for r in self.runs
+        )
+
+    def chunks(
+        self,
+        size: int | None = None,
+        runs: Sequence[RunRecord] | None = None,
+        start: int = 0,
+        stop: int | None = None,
+    ) -> Iterator[tuple[int, int, np.ndarray]]:
+        """Yield ``(start, stop, probs [R, chunk, C])``, probabilities in float64.
+
+        ``runs`` (default: all) selects runs, ``start:stop`` a range of samples; ``size``
+        defaults to :func:`chunk_size`.
+        """
+        runs = self.runs if runs is None else list(runs)
+        n = len(self.samples) if stop is None else stop
+        size = size or chunk_size(len(runs), self.n_classes)
+        paths = [r.logits_path(self.split) for r in runs]
+        for a in range(start, n, size):
+            b = min(a + size, n)
+            block = np.empty((len(paths), b - a, self.n_classes), dtype=np.float64)
+            for i, path in enumerate(paths):
+                _read_rows(path, a, b, block[i])
+            yield a, b, _softmax_inplace(block)
+
+    def dynamics_sums(
+        self, runs: Sequence[RunRecord], start: int, stop: int
+    ) -> dict[str, np.ndarray]:
+        """Sums over ``runs`` of the per-run training-dynamics values of samples
+        ``start:stop`` (one run and a bounded block of epochs x samples at a time)."""
+        labels = self.labels
+        out: dict[str, np.ndarray] = {}
+        epochs = max(int(r.meta.get("arrays", {})[DYNAMICS_FILE]["shape"][0]) for r in runs)
+        step = chunk_size(1, self.n_classes, per_sample=epochs)
+        for a in range(start, stop, step):
+            b = min(a + step, stop)
+
+            def per_run(a: int = a, b: int = b) -> Iterator[np.ndarray]:
+                for run in runs:
+                    shape = run.meta["arrays"][DYNAMICS_FILE]["shape"]
+                    block = np.empty((shape[0], b - a, self.n_classes), dtype=np.float64)
+                    _read_rows(run.path / DYNAMICS_FILE, a, b, block, axis=1)
+                    yield _softmax_inplace(block)
+
+            sums = dynamics_sums(per_run(), labels[a:b])
+            for k, v in sums.items():
+                out.setdefault(k, np.empty(stop - start))[a - start : b - start] = v
+        return out
+
+    def partials(
+        self,
+        runs: Sequence[RunRecord] | None = None,
+        start: int = 0,
+        stop: int | None = None,
+        size: int | None = None,
+        dynamics: bool | None = None,
+    ) -> Iterator[tuple[int, int, Partial]]:
+        """Yield ``(start, stop, Partial)`` chunk by chunk (see :mod:`.partial`)."""
+        runs = self.runs if runs is None else list(runs)
+        dynamics = self.has_dynamics if dynamics is None else dynamics
+        labels = self.labels
+        for a, b, probs in self.chunks(size, runs, start, stop):
+            dyn = self.dynamics_sums(runs, a, b) if dynamics else None
+            yield a, b, from_probs(probs, labels[a:b], dyn)
 
 
 def _identity(run: RunRecord) -> str:
     cfg = dict(run.meta.get("config", {}))
-    for key in ("engine", "device", "pack_size"):
+    for key in ("engine", "device", "pack_size", "record_dynamics"):
         cfg.pop(key, None)
     return json.dumps(cfg, sort_keys=True)
 
@@ -91,28 +199,76 @@ def load_predictions(store: ExperimentStore, split: str, allow_mixed: bool = Fal
         )
     n_classes = len(store.class_names)
     for run in runs:
-        shape = run.meta.get("arrays", {}).get(f"{split}.logits.npy", {}).get("shape")
+        arrays = run.meta.get("arrays", {})
+        shape = arrays.get(f"{split}.logits.npy", {}).get("shape")
         if shape != [len(samples), n_classes]:
             raise MlvarError(
                 f"run {run.run_id} of '{store.name}' has {split} logits of shape {shape}, "
                 f"expected [{len(samples)}, {n_classes}]",
                 "remove or retrain that run",
             )
+        if split == "train" and DYNAMICS_FILE in arrays:
+            shape = arrays[DYNAMICS_FILE].get("shape")
+            if not (
+                isinstance(shape, list)
+                and len(shape) == 3
+                and shape[0] >= 1
+                and shape[1:] == [len(samples), n_classes]
+            ):
+                raise MlvarError(
+                    f"run {run.run_id} of '{store.name}' has training dynamics of shape "
+                    f"{shape}, expected [epochs, {len(samples)}, {n_classes}]",
+                    "remove or retrain that run",
+                )
     return Predictions(store, split, runs, samples, skipped)
 
 
-def _analysis_dir(store: ExperimentStore) -> Path:
+def analysis_dir(store: ExperimentStore) -> Path:
+    """Where the analysis of ``store`` writes its files."""
     return store.root / "analysis"
 
 
-def _write_table(df: pd.DataFrame, path_stem: Path) -> None:
-    import pyarrow as pa
+_analysis_dir = analysis_dir
 
-    atomic_write_bytes(
-        path_stem.with_suffix(".parquet"),
-        parquet_bytes(pa.Table.from_pandas(df, preserve_index=False)),
-    )
-    atomic_write_text(path_stem.with_suffix(".csv"), df.to_csv(index=False))
+
+@contextlib.contextmanager
+def _atomic_file(path: Path) -> Iterator[Any]:
+    """A binary file handle whose content appears at ``path`` atomically on success
+    (temp file in the same folder, fsync, rename), streamed rather than built in memory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o644)
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_table(df: pd.DataFrame, path_stem: Path) -> list[str]:
+    """Write ``df`` as ``<stem>.parquet`` and ``<stem>.csv`` (atomically, streamed);
+    return both paths."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parquet = path_stem.with_name(path_stem.name + ".parquet")
+    csv = path_stem.with_name(path_stem.name + ".csv")
+    with _atomic_file(parquet) as fh:
+        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), fh)
+    with _atomic_file(csv) as fh:
+        text = io.TextIOWrapper(fh, encoding="utf-8", newline="")
+        df.to_csv(text, index=False, chunksize=65536)
+        text.flush()
+        text.detach()
+    return [str(parquet), str(csv)]
+
+
+_write_table = write_table
 
 
 @dataclass
@@ -127,6 +283,8 @@ class RankResult:
     detection: pd.DataFrame | None  # one row per metric (None when nothing is affected)
     baselines: pd.DataFrame | None  # single-model baselines, min/median/max over runs
     files: list[str]
+    skipped: list[str] = field(default_factory=list)  # warnings about runs left out
+    dynamics: bool = False  # training-dynamics metrics included
 
     def to_dict(self, top: int | None = None) -> dict[str, Any]:
         ranking = self.ranking if top is None else self.ranking.head(top)
@@ -135,6 +293,7 @@ class RankResult:
             "split": self.split,
             "n_runs": self.n_runs,
             "by": self.by,
+            "dynamics": self.dynamics,
             "ranking": json.loads(ranking.to_json(orient="records")),
             "detection": None
             if self.detection is None
@@ -142,8 +301,140 @@ class RankResult:
             "baselines": None
             if self.baselines is None
             else json.loads(self.baselines.to_json(orient="records")),
+            "skipped": self.skipped,
             "files": self.files,
         }
+
+
+def check_by(by: str) -> None:
+    """Refuse a ``--by`` that is no metric."""
+    if by not in ALL_METRICS:
+        raise unknown_choice("metric", by, ALL_METRICS)
+
+
+def _check_by_available(by: str, preds: Predictions) -> None:
+    if by in DYNAMICS_METRICS and not preds.has_dynamics:
+        raise MlvarError(
+            f"metric '{by}' needs training dynamics, which '{preds.store.name}' has not "
+            f"recorded for every run on split '{preds.split}'",
+            "training-dynamics metrics apply to the train split of runs that saved "
+            f"per-epoch predictions ({DYNAMICS_FILE}); rank by another metric",
+        )
+
+
+@dataclass
+class Computed:
+    """Per-sample results of a scan over samples: what a ranking is assembled from."""
+
+    metrics: pd.DataFrame  # metric columns, one row per sample
+    votes: np.ndarray  # [n, C] runs predicting each class
+    run_gconf: np.ndarray  # [R, n]
+    run_maxconf: np.ndarray  # [R, n]
+
+    @classmethod
+    def collect(cls, parts: Iterator[tuple[int, int, Partial]], labels: np.ndarray) -> Computed:
+        """Finalize chunk partials into preallocated per-sample arrays."""
+        n = len(labels)
+        columns: dict[str, np.ndarray] = {}
+        votes = gconf = maxconf = None
+        for a, b, part in parts:
+            df = finalize(part, labels[a:b])
+            if votes is None:
+                columns = {c: np.empty(n) for c in df.columns}
+                votes = np.empty((n, part.votes.shape[1]), dtype=np.int64)
+                gconf = np.empty((part.n_runs, n))
+                maxconf = np.empty((part.n_runs, n))
+            for c in df.columns:
+                columns[c][a:b] = df[c].to_numpy()
+            votes[a:b] = part.votes
+            gconf[:, a:b] = part.run_gconf
+            maxconf[:, a:b] = part.run_maxconf
+        if votes is None:
+            raise MlvarError("no samples to analyse", "the split is empty")
+        metrics = pd.DataFrame(columns, index=pd.RangeIndex(n), copy=False)
+        return cls(metrics, votes, gconf, maxconf)
+
+
+def compute(
+    preds: Predictions,
+    runs: Sequence[RunRecord] | None = None,
+    chunk: int | None = None,
+    dynamics: bool | None = None,
+) -> Computed:
+    """Every metric of every sample of ``preds`` over ``runs`` (default: all), streamed."""
+    return Computed.collect(preds.partials(runs, size=chunk, dynamics=dynamics), preds.labels)
+
+
+def assemble(
+    store: ExperimentStore,
+    samples: pd.DataFrame,
+    split: str,
+    run_ids: list[str],
+    by: str,
+    computed: Computed,
+    write: bool,
+    skipped: list[str] | None = None,
+    extra_meta: dict[str, Any] | None = None,
+) -> RankResult:
+    """Rank the samples by ``by``, score detection, and write ``analysis/rank-<split>.*``
+    (plus ``detection-<split>.*``, ``baselines-<split>.*`` when samples are affected and
+    ``rank-<split>.json`` describing the runs analysed)."""
+    metrics = computed.metrics
+    labels = samples["label"].to_numpy()
+    class_names = store.class_names
+    table = samples.copy()
+    table.insert(2, "label_name", [class_names[i] for i in labels])
+    majority = computed.votes.argmax(axis=1)
+    table["majority_pred"] = majority
+    table["majority_name"] = [class_names[i] for i in majority]
+    table["votes"] = [" ".join(map(str, row)) for row in computed.votes]
+    table = pd.concat([table.reset_index(drop=True), metrics], axis=1)
+    order = np.argsort(-ALL_METRICS[by].suspicion(metrics[by].to_numpy()), kind="stable")
+    table = table.iloc[order].reset_index(drop=True)
+    table.insert(0, "rank", np.arange(1, len(table) + 1))
+
+    affected = samples["affected"].to_numpy()
+    detection = baselines = None
+    if affected.any() and not affected.all():
+        detection = detect(metrics, labels, affected)
+        # negated in place: the per-run arrays are not needed afterwards
+        base = {
+            "neg_gconf": np.negative(computed.run_gconf, out=computed.run_gconf),
+            "neg_maxconf": np.negative(computed.run_maxconf, out=computed.run_maxconf),
+        }
+        baselines = detect_baselines(base, labels, affected)
+    dynamics = any(m in metrics.columns for m in DYNAMICS_METRICS)
+    files: list[str] = []
+    if write:
+        out = analysis_dir(store)
+        files += write_table(table, out / f"rank-{split}")
+        if detection is not None:
+            files += write_table(detection, out / f"detection-{split}")
+            files += write_table(baselines, out / f"baselines-{split}")
+        info = {
+            "experiment": store.name,
+            "split": split,
+            "n_runs": len(run_ids),
+            "run_ids": run_ids,
+            "by": by,
+            "dynamics": dynamics,
+            "n_samples": len(samples),
+            "n_affected": int(affected.sum()),
+        } | (extra_meta or {})
+        atomic_write_json(out / f"rank-{split}.json", info)
+        files.append(str(out / f"rank-{split}.json"))
+    return RankResult(
+        store.name,
+        split,
+        len(run_ids),
+        by,
+        table,
+        detection,
+        baselines,
+        files,
+        list(skipped or []),
+        dynamics,
+    )
 
 
 def rank(
@@ -151,58 +442,23 @@ def rank(
     split: str = "test",
     by: str = DEFAULT_RANK_BY,
     allow_mixed: bool = False,
-    chunk: int = CHUNK,
+    chunk: int | None = None,
     write: bool = True,
 ) -> RankResult:
     """Compute every metric for every sample of ``split``, rank, and score detection.
 
-    The ranking sorts samples by ``by``'s suspicion (higher = more suspicious first),
-    ties in sample order. Results are written to ``<experiment>/analysis/`` as parquet and
-    CSV (``rank-<split>``, ``detection-<split>``, ``baselines-<split>``).
+    On the train split of runs that all recorded per-epoch predictions the
+    training-dynamics metrics are included. The ranking sorts samples by ``by``'s
+    suspicion (higher = more suspicious first), ties in sample order. Results are written
+    to ``<experiment>/analysis/`` as parquet and CSV (``rank-<split>``,
+    ``detection-<split>``, ``baselines-<split>``) with ``rank-<split>.json``.
     """
-    if by not in METRICS:
-        raise unknown_choice("metric", by, METRICS)
+    check_by(by)
     preds = load_predictions(store, split, allow_mixed)
-    labels = preds.labels
-    parts, base_parts, votes = [], [], []
-    for start, stop, probs in preds.chunks(chunk):
-        parts.append(compute_metrics(probs, labels[start:stop]))
-        base_parts.append(baseline_scores(probs, labels[start:stop]))
-        counts = np.zeros((stop - start, probs.shape[2]), dtype=np.int64)
-        np.add.at(counts, (np.arange(stop - start)[None, :], probs.argmax(axis=2)), 1)
-        votes.append(counts)
-    metrics = pd.concat(parts, ignore_index=True)
-    vote_counts = np.concatenate(votes)
-    class_names = store.class_names
-    table = preds.samples.copy()
-    table.insert(2, "label_name", [class_names[i] for i in labels])
-    majority = vote_counts.argmax(axis=1)
-    table["majority_pred"] = majority
-    table["majority_name"] = [class_names[i] for i in majority]
-    table["votes"] = [" ".join(map(str, row)) for row in vote_counts]
-    table = pd.concat([table, metrics], axis=1)
-    order = np.argsort(-METRICS[by].suspicion(metrics[by].to_numpy()), kind="stable")
-    table = table.iloc[order].reset_index(drop=True)
-    table.insert(0, "rank", np.arange(1, len(table) + 1))
-
-    affected = preds.affected
-    detection = baselines = None
-    if affected.any() and not affected.all():
-        detection = detect(metrics, labels, affected)
-        base = {k: np.concatenate([b[k] for b in base_parts], axis=1) for k in base_parts[0]}
-        baselines = detect_baselines(base, labels, affected)
-    files = []
-    if write:
-        out = _analysis_dir(store)
-        _write_table(table, out / f"rank-{split}")
-        files += [f"rank-{split}.parquet", f"rank-{split}.csv"]
-        if detection is not None:
-            _write_table(detection, out / f"detection-{split}")
-            _write_table(baselines, out / f"baselines-{split}")
-            files += [f"detection-{split}.{e}" for e in ("parquet", "csv")]
-            files += [f"baselines-{split}.{e}" for e in ("parquet", "csv")]
-        files = [str(out / f) for f in files]
-    return RankResult(store.name, split, len(preds.runs), by, table, detection, baselines, files)
+    _check_by_available(by, preds)
+    computed = compute(preds, chunk=chunk)
+    run_ids = [r.run_id for r in preds.runs]
+    return assemble(store, preds.samples, split, run_ids, by, computed, write, preds.skipped)
 
 
 @dataclass
@@ -237,7 +493,7 @@ def accuracy(
     store: ExperimentStore,
     split: str = "test",
     allow_mixed: bool = False,
-    chunk: int = CHUNK,
+    chunk: int | None = None,
     write: bool = True,
 ) -> AccuracyResult:
     """Accuracy per run, per class and per affected group, with its spread over seeds."""

@@ -1,14 +1,38 @@
-"""``mlvar analyze``: accuracy across seeds, per-sample metrics and detection."""
+"""``mlvar analyze``: accuracy across seeds, per-sample metrics and detection, sharded
+analysis and the study table, AUROC against the number of runs, importing predictions.
+
+A thin shell: every computation lives in :mod:`mlvar.analysis`.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.table import Table
 
 from mlvar.analysis import service
-from mlvar.analysis.metrics import METRICS
-from mlvar.cli.common import ConfigOpt, JsonOpt, cli_errors, console, get_config, print_json, table
+from mlvar.analysis.curve import runs_curve
+from mlvar.analysis.importer import import_predictions
+from mlvar.analysis.metrics import ALL_METRICS, DYNAMICS_METRICS, METRICS
+from mlvar.analysis.shards import merge_shards, parse_shard, write_shard
+from mlvar.analysis.study import study
+from mlvar.cli.common import (
+    ConfigOpt,
+    JsonOpt,
+    cli_errors,
+    console,
+    err_console,
+    fmt,
+    get_config,
+    print_json,
+)
+from mlvar.cli.common import table as _table
+from mlvar.errors import MlvarError
 from mlvar.store import ExperimentStore
 
 app = typer.Typer(
@@ -26,6 +50,44 @@ MixedOpt = Annotated[
 ]
 
 
+def table(title: str, columns: list[str], rows: list[list], fold: tuple[str, ...] = ()) -> Table:
+    """:func:`mlvar.cli.common.table`, with the ``fold`` columns wrapped rather than cut."""
+    if not fold:
+        return _table(title, columns, rows)
+    out = Table(title=title, title_justify="left")
+    for col in columns:
+        folded = col in fold
+        out.add_column(col, justify="left" if folded else "right", overflow="fold")
+    for row in rows:
+        out.add_row(*[fmt(v) for v in row])
+    return out
+
+
+@contextlib.contextmanager
+def warnings_to_stderr() -> Iterator[None]:
+    """Print each warning raised inside (e.g. a run skipped for a sha256 mismatch) as one
+    ``Warning: ...`` line on stderr, once, before any error message."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            seen = set()
+            for w in caught:
+                text = str(w.message)
+                if not issubclass(w.category, UserWarning):
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+                elif text not in seen:
+                    seen.add(text)
+                    err_console.print(
+                        f"Warning: {text}",
+                        style="yellow",
+                        markup=False,
+                        highlight=False,
+                        soft_wrap=True,
+                    )
+
+
 @app.command("accuracy", no_args_is_help=True)
 def accuracy(
     experiment: ExperimentArg,
@@ -41,7 +103,7 @@ def accuracy(
 
     Example: mlvar analyze accuracy compas-original-mlp
     """
-    with cli_errors():
+    with cli_errors(), warnings_to_stderr():
         cfg = get_config(config)
         store = ExperimentStore.open(cfg.paths.runs_root, experiment)
         result = service.accuracy(store, split, allow_mixed=allow_mixed)
@@ -81,32 +143,8 @@ def accuracy(
         console.print(f"wrote {f}", style="dim")
 
 
-@app.command("rank", no_args_is_help=True)
-def rank(
-    experiment: ExperimentArg,
-    split: SplitOpt = "test",
-    by: Annotated[
-        str, typer.Option(help=f"Metric to rank by: {', '.join(METRICS)}.")
-    ] = service.DEFAULT_RANK_BY,
-    top: Annotated[int, typer.Option(min=0, help="Rows of the ranking to print.")] = 20,
-    allow_mixed: MixedOpt = False,
-    config: ConfigOpt = None,
-    json_out: JsonOpt = False,
-) -> None:
-    """Per-sample variance metrics, a ranking, and how well each metric finds the flaw.
-
-    Writes analysis/rank-<split>.{parquet,csv} and, when the scenario marks affected
-    samples, detection-<split>.* and baselines-<split>.*.
-
-    Example: mlvar analyze rank digits-holdout-sub3-r1.0-mlp --by disagreement
-    """
-    with cli_errors():
-        cfg = get_config(config)
-        store = ExperimentStore.open(cfg.paths.runs_root, experiment)
-        result = service.rank(store, split, by=by, allow_mixed=allow_mixed)
-    if json_out:
-        print_json(result.to_dict(top=None))
-        return
+def _print_rank(result: service.RankResult, top: int) -> None:
+    by, split = result.by, result.split
     if result.detection is not None:
         rows = [
             [
@@ -123,8 +161,8 @@ def rank(
         ]
         console.print(
             table(
-                f"{experiment}: detection of {int(result.ranking['affected'].sum())} affected "
-                f"{split} samples ({result.n_runs} runs)",
+                f"{result.experiment}: detection of {int(result.ranking['affected'].sum())} "
+                f"affected {split} samples ({result.n_runs} runs)",
                 ["metric", "ranked within", "AUROC", "AP", "P@k", "first", "median", "mean rank"],
                 rows,
             )
@@ -151,33 +189,312 @@ def rank(
         console.print(f"wrote {f}", style="dim")
 
 
+def _print_study(result, by: str) -> None:
+    per = result.per_experiment(by)
+    rows = [
+        [
+            r["experiment"] + (" (stale)" if r["stale"] else ""),
+            r["params"] or r["mode"],
+            r["n_runs"],
+            r["auroc"],
+            r["average_precision"],
+            r["best_metric"],
+            r["best_auroc"],
+            r["baseline_auroc"],
+        ]
+        for r in per.to_dict(orient="records")
+    ]
+    console.print(
+        table(
+            f"study: detection of the affected {result.split} samples, {len(per)} experiments "
+            f"(AUROC and AP of {by}; best metric by AUROC; median single-model neg_gconf)",
+            ["experiment", "params", "runs", "AUROC", "AP", "best metric", "AUROC", "1 model"],
+            rows,
+            fold=("experiment", "params", "best metric"),
+        )
+    )
+    for name, why in result.skipped.items():
+        console.print(f"skipped {name}: {why}", style="dim", markup=False)
+    for f in result.files:
+        console.print(f"wrote {f}", style="dim")
+
+
+@app.command("rank", no_args_is_help=True)
+def rank(
+    experiment: Annotated[
+        str | None,
+        typer.Argument(
+            help="Experiment name (a folder of the runs root); omit it with --merge to "
+            "build the study table over every experiment.",
+            show_default=False,
+        ),
+    ] = None,
+    split: SplitOpt = "test",
+    by: Annotated[
+        str, typer.Option(help=f"Metric to rank by: {', '.join(ALL_METRICS)}.")
+    ] = service.DEFAULT_RANK_BY,
+    top: Annotated[int, typer.Option(min=0, help="Rows of the ranking to print.")] = 20,
+    allow_mixed: MixedOpt = False,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            "--shard",
+            help="Compute only block i of k of the samples (i/k, 1-based, contiguous) and "
+            "write partial results to analysis/shards/<split>/; merge with --merge.",
+            show_default=False,
+        ),
+    ] = None,
+    run_shard: Annotated[
+        str | None,
+        typer.Option(
+            "--run-shard",
+            help="Compute only block j of m of the runs (j/m, runs sorted by id); "
+            "combines with --shard.",
+            show_default=False,
+        ),
+    ] = None,
+    merge: Annotated[
+        bool,
+        typer.Option(
+            "--merge",
+            help="With EXPERIMENT: combine its shards into the full result. Without: "
+            "write <runs_root>/study.{parquet,csv}, one row per experiment x metric.",
+        ),
+    ] = False,
+    compute_missing: Annotated[
+        bool,
+        typer.Option(
+            "--compute-missing",
+            help="With --merge and no experiment: first analyse experiments that have no "
+            "detection results yet.",
+        ),
+    ] = False,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Per-sample variance metrics, a ranking, and how well each metric finds the flaw.
+
+    Writes analysis/rank-<split>.{parquet,csv,json} and, when the scenario marks affected
+    samples, detection-<split>.* and baselines-<split>.*. On the train split of runs that
+    recorded per-epoch predictions, the training-dynamics metrics are included.
+
+    --shard i/k [--run-shard j/m] computes one block as a separate job; --merge then
+    combines the blocks exactly. --merge without an experiment builds the study table.
+
+    Example: mlvar analyze rank digits-holdout-sub3-r1.0-mlp --by disagreement
+    """
+    with cli_errors(), warnings_to_stderr():
+        service.check_by(by)
+        if merge and (shard or run_shard):
+            raise MlvarError(
+                "--merge cannot be combined with --shard or --run-shard",
+                "compute each shard first, then merge them in a separate call",
+            )
+        if compute_missing and not (merge and experiment is None):
+            raise MlvarError(
+                "--compute-missing applies only to --merge without an experiment",
+                "use 'mlvar analyze rank --merge --compute-missing'",
+            )
+        if experiment is None and not merge:
+            raise MlvarError(
+                "missing argument EXPERIMENT",
+                "name an experiment, or pass --merge alone to build the study table",
+            )
+        shard_ = parse_shard(shard, "--shard") if shard else None
+        run_shard_ = parse_shard(run_shard, "--run-shard") if run_shard else None
+        cfg = get_config(config)
+        if experiment is None:
+            result = study(cfg.paths.runs_root, split, compute_missing=compute_missing)
+        else:
+            store = ExperimentStore.open(cfg.paths.runs_root, experiment)
+            if shard_ or run_shard_:
+                result = write_shard(
+                    store, split, shard_ or (1, 1), run_shard_ or (1, 1), allow_mixed
+                )
+            elif merge:
+                result = merge_shards(store, split, by=by)
+            else:
+                result = service.rank(store, split, by=by, allow_mixed=allow_mixed)
+    if json_out:
+        if isinstance(result, service.RankResult):
+            print_json(result.to_dict(top=None))
+        else:
+            print_json(result.to_dict())
+        return
+    if isinstance(result, service.RankResult):
+        _print_rank(result, top)
+    elif experiment is None:
+        _print_study(result, by)
+    else:
+        console.print(
+            f"{experiment}: {split} samples {result.samples[0]}..{result.samples[1] - 1} "
+            f"(shard {result.shard[0]}/{result.shard[1]}), {len(result.run_ids)} runs "
+            f"(run shard {result.run_shard[0]}/{result.run_shard[1]})"
+        )
+        console.print(f"wrote {result.path}", style="dim")
+
+
+@app.command("curve", no_args_is_help=True)
+def curve(
+    experiment: ExperimentArg,
+    split: SplitOpt = "test",
+    subsets: Annotated[
+        int, typer.Option(min=1, help="Random subsets of runs per size (all when fewer exist).")
+    ] = 5,
+    seed: Annotated[int, typer.Option(help="Seed of the subset draws.")] = 0,
+    allow_mixed: MixedOpt = False,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """AUROC of every metric against the number of runs (1, 2, 4, ..., all).
+
+    For each size, several random subsets of runs; mean and std over subsets. Writes
+    analysis/auroc-vs-runs-<split>.{parquet,csv} and ...-subsets.{parquet,csv}.
+
+    Example: mlvar analyze curve digits-holdout-sub3-r1.0-mlp --subsets 10
+    """
+    with cli_errors(), warnings_to_stderr():
+        cfg = get_config(config)
+        store = ExperimentStore.open(cfg.paths.runs_root, experiment)
+        result = runs_curve(store, split, subsets=subsets, seed=seed, allow_mixed=allow_mixed)
+    if json_out:
+        print_json(result.to_dict())
+        return
+    sizes = sorted(result.summary["n_runs"].unique())
+    rows = []
+    for metric, g in result.summary.groupby("metric", sort=False):
+        cells = g.set_index("n_runs")
+        row: list = [metric]
+        for size in sizes:
+            m, s = cells.loc[size, "auroc_mean"], cells.loc[size, "auroc_std"]
+            row.append(f"{m:.3f}" + ("" if s != s else f" ± {s:.3f}"))
+        rows.append(row)
+    console.print(
+        table(
+            f"{experiment}: AUROC ({split}) against the number of runs, mean ± std over up "
+            f"to {result.subsets} subsets",
+            ["metric", *[f"{s} runs" for s in sizes]],
+            rows,
+            fold=("metric",),
+        )
+    )
+    for f in result.files:
+        console.print(f"wrote {f}", style="dim")
+
+
+@app.command("import", no_args_is_help=True)
+def import_(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="Folder with one <run-name>.npy per run ([n, C]), labels.npy, and "
+            "optionally affected.npy and ids.npy.",
+            show_default=False,
+        ),
+    ],
+    name: Annotated[
+        str, typer.Option("--name", help="Name of the new experiment.", show_default=False)
+    ],
+    split: Annotated[str, typer.Option(help="Split the predictions belong to.")] = "test",
+    probs: Annotated[
+        bool, typer.Option("--probs", help="The run files hold probabilities, not logits.")
+    ] = False,
+    class_names: Annotated[
+        str | None,
+        typer.Option(
+            "--class-names",
+            help="Comma-separated class names (default: class_0, class_1, ...).",
+            show_default=False,
+        ),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing experiment of that name.")
+    ] = False,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Import predictions made by another tool into the run store.
+
+    Every analysis then works on them. Shapes, values and labels are checked first;
+    on any error nothing is written.
+
+    Example: mlvar analyze import ./preds --name resnet-cifar10 --probs
+    """
+    with cli_errors(), warnings_to_stderr():
+        cfg = get_config(config)
+        names = None
+        if class_names is not None:
+            names = [c.strip() for c in class_names.split(",")]
+        result = import_predictions(
+            source,
+            cfg.paths.runs_root,
+            name,
+            split=split,
+            probs=probs,
+            class_names=names,
+            force=force,
+        )
+    if json_out:
+        print_json(result.to_dict())
+        return
+    console.print(
+        f"Imported {len(result.runs)} runs of {result.n_samples} {result.split} samples x "
+        f"{result.n_classes} classes ({result.n_affected} affected) as '{result.experiment}'"
+        + (" (replaced)" if result.replaced else "")
+    )
+    console.print(f"wrote {result.path}", style="dim")
+
+
 @app.command("metrics")
-def metrics(json_out: JsonOpt = False) -> None:
+def metrics(
+    json_out: JsonOpt = False,
+    all_: Annotated[
+        bool,
+        typer.Option(
+            "--all",
+            help="With --json: include the training-dynamics metrics (each entry then has "
+            "a 'needs' key).",
+        ),
+    ] = False,
+) -> None:
     """List the per-sample metrics with their formulas and orientation.
+
+    The training-dynamics metrics (Data Maps, forgetting events) apply to the train
+    split of runs that recorded per-epoch predictions.
 
     Example: mlvar analyze metrics --json
     """
-    rows = [
-        [
+
+    def row(m) -> list:
+        return [
             m.name,
             m.formula,
             "yes" if m.uses_label else "no",
             "high" if m.higher_is_suspicious else "low",
         ]
-        for m in METRICS.values()
-    ]
+
     if json_out:
-        print_json(
-            [
-                dict(zip(["name", "formula", "uses_label", "suspicious_when"], r, strict=True))
-                for r in rows
-            ]
-        )
+        keys = ["name", "formula", "uses_label", "suspicious_when"]
+        chosen = ALL_METRICS if all_ else METRICS
+        out = []
+        for m in chosen.values():
+            entry = dict(zip(keys, row(m), strict=True))
+            if all_:
+                entry["needs"] = m.needs
+            out.append(entry)
+        print_json(out)
         return
     console.print(
         table(
             "per-sample metrics (R runs, p_r = softmax of run r)",
             ["metric", "formula", "uses label", "suspicious when"],
-            rows,
+            [row(m) for m in METRICS.values()],
+        )
+    )
+    console.print(
+        table(
+            "training-dynamics metrics (train split, runs with per-epoch predictions p_e)",
+            ["metric", "formula", "uses label", "suspicious when"],
+            [row(m) for m in DYNAMICS_METRICS.values()],
         )
     )
