@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from mlvar.analysis import service
 from mlvar.analysis.curve import runs_curve
@@ -27,11 +26,10 @@ from mlvar.cli.common import (
     cli_errors,
     console,
     err_console,
-    fmt,
     get_config,
     print_json,
+    table,
 )
-from mlvar.cli.common import table as _table
 from mlvar.errors import MlvarError
 from mlvar.store import ExperimentStore
 
@@ -48,19 +46,6 @@ MixedOpt = Annotated[
     bool,
     typer.Option("--allow-mixed", help="Analyse runs trained with different configs together."),
 ]
-
-
-def table(title: str, columns: list[str], rows: list[list], fold: tuple[str, ...] = ()) -> Table:
-    """:func:`mlvar.cli.common.table`, with the ``fold`` columns wrapped rather than cut."""
-    if not fold:
-        return _table(title, columns, rows)
-    out = Table(title=title, title_justify="left")
-    for col in columns:
-        folded = col in fold
-        out.add_column(col, justify="left" if folded else "right", overflow="fold")
-    for row in rows:
-        out.add_row(*[fmt(v) for v in row])
-    return out
 
 
 @contextlib.contextmanager
@@ -165,6 +150,7 @@ def _print_rank(result: service.RankResult, top: int) -> None:
                 f"affected {split} samples ({result.n_runs} runs)",
                 ["metric", "ranked within", "AUROC", "AP", "P@k", "first", "median", "mean rank"],
                 rows,
+                digits={"first": 1, "median": 1, "mean rank": 1},
             )
         )
         rows = [
@@ -210,7 +196,6 @@ def _print_study(result, by: str) -> None:
             f"(AUROC and AP of {by}; best metric by AUROC; median single-model neg_gconf)",
             ["experiment", "params", "runs", "AUROC", "AP", "best metric", "AUROC", "1 model"],
             rows,
-            fold=("experiment", "params", "best metric"),
         )
     )
     for name, why in result.skipped.items():
@@ -375,7 +360,6 @@ def curve(
             f"to {result.subsets} subsets",
             ["metric", *[f"{s} runs" for s in sizes]],
             rows,
-            fold=("metric",),
         )
     )
     for f in result.files:

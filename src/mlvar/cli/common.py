@@ -4,20 +4,31 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from mlvar.config import Config, load_config
 from mlvar.errors import MlvarError
 
-console = Console()
+
+def _width() -> int | None:
+    # Piped or redirected output keeps whole tables (rich would assume 80 columns).
+    if sys.stdout.isatty() or os.environ.get("COLUMNS"):
+        return None
+    return 200
+
+
+console = Console(width=_width())
 err_console = Console(stderr=True)
 
 ConfigOpt = Annotated[
@@ -90,22 +101,41 @@ class ProgressBar:
         self._progress.update(self._task, completed=completed, total=total, description=description)
 
 
-def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
-    out = Table(title=title, title_justify="left")
-    for col in columns:
+def table(
+    title: str, columns: list[str], rows: list[list[Any]], digits: dict[str, int] | None = None
+) -> Table:
+    """A rich table: text cells left-aligned, numbers right-aligned, none cut short.
+
+    ``digits`` sets the decimals of float columns by name (default: see :func:`fmt`).
+    """
+    digits = digits or {}
+    cells = [[fmt(v, digits.get(col)) for col, v in zip(columns, row, strict=True)] for row in rows]
+    # A light frame leaves room for the cells: no value is ever cut short.
+    # Cells and title are Text, not markup: "p_r[y]" or a label "[x]" must print as is.
+    out = Table(title=Text(title), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for i, col in enumerate(columns):
+        values = [row[i] for row in rows]
+        text = any(isinstance(v, str) for v in values) or not values
+        widest = max([len(row[i]) for row in cells], default=0)
         out.add_column(
-            col, justify="left" if col in ("split", "class", "metric", "run") else "right"
+            col,
+            justify="left" if text else "right",
+            no_wrap=True,
+            min_width=min(widest, 40),
         )
-    for row in rows:
-        out.add_row(*[fmt(v) for v in row])
+    for row in cells:
+        out.add_row(*(Text(c) for c in row))
     return out
 
 
-def fmt(value: Any) -> str:
+def fmt(value: Any, digits: int | None = None) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
         if value != value:  # NaN
             return "-"
-        return f"{value:.4f}" if abs(value) < 1000 else f"{value:.1f}"
+        if digits is not None:
+            return f"{value:.{digits}f}"
+        # Scores in [0, 1] need 4 decimals; ranks and counts (half-integers) need 1.
+        return f"{value:.4f}" if abs(value) < 100 else f"{value:.1f}"
     return str(value)
