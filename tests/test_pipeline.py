@@ -101,12 +101,16 @@ def test_report_escapes_text_from_data(tmp_path: Path) -> None:
     store, *_ = _synthetic_store(tmp_path / "runs", ["<script>alert(1)</script>", "b&c"])
     report = build_report(store, tmp_path / "report", top=10)
     html = report.path.read_text()
-    assert "<script>" not in html
+    # the report's own two script blocks only: no data-made script or tag
+    assert "<script>alert" not in html and len(re.findall(r"<script[ >]", html)) == 2
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "\\u003cscript\\u003ealert(1)" in html  # in the ranking data, escaped
     assert "b&amp;c" in html
     assert "&lt;b&gt;scenario&lt;/b&gt;" in html
     assert (tmp_path / "report" / "accuracy_hist.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(re.findall(r"<tr[ >]", html.split("Top 10 samples")[1])) == 11  # header + 10
+    static = html.split("Top 10 samples")[1].split("</table>")[0]
+    assert len(re.findall(r"<tr[ >]", static)) == 11  # header + 10
+    assert len(list((tmp_path / "report" / "samples").glob("*.html"))) == report.n_pages
 
 
 def test_demo_end_to_end(tmp_path: Path) -> None:

@@ -1,12 +1,27 @@
-"""``mlvar report html``: a static page that opens from disk with no network.
+"""``mlvar report html``: a static folder that opens from disk with no network.
 
-Everything shown comes from the run store through the analysis service; every string
-that came from data (names, labels, ids) is escaped by jinja2's autoescaping.
+Layout of ``<reports_root>/<experiment>/``::
+
+    index.html            experiment, accuracy spread, detection, ROC curves, AUROC vs
+                          number of runs, confidence scatter, the ranking table
+    style.css             the one stylesheet (the ranking table's script is inline)
+    ranking.csv           the whole ranking, for use without JavaScript
+    *.png                 the figures (matplotlib, Agg)
+    samples/<page>.html   one page per sample of the top K and K random unaffected ones
+    samples/<page>.png    their image, when the prepared scenario is at hand
+
+Everything shown comes from the run store through the analysis service. Every string
+that came from data (names, labels, ids, descriptions) is escaped: by jinja2's
+autoescaping in the templates, and in the ranking data embedded as JSON by escaping
+``<``, ``>`` and ``&`` so that no ``</script>`` can end its block; the table's script
+writes cells with ``textContent`` only. The folder is built under a temporary name and
+swapped in at the end, so a failed build leaves the previous report as it was.
 """
 
 from __future__ import annotations
 
-import io
+import json
+import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,15 +29,28 @@ from typing import Any
 
 import jinja2
 import numpy as np
+import pandas as pd
+from markupsafe import Markup
 
 from mlvar import __version__
 from mlvar.analysis import service as analysis
+from mlvar.analysis.curve import runs_curve
 from mlvar.analysis.metrics import METRICS
 from mlvar.errors import MlvarError, unknown_choice
-from mlvar.io import atomic_write_bytes, atomic_write_text
+from mlvar.io import atomic_write_bytes, atomic_write_text, staging_dir
+from mlvar.report import plots
+from mlvar.report.samples import (
+    Inputs,
+    SeedPredictions,
+    choose_pages,
+    load_inputs,
+    page_names,
+    seed_predictions,
+)
 from mlvar.store import ExperimentStore
 
 TOP_DEFAULT = 50
+CURVE_SUBSETS = 5
 
 
 @dataclass
@@ -30,45 +58,36 @@ class ReportResult:
     experiment: str
     path: Path  # index.html
     n_runs: int
+    n_pages: int = 0  # sample pages written
+    inputs: str = ""  # why the sample pages show no input ("" when they do)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"experiment": self.experiment, "path": str(self.path), "n_runs": self.n_runs}
+        return {
+            "experiment": self.experiment,
+            "path": str(self.path),
+            "n_runs": self.n_runs,
+            "n_pages": self.n_pages,
+            "inputs_missing": self.inputs or None,
+        }
 
 
-def _environment() -> jinja2.Environment:
-    return jinja2.Environment(
+def environment() -> jinja2.Environment:
+    env = jinja2.Environment(
         loader=jinja2.PackageLoader("mlvar.report", "templates"),
         autoescape=True,  # data-derived text (names, labels, ids) is always escaped
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
     )
+    env.filters["fmt"] = fmt
+    return env
 
 
-def _accuracy_histogram(per_run_acc: np.ndarray, split: str) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.2), dpi=100)
-    bins = min(30, max(5, len(per_run_acc) // 2))
-    ax.hist(per_run_acc, bins=bins, color="#4c72b0", edgecolor="white")
-    mean = float(np.mean(per_run_acc))
-    ax.axvline(mean, color="#c44e52", linestyle="--", label=f"mean {mean:.4f}")
-    ax.set_xlabel(f"{split} accuracy")
-    ax.set_ylabel("runs")
-    ax.set_title(f"{split} accuracy of {len(per_run_acc)} seeds")
-    ax.legend(frameon=False)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    # Fixed metadata keeps the PNG identical for identical data.
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    plt.close(fig)
-    return buf.getvalue()
+_environment = environment
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
+def fmt(value: Any, digits: int = 4) -> str:
+    """A number for a table cell: fixed digits, "–" for missing."""
     if value is None:
         return "–"
     if isinstance(value, float | np.floating):
@@ -78,18 +97,22 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def build_report(
-    store: ExperimentStore,
-    out_dir: Path,
-    split: str = "test",
-    top: int = TOP_DEFAULT,
-    by: str = analysis.DEFAULT_RANK_BY,
-) -> ReportResult:
-    """Write ``out_dir/index.html`` (and its plot) for one experiment."""
-    # Check what can be checked before any analysis writes its files.
-    if by not in METRICS:
-        raise unknown_choice("metric", by, METRICS)
-    out_dir = Path(out_dir)
+_fmt = fmt
+
+
+def json_for_script(obj: Any) -> Markup:
+    """``obj`` as JSON safe inside ``<script type="application/json">``: ``<``, ``>`` and
+    ``&`` become ``\\u003c`` etc., so no data can close the block or open a tag."""
+    text = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return Markup(text)  # noqa: S704 - escaped above for this context
+
+
+def stylesheet() -> str:
+    return environment().loader.get_source(environment(), "report.css")[0]
+
+
+def _check_out(out_dir: Path) -> None:
     for parent in (out_dir, *out_dir.parents):
         if parent.exists():
             if not parent.is_dir():
@@ -98,73 +121,338 @@ def build_report(
                     "pick another --out",
                 )
             break
-    acc = analysis.accuracy(store, split)
-    ranked = analysis.rank(store, split, by=by)
-    per_run_acc = acc.per_run["accuracy"].to_numpy()
-    class_names = store.class_names
-    summary_rows = []
-    for key, label in [
-        ("accuracy", "all samples"),
-        ("acc_affected", "affected"),
-        ("acc_unaffected", "unaffected"),
-    ] + [(f"acc_class_{i}", f"class {name}") for i, name in enumerate(class_names)]:
+
+
+def _clean_list(values: np.ndarray, digits: int = 6) -> list[float | None]:
+    v = np.round(np.asarray(values, dtype=np.float64), digits)
+    return [None if x != x or x in (float("inf"), float("-inf")) else x for x in v.tolist()]
+
+
+# ------------------------------------------------------------------ sections of the index
+
+
+def _accuracy_rows(acc: analysis.AccuracyResult) -> list[list[str]]:
+    rows = []
+    keys = [("accuracy", "all samples"), ("acc_affected", "affected")]
+    keys += [("acc_unaffected", "unaffected")]
+    keys += [(f"acc_class_{i}", f"class {name}") for i, name in enumerate(acc.class_names)]
+    for key, label in keys:
         s = acc.summary.get(key)
         if s and s.get("n"):
-            summary_rows.append(
+            rows.append(
                 [label]
-                + [_fmt(s.get(k)) for k in ("mean", "std", "min", "max", "ci_low", "ci_high")]
+                + [fmt(s.get(k)) for k in ("mean", "std", "min", "max", "ci_low", "ci_high")]
             )
-    metric_cols = [m for m in METRICS if m in ranked.ranking.columns]
-    top_rows = ranked.ranking.head(top)
-    detection_rows = []
-    if ranked.detection is not None:
-        for row in ranked.detection.to_dict(orient="records"):
-            detection_rows.append(
-                {
-                    "metric": row["metric"],
-                    "formula": METRICS[row["metric"]].formula,
-                    "scope": row["scope"],
-                    "cells": [
-                        _fmt(row[k]) for k in ("auroc", "average_precision", "precision_at_k")
-                    ]
-                    + [
-                        _fmt(row[k], 1)
-                        for k in ("rank_first", "rank_median", "rank_top10_mean", "rank_mean")
-                    ]
-                    + [_fmt(row["rank_mean_norm"])],
-                }
-            )
-    baseline_rows = []
-    if ranked.baselines is not None:
-        for row in ranked.baselines.to_dict(orient="records"):
-            baseline_rows.append(
-                [row["baseline"], row["stat"], row["scope"]]
-                + [_fmt(row[k]) for k in ("auroc", "average_precision", "precision_at_k")]
-                + [_fmt(row["rank_mean"], 1)]
-            )
+    return rows
+
+
+def _class_plot(acc: analysis.AccuracyResult) -> bytes | None:
+    names, means, stds = [], [], []
+    keys = [(f"acc_class_{i}", str(n)) for i, n in enumerate(acc.class_names)]
+    keys += [("acc_affected", "affected"), ("acc_unaffected", "unaffected")]
+    for key, name in keys:
+        s = acc.summary.get(key)
+        if s and s.get("n"):
+            names.append(name)
+            means.append(s["mean"])
+            stds.append(np.nan if s.get("std") is None else s["std"])
+    if not names:
+        return None
+    return plots.class_accuracy(names, np.array(means, float), np.array(stds, float))
+
+
+def _detection_rows(ranked: analysis.RankResult) -> list[dict[str, Any]]:
+    rows = []
+    if ranked.detection is None:
+        return rows
+    for row in ranked.detection.to_dict(orient="records"):
+        rows.append(
+            {
+                "metric": row["metric"],
+                "formula": METRICS[row["metric"]].formula if row["metric"] in METRICS else "",
+                "scope": row["scope"],
+                "cells": [fmt(row[k]) for k in ("auroc", "average_precision", "precision_at_k")]
+                + [fmt(row[k], 1) for k in ("rank_first", "rank_median", "rank_top10_mean")]
+                + [fmt(row["rank_mean"], 1), fmt(row["rank_mean_norm"])],
+            }
+        )
+    return rows
+
+
+def _baseline_rows(ranked: analysis.RankResult) -> list[list[str]]:
+    if ranked.baselines is None:
+        return []
+    return [
+        [row["baseline"], row["stat"], row["scope"]]
+        + [fmt(row[k]) for k in ("auroc", "average_precision", "precision_at_k")]
+        + [fmt(row["rank_mean"], 1)]
+        for row in ranked.baselines.to_dict(orient="records")
+    ]
+
+
+def _roc(ranked: analysis.RankResult) -> bytes | None:
+    """ROC curves of every scored metric, in the population its score was ranked in."""
+    from sklearn.metrics import roc_curve
+
+    if ranked.detection is None:
+        return None
+    table = ranked.ranking
+    labels = table["label"].to_numpy()
+    affected = table["affected"].to_numpy(dtype=bool)
+    curves = []
+    for row in ranked.detection.to_dict(orient="records"):
+        name = row["metric"]
+        if name not in table.columns or name not in METRICS:
+            continue
+        score = METRICS[name].suspicion(table[name].to_numpy())
+        mask = np.ones(len(table), dtype=bool)
+        if str(row["scope"]).startswith("class "):
+            mask = labels == int(str(row["scope"])[6:])
+        s, a = score[mask], affected[mask]
+        ok = ~np.isnan(s)
+        s, a = s[ok], a[ok]
+        if a.all() or not a.any():
+            continue
+        fpr, tpr, _ = roc_curve(a, s)
+        title = name if row["scope"] == "split" else f"{name} ({row['scope']})"
+        curves.append((title, fpr, tpr, float(row["auroc"])))
+    return plots.roc_curves(curves) if curves else None
+
+
+def _curve(
+    store: ExperimentStore, split: str, by: str, subsets: int, has_detection: bool
+) -> tuple[pd.DataFrame | None, str]:
+    if not has_detection:
+        return None, "nothing to detect"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # already reported by the analysis
+            result = runs_curve(store, split, subsets=subsets, write=False)
+    except MlvarError as exc:
+        return None, exc.message
+    if result.summary["n_runs"].nunique() < 2:
+        return None, "one run only: nothing to vary"
+    return result.summary, ""
+
+
+def _ranking_data(
+    ranking: pd.DataFrame, metric_cols: list[str], pages: dict[int, str]
+) -> dict[str, Any]:
+    """The ranking as column-wise JSON for the table's script."""
+    columns = {
+        "rank": ranking["rank"].astype(int).tolist(),
+        "sample_id": [str(s) for s in ranking["sample_id"]],
+        "label": [str(s) for s in ranking["label_name"]],
+        "majority": [str(s) for s in ranking["majority_name"]],
+        "votes": [str(s) for s in ranking["votes"]],
+        "affected": ranking["affected"].astype(bool).tolist(),
+        "group": [int(g) for g in ranking["group"]] if "group" in ranking else None,
+    }
+    for m in metric_cols:
+        columns[m] = _clean_list(ranking[m].to_numpy())
+    columns["page"] = [pages.get(i) for i in range(len(ranking))]
+    return {
+        "n": len(ranking),
+        "metrics": [
+            {
+                "name": m,
+                "formula": METRICS[m].formula,
+                "higher": METRICS[m].higher_is_suspicious,
+                "integer": _integral(ranking[m].to_numpy()),
+            }
+            for m in metric_cols
+        ],
+        "columns": columns,
+    }
+
+
+def _integral(values: np.ndarray) -> bool:
+    """Whether a metric only takes whole values (``n_correct``, ``n_distinct_pred``)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return bool(v.size) and bool(np.all(v == np.round(v)))
+
+
+# ------------------------------------------------------------------ sample pages
+
+
+def _metric_ranks(ranking: pd.DataFrame, metric_cols: list[str]) -> dict[str, np.ndarray]:
+    """Per metric, each row's 1-based rank by that metric's suspicion (over the split)."""
+    out = {}
+    for m in metric_cols:
+        s = METRICS[m].suspicion(ranking[m].to_numpy())
+        s = np.where(np.isnan(s), -np.inf, s)
+        order = np.argsort(-s, kind="stable")
+        r = np.empty(len(s), dtype=np.int64)
+        r[order] = np.arange(1, len(s) + 1)
+        out[m] = r
+    return out
+
+
+def _sample_context(
+    row_no: int,
+    row: dict[str, Any],
+    position: int,
+    page: str,
+    class_names: list[str],
+    metric_cols: list[str],
+    metric_ranks: dict[str, np.ndarray],
+    preds: SeedPredictions,
+    inputs: Inputs,
+    image: str | None,
+    n_samples: int,
+    integral: frozenset[str] = frozenset(),
+) -> dict[str, Any]:
+    probs = preds.of(position)  # [R, C]
+    votes = [int(v) for v in str(row["votes"]).split()]
+    label = int(row["label"])
+    mean, std = probs.mean(axis=0), probs.std(axis=0)
+    r = max(1, preds.n_runs)
+    classes = [
+        {
+            "name": name,
+            "votes": votes[c] if c < len(votes) else 0,
+            "share": 100.0 * (votes[c] if c < len(votes) else 0) / r,
+            "mean": fmt(float(mean[c])),
+            "std": fmt(float(std[c])),
+            "is_label": c == label,
+        }
+        for c, name in enumerate(class_names)
+    ]
+    runs = [
+        {
+            "run_id": rid,
+            "seed": "–" if seed is None else seed,
+            "pred": class_names[int(p.argmax())],
+            "correct": int(p.argmax()) == label,
+            "gconf": fmt(float(p[label])),
+            "maxconf": fmt(float(p.max())),
+        }
+        for rid, seed, p in zip(preds.run_ids, preds.seeds, probs, strict=True)
+    ]
+    features = []
+    x = inputs.rows.get(position)
+    if inputs.kind == "tabular" and x is not None:
+        flat = np.asarray(x).ravel()
+        names = inputs.feature_names
+        for i, v in enumerate(flat.tolist()):
+            features.append((names[i] if i < len(names) else f"feature {i}", fmt(float(v))))
+    if inputs.kind is None:
+        no_input = inputs.reason
+    elif x is None:
+        no_input = "this sample id is not in the prepared scenario"
+    else:
+        no_input = ""
+    return {
+        "page": page,
+        "row_no": row_no,
+        "rank": int(row["rank"]),
+        "sample_id": row["sample_id"],
+        "label": row["label_name"],
+        "majority": row["majority_name"],
+        "affected": bool(row["affected"]),
+        "group": row.get("group", -1),
+        "image": image,
+        "features": features,
+        "no_input": no_input,
+        "classes": classes,
+        "runs": runs,
+        "metrics": [
+            {
+                "name": m,
+                "value": fmt(row[m], 0 if m in integral else 4),
+                "rank": int(metric_ranks[m][row_no]),
+                "formula": METRICS[m].formula,
+                "higher": METRICS[m].higher_is_suspicious,
+            }
+            for m in metric_cols
+        ],
+        "n_samples": n_samples,
+        # Hook for per-sample attributions (DESIGN 8: a GradCAM strip per seed, or
+        # gradient x input per feature): a list of {"title", "image"} dicts rendered
+        # as a strip when present. Nothing computes them yet.
+        "attribution": None,
+    }
+
+
+# ------------------------------------------------------------------ the report
+
+
+def build_report(
+    store: ExperimentStore,
+    out_dir: Path,
+    split: str = "test",
+    top: int = TOP_DEFAULT,
+    by: str = analysis.DEFAULT_RANK_BY,
+    data_root: Path | None = None,
+    curve_subsets: int = CURVE_SUBSETS,
+    seed: int = 0,
+) -> ReportResult:
+    """Write the report folder ``out_dir`` (``index.html``, figures, sample pages).
+
+    ``top``: rows of the static (no-script) table and samples with a page, plus as many
+    random unaffected ones (drawn with ``seed``). ``data_root``: where to look for the
+    prepared scenario whose inputs the sample pages show.
+    """
+    # Check what can be checked before any analysis writes its files.
+    if by not in METRICS:
+        raise unknown_choice("metric", by, METRICS)
+    if top < 1:
+        raise MlvarError(f"--top must be at least 1, got {top}", "use e.g. 50")
+    out_dir = Path(out_dir)
+    _check_out(out_dir)
+    acc = analysis.accuracy(store, split)
+    ranked = analysis.rank(store, split, by=by)
+    ranking = ranked.ranking
+    class_names = store.class_names
+    metric_cols = [m for m in METRICS if m in ranking.columns]
+    curve, curve_note = _curve(store, split, by, curve_subsets, ranked.detection is not None)
+
+    # Which samples get a page, and what they show (pages need unique sample ids).
+    position_of = pd.Index(store.samples(split)["sample_id"].astype(str))
+    page_rows = choose_pages(ranking, top, seed) if position_of.is_unique else []
+    names = page_names(ranking["sample_id"])
+    pages = {i: f"samples/{names[i]}.html" for i in page_rows}
+    ids = ranking["sample_id"].astype(str).to_numpy()
+    positions = {i: int(position_of.get_loc(ids[i])) for i in page_rows}
+    inputs = load_inputs(store, data_root, split, sorted(positions.values()))
+    preds = seed_predictions(store, split, list(positions.values()))
     meta = store.meta
+    scenario = meta.get("scenario") or {}
+    n_affected = int(ranking["affected"].sum())
     context = {
         "title": f"mlvar report: {store.name}",
+        "root": "",
         "experiment": store.name,
         # Imported stores may lack any of these: show what is there.
         "dataset": meta.get("dataset", "?"),
         "model": meta.get("model", "?"),
-        "scenario": {
-            k: meta.get("scenario", {}).get(k, "?") for k in ("name", "mode", "description")
-        },
+        "scenario": {k: scenario.get(k, "?") for k in ("name", "mode", "description")},
+        "params": scenario.get("params") or {},
         "train": meta.get("train", {}),
         "split": split,
         "n_runs": acc.n_runs,
-        "n_samples": len(ranked.ranking),
-        "n_affected": int(ranked.ranking["affected"].sum()),
-        "expected_std": _fmt(acc.expected_seed_std),
-        "observed_std": _fmt(acc.observed_seed_std),
-        "summary_rows": summary_rows,
-        "detection_rows": detection_rows,
-        "baseline_rows": baseline_rows,
+        "n_samples": len(ranking),
+        "n_affected": n_affected,
+        "expected_std": fmt(acc.expected_seed_std),
+        "observed_std": fmt(acc.observed_seed_std),
+        "summary_rows": _accuracy_rows(acc),
+        "detection_rows": _detection_rows(ranked),
+        "baseline_rows": _baseline_rows(ranked),
+        "curve_rows": []
+        if curve is None
+        else [
+            [int(r["n_runs"]), int(r["n_subsets"])]
+            + [fmt(r[k]) for k in ("auroc_mean", "auroc_std", "auroc_min", "auroc_max")]
+            for r in curve[curve["metric"] == by].to_dict(orient="records")
+        ],
+        "curve_note": curve_note,
+        "curve_subsets": curve_subsets,
         "by": by,
         "by_formula": METRICS[by].formula,
-        "top": len(top_rows),
+        "top": min(top, len(ranking)),
+        "n_pages": len(page_rows),
+        "inputs_note": inputs.reason,
         "metric_cols": metric_cols,
         "top_rows": [
             {
@@ -174,14 +462,88 @@ def build_report(
                 "majority": r["majority_name"],
                 "votes": r["votes"],
                 "affected": bool(r["affected"]),
-                "metrics": [_fmt(r[m]) for m in metric_cols],
+                "page": pages.get(i),
+                "metrics": [fmt(r[m]) for m in metric_cols],
             }
-            for r in top_rows.to_dict(orient="records")
+            for i, r in enumerate(ranking.head(top).to_dict(orient="records"))
         ],
+        "ranking_json": json_for_script(_ranking_data(ranking, metric_cols, pages)),
+        "class_names": class_names,
         "version": __version__,
         "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
-    html = _environment().get_template("index.html").render(**context)
-    atomic_write_bytes(out_dir / "accuracy_hist.png", _accuracy_histogram(per_run_acc, split))
-    atomic_write_text(out_dir / "index.html", html)
-    return ReportResult(store.name, out_dir / "index.html", acc.n_runs)
+    figures = {
+        "accuracy_hist.png": plots.accuracy_histogram(acc.per_run["accuracy"].to_numpy(), split),
+        "class_accuracy.png": _class_plot(acc),
+        "roc.png": _roc(ranked),
+        "auroc_vs_runs.png": None if curve is None else plots.auroc_vs_runs(curve, by),
+        "confidence.png": plots.confidence_scatter(
+            ranking["gconf_mean"].to_numpy(),
+            ranking["gconf_std"].to_numpy(),
+            ranking["affected"].to_numpy(dtype=bool),
+        )
+        if {"gconf_mean", "gconf_std"} <= set(ranking.columns)
+        else None,
+    }
+    context["figures"] = {k: v is not None for k, v in figures.items()}
+    env = environment()
+    html = env.get_template("index.html").render(**context)
+
+    metric_ranks = _metric_ranks(ranking, metric_cols)
+    integral = frozenset(m for m in metric_cols if _integral(ranking[m].to_numpy()))
+    records = ranking.iloc[page_rows].to_dict(orient="records")
+    with staging_dir(out_dir, replace=True) as tmp:
+        atomic_write_text(tmp / "style.css", stylesheet())
+        for name, data in figures.items():
+            if data is not None:
+                atomic_write_bytes(tmp / name, data)
+        csv = ranking.to_csv(index=False, float_format="%.6g")
+        atomic_write_text(tmp / "ranking.csv", csv)
+        atomic_write_text(tmp / "index.html", html)
+        template = env.get_template("sample.html")
+        for k, (row_no, row) in enumerate(zip(page_rows, records, strict=True)):
+            page = names[row_no]
+            position = positions[row_no]
+            image = None
+            x = inputs.rows.get(position)
+            if inputs.kind == "image" and x is not None:
+                image = f"{page}.png"
+                atomic_write_bytes(tmp / "samples" / image, plots.thumbnail(x, inputs.max_value))
+            sample = _sample_context(
+                row_no,
+                row,
+                position,
+                page,
+                class_names,
+                metric_cols,
+                metric_ranks,
+                preds,
+                inputs,
+                image,
+                len(ranking),
+                integral,
+            )
+            nav = {
+                "prev": f"{names[page_rows[k - 1]]}.html" if k > 0 else None,
+                "next": f"{names[page_rows[k + 1]]}.html" if k + 1 < len(page_rows) else None,
+                "index": k + 1,
+                "total": len(page_rows),
+                "kind": "top" if row_no < top else "random unaffected",
+            }
+            atomic_write_text(
+                tmp / "samples" / f"{page}.html",
+                template.render(
+                    title=f"sample {row['sample_id']} of {store.name}",
+                    root="../",
+                    experiment=store.name,
+                    split=split,
+                    by=by,
+                    n_runs=acc.n_runs,
+                    s=sample,
+                    nav=nav,
+                    version=__version__,
+                ),
+            )
+    return ReportResult(
+        store.name, out_dir / "index.html", acc.n_runs, len(page_rows), inputs.reason
+    )

@@ -1,0 +1,286 @@
+"""The HTML report folder: layout, escaping, sample pages, inputs, atomic rebuild, the
+study page and the ``mlvar report html`` command line (the browser test is in
+``test_report_browser.py``)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from mlvar.analysis import service as analysis
+from mlvar.cli import app
+from mlvar.data.scenario import SplitData, write_scenario
+from mlvar.report import html as report_html
+from mlvar.report.html import build_report, json_for_script
+from mlvar.report.study import build_study_report
+from mlvar.store import ExperimentStore
+
+EVIL = "<script>alert(1)</script>"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def make_store(
+    runs_root: Path,
+    name: str = "synthetic",
+    class_names: list[str] | None = None,
+    n: int = 120,
+    runs: int = 6,
+    scenario: dict | None = None,
+    seed: int = 0,
+) -> ExperimentStore:
+    """A store whose affected samples (half of class 0) are less confident in their label."""
+    class_names = class_names or [EVIL, "b&c", "plain"]
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, len(class_names), n)
+    affected = np.zeros(n, dtype=bool)
+    affected[labels == 0] = rng.random((labels == 0).sum()) < 0.5
+    meta = {
+        "dataset": "synthetic",
+        "class_names": class_names,
+        "scenario": scenario
+        or {
+            "name": "<b>scenario</b>",
+            "mode": "m<i>",
+            "description": "<script>alert('x')</script>",
+        },
+        "model": "none",
+        "train": {},
+    }
+    samples = {
+        "test": {
+            "sample_id": np.arange(1000, 1000 + n),
+            "label": labels,
+            "affected": affected,
+            "group": np.full(n, -1),
+        }
+    }
+    store = ExperimentStore.create(runs_root, name, meta, samples)
+    logits = rng.normal(size=(runs, n, len(class_names))).astype(np.float32)
+    logits[:, affected, 0] -= 2.0
+    for r in range(runs):
+        store.write_run(f"run-{r:04d}", {"test": logits[r]}, {"seed": r, "config": {"x": 1}})
+    return store
+
+
+def write_inputs(data_root: Path, store: ExperimentStore, kind: str) -> None:
+    """A prepared scenario holding the store's samples: 8x8 images or 3 features."""
+    samples = store.samples("test")
+    n = len(samples)
+    rng = np.random.default_rng(1)
+    if kind == "image":
+        x = rng.integers(0, 17, size=(n, 8, 8, 1)).astype(np.uint8)
+        extra = {"input": {"kind": "image", "shape": [8, 8, 1], "max_value": 16}}
+    else:
+        x = rng.normal(size=(n, 3)).astype(np.float32)
+        extra = {
+            "input": {"kind": "tabular", "n_features": 3},
+            "feature_names": ["age", "<b>priors</b>", "sex"],
+        }
+    split = SplitData(
+        x=x,
+        y=samples["label"].to_numpy(),
+        id=samples["sample_id"].to_numpy(),
+        affected=samples["affected"].to_numpy(),
+        group=samples["group"].to_numpy(),
+    )
+    manifest = {"dataset": "synthetic", "mode": "m", "class_names": store.class_names} | extra
+    write_scenario(data_root, store.meta["scenario"]["name"], manifest, {"test": split})
+
+
+def report_with_images(root: Path, n: int = 120, top: int = 5):
+    """A report whose sample pages show 8x8 images; returns (result, ranking)."""
+    store = make_store(root / "runs", n=n, scenario={"name": "synthetic-images", "mode": "m"})
+    write_inputs(root / "data", store, "image")
+    result = build_report(store, root / "report", top=top, data_root=root / "data")
+    ranking = analysis.rank(store, "test", write=False).ranking
+    return result, ranking
+
+
+def _ranking_json(html: str) -> dict:
+    block = re.search(r'<script type="application/json" id="ranking-data">(.*?)</script>', html)
+    assert block, "no ranking data"
+    return json.loads(block.group(1))
+
+
+def test_json_for_script_cannot_close_the_block() -> None:
+    text = str(json_for_script({"a": "</script><script>alert(1)</script>", "b": "x & y"}))
+    assert "<" not in text and ">" not in text and "&" not in text
+    assert json.loads(text) == {"a": "</script><script>alert(1)</script>", "b": "x & y"}
+
+
+def test_report_layout_and_escaping(tmp_path: Path) -> None:
+    store = make_store(tmp_path / "runs")
+    result = build_report(store, tmp_path / "report", top=5)
+    out = tmp_path / "report"
+    html = result.path.read_text()
+    # Data never becomes markup: the only <script> tags are the report's own two.
+    assert "<script>alert" not in html and "<b>scenario" not in html
+    assert len(re.findall(r"<script[ >]", html)) == 2
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html  # label option, static table
+    assert "&lt;b&gt;scenario&lt;/b&gt;" in html and "b&amp;c" in html
+    data = _ranking_json(html)
+    assert data["n"] == 120 and EVIL in data["columns"]["label"]
+    for name in (
+        "accuracy_hist.png",
+        "class_accuracy.png",
+        "roc.png",
+        "auroc_vs_runs.png",
+        "confidence.png",
+    ):
+        assert (out / name).read_bytes()[:8] == PNG, name
+        assert f'src="{name}"' in html
+    assert (out / "style.css").is_file()
+    ranking = pd.read_csv(out / "ranking.csv")
+    assert len(ranking) == 120 and list(ranking["rank"]) == list(range(1, 121))
+    # No reference leaves the folder: no http(s) URL in any page or stylesheet.
+    for page in out.rglob("*.*"):
+        if page.suffix in (".html", ".css"):
+            assert not re.search(r"(src|href)=\"(https?:)?//", page.read_text()), page
+    # Static (no-script) table: the top 5 rows.
+    static = html.split('<table class="static">')[1].split("</table>")[0]
+    assert len(re.findall(r"<tr[ >]", static)) == 1 + 5
+    # Sample pages: every one escapes the label, and there are 5 + 5.
+    pages = sorted((out / "samples").glob("*.html"))
+    assert len(pages) == result.n_pages == 10
+    for page in pages:
+        text = page.read_text()
+        assert "<script" not in text
+        assert "No input shown: no data root was given" in text
+    assert any("&lt;script&gt;alert(1)&lt;/script&gt;" in p.read_text() for p in pages)
+
+
+def test_sample_pages_are_top_k_plus_random_unaffected(tmp_path: Path) -> None:
+    result, ranking = report_with_images(tmp_path, top=7)
+    data = _ranking_json(result.path.read_text())
+    linked = [i for i, p in enumerate(data["columns"]["page"]) if p]
+    assert linked[:7] == list(range(7))
+    extra = linked[7:]
+    assert len(extra) == 7 and all(i >= 7 for i in extra)
+    assert not ranking["affected"].iloc[extra].any()
+    for i in linked:
+        page = result.path.parent / data["columns"]["page"][i]
+        sid = ranking["sample_id"].iloc[i]
+        assert page.name == f"sample-{sid}.html"
+        text = page.read_text()
+        assert f'<span id="sample-id">{sid}</span>' in text
+        image = page.with_suffix(".png")
+        assert image.read_bytes()[:8] == PNG
+        assert f'src="{image.name}"' in text
+        # votes per class sum to the number of runs; one row per run
+        votes = [int(v) for v in re.findall(r"</td><td>(\d+)</td>\s*<td class=\"l\"><span", text)]
+        assert sum(votes) == 6
+        assert text.count('<td class="l">run-') == 6
+    from PIL import Image
+
+    img = Image.open(page.with_suffix(".png"))
+    assert img.size == (96, 96)  # 8x8 upscaled by 12, nearest neighbour
+
+
+def test_tabular_inputs_show_feature_names(tmp_path: Path) -> None:
+    store = make_store(tmp_path / "runs", scenario={"name": "synthetic-tab", "mode": "m"})
+    write_inputs(tmp_path / "data", store, "tabular")
+    result = build_report(store, tmp_path / "report", top=2, data_root=tmp_path / "data")
+    assert result.inputs == ""
+    page = next((tmp_path / "report" / "samples").glob("*.html")).read_text()
+    assert '<td class="l">age</td>' in page and "&lt;b&gt;priors&lt;/b&gt;" in page
+    assert not list((tmp_path / "report" / "samples").glob("*.png"))
+
+
+def test_absent_scenario_is_explained(tmp_path: Path) -> None:
+    store = make_store(tmp_path / "runs", scenario={"name": "gone", "mode": "m"})
+    result = build_report(store, tmp_path / "report", top=2, data_root=tmp_path / "data")
+    assert "'gone' is not in the data root" in result.inputs
+    page = next((tmp_path / "report" / "samples").glob("*.html")).read_text()
+    assert "No input shown: the prepared scenario &#39;gone&#39; is not in the data root" in page
+
+
+def test_failed_build_keeps_the_old_report(tmp_path: Path, monkeypatch) -> None:
+    store = make_store(tmp_path / "runs")
+    result = build_report(store, tmp_path / "report", top=3)
+    before = result.path.read_bytes()
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(report_html.plots, "thumbnail", boom)
+    monkeypatch.setattr(report_html, "_sample_context", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        build_report(store, tmp_path / "report", top=3)
+    assert result.path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report", "runs"]  # no temp folder
+
+
+def test_study_report(tmp_path: Path) -> None:
+    runs_root = tmp_path / "runs"
+    for i, ratio in enumerate((0.1, 0.3, 0.5)):
+        scenario = {
+            "name": f"s-r{ratio}",
+            "mode": "artificial",
+            "params": {"ratio": ratio, "seed": 0},
+            "description": "<i>injected</i>",
+        }
+        store = make_store(runs_root, f"exp-{i}", scenario=scenario, seed=i)
+        analysis.rank(store, "test")
+    make_store(runs_root, "not-ranked", scenario={"name": "x", "mode": "m"})
+    result = build_study_report(runs_root, tmp_path / "reports" / "study")
+    html = result.path.read_text()
+    assert result.n_experiments == 3 and result.plots == 1
+    assert "not-ranked" in html and "mlvar analyze rank not-ranked" in html
+    assert "against ratio" in html
+    assert (result.path.parent / "auroc_vs_0.png").read_bytes()[:8] == PNG
+    assert (result.path.parent / "study.csv").is_file()
+    for name in ("exp-0", "exp-1", "exp-2"):
+        assert f'<td class="l">{name}</td>' in html
+    assert "<script" not in html
+
+
+# ------------------------------------------------------------------ command line
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def roots(tmp_path: Path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLVAR_CONFIG", raising=False)
+    for var, sub in (("DATA", "data"), ("RUNS", "runs"), ("REPORTS", "reports")):
+        monkeypatch.setenv(f"MLVAR_{var}_ROOT", str(tmp_path / sub))
+    return tmp_path
+
+
+def _error(*args: str) -> str:
+    result = runner.invoke(app, list(args))
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stdout + result.stderr
+    return result.stderr.strip()
+
+
+def test_cli_needs_an_experiment_or_study(roots: Path) -> None:
+    make_store(roots / "runs", "exp-a")
+    line = _error("report", "html")
+    assert "name the experiment" in line and "--study" in line and "exp-a" in line
+    line = _error("report", "html", "exp-a", "--study")
+    assert "takes no experiment name" in line
+    assert not (roots / "reports").exists()
+
+
+def test_cli_report_and_study(roots: Path) -> None:
+    store = make_store(roots / "runs", "exp-a", scenario={"name": "synthetic-images", "mode": "m"})
+    write_inputs(roots / "data", store, "image")
+    result = runner.invoke(app, ["report", "html", "exp-a", "--top", "3", "--json"])
+    assert result.exit_code == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["n_pages"] == 6 and info["inputs_missing"] is None
+    assert Path(info["path"]) == roots / "reports" / "exp-a" / "index.html"
+    assert len(list((roots / "reports" / "exp-a" / "samples").glob("*.png"))) == 6
+    result = runner.invoke(app, ["report", "html", "--study", "--json"])
+    assert result.exit_code == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert Path(info["path"]) == roots / "reports" / "study" / "index.html"
+    assert info["n_experiments"] == 1
