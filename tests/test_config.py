@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from mlvar.cli import app
 from mlvar.config import (
+    MODELS,
     RANDOMNESS_SOURCES,
     TRAIN_DEFAULTS,
     Config,
@@ -85,7 +86,8 @@ def test_defaults_match_the_design(no_mlvar_env: Path) -> None:
     assert cfg.paths.reports_root == Path("mlvar-work/reports")
     compas = cfg.train_for("compas")
     assert (compas.epochs, compas.lr, compas.batch_size, compas.hidden) == (10, 1e-3, 64, 64)
-    assert compas.dropout == 0.1 and compas.vary == list(RANDOMNESS_SOURCES)
+    assert compas.dropout == 0.1 and compas.vary == list(MODELS["mlp"]["sources"])
+    assert set(RANDOMNESS_SOURCES) == {"init", "order", "dropout", "aug"}
     assert cfg.train_for("digits").epochs == TRAIN_DEFAULTS["digits"]["epochs"]
 
 

@@ -19,11 +19,116 @@ from typing import Any
 
 from mlvar.errors import MlvarError, closest
 
-#: Sources of randomness in training that can follow the run seed (``--vary``).
-RANDOMNESS_SOURCES = ("init", "order", "dropout")
+#: Sources of randomness in training that can follow the run seed (``--vary``). New sources
+#: are appended: a source's position fixes its generator stream (see ``train/seeding.py``).
+RANDOMNESS_SOURCES = ("init", "order", "dropout", "aug")
 ENGINES = ("batched", "loop")
 DEVICES = ("cpu", "cuda")
 LOGIT_DTYPES = ("float32", "float16")
+
+
+#: The model registry as data (the networks live in ``mlvar.train.models``, the loop in
+#: ``mlvar.train.images``). ``inputs``: the input kinds a model accepts; ``sources``: the
+#: randomness sources it draws (valid in ``vary``); ``defaults``: the TrainConfig values
+#: ``--model`` switches to; ``recipe``: fixed training details recorded in the experiment
+#: identity. Units: lr per optimiser step on the batch-mean loss, weight decay as the L2
+#: coefficient added to the gradient, ``translate`` and ``pad`` in pixels, ``warmup`` as a
+#: fraction of all steps, ``bias_lr_scale`` multiplies lr for batch-norm biases.
+MODELS: dict[str, dict[str, Any]] = {
+    "mlp": {
+        "inputs": ("tabular", "image"),
+        "sources": ("init", "order", "dropout"),
+        "defaults": {
+            "epochs": 10,
+            "lr": 1e-3,
+            "batch_size": 64,
+            "weight_decay": 0.0,
+            "vary": ["init", "order", "dropout"],
+        },
+        "recipe": {},
+    },
+    "cnn": {
+        "inputs": ("image",),
+        "sources": ("init", "order", "aug"),
+        "defaults": {
+            "epochs": 10,
+            "lr": 0.1,
+            "batch_size": 64,
+            "weight_decay": 5e-4,
+            "vary": ["init", "order", "aug"],
+        },
+        "recipe": {
+            "optimizer": "sgd",
+            "momentum": 0.9,
+            "nesterov": True,
+            "label_smoothing": 0.0,
+            "schedule": "cosine",
+            "warmup": 0.0,
+            "bias_lr_scale": 1.0,
+            "lookahead": False,
+            "flip": False,
+            "translate": 1,
+            "tta": 0,
+            "whiten": False,
+        },
+    },
+    "airbench": {
+        "inputs": ("image",),
+        "sources": ("init", "order", "aug"),
+        # airbench94's hyperparameters (lr 11.5, wd 0.0153 on a summed loss at batch 1024,
+        # momentum 0.85) converted to PyTorch SGD on the batch-mean loss.
+        "defaults": {
+            "epochs": 10,
+            "lr": 1.5,
+            "batch_size": 1024,
+            "weight_decay": 0.00133,
+            "vary": ["init", "order", "aug"],
+        },
+        "recipe": {
+            "optimizer": "sgd",
+            "momentum": 0.85,
+            "nesterov": True,
+            "label_smoothing": 0.2,
+            "schedule": "triangle",
+            "warmup": 0.23,
+            "bias_lr_scale": 64.0,
+            "lookahead": True,
+            "flip": True,
+            "translate": 2,
+            "tta": 2,
+            "whiten": True,
+        },
+    },
+    "resnet18": {
+        "inputs": ("image",),
+        "sources": ("init", "order", "aug"),
+        "defaults": {
+            "epochs": 200,
+            "lr": 0.1,
+            "batch_size": 128,
+            "weight_decay": 5e-4,
+            "vary": ["init", "order", "aug"],
+        },
+        "recipe": {
+            "optimizer": "sgd",
+            "momentum": 0.9,
+            "nesterov": False,
+            "label_smoothing": 0.0,
+            "schedule": "cosine",
+            "warmup": 0.0,
+            "bias_lr_scale": 1.0,
+            "lookahead": False,
+            "flip": True,
+            "translate": 4,
+            "tta": 0,
+            "whiten": False,
+        },
+    },
+}
+
+
+#: The input kind of each dataset (a check of ``model`` needs it before any data is read).
+DATASET_INPUTS = {"compas": "tabular", "digits": "image", "cifar10": "image", "cifar100": "image"}
 
 
 @dataclass
@@ -39,26 +144,36 @@ class PathsConfig:
 class TrainConfig:
     """Hyperparameters of one dataset's training; every field has its unit in the comment."""
 
-    model: str = "mlp"  # model name in the registry
+    model: str = "mlp"  # model name in the registry (MODELS)
     epochs: int = 10  # passes over the training split
-    lr: float = 1e-3  # Adam learning rate
+    lr: float = 1e-3  # learning rate per step (Adam for the MLP, peak SGD lr for CNNs)
     batch_size: int = 64  # samples per optimiser step, per seed
     hidden: int = 64  # width of both hidden layers
     dropout: float = 0.1  # drop probability before the output layer
-    weight_decay: float = 0.0  # L2 coefficient in Adam
+    weight_decay: float = 0.0  # L2 coefficient added to the gradient (Adam or SGD)
     engine: str = "batched"  # "batched" (all seeds stacked) or "loop" (one model at a time)
     device: str = "cpu"  # "cpu" or "cuda"
     base_seed: int = 0  # run r uses seed base_seed + r
-    vary: list[str] = field(default_factory=lambda: list(RANDOMNESS_SOURCES))
+    vary: list[str] = field(default_factory=lambda: ["init", "order", "dropout"])
     pack_size: int = 50  # seeds trained together by the batched engine (bounds memory)
     logits_dtype: str = "float32"  # dtype of stored logits: float32 or float16
     record_dynamics: bool = False  # also store train-set logits after every epoch (float16)
+    checkpoint_every: int = 2  # epochs between checkpoints of image models (0: none)
 
     def identity(self) -> dict[str, Any]:
-        """The fields that define what a run computes (not where or how fast)."""
+        """The fields that define what a run computes (not where or how fast).
+
+        Image models add their fixed ``recipe``; the MLP's identity is unchanged by the
+        image-only fields, so existing MLP experiments stay compatible.
+        """
         data = dataclasses.asdict(self)
-        for key in ("engine", "device", "pack_size", "record_dynamics"):
+        for key in ("engine", "device", "pack_size", "record_dynamics", "checkpoint_every"):
             data.pop(key)
+        recipe = MODELS.get(self.model, {}).get("recipe")
+        if recipe:
+            data["recipe"] = dict(recipe)
+            data.pop("hidden")
+            data.pop("dropout")
         return data
 
 
@@ -67,7 +182,68 @@ class TrainConfig:
 TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "compas": {"epochs": 10, "lr": 1e-3, "batch_size": 64},
     "digits": {"epochs": 30, "lr": 3e-3, "batch_size": 64},
+    "cifar10": {"model": "airbench", **MODELS["airbench"]["defaults"]},
+    "cifar100": {"model": "airbench", **MODELS["airbench"]["defaults"]},
 }
+
+
+def switch_model(cfg: TrainConfig, model: str, keep: set[str] | frozenset = frozenset()) -> None:
+    """Set ``cfg.model`` and that model's default epochs, lr, batch size, weight decay and
+    vary, except the fields named in ``keep`` (given explicitly by the user).
+
+    A no-op when ``model`` is already the configured one, so ``mlvar.toml`` values stay.
+    An unknown name is left for :func:`validate_train` to report.
+    """
+    if model == cfg.model or model not in MODELS:
+        cfg.model = model
+        return
+    cfg.model = model
+    for key, value in MODELS[model]["defaults"].items():
+        if key not in keep:
+            setattr(cfg, key, list(value) if isinstance(value, list) else value)
+
+
+@dataclass
+class AmlConfig:
+    """Azure ML workspace and job settings of ``mlvar submit --backend aml`` (no secrets:
+    credentials come from ``DefaultAzureCredential``)."""
+
+    subscription_id: str = ""  # Azure subscription id (a GUID)
+    resource_group: str = ""  # resource group of the workspace
+    workspace: str = ""  # Azure ML workspace name
+    compute: str = ""  # compute cluster name the jobs run on
+    environment: str = ""  # registered environment ("azureml:name:version"); "": build one
+    image: str = "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:latest"  # base image
+    datastore: str = "workspaceblobstore"  # datastore that receives the job outputs
+    experiment_name: str = "mlvar"  # Azure ML experiment the jobs are grouped under
+
+
+@dataclass
+class RayConfig:
+    """Ray cluster settings of ``mlvar submit --backend ray``."""
+
+    address: str = ""  # cluster address ("host:6379" or "ray://host:10001"); "": local
+    num_cpus: int = 0  # CPUs of a local Ray instance (0: all); ignored with an address
+    cpus_per_run: float = 1.0  # CPUs reserved per task (a pack of runs)
+    gpus_per_run: float = 1.0  # GPUs per run on CUDA (fractions share a GPU); x runs per task
+    connect_timeout_s: float = 30.0  # seconds to wait for the address to answer
+
+
+@dataclass
+class BackendConfig:
+    """The ``[backend.aml]`` and ``[backend.ray]`` tables."""
+
+    aml: AmlConfig = field(default_factory=AmlConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+@dataclass
+class SubmitConfig:
+    """How ``mlvar submit`` splits runs into jobs and handles failures."""
+
+    runs_per_job: int = 8  # runs packed into one job / task / worker call
+    retries: int = 2  # extra attempts of a failing job before its runs are reported
+    local_workers: int = 0  # local backend processes (0: in process on CPU, 1 per GPU)
 
 
 @dataclass
@@ -78,6 +254,8 @@ class Config:
     train: dict[str, TrainConfig] = field(
         default_factory=lambda: {name: TrainConfig(**v) for name, v in TRAIN_DEFAULTS.items()}
     )
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    submit: SubmitConfig = field(default_factory=SubmitConfig)
     source: Path | None = None  # the config file that was read, if any
 
     def train_for(self, dataset: str) -> TrainConfig:
@@ -144,8 +322,17 @@ def validate_train(cfg: TrainConfig, where: str = "train") -> TrainConfig:
         raise bad("base_seed", f"must be >= 0, got {cfg.base_seed}", "seeds are non-negative")
     if cfg.pack_size < 1:
         raise bad("pack_size", f"must be at least 1, got {cfg.pack_size}", "try 50")
-    if cfg.model != "mlp":
-        raise bad("model", f"'{cfg.model}' is not a known model", "valid: mlp")
+    if cfg.checkpoint_every < 0:
+        raise bad(
+            "checkpoint_every", f"must be >= 0, got {cfg.checkpoint_every}", "0 disables, try 2"
+        )
+    if cfg.model not in MODELS:
+        near = closest(cfg.model, list(MODELS))
+        hint = f"did you mean '{near}'?" if near else "valid: " + ", ".join(MODELS)
+        raise bad("model", f"'{cfg.model}' is not a known model", hint)
+    dataset = where.split(".", 1)[1] if where.startswith("train.") else ""
+    if dataset in DATASET_INPUTS:
+        check_model_input(cfg, DATASET_INPUTS[dataset], where)
     for key, value, valid in (
         ("engine", cfg.engine, ENGINES),
         ("device", cfg.device, DEVICES),
@@ -155,14 +342,21 @@ def validate_train(cfg: TrainConfig, where: str = "train") -> TrainConfig:
             near = closest(value, valid)
             hint = f"did you mean '{near}'?" if near else "valid: " + ", ".join(valid)
             raise bad(key, f"'{value}' is not one of {', '.join(valid)}", hint)
+    sources = MODELS[cfg.model]["sources"]
     for source in cfg.vary:
         if source not in RANDOMNESS_SOURCES:
-            near = closest(source, RANDOMNESS_SOURCES)
+            near = closest(source, sources)
             hint = f"did you mean '{near}'? " if near else ""
             raise bad(
                 "vary",
                 f"has unknown source '{source}'",
-                hint + "valid: " + ", ".join(RANDOMNESS_SOURCES),
+                hint + "valid: " + ", ".join(sources) + f" (model {cfg.model})",
+            )
+        if source not in sources:
+            raise bad(
+                "vary",
+                f"has source '{source}', which model '{cfg.model}' does not draw",
+                "valid: " + ", ".join(sources) + f" (model {cfg.model})",
             )
     if len(set(cfg.vary)) != len(cfg.vary):
         raise bad("vary", "lists a source twice", "name each source once")
@@ -223,7 +417,7 @@ def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | Non
             ) from None
         file = file.resolve()
         cfg.source = file
-        _check_keys(data, ["paths", "train"], "", file)
+        _check_keys(data, ["paths", "train", "backend", "submit"], "", file)
         paths = data.get("paths", {})
         if not isinstance(paths, dict):
             raise MlvarError(f"'paths' in {file} must be a table", "write it as [paths]")
@@ -238,9 +432,74 @@ def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | Non
                     f"'train.{dataset}' in {file} must be a table",
                     f"write it as [train.{dataset}]",
                 )
+            if isinstance(table.get("model"), str):  # the model's recipe, then the keys given
+                switch_model(cfg.train[dataset], table["model"], keep=set(table))
             _apply_table(cfg.train[dataset], table, f"train.{dataset}.", file)
             validate_train(cfg.train[dataset], f"train.{dataset}")
+    if file is not None:
+        _load_backend_tables(cfg, data, file)
     for var, attr in _ENV_PATHS.items():
         if env.get(var):
             setattr(cfg.paths, attr, Path(env[var]).expanduser())
+    if env.get("MLVAR_RAY_TIMEOUT"):
+        try:
+            cfg.backend.ray.connect_timeout_s = float(env["MLVAR_RAY_TIMEOUT"])
+        except ValueError:
+            raise MlvarError(
+                f"MLVAR_RAY_TIMEOUT must be a number of seconds, got {env['MLVAR_RAY_TIMEOUT']!r}",
+                "e.g. MLVAR_RAY_TIMEOUT=30",
+            ) from None
+    validate_backend(cfg)
     return cfg
+
+
+def _load_backend_tables(cfg: Config, data: dict[str, Any], file: Path) -> None:
+    """Apply the ``[backend.aml]``, ``[backend.ray]`` and ``[submit]`` tables."""
+    backend = data.get("backend", {})
+    if not isinstance(backend, dict):
+        raise MlvarError(f"'backend' in {file} must be a table", "write it as [backend.ray]")
+    _check_keys(backend, ["aml", "ray"], "backend.", file)
+    for name, table in backend.items():
+        if not isinstance(table, dict):
+            raise MlvarError(
+                f"'backend.{name}' in {file} must be a table", f"write it as [backend.{name}]"
+            )
+        _apply_table(getattr(cfg.backend, name), table, f"backend.{name}.", file)
+    submit = data.get("submit", {})
+    if not isinstance(submit, dict):
+        raise MlvarError(f"'submit' in {file} must be a table", "write it as [submit]")
+    _apply_table(cfg.submit, submit, "submit.", file)
+
+
+def validate_backend(cfg: Config) -> None:
+    """Check the ranges of the ``[backend.*]`` and ``[submit]`` values."""
+    ray, sub = cfg.backend.ray, cfg.submit
+    checks = (
+        ("submit.runs_per_job", sub.runs_per_job >= 1, sub.runs_per_job, "try 8"),
+        ("submit.retries", sub.retries >= 0, sub.retries, "0 disables retries"),
+        ("submit.local_workers", sub.local_workers >= 0, sub.local_workers, "0: automatic"),
+        ("backend.ray.num_cpus", ray.num_cpus >= 0, ray.num_cpus, "0: all CPUs"),
+        ("backend.ray.cpus_per_run", ray.cpus_per_run > 0, ray.cpus_per_run, "try 1"),
+        ("backend.ray.gpus_per_run", ray.gpus_per_run >= 0, ray.gpus_per_run, "try 0.25"),
+        (
+            "backend.ray.connect_timeout_s",
+            math.isfinite(ray.connect_timeout_s) and ray.connect_timeout_s > 0,
+            ray.connect_timeout_s,
+            "try 30",
+        ),
+    )
+    for key, ok, value, hint in checks:
+        if not ok:
+            raise MlvarError(f"{key} is out of range: {value!r}", hint)
+
+
+def check_model_input(cfg: TrainConfig, input_kind: str, where: str = "train") -> None:
+    """Refuse a model that cannot read the dataset's inputs (a CNN on tabular data)."""
+    inputs = MODELS[cfg.model]["inputs"]
+    if input_kind not in inputs:
+        fits = [m for m, spec in MODELS.items() if input_kind in spec["inputs"]]
+        raise MlvarError(
+            f"{where}.model '{cfg.model}' needs {' or '.join(inputs)} inputs, "
+            f"but the data is {input_kind}",
+            "valid here: " + ", ".join(fits),
+        )

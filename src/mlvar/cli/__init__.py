@@ -9,7 +9,7 @@ import typer
 from typer.core import TyperGroup
 
 from mlvar import __version__
-from mlvar.cli import analyze, data, demo, report, train
+from mlvar.cli import analyze, data, demo, report, submit, train
 
 try:  # typer >= 0.20 vendors click
     from typer._click import exceptions as _click_exc
@@ -59,6 +59,7 @@ app = typer.Typer(
 )
 app.add_typer(data.app, name="data")
 app.command("train", no_args_is_help=True)(train.train)
+app.add_typer(submit.app, name="submit")
 app.add_typer(analyze.app, name="analyze")
 app.add_typer(report.app, name="report")
 app.command("demo")(demo.demo)

@@ -17,7 +17,7 @@ from mlvar.cli.common import (
     print_json,
     table,
 )
-from mlvar.config import RANDOMNESS_SOURCES
+from mlvar.config import MODELS, RANDOMNESS_SOURCES
 from mlvar.data.registry import DATASETS
 from mlvar.errors import MlvarError
 from mlvar.train import service
@@ -50,6 +50,15 @@ def train(
     name: Annotated[
         str | None,
         typer.Option(help="Experiment name (default: <scenario>-<model>).", show_default=False),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help=f"Model: {', '.join(MODELS)} (default from config: mlp for compas and digits, "
+            "airbench for CIFAR). Another model brings its own recipe (epochs, lr, batch size, "
+            "weight decay, vary) unless those are given too.",
+            show_default=False,
+        ),
     ] = None,
     device: Annotated[
         str | None, typer.Option(help="cpu or cuda (default from config: cpu).", show_default=False)
@@ -108,11 +117,16 @@ def train(
 
       mlvar train digits --runs 16 --vary init      # only initialisation varies
 
+      mlvar train digits --runs 16 --model cnn      # the small CNN, with augmentation
+
+      mlvar train cifar10 --scenario holdout --runs 8 --device cuda --record-dynamics
+
       mlvar train compas --scenario compas-holdout-cluster5 --runs 20 --engine loop
     """
     with cli_errors():
         cfg = get_config(config)
         overrides = {
+            "model": model,
             "device": device,
             "engine": engine,
             "vary": _parse_vary(vary),

@@ -1,10 +1,10 @@
 """Per-run, per-source random generators.
 
 Run ``r`` of an experiment has seed ``base_seed + r``. Each source of randomness (weight
-initialisation, data order, dropout) gets its own generator, derived from that seed when
-the source is in ``vary`` and from ``base_seed`` otherwise. Fixing a source across runs
-therefore removes exactly that source of variance, and a run's randomness never depends
-on which other runs are trained beside it.
+initialisation, data order, dropout, augmentation) gets its own generator, derived from
+that seed when the source is in ``vary`` and from ``base_seed`` otherwise. Fixing a source
+across runs therefore removes exactly that source of variance, and a run's randomness
+never depends on which other runs are trained beside it.
 """
 
 from __future__ import annotations
@@ -38,10 +38,11 @@ def make_generator(seed: int, source: str) -> torch.Generator:
 
 
 class RunGenerators:
-    """The generators of one run: ``init``, ``order`` and ``dropout``."""
+    """The generators of one run: ``init``, ``order``, ``dropout`` and ``aug``."""
 
     def __init__(self, base_seed: int, run_index: int, vary: list[str]) -> None:
         self.seeds = source_seeds(base_seed, run_index, vary)
         self.init = make_generator(self.seeds["init"], "init")
         self.order = make_generator(self.seeds["order"], "order")
         self.dropout = make_generator(self.seeds["dropout"], "dropout")
+        self.aug = make_generator(self.seeds["aug"], "aug")

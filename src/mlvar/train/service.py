@@ -10,7 +10,7 @@ import platform
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,11 +20,12 @@ import numpy as np
 import torch
 
 from mlvar import __version__
-from mlvar.config import Config, TrainConfig, validate_train
+from mlvar.config import Config, TrainConfig, check_model_input, switch_model, validate_train
 from mlvar.data.registry import DATASETS
 from mlvar.data.scenario import Scenario, SplitData, resolve_scenario
 from mlvar.errors import MlvarError, unknown_choice
 from mlvar.store import ExperimentStore, check_experiment_name, list_experiments, run_id_for
+from mlvar.train import images
 from mlvar.train.mlp import ENGINES, TrainData
 from mlvar.train.seeding import RunGenerators, run_seed
 
@@ -158,15 +159,20 @@ def prepare_training(
     if runs < 1:
         raise MlvarError(f"--runs must be at least 1, got {runs}", "e.g. --runs 20")
     cfg = config.train_for(dataset)
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            setattr(cfg, key, list(value) if key == "vary" else value)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if "model" in given:  # another model brings its own recipe defaults (epochs, lr, ...)
+        switch_model(cfg, given["model"], keep=set(given))
+    for key, value in given.items():
+        setattr(cfg, key, list(value) if key == "vary" else value)
     validate_train(cfg, f"train.{dataset}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise MlvarError(
             "--device cuda was asked for, but CUDA is not available here", "use --device cpu"
         )
     found = resolve_scenario(config.paths.data_root, dataset, scenario)
+    check_model_input(
+        cfg, found.manifest.get("input", {}).get("kind", "tabular"), f"train.{dataset}"
+    )
     exp_name = check_experiment_name(name if name is not None else f"{found.name}-{cfg.model}")
     return found, cfg, exp_name
 
@@ -180,6 +186,8 @@ def train(
     overrides: dict[str, Any] | None = None,
     force: bool = False,
     progress: Progress | None = None,
+    *,
+    run_indices: Sequence[int] | None = None,
 ) -> TrainResult:
     """Train runs ``0 .. runs-1`` of an experiment, skipping those already finished.
 
@@ -199,6 +207,9 @@ def train(
         Replace an existing experiment of the same name.
     progress
         Called as ``progress(done, total, message)`` in run-epochs.
+    run_indices
+        Train exactly these run indices (finished ones skipped) instead of
+        ``range(runs)``; used by the submit backends to train one pack of runs.
     """
     found, cfg, exp_name = prepare_training(config, dataset, scenario, runs, name, overrides)
     runs_root = Path(config.paths.runs_root)
@@ -219,16 +230,30 @@ def train(
 
     result = TrainResult(exp_name, store.root, device=cfg.device, engine=cfg.engine)
     for path in store.unfinished_run_dirs():
+        if cfg.model != "mlp" and (path / images.CHECKPOINT_FILE).is_file():
+            continue  # an image run killed after a checkpoint: resumed below
         shutil.rmtree(path)
         result.cleaned.append(path.name)
     done = {r.run_id for r in store.runs()}
-    pending = [i for i in range(runs) if run_id_for(i) not in done]
-    result.skipped = [run_id_for(i) for i in range(runs) if run_id_for(i) in done]
+    wanted = range(runs) if run_indices is None else sorted({int(i) for i in run_indices})
+    if any(i < 0 for i in wanted):
+        raise MlvarError("run indices must be >= 0", "run r has seed base_seed + r")
+    pending = [i for i in wanted if run_id_for(i) not in done]
+    result.skipped = [run_id_for(i) for i in wanted if run_id_for(i) in done]
     if not pending:
         return result
 
-    device = torch.device(cfg.device)
     splits = {s: found.load(s) for s in found.splits}
+    if cfg.model != "mlp":
+        started_all = time.perf_counter()
+        extra = {"code_version": _code_version(), "packages": _packages()}
+        for run_id, acc in images.train_runs(store, found, splits, cfg, pending, extra, progress):
+            result.trained.append(run_id)
+            result.accuracy[run_id] = acc
+        result.engine = "loop"
+        result.wall_time_s = time.perf_counter() - started_all
+        return result
+    device = torch.device(cfg.device)
     data = TrainData(
         x=torch.from_numpy(features(splits["train"], found.manifest)).to(device),
         y=torch.from_numpy(splits["train"].y).to(device),

@@ -1,0 +1,183 @@
+"""Training speed of the image models: images per second and seconds per epoch, one model
+at a time against several seeds at once.
+
+CPU (default)::
+
+    python benchmarks/train_speed.py                      # every model, 2 seeds, small data
+    python benchmarks/train_speed.py --models cnn --seeds 4 --n-train 1150
+
+For each model it trains ``--seeds`` seeds of ``--epochs`` epochs on synthetic data of the
+model's usual shape (cnn: 8x8x1 like digits; airbench, resnet18: 32x32x3 like CIFAR),
+first one after the other in this process (all threads), then in ``--procs`` processes at
+once (threads split between them), and prints both with their ratio.
+
+CUDA::
+
+    python benchmarks/train_speed.py --device cuda --seeds 4 --epochs 10
+
+runs ``--seeds`` seeds of the airbench-style network on full-size synthetic CIFAR-10
+(50,000 train and 10,000 test images), one at a time and then as concurrent processes
+sharing the GPU, and reports seconds per seed and the ratio. Synthetic data train at the
+real speed (the accuracy is meaningless).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import time
+
+import numpy as np
+import torch
+
+from mlvar.config import TrainConfig, switch_model
+from mlvar.data.scenario import SplitData
+from mlvar.train import images
+from mlvar.train.seeding import RunGenerators
+
+SHAPES = {"cnn": (8, 8, 1, 16), "airbench": (32, 32, 3, 255), "resnet18": (32, 32, 3, 255)}
+
+
+def _split(n: int, shape: tuple[int, int, int, int], seed: int) -> SplitData:
+    h, w, c, top = shape
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 10, n).astype(np.int64)
+    return SplitData(
+        x=rng.integers(0, top + 1, (n, h, w, c)).astype(np.uint8),
+        y=y,
+        id=np.arange(n, dtype=np.int64),
+        affected=np.zeros(n, dtype=bool),
+        group=np.full(n, -1, dtype=np.int64),
+    )
+
+
+def _train_seeds(job: dict) -> dict:
+    """Train seeds ``job['seeds']`` one after the other; return the training seconds."""
+    torch.set_num_threads(job["threads"])
+    shape = SHAPES[job["model"]]
+    splits = {
+        "train": _split(job["n_train"], shape, 0),
+        "test": _split(job["n_test"], shape, 1),
+    }
+    manifest = {"class_names": [str(i) for i in range(10)], "input": {"max_value": shape[3]}}
+    device = torch.device(job["device"])
+    data = images.ImageData.build(splits, manifest, device)
+    cfg = TrainConfig()
+    switch_model(cfg, job["model"])
+    cfg.epochs, cfg.device = job["epochs"], job["device"]
+    if job.get("batch_size"):
+        cfg.batch_size = job["batch_size"]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for seed in job["seeds"]:
+        images.train_run(data, cfg, RunGenerators(0, seed, cfg.vary))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return {"seconds": time.perf_counter() - t0, "seeds": len(job["seeds"])}
+
+
+def _warm(_: int) -> int:
+    return torch.get_num_threads()
+
+
+def measure(model: str, args: argparse.Namespace) -> dict:
+    threads = args.threads or torch.get_num_threads()
+    base = {
+        "model": model,
+        "n_train": args.n_train if model != "cnn" or args.n_train_given else 1150,
+        "n_test": args.n_test,
+        "epochs": args.epochs,
+        "device": args.device,
+        "batch_size": args.batch_size,
+    }
+    seeds = list(range(args.seeds))
+    # Warm-up (kernels, allocator), not timed.
+    _train_seeds({**base, "seeds": [0], "epochs": 1, "threads": threads})
+    seq = _train_seeds({**base, "seeds": seeds, "threads": threads})
+    procs = min(args.procs, len(seeds))
+    per_proc = max(1, threads // procs) if args.device == "cpu" else threads
+    chunks = [seeds[i::procs] for i in range(procs)]
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(procs) as pool:
+        pool.map(_warm, range(procs))
+        t0 = time.perf_counter()
+        pool.map(_train_seeds, [{**base, "seeds": c, "threads": per_proc} for c in chunks])
+        par_s = time.perf_counter() - t0
+    n_images = base["n_train"] * args.epochs * len(seeds)
+    out = {
+        "model": model,
+        "device": args.device,
+        "seeds": len(seeds),
+        "epochs": args.epochs,
+        "n_train": base["n_train"],
+        "one_at_a_time": {
+            "seconds_per_seed": seq["seconds"] / len(seeds),
+            "seconds_per_epoch": seq["seconds"] / len(seeds) / args.epochs,
+            "images_per_s": n_images / seq["seconds"],
+            "threads": threads,
+        },
+        "parallel": {
+            "processes": procs,
+            "threads_each": per_proc,
+            "seconds_per_seed": par_s / len(seeds),
+            "seconds_per_epoch": par_s / len(seeds) / args.epochs,
+            "images_per_s": n_images / par_s,
+        },
+    }
+    out["speedup_parallel"] = seq["seconds"] / par_s
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--models", default=None, help="comma-separated (default: all on CPU)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds (CPU 2, CUDA 4)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs (CPU 1, CUDA 10)")
+    parser.add_argument("--n-train", type=int, default=None)
+    parser.add_argument("--n-test", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the recipe's")
+    parser.add_argument("--procs", type=int, default=None, help="parallel processes")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads in all")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available here")
+    args.n_train_given = args.n_train is not None
+    args.seeds = args.seeds or (4 if cuda else 2)
+    args.epochs = args.epochs or (10 if cuda else 1)
+    args.n_train = args.n_train or (50_000 if cuda else 512)
+    args.n_test = args.n_test or (10_000 if cuda else 256)
+    args.procs = args.procs or (args.seeds if cuda else min(2, os.cpu_count() or 1))
+    models = (args.models or ("airbench" if cuda else "cnn,airbench,resnet18")).split(",")
+    results = [measure(m, args) for m in models]
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    name = torch.cuda.get_device_name() if cuda else f"CPU, {os.cpu_count()} cores"
+    print(f"device: {name}; torch {torch.__version__}")
+    print(
+        f"{'model':<10} {'n_train':>8} {'seeds':>5} {'mode':<22} "
+        f"{'s/seed':>8} {'s/epoch':>8} {'img/s':>9}"
+    )
+    for r in results:
+        one, par = r["one_at_a_time"], r["parallel"]
+        rows = [
+            (f"one at a time ({one['threads']} thr)", one),
+            (f"{par['processes']} procs x {par['threads_each']} thr", par),
+        ]
+        for label, m in rows:
+            print(
+                f"{r['model']:<10} {r['n_train']:>8} {r['seeds']:>5} {label:<22} "
+                f"{m['seconds_per_seed']:>8.2f} {m['seconds_per_epoch']:>8.3f} "
+                f"{m['images_per_s']:>9.0f}"
+            )
+        print(f"{'':<10} parallel / one-at-a-time speed-up: {r['speedup_parallel']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,284 @@
+"""The ``aml`` backend: one Azure ML (azure-ai-ml v2) command job per pack of runs.
+
+Each job runs ``python -m mlvar.backends.worker`` on the configured compute with:
+
+- ``code``: a snapshot of the mlvar package plus the packs' JSON specs;
+- input ``scenario``: the prepared scenario as a ``uri_folder`` data asset
+  (``mlvar-<scenario>``, version = the first 12 hex digits of its manifest sha256, so a
+  changed scenario is a new version), mounted read-only;
+- output ``runs``: a ``uri_folder`` on ``[backend.aml] datastore`` under
+  ``mlvar/<experiment>/<submission>/<pack>/``; the worker writes a run store there;
+- an environment: ``[backend.aml] environment`` if set, else a conda file of mlvar's own
+  requirements on top of ``[backend.aml] image``.
+
+:func:`write_jobs` writes the YAML (``--dry-run``) and validates each file offline with the
+SDK's own ``azure.ai.ml.load_job``. The functions that talk to Azure (:func:`client`,
+:func:`submit_jobs`, :func:`refresh`, :func:`download_jobs`) are kept small and apart:
+they are not exercised by the test suite, which never contacts Azure.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mlvar import __version__
+from mlvar.backends.common import missing_runs, require
+from mlvar.backends.spec import Submission
+from mlvar.backends.transfer import ImportResult, import_runs
+from mlvar.config import AmlConfig
+from mlvar.data.scenario import Scenario
+from mlvar.errors import MlvarError
+from mlvar.io import atomic_write_json, atomic_write_text, staging_dir
+from mlvar.store import ExperimentStore
+
+JOB_SCHEMA = "https://azuremlschemas.azureedge.net/latest/commandJob.schema.json"
+DATA_SCHEMA = "https://azuremlschemas.azureedge.net/latest/data.schema.json"
+REQUIRED_TO_SUBMIT = ("subscription_id", "resource_group", "workspace", "compute")
+REQUIRED_FOR_DRY_RUN = ("compute",)
+#: Azure ML job status -> submission job state.
+_STATES = {
+    "Completed": "finished",
+    "Failed": "failed",
+    "Canceled": "failed",
+    "NotResponding": "failed",
+}
+
+
+def check_settings(cfg: AmlConfig, dry_run: bool) -> None:
+    """Refuse missing ``[backend.aml]`` settings (naming each) or a missing extra."""
+    required = REQUIRED_FOR_DRY_RUN if dry_run else REQUIRED_TO_SUBMIT
+    missing = [key for key in required if not getattr(cfg, key)]
+    if missing:
+        raise MlvarError(
+            "missing [backend.aml] settings: " + ", ".join(missing),
+            "set them in mlvar.toml (see docs/clusters.md)",
+        )
+    require("azure.ai.ml", "aml")
+    if not dry_run:
+        require("azure.identity", "aml")
+
+
+def asset_name(scenario: Scenario) -> str:
+    return "mlvar-" + re.sub(r"[^A-Za-z0-9_-]", "_", scenario.name)
+
+
+def asset_version(scenario: Scenario) -> str:
+    return scenario.manifest_sha256[:12]
+
+
+def job_name(sub: Submission, pack: str) -> str:
+    return re.sub(r"[^a-z0-9_-]", "_", f"mlvar-{sub.id}-{pack}".lower())
+
+
+def requirements() -> list[str]:
+    """mlvar's runtime requirements (no extras), as installed."""
+    try:
+        reqs = importlib.metadata.requires("mlvar") or []
+    except importlib.metadata.PackageNotFoundError:
+        reqs = []
+    return [r for r in reqs if "extra ==" not in r]
+
+
+def _yaml(obj: Any) -> str:
+    yaml = require("yaml", "aml")
+    return yaml.safe_dump(obj, sort_keys=False, default_flow_style=False, width=100)
+
+
+def write_specs(sub: Submission, specs: dict[str, dict[str, Any]], out: Path) -> list[str]:
+    """Dry run of ``local`` and ``ray``: the plan and one JSON spec per job."""
+    with staging_dir(Path(out), replace=True) as tmp:
+        atomic_write_json(tmp / "submission.json", sub.to_dict())
+        for name, spec in specs.items():
+            atomic_write_json(tmp / "specs" / f"{name}.json", spec)
+    return ["submission.json"] + [f"specs/{n}.json" for n in specs]
+
+
+def job_dict(sub: Submission, spec: dict[str, Any], scenario: Scenario, cfg: AmlConfig) -> dict:
+    """The command job of one pack, as the YAML mapping."""
+    pack = spec["job"]
+    indices = spec["run_indices"]
+    env: Any = cfg.environment or {"image": cfg.image, "conda_file": "../environment/conda.yaml"}
+    return {
+        "$schema": JOB_SCHEMA,
+        "type": "command",
+        "name": job_name(sub, pack),
+        "display_name": f"{sub.experiment} {pack} (runs {indices[0]}-{indices[-1]})",
+        "experiment_name": cfg.experiment_name,
+        "description": f"mlvar: train runs {', '.join(map(str, indices))} of {sub.experiment}",
+        "tags": {
+            "mlvar_version": __version__,
+            "mlvar_experiment": sub.experiment,
+            "mlvar_submission": sub.id,
+            "mlvar_pack": pack,
+            "mlvar_runs": ",".join(map(str, indices)),
+        },
+        "code": "../code",
+        "command": (
+            f"python -m mlvar.backends.worker specs/{pack}.json "
+            "--scenario-dir ${{inputs.scenario}} --runs-root ${{outputs.runs}}"
+        ),
+        "inputs": {
+            "scenario": {
+                "type": "uri_folder",
+                "path": f"azureml:{asset_name(scenario)}:{asset_version(scenario)}",
+                "mode": "ro_mount",
+            }
+        },
+        "outputs": {
+            "runs": {
+                "type": "uri_folder",
+                "mode": "upload",
+                "path": (
+                    f"azureml://datastores/{cfg.datastore}/paths/mlvar/"
+                    f"{sub.experiment}/{sub.id}/{pack}/"
+                ),
+            }
+        },
+        "environment": env,
+        "compute": f"azureml:{cfg.compute}",
+        "resources": {"instance_count": 1},
+    }
+
+
+def conda_dict() -> dict[str, Any]:
+    return {
+        "name": "mlvar",
+        "channels": ["conda-forge"],
+        "dependencies": ["python=3.11", "pip", {"pip": requirements()}],
+    }
+
+
+def data_asset_dict(scenario: Scenario) -> dict[str, Any]:
+    return {
+        "$schema": DATA_SCHEMA,
+        "type": "uri_folder",
+        "name": asset_name(scenario),
+        "version": asset_version(scenario),
+        "description": f"mlvar prepared scenario {scenario.name} "
+        f"(manifest sha256 {scenario.manifest_sha256})",
+        "path": str(scenario.path.resolve()),
+    }
+
+
+def write_jobs(
+    sub: Submission,
+    specs: dict[str, dict[str, Any]],
+    scenario: Scenario,
+    cfg: AmlConfig,
+    out: Path,
+) -> list[str]:
+    """Write the job YAML files, specs, environment, data asset and code snapshot to
+    ``out`` (replacing it) and validate every YAML offline with ``load_job``/``load_data``.
+
+    Layout: ``jobs/<pack>.yaml``, ``code/mlvar/`` + ``code/specs/<pack>.json``,
+    ``environment/conda.yaml`` (when no registered environment is named),
+    ``data-asset.yaml``, ``submission.json``. Returns the paths written (relative).
+    """
+    require("azure.ai.ml", "aml")
+    from azure.ai.ml import load_data, load_job
+
+    package = Path(__file__).resolve().parents[1]
+    written: list[str] = []
+    with staging_dir(Path(out), replace=True) as tmp:
+        shutil.copytree(
+            package, tmp / "code" / "mlvar", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
+        if not cfg.environment:
+            atomic_write_text(tmp / "environment" / "conda.yaml", _yaml(conda_dict()))
+            written.append("environment/conda.yaml")
+        atomic_write_text(tmp / "data-asset.yaml", _yaml(data_asset_dict(scenario)))
+        written.append("data-asset.yaml")
+        for name, spec in specs.items():
+            atomic_write_json(tmp / "code" / "specs" / f"{name}.json", spec)
+            atomic_write_text(
+                tmp / "jobs" / f"{name}.yaml", _yaml(job_dict(sub, spec, scenario, cfg))
+            )
+            written += [f"code/specs/{name}.json", f"jobs/{name}.yaml"]
+        atomic_write_json(tmp / "submission.json", sub.to_dict())
+        written.append("submission.json")
+        # Validate with the SDK itself, offline: schema, inputs, outputs, environment.
+        for name in specs:
+            try:
+                load_job(tmp / "jobs" / f"{name}.yaml")
+            except Exception as exc:  # noqa: BLE001 - any SDK validation error
+                raise MlvarError(
+                    f"jobs/{name}.yaml does not validate: {str(exc).splitlines()[0]}",
+                    "check [backend.aml] values",
+                ) from None
+        load_data(tmp / "data-asset.yaml")
+    return written
+
+
+# ------------------------------------------------------------------------ talks to Azure
+# Untested here: nothing below runs in the test suite (it needs a workspace).
+
+
+def client(cfg: AmlConfig) -> Any:
+    """``MLClient(DefaultAzureCredential(), ...)``: credentials are never stored."""
+    check_settings(cfg, dry_run=False)
+    from azure.ai.ml import MLClient
+    from azure.identity import DefaultAzureCredential
+
+    return MLClient(
+        DefaultAzureCredential(), cfg.subscription_id, cfg.resource_group, cfg.workspace
+    )
+
+
+def submit_jobs(
+    ml_client: Any,
+    sub: Submission,
+    specs: dict[str, dict[str, Any]],
+    scenario: Scenario,
+    cfg: AmlConfig,
+    store: ExperimentStore,
+) -> None:
+    """Upload the scenario (once per version) and create one command job per pack."""
+    from azure.ai.ml import load_data, load_job
+    from azure.core.exceptions import ResourceNotFoundError
+
+    folder = store.root / "submissions" / sub.id / "aml"
+    write_jobs(sub, specs, scenario, cfg, folder)
+    try:
+        ml_client.data.get(asset_name(scenario), version=asset_version(scenario))
+    except ResourceNotFoundError:
+        ml_client.data.create_or_update(load_data(folder / "data-asset.yaml"))
+    sub.options = {"workspace": cfg.workspace, "compute": cfg.compute, "jobs_dir": str(folder)}
+    for job in sub.jobs:
+        created = ml_client.jobs.create_or_update(load_job(folder / "jobs" / f"{job.name}.yaml"))
+        job.ref, job.state, job.attempts = created.name, "submitted", job.attempts + 1
+        sub.save(store.root)
+
+
+def refresh(ml_client: Any, sub: Submission) -> None:
+    """Update each job's state from ``ml_client.jobs.get``."""
+    for job in sub.jobs:
+        if job.ref and job.state not in ("complete",):
+            status = ml_client.jobs.get(job.ref).status
+            job.state = _STATES.get(status, "running")
+            if job.state == "failed":
+                job.error = f"Azure ML job {job.ref} ended {status}"
+
+
+def download_jobs(ml_client: Any, sub: Submission, store: ExperimentStore) -> ImportResult:
+    """Download the outputs of finished (or failed) jobs and import their complete runs."""
+    refresh(ml_client, sub)
+    total = ImportResult()
+    for job in sub.jobs:
+        if not job.ref or job.state not in ("finished", "failed"):
+            continue
+        with tempfile.TemporaryDirectory(prefix=".tmp-download-", dir=store.root) as tmp:
+            ml_client.jobs.download(job.ref, download_path=tmp, output_name="runs")
+            found = [p.parent for p in Path(tmp).rglob("experiment.json")]
+            for folder in found:
+                res = import_runs(folder, store)
+                total.imported += res.imported
+                total.skipped += res.skipped
+                total.rejected.update(res.rejected)
+        if not missing_runs(store, job.run_indices):
+            job.state = "complete"
+    return total

@@ -1,0 +1,221 @@
+"""``mlvar submit``: train an experiment's missing runs on a backend, track and fetch them.
+
+:func:`submit` resolves the request exactly like ``mlvar train`` (same options, same
+experiment identity), finds the runs that are not complete yet, packs them
+``runs_per_job`` to a job and hands the jobs to a backend:
+
+``local``  in this process, or worker subprocesses (one per GPU on CUDA);
+``ray``    one Ray task per pack (fractional GPUs), local instance or cluster address;
+``aml``    one Azure ML command job per pack (``--dry-run`` writes and validates the YAML).
+
+``local`` and ``ray`` finish before :func:`submit` returns; ``aml`` jobs run remotely and
+:func:`download` fetches their outputs later. Every submission is recorded in
+``<runs_root>/<experiment>/submissions/<id>.json``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlvar.backends import aml as aml_backend
+from mlvar.backends import local as local_backend
+from mlvar.backends import ray_backend
+from mlvar.backends.common import SubmitProgress, missing_runs
+from mlvar.backends.spec import (
+    Job,
+    Submission,
+    load_submission,
+    make_packs,
+    new_submission_id,
+    pack_spec,
+)
+from mlvar.backends.transfer import ImportResult, import_runs
+from mlvar.config import Config
+from mlvar.errors import MlvarError, unknown_choice
+from mlvar.store import ExperimentStore, list_experiments, run_id_for
+from mlvar.train.service import prepare_training, train
+
+BACKENDS = ("local", "ray", "aml")
+
+
+@dataclass
+class SubmitResult:
+    """What :func:`submit` did."""
+
+    experiment: str
+    backend: str
+    path: Path
+    submission: Submission | None = None
+    pending: list[int] = field(default_factory=list)  # runs that were missing
+    skipped: list[str] = field(default_factory=list)  # already complete, not resubmitted
+    dry_run_dir: Path | None = None
+    files: list[str] = field(default_factory=list)  # dry run: files written
+    wall_time_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "experiment": self.experiment,
+            "backend": self.backend,
+            "path": str(self.path),
+            "submission": self.submission.to_dict() if self.submission else None,
+            "pending": [run_id_for(i) for i in self.pending],
+            "skipped": self.skipped,
+            "dry_run_dir": str(self.dry_run_dir) if self.dry_run_dir else None,
+            "files": self.files,
+            "wall_time_s": self.wall_time_s,
+        }
+
+
+def check_backend(name: str) -> str:
+    if name not in BACKENDS:
+        raise unknown_choice("backend", name, BACKENDS)
+    return name
+
+
+def submit(
+    config: Config,
+    dataset: str,
+    scenario: str | None = None,
+    runs: int = 10,
+    backend: str = "local",
+    name: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+    out: Path | None = None,
+    runs_per_job: int | None = None,
+    retries: int | None = None,
+    workers: int | None = None,
+    submission_id: str | None = None,
+    progress: SubmitProgress | None = None,
+) -> SubmitResult:
+    """Submit runs ``0 .. runs-1`` of an experiment that are not complete yet.
+
+    Bad input (unknown backend, a missing extra or AML setting, a Ray address that does not
+    answer) raises :class:`MlvarError` before anything is written.
+    """
+    check_backend(backend)
+    runs_per_job = config.submit.runs_per_job if runs_per_job is None else runs_per_job
+    retries = config.submit.retries if retries is None else retries
+    if runs_per_job < 1:
+        raise MlvarError(f"--runs-per-job must be at least 1, got {runs_per_job}", "e.g. 8")
+    if retries < 0:
+        raise MlvarError(f"--retries must be >= 0, got {retries}", "0 disables retries")
+    found, cfg, exp = prepare_training(config, dataset, scenario, runs, name, overrides)
+    if backend == "ray":
+        ray_backend.require_ray()
+    if backend == "aml":
+        aml_backend.check_settings(config.backend.aml, dry_run=dry_run)
+    runs_root = Path(config.paths.runs_root)
+    sub_id = submission_id or new_submission_id(backend)
+
+    def build_sub(pending: list[int]) -> tuple[Submission, dict[str, dict[str, Any]]]:
+        sub = Submission(
+            id=sub_id,
+            backend=backend,
+            experiment=exp,
+            dataset=dataset,
+            scenario=found.name,
+            runs=runs,
+            base_seed=cfg.base_seed,
+            runs_per_job=runs_per_job,
+            retries=retries,
+        )
+        specs = {}
+        for k, pack in enumerate(make_packs(pending, runs_per_job)):
+            job = Job(name=f"pack-{k:03d}", run_indices=pack)
+            sub.jobs.append(job)
+            specs[job.name] = pack_spec(found, cfg, exp, pack, job.name, sub_id)
+        return sub, specs
+
+    if dry_run:
+        pending = list(range(runs))
+        if exp in list_experiments(runs_root) and not force:
+            pending = missing_runs(ExperimentStore.open(runs_root, exp), pending)
+        sub, specs = build_sub(pending)
+        target = Path(out) if out is not None else Path("mlvar-jobs") / exp
+        if backend == "aml":
+            files = aml_backend.write_jobs(sub, specs, found, config.backend.aml, target)
+        else:
+            files = aml_backend.write_specs(sub, specs, target)
+        result = SubmitResult(exp, backend, target, sub, pending, dry_run_dir=target, files=files)
+        result.skipped = [run_id_for(i) for i in range(runs) if i not in pending]
+        return result
+
+    ray_ctx = ray_backend.connect(config.backend.ray) if backend == "ray" else None
+    ml_client = aml_backend.client(config.backend.aml) if backend == "aml" else None
+    try:
+        started = time.perf_counter()
+        # Create (or check) the experiment folder exactly as 'mlvar train' does, training nothing.
+        made = train(config, dataset, found.name, runs, exp, overrides, force, run_indices=[])
+        store = ExperimentStore.open(runs_root, exp)
+        pending = missing_runs(store, list(range(runs)))
+        sub, specs = build_sub(pending)
+        result = SubmitResult(exp, backend, made.path, sub, pending)
+        result.skipped = [run_id_for(i) for i in range(runs) if i not in pending]
+        if not pending:
+            result.submission = None
+            return result
+        sub.save(store.root)
+        if backend == "local":
+            workers_ = config.submit.local_workers if workers is None else workers
+            if workers_ == 0 and workers is None:
+                workers_ = local_backend.default_workers(cfg.device)
+            local_backend.run_local(
+                sub, store, specs, Path(config.paths.data_root), workers_, cfg.device, progress
+            )
+        elif backend == "ray":
+            ray_backend.run_ray(sub, store, specs, found, cfg, config.backend.ray, progress)
+        else:
+            aml_backend.submit_jobs(ml_client, sub, specs, found, config.backend.aml, store)
+        sub.save(store.root)
+        result.wall_time_s = time.perf_counter() - started
+        return result
+    finally:
+        if ray_ctx is not None:
+            ray_ctx.close()
+
+
+def _experiment_root(config: Config, experiment: str) -> Path:
+    return ExperimentStore.open(Path(config.paths.runs_root), experiment).root
+
+
+def status(config: Config, experiment: str, submission_id: str | None = None) -> Submission:
+    """The submission record, refreshed from Azure ML for ``aml`` jobs."""
+    root = _experiment_root(config, experiment)
+    sub = load_submission(root, submission_id)
+    if sub.backend == "aml" and any(j.ref for j in sub.jobs):
+        aml_backend.refresh(aml_backend.client(config.backend.aml), sub)
+        sub.save(root)
+    return sub
+
+
+def download(
+    config: Config,
+    experiment: str,
+    submission_id: str | None = None,
+    source: Path | None = None,
+) -> ImportResult:
+    """Copy complete, sha256-verified runs into the store.
+
+    ``source``: a worker output folder (a run store) copied by hand; otherwise the
+    outputs of the submission's finished Azure ML jobs.
+    """
+    store = ExperimentStore.open(Path(config.paths.runs_root), experiment)
+    if source is not None:
+        if not Path(source).exists():
+            raise MlvarError(f"{source} does not exist", "name a worker's output folder")
+        return import_runs(Path(source), store)
+    sub = load_submission(store.root, submission_id)
+    if sub.backend != "aml":
+        result = ImportResult()
+        result.skipped = [
+            run_id_for(i) for j in sub.jobs for i in j.run_indices if not missing_runs(store, [i])
+        ]
+        return result  # local and ray write into the store as they finish
+    result = aml_backend.download_jobs(aml_backend.client(config.backend.aml), sub, store)
+    sub.save(store.root)
+    return result

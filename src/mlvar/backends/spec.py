@@ -1,0 +1,173 @@
+"""Run specs, packs and the submission record.
+
+A *run spec* is (dataset, scenario name, experiment name, run index, resolved training
+config). Runs of one experiment share everything but the index, so a *pack* (one job, one
+Ray task, one worker call) is stored as one spec with a list of ``run_indices``.
+
+A submission is recorded in ``<runs_root>/<experiment>/submissions/<id>.json`` (written
+atomically after every change): the backend, the jobs with their run indices, references
+(Azure ML job names), states, attempts and, for failed runs, the seeds and log tail.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import secrets
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from mlvar import __version__
+from mlvar.config import TrainConfig
+from mlvar.data.scenario import Scenario
+from mlvar.errors import MlvarError
+from mlvar.io import atomic_write_json
+from mlvar.train.seeding import run_seed
+
+SPEC_FORMAT = 1
+#: Job states. ``complete``: every run landed in the store; ``failed``: retries used up.
+#: ``finished``: an Azure ML job ended well and its outputs wait for ``download``.
+STATES = ("planned", "submitted", "running", "finished", "complete", "failed")
+
+
+def pack_spec(
+    scenario: Scenario,
+    cfg: TrainConfig,
+    experiment: str,
+    run_indices: list[int],
+    job: str,
+    submission: str,
+) -> dict[str, Any]:
+    """The JSON spec of one pack of runs (what a worker reads)."""
+    return {
+        "format": SPEC_FORMAT,
+        "mlvar_version": __version__,
+        "submission": submission,
+        "job": job,
+        "dataset": scenario.dataset,
+        "scenario": scenario.name,
+        "scenario_manifest_sha256": scenario.manifest_sha256,
+        "experiment": experiment,
+        "run_indices": [int(i) for i in run_indices],
+        "seeds": [run_seed(cfg.base_seed, i) for i in run_indices],
+        "train": dataclasses.asdict(cfg),
+    }
+
+
+def make_packs(indices: list[int], runs_per_job: int) -> list[list[int]]:
+    """Split run indices into packs of at most ``runs_per_job``."""
+    return [indices[i : i + runs_per_job] for i in range(0, len(indices), runs_per_job)]
+
+
+def new_submission_id(backend: str) -> str:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{backend}-{secrets.token_hex(2)}"
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass
+class Job:
+    """One pack of runs on a backend."""
+
+    name: str
+    run_indices: list[int]
+    state: str = "planned"
+    attempts: int = 0
+    ref: str | None = None  # backend reference (Azure ML job name)
+    failed: list[dict[str, Any]] = field(default_factory=list)  # {run_id, seed}
+    error: str = ""
+    log_tail: str = ""
+
+
+@dataclass
+class Submission:
+    """The record of one ``mlvar submit``."""
+
+    id: str
+    backend: str
+    experiment: str
+    dataset: str
+    scenario: str
+    runs: int
+    base_seed: int
+    runs_per_job: int
+    retries: int
+    jobs: list[Job] = field(default_factory=list)
+    created_at: str = field(default_factory=now)
+    updated_at: str = field(default_factory=now)
+    options: dict[str, Any] = field(default_factory=dict)  # backend details (workspace, ...)
+    path: Path | None = None
+
+    @property
+    def state(self) -> str:
+        states = {j.state for j in self.jobs}
+        if not states or states == {"complete"}:
+            return "complete"
+        if states <= {"complete", "failed"}:
+            return "failed"
+        if "running" in states:
+            return "running"
+        if "finished" in states and states <= {"complete", "failed", "finished"}:
+            return "finished"
+        if "submitted" in states:
+            return "submitted"
+        return "planned"
+
+    def failed_runs(self) -> list[dict[str, Any]]:
+        return [f | {"job": j.name} for j in self.jobs for f in j.failed]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.pop("path")
+        data["state"] = self.state
+        return data
+
+    def save(self, experiment_root: Path) -> Path:
+        self.updated_at = now()
+        self.path = Path(experiment_root) / "submissions" / f"{self.id}.json"
+        atomic_write_json(self.path, self.to_dict())
+        return self.path
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], path: Path | None = None) -> Submission:
+        data = dict(data)
+        data.pop("state", None)
+        jobs = [Job(**j) for j in data.pop("jobs", [])]
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known}, jobs=jobs, path=path)
+
+
+def list_submissions(experiment_root: Path) -> list[Submission]:
+    """The submissions of an experiment, oldest first."""
+    folder = Path(experiment_root) / "submissions"
+    found = []
+    for file in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            found.append(Submission.from_dict(json.loads(file.read_text()), file))
+        except (OSError, ValueError, TypeError):
+            continue
+    return found
+
+
+def load_submission(experiment_root: Path, submission_id: str | None) -> Submission:
+    """The submission ``submission_id`` (or the latest one) of an experiment."""
+    subs = list_submissions(experiment_root)
+    if not subs:
+        raise MlvarError(
+            f"experiment '{Path(experiment_root).name}' has no submissions",
+            "submit runs with 'mlvar submit DATASET --backend ...'",
+        )
+    if submission_id is None:
+        return subs[-1]
+    for sub in subs:
+        if sub.id == submission_id:
+            return sub
+    raise MlvarError(
+        f"no submission '{submission_id}' in experiment '{Path(experiment_root).name}'",
+        "known: " + ", ".join(s.id for s in subs),
+    )

@@ -1,0 +1,498 @@
+"""Seeded training of the image models (``cnn``, ``airbench``, ``resnet18``) on one device.
+
+The data pipeline lives on the device: every split is one uint8 ``[N, C, H, W]`` tensor,
+the training split is reflect-padded once, and each batch is cut out of it by one gather
+that applies the per-sample translation and horizontal flip. A run draws, at the start of
+every epoch and on the CPU, its permutation from its ``order`` generator and its
+translations and flips from its ``aug`` generator (one host-to-device copy per epoch, no
+host sync per step); weights come from its ``init`` generator. On CUDA the forward pass
+runs under bf16 autocast with channels_last tensors; on the CPU everything is float32
+and a run is reproducible bit for bit.
+
+Every ``checkpoint_every`` epochs the run folder gets ``checkpoint.pt`` (model, optimiser
+and lookahead state, generator states, recorded dynamics), written atomically; a killed
+run restarts from it and ends with the same weights as an uninterrupted one. A finished
+run writes its logits for every split, optionally ``train.dynamics.npy``, and ``model.pt``
+(the final ``state_dict``, load with ``torch.load(path, weights_only=True)``), then
+``run.json`` listing them all with their sha256, and deletes the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from mlvar.config import MODELS, TrainConfig
+from mlvar.data.scenario import Scenario, SplitData
+from mlvar.io import atomic_save_npy, atomic_write_bytes, atomic_write_json
+from mlvar.store import DYNAMICS_FILE, ExperimentStore, RunRecord, read_run, run_id_for
+from mlvar.train.models import build_model, init_weights
+from mlvar.train.seeding import RunGenerators, run_seed
+
+CHECKPOINT_FILE = "checkpoint.pt"
+WEIGHTS_FILE = "model.pt"
+CHECKPOINT_FORMAT = 1
+EVAL_BATCH = 1024
+LOOKAHEAD_EVERY = 5  # steps between lookahead (EMA) updates, as airbench
+
+#: ``progress(done, total)`` in epochs of one run.
+EpochProgress = Callable[[int, int], None]
+
+
+def to_nchw(x: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC (or NHW) images as a uint8 ``[N, C, H, W]`` tensor."""
+    if x.ndim == 3:
+        x = x[..., None]
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+@dataclass
+class ImageData:
+    """The device-resident data of one experiment."""
+
+    train_x: torch.Tensor  # uint8 [N, C, H, W]
+    train_y: torch.Tensor  # int64 [N]
+    eval_x: dict[str, torch.Tensor]  # split -> uint8 [n, C, H, W]
+    n_classes: int
+    max_value: float
+    mean: torch.Tensor  # [1, C, 1, 1] of x / max_value over the training split
+    std: torch.Tensor
+
+    @property
+    def device(self) -> torch.device:
+        return self.train_x.device
+
+    @classmethod
+    def build(
+        cls, splits: dict[str, SplitData], manifest: dict[str, Any], device: torch.device
+    ) -> ImageData:
+        max_value = float(manifest.get("input", {}).get("max_value", 255))
+        train = to_nchw(splits["train"].x)
+        scaled = train.double() / max_value
+        mean = scaled.mean(dim=(0, 2, 3), keepdim=True)
+        std = scaled.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-3)
+        return cls(
+            train_x=train.to(device),
+            train_y=torch.from_numpy(splits["train"].y).to(device),
+            eval_x={s: to_nchw(d.x).to(device) for s, d in splits.items()},
+            n_classes=len(manifest["class_names"]),
+            max_value=max_value,
+            mean=mean.float().to(device),
+            std=std.float().to(device),
+        )
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x.float() / self.max_value - self.mean) / self.std
+        if x.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+
+def _reflect_index(size: int, pad: int, device: torch.device) -> torch.Tensor:
+    idx = torch.arange(-pad, size + pad, device=device).abs()
+    return torch.where(idx >= size, 2 * (size - 1) - idx, idx)
+
+
+class Augmenter:
+    """Random translation (reflect padding) and horizontal flip, as batched gathers."""
+
+    def __init__(self, x: torch.Tensor, translate: int, flip: bool) -> None:
+        self.translate, self.flip = translate, flip
+        _, c, h, w = x.shape
+        device = x.device
+        if translate:
+            x = x[:, :, _reflect_index(h, translate, device)][
+                :, :, :, _reflect_index(w, translate, device)
+            ]
+        self.padded = x
+        self.rows = torch.arange(h, device=device)
+        self.cols = torch.arange(w, device=device)
+        self.channels = torch.arange(c, device=device)
+
+    def draw(self, gen: torch.Generator, n: int) -> torch.Tensor:
+        """One epoch's draws ``[n, 3]`` (dy, dx, flip) from the run's ``aug`` generator."""
+        draws = torch.zeros(n, 3, dtype=torch.int64)
+        if self.translate:
+            draws[:, :2] = torch.randint(0, 2 * self.translate + 1, (n, 2), generator=gen)
+        else:
+            draws[:, :2] = 0
+        if self.flip:
+            draws[:, 2] = torch.randint(0, 2, (n,), generator=gen)
+        return draws
+
+    def batch(self, idx: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+        """The augmented uint8 images of ``idx`` with per-sample ``draws``."""
+        rows = draws[:, 0:1] + self.rows
+        cols = draws[:, 1:2] + self.cols
+        cols = torch.where(draws[:, 2:3].bool(), cols.flip(1), cols)
+        return self.padded[
+            idx[:, None, None, None],
+            self.channels[None, :, None, None],
+            rows[:, None, :, None],
+            cols[:, None, None, :],
+        ]
+
+
+class SGD:
+    """SGD with (Nesterov) momentum, L2 weight decay added to the gradient and one lr per
+    group; the arithmetic of ``torch.optim.SGD`` (written out for the reason given in
+    ``optim.py``)."""
+
+    def __init__(self, groups: list[dict[str, Any]], momentum: float, nesterov: bool) -> None:
+        self.groups = groups
+        self.momentum, self.nesterov = momentum, nesterov
+        self.buffers = [[torch.zeros_like(p) for p in g["params"]] for g in groups]
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        m = self.momentum
+        for group, buffers in zip(self.groups, self.buffers, strict=True):
+            group_lr, wd = lr * group["lr_scale"], group["weight_decay"]
+            for p, buf in zip(group["params"], buffers, strict=True):
+                if p.grad is None:
+                    continue
+                grad = p.grad.add(p, alpha=wd) if wd else p.grad
+                buf.mul_(m).add_(grad)
+                update = grad.add(buf, alpha=m) if self.nesterov else buf
+                p.add_(update, alpha=-group_lr)
+
+    def zero_grad(self) -> None:
+        for group in self.groups:
+            for p in group["params"]:
+                p.grad = None
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, recipe: dict[str, Any]) -> SGD:
+    scale = float(recipe["bias_lr_scale"])
+    norm_biases = [
+        m.bias for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.bias is not None
+    ]
+    ids = {id(p) for p in norm_biases}
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    groups = [
+        {"params": others, "lr_scale": 1.0, "weight_decay": cfg.weight_decay},
+        # The decay step lr * wd stays that of the other weights, as in airbench.
+        {"params": norm_biases, "lr_scale": scale, "weight_decay": cfg.weight_decay / scale},
+    ]
+    return SGD(groups, float(recipe["momentum"]), bool(recipe["nesterov"]))
+
+
+def lr_factor(recipe: dict[str, Any], step: int, total: int) -> float:
+    """The learning-rate multiplier before step ``step`` of ``total``."""
+    t = step / max(total, 1)
+    if recipe["schedule"] == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * t))
+    warm = float(recipe["warmup"])  # triangle: 0.2 -> 1 over the warm-up, then 1 -> 0
+    if t < warm:
+        return 0.2 + 0.8 * t / warm
+    return max(0.0, (1 - t) / (1 - warm))
+
+
+def _ema_tensors(model: nn.Module) -> list[torch.Tensor]:
+    return [t for t in model.state_dict().values() if t.dtype.is_floating_point]
+
+
+def steps_per_epoch(n: int, batch_size: int) -> list[int]:
+    """Batch sizes of one epoch: full batches, and the remainder unless it is a single
+    sample (batch norm cannot normalise one)."""
+    sizes = [batch_size] * (n // batch_size)
+    if n % batch_size >= 2:
+        sizes.append(n % batch_size)
+    return sizes
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: ImageData, x: torch.Tensor, tta: int) -> torch.Tensor:
+    """Eval-mode logits ``[n, C]`` (float32, CPU) with test-time augmentation: level 1 adds
+    the mirror image, level 2 also the images shifted by one pixel both ways."""
+    model.eval()
+    out = []
+    amp = _autocast(data.device)
+    for start in range(0, len(x), EVAL_BATCH):
+        xb = data.normalise(x[start : start + EVAL_BATCH])
+        with amp:
+            logits = model(xb).float()
+            if tta >= 1:
+                logits = 0.5 * logits + 0.5 * model(xb.flip(3)).float()
+            if tta >= 2:
+                padded = F.pad(xb, (1, 1, 1, 1), mode="reflect")
+                h, w = xb.shape[2:]
+                shifted = [padded[:, :, :h, :w], padded[:, :, 2:, 2:]]
+                extra = sum(
+                    0.5 * model(s).float() + 0.5 * model(s.flip(3)).float() for s in shifted
+                )
+                logits = 0.5 * logits + 0.25 * extra
+        out.append(logits.cpu())
+    model.train()
+    return torch.cat(out)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _identity_hash(cfg: TrainConfig, seeds: dict[str, int]) -> str:
+    text = json.dumps({"train": cfg.identity(), "seeds": seeds}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    """A run's checkpoint (tensors only, never pickled objects), or None if unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a corrupt checkpoint only means starting over
+        return None
+
+
+@dataclass
+class RunOutput:
+    logits: dict[str, torch.Tensor]  # split -> [n, C] float32, CPU
+    dynamics: torch.Tensor | None  # [E, n_train, C] float16, CPU
+    state_dict: dict[str, torch.Tensor]  # final weights, CPU
+    resumed_from: int  # epoch the run restarted at (0: from scratch)
+
+
+def train_run(
+    data: ImageData,
+    cfg: TrainConfig,
+    gen: RunGenerators,
+    run_dir: Path | None = None,
+    progress: EpochProgress | None = None,
+    record_dynamics: bool = False,
+    trace: Callable[[str, Any], None] | None = None,
+) -> RunOutput:
+    """Train one image model; checkpoint to and resume from ``run_dir`` when given.
+
+    ``trace(kind, value)`` (tests) sees ``("init", state_dict)`` and ``("batch", indices)``.
+    """
+    recipe = MODELS[cfg.model]["recipe"]
+    device = data.device
+    channels = data.train_x.shape[1]
+    model = build_model(cfg.model, channels, data.n_classes)
+    init_weights(model, gen.init)
+    model.to(device)
+    if hasattr(model, "init_whitening"):
+        model.init_whitening(data.normalise(data.train_x[:5000]))
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    if trace:
+        trace("init", {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+    opt = make_optimizer(model, cfg, recipe)
+    ema = [t.clone() for t in _ema_tensors(model)] if recipe["lookahead"] else []
+    aug = Augmenter(data.train_x, int(recipe["translate"]), bool(recipe["flip"]))
+    n = len(data.train_y)
+    sizes = steps_per_epoch(n, cfg.batch_size)
+    total = cfg.epochs * len(sizes)
+    recorded: list[torch.Tensor] = []
+    start_epoch, step = 0, 0
+    identity = _identity_hash(cfg, gen.seeds)
+    ckpt_path = None if run_dir is None else run_dir / CHECKPOINT_FILE
+    if ckpt_path is not None:
+        state = load_checkpoint(ckpt_path)
+        if (
+            state is not None
+            and state.get("format") == CHECKPOINT_FORMAT
+            and state.get("identity") == identity
+        ):
+            model.load_state_dict(state["model"])
+            for bufs, saved in zip(opt.buffers, state["momentum"], strict=True):
+                for b, s in zip(bufs, saved, strict=True):
+                    b.copy_(s)
+            for e, s in zip(ema, state["ema"], strict=True):
+                e.copy_(s)
+            gen.order.set_state(state["gen_order"])
+            gen.aug.set_state(state["gen_aug"])
+            recorded = list(state["dynamics"]) if record_dynamics else []
+            start_epoch, step = int(state["epoch"]), int(state["step"])
+    label_smoothing = float(recipe["label_smoothing"])
+    amp = _autocast(device)
+    model.train()
+    for epoch in range(start_epoch, cfg.epochs):
+        perm = torch.randperm(n, generator=gen.order)
+        draws = aug.draw(gen.aug, n)
+        perm_d = perm.to(device, non_blocking=True)
+        draws_d = draws.to(device, non_blocking=True)
+        pos = 0
+        for size in sizes:
+            idx = perm_d[pos : pos + size]
+            if trace:
+                trace("batch", perm[pos : pos + size])
+            xb = data.normalise(aug.batch(idx, draws_d[pos : pos + size]))
+            pos += size
+            with amp:
+                loss = F.cross_entropy(
+                    model(xb).float(), data.train_y[idx], label_smoothing=label_smoothing
+                )
+            opt.zero_grad()
+            loss.backward()
+            opt.step(cfg.lr * lr_factor(recipe, step, total))
+            step += 1
+            if ema and step % LOOKAHEAD_EVERY == 0:
+                decay = 0.95**LOOKAHEAD_EVERY * (step / total) ** 3
+                with torch.no_grad():
+                    for e, t in zip(ema, _ema_tensors(model), strict=True):
+                        e.lerp_(t, 1 - decay)
+                        t.copy_(e)
+        if record_dynamics:
+            recorded.append(predict(model, data, data.eval_x["train"], 0).half())
+        done = epoch + 1
+        if (
+            ckpt_path is not None
+            and cfg.checkpoint_every
+            and done % cfg.checkpoint_every == 0
+            and done < cfg.epochs
+        ):
+            _save_checkpoint(
+                ckpt_path,
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "identity": identity,
+                    "epoch": done,
+                    "step": step,
+                    "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    "momentum": [[b.cpu() for b in bufs] for bufs in opt.buffers],
+                    "ema": [e.cpu() for e in ema],
+                    "gen_order": gen.order.get_state(),
+                    "gen_aug": gen.aug.get_state(),
+                    "dynamics": recorded if record_dynamics else [],
+                },
+            )
+        if progress:
+            progress(done, cfg.epochs)
+    if ema:  # the final weights are the lookahead average (airbench's decay=1.0 update)
+        with torch.no_grad():
+            for e, t in zip(ema, _ema_tensors(model), strict=True):
+                t.copy_(e)
+    tta = int(recipe["tta"])
+    logits = {s: predict(model, data, x, tta) for s, x in data.eval_x.items()}
+    return RunOutput(
+        logits=logits,
+        dynamics=torch.stack(recorded) if record_dynamics else None,
+        state_dict={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        resumed_from=start_epoch,
+    )
+
+
+def write_run(
+    store: ExperimentStore,
+    run_id: str,
+    arrays: dict[str, np.ndarray],
+    meta: dict[str, Any],
+    state_dict: dict[str, torch.Tensor],
+    dynamics: np.ndarray | None = None,
+) -> RunRecord:
+    """Write a finished image run into its folder (which may hold its checkpoint): logits,
+    dynamics, ``model.pt``, then ``run.json`` last; then drop the checkpoint.
+
+    The same layout as :meth:`ExperimentStore.write_run`, plus the weights file.
+    """
+    path = store.run_dir(run_id)
+    if read_run(path) is not None:
+        raise FileExistsError(f"run {run_id} of {store.name} is already complete")
+    listed: dict[str, Any] = {}
+    for split, array in arrays.items():
+        expected = store.n_samples(split)
+        if array.ndim != 2 or array.shape[0] != expected:
+            raise ValueError(f"{split} logits have shape {array.shape}, expected ({expected}, C)")
+        name = f"{split}.logits.npy"
+        digest = atomic_save_npy(path / name, array)
+        listed[name] = {"sha256": digest, "shape": list(array.shape), "dtype": str(array.dtype)}
+    if dynamics is not None:
+        digest = atomic_save_npy(path / DYNAMICS_FILE, dynamics)
+        listed[DYNAMICS_FILE] = {
+            "sha256": digest,
+            "shape": list(dynamics.shape),
+            "dtype": str(dynamics.dtype),
+        }
+        meta = dict(meta, dynamics_epochs=int(dynamics.shape[0]))
+    buf = io.BytesIO()
+    torch.save(state_dict, buf)
+    data = buf.getvalue()
+    atomic_write_bytes(path / WEIGHTS_FILE, data)
+    listed[WEIGHTS_FILE] = {
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "format": "torch.save(state_dict); torch.load(weights_only=True)",
+        "tensors": len(state_dict),
+    }
+    meta = dict(meta, run_id=run_id, status="complete", arrays=listed)
+    atomic_write_json(path / "run.json", meta)
+    (path / CHECKPOINT_FILE).unlink(missing_ok=True)
+    return RunRecord(run_id, path, meta)
+
+
+def train_runs(
+    store: ExperimentStore,
+    scenario: Scenario,
+    splits: dict[str, SplitData],
+    cfg: TrainConfig,
+    pending: list[int],
+    extra_meta: dict[str, Any],
+    progress: Callable[[int, int, str], None] | None = None,
+) -> list[tuple[str, dict[str, float]]]:
+    """Train and write the runs ``pending`` one after the other (the fastest on a
+    2-core CPU, see ``benchmarks/train_speed.py``); return ``(run_id, accuracy)`` each."""
+    device = torch.device(cfg.device)
+    data = ImageData.build(splits, scenario.manifest, device)
+    total = len(pending) * cfg.epochs
+    out = []
+    for pos, index in enumerate(pending):
+        run_id = run_id_for(index)
+        gen = RunGenerators(cfg.base_seed, index, cfg.vary)
+
+        def on_epoch(done: int, _total: int, pos: int = pos, run_id: str = run_id) -> None:
+            if progress:
+                progress(pos * cfg.epochs + done, total, run_id)
+
+        started_at = datetime.now(UTC).isoformat(timespec="seconds")
+        t0 = time.perf_counter()
+        result = train_run(
+            data, cfg, gen, store.run_dir(run_id), on_epoch, record_dynamics=cfg.record_dynamics
+        )
+        wall = time.perf_counter() - t0
+        arrays = {s: v.numpy().astype(cfg.logits_dtype) for s, v in result.logits.items()}
+        acc = {s: float((arrays[s].argmax(axis=1) == splits[s].y).mean()) for s in arrays}
+        meta = {
+            "run_index": index,
+            "seed": run_seed(cfg.base_seed, index),
+            "source_seeds": gen.seeds,
+            "vary": cfg.vary,
+            "config": dataclasses.asdict(cfg),
+            "engine": "loop",
+            "device": cfg.device,
+            "pack_size": 1,
+            "started_at": started_at,
+            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "wall_time_s": wall,
+            "pack_wall_time_s": wall,
+            "resumed_from_epoch": result.resumed_from,
+            "metrics": {f"{s}_accuracy": a for s, a in acc.items()},
+            **extra_meta,
+        }
+        dyn = None if result.dynamics is None else result.dynamics.numpy().astype(np.float16)
+        write_run(store, run_id, arrays, meta, result.state_dict, dyn)
+        out.append((run_id, acc))
+    return out
