@@ -120,6 +120,9 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert steps[0].startswith("preparing") and steps[-1] == "writing the report"
     html = result.report.read_text()
     assert "digits-holdout-sub3-r1.0" in html and "AUROC" in html
+    # sample pages show the digit itself: the demo hands the report its data root
+    pages = list((result.report.parent / "samples").glob("*.html"))
+    assert pages and all(".png" in p.read_text() for p in pages)
     # The held-out 3s are the hardest samples of class 2-3: gconf_mean finds them well.
     det = result.ranking.detection.set_index("metric")
     assert det.loc["gconf_mean", "auroc"] > 0.9

@@ -77,5 +77,7 @@ def run_demo(
     acc = analysis.accuracy(store, "test")
     ranking = analysis.rank(store, "test")
     say("writing the report")
-    report = build_report(store, Path(config.paths.reports_root) / trained.experiment)
+    report = build_report(
+        store, Path(config.paths.reports_root) / trained.experiment, data_root=root
+    )
     return DemoResult(scenario.name, trained.experiment, report.path, acc, ranking)
