@@ -11,6 +11,17 @@ model's usual shape (cnn: 8x8x1 like digits; airbench, resnet18: 32x32x3 like CI
 first one after the other in this process (all threads), then in ``--procs`` processes at
 once (threads split between them), and prints both with their ratio.
 
+Scheduling of ``mlvar train`` itself (CPU)::
+
+    python benchmarks/train_speed.py --api --models cnn --seeds 8 --epochs 2 --rounds 2
+
+times ``images.train_runs`` (what ``mlvar train`` calls: training, writing the runs,
+worker start-up included) on ``--seeds`` pending runs, three ways interleaved in rounds
+so that load from other work on the machine hits them alike: ``before`` (one run after
+the other with torch's default threads, the code before worker processes: the
+one-thread-per-kernel guard replaced by a no-op), ``workers=1`` (one after the other, one
+thread) and ``auto`` (``workers = 0``: one process per core, the default).
+
 CUDA::
 
     python benchmarks/train_speed.py --device cuda --seeds 4 --epochs 10
@@ -24,16 +35,21 @@ real speed (the accuracy is meaningless).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
+import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from mlvar.config import TrainConfig, switch_model
-from mlvar.data.scenario import SplitData
+from mlvar.data.scenario import Scenario, SplitData
+from mlvar.store import ExperimentStore
 from mlvar.train import images
 from mlvar.train.seeding import RunGenerators
 
@@ -131,6 +147,85 @@ def measure(model: str, args: argparse.Namespace) -> dict:
     return out
 
 
+def _api_once(model: str, args: argparse.Namespace, variant: str, root: Path) -> float:
+    """Seconds of one ``images.train_runs`` call on ``args.seeds`` fresh runs."""
+    shape = SHAPES[model]
+    n_train = args.n_train if model != "cnn" or args.n_train_given else 1150
+    splits = {"train": _split(n_train, shape, 0), "test": _split(args.n_test, shape, 1)}
+    manifest = {"class_names": [str(i) for i in range(10)], "input": {"max_value": shape[3]}}
+    samples = {
+        s: {"sample_id": d.id, "label": d.y, "affected": d.affected, "group": d.group}
+        for s, d in splits.items()
+    }
+    store = ExperimentStore.create(
+        root, f"bench-{variant.replace('=', '')}-{time.time_ns()}", manifest, samples
+    )
+    cfg = TrainConfig()
+    switch_model(cfg, model)
+    cfg.epochs, cfg.device = args.epochs, "cpu"
+    cfg.workers = 0 if variant == "auto" else 1
+    if args.batch_size:
+        cfg.batch_size = args.batch_size
+    scenario = Scenario("bench", root, manifest)
+    guard = images._one_thread_per_kernel
+    if variant == "before":  # the code before: kernels on torch's default threads
+        images._one_thread_per_kernel = lambda _device: contextlib.nullcontext()
+    try:
+        t0 = time.perf_counter()
+        runs = list(images.train_runs(store, scenario, splits, cfg, list(range(args.seeds)), {}))
+        seconds = time.perf_counter() - t0
+    finally:
+        images._one_thread_per_kernel = guard
+    assert len(runs) == args.seeds
+    return seconds
+
+
+def measure_api(model: str, args: argparse.Namespace) -> dict:
+    variants = ["before", "workers=1", "auto"]
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        _api_once(model, argparse.Namespace(**{**vars(args), "seeds": 1}), "workers=1", root)
+        for r in range(args.rounds):
+            for v in variants if r % 2 == 0 else variants[::-1]:
+                times[v].append(_api_once(model, args, v, root))
+    n_train = args.n_train if model != "cnn" or args.n_train_given else 1150
+    out = {
+        "model": model,
+        "seeds": args.seeds,
+        "epochs": args.epochs,
+        "n_train": n_train,
+        "threads": torch.get_num_threads(),
+        "auto_workers": min(torch.get_num_threads() or os.cpu_count() or 1, args.seeds),
+        "seconds": times,
+        "median_s": {v: statistics.median(t) for v, t in times.items()},
+    }
+    med = out["median_s"]
+    out["speedup_auto_vs_before"] = med["before"] / med["auto"]
+    out["speedup_auto_vs_workers1"] = med["workers=1"] / med["auto"]
+    return out
+
+
+def main_api(args: argparse.Namespace, models: list[str]) -> None:
+    results = [measure_api(m, args) for m in models]
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    print(f"device: CPU, {os.cpu_count()} cores; torch {torch.__version__}")
+    for r in results:
+        print(
+            f"{r['model']}: {r['seeds']} runs x {r['epochs']} epochs, {r['n_train']} train "
+            f"images; auto = {r['auto_workers']} processes x 1 thread"
+        )
+        for v, ts in r["seconds"].items():
+            each = " ".join(f"{t:.1f}" for t in ts)
+            print(f"  {v:<10} median {r['median_s'][v]:7.1f} s  (rounds: {each})")
+        print(
+            f"  auto vs before: {r['speedup_auto_vs_before']:.2f}x, "
+            f"auto vs workers=1: {r['speedup_auto_vs_workers1']:.2f}x"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -143,6 +238,10 @@ def main() -> None:
     parser.add_argument("--procs", type=int, default=None, help="parallel processes")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads in all")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--api", action="store_true", help="time images.train_runs: before, workers=1, auto"
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="--api: interleaved rounds")
     args = parser.parse_args()
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -154,6 +253,11 @@ def main() -> None:
     args.n_test = args.n_test or (10_000 if cuda else 256)
     args.procs = args.procs or (args.seeds if cuda else min(2, os.cpu_count() or 1))
     models = (args.models or ("airbench" if cuda else "cnn,airbench,resnet18")).split(",")
+    if args.api:
+        if cuda:
+            raise SystemExit("--api times the CPU scheduling; leave out --device cuda")
+        main_api(args, models)
+        return
     results = [measure(m, args) for m in models]
     if args.json:
         print(json.dumps(results, indent=2))

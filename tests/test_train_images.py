@@ -4,6 +4,7 @@ same seed, same run; data-order seeds share the initial weights; kill and resume
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -214,3 +215,105 @@ def test_model_checks(cifar_root: Path, tmp_path: Path) -> None:
     switch_model(cfg, "resnet18", keep={"epochs"})
     assert (cfg.lr, cfg.batch_size, cfg.weight_decay, cfg.epochs) == (0.1, 128, 5e-4, 10)
     assert cfg.vary == ["init", "order", "aug"]
+
+
+# ---------------------------------------------------------------- worker processes
+
+
+def _trained(root: Path, cifar_root: Path, workers: int, progress=None) -> ExperimentStore:
+    cfg = _config(cifar_root, root)
+    result = train(
+        cfg, "cifar10", runs=3, overrides=_fast("cnn", workers=workers), progress=progress
+    )
+    assert result.trained == ["run-0000", "run-0001", "run-0002"]
+    return ExperimentStore.open(root, result.experiment)
+
+
+def test_worker_processes_give_the_in_process_runs_bit_for_bit(
+    cifar_root: Path, tmp_path: Path
+) -> None:
+    seen: list[tuple[int, int]] = []
+    runs_dir = tmp_path / "two" / "cifar10-tiny-cnn" / "runs"
+
+    def hold(done: int, total: int, _run: str) -> None:
+        # This process takes run 0 and holds it until the worker process has trained
+        # into another run (a checkpoint), so that both processes train some runs.
+        seen.append((done, total))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(
+            (runs_dir / r / f).exists()
+            for r in ("run-0001", "run-0002")
+            for f in (images.CHECKPOINT_FILE, "run.json")
+        ):
+            time.sleep(0.05)
+
+    parallel = _trained(tmp_path / "two", cifar_root, 2, hold)
+    alone = _trained(tmp_path / "one", cifar_root, 1)
+    assert parallel.meta["train"] == alone.meta["train"]  # workers is not in the identity
+    for ra, rb in zip(parallel.runs(verify=True), alone.runs(verify=True), strict=True):
+        assert ra.run_id == rb.run_id
+        for split in parallel.splits:
+            assert np.array_equal(ra.load_logits(split), rb.load_logits(split))
+        assert ra.meta["arrays"]["model.pt"]["sha256"] == rb.meta["arrays"]["model.pt"]["sha256"]
+        wa, wb = _weights(parallel, ra.run_id), _weights(alone, rb.run_id)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+        assert ra.meta["config"]["workers"] == 2 and rb.meta["config"]["workers"] == 1
+    # Progress is relayed from the workers in run-epochs, up to the total.
+    total = 3 * 2
+    assert seen and all(t == total for _, t in seen)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen) and seen[-1][0] == total
+
+
+def test_a_worker_error_is_raised_in_the_parent(cifar_root: Path, tmp_path: Path) -> None:
+    cfg = _config(cifar_root, tmp_path)
+    result = train(cfg, "cifar10", runs=1, overrides=_fast("cnn", workers=1))
+    store = ExperimentStore.open(tmp_path, result.experiment)
+    scenario = open_scenario(cifar_root / "data", "cifar10-tiny")
+    splits = {s: scenario.load(s) for s in scenario.splits}
+    tcfg = TrainConfig()
+    switch_model(tcfg, "cnn")
+    tcfg.epochs, tcfg.batch_size, tcfg.checkpoint_every, tcfg.workers = 2, 16, 1, 2
+    # This process takes run 1 and holds it until the worker process, which takes run 0,
+    # has checkpointed it; run 0 is complete already, so the worker fails to write it.
+    checkpoint = store.run_dir("run-0000") / images.CHECKPOINT_FILE
+
+    def hold(_done: int, _total: int, _run: str) -> None:
+        deadline = time.monotonic() + 60
+        while not checkpoint.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    with pytest.raises(FileExistsError, match="run-0000 .* already complete") as info:
+        list(images.train_runs(store, scenario, splits, tcfg, [1, 0], {}, hold))
+    assert any("worker process while training run-0000" in n for n in info.value.__notes__)
+
+
+def test_worker_errors_keep_their_type_and_hint() -> None:
+    try:
+        raise MlvarError("bad thing", "do this")
+    except MlvarError as exc:
+        payload = images._error_payload(exc)
+    err = images._worker_error("run-0003", *payload)
+    assert isinstance(err, MlvarError) and (err.message, err.hint) == ("bad thing", "do this")
+    assert "run-0003" in err.__notes__[0]
+
+    class Local(Exception):  # not picklable: becomes a RuntimeError with the text
+        pass
+
+    try:
+        raise Local("oops")
+    except Local as exc:
+        payload = images._error_payload(exc)
+    err = images._worker_error(None, *payload)
+    assert isinstance(err, RuntimeError) and "Local: oops" in str(err)
+
+
+def test_worker_count() -> None:
+    cfg = TrainConfig(model="cnn", vary=["init"])
+    assert images.resolve_workers(cfg, 1) == 1
+    assert images.resolve_workers(cfg, 100) == min(100, torch.get_num_threads())
+    cfg.workers = 3
+    assert images.resolve_workers(cfg, 2) == 2 and images.resolve_workers(cfg, 5) == 3
+    cfg.device = "cuda"
+    assert images.resolve_workers(cfg, 5) == 1
+    with pytest.raises(MlvarError, match="workers must be >= 0"):
+        validate_train(TrainConfig(workers=-1))

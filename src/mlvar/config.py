@@ -159,6 +159,7 @@ class TrainConfig:
     logits_dtype: str = "float32"  # dtype of stored logits: float32 or float16
     record_dynamics: bool = False  # also store train-set logits after every epoch (float16)
     checkpoint_every: int = 2  # epochs between checkpoints of image models (0: none)
+    workers: int = 0  # processes training image-model runs at once on CPU (0: one per core)
 
     def identity(self) -> dict[str, Any]:
         """The fields that define what a run computes (not where or how fast).
@@ -167,7 +168,14 @@ class TrainConfig:
         image-only fields, so existing MLP experiments stay compatible.
         """
         data = dataclasses.asdict(self)
-        for key in ("engine", "device", "pack_size", "record_dynamics", "checkpoint_every"):
+        for key in (
+            "engine",
+            "device",
+            "pack_size",
+            "record_dynamics",
+            "checkpoint_every",
+            "workers",
+        ):
             data.pop(key)
         recipe = MODELS.get(self.model, {}).get("recipe")
         if recipe:
@@ -325,6 +333,10 @@ def validate_train(cfg: TrainConfig, where: str = "train") -> TrainConfig:
     if cfg.checkpoint_every < 0:
         raise bad(
             "checkpoint_every", f"must be >= 0, got {cfg.checkpoint_every}", "0 disables, try 2"
+        )
+    if cfg.workers < 0:
+        raise bad(
+            "workers", f"must be >= 0, got {cfg.workers}", "0: one per core, 1: one run at a time"
         )
     if cfg.model not in MODELS:
         near = closest(cfg.model, list(MODELS))

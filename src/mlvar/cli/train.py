@@ -95,6 +95,15 @@ def train(
         int | None,
         typer.Option(help="Seeds trained together by the batched engine.", show_default=False),
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Image models on the CPU: processes training runs at once (0: one per "
+            "core, the default; 1: one run at a time in this process). Results do not "
+            "depend on it.",
+            show_default=False,
+        ),
+    ] = None,
     record_dynamics: Annotated[
         bool,
         typer.Option(
@@ -135,6 +144,7 @@ def train(
             "batch_size": batch_size,
             "base_seed": base_seed,
             "pack_size": pack_size,
+            "workers": workers,
             "record_dynamics": record_dynamics or None,
         }
         with ProgressBar(not json_out) as bar:

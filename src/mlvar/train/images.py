@@ -6,8 +6,11 @@ that applies the per-sample translation and horizontal flip. A run draws, at the
 every epoch and on the CPU, its permutation from its ``order`` generator and its
 translations and flips from its ``aug`` generator (one host-to-device copy per epoch, no
 host sync per step); weights come from its ``init`` generator. On CUDA the forward pass
-runs under bf16 autocast with channels_last tensors; on the CPU everything is float32
-and a run is reproducible bit for bit.
+runs under bf16 autocast with channels_last tensors; on the CPU everything is float32,
+every kernel runs on one thread, and a run is reproducible bit for bit however runs are
+scheduled: alone, one after the other in this process, or in worker processes (on the
+CPU, several pending runs train in ``TrainConfig.workers`` spawned processes at once,
+one per core by default: :func:`train_runs`).
 
 Every ``checkpoint_every`` epochs the run folder gets ``checkpoint.pt`` (model, optimiser
 and lookahead state, generator states, recorded dynamics), written atomically; a killed
@@ -24,8 +27,14 @@ import hashlib
 import io
 import json
 import math
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import signal
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,6 +49,7 @@ from mlvar.config import MODELS, TrainConfig
 from mlvar.data.scenario import Scenario, SplitData
 from mlvar.io import atomic_save_npy, atomic_write_bytes, atomic_write_json
 from mlvar.store import DYNAMICS_FILE, ExperimentStore, RunRecord, read_run, run_id_for
+from mlvar.train.mlp import _one_thread_per_kernel
 from mlvar.train.models import build_model, init_weights
 from mlvar.train.seeding import RunGenerators, run_seed
 
@@ -444,6 +454,68 @@ def write_run(
     return RunRecord(run_id, path, meta)
 
 
+def resolve_workers(cfg: TrainConfig, n_pending: int) -> int:
+    """How many processes train ``n_pending`` runs: 1 (in this process) on CUDA or for a
+    single run; else ``cfg.workers``, where 0 means one per CPU thread torch would use
+    (``torch.get_num_threads()``, else the core count); never more than the runs."""
+    if cfg.device != "cpu" or n_pending <= 1:
+        return 1
+    wanted = cfg.workers or torch.get_num_threads() or os.cpu_count() or 1
+    return max(1, min(wanted, n_pending))
+
+
+def _train_and_write(
+    store: ExperimentStore,
+    data: ImageData,
+    splits: dict[str, SplitData],
+    cfg: TrainConfig,
+    index: int,
+    extra_meta: dict[str, Any],
+    on_epoch: EpochProgress,
+) -> tuple[str, dict[str, float]]:
+    """Train run ``index`` with one thread per kernel and write it; its id and accuracy."""
+    run_id = run_id_for(index)
+    gen = RunGenerators(cfg.base_seed, index, cfg.vary)
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
+    t0 = time.perf_counter()
+    with _one_thread_per_kernel(data.device):
+        result = train_run(
+            data, cfg, gen, store.run_dir(run_id), on_epoch, record_dynamics=cfg.record_dynamics
+        )
+    wall = time.perf_counter() - t0
+    arrays = {s: v.numpy().astype(cfg.logits_dtype) for s, v in result.logits.items()}
+    acc = {s: float((arrays[s].argmax(axis=1) == splits[s].y).mean()) for s in arrays}
+    meta = {
+        "run_index": index,
+        "seed": run_seed(cfg.base_seed, index),
+        "source_seeds": gen.seeds,
+        "vary": cfg.vary,
+        "config": dataclasses.asdict(cfg),
+        "engine": "loop",
+        "device": cfg.device,
+        "pack_size": 1,
+        "started_at": started_at,
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "wall_time_s": wall,
+        "pack_wall_time_s": wall,
+        "resumed_from_epoch": result.resumed_from,
+        "metrics": {f"{s}_accuracy": a for s, a in acc.items()},
+        **extra_meta,
+    }
+    dyn = None if result.dynamics is None else result.dynamics.numpy().astype(np.float16)
+    write_run(store, run_id, arrays, meta, result.state_dict, dyn)
+    return run_id, acc
+
+
+def _build_data(
+    splits: dict[str, SplitData], manifest: dict[str, Any], device: torch.device
+) -> ImageData:
+    # One thread here too: the normalisation statistics are reductions whose rounding
+    # would otherwise depend on the thread count.
+    with _one_thread_per_kernel(device):
+        return ImageData.build(splits, manifest, device)
+
+
 def train_runs(
     store: ExperimentStore,
     scenario: Scenario,
@@ -452,47 +524,226 @@ def train_runs(
     pending: list[int],
     extra_meta: dict[str, Any],
     progress: Callable[[int, int, str], None] | None = None,
-) -> list[tuple[str, dict[str, float]]]:
-    """Train and write the runs ``pending`` one after the other (the fastest on a
-    2-core CPU, see ``benchmarks/train_speed.py``); return ``(run_id, accuracy)`` each."""
+) -> Iterator[tuple[str, dict[str, float]]]:
+    """Train and write the runs ``pending``; yield ``(run_id, accuracy)`` as each finishes.
+
+    Every run computes with one CPU thread per kernel, so its numbers do not depend on
+    how runs are scheduled. On the CPU, with more than one pending run, the runs are
+    shared out among :func:`resolve_workers` processes (``cfg.workers``; by default one
+    per core, the fastest on a 2-core CPU, see ``benchmarks/train_speed.py``); otherwise
+    they train one after the other in this process. ``progress(done, total, run_id)``
+    counts run-epochs.
+    """
+    workers = resolve_workers(cfg, len(pending))
+    if workers > 1:
+        yield from _train_in_workers(
+            store, scenario.manifest, splits, cfg, pending, extra_meta, progress, workers
+        )
+        return
     device = torch.device(cfg.device)
-    data = ImageData.build(splits, scenario.manifest, device)
+    data = _build_data(splits, scenario.manifest, device)
     total = len(pending) * cfg.epochs
-    out = []
     for pos, index in enumerate(pending):
         run_id = run_id_for(index)
-        gen = RunGenerators(cfg.base_seed, index, cfg.vary)
 
         def on_epoch(done: int, _total: int, pos: int = pos, run_id: str = run_id) -> None:
             if progress:
                 progress(pos * cfg.epochs + done, total, run_id)
 
-        started_at = datetime.now(UTC).isoformat(timespec="seconds")
-        t0 = time.perf_counter()
-        result = train_run(
-            data, cfg, gen, store.run_dir(run_id), on_epoch, record_dynamics=cfg.record_dynamics
+        yield _train_and_write(store, data, splits, cfg, index, extra_meta, on_epoch)
+
+
+# ---------------------------------------------------------------- worker processes
+#
+# The parent puts every pending run index, then one None per process, on a task queue.
+# This process and ``workers - 1`` spawned ones each take indices until they read None,
+# so a slow run never holds up a fixed share of the others, and this process trains
+# while the others start (importing torch takes seconds). The spawned workers report
+# ("start" | "epoch" | "done" | "error", slot, ...) on an event queue, which this process
+# reads after each of its own epochs and, once its share is done, until every run has
+# finished: it relays epochs to ``progress``, yields finished runs and re-raises the
+# first error. Each run writes its own folder atomically (run.json last), so a process
+# killed at any point leaves no finished-looking run, only a folder that resumes from
+# its checkpoint or is removed by the next ``mlvar train``.
+
+_POLL_S = 0.5  # seconds between checks that the workers are alive
+
+
+def _error_payload(exc: BaseException) -> tuple[bytes | None, str, str]:
+    """An exception as (pickle or None, "Type: message", traceback) for the parent."""
+    try:
+        blob: bytes | None = pickle.dumps(exc)
+        pickle.loads(blob)
+    except Exception:  # noqa: BLE001 - not picklable: the parent gets the text
+        blob = None
+    return blob, f"{type(exc).__name__}: {exc}", traceback.format_exc()
+
+
+def _worker_error(run_id: str | None, blob: bytes | None, text: str, tb: str) -> Exception:
+    """The worker's exception rebuilt in the parent (an MlvarError stays one, with its
+    hint), its traceback attached as a note; a RuntimeError with its text otherwise."""
+    exc: Any = None
+    if blob is not None:
+        try:
+            exc = pickle.loads(blob)
+        except Exception:  # noqa: BLE001
+            exc = None
+    if not isinstance(exc, Exception):
+        exc = RuntimeError(f"a training worker process failed: {text}")
+    where = f"training {run_id}" if run_id else "loading the data"
+    exc.add_note(f"raised in a training worker process while {where}:\n{tb.rstrip()}")
+    return exc
+
+
+def _worker(
+    slot: int,
+    store: ExperimentStore,
+    manifest: dict[str, Any],
+    splits: dict[str, SplitData],
+    cfg: TrainConfig,
+    extra_meta: dict[str, Any],
+    tasks: Any,
+    events: Any,
+) -> None:
+    """One worker process: train run indices from ``tasks`` until None."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops the workers
+    torch.set_num_threads(1)
+    parent = mp.parent_process()
+
+    def orphaned() -> None:
+        if parent is not None and not parent.is_alive():
+            events.cancel_join_thread()  # nobody reads the queue: do not wait to flush it
+            os._exit(1)  # the run folder keeps its last checkpoint
+
+    run_id: str | None = None
+    try:
+        data = _build_data(splits, manifest, torch.device(cfg.device))
+        while (index := tasks.get()) is not None:
+            orphaned()
+            run_id = run_id_for(index)
+            events.put(("start", slot, run_id))
+
+            def on_epoch(done: int, _total: int, run_id: str = run_id) -> None:
+                orphaned()
+                events.put(("epoch", slot, run_id, done))
+
+            _, acc = _train_and_write(store, data, splits, cfg, index, extra_meta, on_epoch)
+            events.put(("done", slot, run_id, acc))
+            run_id = None
+    except BaseException as exc:  # noqa: BLE001 - every failure goes to the parent
+        events.put(("error", slot, run_id, *_error_payload(exc)))
+
+
+def _train_in_workers(
+    store: ExperimentStore,
+    manifest: dict[str, Any],
+    splits: dict[str, SplitData],
+    cfg: TrainConfig,
+    pending: list[int],
+    extra_meta: dict[str, Any],
+    progress: Callable[[int, int, str], None] | None,
+    workers: int,
+) -> Iterator[tuple[str, dict[str, float]]]:
+    ctx = mp.get_context("spawn")  # never fork a process that has torch threads
+    tasks, events = ctx.Queue(), ctx.Queue()
+    for index in pending:
+        tasks.put(index)
+    for _ in range(workers):
+        tasks.put(None)
+    procs = {
+        slot: ctx.Process(
+            target=_worker,
+            args=(slot, store, manifest, splits, cfg, extra_meta, tasks, events),
+            name=f"mlvar-train-{slot}",
+            daemon=True,
         )
-        wall = time.perf_counter() - t0
-        arrays = {s: v.numpy().astype(cfg.logits_dtype) for s, v in result.logits.items()}
-        acc = {s: float((arrays[s].argmax(axis=1) == splits[s].y).mean()) for s in arrays}
-        meta = {
-            "run_index": index,
-            "seed": run_seed(cfg.base_seed, index),
-            "source_seeds": gen.seeds,
-            "vary": cfg.vary,
-            "config": dataclasses.asdict(cfg),
-            "engine": "loop",
-            "device": cfg.device,
-            "pack_size": 1,
-            "started_at": started_at,
-            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "wall_time_s": wall,
-            "pack_wall_time_s": wall,
-            "resumed_from_epoch": result.resumed_from,
-            "metrics": {f"{s}_accuracy": a for s, a in acc.items()},
-            **extra_meta,
-        }
-        dyn = None if result.dynamics is None else result.dynamics.numpy().astype(np.float16)
-        write_run(store, run_id, arrays, meta, result.state_dict, dyn)
-        out.append((run_id, acc))
-    return out
+        for slot in range(1, workers)  # slot 0 is this process
+    }
+    total = len(pending) * cfg.epochs
+    epochs_done: dict[str, int] = {}
+    training: dict[int, str] = {}  # slot -> the run it trains
+    ready: list[tuple[str, dict[str, float]]] = []  # finished by workers, not yet yielded
+    n_done = 0
+
+    def report(run_id: str, done: int) -> None:
+        epochs_done[run_id] = done
+        if progress:
+            progress(sum(epochs_done.values()), total, run_id)
+
+    def pump(wait: bool) -> None:
+        """Handle the workers' events that are there (with ``wait``, wait for one)."""
+        first = wait
+        while True:
+            try:
+                event = events.get(timeout=_POLL_S) if first else events.get_nowait()
+            except queue.Empty:
+                # Only once this process has done its share must the workers be running.
+                _check_alive(procs, training, events, this_done=wait)
+                return
+            first = False
+            kind, slot = event[0], event[1]
+            if kind == "start":
+                training[slot] = event[2]
+            elif kind == "epoch":
+                report(event[2], event[3])
+            elif kind == "done":
+                training.pop(slot, None)
+                ready.append((event[2], event[3]))
+            else:
+                raise _worker_error(*event[2:])
+
+    try:
+        for proc in procs.values():
+            proc.start()
+        data = _build_data(splits, manifest, torch.device(cfg.device))
+        while (index := tasks.get()) is not None:
+
+            def on_epoch(done: int, _total: int, run_id: str = run_id_for(index)) -> None:
+                report(run_id, done)
+                pump(wait=False)
+
+            finished = _train_and_write(store, data, splits, cfg, index, extra_meta, on_epoch)
+            n_done += 1
+            yield finished
+            while ready:
+                n_done += 1
+                yield ready.pop(0)
+        while n_done < len(pending):
+            pump(wait=True)
+            while ready:
+                n_done += 1
+                yield ready.pop(0)
+    finally:
+        if n_done < len(pending):  # an error, Ctrl-C, or a consumer that stopped early
+            tasks.cancel_join_thread()
+            for proc in procs.values():
+                if proc.is_alive():
+                    proc.terminate()
+        for proc in procs.values():
+            if proc.pid is not None:
+                proc.join()
+        tasks.close()
+        events.close()
+
+
+def _check_alive(
+    procs: dict[int, Any], training: dict[int, str], events: Any, this_done: bool
+) -> None:
+    """Raise if a worker died without reporting (killed, out of memory, crashed), or if
+    this process has done its share and every worker has exited with runs missing."""
+    for slot, proc in procs.items():
+        if proc.exitcode not in (None, 0):
+            try:  # an error it reported just before dying explains more
+                event = events.get(timeout=_POLL_S)
+            except queue.Empty:
+                event = None
+            if event is not None and event[0] == "error":
+                raise _worker_error(*event[2:])
+            run = training.get(slot)
+            raise RuntimeError(
+                f"training worker process {slot} exited with code {proc.exitcode}"
+                + (f" while training {run}" if run else "")
+            )
+    # An exited worker has flushed its events, so an empty queue is final.
+    if this_done and all(p.exitcode == 0 for p in procs.values()) and events.empty():
+        raise RuntimeError("the training worker processes exited before every run finished")

@@ -247,9 +247,13 @@ def train(
     if cfg.model != "mlp":
         started_all = time.perf_counter()
         extra = {"code_version": _code_version(), "packages": _packages()}
+        # On the CPU several runs may train at once in worker processes (cfg.workers):
+        # they are yielded as they finish, and listed here in run order.
         for run_id, acc in images.train_runs(store, found, splits, cfg, pending, extra, progress):
             result.trained.append(run_id)
             result.accuracy[run_id] = acc
+        result.trained.sort()
+        result.accuracy = dict(sorted(result.accuracy.items()))
         result.engine = "loop"
         result.wall_time_s = time.perf_counter() - started_all
         return result
