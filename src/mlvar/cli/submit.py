@@ -24,9 +24,24 @@ from mlvar.cli.common import (
     print_json,
     table,
 )
-from mlvar.cli.train import _parse_vary
-from mlvar.config import MODELS
-from mlvar.data.registry import DATASETS
+from mlvar.cli.train import (
+    BaseSeedOpt,
+    BatchSizeOpt,
+    DatasetArg,
+    DeviceOpt,
+    EngineOpt,
+    EpochsOpt,
+    ForceOpt,
+    LrOpt,
+    ModelOpt,
+    NameOpt,
+    PackSizeOpt,
+    RecordDynamicsOpt,
+    RunsOpt,
+    ScenarioOpt,
+    VaryOpt,
+    training_overrides,
+)
 
 
 class _DefaultRun(TyperGroup):
@@ -56,52 +71,24 @@ app = typer.Typer(
 
 @app.command("run", no_args_is_help=True)
 def run(
-    dataset: Annotated[
-        str, typer.Argument(help=f"Dataset: {', '.join(DATASETS)}.", show_default=False)
-    ],
+    dataset: DatasetArg,
     backend: Annotated[
         str, typer.Option(help="local, ray or aml (Azure ML).", show_default=True)
     ] = "local",
-    scenario: Annotated[
-        str | None,
-        typer.Option(help="Prepared scenario (as for mlvar train).", show_default=False),
-    ] = None,
-    runs: Annotated[int, typer.Option(help="Number of seeded runs (run r uses seed base+r).")] = 10,
-    name: Annotated[
-        str | None,
-        typer.Option(help="Experiment name (default: <scenario>-<model>).", show_default=False),
-    ] = None,
-    model: Annotated[
-        str | None, typer.Option(help=f"Model: {', '.join(MODELS)}.", show_default=False)
-    ] = None,
-    device: Annotated[
-        str | None, typer.Option(help="cpu or cuda (where the runs train).", show_default=False)
-    ] = None,
-    engine: Annotated[str | None, typer.Option(help="batched or loop.", show_default=False)] = None,
-    vary: Annotated[
-        str | None,
-        typer.Option(help="Randomness sources that follow the seed.", show_default=False),
-    ] = None,
-    epochs: Annotated[
-        int | None, typer.Option(help="Override the epochs.", show_default=False)
-    ] = None,
-    lr: Annotated[float | None, typer.Option(help="Override the lr.", show_default=False)] = None,
-    batch_size: Annotated[
-        int | None, typer.Option(help="Override the batch size.", show_default=False)
-    ] = None,
-    base_seed: Annotated[
-        int | None, typer.Option(help="Seed of run 0 (default 0).", show_default=False)
-    ] = None,
-    pack_size: Annotated[
-        int | None,
-        typer.Option(help="Seeds trained together by the batched engine.", show_default=False),
-    ] = None,
-    record_dynamics: Annotated[
-        bool, typer.Option("--record-dynamics", help="Also store per-epoch train logits.")
-    ] = False,
-    force: Annotated[
-        bool, typer.Option("--force", help="Delete an existing experiment of this name first.")
-    ] = False,
+    scenario: ScenarioOpt = None,
+    runs: RunsOpt = 10,
+    name: NameOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    engine: EngineOpt = None,
+    vary: VaryOpt = None,
+    epochs: EpochsOpt = None,
+    lr: LrOpt = None,
+    batch_size: BatchSizeOpt = None,
+    base_seed: BaseSeedOpt = None,
+    pack_size: PackSizeOpt = None,
+    record_dynamics: RecordDynamicsOpt = False,
+    force: ForceOpt = False,
     runs_per_job: Annotated[
         int | None,
         typer.Option(
@@ -154,18 +141,18 @@ def run(
     """
     with cli_errors():
         cfg = get_config(config)
-        overrides = {
-            "model": model,
-            "device": device,
-            "engine": engine,
-            "vary": _parse_vary(vary),
-            "epochs": epochs,
-            "lr": lr,
-            "batch_size": batch_size,
-            "base_seed": base_seed,
-            "pack_size": pack_size,
-            "record_dynamics": record_dynamics or None,
-        }
+        overrides = training_overrides(
+            model=model,
+            device=device,
+            engine=engine,
+            vary=vary,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            base_seed=base_seed,
+            pack_size=pack_size,
+            record_dynamics=record_dynamics,
+        )
         with ProgressBar(not json_out) as bar:
 
             def on_progress(done: int, total: int, message: str) -> None:

@@ -34,67 +34,99 @@ def _parse_vary(value: str | None) -> list[str] | None:
     return items
 
 
+# The training options, shared by `mlvar train` and `mlvar submit`.
+DatasetArg = Annotated[
+    str, typer.Argument(help=f"Dataset: {', '.join(DATASETS)}.", show_default=False)
+]
+ScenarioOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Prepared scenario: its name, or its mode when unambiguous; may be left out "
+        "when the dataset has one prepared scenario.",
+        show_default=False,
+    ),
+]
+RunsOpt = Annotated[int, typer.Option(help="Number of seeded runs (run r uses seed base+r).")]
+NameOpt = Annotated[
+    str | None,
+    typer.Option(help="Experiment name (default: <scenario>-<model>).", show_default=False),
+]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        help=f"Model: {', '.join(MODELS)} (default from config: mlp for compas and digits, "
+        "airbench for CIFAR). Another model brings its own recipe (epochs, lr, batch size, "
+        "weight decay, vary) unless those are given too.",
+        show_default=False,
+    ),
+]
+DeviceOpt = Annotated[
+    str | None, typer.Option(help="cpu or cuda (default from config: cpu).", show_default=False)
+]
+EngineOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="MLP: batched (all seeds stacked, default) or loop (one model at a time).",
+        show_default=False,
+    ),
+]
+VaryOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Comma-separated randomness sources that follow the run seed: "
+        f"{', '.join(RANDOMNESS_SOURCES)} (those the model draws; default all); the others "
+        "stay fixed. 'none' fixes all.",
+        show_default=False,
+    ),
+]
+EpochsOpt = Annotated[int | None, typer.Option(help="Override the epochs.", show_default=False)]
+LrOpt = Annotated[
+    float | None, typer.Option(help="Override the learning rate.", show_default=False)
+]
+BatchSizeOpt = Annotated[
+    int | None, typer.Option(help="Override the batch size.", show_default=False)
+]
+BaseSeedOpt = Annotated[
+    int | None, typer.Option(help="Seed of run 0 (default 0).", show_default=False)
+]
+PackSizeOpt = Annotated[
+    int | None,
+    typer.Option(help="Seeds trained together by the batched engine.", show_default=False),
+]
+RecordDynamicsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--record-dynamics",
+        help="Also store train-set logits after every epoch (for Data Maps and forgetting events).",
+    ),
+]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="Delete an existing experiment of this name first.")
+]
+
+
+def training_overrides(**options: object) -> dict[str, object]:
+    """The training-config overrides of the shared options (None: not given)."""
+    out = dict(options)
+    out["vary"] = _parse_vary(out.get("vary"))  # type: ignore[arg-type]
+    out["record_dynamics"] = out.get("record_dynamics") or None
+    return out
+
+
 def train(
-    dataset: Annotated[
-        str, typer.Argument(help=f"Dataset: {', '.join(DATASETS)}.", show_default=False)
-    ],
-    scenario: Annotated[
-        str | None,
-        typer.Option(
-            help="Prepared scenario: its name, or its mode when unambiguous; may be left out "
-            "when the dataset has one prepared scenario.",
-            show_default=False,
-        ),
-    ] = None,
-    runs: Annotated[int, typer.Option(help="Number of seeded runs (run r uses seed base+r).")] = 10,
-    name: Annotated[
-        str | None,
-        typer.Option(help="Experiment name (default: <scenario>-<model>).", show_default=False),
-    ] = None,
-    model: Annotated[
-        str | None,
-        typer.Option(
-            help=f"Model: {', '.join(MODELS)} (default from config: mlp for compas and digits, "
-            "airbench for CIFAR). Another model brings its own recipe (epochs, lr, batch size, "
-            "weight decay, vary) unless those are given too.",
-            show_default=False,
-        ),
-    ] = None,
-    device: Annotated[
-        str | None, typer.Option(help="cpu or cuda (default from config: cpu).", show_default=False)
-    ] = None,
-    engine: Annotated[
-        str | None,
-        typer.Option(
-            help="batched (all seeds stacked, default) or loop (one model at a time).",
-            show_default=False,
-        ),
-    ] = None,
-    vary: Annotated[
-        str | None,
-        typer.Option(
-            help="Comma-separated randomness sources that follow the run seed: "
-            f"{', '.join(RANDOMNESS_SOURCES)} (default all); the others stay fixed. "
-            "'none' fixes all.",
-            show_default=False,
-        ),
-    ] = None,
-    epochs: Annotated[
-        int | None, typer.Option(help="Override the epochs.", show_default=False)
-    ] = None,
-    lr: Annotated[
-        float | None, typer.Option(help="Override the learning rate.", show_default=False)
-    ] = None,
-    batch_size: Annotated[
-        int | None, typer.Option(help="Override the batch size.", show_default=False)
-    ] = None,
-    base_seed: Annotated[
-        int | None, typer.Option(help="Seed of run 0 (default 0).", show_default=False)
-    ] = None,
-    pack_size: Annotated[
-        int | None,
-        typer.Option(help="Seeds trained together by the batched engine.", show_default=False),
-    ] = None,
+    dataset: DatasetArg,
+    scenario: ScenarioOpt = None,
+    runs: RunsOpt = 10,
+    name: NameOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    engine: EngineOpt = None,
+    vary: VaryOpt = None,
+    epochs: EpochsOpt = None,
+    lr: LrOpt = None,
+    batch_size: BatchSizeOpt = None,
+    base_seed: BaseSeedOpt = None,
+    pack_size: PackSizeOpt = None,
     workers: Annotated[
         int | None,
         typer.Option(
@@ -104,17 +136,8 @@ def train(
             show_default=False,
         ),
     ] = None,
-    record_dynamics: Annotated[
-        bool,
-        typer.Option(
-            "--record-dynamics",
-            help="Also store train-set logits after every epoch (for Data Maps and "
-            "forgetting events).",
-        ),
-    ] = False,
-    force: Annotated[
-        bool, typer.Option("--force", help="Delete an existing experiment of this name first.")
-    ] = False,
+    record_dynamics: RecordDynamicsOpt = False,
+    force: ForceOpt = False,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -134,19 +157,19 @@ def train(
     """
     with cli_errors():
         cfg = get_config(config)
-        overrides = {
-            "model": model,
-            "device": device,
-            "engine": engine,
-            "vary": _parse_vary(vary),
-            "epochs": epochs,
-            "lr": lr,
-            "batch_size": batch_size,
-            "base_seed": base_seed,
-            "pack_size": pack_size,
-            "workers": workers,
-            "record_dynamics": record_dynamics or None,
-        }
+        overrides = training_overrides(
+            model=model,
+            device=device,
+            engine=engine,
+            vary=vary,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            base_seed=base_seed,
+            pack_size=pack_size,
+            workers=workers,
+            record_dynamics=record_dynamics,
+        )
         with ProgressBar(not json_out) as bar:
 
             def on_progress(done: int, total: int, message: str) -> None:
