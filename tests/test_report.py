@@ -284,3 +284,39 @@ def test_cli_report_and_study(roots: Path) -> None:
     info = json.loads(result.stdout)
     assert Path(info["path"]) == roots / "reports" / "study" / "index.html"
     assert info["n_experiments"] == 1
+
+
+def test_sample_pages_show_saliency_strips(tmp_path: Path) -> None:
+    """A page gets the GradCAM strip of its sample from analysis/saliency-<split>/ (as
+    ``mlvar analyze saliency`` writes it; tests/test_saliency.py builds a real one), the
+    index says how many pages have one, and text from the folder is escaped."""
+    from mlvar.analysis import saliency
+
+    store = make_store(tmp_path / "runs", n=60)
+    result = build_report(store, tmp_path / "report", top=3)
+    assert "saliency-note" not in result.path.read_text()  # no saliency: no note, no strip
+    assert not list((tmp_path / "report" / "samples").glob("*.saliency.png"))
+
+    ranking = analysis.rank(store, "test", write=False).ranking
+    ids = [int(s) for s in ranking["sample_id"].head(2)] + [999_999]  # one not in the split
+    base = saliency.folder(store, "test")
+    (base / "overlays").mkdir(parents=True)
+    for sid in ids:
+        (base / "overlays" / f"{sid}.png").write_bytes(
+            report_html.plots.thumbnail(np.full((4, 4), 7, dtype=np.uint8), 16)
+        )
+    rows = [{"sample_id": sid, "overlay": f"overlays/{sid}.png"} for sid in ids]
+    rows.append({"sample_id": ids[0] + 1, "overlay": "../../experiment.json"})  # refused
+    (base / "samples.json").write_text(json.dumps(rows))
+    (base / "saliency.json").write_text(json.dumps({"layer": EVIL, "run_ids": ["a", "b"]}))
+
+    result = build_report(store, tmp_path / "report", top=3)
+    html = result.path.read_text()
+    assert "2 of these pages show GradCAM strips (2 runs" in html
+    strips = sorted((tmp_path / "report" / "samples").glob("*.saliency.png"))
+    assert [p.name for p in strips] == sorted(f"sample-{sid}.saliency.png" for sid in ids[:2])
+    page = (tmp_path / "report" / "samples" / f"sample-{ids[0]}.html").read_text()
+    assert f'src="sample-{ids[0]}.saliency.png"' in page and "Attribution across seeds" in page
+    assert EVIL not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    other = sorted((tmp_path / "report" / "samples").glob("*.html"))
+    assert sum("Attribution across seeds" in p.read_text() for p in other) == 2

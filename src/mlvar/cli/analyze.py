@@ -18,11 +18,13 @@ from mlvar.analysis import service
 from mlvar.analysis.curve import runs_curve
 from mlvar.analysis.importer import import_predictions
 from mlvar.analysis.metrics import ALL_METRICS, DYNAMICS_METRICS, METRICS
+from mlvar.analysis.saliency import BATCH_DEFAULT, SEEDS_DEFAULT, TOP_DEFAULT, saliency
 from mlvar.analysis.shards import merge_shards, parse_shard, write_shard
 from mlvar.analysis.study import study
 from mlvar.cli.common import (
     ConfigOpt,
     JsonOpt,
+    ProgressBar,
     cli_errors,
     console,
     err_console,
@@ -361,6 +363,110 @@ def curve(
             ["metric", *[f"{s} runs" for s in sizes]],
             rows,
         )
+    )
+    for f in result.files:
+        console.print(f"wrote {f}", style="dim")
+
+
+@app.command("saliency", no_args_is_help=True)
+def saliency_(
+    experiment: ExperimentArg,
+    split: SplitOpt = "test",
+    top: Annotated[
+        int,
+        typer.Option(help="Top-ranked samples to explain (plus as many random unaffected ones)."),
+    ] = TOP_DEFAULT,
+    seeds: Annotated[
+        int, typer.Option(help="Runs (seeds) whose models to explain: the first S by run id.")
+    ] = SEEDS_DEFAULT,
+    by: Annotated[
+        str, typer.Option(help=f"Metric to rank by: {', '.join(ALL_METRICS)}.")
+    ] = service.DEFAULT_RANK_BY,
+    layer: Annotated[
+        str | None,
+        typer.Option(
+            help="Module GradCAM hooks, as named by model.named_modules() "
+            "(default: the last Conv2d).",
+            show_default=False,
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random unaffected samples.")] = 0,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Samples per GradCAM batch.")
+    ] = BATCH_DEFAULT,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """GradCAM maps of the top-ranked samples under each seed's saved model.
+
+    For the true class and each run's predicted class, with their mean, std and max-min
+    across seeds; random unaffected samples give the contrast. Needs an image model's
+    runs (they save model.pt) and the prepared scenario in the data root. Writes
+    analysis/saliency-<split>/ (maps.npy, stats.npy, samples.parquet/json, overlays/);
+    'mlvar report html' then shows each sample's strip.
+
+    Example: mlvar analyze saliency digits-holdout-sub3-r1.0-cnn --top 10 --seeds 8
+    """
+    with cli_errors(), warnings_to_stderr():
+        if top < 1 or seeds < 1 or batch_size < 1:
+            name, value = next(
+                (n, v)
+                for n, v in (("--top", top), ("--seeds", seeds), ("--batch-size", batch_size))
+                if v < 1
+            )
+            raise MlvarError(f"{name} must be at least 1, got {value}", "use e.g. 10")
+        service.check_by(by)
+        cfg = get_config(config)
+        store = ExperimentStore.open(cfg.paths.runs_root, experiment)
+        with ProgressBar(not json_out) as bar:
+            result = saliency(
+                store,
+                Path(cfg.paths.data_root),
+                split,
+                top=top,
+                seeds=seeds,
+                by=by,
+                layer=layer,
+                seed=seed,
+                batch_size=batch_size,
+                progress=lambda done, total: bar.update("GradCAM (runs)", done, total),
+            )
+    if json_out:
+        print_json(result.to_dict())
+        return
+    rows = [
+        [
+            r["rank"],
+            str(r["sample_id"]),
+            r["label_name"],
+            "yes" if r["affected"] else "no",
+            r["kind"],
+            f"{r['n_correct']}/{result.n_seeds}",
+            r["spread_true"],
+            r["spread_pred"],
+        ]
+        for r in result.samples.to_dict(orient="records")
+    ]
+    console.print(
+        table(
+            f"{experiment}: GradCAM ({result.model}, layer {result.layer}) of "
+            f"{len(rows)} {split} samples under {result.n_seeds} runs, ranked by {by}",
+            [
+                "rank",
+                "sample id",
+                "label",
+                "affected",
+                "kind",
+                "correct",
+                "spread true",
+                "spread pred",
+            ],
+            rows,
+        )
+    )
+    console.print(
+        "spread: mean over pixels of the std across runs of the map (true / predicted class)",
+        style="dim",
     )
     for f in result.files:
         console.print(f"wrote {f}", style="dim")

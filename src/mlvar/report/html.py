@@ -9,6 +9,8 @@ Layout of ``<reports_root>/<experiment>/``::
     *.png                 the figures (matplotlib, Agg)
     samples/<page>.html   one page per sample of the top K and K random unaffected ones
     samples/<page>.png    their image, when the prepared scenario is at hand
+    samples/<page>.saliency.png   their GradCAM strip, when ``mlvar analyze saliency``
+                          computed one for the sample (copied from analysis/saliency-<split>/)
 
 Everything shown comes from the run store through the analysis service. Every string
 that came from data (names, labels, ids, descriptions) is escaped: by jinja2's
@@ -36,6 +38,8 @@ from mlvar import __version__
 from mlvar.analysis import service as analysis
 from mlvar.analysis.curve import runs_curve
 from mlvar.analysis.metrics import METRICS
+from mlvar.analysis.saliency import SaliencyIndex
+from mlvar.analysis.saliency import read_index as saliency_index
 from mlvar.errors import MlvarError, unknown_choice
 from mlvar.io import atomic_write_bytes, atomic_write_text, staging_dir
 from mlvar.report import plots
@@ -368,11 +372,36 @@ def _sample_context(
             for m in metric_cols
         ],
         "n_samples": n_samples,
-        # Hook for per-sample attributions (DESIGN 8: a GradCAM strip per seed, or
-        # gradient x input per feature): a list of {"title", "image"} dicts rendered
-        # as a strip when present. Nothing computes them yet.
+        # Per-sample attributions (DESIGN 8): a list of {"title", "image"} dicts, set by
+        # build_report when analysis/saliency-<split>/ has a GradCAM strip of the sample.
         "attribution": None,
     }
+
+
+def _strip_title(strips: SaliencyIndex, label: Any) -> str:
+    meta = strips.meta
+    n = len(meta.get("run_ids", []))
+    return (
+        f"GradCAM at layer {meta.get('layer', '?')} of {n} runs: top row the true class "
+        f"({label}), bottom row each run's predicted class (red frame: wrong); columns the "
+        "input, each run, and the mean, std (0 to 0.5) and max - min across runs"
+    )
+
+
+def _saliency_note(strips: SaliencyIndex | None, n_pages: int, split: str) -> str:
+    if strips is None:
+        return ""
+    if not n_pages:
+        return (
+            f"The saliency in analysis/saliency-{split}/ covers none of these pages "
+            "(computed with another --top or --by)."
+        )
+    meta = strips.meta
+    return (
+        f"{n_pages} of these pages show GradCAM strips ({len(meta.get('run_ids', []))} runs, "
+        f"layer {meta.get('layer', '?')}; from analysis/saliency-{split}/, written by "
+        "'mlvar analyze saliency')."
+    )
 
 
 # ------------------------------------------------------------------ the report
@@ -417,6 +446,10 @@ def build_report(
     positions = {i: int(position_of.get_loc(ids[i])) for i in page_rows}
     inputs = load_inputs(store, data_root, split, sorted(positions.values()))
     preds = seed_predictions(store, split, list(positions.values()))
+    strips = saliency_index(store, split)
+    with_strip = (
+        {i for i in page_rows if str(ids[i]) in strips.overlays} if strips is not None else set()
+    )
     meta = store.meta
     scenario = meta.get("scenario") or {}
     n_affected = int(ranking["affected"].sum())
@@ -453,6 +486,7 @@ def build_report(
         "top": min(top, len(ranking)),
         "n_pages": len(page_rows),
         "inputs_note": inputs.reason,
+        "saliency_note": _saliency_note(strips, len(with_strip), split),
         "metric_cols": metric_cols,
         "top_rows": [
             {
@@ -523,6 +557,13 @@ def build_report(
                 len(ranking),
                 integral,
             )
+            if row_no in with_strip:
+                strip = f"{page}.saliency.png"
+                data = strips.overlays[str(ids[row_no])].read_bytes()
+                atomic_write_bytes(tmp / "samples" / strip, data)
+                sample["attribution"] = [
+                    {"title": _strip_title(strips, row["label_name"]), "image": strip}
+                ]
             nav = {
                 "prev": f"{names[page_rows[k - 1]]}.html" if k > 0 else None,
                 "next": f"{names[page_rows[k + 1]]}.html" if k + 1 < len(page_rows) else None,
