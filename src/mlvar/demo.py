@@ -22,7 +22,9 @@ DEMO_RUNS = 16
 DEMO_MODEL = "cnn"
 #: GradCAM in the demo's report: the top 10 samples (and 10 random unaffected ones) under
 #: up to 16 runs (a second or two on a CPU for the 8x8 digits).
-DEMO_SALIENCY_TOP = 10
+# The report's sample pages are the top K plus K random unaffected samples, chosen the
+# way saliency chooses them: the same K gives every page its GradCAM strip.
+DEMO_TOP = 20
 DEMO_SALIENCY_SEEDS = 16
 
 #: ``step(message)`` before each stage; ``progress(done, total, message)`` during training.
@@ -84,11 +86,9 @@ def run_demo(
     acc = analysis.accuracy(store, "test")
     ranking = analysis.rank(store, "test")
     say("computing GradCAM across seeds")
-    maps = saliency(
-        store, root, "test", top=DEMO_SALIENCY_TOP, seeds=min(runs, DEMO_SALIENCY_SEEDS)
-    )
+    maps = saliency(store, root, "test", top=DEMO_TOP, seeds=min(runs, DEMO_SALIENCY_SEEDS))
     say("writing the report")
     report = build_report(
-        store, Path(config.paths.reports_root) / trained.experiment, data_root=root
+        store, Path(config.paths.reports_root) / trained.experiment, top=DEMO_TOP, data_root=root
     )
     return DemoResult(scenario.name, trained.experiment, report.path, acc, ranking, maps)
