@@ -116,10 +116,6 @@ def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         return {name: data[name] for name in data.files}
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     """Return the hex sha256 of a file, read in chunks."""
     digest = hashlib.sha256()
