@@ -330,12 +330,15 @@ def test_cli(work: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 
 @pytest.mark.slow
 def test_demo_report_has_gradcam_strips(tmp_path: Path) -> None:
-    from mlvar.demo import run_demo
+    from mlvar.demo import DEMO_TOP, run_demo
 
     result = run_demo(_config(tmp_path), runs=2)
     assert result.saliency is not None and result.saliency.n_seeds == 2
     maps = np.load(result.saliency.path / "maps.npy")
-    assert maps.shape == (20, 2, 2, 8, 8) and np.isfinite(maps).all()
+    # the top K and K random unaffected samples, 2 seeds, true and predicted class
+    assert maps.shape == (2 * DEMO_TOP, 2, 2, 8, 8) and np.isfinite(maps).all()
+    # report pages and saliency pick the same samples: every page has its strip
+    pages = list((result.report.parent / "samples").glob("*.html"))
     strips = list((result.report.parent / "samples").glob("*.saliency.png"))
-    assert len(strips) >= 10  # the top 10 have a page; random ones when shared
+    assert len(pages) == len(strips) == 2 * DEMO_TOP
     assert "GradCAM strips" in result.report.read_text()
