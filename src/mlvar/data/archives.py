@@ -67,6 +67,7 @@ def download(
     part: Path,
     progress: Progress | None = None,
     timeout: float = 60,
+    hint: str = "check the network and run the same command again to resume, or pass --source PATH",
 ) -> tuple[str, str]:
     """Download ``url`` into ``part``, resuming from the bytes already there.
 
@@ -86,7 +87,6 @@ def download(
             while chunk := fh.read(_CHUNK):
                 digests.update(chunk)
                 done += len(chunk)
-    hint = "check the network and run the same command again to resume, or pass --source PATH"
     try:
         with _open_url(url, done, timeout) as (stream, start, total):
             if start != done:  # the server sent the whole file: start over

@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import http.client
 import math
 import os
 import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +26,7 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 from sklearn.tree import DecisionTreeClassifier
 
+from mlvar.data.archives import download
 from mlvar.data.scenario import Scenario, SplitData, write_scenario
 from mlvar.errors import MlvarError, unknown_choice
 from mlvar.io import sha256_file
@@ -233,13 +231,20 @@ def fetch_compas(
     fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{final.name}-", dir=final.parent)
     tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as out:
-            if source is not None:
+        if source is not None:
+            with os.fdopen(fd, "wb") as out:
                 digest = _copy_file(source, out, progress)
-            else:
-                digest = _download(COMPAS_URL, out, progress)
-            out.flush()
-            os.fsync(out.fileno())
+                out.flush()
+                os.fsync(out.fileno())
+        else:
+            os.close(fd)
+            # The temporary file is removed on failure, so there is nothing to resume.
+            _, digest = download(
+                COMPAS_URL,
+                tmp,
+                progress,
+                hint="check the network, or download the file yourself and pass --source PATH",
+            )
         # mkstemp creates 0600; the raw file is ordinary data other users may read.
         os.chmod(tmp, 0o644)
         # Parse first: "not a CSV" or "lacks columns" says more than a checksum mismatch.
@@ -294,40 +299,6 @@ def _copy_file(source: Path, out: Any, progress: Callable[[int, int | None], Non
     except OSError as exc:
         raise MlvarError(
             f"cannot copy {source}: {exc.strerror or exc}", "check the path and free disk space"
-        ) from None
-    return digest.hexdigest()
-
-
-def _download(url: str, out: Any, progress: Callable[[int, int | None], None] | None) -> str:
-    digest = hashlib.sha256()
-    done = 0
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response:
-            length = response.headers.get("Content-Length")
-            total = int(length) if length and length.isdigit() else None
-            while chunk := response.read(1 << 16):
-                out.write(chunk)
-                digest.update(chunk)
-                done += len(chunk)
-                if progress is not None:
-                    progress(done, total)
-    except (
-        TimeoutError,
-        urllib.error.URLError,
-        http.client.HTTPException,
-        ConnectionError,
-        ValueError,
-    ) as exc:
-        reason = getattr(exc, "reason", None) or exc
-        raise MlvarError(
-            f"cannot download {url}: {reason}",
-            "check the network, or download the file yourself and pass --source PATH",
-        ) from None
-    except OSError as exc:
-        # Network failures mid-stream surface as plain OSError; disk errors too, so name both.
-        raise MlvarError(
-            f"download of {url} failed: {exc}",
-            "check the network and free disk space, or pass --source PATH",
         ) from None
     return digest.hexdigest()
 
