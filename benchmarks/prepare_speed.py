@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import pickle
 import resource
-import struct
 import subprocess
 import sys
 import tarfile
@@ -25,6 +23,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+# The CIFAR-format writer the tests use (tests/cifar_format.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from cifar_format import py2_pickle  # noqa: E402
 
 STEPS = {
     "fetch": ["fetch"],
@@ -36,47 +38,17 @@ STEPS = {
 }
 
 
-class _Py2Pickler(pickle._Pickler):  # type: ignore[name-defined]
-    """Protocol 2 with strings as BINSTRING, as Python 2 wrote the CIFAR batches."""
-
-    dispatch = pickle._Pickler.dispatch.copy()  # type: ignore[attr-defined]
-
-    def _save_str8(self, obj: str | bytes) -> None:
-        data = obj.encode("latin1") if isinstance(obj, str) else obj
-        if len(data) < 256:
-            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
-        else:
-            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
-        self.memoize(obj)
-
-    dispatch[str] = _save_str8
-    dispatch[bytes] = _save_str8
-
-    def save_global(self, obj: object, name: str | None = None) -> None:
-        if getattr(obj, "__name__", "") == "_reconstruct":
-            self.write(pickle.GLOBAL + b"numpy.core.multiarray\n_reconstruct\n")
-            self.memoize(obj)
-            return
-        super().save_global(obj, name)
-
-
-def _pickle(obj: object) -> bytes:
-    buf = io.BytesIO()
-    _Py2Pickler(buf, protocol=2).dump(obj)
-    return buf.getvalue()
-
-
 def write_archive(path: Path, n_train: int = 50_000, n_test: int = 10_000) -> None:
     """A synthetic CIFAR-10 python archive of random images, in the real layout."""
     rng = np.random.default_rng(0)
     names = ["airplane", "automobile", "bird", "cat", "deer"]
     names += ["dog", "frog", "horse", "ship", "truck"]
     members = {
-        "batches.meta": _pickle({"num_cases_per_batch": 10_000, "label_names": names}),
+        "batches.meta": py2_pickle({"num_cases_per_batch": 10_000, "label_names": names}),
     }
     per = n_train // 5
     for i in range(1, 6):
-        members[f"data_batch_{i}"] = _pickle(
+        members[f"data_batch_{i}"] = py2_pickle(
             {
                 "batch_label": f"training batch {i} of 5",
                 "labels": rng.integers(0, 10, per).tolist(),
@@ -84,7 +56,7 @@ def write_archive(path: Path, n_train: int = 50_000, n_test: int = 10_000) -> No
                 "filenames": [f"img_{i}_{j}.png" for j in range(per)],
             }
         )
-    members["test_batch"] = _pickle(
+    members["test_batch"] = py2_pickle(
         {
             "batch_label": "testing batch 1 of 1",
             "labels": rng.integers(0, 10, n_test).tolist(),

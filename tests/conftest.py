@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import io
 import os
-import pickle
 import shutil
-import struct
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from cifar_format import py2_pickle
 
 # The real ProPublica file lives in the shared folder beside the repository (DESIGN 4).
 _SHARED_COMPAS = Path(__file__).resolve().parents[2] / "shared/data/compas-scores-two-years.csv"
@@ -116,37 +116,6 @@ CIFAR100_HIERARCHY = {
     "vehicles_1": ["bicycle", "bus", "motorcycle", "pickup_truck", "train"],
     "vehicles_2": ["lawn_mower", "rocket", "streetcar", "tank", "tractor"],
 }
-
-
-class _Py2Pickler(pickle._Pickler):  # type: ignore[name-defined]
-    """Protocol 2 as Python 2's cPickle wrote the CIFAR batches: strings as BINSTRING and
-    numpy's reconstructor under its old module name."""
-
-    dispatch = pickle._Pickler.dispatch.copy()  # type: ignore[attr-defined]
-
-    def _save_str8(self, obj: str | bytes) -> None:
-        data = obj.encode("latin1") if isinstance(obj, str) else obj
-        if len(data) < 256:
-            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
-        else:
-            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
-        self.memoize(obj)
-
-    dispatch[str] = _save_str8
-    dispatch[bytes] = _save_str8
-
-    def save_global(self, obj: object, name: str | None = None) -> None:
-        if getattr(obj, "__name__", "") == "_reconstruct":
-            self.write(pickle.GLOBAL + b"numpy.core.multiarray\n_reconstruct\n")
-            self.memoize(obj)
-            return
-        super().save_global(obj, name)
-
-
-def py2_pickle(obj: object) -> bytes:
-    buf = io.BytesIO()
-    _Py2Pickler(buf, protocol=2).dump(obj)
-    return buf.getvalue()
 
 
 def _tar(path: Path, members: dict[str, bytes], folder: str) -> Path:
