@@ -245,3 +245,38 @@ def test_recording_dynamics_changes_nothing_and_ends_at_the_final_logits(engine:
         # the last epoch's record is the final model evaluated on the same inputs
         assert torch.equal(dyn[-1], b["train"])
         assert not torch.equal(dyn[0], dyn[-1])
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+def test_saved_weights_reproduce_the_logits_in_an_nn_module(engine):
+    # Both engines return each run's weights as an MLP state_dict: loaded into the plain
+    # nn.Module (what saliency uses), they give the run's eval logits. 17 seeds make two
+    # slices of the batched pack where torch has 2+ threads: each slice's weights count.
+    data, cfg = synthetic(), config(epochs=3)
+    runs = range(3) if engine == "loop" else range(17)
+    out = ENGINES[engine](data, cfg, gens(runs), eval_x(data), weights=True)
+    steps = 3 * math.ceil(203 / 32)  # batch norm counts every training step
+    for result in out:
+        state = result["state_dict"]
+        model = mlp.MLP(5, 16, 3)
+        model.load_state_dict(state)  # strict: every key, every shape
+        assert int(state["bn1.num_batches_tracked"]) == steps
+        model.eval()
+        with torch.no_grad():
+            for split, x in eval_x(data).items():
+                torch.testing.assert_close(model(x), result[split], atol=ENGINE_ATOL, rtol=0)
+
+
+def test_engines_save_the_same_weights():
+    data, cfg = synthetic(), config()
+    loop = train_loop(data, cfg, gens(range(2)), eval_x(data), weights=True)
+    batched = train_batched(data, cfg, gens(range(2)), eval_x(data), weights=True)
+    for a, b in zip(loop, batched, strict=True):
+        sa, sb = a["state_dict"], b["state_dict"]
+        assert list(sa) == list(sb)  # same keys in the same order: same model.pt layout
+        for key in sa:
+            assert sa[key].shape == sb[key].shape, key
+            torch.testing.assert_close(sa[key], sb[key], atol=ENGINE_ATOL, rtol=0)
+    # Different seeds end with different weights (the check above is not vacuous).
+    assert not torch.equal(loop[0]["state_dict"]["fc1.weight"], loop[1]["state_dict"]["fc1.weight"])
+    assert "state_dict" not in train_batched(data, cfg, gens([0]), eval_x(data))[0]

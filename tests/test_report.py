@@ -312,7 +312,8 @@ def test_sample_pages_show_saliency_strips(tmp_path: Path) -> None:
 
     result = build_report(store, tmp_path / "report", top=3)
     html = result.path.read_text()
-    assert "2 of these pages show GradCAM strips (2 runs" in html
+    assert "2 of these pages show GradCAM strips (layer &lt;script&gt;" in html
+    assert ", 2 runs; from analysis/saliency-test/" in html and EVIL not in html
     strips = sorted((tmp_path / "report" / "samples").glob("*.saliency.png"))
     assert [p.name for p in strips] == sorted(f"sample-{sid}.saliency.png" for sid in ids[:2])
     page = (tmp_path / "report" / "samples" / f"sample-{ids[0]}.html").read_text()

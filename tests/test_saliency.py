@@ -49,7 +49,7 @@ def _split(rng: np.random.Generator, n: int, offset: int) -> SplitData:
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny image scenario, 3 runs of the small CNN and 2 of the MLP (no weights)."""
+    """A tiny image scenario, 3 runs of the small CNN and 2 of the MLP."""
     root = tmp_path_factory.mktemp("saliency")
     rng = np.random.default_rng(0)
     manifest = {
@@ -135,7 +135,10 @@ def test_target_class_changes_the_map(work: Path, computed: sal.SaliencyResult) 
     assert np.array_equal(maps[same][:, 0], maps[same][:, 1])
     # Directly: one model, one batch, two target classes.
     store = _store(work)
-    x_raw, norm, _ = sal._image_inputs(store, work / "data", "test", index["sample_id"].to_numpy())
+    x_raw, scenario = sal._scenario_rows(
+        store, work / "data", "test", index["sample_id"].to_numpy()
+    )
+    norm = sal._training_norm(scenario)
     from mlvar.train.images import to_nchw
 
     x = norm.normalise(to_nchw(x_raw))
@@ -154,7 +157,10 @@ def test_inputs_are_normalised_as_in_training(work: Path, computed: sal.Saliency
     """The loaded model on the saliency's inputs reproduces each run's stored logits."""
     store = _store(work)
     index = pd.read_parquet(computed.path / "samples.parquet")
-    x_raw, norm, _ = sal._image_inputs(store, work / "data", "test", index["sample_id"].to_numpy())
+    x_raw, scenario = sal._scenario_rows(
+        store, work / "data", "test", index["sample_id"].to_numpy()
+    )
+    norm = sal._training_norm(scenario)
     from mlvar.train.images import to_nchw
 
     x = norm.normalise(to_nchw(x_raw))
@@ -206,9 +212,18 @@ def test_bad_input_is_one_error_and_writes_nothing(work: Path, tmp_path: Path) -
         assert _listing(root) == before
         return err.value
 
-    # MLP runs keep no weights: a hint to train an image model.
+    # Runs without weights (as MLP runs written before they saved model.pt): a hint to
+    # retrain. --layer names a GradCAM layer: an MLP has none.
+    run_json = root / "runs" / "tiny-mlp" / "runs" / "run-0000" / "run.json"
+    meta = json.loads(run_json.read_text())
+    del meta["arrays"]["model.pt"]
+    run_json.write_text(json.dumps(meta))
+    (run_json.parent / "model.pt").unlink()
+    before = _listing(root)
     exc = error(_store(root, "mlp"), root / "data")
-    assert "saved no model weights" in exc.message and "--model cnn" in exc.hint
+    assert "saved no model weights" in exc.message and "retrain" in exc.hint
+    exc = error(_store(root, "mlp"), root / "data", layer="fc1")
+    assert "--layer applies to GradCAM" in exc.message
     # The prepared scenario is missing.
     exc = error(_store(root), tmp_path / "nowhere")
     assert "'tiny'" in exc.message and "not in the data root" in exc.message
@@ -226,6 +241,129 @@ def test_bad_input_is_one_error_and_writes_nothing(work: Path, tmp_path: Path) -
     with pytest.warns(UserWarning, match="skipping run run-0001 .*model.pt"):
         result = sal.saliency(_store(root), root / "data", top=2, seeds=3)
     assert result.run_ids == ["run-0000", "run-0002"]
+
+
+def _finite_difference_attributions(
+    model: nn.Module, x: np.ndarray, target: np.ndarray, eps: float = 1e-5
+) -> np.ndarray:
+    """x * d logit_t / d x by central differences on a float64 copy of ``model``: an
+    independent check of gradient x input (no autograd)."""
+    import copy
+
+    m = copy.deepcopy(model).double().eval()
+    xd = torch.as_tensor(x, dtype=torch.float64)
+    grad = np.empty(x.shape)
+    rows = torch.arange(len(xd))
+    t = torch.as_tensor(np.array(target)).long()
+    with torch.no_grad():
+        for j in range(x.shape[1]):
+            step = torch.zeros_like(xd)
+            step[:, j] = eps
+            up, down = m(xd + step)[rows, t], m(xd - step)[rows, t]
+            grad[:, j] = ((up - down) / (2 * eps)).numpy()
+    return grad * x
+
+
+def _mlp_of(store: ExperimentStore, run_no: int, n_features: int) -> nn.Module:
+    """Run ``run_no``'s MLP, loaded here from model.pt (not by the saliency module)."""
+    from mlvar.train.mlp import MLP
+
+    run = store.runs()[run_no]
+    model = MLP(n_features, int(store.meta["train"]["hidden"]), len(store.class_names))
+    model.load_state_dict(torch.load(run.path / "model.pt", weights_only=True))
+    return model.eval()
+
+
+def test_mlp_on_images_gets_gradient_x_input_maps(work: Path) -> None:
+    store = _store(work, "mlp")
+    result = sal.saliency(store, work / "data", top=3, seeds=2)
+    assert result.method == "gradient x input" and result.layer == "input"
+    assert result.shape == (SIZE, SIZE)
+    attr = np.load(result.path / "attributions.npy")
+    maps = np.load(result.path / "maps.npy").astype(np.float32)
+    assert attr.shape == (6, 2, 2, SIZE * SIZE) and maps.shape == (6, 2, 2, SIZE, SIZE)
+    assert np.isfinite(attr).all() and maps.min() >= 0 and maps.max() <= 1
+    # The maps are |gradient x input| per pixel (one channel), each scaled to max 1.
+    pixels = np.abs(attr).reshape(6, 2, 2, SIZE, SIZE)
+    expected = pixels / pixels.max(axis=(-2, -1), keepdims=True)
+    np.testing.assert_allclose(maps, expected, atol=1e-3)
+    # Against central differences of each run's own model, inputs scaled as in training.
+    index = pd.read_parquet(result.path / "samples.parquet")
+    test = sal._scenario_rows(store, work / "data", "test", index["sample_id"].to_numpy())[0]
+    x = test.reshape(6, -1).astype(np.float64) / 16
+    labels = index["label"].to_numpy()
+    for s in range(2):
+        model = _mlp_of(store, s, SIZE * SIZE)
+        fd = _finite_difference_attributions(model, x, labels)
+        np.testing.assert_allclose(attr[:, s, 0], fd, rtol=1e-3, atol=1e-4)
+    assert np.abs(attr[:, 0] - attr[:, 1]).max() > 1e-3  # seeds differ
+    assert json.loads((result.path / "saliency.json").read_text())["input"] == "image"
+
+
+@pytest.fixture(scope="module")
+def compas_work(tmp_path_factory: pytest.TempPathFactory, compas_csv: Path) -> Path:
+    """COMPAS with the artificial feature (ratio 0.1), 3 MLP runs of 3 epochs."""
+    from mlvar.data.registry import prepare
+
+    root = tmp_path_factory.mktemp("saliency-compas")
+    (root / "data" / "raw").mkdir(parents=True)
+    shutil.copyfile(compas_csv, root / "data" / "raw" / "compas-scores-two-years.csv")
+    prepare(root / "data", "compas", mode="artificial", ratio=0.1)
+    train(_config(root), "compas", runs=3, name="tab", overrides={"epochs": 3})
+    return root
+
+
+def test_tabular_gradient_x_input_across_seeds(compas_work: Path) -> None:
+    root = compas_work
+    store = ExperimentStore.open(root / "runs", "tab")
+    result = sal.saliency(store, root / "data", top=4, seeds=3)
+    manifest = json.loads(next((root / "data").rglob("manifest.json")).read_text())
+    names = manifest["feature_names"]
+    assert result.feature_names == names and names[-1] == "artificial"
+    attr = np.load(result.path / "attributions.npy")
+    assert attr.dtype == np.float32 and attr.shape == (8, 3, 2, len(names))
+    assert np.isfinite(attr).all()
+    assert not (result.path / "maps.npy").exists()
+    index = pd.read_parquet(result.path / "samples.parquet")
+    x = sal._scenario_rows(store, root / "data", "test", index["sample_id"].to_numpy())[0]
+    x = x.astype(np.float64)
+    labels = index["label"].to_numpy()
+    preds = np.array(index["pred"].tolist()).T  # [S, n]
+    for s in range(3):
+        model = _mlp_of(store, s, len(names))
+        # The weights in model.pt are the run's: they give its stored logits.
+        with torch.no_grad():
+            logits = model(torch.as_tensor(x, dtype=torch.float32)).numpy()
+        stored = store.runs()[s].load_logits("test")[index["position"].to_numpy()]
+        np.testing.assert_allclose(logits, stored, atol=1e-5)
+        np.testing.assert_array_equal(preds[s], stored.argmax(axis=1))
+        for t, target in enumerate((labels, preds[s])):
+            fd = _finite_difference_attributions(model, x, target)
+            np.testing.assert_allclose(attr[:, s, t], fd, rtol=1e-3, atol=1e-4)
+    # A feature at 0 gets 0; seeds disagree somewhere; the stats are across seeds.
+    assert (attr[np.broadcast_to(x[:, None, None, :] == 0, attr.shape)] == 0).all()
+    assert attr.std(axis=1).max() > 1e-3
+    stats = np.load(result.path / "stats.npy")
+    np.testing.assert_allclose(stats[:, 0], attr.mean(axis=1), atol=1e-6)
+    np.testing.assert_allclose(stats[:, 1], attr.std(axis=1), atol=1e-6)
+    rows = json.loads((result.path / "samples.json").read_text())
+    np.testing.assert_allclose(rows[0]["attr_true_std"], stats[0, 1, 0], atol=1e-6)
+    np.testing.assert_allclose(index["spread_pred"], stats[:, 1, 1].mean(axis=1), atol=1e-6)
+    for sid in index["sample_id"]:
+        assert (result.path / "overlays" / f"{sid}.png").read_bytes()[:8] == PNG
+
+    # The report: each sample page lists the attributions per feature, and the chart.
+    build_report(store, root / "report", top=4, data_root=root / "data")
+    html = (root / "report" / "index.html").read_text()
+    assert "8 of these pages show gradient x input attribution charts" in html
+    page = (root / "report" / "samples" / f"sample-{index['sample_id'][0]}.html").read_text()
+    assert "gradient x input, true class" in page and "artificial" in page
+    assert f"sample-{index['sample_id'][0]}.saliency.png" in page
+    mean, std = stats[0, 0, 0], stats[0, 1, 0]
+    j = int(np.abs(mean).argmax())
+    from mlvar.report.html import fmt
+
+    assert f"{fmt(float(mean[j]))} ± {fmt(float(std[j]))}" in page
 
 
 class _Linear(nn.Module):
@@ -318,7 +456,7 @@ def test_cli(work: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
         (["tiny-cnn", "--by", "nope"], "unknown metric"),
         (["tiny-cnn", "--split", "val"], "no split 'val'"),
         (["tiny-cnnn"], "did you mean 'tiny-cnn'"),
-        (["tiny-mlp"], "saved no model weights"),
+        (["tiny-mlp", "--layer", "fc1"], "--layer applies to GradCAM"),
     ]:
         result = runner.invoke(app, ["analyze", "saliency", *args])
         assert result.exit_code == 2, (args, result.output)

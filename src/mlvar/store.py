@@ -11,6 +11,8 @@
                                sha256 of each array (written last)
       runs/<run-id>/<split>.logits.npy   [n_samples, n_classes]
       runs/<run-id>/train.dynamics.npy   optional: per-epoch train logits [E, n_train, C]
+      runs/<run-id>/model.pt   the trained weights (torch.save of the state_dict; load
+                               with torch.load(weights_only=True))
 
 Every file is written atomically and ``run.json`` last, so a run folder without a valid
 ``run.json`` is an unfinished run: it is removed and redone, never read. The format is
@@ -19,6 +21,7 @@ documented in ``docs/run-store.md``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -44,6 +47,7 @@ from mlvar.io import (
 STORE_FORMAT = 1
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 SAMPLE_COLUMNS = ("sample_id", "label", "affected", "group")
+RUN_FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 DYNAMICS_FILE = "train.dynamics.npy"
 """Optional per-epoch train logits of a run, ``[E, n_train, C]`` (float16 or float32)."""
 
@@ -242,12 +246,15 @@ class ExperimentStore:
         logits: dict[str, np.ndarray],
         meta: dict[str, Any],
         dynamics: np.ndarray | None = None,
+        files: dict[str, tuple[bytes, dict[str, Any]]] | None = None,
     ) -> RunRecord:
         """Write one run: every split's logits, then ``run.json`` (status complete) last.
 
         ``dynamics`` (optional): per-epoch train logits ``[E, n_train, C]``, written as
-        ``train.dynamics.npy`` with ``run.json["dynamics_epochs"] = E``. Any earlier
-        unfinished folder of the same id is replaced.
+        ``train.dynamics.npy`` with ``run.json["dynamics_epochs"] = E``. ``files``
+        (optional): more files of the run, ``name -> (content, info)``, e.g. the weights
+        ``model.pt``; each is listed in ``run.json["arrays"]`` with its sha256 and ``info``.
+        Any earlier unfinished folder of the same id is replaced.
         """
         if not RUN_ID_RE.match(run_id):
             raise ValueError(f"invalid run id {run_id!r}")
@@ -280,6 +287,11 @@ class ExperimentStore:
                 "dtype": str(dynamics.dtype),
             }
             meta = dict(meta, dynamics_epochs=int(dynamics.shape[0]))
+        for name, (content, info) in (files or {}).items():
+            if name in arrays or name == "run.json" or not RUN_FILE_RE.match(name):
+                raise ValueError(f"invalid run file name {name!r}")
+            atomic_write_bytes(path / name, content)
+            arrays[name] = {"sha256": hashlib.sha256(content).hexdigest(), **info}
         meta = dict(meta, run_id=run_id, status="complete", arrays=arrays)
         atomic_write_json(path / "run.json", meta)
         return RunRecord(run_id, path, meta)

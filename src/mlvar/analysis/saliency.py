@@ -1,34 +1,40 @@
 """Per-sample attributions across seeds: GradCAM maps of image models, gradient x input
-of tabular models (DESIGN section 8).
+of the MLP (DESIGN section 8).
 
 The one analysis module that loads models. :func:`saliency` takes the top ``K`` samples
 of a ranking and ``K`` random unaffected ones (seeded, as the report's sample pages:
 :func:`mlvar.report.samples.choose_pages`), the first ``S`` runs (by run id) whose
-``model.pt`` matches the sha256 in their ``run.json``, and computes with the
-``grad-cam`` package (``pytorch_grad_cam.GradCAM``) one map per sample, run and target:
-the sample's true class and the class that run predicted (its stored logits' argmax).
-Inputs are the prepared scenario's images, normalised exactly as for training
-(:class:`mlvar.train.images.ImageData`, statistics of the training split). The target
-layer is the model's last ``Conv2d`` unless ``layer`` names another module.
+``model.pt`` matches the sha256 in their ``run.json``, and computes one attribution per
+sample, run and target: the sample's true class and the class that run predicted (its
+stored logits' argmax). Inputs are the prepared scenario's, exactly as in training.
+
+* Image models (``cnn``, ``airbench``, ``resnet18``): GradCAM of the ``grad-cam``
+  package (``pytorch_grad_cam.GradCAM``) at the model's last ``Conv2d`` unless ``layer``
+  names another module; images normalised with the training split's statistics.
+* The MLP: gradient x input, ``x * d logit_t / d x`` per input feature, in eval mode.
+  On tabular data that is one signed value per feature; on images (an MLP of flattened
+  pixels) the absolute values summed over channels also make a map per run.
 
 Layout of ``<experiment>/analysis/saliency-<split>/`` (written as one folder, swapped in
 when complete)::
 
-    maps.npy          float16 [n_samples, S, 2, H, W]: GradCAM of each run, target 0 the
-                      true class, 1 the run's predicted class (each map scaled to [0, 1])
-    stats.npy         float16 [n_samples, 3, 2, H, W]: mean, std (ddof 0) and max - min
-                      of the maps across the S runs
+    maps.npy          images: float16 [n_samples, S, 2, H, W], target 0 the true class,
+                      1 the run's predicted class (each map scaled to [0, 1])
+    attributions.npy  MLP: float32 [n_samples, S, 2, F], signed gradient x input
+    stats.npy         mean, std (ddof 0) and max - min across the S runs: float16
+                      [n_samples, 3, 2, H, W] of the maps, or float32 [n_samples, 3, 2, F]
+                      of tabular attributions
     samples.parquet   one row per sample, in the order of the arrays: sample_id,
     samples.json      position, rank, kind ("top" | "random unaffected"), affected,
                       label, label_name, pred (one class per run), n_correct,
-                      spread_true / spread_pred (mean over pixels of the std map)
-    saliency.json     experiment, split, model, layer, runs, by, top, seed, shape, files
-    overlays/<sample_id>.png   a strip per sample: rows true / predicted class; columns
-                      input, each run, mean, std, max - min (maps over the input, jet)
-
-Tabular models: :func:`gradient_x_input` and :func:`attribution_spread` compute gradient x
-input per feature and its spread across seeds for any ``nn.Module``; the MLP runs save no
-weights today, so :func:`saliency` refuses them with a hint to train an image model.
+                      spread_true / spread_pred (mean over pixels or features of the
+                      std), overlay; tabular: attr_{true,pred}_{mean,std} per feature
+    saliency.json     experiment, split, method, input, model, layer, runs, by, top,
+                      seed, shape, feature_names (tabular)
+    overlays/<sample_id>.png   images: a strip per sample, rows true / predicted class,
+                      columns input, each run, mean, std, max - min (maps over the input,
+                      jet); tabular: a bar chart per feature, mean with std whiskers and
+                      a dot per run, one panel per target
 """
 
 from __future__ import annotations
@@ -79,10 +85,12 @@ class SaliencyResult:
     layer: str
     run_ids: list[str]
     samples: pd.DataFrame  # the index (samples.parquet)
-    shape: tuple[int, int]  # H, W of every map
+    shape: tuple[int, ...]  # (H, W) of every map, or (F,) for tabular attributions
     path: Path  # the folder
     files: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    method: str = "GradCAM (pytorch_grad_cam)"
+    feature_names: list[str] = field(default_factory=list)  # tabular inputs only
 
     @property
     def n_seeds(self) -> int:
@@ -93,8 +101,10 @@ class SaliencyResult:
             "experiment": self.experiment,
             "split": self.split,
             "model": self.model,
+            "method": self.method,
             "layer": self.layer,
             "run_ids": self.run_ids,
+            "feature_names": self.feature_names,
             "shape": list(self.shape),
             "path": str(self.path),
             "seconds": round(self.seconds, 3),
@@ -313,21 +323,75 @@ def overlay_strip(
     return buf.getvalue()
 
 
+# ------------------------------------------------------------------ tabular charts
+
+
+def attribution_chart(
+    names: Sequence[str],
+    values: np.ndarray,
+    per_seed: np.ndarray,
+    label_name: str,
+    wrong: np.ndarray,
+) -> bytes:
+    """One PNG of a tabular sample's gradient x input across seeds: a panel per target
+    (the true class, each run's predicted class); per feature a bar for the mean over
+    runs, a whisker for the std and a dot per run (red: that run predicted a wrong class).
+
+    ``values``: the sample's features ``[F]``; ``per_seed``: ``[S, 2, F]``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_runs, _, n_feat = per_seed.shape
+    labels = [f"{n} = {v:.3g}" for n, v in zip(names, values, strict=True)]
+    y = np.arange(n_feat)[::-1]
+    fig, axes = plt.subplots(
+        1, 2, figsize=(8.6, 0.9 + 0.28 * n_feat), sharey=True, constrained_layout=True
+    )
+    titles = (f"true class ({label_name})", "each run's predicted class")
+    for t, ax in enumerate(axes):
+        a = per_seed[:, t].astype(np.float64)
+        mean, std = a.mean(axis=0), a.std(axis=0)
+        ax.barh(y, mean, xerr=std, color="#8fb3d9", ecolor="#333333", capsize=2, height=0.6)
+        jitter = (np.arange(n_runs) - (n_runs - 1) / 2) * (0.5 / max(n_runs, 1))
+        for s_ in range(n_runs):
+            bad = t == 1 and bool(wrong[s_])
+            ax.plot(
+                a[s_],
+                y + jitter[s_],
+                "o",
+                ms=2.5,
+                color="#d62728" if bad else "#222222",
+                alpha=0.8,
+            )
+        ax.axvline(0, color="#999999", lw=0.8)
+        ax.set_title(titles[t], fontsize=9)
+        ax.set_xlabel("gradient x input (logit units)", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0].set_yticks(y, labels)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
 # ------------------------------------------------------------------ the service
 
 
-def _image_inputs(
+def _scenario_rows(
     store: ExperimentStore, data_root: Path, split: str, sample_ids: np.ndarray
-) -> tuple[np.ndarray, Any, dict[str, Any]]:
-    """The raw images of ``sample_ids`` (in that order), the training data's
-    normalisation (an ``ImageData`` of the train split) and the scenario manifest."""
+) -> tuple[np.ndarray, Any]:
+    """The raw inputs of ``sample_ids`` (in that order) and the prepared scenario the runs
+    were trained on (checked by its manifest sha256)."""
     from mlvar.data.scenario import open_scenario
 
     name = (store.meta.get("scenario") or {}).get("name")
     if not name:
         raise MlvarError(
             f"experiment '{store.name}' names no prepared scenario (imported predictions?)",
-            "saliency needs the images and the weights of mlvar-trained image runs",
+            "saliency needs the inputs and the weights of mlvar-trained runs",
         )
     try:
         scenario = open_scenario(Path(data_root), str(name))
@@ -344,12 +408,6 @@ def _image_inputs(
             f"'{store.name}' were trained on (its manifest changed)",
             "prepare the scenario the runs were trained on",
         )
-    kind = (scenario.manifest.get("input") or {}).get("kind")
-    if kind != "image":
-        raise MlvarError(
-            f"scenario '{name}' holds {kind} inputs: GradCAM needs images",
-            "train an image model (e.g. 'mlvar train digits --model cnn')",
-        )
     data = scenario.load(split)
     index = pd.Index(data.id)
     where = index.get_indexer(sample_ids) if index.is_unique else np.full(len(sample_ids), -1)
@@ -359,14 +417,11 @@ def _image_inputs(
             "chosen samples (or repeats sample ids)",
             "prepare the scenario the runs were trained on",
         )
-    import torch
+    return data.x[where], scenario
 
-    from mlvar.train import images
 
-    train = data if split == "train" else scenario.load("train")
-    # The training split's statistics, computed as training does (one thread per kernel).
-    norm = images._build_data({"train": train}, scenario.manifest, torch.device("cpu"))
-    return data.x[where], norm, scenario.manifest
+def _input_kind(scenario: Any) -> str:
+    return str((scenario.manifest.get("input") or {}).get("kind", "tabular"))
 
 
 def _check_runs(store: ExperimentStore, runs: list[RunRecord]) -> None:
@@ -377,8 +432,31 @@ def _check_runs(store: ExperimentStore, runs: list[RunRecord]) -> None:
             f"runs of experiment '{store.name}' (model {model}) saved no model weights "
             f"({WEIGHTS_FILE}; {missing[0]} and {len(missing) - 1} more), so there is "
             "nothing to attribute",
-            "saliency needs an image model, e.g. 'mlvar train digits --model cnn'",
+            "retrain them with this mlvar (runs save model.pt), e.g. under a new --name",
         )
+
+
+def build_mlp(store: ExperimentStore, n_features: int, run: RunRecord) -> nn.Module:
+    """The study's MLP with ``run``'s weights, in eval mode."""
+    from mlvar.train.mlp import MLP
+
+    hidden = int((store.meta.get("train") or {}).get("hidden", 0))
+    model = MLP(n_features, hidden, len(store.class_names))
+    try:
+        model.load_state_dict(load_weights(run))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise MlvarError(
+            f"the weights of run {run.run_id} do not fit an MLP with {n_features} inputs and "
+            f"{hidden} hidden units: {first}",
+            "retrain that run",
+        ) from None
+    return model.eval()
+
+
+def _summary(maps: np.ndarray) -> np.ndarray:
+    """Mean, std (ddof 0) and max - min across runs (axis 1): ``[n, 3, ...]``."""
+    return np.stack([maps.mean(axis=1), maps.std(axis=1), maps.max(axis=1) - maps.min(axis=1)], 1)
 
 
 def saliency(
@@ -393,12 +471,14 @@ def saliency(
     batch_size: int = BATCH_DEFAULT,
     progress: Progress | None = None,
 ) -> SaliencyResult:
-    """GradCAM of the top ``top`` samples by ``by`` and ``top`` random unaffected ones
+    """Attributions of the top ``top`` samples by ``by`` and ``top`` random unaffected ones
     (drawn with ``seed``) under the first ``seeds`` verified runs (by run id), for the
     true and each run's predicted class; written to ``analysis/saliency-<split>/``.
 
-    Everything is checked (arguments, runs, weights, scenario, layer) before anything is
-    written; the folder appears complete or not at all.
+    Image models get GradCAM at ``layer`` (default: the last ``Conv2d``); the MLP gets
+    gradient x input (``layer`` must then be None). Everything is checked (arguments,
+    runs, weights, scenario, layer) before anything is written; the folder appears
+    complete or not at all.
     """
     from mlvar.analysis import service as analysis
     from mlvar.report.samples import choose_pages
@@ -413,6 +493,18 @@ def saliency(
         raise MlvarError(f"--seeds must be at least 1, got {seeds}", "use e.g. 8")
     if batch_size < 1:
         raise MlvarError(f"--batch-size must be at least 1, got {batch_size}", "use e.g. 64")
+    model_name = str(store.meta.get("model", "?"))
+    if model_name not in (*IMAGE_MODELS, "mlp"):
+        raise MlvarError(
+            f"experiment '{store.name}' has model '{model_name}', which mlvar cannot load",
+            "saliency needs runs trained by mlvar: mlp, " + ", ".join(IMAGE_MODELS),
+        )
+    if model_name == "mlp" and layer is not None:
+        raise MlvarError(
+            f"--layer applies to GradCAM, but experiment '{store.name}' has an MLP "
+            "(gradient x input attributes to the inputs)",
+            "leave out --layer",
+        )
     # The verified runs (a run whose arrays or weights fail their sha256 is left out with
     # a warning, as by every analysis) and the ranking over all of them.
     preds_all = analysis.load_predictions(store, split)
@@ -422,13 +514,6 @@ def saliency(
     ranked = analysis.assemble(store, samples, split, run_ids_all, by, computed, write=False)
     runs = sorted(preds_all.runs, key=lambda r: r.run_id)[:seeds]
     _check_runs(store, runs)
-    model_name = str(store.meta.get("model", "?"))
-    if model_name not in IMAGE_MODELS:
-        raise MlvarError(
-            f"experiment '{store.name}' has model '{model_name}': GradCAM needs one of "
-            + ", ".join(IMAGE_MODELS),
-            "train an image model, e.g. 'mlvar train digits --model cnn'",
-        )
 
     # The samples: top K by `by` and K random unaffected (the report's choice).
     ranking = ranked.ranking
@@ -439,34 +524,36 @@ def saliency(
     chosen = ranking.iloc[rows].reset_index(drop=True)
     ids = chosen["sample_id"].to_numpy(dtype=np.int64)
     positions = position_of.get_indexer(ids)
-    x_raw, norm, manifest = _image_inputs(store, data_root, split, ids)
-
-    import torch
-
-    from mlvar.train.images import to_nchw
-
-    x = norm.normalise(to_nchw(x_raw))
+    x_raw, scenario = _scenario_rows(store, data_root, split, ids)
+    kind = _input_kind(scenario)
+    manifest = scenario.manifest
     labels = chosen["label"].to_numpy(dtype=np.int64)
     preds = np.stack(
         [np.asarray(r.load_logits(split)[positions]).argmax(axis=1) for r in runs]
     ).astype(np.int64)  # [S, n]
-    n_classes = len(store.class_names)
-    channels = int(x.shape[1])
-    # Build every model (checks weights and the layer) before computing anything.
-    models = [build_trained(model_name, channels, n_classes, r) for r in runs]
-    layer_name, _ = target_layer(models[0], layer)
 
-    n, (h, w) = len(ids), tuple(int(v) for v in x.shape[2:])
-    maps = np.empty((n, len(runs), 2, h, w), dtype=np.float32)
-    for s, model in enumerate(models):
-        both = torch.cat([x, x])
-        targets = np.concatenate([labels, preds[s]])
-        out = gradcam(model, both, targets, layer_name, batch_size=2 * batch_size)
-        maps[:, s, 0], maps[:, s, 1] = out[:n], out[n:]
-        if progress:
-            progress(s + 1, len(models))
-    stats = np.stack([maps.mean(axis=1), maps.std(axis=1), maps.max(axis=1) - maps.min(axis=1)], 1)
-
+    if model_name == "mlp":
+        computed_maps = _gradient_x_input_of_runs(
+            store, runs, x_raw, manifest, labels, preds, progress
+        )
+    else:
+        if kind != "image":
+            raise MlvarError(
+                f"scenario '{scenario.name}' holds {kind} inputs: GradCAM needs images",
+                "train an image model (e.g. 'mlvar train digits --model cnn')",
+            )
+        computed_maps = _gradcam_of_runs(
+            scenario, split, runs, x_raw, model_name, labels, preds, layer, batch_size, progress
+        )
+    method, layer_name, maps, attributions = computed_maps
+    n = len(ids)
+    tabular = maps is None
+    if tabular:
+        stats = _summary(attributions)  # [n, 3, 2, F]
+        spread = stats[:, 1].mean(axis=-1)  # [n, 2]: mean over features of the std
+    else:
+        stats = _summary(maps)  # [n, 3, 2, H, W]
+        spread = stats[:, 1].mean(axis=(-2, -1))
     index = pd.DataFrame(
         {
             "sample_id": ids,
@@ -478,32 +565,63 @@ def saliency(
             "label_name": chosen["label_name"].astype(str).to_numpy(),
             "pred": [p.tolist() for p in preds.T],
             "n_correct": (preds == labels[None, :]).sum(axis=0).astype(np.int64),
-            "spread_true": stats[:, 1, 0].mean(axis=(1, 2)).astype(np.float64),
-            "spread_pred": stats[:, 1, 1].mean(axis=(1, 2)).astype(np.float64),
+            "spread_true": spread[:, 0].astype(np.float64),
+            "spread_pred": spread[:, 1].astype(np.float64),
             "overlay": [f"overlays/{i}.png" for i in ids],
         }
     )
+    feature_names: list[str] = []
+    if tabular:
+        n_feat = attributions.shape[-1]
+        given = [str(f) for f in manifest.get("feature_names", [])]
+        feature_names = [given[i] if i < len(given) else f"feature {i}" for i in range(n_feat)]
+        for t, target in enumerate(("true", "pred")):
+            index[f"attr_{target}_mean"] = [r.tolist() for r in stats[:, 0, t]]
+            index[f"attr_{target}_std"] = [r.tolist() for r in stats[:, 1, t]]
     max_value = float((manifest.get("input") or {}).get("max_value", 255))
     run_labels = [f"run {r.meta.get('run_index', k)}" for k, r in enumerate(runs)]
     out_dir = folder(store, split)
-    maps16, stats16 = maps.astype(np.float16), stats.astype(np.float16)
+    shape = list(attributions.shape[-1:]) if tabular else list(maps.shape[-2:])
     with staging_dir(out_dir, replace=True) as tmp:
-        atomic_save_npy(tmp / "maps.npy", maps16)
-        atomic_save_npy(tmp / "stats.npy", stats16)
+        if tabular:
+            atomic_save_npy(tmp / "attributions.npy", attributions.astype(np.float32))
+            atomic_save_npy(tmp / "stats.npy", stats.astype(np.float32))
+            x_feat = _mlp_inputs(x_raw, manifest)
+            for i in range(n):
+                png = attribution_chart(
+                    feature_names,
+                    x_feat[i],
+                    attributions[i],
+                    str(index["label_name"][i]),
+                    preds[:, i] != labels[i],
+                )
+                atomic_write_bytes(tmp / "overlays" / f"{ids[i]}.png", png)
+        else:
+            maps16, stats16 = maps.astype(np.float16), stats.astype(np.float16)
+            atomic_save_npy(tmp / "maps.npy", maps16)
+            atomic_save_npy(tmp / "stats.npy", stats16)
+            if attributions is not None:
+                atomic_save_npy(tmp / "attributions.npy", attributions.astype(np.float32))
+            for i in range(n):
+                atomic_write_bytes(
+                    tmp / "overlays" / f"{ids[i]}.png",
+                    overlay_strip(
+                        x_raw[i],
+                        max_value,
+                        maps16[i],
+                        stats16[i],
+                        run_labels,
+                        preds[:, i] != labels[i],
+                    ),
+                )
         table = pa.Table.from_pandas(index, preserve_index=False)  # pred: list<int64>
         atomic_write_bytes(tmp / "samples.parquet", parquet_bytes(table))
         atomic_write_json(tmp / "samples.json", json.loads(index.to_json(orient="records")))
-        for i in range(n):
-            atomic_write_bytes(
-                tmp / "overlays" / f"{ids[i]}.png",
-                overlay_strip(
-                    x_raw[i], max_value, maps16[i], stats16[i], run_labels, preds[:, i] != labels[i]
-                ),
-            )
         meta = {
             "experiment": store.name,
             "split": split,
-            "method": "GradCAM (pytorch_grad_cam)",
+            "method": method,
+            "input": "tabular" if tabular else "image",
             "model": model_name,
             "layer": layer_name,
             "run_ids": [r.run_id for r in runs],
@@ -511,16 +629,28 @@ def saliency(
             "top": top,
             "seed": seed,
             "n_samples": n,
-            "shape": [h, w],
+            "shape": shape,
             "targets": list(TARGETS),
             "stats": list(STATS),
-            "maps": "float16 [n_samples, runs, target, H, W]; each map scaled to [0, 1]",
         }
+        if tabular:
+            meta["feature_names"] = feature_names
+            meta["attributions"] = (
+                "float32 [n_samples, runs, target, features]: gradient x input of the "
+                "target's logit (sums to logit - its value at input 0 for a linear model)"
+            )
+        else:
+            meta["maps"] = "float16 [n_samples, runs, target, H, W]; each map scaled to [0, 1]"
+            if attributions is not None:
+                meta["attributions"] = (
+                    "float32 [n_samples, runs, target, features]: signed gradient x "
+                    "input of the flattened image (maps: |.| summed over channels)"
+                )
         atomic_write_json(tmp / "saliency.json", meta)
-    files = [
-        str(out_dir / f)
-        for f in ("maps.npy", "stats.npy", "samples.parquet", "samples.json", "saliency.json")
-    ] + [str(out_dir / "overlays")]
+    names = ["stats.npy", "samples.parquet", "samples.json", "saliency.json"]
+    names = (["attributions.npy"] if attributions is not None else []) + names
+    names = (["maps.npy"] if maps is not None else []) + names
+    files = [str(out_dir / f) for f in names] + [str(out_dir / "overlays")]
     return SaliencyResult(
         store.name,
         split,
@@ -528,11 +658,99 @@ def saliency(
         layer_name,
         [r.run_id for r in runs],
         index,
-        (h, w),
+        tuple(shape),
         out_dir,
         files,
         time.perf_counter() - started,
+        method=method,
+        feature_names=feature_names,
     )
+
+
+def _mlp_inputs(x_raw: np.ndarray, manifest: dict[str, Any]) -> np.ndarray:
+    from mlvar.train.service import input_features
+
+    return input_features(np.asarray(x_raw), manifest)
+
+
+def _gradient_x_input_of_runs(
+    store: ExperimentStore,
+    runs: list[RunRecord],
+    x_raw: np.ndarray,
+    manifest: dict[str, Any],
+    labels: np.ndarray,
+    preds: np.ndarray,
+    progress: Progress | None,
+) -> tuple[str, str, np.ndarray | None, np.ndarray]:
+    """Gradient x input of each run's MLP for the true and its predicted class.
+
+    Returns ``(method, layer, maps, attributions)``: ``attributions`` ``[n, S, 2, F]``
+    (signed, logit units); for image inputs also ``maps`` ``[n, S, 2, H, W]``: the
+    absolute attributions summed over channels, each map scaled to [0, 1] as GradCAM's.
+    """
+    x = _mlp_inputs(x_raw, manifest)
+    n, n_feat = x.shape
+    models = [build_mlp(store, n_feat, r) for r in runs]  # every run checked first
+    attributions = np.empty((n, len(runs), 2, n_feat), dtype=np.float64)
+    for s, model in enumerate(models):
+        attributions[:, s, 0] = gradient_x_input(model, x, labels)
+        attributions[:, s, 1] = gradient_x_input(model, x, preds[s])
+        if progress:
+            progress(s + 1, len(models))
+    if (manifest.get("input") or {}).get("kind") != "image":
+        return "gradient x input", "input", None, attributions
+    pixels = np.abs(attributions).reshape(n, len(runs), 2, *x_raw.shape[1:])
+    if pixels.ndim == 6:  # [n, S, 2, H, W, C]: sum over channels
+        pixels = pixels.sum(axis=-1)
+    peak = pixels.max(axis=(-2, -1), keepdims=True)
+    maps = np.divide(pixels, peak, out=np.zeros_like(pixels), where=peak > 0)
+    return "gradient x input", "input", maps.astype(np.float32), attributions
+
+
+def _training_norm(scenario: Any) -> Any:
+    """The image normalisation of training: an ``ImageData`` of the train split, whose
+    statistics are computed as training does (one thread per kernel)."""
+    import torch
+
+    from mlvar.train import images
+
+    train = scenario.load("train")
+    return images._build_data({"train": train}, scenario.manifest, torch.device("cpu"))
+
+
+def _gradcam_of_runs(
+    scenario: Any,
+    split: str,
+    runs: list[RunRecord],
+    x_raw: np.ndarray,
+    model_name: str,
+    labels: np.ndarray,
+    preds: np.ndarray,
+    layer: str | None,
+    batch_size: int,
+    progress: Progress | None,
+) -> tuple[str, str, np.ndarray, None]:
+    """GradCAM ``[n, S, 2, H, W]`` of each run's image model, true and predicted class."""
+    import torch
+
+    from mlvar.train.images import to_nchw
+
+    x = _training_norm(scenario).normalise(to_nchw(x_raw))
+    n_classes = len(scenario.class_names)
+    channels = int(x.shape[1])
+    # Build every model (checks weights and the layer) before computing anything.
+    models = [build_trained(model_name, channels, n_classes, r) for r in runs]
+    layer_name, _ = target_layer(models[0], layer)
+    n, (h, w) = len(x), tuple(int(v) for v in x.shape[2:])
+    maps = np.empty((n, len(runs), 2, h, w), dtype=np.float32)
+    for s, model in enumerate(models):
+        both = torch.cat([x, x])
+        targets = np.concatenate([labels, preds[s]])
+        out = gradcam(model, both, targets, layer_name, batch_size=2 * batch_size)
+        maps[:, s, 0], maps[:, s, 1] = out[:n], out[n:]
+        if progress:
+            progress(s + 1, len(models))
+    return "GradCAM (pytorch_grad_cam)", layer_name, maps, None
 
 
 @dataclass

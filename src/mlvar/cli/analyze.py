@@ -386,7 +386,7 @@ def saliency_(
         str | None,
         typer.Option(
             help="Module GradCAM hooks, as named by model.named_modules() "
-            "(default: the last Conv2d).",
+            "(default: the last Conv2d; image models only).",
             show_default=False,
         ),
     ] = None,
@@ -397,13 +397,15 @@ def saliency_(
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """GradCAM maps of the top-ranked samples under each seed's saved model.
+    """Attributions of the top-ranked samples under each seed's saved model.
 
-    For the true class and each run's predicted class, with their mean, std and max-min
-    across seeds; random unaffected samples give the contrast. Needs an image model's
-    runs (they save model.pt) and the prepared scenario in the data root. Writes
-    analysis/saliency-<split>/ (maps.npy, stats.npy, samples.parquet/json, overlays/);
-    'mlvar report html' then shows each sample's strip.
+    Image models get GradCAM maps; the MLP gets gradient x input per feature (on images:
+    per pixel, shown as maps). For the true class and each run's predicted class, with
+    their mean, std and max-min across seeds; random unaffected samples give the
+    contrast. Needs runs that saved model.pt and the prepared scenario in the data root.
+    Writes analysis/saliency-<split>/ (maps.npy or attributions.npy, stats.npy,
+    samples.parquet/json, overlays/); 'mlvar report html' then shows each sample's strip
+    or chart.
 
     Example: mlvar analyze saliency digits-holdout-sub3-r1.0-cnn --top 10 --seeds 8
     """
@@ -429,7 +431,7 @@ def saliency_(
                 layer=layer,
                 seed=seed,
                 batch_size=batch_size,
-                progress=lambda done, total: bar.update("GradCAM (runs)", done, total),
+                progress=lambda done, total: bar.update("saliency (runs)", done, total),
             )
     if json_out:
         print_json(result.to_dict())
@@ -449,7 +451,7 @@ def saliency_(
     ]
     console.print(
         table(
-            f"{experiment}: GradCAM ({result.model}, layer {result.layer}) of "
+            f"{experiment}: {_method_title(result)} of "
             f"{len(rows)} {split} samples under {result.n_seeds} runs, ranked by {by}",
             [
                 "rank",
@@ -464,12 +466,20 @@ def saliency_(
             rows,
         )
     )
-    console.print(
-        "spread: mean over pixels of the std across runs of the map (true / predicted class)",
-        style="dim",
+    over = (
+        "features of the std across runs of the attribution"
+        if result.feature_names
+        else ("pixels of the std across runs of the map")
     )
+    console.print(f"spread: mean over {over} (true / predicted class)", style="dim")
     for f in result.files:
         console.print(f"wrote {f}", style="dim")
+
+
+def _method_title(result) -> str:
+    if result.method.startswith("GradCAM"):
+        return f"GradCAM ({result.model}, layer {result.layer})"
+    return f"{result.method} ({result.model})"
 
 
 @app.command("import", no_args_is_help=True)

@@ -9,8 +9,9 @@ Layout of ``<reports_root>/<experiment>/``::
     *.png                 the figures (matplotlib, Agg)
     samples/<page>.html   one page per sample of the top K and K random unaffected ones
     samples/<page>.png    their image, when the prepared scenario is at hand
-    samples/<page>.saliency.png   their GradCAM strip, when ``mlvar analyze saliency``
-                          computed one for the sample (copied from analysis/saliency-<split>/)
+    samples/<page>.saliency.png   their GradCAM (or gradient x input) strip, or for tabular
+                          data their per-feature attribution chart, when ``mlvar analyze
+                          saliency`` computed one (copied from analysis/saliency-<split>/)
 
 Everything shown comes from the run store through the analysis service. Every string
 that came from data (names, labels, ids, descriptions) is escaped: by jinja2's
@@ -373,19 +374,56 @@ def _sample_context(
         ],
         "n_samples": n_samples,
         # Per-sample attributions (DESIGN 8): a list of {"title", "image"} dicts, set by
-        # build_report when analysis/saliency-<split>/ has a GradCAM strip of the sample.
+        # build_report when analysis/saliency-<split>/ has a strip or chart of the sample;
+        # tabular samples also get their per-feature attributions (name, value, true, pred).
         "attribution": None,
+        "feature_attribution": None,
     }
+
+
+def _method(meta: dict[str, Any]) -> str:
+    """How a saliency folder attributes: its method, with the layer for GradCAM."""
+    method = str(meta.get("method", "GradCAM"))
+    if method.startswith("GradCAM"):
+        return f"GradCAM at layer {meta.get('layer', '?')}"
+    return method
 
 
 def _strip_title(strips: SaliencyIndex, label: Any) -> str:
     meta = strips.meta
     n = len(meta.get("run_ids", []))
+    if meta.get("input") == "tabular":
+        return (
+            f"{_method(meta)} per feature of {n} runs: left for the true class ({label}), "
+            "right for each run's predicted class; bars the mean across runs, whiskers the "
+            "std, dots the runs (red: a wrong prediction)"
+        )
+    what = _method(meta)
+    if not what.startswith("GradCAM"):
+        what += " (|attribution| summed over channels, each map scaled to 0..1)"
     return (
-        f"GradCAM at layer {meta.get('layer', '?')} of {n} runs: top row the true class "
+        f"{what} of {n} runs: top row the true class "
         f"({label}), bottom row each run's predicted class (red frame: wrong); columns the "
         "input, each run, and the mean, std (0 to 0.5) and max - min across runs"
     )
+
+
+def _feature_attribution(
+    row: dict[str, Any], features: list[tuple[str, str]]
+) -> list[tuple[str, str, str, str]] | None:
+    """Per feature of a tabular sample: name, value, and the gradient x input of the true
+    and of the predicted class as "mean ± std" across runs (None without attributions)."""
+    cols = ("attr_true_mean", "attr_true_std", "attr_pred_mean", "attr_pred_std")
+    try:
+        tm, ts, pm, ps = (np.asarray(row[c], dtype=np.float64) for c in cols)
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not features or not (len(tm) == len(ts) == len(pm) == len(ps) == len(features)):
+        return None
+    return [
+        (name, value, f"{fmt(tm[i])} ± {fmt(ts[i])}", f"{fmt(pm[i])} ± {fmt(ps[i])}")
+        for i, (name, value) in enumerate(features)
+    ]
 
 
 def _saliency_note(strips: SaliencyIndex | None, n_pages: int, split: str) -> str:
@@ -397,10 +435,14 @@ def _saliency_note(strips: SaliencyIndex | None, n_pages: int, split: str) -> st
             "(computed with another --top or --by)."
         )
     meta = strips.meta
+    method = str(meta.get("method", "GradCAM"))
+    gradcam = method.startswith("GradCAM")
+    what = "attribution charts" if meta.get("input") == "tabular" else "strips"
+    layer = f"layer {meta.get('layer', '?')}, " if gradcam else ""
     return (
-        f"{n_pages} of these pages show GradCAM strips ({len(meta.get('run_ids', []))} runs, "
-        f"layer {meta.get('layer', '?')}; from analysis/saliency-{split}/, written by "
-        "'mlvar analyze saliency')."
+        f"{n_pages} of these pages show {'GradCAM' if gradcam else method} {what} "
+        f"({layer}{len(meta.get('run_ids', []))} runs; from analysis/saliency-{split}/, "
+        "written by 'mlvar analyze saliency')."
     )
 
 
@@ -564,6 +606,9 @@ def build_report(
                 sample["attribution"] = [
                     {"title": _strip_title(strips, row["label_name"]), "image": strip}
                 ]
+                sample["feature_attribution"] = _feature_attribution(
+                    strips.rows[str(ids[row_no])], sample["features"]
+                )
             nav = {
                 "prev": f"{names[page_rows[k - 1]]}.html" if k > 0 else None,
                 "next": f"{names[page_rows[k + 1]]}.html" if k + 1 < len(page_rows) else None,

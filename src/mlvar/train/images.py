@@ -407,6 +407,17 @@ def train_run(
     )
 
 
+def weights_file(state_dict: dict[str, torch.Tensor]) -> tuple[bytes, dict[str, Any]]:
+    """The bytes of ``model.pt`` for ``state_dict`` and what ``run.json`` says of them."""
+    buf = io.BytesIO()
+    torch.save(state_dict, buf)
+    info = {
+        "format": "torch.save(state_dict); torch.load(weights_only=True)",
+        "tensors": len(state_dict),
+    }
+    return buf.getvalue(), info
+
+
 def write_run(
     store: ExperimentStore,
     run_id: str,
@@ -439,15 +450,9 @@ def write_run(
             "dtype": str(dynamics.dtype),
         }
         meta = dict(meta, dynamics_epochs=int(dynamics.shape[0]))
-    buf = io.BytesIO()
-    torch.save(state_dict, buf)
-    data = buf.getvalue()
+    data, info = weights_file(state_dict)
     atomic_write_bytes(path / WEIGHTS_FILE, data)
-    listed[WEIGHTS_FILE] = {
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "format": "torch.save(state_dict); torch.load(weights_only=True)",
-        "tensors": len(state_dict),
-    }
+    listed[WEIGHTS_FILE] = {"sha256": hashlib.sha256(data).hexdigest(), **info}
     meta = dict(meta, run_id=run_id, status="complete", arrays=listed)
     atomic_write_json(path / "run.json", meta)
     (path / CHECKPOINT_FILE).unlink(missing_ok=True)

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -178,13 +179,15 @@ def train_loop(
     progress: EpochProgress | None = None,
     trace: Trace | None = None,
     dynamics: torch.Tensor | None = None,
-) -> list[dict[str, torch.Tensor]]:
+    weights: bool = False,
+) -> list[dict[str, Any]]:
     """Train one model per entry of ``gens``, one after the other.
 
     Returns, per run, the logits ``[n, C]`` of every tensor in ``eval_x`` (on the CPU).
     With ``dynamics`` (inputs ``[m, F]``, usually the training set), each run's result also
     holds ``"dynamics"``: eval-mode logits of those inputs after every epoch, ``[E, m, C]``.
-    Recording reads the model only; it changes nothing in training.
+    Recording reads the model only; it changes nothing in training. With ``weights``, it
+    holds ``"state_dict"``: the trained :class:`MLP`'s ``state_dict`` (CPU tensors).
     """
     device = data.x.device
     n = len(data.y)
@@ -229,6 +232,10 @@ def train_loop(
                 results.append({k: model(x).float().cpu() for k, x in eval_x.items()})
             if dynamics is not None:
                 results[-1]["dynamics"] = torch.stack(recorded)
+            if weights:
+                results[-1]["state_dict"] = {
+                    k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+                }
     return results
 
 
@@ -276,6 +283,7 @@ class _Pack:
             for _ in range(2)
         ]
         self.s, self.hidden = s, hidden
+        self.steps = 0  # training steps taken (batch norm's num_batches_tracked)
         self._buffers: dict[int, list[torch.Tensor]] = {}
 
     def parameters(self) -> list[torch.Tensor]:
@@ -339,6 +347,33 @@ class _Pack:
         dz1 = self._bn_relu_backward(dy, a1, g1, rm1, rv1, mean1, invstd1, gg1, gbe1, dz)
         torch.bmm(x.transpose(1, 2), dz1, out=gw1)
         torch.sum(dz1, 1, out=gb1)
+        self.steps += 1
+
+    def state_dicts(self) -> list[dict[str, torch.Tensor]]:
+        """Each seed's weights as the ``state_dict`` of an :class:`MLP` (CPU copies), so a
+        batched run loads into the ``nn.Module`` exactly as a loop run does."""
+        w1, b1, g1, be1, w2, b2, g2, be2, w3t, b3 = (p.detach().cpu() for p in self.params)
+        (rm1, rv1), (rm2, rv2) = (
+            (m.detach().cpu().view(self.s, -1), v.detach().cpu().view(self.s, -1))
+            for m, v in self.running
+        )
+        tracked = torch.tensor(self.steps, dtype=torch.int64)
+        out = []
+        for i in range(self.s):
+            state = {}
+            for k, w, b in ((1, w1, b1), (2, w2, b2)):
+                gamma, beta, rm, rv = (g1, be1, rm1, rv1) if k == 1 else (g2, be2, rm2, rv2)
+                state[f"fc{k}.weight"] = w[i].T.contiguous()
+                state[f"fc{k}.bias"] = b[i].clone()
+                state[f"bn{k}.weight"] = gamma[i].clone()
+                state[f"bn{k}.bias"] = beta[i].clone()
+                state[f"bn{k}.running_mean"] = rm[i].clone()
+                state[f"bn{k}.running_var"] = rv[i].clone()
+                state[f"bn{k}.num_batches_tracked"] = tracked.clone()
+            state["fc3.weight"] = w3t[i].clone()  # stored [C, H], as nn.Linear
+            state["fc3.bias"] = b3[i].clone()
+            out.append(state)
+        return out
 
     @staticmethod
     def _bn_relu_backward(dy, a, gamma, rm, rv, mean, invstd, g_gamma, g_beta, out):
@@ -387,7 +422,8 @@ def train_batched(
     progress: EpochProgress | None = None,
     trace: Trace | None = None,
     dynamics: torch.Tensor | None = None,
-) -> list[dict[str, torch.Tensor]]:
+    weights: bool = False,
+) -> list[dict[str, Any]]:
     """Train one model per entry of ``gens`` together as stacked tensors.
 
     Same contract as :func:`train_loop`. On the CPU the pack is cut into slices of at least
@@ -414,7 +450,16 @@ def train_batched(
         elif trace:
             trace(kind, *payload)
 
-    job = _Job(data, cfg, gens, inits, eval_x, tracing=trace is not None, dynamics=dynamics)
+    job = _Job(
+        data,
+        cfg,
+        gens,
+        inits,
+        eval_x,
+        tracing=trace is not None,
+        dynamics=dynamics,
+        weights=weights,
+    )
     with _one_thread_per_kernel(device):
         if workers == 1:
             outs = [job.train(slices[0], dispatch)]
@@ -443,13 +488,14 @@ class _Job:
     eval_x: dict[str, torch.Tensor]
     tracing: bool
     dynamics: torch.Tensor | None = None  # inputs evaluated after every epoch
+    weights: bool = False  # also return each run's state_dict
     stop: threading.Event = field(default_factory=threading.Event)
 
     def train_in_threads(self, slices: list[range], dispatch: Callable[..., None]) -> list:
         """Train each slice in its own thread; make the workers' callbacks in this one."""
         events: queue.SimpleQueue = queue.SimpleQueue()
 
-        def work(runs: range) -> dict[str, torch.Tensor]:
+        def work(runs: range) -> dict[str, Any]:
             try:
                 torch.set_num_threads(1)  # this thread's OpenMP setting, as the caller's
                 return self.train(runs, lambda *event: events.put(event))
@@ -474,8 +520,9 @@ class _Job:
                 raise
             return [f.result() for f in futures]
 
-    def train(self, runs: range, emit: Callable[..., None]) -> dict[str, torch.Tensor]:
-        """Train the runs ``runs`` together; return their eval logits ``[S, n, C]``.
+    def train(self, runs: range, emit: Callable[..., None]) -> dict[str, Any]:
+        """Train the runs ``runs`` together; return their eval logits ``[S, n, C]`` (and,
+        with ``weights``, ``"state_dict"``: a list of ``S`` state dicts).
 
         Calls ``emit("epoch", len(runs))`` after every epoch and, when tracing,
         ``emit("batch", run, (epoch, step, indices))`` for every batch of every run.
@@ -524,6 +571,8 @@ class _Job:
         out = {k: model.predict(x).float().cpu() for k, x in self.eval_x.items()}
         if self.dynamics is not None:
             out["dynamics"] = torch.stack(recorded, dim=1)  # [S, E, m, C]
+        if self.weights:
+            out["state_dict"] = model.state_dicts()
         return out
 
 

@@ -55,7 +55,11 @@ class TrainResult:
 
 def features(split: SplitData, manifest: dict[str, Any]) -> np.ndarray:
     """Model inputs of one split as float32 ``[n, F]``: images are flattened and scaled."""
-    x = split.x
+    return input_features(split.x, manifest)
+
+
+def input_features(x: np.ndarray, manifest: dict[str, Any]) -> np.ndarray:
+    """The MLP's float32 ``[n, F]`` inputs of the rows ``x`` of a prepared scenario."""
     if manifest.get("input", {}).get("kind") == "image":
         scale = float(manifest["input"].get("max_value", 255))
         return (x.reshape(len(x), -1).astype(np.float32) / scale).astype(np.float32)
@@ -290,10 +294,12 @@ def train(
             eval_x,
             progress=on_epoch,
             dynamics=eval_x["train"] if cfg.record_dynamics else None,
+            weights=True,
         )
         pack_wall = time.perf_counter() - t0
         for index, gen, logits in zip(indices, gens, outputs, strict=True):
             recorded = logits.pop("dynamics", None)
+            weights = images.weights_file(logits.pop("state_dict"))
             arrays = {s: v.numpy().astype(cfg.logits_dtype) for s, v in logits.items()}
             acc = {s: float((arrays[s].argmax(axis=1) == splits[s].y).mean()) for s in arrays}
             run_meta = {
@@ -318,6 +324,7 @@ def train(
                 arrays,
                 run_meta,
                 dynamics=None if recorded is None else recorded.numpy().astype(np.float16),
+                files={images.WEIGHTS_FILE: weights},
             )
             result.trained.append(record.run_id)
             result.accuracy[record.run_id] = acc
