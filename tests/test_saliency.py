@@ -480,3 +480,106 @@ def test_demo_report_has_gradcam_strips(tmp_path: Path) -> None:
     strips = list((result.report.parent / "samples").glob("*.saliency.png"))
     assert len(pages) == len(strips) == 2 * DEMO_TOP
     assert "GradCAM strips" in result.report.read_text()
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def test_run_shards_merge_to_the_unsharded_result(work: Path, tmp_path: Path) -> None:
+    root = tmp_path / "copy"
+    shutil.copytree(work, root)
+    store = _store(root)
+    whole = sal.saliency(store, root / "data", top=3, seeds=3)
+    expected = _files(whole.path)
+    meta = expected.pop("saliency.json")
+    shutil.rmtree(whole.path)
+    blocks = []
+    for j in (2, 1):  # any order
+        part = sal.saliency_shard(store, root / "data", (j, 2), top=3, seeds=3)
+        blocks.append(part.run_ids)
+        assert part.path == sal.shards_folder(store, "test") / f"r{j}of2"
+    assert blocks == [["run-0001", "run-0002"], ["run-0000"]]
+    merged = sal.merge_saliency_shards(store, root / "data")
+    got = _files(merged.path)
+    assert json.loads(got.pop("saliency.json")) == json.loads(meta)
+    assert got.keys() == expected.keys()
+    for name in expected:  # maps, stats, index and every overlay PNG, byte for byte
+        assert got[name] == expected[name], name
+
+
+def test_tabular_run_shards_merge_exactly(compas_work: Path, tmp_path: Path) -> None:
+    root = tmp_path / "copy"
+    shutil.copytree(compas_work, root)
+    store = ExperimentStore.open(root / "runs", "tab")
+    whole = sal.saliency(store, root / "data", top=2, seeds=3)
+    expected = _files(whole.path)
+    for j in (1, 2, 3):
+        sal.saliency_shard(store, root / "data", (j, 3), top=2, seeds=3)
+    merged = sal.merge_saliency_shards(store, root / "data")
+    got = _files(merged.path)
+    for name in ("attributions.npy", "stats.npy", "samples.parquet", "samples.json"):
+        assert got[name] == expected[name], name
+
+
+def test_incomplete_or_mismatched_shards_are_refused(work: Path, tmp_path: Path) -> None:
+    root = tmp_path / "copy"
+    shutil.copytree(work, root)
+    shutil.rmtree(root / "runs" / "tiny-cnn" / "analysis", ignore_errors=True)
+    store = _store(root)
+
+    def refused(match: str) -> MlvarError:
+        before = _listing(root)
+        with pytest.raises(MlvarError, match=match) as err:
+            sal.merge_saliency_shards(store, root / "data")
+        assert _listing(root) == before and not sal.folder(store, "test").exists()
+        return err.value
+
+    refused("no saliency shards")
+    sal.saliency_shard(store, root / "data", (1, 3), top=2, seeds=3)
+    assert "compute them" in refused(r"blocks \[2, 3\] of 3 are missing").hint
+    sal.saliency_shard(store, root / "data", (2, 2), top=2, seeds=3)
+    refused(r"mix block counts \[2, 3\]")
+    shutil.rmtree(sal.shards_folder(store, "test") / "r1of3")
+    sal.saliency_shard(store, root / "data", (1, 2), top=3, seeds=3)  # another --top
+    refused("explain different things .*top")
+    sal.saliency_shard(store, root / "data", (1, 2), top=2, seeds=3)
+    maps = sal.shards_folder(store, "test") / "r2of2" / "maps.npy"
+    data = bytearray(maps.read_bytes())
+    data[-1] ^= 0x01
+    maps.write_bytes(bytes(data))
+    refused("r2of2 .* not usable: maps.npy is missing or does not match its sha256")
+    with pytest.raises(MlvarError, match="only 3 runs to explain"):
+        sal.saliency_shard(store, root / "data", (1, 4), top=2, seeds=3)
+    with pytest.raises(MlvarError, match="1 <= j <= m"):
+        sal.saliency_shard(store, root / "data", (3, 2), top=2, seeds=3)
+
+
+def test_cli_run_shards_and_merge(work: Path, tmp_path: Path, monkeypatch) -> None:
+    root = tmp_path / "copy"
+    shutil.copytree(work, root)
+    shutil.rmtree(root / "runs" / "tiny-mlp" / "analysis", ignore_errors=True)
+    monkeypatch.delenv("MLVAR_CONFIG", raising=False)
+    for var, sub in {"MLVAR_DATA_ROOT": "data", "MLVAR_RUNS_ROOT": "runs"}.items():
+        monkeypatch.setenv(var, str(root / sub))
+    runner = CliRunner()
+    base = ["analyze", "saliency", "tiny-mlp", "--top", "2", "--seeds", "2"]
+    for j in (1, 2):
+        result = runner.invoke(app, [*base, "--run-shard", f"{j}/2", "--json"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["run_ids"] == [f"run-000{j - 1}"]
+    result = runner.invoke(app, ["analyze", "saliency", "tiny-mlp", "--merge", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["method"] == "gradient x input" and out["run_ids"] == ["run-0000", "run-0001"]
+    for args, words in [
+        (["--merge", "--run-shard", "1/2"], "--merge and --run-shard exclude each other"),
+        (["--run-shard", "3/2"], "--run-shard must be i/k with 1 <= i <= k"),
+        (["--run-shard", "1/3"], "only 2 runs to explain"),
+    ]:
+        result = runner.invoke(app, [*base, *args])
+        assert result.exit_code == 2, (args, result.output)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and words in lines[0], lines

@@ -459,32 +459,57 @@ def _summary(maps: np.ndarray) -> np.ndarray:
     return np.stack([maps.mean(axis=1), maps.std(axis=1), maps.max(axis=1) - maps.min(axis=1)], 1)
 
 
-def saliency(
+@dataclass
+class _Plan:
+    """What one saliency computation explains, under which runs: fixed by the store, the
+    ranking and the arguments, so every shard of a sharded saliency plans the same."""
+
+    split: str
+    by: str
+    top: int
+    seed: int
+    seeds: int
+    model_name: str
+    runs: list[RunRecord]  # the first `seeds` verified runs, by run id
+    rows: list[int]  # ranking rows of the samples
+    chosen: pd.DataFrame  # those ranking rows
+    ids: np.ndarray  # their sample ids
+    positions: np.ndarray  # their row numbers in the split
+    x_raw: np.ndarray  # their inputs, as prepared
+    scenario: Any
+    labels: np.ndarray  # [n]
+    preds: np.ndarray  # [S, n]: each run's predicted class
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What shards must agree on to be merged."""
+        return {
+            "split": self.split,
+            "by": self.by,
+            "top": self.top,
+            "seed": self.seed,
+            "seeds": self.seeds,
+            "model": self.model_name,
+            "run_ids": [r.run_id for r in self.runs],
+            "sample_ids": [int(i) for i in self.ids],
+        }
+
+
+def _plan(
     store: ExperimentStore,
     data_root: Path,
-    split: str = "test",
-    top: int = TOP_DEFAULT,
-    seeds: int = SEEDS_DEFAULT,
-    by: str | None = None,
-    layer: str | None = None,
-    seed: int = 0,
-    batch_size: int = BATCH_DEFAULT,
-    progress: Progress | None = None,
-) -> SaliencyResult:
-    """Attributions of the top ``top`` samples by ``by`` and ``top`` random unaffected ones
-    (drawn with ``seed``) under the first ``seeds`` verified runs (by run id), for the
-    true and each run's predicted class; written to ``analysis/saliency-<split>/``.
-
-    Image models get GradCAM at ``layer`` (default: the last ``Conv2d``); the MLP gets
-    gradient x input (``layer`` must then be None). Everything is checked (arguments,
-    runs, weights, scenario, layer) before anything is written; the folder appears
-    complete or not at all.
-    """
+    split: str,
+    top: int,
+    seeds: int,
+    by: str | None,
+    layer: str | None,
+    seed: int,
+    batch_size: int,
+) -> _Plan:
+    """Check the arguments, rank, choose the samples and runs, read their inputs."""
     from mlvar.analysis import service as analysis
     from mlvar.report.samples import choose_pages
     from mlvar.train.models import IMAGE_MODELS
 
-    started = time.perf_counter()
     by = by or analysis.DEFAULT_RANK_BY
     analysis.check_by(by)
     if top < 1:
@@ -526,26 +551,319 @@ def saliency(
     positions = position_of.get_indexer(ids)
     x_raw, scenario = _scenario_rows(store, data_root, split, ids)
     kind = _input_kind(scenario)
-    manifest = scenario.manifest
+    if model_name != "mlp" and kind != "image":
+        raise MlvarError(
+            f"scenario '{scenario.name}' holds {kind} inputs: GradCAM needs images",
+            "train an image model (e.g. 'mlvar train digits --model cnn')",
+        )
     labels = chosen["label"].to_numpy(dtype=np.int64)
     preds = np.stack(
         [np.asarray(r.load_logits(split)[positions]).argmax(axis=1) for r in runs]
     ).astype(np.int64)  # [S, n]
+    return _Plan(
+        split,
+        by,
+        top,
+        seed,
+        seeds,
+        model_name,
+        runs,
+        rows,
+        chosen,
+        ids,
+        positions,
+        x_raw,
+        scenario,
+        labels,
+        preds,
+    )
 
-    if model_name == "mlp":
-        computed_maps = _gradient_x_input_of_runs(
-            store, runs, x_raw, manifest, labels, preds, progress
+
+def _compute(
+    store: ExperimentStore,
+    plan: _Plan,
+    block: range,
+    layer: str | None,
+    batch_size: int,
+    progress: Progress | None,
+) -> tuple[str, str, np.ndarray | None, np.ndarray | None]:
+    """The attributions of the plan's samples under the runs ``plan.runs[block]``:
+    ``(method, layer, maps [n, S_block, 2, H, W] or None, attributions or None)``."""
+    runs = [plan.runs[i] for i in block]
+    preds = plan.preds[block.start : block.stop]
+    if plan.model_name == "mlp":
+        return _gradient_x_input_of_runs(
+            store, runs, plan.x_raw, plan.scenario.manifest, plan.labels, preds, progress
         )
-    else:
-        if kind != "image":
+    return _gradcam_of_runs(
+        plan.scenario,
+        runs,
+        plan.x_raw,
+        plan.model_name,
+        plan.labels,
+        preds,
+        layer,
+        batch_size,
+        progress,
+    )
+
+
+def saliency(
+    store: ExperimentStore,
+    data_root: Path,
+    split: str = "test",
+    top: int = TOP_DEFAULT,
+    seeds: int = SEEDS_DEFAULT,
+    by: str | None = None,
+    layer: str | None = None,
+    seed: int = 0,
+    batch_size: int = BATCH_DEFAULT,
+    progress: Progress | None = None,
+) -> SaliencyResult:
+    """Attributions of the top ``top`` samples by ``by`` and ``top`` random unaffected ones
+    (drawn with ``seed``) under the first ``seeds`` verified runs (by run id), for the
+    true and each run's predicted class; written to ``analysis/saliency-<split>/``.
+
+    Image models get GradCAM at ``layer`` (default: the last ``Conv2d``); the MLP gets
+    gradient x input (``layer`` must then be None). Everything is checked (arguments,
+    runs, weights, scenario, layer) before anything is written; the folder appears
+    complete or not at all.
+    """
+    started = time.perf_counter()
+    plan = _plan(store, data_root, split, top, seeds, by, layer, seed, batch_size)
+    computed = _compute(store, plan, range(len(plan.runs)), layer, batch_size, progress)
+    return _write(store, plan, *computed, started)
+
+
+# ------------------------------------------------------------------ sharded by runs
+
+
+def shards_folder(store: ExperimentStore, split: str) -> Path:
+    """``analysis/saliency-shards/<split>/``: one ``r<j>of<m>`` folder per run block."""
+    return store.root / "analysis" / "saliency-shards" / split
+
+
+def _block(j: int, m: int, n_runs: int) -> range:
+    """Runs of block ``j`` of ``m`` (1-based, contiguous): ``[(j-1)S/m, jS/m)``."""
+    return range((j - 1) * n_runs // m, j * n_runs // m)
+
+
+@dataclass
+class SaliencyShard:
+    """One block of runs' attributions, written by :func:`saliency_shard`."""
+
+    path: Path
+    shard: tuple[int, int]
+    run_ids: list[str]  # the block's runs
+    n_samples: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "shard": f"{self.shard[0]}/{self.shard[1]}",
+            "run_ids": self.run_ids,
+            "n_samples": self.n_samples,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def saliency_shard(
+    store: ExperimentStore,
+    data_root: Path,
+    shard: tuple[int, int],
+    split: str = "test",
+    top: int = TOP_DEFAULT,
+    seeds: int = SEEDS_DEFAULT,
+    by: str | None = None,
+    layer: str | None = None,
+    seed: int = 0,
+    batch_size: int = BATCH_DEFAULT,
+    progress: Progress | None = None,
+    out: Path | None = None,
+) -> SaliencyShard:
+    """The attributions of block ``shard = (j, m)`` of the runs :func:`saliency` would use,
+    written to ``out`` (default ``analysis/saliency-shards/<split>/r<j>of<m>/``).
+
+    Every shard plans alike (the same ranking, samples and runs), computes only its runs
+    and writes float32 ``maps.npy`` and/or ``attributions.npy`` ``[n, S_block, 2, ...]``,
+    then ``meta.json`` last, listing each file's sha256; the folder appears in one rename.
+    :func:`merge_saliency_shards` combines a complete set into what :func:`saliency`
+    writes, bit for bit (each run's attributions depend on that run only).
+    """
+    started = time.perf_counter()
+    j, m = shard
+    if not 1 <= j <= m:
+        raise MlvarError(f"--run-shard must be j/m with 1 <= j <= m, got {j}/{m}", "e.g. 1/4")
+    plan = _plan(store, data_root, split, top, seeds, by, layer, seed, batch_size)
+    if m > len(plan.runs):
+        raise MlvarError(
+            f"--run-shard {j}/{m}: there are only {len(plan.runs)} runs to explain "
+            f"(--seeds {seeds})",
+            f"use at most {len(plan.runs)} run blocks",
+        )
+    block = _block(j, m, len(plan.runs))
+    method, layer_name, maps, attributions = _compute(
+        store, plan, block, layer, batch_size, progress
+    )
+    target = Path(out) if out is not None else shards_folder(store, split) / f"r{j}of{m}"
+    arrays = {"maps.npy": maps, "attributions.npy": attributions}
+    with staging_dir(target, replace=True) as tmp:
+        files = {}
+        for name, array in arrays.items():
+            if array is not None:
+                files[name] = atomic_save_npy(tmp / name, array.astype(np.float32))
+        meta = {
+            "kind": "saliency",
+            "experiment": store.name,
+            "shard": [j, m],
+            "block_run_ids": [plan.runs[i].run_id for i in block],
+            "method": method,
+            "layer": layer_name,
+            **plan.fingerprint(),
+            "files": files,
+        }
+        atomic_write_json(tmp / "meta.json", meta)
+    return SaliencyShard(
+        target, (j, m), meta["block_run_ids"], len(plan.ids), time.perf_counter() - started
+    )
+
+
+def _read_shard(folder: Path) -> tuple[dict[str, Any] | None, str]:
+    """``(meta, "")`` for a complete saliency shard whose files match their sha256."""
+    from mlvar.io import sha256_file
+
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except FileNotFoundError:
+        return None, "unfinished (no meta.json)"
+    except (OSError, ValueError):
+        return None, "corrupt meta.json"
+    if not isinstance(meta, dict) or meta.get("kind") != "saliency":
+        return None, "meta.json is not a saliency shard's"
+    files = meta.get("files")
+    if not isinstance(files, dict) or not files:
+        return meta, "meta.json lists no files"
+    for name, digest in files.items():
+        if name not in ("maps.npy", "attributions.npy"):
+            return meta, f"unexpected file {name!r}"
+        if not (folder / name).is_file() or sha256_file(folder / name) != digest:
+            return meta, f"{name} is missing or does not match its sha256"
+    return meta, ""
+
+
+def merge_saliency_shards(
+    store: ExperimentStore, data_root: Path, split: str = "test", layer: str | None = None
+) -> SaliencyResult:
+    """Combine the shards in ``analysis/saliency-shards/<split>/`` into
+    ``analysis/saliency-<split>/``, exactly as an unsharded :func:`saliency` writes it.
+
+    The shards must form one complete set (every block ``j`` of one ``m``), agree on what
+    they explain, and match the store now (the same runs and samples: the plan is redone
+    and compared); anything else is an error naming the problem, and nothing is written.
+    """
+    started = time.perf_counter()
+    root = shards_folder(store, split)
+    found = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if not found:
+        raise MlvarError(
+            f"no saliency shards of split '{split}' in {root}",
+            f"compute them first: mlvar analyze saliency {store.name} --run-shard j/m",
+        )
+    metas = []
+    for folder_ in found:
+        meta, why = _read_shard(folder_)
+        if why:
             raise MlvarError(
-                f"scenario '{scenario.name}' holds {kind} inputs: GradCAM needs images",
-                "train an image model (e.g. 'mlvar train digits --model cnn')",
+                f"saliency shard {folder_.name} of '{store.name}' is not usable: {why}",
+                "recompute it (mlvar analyze saliency --run-shard j/m) or remove it",
             )
-        computed_maps = _gradcam_of_runs(
-            scenario, split, runs, x_raw, model_name, labels, preds, layer, batch_size, progress
+        metas.append((folder_, meta))
+    sizes = {tuple(m["shard"])[1] for _, m in metas}
+    if len(sizes) != 1:
+        raise MlvarError(
+            f"saliency shards of '{store.name}' mix block counts {sorted(sizes)}",
+            f"keep one set in {root}",
         )
-    method, layer_name, maps, attributions = computed_maps
+    m = sizes.pop()
+    have = sorted(int(meta["shard"][0]) for _, meta in metas)
+    if have != list(range(1, m + 1)):
+        missing = sorted(set(range(1, m + 1)) - set(have))
+        raise MlvarError(
+            f"saliency shards of '{store.name}': blocks {missing} of {m} are missing",
+            f"compute them: mlvar analyze saliency {store.name} --run-shard j/{m}",
+        )
+    first = metas[0][1]
+    keys = ("split", "by", "top", "seed", "seeds", "model", "run_ids", "sample_ids", "method")
+    for folder_, meta in metas[1:]:
+        differs = [k for k in keys if meta.get(k) != first.get(k)]
+        if differs:
+            raise MlvarError(
+                f"saliency shards {metas[0][0].name} and {folder_.name} of '{store.name}' "
+                f"explain different things ({', '.join(differs)})",
+                f"recompute the shards with the same arguments, or remove {root}",
+            )
+    plan = _plan(
+        store,
+        data_root,
+        split,
+        first["top"],
+        first["seeds"],
+        first["by"],
+        layer if layer is not None else (None if first["model"] == "mlp" else first["layer"]),
+        first["seed"],
+        BATCH_DEFAULT,
+    )
+    now = plan.fingerprint()
+    differs = [k for k in now if now[k] != first.get(k)]
+    if differs:
+        raise MlvarError(
+            f"the saliency shards of '{store.name}' were computed on other runs or samples "
+            f"than the store holds now ({', '.join(differs)})",
+            "recompute the shards",
+        )
+    metas.sort(key=lambda fm: int(fm[1]["shard"][0]))
+    for (_, meta), j in zip(metas, range(1, m + 1), strict=True):
+        expected = [plan.runs[i].run_id for i in _block(j, m, len(plan.runs))]
+        if meta.get("block_run_ids") != expected:
+            raise MlvarError(
+                f"saliency shard r{j}of{m} of '{store.name}' holds runs "
+                f"{meta.get('block_run_ids')}, expected {expected}",
+                "recompute that shard",
+            )
+
+    def stacked(name: str) -> np.ndarray | None:
+        if name not in first["files"]:
+            return None
+        return np.concatenate([np.load(f / name, allow_pickle=False) for f, _ in metas], axis=1)
+
+    return _write(
+        store,
+        plan,
+        str(first["method"]),
+        str(first["layer"]),
+        stacked("maps.npy"),
+        stacked("attributions.npy"),
+        started,
+    )
+
+
+def _write(
+    store: ExperimentStore,
+    plan: _Plan,
+    method: str,
+    layer_name: str,
+    maps: np.ndarray | None,
+    attributions: np.ndarray | None,
+    started: float,
+) -> SaliencyResult:
+    """Write ``analysis/saliency-<split>/`` for the plan's samples under all its runs."""
+    split, top, by, seed, model_name = plan.split, plan.top, plan.by, plan.seed, plan.model_name
+    runs, rows, chosen, ids = plan.runs, plan.rows, plan.chosen, plan.ids
+    positions, x_raw, labels, preds = plan.positions, plan.x_raw, plan.labels, plan.preds
+    manifest = plan.scenario.manifest
+    if attributions is not None:  # float32-exact values; summaries in float64 either way
+        attributions = attributions.astype(np.float64)
     n = len(ids)
     tabular = maps is None
     if tabular:
@@ -720,7 +1038,6 @@ def _training_norm(scenario: Any) -> Any:
 
 def _gradcam_of_runs(
     scenario: Any,
-    split: str,
     runs: list[RunRecord],
     x_raw: np.ndarray,
     model_name: str,

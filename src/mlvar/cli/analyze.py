@@ -18,7 +18,14 @@ from mlvar.analysis import service
 from mlvar.analysis.curve import runs_curve
 from mlvar.analysis.importer import import_predictions
 from mlvar.analysis.metrics import ALL_METRICS, DYNAMICS_METRICS, METRICS
-from mlvar.analysis.saliency import BATCH_DEFAULT, SEEDS_DEFAULT, TOP_DEFAULT, saliency
+from mlvar.analysis.saliency import (
+    BATCH_DEFAULT,
+    SEEDS_DEFAULT,
+    TOP_DEFAULT,
+    merge_saliency_shards,
+    saliency,
+    saliency_shard,
+)
 from mlvar.analysis.shards import merge_shards, parse_shard, write_shard
 from mlvar.analysis.study import study
 from mlvar.cli.common import (
@@ -394,6 +401,23 @@ def saliency_(
     batch_size: Annotated[
         int, typer.Option("--batch-size", help="Samples per GradCAM batch.")
     ] = BATCH_DEFAULT,
+    run_shard: Annotated[
+        str | None,
+        typer.Option(
+            "--run-shard",
+            help="Compute only block j of m of the runs (j/m) into "
+            "analysis/saliency-shards/<split>/; combine with --merge.",
+            show_default=False,
+        ),
+    ] = None,
+    merge: Annotated[
+        bool,
+        typer.Option(
+            "--merge",
+            help="Combine a complete set of --run-shard results (other options "
+            "come from the shards).",
+        ),
+    ] = False,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -407,9 +431,16 @@ def saliency_(
     samples.parquet/json, overlays/); 'mlvar report html' then shows each sample's strip
     or chart.
 
+    Large jobs split over the runs: '--run-shard j/m' for j = 1..m (separate processes or
+    machines, or 'mlvar submit analyze --saliency'), then '--merge'.
+
     Example: mlvar analyze saliency digits-holdout-sub3-r1.0-cnn --top 10 --seeds 8
     """
     with cli_errors(), warnings_to_stderr():
+        if merge and run_shard is not None:
+            raise MlvarError(
+                "--merge and --run-shard exclude each other", "run one, then the other"
+            )
         if top < 1 or seeds < 1 or batch_size < 1:
             name, value = next(
                 (n, v)
@@ -420,19 +451,52 @@ def saliency_(
         service.check_by(by)
         cfg = get_config(config)
         store = ExperimentStore.open(cfg.paths.runs_root, experiment)
+        shard = parse_shard(run_shard, "--run-shard") if run_shard is not None else None
         with ProgressBar(not json_out) as bar:
-            result = saliency(
-                store,
-                Path(cfg.paths.data_root),
-                split,
-                top=top,
-                seeds=seeds,
-                by=by,
-                layer=layer,
-                seed=seed,
-                batch_size=batch_size,
-                progress=lambda done, total: bar.update("saliency (runs)", done, total),
+            if merge:
+                result = merge_saliency_shards(store, Path(cfg.paths.data_root), split, layer)
+            elif shard is not None:
+                part = saliency_shard(
+                    store,
+                    Path(cfg.paths.data_root),
+                    shard,
+                    split,
+                    top=top,
+                    seeds=seeds,
+                    by=by,
+                    layer=layer,
+                    seed=seed,
+                    batch_size=batch_size,
+                    progress=lambda done, total: bar.update("saliency (runs)", done, total),
+                )
+            else:
+                result = saliency(
+                    store,
+                    Path(cfg.paths.data_root),
+                    split,
+                    top=top,
+                    seeds=seeds,
+                    by=by,
+                    layer=layer,
+                    seed=seed,
+                    batch_size=batch_size,
+                    progress=lambda done, total: bar.update("saliency (runs)", done, total),
+                )
+    if shard is not None:
+        if json_out:
+            print_json(part.to_dict())
+        else:
+            console.print(
+                f"{experiment}: saliency shard {shard[0]}/{shard[1]} ({len(part.run_ids)} runs: "
+                f"{', '.join(part.run_ids)}; {part.n_samples} samples) in {part.path}",
+                markup=False,
             )
+            console.print(
+                f"merge a complete set with: mlvar analyze saliency {experiment} --merge",
+                style="dim",
+                markup=False,
+            )
+        return
     if json_out:
         print_json(result.to_dict())
         return
