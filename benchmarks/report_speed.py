@@ -18,8 +18,12 @@ top 50 samples and 50 random unaffected ones, 8 seeds, true and predicted class)
 ranking, loading and checking the weights, normalising the images, GradCAM in batches,
 the arrays and 100 overlay strips.
 
+Tabular (``--part tabular``): the real COMPAS CSV (``../shared/data`` or
+``$MLVAR_COMPAS_CSV``), artificial feature at ratio 0.1, ``--seeds`` MLP runs trained
+untimed; then gradient x input of the same 100 samples x 8 seeds, with the charts.
+
 Not a pytest test: ``python benchmarks/report_speed.py [--samples 2000] [--runs 20]
-[--part report|saliency|both] [--model airbench] [--saliency-top 50] [--seeds 8]``.
+[--part report|saliency|tabular|both] [--model airbench] [--saliency-top 50] [--seeds 8]``.
 """
 
 from __future__ import annotations
@@ -172,9 +176,48 @@ def saliency_bench(args: argparse.Namespace) -> dict:
         }
 
 
+def tabular_saliency_bench(args: argparse.Namespace) -> dict:
+    """Gradient x input of COMPAS MLP runs: ``--saliency-top`` top + as many random
+    unaffected samples x ``--seeds`` runs, on the real COMPAS CSV (trained untimed)."""
+    import os
+    import shutil
+
+    from mlvar.analysis.saliency import saliency
+    from mlvar.config import Config, PathsConfig
+    from mlvar.data.registry import prepare
+    from mlvar.store import ExperimentStore
+    from mlvar.train.service import train
+
+    csv = Path(__file__).resolve().parents[2] / "shared" / "data" / "compas-scores-two-years.csv"
+    csv = Path(os.environ.get("MLVAR_COMPAS_CSV", csv))
+    with tempfile.TemporaryDirectory(prefix="mlvar-saliency-bench-") as tmp:
+        root = Path(tmp)
+        (root / "data" / "raw").mkdir(parents=True)
+        shutil.copyfile(csv, root / "data" / "raw" / "compas-scores-two-years.csv")
+        prepare(root / "data", "compas", mode="artificial", ratio=0.1)
+        config = Config(paths=PathsConfig(root / "data", root / "runs", root / "reports"))
+        train(config, "compas", runs=args.seeds, name="bench")
+        store = ExperimentStore.open(root / "runs", "bench")
+        start = time.perf_counter()
+        result = saliency(store, root / "data", top=args.saliency_top, seeds=args.seeds)
+        seconds = time.perf_counter() - start
+        return {
+            "part": "tabular",
+            "model": "mlp",
+            "method": result.method,
+            "features": len(result.feature_names),
+            "samples": len(result.samples),
+            "seeds": result.n_seeds,
+            "seconds": round(seconds, 2),
+            "target_s": SALIENCY_TARGET_S,
+            "ratio_to_target": round(seconds / SALIENCY_TARGET_S, 3),
+            "within_target": seconds < SALIENCY_TARGET_S,
+        }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["report", "saliency", "both"], default="both")
+    parser.add_argument("--part", choices=["report", "saliency", "tabular", "both"], default="both")
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--classes", type=int, default=10)
@@ -188,6 +231,8 @@ def main() -> None:
         out.append(report_bench(args))
     if args.part in ("saliency", "both"):
         out.append(saliency_bench(args))
+    if args.part == "tabular":
+        out.append(tabular_saliency_bench(args))
     print(json.dumps(out if len(out) > 1 else out[0], indent=2))
 
 

@@ -347,25 +347,28 @@ def attribution_chart(
     n_runs, _, n_feat = per_seed.shape
     labels = [f"{n} = {v:.3g}" for n, v in zip(names, values, strict=True)]
     y = np.arange(n_feat)[::-1]
-    fig, axes = plt.subplots(
-        1, 2, figsize=(8.6, 0.9 + 0.28 * n_feat), sharey=True, constrained_layout=True
-    )
+    height = 0.9 + 0.28 * n_feat  # inches
+    fig, axes = plt.subplots(1, 2, figsize=(8.6, height), sharey=True)
+    # Fixed margins (constrained layout would cost a third of the time): room on the
+    # left for the longest label at ~0.065 in per character of the 7 pt font.
+    left = min(0.45, (0.2 + 0.065 * max(len(t) for t in labels)) / 8.6)
+    fig.subplots_adjust(left=left, right=0.98, top=1 - 0.35 / height, bottom=0.55 / height)
+    fig.subplots_adjust(wspace=0.08)
     titles = (f"true class ({label_name})", "each run's predicted class")
+    jitter = (np.arange(n_runs) - (n_runs - 1) / 2) * (0.5 / max(n_runs, 1))
     for t, ax in enumerate(axes):
         a = per_seed[:, t].astype(np.float64)
         mean, std = a.mean(axis=0), a.std(axis=0)
         ax.barh(y, mean, xerr=std, color="#8fb3d9", ecolor="#333333", capsize=2, height=0.6)
-        jitter = (np.arange(n_runs) - (n_runs - 1) / 2) * (0.5 / max(n_runs, 1))
-        for s_ in range(n_runs):
-            bad = t == 1 and bool(wrong[s_])
-            ax.plot(
-                a[s_],
-                y + jitter[s_],
-                "o",
-                ms=2.5,
-                color="#d62728" if bad else "#222222",
-                alpha=0.8,
-            )
+        bad = np.broadcast_to((wrong if t == 1 else np.zeros(n_runs, bool))[:, None], a.shape)
+        ax.scatter(
+            a.ravel(),
+            (y[None, :] + jitter[:, None]).ravel(),
+            s=6,
+            c=np.where(bad.ravel(), "#d62728", "#222222"),
+            alpha=0.8,
+            linewidths=0,
+        )
         ax.axvline(0, color="#999999", lw=0.8)
         ax.set_title(titles[t], fontsize=9)
         ax.set_xlabel("gradient x input (logit units)", fontsize=8)
