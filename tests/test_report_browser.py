@@ -220,3 +220,41 @@ if __name__ == "__main__":
         screenshot(Path(sys.argv[2]), Path(sys.argv[3]))
     else:
         sys.exit(__doc__)
+
+
+def test_tabular_sample_page_with_attributions(tmp_path: Path, compas_csv: Path) -> None:
+    """A COMPAS MLP report after 'analyze saliency': a sample page shows the chart and the
+    per-feature attribution table, with no broken image and no console error."""
+    reason = _missing()
+    if reason:
+        pytest.skip(reason)
+    from selenium.webdriver.common.by import By
+
+    from mlvar.analysis.saliency import saliency
+    from mlvar.config import Config, PathsConfig
+    from mlvar.data.registry import prepare
+    from mlvar.report.html import build_report
+    from mlvar.store import ExperimentStore
+    from mlvar.train.service import train
+
+    (tmp_path / "data" / "raw").mkdir(parents=True)
+    shutil.copyfile(compas_csv, tmp_path / "data" / "raw" / "compas-scores-two-years.csv")
+    prepare(tmp_path / "data", "compas", mode="artificial", ratio=0.1)
+    config = Config(paths=PathsConfig(tmp_path / "data", tmp_path / "runs", tmp_path / "r"))
+    train(config, "compas", runs=2, name="tab", overrides={"epochs": 2})
+    store = ExperimentStore.open(tmp_path / "runs", "tab")
+    result = saliency(store, tmp_path / "data", top=2, seeds=2)
+    report = build_report(store, tmp_path / "report", top=2, data_root=tmp_path / "data")
+    sid = int(result.samples["sample_id"][0])
+    with browser() as driver:
+        driver.get((report.path.parent / "samples" / f"sample-{sid}.html").resolve().as_uri())
+        assert _broken_images(driver) == []
+        chart = driver.find_element(By.CSS_SELECTOR, ".attribution img")
+        assert driver.execute_script("return arguments[0].naturalWidth", chart) > 300
+        rows = driver.find_elements(By.CSS_SELECTOR, "#features tr")
+        assert len(rows) == 1 + len(result.feature_names)
+        header = [c.text for c in rows[0].find_elements(By.TAG_NAME, "th")]
+        assert header[2:] == ["gradient x input, true class", "gradient x input, predicted class"]
+        assert all("±" in c.text for c in rows[1].find_elements(By.TAG_NAME, "td")[2:])
+        errors = _console_errors(driver)
+        assert errors == [], errors
