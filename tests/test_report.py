@@ -267,7 +267,14 @@ def test_cli_needs_an_experiment_or_study(roots: Path) -> None:
     assert "name the experiment" in line and "--study" in line and "exp-a" in line
     line = _error("report", "html", "exp-a", "--study")
     assert "takes no experiment name" in line
+    # An experiment named 'study' would land where the study report lives.
+    make_store(roots / "runs", "study")
+    line = _error("report", "html", "study")
+    assert "would replace the study report" in line and "--out" in line
     assert not (roots / "reports").exists()
+    result = runner.invoke(app, ["report", "html", "study", "--out", str(roots / "r-study")])
+    assert result.exit_code == 0, result.stderr
+    assert (roots / "r-study" / "index.html").is_file()
 
 
 def test_cli_report_and_study(roots: Path) -> None:

@@ -97,6 +97,14 @@ def html(
                     + ", or 'mlvar report html --study' for the study table",
                 )
             store = ExperimentStore.open(cfg.paths.runs_root, experiment)
+            if out is None and experiment == "study":
+                # <reports_root>/study is the study report's folder: neither may replace
+                # the other without being asked.
+                raise MlvarError(
+                    "the report of an experiment named 'study' would replace the study "
+                    "report in <reports_root>/study",
+                    "pass --out DIR for this experiment's report",
+                )
             result = build_report(
                 store,
                 out or Path(cfg.paths.reports_root) / experiment,
