@@ -1,5 +1,6 @@
 """The Ray backend against a real local Ray instance (2 CPUs): the same seeds and config
-give runs equal to the local backend's, bit for bit."""
+give runs equal to the local backend's, bit for bit; analysis shards computed by Ray
+tasks merge to the local backend's ranking, bit for bit."""
 
 from __future__ import annotations
 
@@ -47,3 +48,46 @@ def test_ray_runs_equal_local_runs(ray_instance, tmp_path: Path) -> None:
             assert np.array_equal(la.argmax(1), lb.argmax(1)), (a.run_id, split)
             assert np.array_equal(la, lb), (a.run_id, split)
     assert not (stores["ray"].root / "submissions" / sub["id"]).exists()  # work folder gone
+
+
+@pytest.mark.slow
+def test_ray_analysis_shards_equal_local_shards(
+    ray_instance, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mlvar submit analyze --backend ray: each task gets only its run block's files and
+    returns its shard as bytes; the merged ranking equals the local backend's bit for bit
+    and the unsharded ranking to 1e-12; a failing shard is retried then reported."""
+    import shutil
+
+    import pandas as pd
+
+    from mlvar.analysis import service as analysis
+    from mlvar.analysis.metrics import METRICS
+    from mlvar.train.service import train
+
+    prepare(tmp_path / "data", "digits", mode="holdout", subclass=3)
+    cfg = Config(paths=PathsConfig(tmp_path / "data", tmp_path / "ray", tmp_path / "rep"))
+    exp = train(cfg, "digits", runs=4, overrides={"epochs": 2}).path.name
+    shutil.copytree(tmp_path / "ray", tmp_path / "local")
+    local_cfg = Config(paths=PathsConfig(tmp_path / "data", tmp_path / "local", tmp_path / "r"))
+    res = service.submit_analysis(cfg, exp, backend="ray", shards=3, run_shards=2)
+    assert res.submission.state == "complete", res.submission
+    assert all(j.ref and j.attempts == 1 for j in res.submission.jobs)
+    local = service.submit_analysis(local_cfg, exp, backend="local", shards=3, run_shards=2)
+    pd.testing.assert_frame_equal(res.merged.ranking, local.merged.ranking, check_exact=True)
+    pd.testing.assert_frame_equal(res.merged.detection, local.merged.detection, check_exact=True)
+    store = ExperimentStore.open(tmp_path / "ray", exp)
+    whole = analysis.rank(store, "test", write=False).ranking.sort_values("sample_id")
+    merged = res.merged.ranking.sort_values("sample_id")
+    for col in METRICS:
+        np.testing.assert_allclose(merged[col], whole[col], rtol=0, atol=1e-12)
+    assert res.ranking == store.root / "analysis" / "rank-test.parquet"
+    assert not (store.root / "submissions" / res.submission.id).exists()  # work folder gone
+    # A shard failing in every attempt: retried, then reported with its log tail.
+    shutil.rmtree(store.root / "analysis" / "shards" / "test" / "s3of3-r1of2")
+    monkeypatch.setenv("MLVAR_WORKER_FAULT", "fail:4")  # sent to the tasks' runtime_env
+    again = service.submit_analysis(cfg, exp, backend="ray", shards=3, run_shards=2, retries=1)
+    (job,) = again.submission.jobs
+    assert job.name == "s3of3-r1of2" and job.state == "failed" and job.attempts == 2
+    assert "injected failure in shard s3of3-r1of2" in job.log_tail
+    assert again.merged is None

@@ -169,6 +169,19 @@ def _identity(run: RunRecord) -> str:
     return json.dumps(cfg, sort_keys=True)
 
 
+def check_logits_shape(store: ExperimentStore, run: RunRecord, split: str, n: int) -> None:
+    """Refuse a run whose ``split`` logits (as its ``run.json`` lists them) are not
+    ``[n, C]`` for the experiment's ``C`` classes."""
+    shape = run.meta.get("arrays", {}).get(f"{split}.logits.npy", {}).get("shape")
+    expected = [n, len(store.class_names)]
+    if shape != expected:
+        raise MlvarError(
+            f"run {run.run_id} of '{store.name}' has {split} logits of shape {shape}, "
+            f"expected {expected}",
+            "remove or retrain that run",
+        )
+
+
 def load_predictions(store: ExperimentStore, split: str, allow_mixed: bool = False) -> Predictions:
     """The verified finished runs of ``split``.
 
@@ -199,14 +212,8 @@ def load_predictions(store: ExperimentStore, split: str, allow_mixed: bool = Fal
         )
     n_classes = len(store.class_names)
     for run in runs:
+        check_logits_shape(store, run, split, len(samples))
         arrays = run.meta.get("arrays", {})
-        shape = arrays.get(f"{split}.logits.npy", {}).get("shape")
-        if shape != [len(samples), n_classes]:
-            raise MlvarError(
-                f"run {run.run_id} of '{store.name}' has {split} logits of shape {shape}, "
-                f"expected [{len(samples)}, {n_classes}]",
-                "remove or retrain that run",
-            )
         if split == "train" and DYNAMICS_FILE in arrays:
             shape = arrays[DYNAMICS_FILE].get("shape")
             if not (

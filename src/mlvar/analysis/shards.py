@@ -4,12 +4,15 @@
 contiguous blocks of samples and the j-th of m contiguous blocks of runs (runs sorted by
 id), the per-sample sufficient statistics of :mod:`mlvar.analysis.partial` and writes
 them to ``analysis/shards/<split>/s<i>of<k>-r<j>of<m>/`` (one ``.npy`` per statistic and a
-``meta.json``, written last, the folder appearing in one rename). Shards are independent:
-run them as separate jobs, on separate machines, in any order.
+``meta.json``, written last and listing the sha256 of every file, the folder appearing in
+one rename). Shards are independent: run them as separate jobs, on separate machines, in
+any order (``mlvar submit analyze`` does, on a backend: :mod:`mlvar.backends.shard_jobs`;
+:func:`compute_shard` needs only the runs of its own run block).
 
 ``mlvar analyze rank EXP --merge`` checks that the shards present form exactly one
 complete, non-overlapping set (every i of one k, every j of one m, each run in exactly
-one run block, the same runs in every sample block), combines them and writes the same
+one run block, the same runs in every sample block, every file matching the sha256
+its ``meta.json`` lists), combines them and writes the same
 files as an unsharded ``rank``; detection is computed after merging. Sample shards merge
 bit for bit (each sample's values depend only on its own column); run shards combine sums
 and squared deviations (Chan et al.), equal to the unsharded result up to float round-off
@@ -21,7 +24,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,16 +34,18 @@ from mlvar.analysis.partial import Partial, combine_runs, concat_samples
 from mlvar.analysis.service import (
     DEFAULT_RANK_BY,
     Computed,
+    Predictions,
     RankResult,
     analysis_dir,
     assemble,
     check_by,
+    check_logits_shape,
     chunk_size,
     load_predictions,
 )
 from mlvar.errors import MlvarError
-from mlvar.io import staging_dir
-from mlvar.store import ExperimentStore
+from mlvar.io import atomic_save_npy, atomic_write_json, sha256_file, staging_dir
+from mlvar.store import DYNAMICS_FILE, ExperimentStore
 
 _SHARD_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 
@@ -96,18 +101,67 @@ class ShardResult:
         }
 
 
-def write_shard(
+def _block_predictions(
+    store: ExperimentStore, split: str, block_ids: list[str], dynamics: bool
+) -> Predictions:
+    """The predictions of the runs ``block_ids`` only, each checked against its sha256
+    (only the arrays the shard reads): what a shard job needs, however few runs it holds."""
+    samples = store.samples(split)
+    found = {r.run_id: r for r in store.runs()}
+    missing = [rid for rid in block_ids if rid not in found]
+    if missing:
+        raise MlvarError(
+            f"experiment '{store.name}' lacks run(s) {', '.join(missing[:5])} of this shard",
+            "give the shard job every run of its run block",
+        )
+    runs = [found[rid] for rid in block_ids]
+    for run in runs:
+        check_logits_shape(store, run, split, len(samples))
+        arrays = run.meta.get("arrays", {})
+        if dynamics and DYNAMICS_FILE not in arrays:
+            raise MlvarError(
+                f"run {run.run_id} of '{store.name}' has no training dynamics",
+                "give the shard job the runs' train.dynamics.npy",
+            )
+        bad = [
+            name
+            for name in run.verify()
+            if name == f"{split}.logits.npy" or (dynamics and name == DYNAMICS_FILE)
+        ]
+        if bad:
+            raise MlvarError(
+                f"run {run.run_id} of '{store.name}': sha256 mismatch in {', '.join(bad)}",
+                "remove or retrain that run",
+            )
+    return Predictions(store, split, runs, samples, [])
+
+
+def compute_shard(
     store: ExperimentStore,
     split: str = "test",
     shard: tuple[int, int] = (1, 1),
     run_shard: tuple[int, int] = (1, 1),
     allow_mixed: bool = False,
     chunk: int | None = None,
-) -> ShardResult:
-    """Compute and write the partial results of one (sample block, run block)."""
-    preds = load_predictions(store, split, allow_mixed)
-    n, r = len(preds.samples), len(preds.runs)
+    run_ids: list[str] | None = None,
+    dynamics: bool | None = None,
+) -> tuple[Partial, dict[str, Any]]:
+    """The partial results of one (sample block, run block) and the shard's ``meta``.
+
+    ``run_ids``: the sorted ids of every run the run blocks split (default: every verified
+    finished run of ``store``, checked as ``rank`` checks them). When given, ``store`` needs
+    to hold only the runs of block ``run_shard`` (a shard job's copy), and only their
+    arrays are verified. ``dynamics``: include training-dynamics sums (default: when every
+    run recorded them).
+    """
     (i, k), (j, m) = shard, run_shard
+    if run_ids is None:
+        preds = load_predictions(store, split, allow_mixed)
+        run_ids = [run.run_id for run in preds.runs]
+        dynamics = preds.has_dynamics if dynamics is None else dynamics
+    else:
+        preds = None
+    n, r = store.n_samples(split), len(run_ids)
     if k > n:
         raise MlvarError(
             f"cannot split {n} {split} samples into {k} shards", f"use --shard i/K with K <= {n}"
@@ -118,8 +172,14 @@ def write_shard(
         )
     a, b = shard_range(i, k, n)
     ra, rb = shard_range(j, m, r)
-    runs = preds.runs[ra:rb]
-    part = concat_samples([p for _, _, p in preds.partials(runs, a, b, chunk)])
+    block_ids = list(run_ids[ra:rb])
+    if preds is None:
+        preds = _block_predictions(store, split, block_ids, bool(dynamics))
+        runs = preds.runs
+    else:
+        runs = preds.runs[ra:rb]
+    dynamics = bool(dynamics) and split == "train"
+    part = concat_samples([p for _, _, p in preds.partials(runs, a, b, chunk, dynamics=dynamics)])
     meta = {
         "experiment": store.name,
         "split": split,
@@ -129,14 +189,80 @@ def write_shard(
         "stop": b,
         "n_samples": n,
         "n_classes": preds.n_classes,
-        "run_ids": [run.run_id for run in runs],
-        "all_run_ids": [run.run_id for run in preds.runs],
+        "run_ids": block_ids,
+        "all_run_ids": list(run_ids),
         "dynamics": part.dynamics is not None,
     }
+    return part, meta
+
+
+def save_shard(
+    part: Partial,
+    meta: dict[str, Any],
+    folder: Path,
+    on_file: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Write ``part`` into ``folder``: one ``.npy`` per array, then ``meta.json`` (last)
+    listing the sha256 of every array file under ``files``. Returns the meta written.
+
+    ``on_file(name)`` is called after each array file (a testing hook)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, array in part.arrays().items():
+        files[f"{name}.npy"] = atomic_save_npy(folder / f"{name}.npy", array)
+        if on_file is not None:
+            on_file(f"{name}.npy")
+    meta = dict(meta, n_runs=part.n_runs, files=files)
+    atomic_write_json(folder / "meta.json", meta)
+    return meta
+
+
+def verify_shard(folder: Path) -> tuple[dict[str, Any] | None, str]:
+    """``(meta, "")`` when ``folder`` is a complete shard whose files match the sha256 its
+    ``meta.json`` lists, else ``(meta or None, why)``. A shard written before sha256 were
+    listed (no ``files``) passes when its meta is readable."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except FileNotFoundError:
+        return None, "unfinished (no meta.json)"
+    except (OSError, ValueError):
+        return None, "corrupt meta.json"
+    if not isinstance(meta, dict) or not {"samples", "runs", "run_ids"} <= set(meta):
+        return None, "meta.json is not a shard's"
+    files = meta.get("files")
+    if files is None:
+        return meta, ""
+    if not isinstance(files, dict) or not files:
+        return meta, "meta.json lists no files"
+    for name, digest in files.items():
+        if "/" in name or "\\" in name or name.startswith(".") or not name.endswith(".npy"):
+            return meta, f"file name {name!r} is not a plain .npy name"
+        path = folder / name
+        if not path.is_file():
+            return meta, f"{name} is missing"
+        if sha256_file(path) != digest:
+            return meta, f"sha256 mismatch in {name}"
+    extra = sorted(p.name for p in folder.glob("*.npy") if p.name not in files)
+    if extra:
+        return meta, f"unlisted file(s) {', '.join(extra)}"
+    return meta, ""
+
+
+def write_shard(
+    store: ExperimentStore,
+    split: str = "test",
+    shard: tuple[int, int] = (1, 1),
+    run_shard: tuple[int, int] = (1, 1),
+    allow_mixed: bool = False,
+    chunk: int | None = None,
+) -> ShardResult:
+    """Compute and write the partial results of one (sample block, run block)."""
+    part, meta = compute_shard(store, split, shard, run_shard, allow_mixed, chunk)
     final = shards_dir(store, split) / shard_name(shard, run_shard)
     with staging_dir(final, replace=True) as tmp:
-        part.save(tmp, meta)
-    return ShardResult(store.name, split, shard, run_shard, (a, b), meta["run_ids"], str(final))
+        save_shard(part, meta, tmp)
+    samples = (meta["start"], meta["stop"])
+    return ShardResult(store.name, split, shard, run_shard, samples, meta["run_ids"], str(final))
 
 
 def _read_metas(root: Path) -> list[tuple[Path, dict[str, Any]]]:
@@ -144,7 +270,8 @@ def _read_metas(root: Path) -> list[tuple[Path, dict[str, Any]]]:
     if root.is_dir():
         for folder in sorted(root.iterdir()):
             file = folder / "meta.json"
-            if folder.is_dir() and file.is_file():
+            # ".tmp-*": a folder being written or landed (or left by a killed process)
+            if folder.is_dir() and file.is_file() and not folder.name.startswith("."):
                 try:
                     found.append((folder, json.loads(file.read_text())))
                 except (OSError, ValueError):
@@ -245,6 +372,13 @@ def merge_shards(
     check_by(by)
     samples = store.samples(split)
     k, m, by_key = _check_complete(store, split, _read_metas(shards_dir(store, split)))
+    for folder, _meta in by_key.values():
+        _, why = verify_shard(folder)
+        if why:
+            raise MlvarError(
+                f"shard {folder.name} of '{store.name}' ({split}) is damaged: {why}",
+                f"remove {folder} and recompute it",
+            )
     run_ids = [rid for j in range(1, m + 1) for rid in by_key[(1, j)][1]["run_ids"]]
     dynamics = bool(by_key[(1, 1)][1].get("dynamics"))
     if by in DYNAMICS_METRICS and not dynamics:

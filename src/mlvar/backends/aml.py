@@ -15,6 +15,14 @@ Each job runs ``python -m mlvar.backends.worker`` on the configured compute with
 SDK's own ``azure.ai.ml.load_job``. The functions that talk to Azure (:func:`client`,
 :func:`submit_jobs`, :func:`refresh`, :func:`download_jobs`) are kept small and apart:
 they are not exercised by the test suite, which never contacts Azure.
+
+Analysis shards (``mlvar submit analyze``, :func:`write_shard_jobs`) are command jobs of
+the same kind: ``python -m mlvar.backends.worker specs/<shard>.json --experiment-dir
+${{inputs.experiment}} --out ${{outputs.shards}}``, whose input ``experiment`` is a local
+folder (``inputs/r<j>of<m>/``: ``experiment.json``, ``samples/<split>.parquet`` and the runs
+of run block j, hard links into the store) that the SDK uploads when the job is created
+(once per content: the K jobs of a run block share it), and whose output ``shards`` goes to
+``mlvar/<experiment>/<submission>/<shard>/`` on the datastore.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from mlvar import __version__
+from mlvar.backends import shard_jobs
 from mlvar.backends.common import missing_runs, require
 from mlvar.backends.spec import Submission
 from mlvar.backends.transfer import ImportResult, import_runs
@@ -98,11 +107,15 @@ def write_specs(sub: Submission, specs: dict[str, dict[str, Any]], out: Path) ->
     return ["submission.json"] + [f"specs/{n}.json" for n in specs]
 
 
+def _environment(cfg: AmlConfig) -> Any:
+    return cfg.environment or {"image": cfg.image, "conda_file": "../environment/conda.yaml"}
+
+
 def job_dict(sub: Submission, spec: dict[str, Any], scenario: Scenario, cfg: AmlConfig) -> dict:
     """The command job of one pack, as the YAML mapping."""
     pack = spec["job"]
     indices = spec["run_indices"]
-    env: Any = cfg.environment or {"image": cfg.image, "conda_file": "../environment/conda.yaml"}
+    env = _environment(cfg)
     return {
         "$schema": JOB_SCHEMA,
         "type": "command",
@@ -180,17 +193,10 @@ def write_jobs(
     ``data-asset.yaml``, ``submission.json``. Returns the paths written (relative).
     """
     require("azure.ai.ml", "aml")
-    from azure.ai.ml import load_data, load_job
+    from azure.ai.ml import load_data
 
-    package = Path(__file__).resolve().parents[1]
-    written: list[str] = []
     with staging_dir(Path(out), replace=True) as tmp:
-        shutil.copytree(
-            package, tmp / "code" / "mlvar", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
-        )
-        if not cfg.environment:
-            atomic_write_text(tmp / "environment" / "conda.yaml", _yaml(conda_dict()))
-            written.append("environment/conda.yaml")
+        written = _code_and_environment(tmp, cfg)
         atomic_write_text(tmp / "data-asset.yaml", _yaml(data_asset_dict(scenario)))
         written.append("data-asset.yaml")
         for name, spec in specs.items():
@@ -201,16 +207,129 @@ def write_jobs(
             written += [f"code/specs/{name}.json", f"jobs/{name}.yaml"]
         atomic_write_json(tmp / "submission.json", sub.to_dict())
         written.append("submission.json")
-        # Validate with the SDK itself, offline: schema, inputs, outputs, environment.
-        for name in specs:
-            try:
-                load_job(tmp / "jobs" / f"{name}.yaml")
-            except Exception as exc:  # noqa: BLE001 - any SDK validation error
-                raise MlvarError(
-                    f"jobs/{name}.yaml does not validate: {str(exc).splitlines()[0]}",
-                    "check [backend.aml] values",
-                ) from None
+        _validate(tmp, specs)
         load_data(tmp / "data-asset.yaml")
+    return written
+
+
+def _code_and_environment(tmp: Path, cfg: AmlConfig) -> list[str]:
+    """``code/mlvar/`` (a snapshot of the package) and, with no registered environment,
+    ``environment/conda.yaml``."""
+    package = Path(__file__).resolve().parents[1]
+    shutil.copytree(
+        package, tmp / "code" / "mlvar", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+    )
+    if cfg.environment:
+        return []
+    atomic_write_text(tmp / "environment" / "conda.yaml", _yaml(conda_dict()))
+    return ["environment/conda.yaml"]
+
+
+def _validate(folder: Path, names: Any) -> None:
+    """Validate ``jobs/<name>.yaml`` with the SDK itself, offline: schema, inputs, outputs,
+    environment."""
+    from azure.ai.ml import load_job
+
+    for name in names:
+        try:
+            load_job(folder / "jobs" / f"{name}.yaml")
+        except Exception as exc:  # noqa: BLE001 - any SDK validation error
+            raise MlvarError(
+                f"jobs/{name}.yaml does not validate: {str(exc).splitlines()[0]}",
+                "check [backend.aml] values",
+            ) from None
+
+
+def run_block(spec: dict[str, Any]) -> str:
+    """``r<j>of<m>``: the input folder a shard's job reads (shared by its run block)."""
+    j, m = spec["run_shard"]
+    return f"r{j}of{m}"
+
+
+def shard_job_dict(sub: Submission, spec: dict[str, Any], cfg: AmlConfig) -> dict:
+    """The command job of one analysis shard, as the YAML mapping."""
+    name = spec["job"]
+    (i, k), (j, m) = spec["shard"], spec["run_shard"]
+    expect = spec["expect"]
+    block = expect["run_ids"]
+    return {
+        "$schema": JOB_SCHEMA,
+        "type": "command",
+        "name": job_name(sub, name),
+        "display_name": f"{sub.experiment} analysis {name}",
+        "experiment_name": cfg.experiment_name,
+        "description": (
+            f"mlvar: analyze rank {sub.experiment} --split {spec['split']} --shard {i}/{k} "
+            f"--run-shard {j}/{m} (samples {expect['start']}..{expect['stop'] - 1}, "
+            f"runs {block[0]}..{block[-1]})"
+        ),
+        "tags": {
+            "mlvar_version": __version__,
+            "mlvar_kind": "analysis",
+            "mlvar_experiment": sub.experiment,
+            "mlvar_submission": sub.id,
+            "mlvar_split": spec["split"],
+            "mlvar_shard": name,
+        },
+        "code": "../code",
+        "command": (
+            f"python -m mlvar.backends.worker specs/{name}.json "
+            "--experiment-dir ${{inputs.experiment}} --out ${{outputs.shards}}"
+        ),
+        "inputs": {
+            "experiment": {
+                "type": "uri_folder",
+                "path": f"../inputs/{run_block(spec)}",
+                "mode": "ro_mount",
+            }
+        },
+        "outputs": {
+            "shards": {
+                "type": "uri_folder",
+                "mode": "upload",
+                "path": (
+                    f"azureml://datastores/{cfg.datastore}/paths/mlvar/"
+                    f"{sub.experiment}/{sub.id}/{name}/"
+                ),
+            }
+        },
+        "environment": _environment(cfg),
+        "compute": f"azureml:{cfg.compute}",
+        "resources": {"instance_count": 1},
+    }
+
+
+def write_shard_jobs(
+    sub: Submission,
+    specs: dict[str, dict[str, Any]],
+    store: ExperimentStore,
+    cfg: AmlConfig,
+    out: Path,
+) -> list[str]:
+    """Write the analysis job YAML files, specs, inputs, environment and code snapshot to
+    ``out`` (replacing it) and validate every YAML offline with ``load_job``.
+
+    Layout: ``jobs/<shard>.yaml``, ``code/mlvar/`` + ``code/specs/<shard>.json``,
+    ``inputs/r<j>of<m>/`` (what the shards of run block j read; hard links into the store
+    where possible), ``environment/conda.yaml`` (when no registered environment is named),
+    ``submission.json``. Returns the paths written (relative; inputs as folders).
+    """
+    require("azure.ai.ml", "aml")
+    with staging_dir(Path(out), replace=True) as tmp:
+        written = _code_and_environment(tmp, cfg)
+        staged: set[str] = set()
+        for name, spec in specs.items():
+            block = run_block(spec)
+            if block not in staged:
+                shard_jobs.stage_inputs(store, spec, tmp / "inputs" / block)
+                staged.add(block)
+                written.append(f"inputs/{block}/")
+            atomic_write_json(tmp / "code" / "specs" / f"{name}.json", spec)
+            atomic_write_text(tmp / "jobs" / f"{name}.yaml", _yaml(shard_job_dict(sub, spec, cfg)))
+            written += [f"code/specs/{name}.json", f"jobs/{name}.yaml"]
+        atomic_write_json(tmp / "submission.json", sub.to_dict())
+        written.append("submission.json")
+        _validate(tmp, specs)
     return written
 
 
@@ -280,5 +399,51 @@ def download_jobs(ml_client: Any, sub: Submission, store: ExperimentStore) -> Im
                 total.skipped += res.skipped
                 total.rejected.update(res.rejected)
         if not missing_runs(store, job.run_indices):
+            job.state = "complete"
+    return total
+
+
+def submit_shard_jobs(
+    ml_client: Any,
+    sub: Submission,
+    specs: dict[str, dict[str, Any]],
+    store: ExperimentStore,
+    cfg: AmlConfig,
+) -> None:
+    """Create one command job per analysis shard (the SDK uploads each run block's input
+    folder when the first job using it is created)."""
+    from azure.ai.ml import load_job
+
+    folder = store.root / "submissions" / sub.id / "aml"
+    write_shard_jobs(sub, specs, store, cfg, folder)
+    sub.options = dict(
+        sub.options, workspace=cfg.workspace, compute=cfg.compute, jobs_dir=str(folder)
+    )
+    for job in sub.jobs:
+        created = ml_client.jobs.create_or_update(load_job(folder / "jobs" / f"{job.name}.yaml"))
+        job.ref, job.state, job.attempts = created.name, "submitted", job.attempts + 1
+        sub.save(store.root)
+
+
+def download_shard_jobs(ml_client: Any, sub: Submission, store: ExperimentStore) -> ImportResult:
+    """Download the outputs of finished (or failed) analysis jobs and land their complete,
+    verified shards."""
+    import json
+
+    refresh(ml_client, sub)
+    total = ImportResult(kind="shards")
+    specs_dir = Path(sub.options.get("jobs_dir", "")) / "code" / "specs"
+    for job in sub.jobs:
+        if not job.ref or job.state not in ("finished", "failed"):
+            continue
+        spec_file = specs_dir / f"{job.name}.json"
+        expect = json.loads(spec_file.read_text())["expect"] if spec_file.is_file() else None
+        with tempfile.TemporaryDirectory(prefix=".tmp-download-", dir=store.root) as tmp:
+            ml_client.jobs.download(job.ref, download_path=tmp, output_name="shards")
+            res = shard_jobs.import_shards(Path(tmp), store, {job.name: expect} if expect else None)
+        total.imported += res.imported
+        total.skipped += res.skipped
+        total.rejected.update(res.rejected)
+        if expect is not None and shard_jobs.shard_ok(store, expect):
             job.state = "complete"
     return total

@@ -6,12 +6,18 @@ pack's finished runs as bytes (:func:`mlvar.backends.worker.collect_runs`), whic
 driver writes into a temporary folder and imports with the same verification as
 ``mlvar submit download``: no shared filesystem is needed, on a laptop or on a cluster.
 Tasks need mlvar installed on the workers (the same version as the driver).
+
+Analysis shards (:func:`run_ray_shards`) go the same way: each run block's inputs (the
+runs' logits of the split, ``samples/<split>.parquet``, ``experiment.json``) are put in the
+object store once, each task computes one shard from them and returns the shard's files
+as bytes, which land only when complete and verified.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import socket
 import tempfile
@@ -22,12 +28,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from mlvar.backends import shard_jobs
 from mlvar.backends.common import SubmitProgress, finish_attempt, require, tail
 from mlvar.backends.spec import Submission
 from mlvar.config import RayConfig, TrainConfig
 from mlvar.data.scenario import Scenario
 from mlvar.errors import MlvarError
 from mlvar.store import ExperimentStore
+
+_FAULT = "MLVAR_WORKER_FAULT"
 
 
 def require_ray() -> Any:
@@ -170,6 +179,90 @@ def run_ray(
             launch(name, left)
         elif job.state == "complete":
             done += len(job.run_indices)
+        sub.save(store.root)
+        if progress:
+            progress(done, total, f"{name} {job.state}")
+    shutil.rmtree(work, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        work.parent.rmdir()  # only when empty
+
+
+def _shard_task(spec: dict[str, Any], inputs: dict[str, bytes]) -> dict[str, Any]:
+    """Runs on a Ray worker: unpack the run block, compute the shard, return its files."""
+    from mlvar.backends.shard_jobs import collect_shard, run_shard_job
+    from mlvar.backends.worker import write_files
+
+    with tempfile.TemporaryDirectory(prefix="mlvar-ray-") as tmp:
+        exp_dir, out = Path(tmp) / "in" / spec["experiment"], Path(tmp) / "out"
+        error = log = ""
+        try:
+            write_files(inputs, exp_dir)
+            run_shard_job(spec, exp_dir, out, log=lambda *a, **k: None)
+        except Exception as exc:  # noqa: BLE001 - returned to the driver with its traceback
+            error, log = f"{type(exc).__name__}: {exc}", tail(traceback.format_exc())
+        return {"files": collect_shard(out / spec["job"]), "error": error, "log_tail": log}
+
+
+def run_ray_shards(
+    sub: Submission,
+    store: ExperimentStore,
+    specs: dict[str, dict[str, Any]],
+    ray_cfg: RayConfig,
+    progress: SubmitProgress | None = None,
+) -> None:
+    """Compute every analysis shard of ``sub`` as a Ray task (``num_cpus = cpus_per_run``,
+    no GPU), retrying a failed shard up to ``sub.retries`` times."""
+    import ray
+
+    inputs: dict[tuple[int, int], Any] = {}  # run block -> object ref of its files
+    jobs = {j.name: j for j in sub.jobs}
+    in_flight: dict[Any, str] = {}
+    options: dict[str, Any] = {"num_cpus": ray_cfg.cpus_per_run, "num_gpus": 0, "max_retries": 0}
+    if os.environ.get(_FAULT):  # the testing hook, for workers already running
+        options["runtime_env"] = {"env_vars": {_FAULT: os.environ[_FAULT]}}
+    remote = ray.remote(**options)(_shard_task)
+
+    def launch(name: str) -> None:
+        job, spec = jobs[name], specs[name]
+        block = tuple(spec["run_shard"])
+        if block not in inputs:
+            inputs[block] = ray.put(shard_jobs.input_bytes(store, spec))
+        job.attempts += 1
+        job.state = "running"
+        ref = remote.remote(dict(spec, attempt=job.attempts), inputs[block])
+        job.ref = ref.hex()
+        in_flight[ref] = name
+
+    for job in sub.jobs:
+        launch(job.name)
+    sub.save(store.root)
+    work = store.root / "submissions" / sub.id / "work"
+    done, total = 0, len(sub.jobs)
+    while in_flight:
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        name = in_flight.pop(ready[0])
+        job = jobs[name]
+        try:
+            out = ray.get(ready[0])
+        except Exception as exc:  # noqa: BLE001 - a worker that died (killed, out of memory)
+            out = {"files": {}, "error": f"{type(exc).__name__}", "log_tail": tail(str(exc))}
+        folder = work / f"{name}-a{job.attempts}" / name
+        error = out["error"]
+        try:
+            if out["files"]:
+                try:
+                    shard_jobs.write_shard_files(out["files"], folder)
+                except MlvarError as exc:
+                    error = error or str(exc)
+            retry = shard_jobs.finish_shard_attempt(
+                sub, job, store, specs[name], folder, error, out["log_tail"]
+            )
+        finally:
+            shutil.rmtree(folder.parent, ignore_errors=True)
+        if retry:
+            launch(name)
+        elif job.state == "complete":
+            done += 1
         sub.save(store.root)
         if progress:
             progress(done, total, f"{name} {job.state}")

@@ -11,6 +11,10 @@ experiment identity), finds the runs that are not complete yet, packs them
 ``local`` and ``ray`` finish before :func:`submit` returns; ``aml`` jobs run remotely and
 :func:`download` fetches their outputs later. Every submission is recorded in
 ``<runs_root>/<experiment>/submissions/<id>.json``.
+
+:func:`submit_analysis` does the same for the sharded ``analyze rank`` of an existing
+experiment (``mlvar submit analyze``): one job per (sample block, run block), shards
+landed in ``analysis/shards/<split>/``, then merged as ``mlvar analyze rank --merge`` does.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlvar.analysis.service import DEFAULT_RANK_BY, RankResult, check_by
+from mlvar.analysis.shards import merge_shards, shards_dir
 from mlvar.backends import aml as aml_backend
 from mlvar.backends import local as local_backend
-from mlvar.backends import ray_backend
+from mlvar.backends import ray_backend, shard_jobs
 from mlvar.backends.common import SubmitProgress, missing_runs
 from mlvar.backends.spec import (
     Job,
@@ -179,12 +185,162 @@ def submit(
             ray_ctx.close()
 
 
+@dataclass
+class AnalysisSubmitResult:
+    """What :func:`submit_analysis` did."""
+
+    experiment: str
+    backend: str
+    split: str
+    shards: int
+    run_shards: int
+    path: Path  # analysis/shards/<split>/
+    submission: Submission | None = None
+    pending: list[str] = field(default_factory=list)  # shards submitted
+    skipped: list[str] = field(default_factory=list)  # present and valid, not resubmitted
+    dry_run_dir: Path | None = None
+    files: list[str] = field(default_factory=list)  # dry run: files written
+    merged: RankResult | None = None  # every shard present and merged
+    ranking: Path | None = None  # the merged ranking (rank-<split>.parquet)
+    wall_time_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "experiment": self.experiment,
+            "backend": self.backend,
+            "split": self.split,
+            "shards": self.shards,
+            "run_shards": self.run_shards,
+            "path": str(self.path),
+            "submission": self.submission.to_dict() if self.submission else None,
+            "pending": self.pending,
+            "skipped": self.skipped,
+            "dry_run_dir": str(self.dry_run_dir) if self.dry_run_dir else None,
+            "files": self.files,
+            "merged": self.merged is not None,
+            "n_runs": self.merged.n_runs if self.merged else None,
+            "ranking": str(self.ranking) if self.ranking else None,
+            "analysis_files": self.merged.files if self.merged else [],
+            "wall_time_s": self.wall_time_s,
+        }
+
+
+def _merge(store: ExperimentStore, split: str, by: str) -> tuple[RankResult, Path]:
+    result = merge_shards(store, split, by=by)
+    ranking = next((Path(f) for f in result.files if f.endswith(".parquet")), None)
+    return result, ranking or store.root / "analysis" / f"rank-{split}.parquet"
+
+
+def submit_analysis(
+    config: Config,
+    experiment: str,
+    backend: str = "local",
+    shards: int = 1,
+    run_shards: int = 1,
+    split: str = "test",
+    by: str = DEFAULT_RANK_BY,
+    merge: bool = True,
+    allow_mixed: bool = False,
+    retries: int | None = None,
+    workers: int | None = None,
+    dry_run: bool = False,
+    out: Path | None = None,
+    submission_id: str | None = None,
+    progress: SubmitProgress | None = None,
+) -> AnalysisSubmitResult:
+    """Compute the sharded ``analyze rank`` of an experiment as ``shards x run_shards``
+    jobs on a backend, land the shards and (``merge``) merge them once all are present.
+
+    Shards already in ``analysis/shards/<split>/``, complete and verified, over the same
+    runs, are not resubmitted. Bad input (unknown experiment, backend or split, K or M out
+    of range, shards of another K or M present, a missing extra or AML setting, a Ray
+    address that does not answer) raises :class:`MlvarError` before anything is written.
+    ``aml`` jobs run remotely: :func:`download` lands (and merges) them later.
+    """
+    check_backend(backend)
+    check_by(by)
+    retries = config.submit.retries if retries is None else retries
+    if retries < 0:
+        raise MlvarError(f"--retries must be >= 0, got {retries}", "0 disables retries")
+    store = ExperimentStore.open(Path(config.paths.runs_root), experiment)
+    plan = shard_jobs.plan_shards(store, split, shards, run_shards, allow_mixed)
+    if backend == "ray":
+        ray_backend.require_ray()
+    if backend == "aml":
+        aml_backend.check_settings(config.backend.aml, dry_run=dry_run)
+    present = set(shard_jobs.present_shards(store, plan))
+    sub_id = submission_id or new_submission_id(backend)
+    meta = store.meta
+    sub = Submission(
+        id=sub_id,
+        backend=backend,
+        experiment=store.name,
+        dataset=str(meta.get("dataset", "")),
+        scenario=str((meta.get("scenario") or {}).get("name", "")),
+        runs=len(plan.run_ids),
+        base_seed=int((meta.get("train") or {}).get("base_seed", 0) or 0),
+        runs_per_job=0,
+        retries=retries,
+        kind=shard_jobs.KIND,
+        split=split,
+        shards=shards,
+        run_shards=run_shards,
+        options={"merge": merge, "by": by},
+    )
+    specs: dict[str, dict[str, Any]] = {}
+    for i, j in plan.blocks():
+        if plan.name(i, j) not in present:
+            job = plan.job(i, j)
+            sub.jobs.append(job)
+            specs[job.name] = plan.spec(i, j, sub_id)
+    result = AnalysisSubmitResult(
+        store.name, backend, split, shards, run_shards, shards_dir(store, split), sub
+    )
+    result.pending = [j.name for j in sub.jobs]
+    result.skipped = [plan.name(i, j) for i, j in plan.blocks() if plan.name(i, j) in present]
+    if dry_run:
+        target = Path(out) if out is not None else Path("mlvar-jobs") / f"{store.name}-{split}"
+        if backend == "aml":
+            files = aml_backend.write_shard_jobs(sub, specs, store, config.backend.aml, target)
+        else:
+            files = aml_backend.write_specs(sub, specs, target)
+        result.dry_run_dir, result.files = target, files
+        return result
+    started = time.perf_counter()
+    if not sub.jobs:
+        result.submission = None
+        if merge:
+            result.merged, result.ranking = _merge(store, split, by)
+        result.wall_time_s = time.perf_counter() - started
+        return result
+    ray_ctx = ray_backend.connect(config.backend.ray) if backend == "ray" else None
+    ml_client = aml_backend.client(config.backend.aml) if backend == "aml" else None
+    try:
+        sub.save(store.root)
+        if backend == "local":
+            workers_ = config.submit.local_workers if workers is None else workers
+            local_backend.run_local_shards(sub, store, specs, workers_, progress)
+        elif backend == "ray":
+            ray_backend.run_ray_shards(sub, store, specs, config.backend.ray, progress)
+        else:
+            aml_backend.submit_shard_jobs(ml_client, sub, specs, store, config.backend.aml)
+        sub.save(store.root)
+    finally:
+        if ray_ctx is not None:
+            ray_ctx.close()
+    if merge and sub.state == "complete":
+        result.merged, result.ranking = _merge(store, split, by)
+    result.wall_time_s = time.perf_counter() - started
+    return result
+
+
 def _experiment_root(config: Config, experiment: str) -> Path:
     return ExperimentStore.open(Path(config.paths.runs_root), experiment).root
 
 
 def status(config: Config, experiment: str, submission_id: str | None = None) -> Submission:
-    """The submission record, refreshed from Azure ML for ``aml`` jobs."""
+    """The submission record (training or analysis), refreshed from Azure ML for ``aml``
+    jobs."""
     root = _experiment_root(config, experiment)
     sub = load_submission(root, submission_id)
     if sub.backend == "aml" and any(j.ref for j in sub.jobs):
@@ -199,17 +355,25 @@ def download(
     submission_id: str | None = None,
     source: Path | None = None,
 ) -> ImportResult:
-    """Copy complete, sha256-verified runs into the store.
+    """Copy complete, sha256-verified runs (or analysis shards) into the store.
 
-    ``source``: a worker output folder (a run store) copied by hand; otherwise the
-    outputs of the submission's finished Azure ML jobs.
+    ``source``: a worker output folder copied by hand: a run store, or folders of
+    analysis shards; otherwise the outputs of the submission's finished Azure ML jobs.
+    Once every shard of an analysis submission is present it is merged (unless it was
+    submitted with ``merge=False``); ``ranking`` names the result.
     """
     store = ExperimentStore.open(Path(config.paths.runs_root), experiment)
     if source is not None:
         if not Path(source).exists():
             raise MlvarError(f"{source} does not exist", "name a worker's output folder")
+        if not list(Path(source).rglob("experiment.json")) and shard_jobs.find_shard_folders(
+            Path(source)
+        ):
+            return shard_jobs.import_shards(Path(source), store)
         return import_runs(Path(source), store)
     sub = load_submission(store.root, submission_id)
+    if sub.kind == shard_jobs.KIND:
+        return _download_shards(config, sub, store)
     if sub.backend != "aml":
         result = ImportResult()
         result.skipped = [
@@ -218,4 +382,18 @@ def download(
         return result  # local and ray write into the store as they finish
     result = aml_backend.download_jobs(aml_backend.client(config.backend.aml), sub, store)
     sub.save(store.root)
+    return result
+
+
+def _download_shards(config: Config, sub: Submission, store: ExperimentStore) -> ImportResult:
+    if sub.backend != "aml":  # local and ray land the shards as they finish
+        result = ImportResult(kind="shards")
+        root = shards_dir(store, sub.split)
+        result.skipped = [j.name for j in sub.jobs if (root / j.name / "meta.json").is_file()]
+        return result
+    result = aml_backend.download_shard_jobs(aml_backend.client(config.backend.aml), sub, store)
+    sub.save(store.root)
+    if result.imported and sub.state == "complete" and sub.options.get("merge", True):
+        _, ranking = _merge(store, sub.split, sub.options.get("by", DEFAULT_RANK_BY))
+        result.ranking = str(ranking)
     return result

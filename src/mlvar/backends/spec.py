@@ -3,10 +3,14 @@
 A *run spec* is (dataset, scenario name, experiment name, run index, resolved training
 config). Runs of one experiment share everything but the index, so a *pack* (one job, one
 Ray task, one worker call) is stored as one spec with a list of ``run_indices``.
+An *analysis shard spec* (``kind: "analysis"``, see :mod:`mlvar.backends.shard_jobs`)
+names one block of samples and one block of runs of an existing experiment.
 
 A submission is recorded in ``<runs_root>/<experiment>/submissions/<id>.json`` (written
-atomically after every change): the backend, the jobs with their run indices, references
-(Azure ML job names), states, attempts and, for failed runs, the seeds and log tail.
+atomically after every change): its kind (``train`` or ``analysis``), the backend, the
+jobs with their run indices (or shard), references (Azure ML job names), states,
+attempts and, for failed jobs, the seeds (or shard) and log tail. Records written before
+analysis jobs existed load as ``train`` submissions.
 """
 
 from __future__ import annotations
@@ -24,12 +28,13 @@ from mlvar.config import TrainConfig
 from mlvar.data.scenario import Scenario
 from mlvar.errors import MlvarError
 from mlvar.io import atomic_write_json
-from mlvar.train.seeding import run_seed
 
 SPEC_FORMAT = 1
 #: Job states. ``complete``: every run landed in the store; ``failed``: retries used up.
 #: ``finished``: an Azure ML job ended well and its outputs wait for ``download``.
 STATES = ("planned", "submitted", "running", "finished", "complete", "failed")
+#: Job kinds: ``train`` (a pack of runs) or ``analysis`` (one shard of ``analyze rank``).
+KINDS = ("train", "analysis")
 
 
 def pack_spec(
@@ -41,6 +46,8 @@ def pack_spec(
     submission: str,
 ) -> dict[str, Any]:
     """The JSON spec of one pack of runs (what a worker reads)."""
+    from mlvar.train.seeding import run_seed  # torch: not for analysis workers
+
     return {
         "format": SPEC_FORMAT,
         "mlvar_version": __version__,
@@ -72,16 +79,24 @@ def now() -> str:
 
 @dataclass
 class Job:
-    """One pack of runs on a backend."""
+    """One pack of runs, or one analysis shard, on a backend."""
 
     name: str
-    run_indices: list[int]
+    run_indices: list[int] = field(default_factory=list)
     state: str = "planned"
     attempts: int = 0
     ref: str | None = None  # backend reference (Azure ML job name)
-    failed: list[dict[str, Any]] = field(default_factory=list)  # {run_id, seed}
+    failed: list[dict[str, Any]] = field(default_factory=list)  # {run_id, seed} or {shard}
     error: str = ""
     log_tail: str = ""
+    kind: str = "train"
+    # analysis: {"samples": "i/k", "runs": "j/m", "run_ids": [first, last]}
+    shard: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Job:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 @dataclass
@@ -91,13 +106,17 @@ class Submission:
     id: str
     backend: str
     experiment: str
-    dataset: str
-    scenario: str
-    runs: int
-    base_seed: int
-    runs_per_job: int
-    retries: int
+    dataset: str = ""
+    scenario: str = ""
+    runs: int = 0
+    base_seed: int = 0
+    runs_per_job: int = 1
+    retries: int = 0
     jobs: list[Job] = field(default_factory=list)
+    kind: str = "train"  # "analysis": the jobs are shards of 'analyze rank'
+    split: str = ""  # analysis: the split ranked
+    shards: int = 0  # analysis: blocks of samples (K)
+    run_shards: int = 0  # analysis: blocks of runs (M)
     created_at: str = field(default_factory=now)
     updated_at: str = field(default_factory=now)
     options: dict[str, Any] = field(default_factory=dict)  # backend details (workspace, ...)
@@ -118,8 +137,11 @@ class Submission:
             return "submitted"
         return "planned"
 
+    def failed_shards(self) -> list[str]:
+        return [f["shard"] for j in self.jobs for f in j.failed if "shard" in f]
+
     def failed_runs(self) -> list[dict[str, Any]]:
-        return [f | {"job": j.name} for j in self.jobs for f in j.failed]
+        return [f | {"job": j.name} for j in self.jobs for f in j.failed if "run_id" in f]
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -137,7 +159,7 @@ class Submission:
     def from_dict(cls, data: dict[str, Any], path: Path | None = None) -> Submission:
         data = dict(data)
         data.pop("state", None)
-        jobs = [Job(**j) for j in data.pop("jobs", [])]
+        jobs = [Job.from_dict(j) for j in data.pop("jobs", [])]
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known}, jobs=jobs, path=path)
 
@@ -160,7 +182,8 @@ def load_submission(experiment_root: Path, submission_id: str | None) -> Submiss
     if not subs:
         raise MlvarError(
             f"experiment '{Path(experiment_root).name}' has no submissions",
-            "submit runs with 'mlvar submit DATASET --backend ...'",
+            "submit runs with 'mlvar submit DATASET --backend ...' or an analysis with "
+            "'mlvar submit analyze EXPERIMENT --backend ...'",
         )
     if submission_id is None:
         return subs[-1]

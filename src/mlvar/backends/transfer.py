@@ -28,11 +28,22 @@ IDENTITY_KEYS = ("dataset", "scenario.manifest_sha256", "model", "train")
 
 @dataclass
 class ImportResult:
-    """What :func:`import_runs` did."""
+    """What :func:`import_runs` (or an import of analysis shards) did."""
 
     imported: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # already complete in the destination
-    rejected: dict[str, str] = field(default_factory=dict)  # run id -> why
+    rejected: dict[str, str] = field(default_factory=dict)  # run id (or shard) -> why
+    kind: str = "runs"  # "shards": the names are analysis shards
+    ranking: str = ""  # shards merged: the ranking's parquet file
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "imported": self.imported,
+            "skipped": self.skipped,
+            "rejected": self.rejected,
+            "ranking": self.ranking or None,
+        }
 
 
 def _get(meta: dict[str, Any], dotted: str) -> Any:

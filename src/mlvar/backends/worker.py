@@ -1,21 +1,31 @@
-"""Train one pack of runs into a runs root: ``python -m mlvar.backends.worker SPEC.json``.
+"""Run one job of ``mlvar submit``: ``python -m mlvar.backends.worker SPEC.json ...``.
 
 The worker is the unit every backend runs: a local subprocess, a Ray task, an Azure ML
-command job. Its output folder is itself a run store (``<runs_root>/<experiment>/`` with
-``experiment.json``, ``samples/`` and ``runs/<id>/``), which ``mlvar submit download``
+command job. What it does depends on the spec's ``kind``:
+
+``train`` (a pack of runs): train them into a runs root. Its output folder is itself a
+run store (``<runs_root>/<experiment>/`` with ``experiment.json``, ``samples/`` and
+``runs/<id>/``), which ``mlvar submit download``
 (:func:`mlvar.backends.transfer.import_runs`) copies into the user's store.
+
+``analysis`` (one shard of ``mlvar analyze rank``, see :mod:`mlvar.backends.shard_jobs`):
+compute it from an experiment folder into ``OUT/<shard>/`` (``meta.json`` last, listing
+the sha256 of every file).
 
 Usage::
 
     python -m mlvar.backends.worker SPEC.json --runs-root OUT --data-root DATA
     python -m mlvar.backends.worker SPEC.json --runs-root OUT --scenario-dir DIR
+    python -m mlvar.backends.worker SHARD.json --experiment-dir EXP --out OUT
 
 ``--scenario-dir`` names the prepared scenario folder itself (an Azure ML input mount).
-Exit codes: 0 every run of the pack is complete, 2 bad input, 1 a failure.
+Exit codes: 0 every run of the pack (or the shard) is complete, 2 bad input, 1 a failure.
 
 Testing hook: ``MLVAR_WORKER_FAULT`` injects faults, ``fail:K`` (raise when the pack holds
 run index K; ``fail:K:A`` only in attempts <= A: the spec's ``attempt``) or
-``kill:K`` (SIGKILL the process while training run K).
+``kill:K`` (SIGKILL the process while training run K). For an analysis spec K is the
+shard's position in the plan (``index``, 0-based, sample block major); ``kill`` strikes
+after the shard's first array file is written, before its ``meta.json``.
 """
 
 from __future__ import annotations
@@ -41,7 +51,8 @@ def _fault(spec: dict[str, Any]) -> tuple[str, int] | None:
         return None
     parts = value.split(":")
     kind, index = parts[0], int(parts[1])
-    if index not in spec["run_indices"]:
+    keys = [spec.get("index")] if spec.get("kind") == "analysis" else spec["run_indices"]
+    if index not in keys:
         return None
     attempt = int(spec.get("attempt") or os.environ.get("MLVAR_WORKER_ATTEMPT", "1"))
     if len(parts) > 2 and attempt > int(parts[2]):
@@ -139,14 +150,28 @@ def write_files(files: dict[str, bytes], root: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mlvar.backends.worker", description=__doc__)
-    parser.add_argument("spec", type=Path, help="the pack's JSON spec")
-    parser.add_argument("--runs-root", type=Path, required=True, help="output runs root")
-    parser.add_argument("--data-root", type=Path, help="a data root holding the scenario")
-    parser.add_argument("--scenario-dir", type=Path, help="the prepared scenario folder itself")
+    parser = argparse.ArgumentParser(
+        prog="python -m mlvar.backends.worker",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("spec", type=Path, help="the job's JSON spec (a pack or a shard)")
+    parser.add_argument("--runs-root", type=Path, help="train: output runs root")
+    parser.add_argument("--data-root", type=Path, help="train: a data root holding the scenario")
+    parser.add_argument(
+        "--scenario-dir", type=Path, help="train: the prepared scenario folder itself"
+    )
+    parser.add_argument(
+        "--experiment-dir", type=Path, help="analysis: the experiment folder to read"
+    )
+    parser.add_argument("--out", type=Path, help="analysis: output folder (gets <shard>/)")
     args = parser.parse_args(argv)
     try:
         spec = json.loads(args.spec.read_text())
+        if spec.get("kind", "train") == "analysis":
+            return _analysis(spec, args.experiment_dir, args.out)
+        if args.runs_root is None:
+            raise MlvarError("a training spec needs --runs-root", "see --help")
         done = run_pack(spec, args.runs_root, args.data_root, args.scenario_dir)
     except MlvarError as exc:
         print(f"Error: {exc}", file=sys.stderr, flush=True)
@@ -155,6 +180,15 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"Error: runs not finished: {', '.join(missing)}", file=sys.stderr, flush=True)
         return 1
+    return 0
+
+
+def _analysis(spec: dict[str, Any], experiment_dir: Path | None, out: Path | None) -> int:
+    from mlvar.backends.shard_jobs import run_shard_job
+
+    if experiment_dir is None or out is None:
+        raise MlvarError("an analysis spec needs --experiment-dir and --out", "see --help")
+    run_shard_job(spec, experiment_dir, out)
     return 0
 
 

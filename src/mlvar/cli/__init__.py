@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 from typing import Any
 
@@ -63,6 +64,32 @@ app.add_typer(submit.app, name="submit")
 app.add_typer(analyze.app, name="analyze")
 app.add_typer(report.app, name="report")
 app.command("demo")(demo.demo)
+
+
+def _reflow(doc: str) -> str:
+    """A docstring as help text: each paragraph on one line, so that the terminal wraps it
+    (typer's rich mode keeps the source's line breaks); indented blocks stay as written."""
+    paragraphs = inspect.cleandoc(doc).split("\n\n")
+    out = []
+    for para in paragraphs:
+        lines = para.splitlines()
+        if any(line[:1].isspace() for line in lines):
+            out.append(para)
+        else:
+            out.append(" ".join(line.strip() for line in lines))
+    return "\n\n".join(out)
+
+
+def _reflow_help(typer_app: typer.Typer) -> None:
+    for command in typer_app.registered_commands:
+        if command.help is None and command.callback is not None and command.callback.__doc__:
+            command.help = _reflow(command.callback.__doc__)
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _reflow_help(group.typer_instance)
+
+
+_reflow_help(app)
 
 
 def _version(value: bool) -> None:

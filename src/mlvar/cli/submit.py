@@ -1,4 +1,5 @@
-"""``mlvar submit``: train an experiment's runs on a backend (local, Ray, Azure ML).
+"""``mlvar submit``: train an experiment's runs, or compute its sharded analysis, on a
+backend (local, Ray, Azure ML).
 
 ``mlvar submit DATASET ...`` is ``mlvar submit run DATASET ...``: the group routes any
 first argument that is not a sub-command to ``run``.
@@ -12,6 +13,8 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
+from mlvar.analysis.metrics import ALL_METRICS
+from mlvar.analysis.service import DEFAULT_RANK_BY
 from mlvar.backends import service
 from mlvar.backends.spec import Submission
 from mlvar.cli.common import (
@@ -58,11 +61,13 @@ app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode="rich",
     help=(
-        "Train an experiment's runs on a backend: local (in process or worker processes), "
-        "ray (local instance or cluster) or aml (Azure ML jobs); then check and fetch them.\n\n"
+        "Train an experiment's runs, or compute its sharded analysis (analyze rank), on a "
+        "backend: local (in process or worker processes), ray (local instance or cluster) "
+        "or aml (Azure ML jobs); then check and fetch them.\n\n"
         "Examples:\n\n"
         "  mlvar submit digits --runs 16 --backend local\n\n"
         "  mlvar submit cifar100 --runs 50 --backend aml --dry-run --out jobs/\n\n"
+        "  mlvar submit analyze EXPERIMENT --shards 4 --run-shards 2 --backend ray\n\n"
         "  mlvar submit status EXPERIMENT\n\n"
         "  mlvar submit download EXPERIMENT"
     ),
@@ -92,13 +97,14 @@ def run(
     runs_per_job: Annotated[
         int | None,
         typer.Option(
-            help="Runs packed into one job (default [submit] runs_per_job, 8).", show_default=False
+            help="Runs packed into one job (default \\[submit] runs_per_job, 8).",
+            show_default=False,
         ),
     ] = None,
     retries: Annotated[
         int | None,
         typer.Option(
-            help="Extra attempts of a failing job (default [submit] retries, 2).",
+            help="Extra attempts of a failing job (default \\[submit] retries, 2).",
             show_default=False,
         ),
     ] = None,
@@ -199,21 +205,35 @@ def run(
 
 
 def _print_submission(sub: Submission) -> None:
-    rows = [
-        [j.name, ",".join(map(str, j.run_indices)), j.state, j.attempts, j.ref or "-"]
-        for j in sub.jobs
-    ]
-    console.print(
-        table(
-            f"submission {sub.id} ({sub.backend}): {sub.state}",
-            ["job", "runs", "state", "attempts", "ref"],
-            rows,
-        )
-    )
+    if sub.kind == "analysis":
+        title = f"analysis submission {sub.id} ({sub.backend}, {sub.split}): {sub.state}"
+        columns = ["shard", "samples", "runs", "state", "attempts", "ref"]
+        rows = [
+            [
+                j.name,
+                j.shard.get("samples", "-"),
+                "{} ({})".format(j.shard.get("runs", "-"), "..".join(j.shard.get("run_ids", []))),
+                j.state,
+                j.attempts,
+                j.ref or "-",
+            ]
+            for j in sub.jobs
+        ]
+    else:
+        title = f"submission {sub.id} ({sub.backend}): {sub.state}"
+        columns = ["job", "runs", "state", "attempts", "ref"]
+        rows = [
+            [j.name, ",".join(map(str, j.run_indices)), j.state, j.attempts, j.ref or "-"]
+            for j in sub.jobs
+        ]
+    console.print(table(title, columns, rows))
     for job in sub.jobs:
         if job.state == "failed":
-            seeds = ", ".join(f"{f['run_id']} (seed {f['seed']})" for f in job.failed)
-            console.print(f"[red]{job.name} failed after {job.attempts} attempt(s)[/red]: {seeds}")
+            what = ", ".join(
+                f"{f['run_id']} (seed {f['seed']})" if "run_id" in f else f"shard {f['shard']}"
+                for f in job.failed
+            )
+            console.print(f"[red]{job.name} failed after {job.attempts} attempt(s)[/red]: {what}")
             console.print(f"  {job.error}", markup=False, highlight=False)
             if job.log_tail:
                 console.print(job.log_tail, markup=False, highlight=False)
@@ -233,7 +253,8 @@ def status(
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Show a submission's jobs and their states (Azure ML jobs are refreshed).
+    """Show a submission's jobs (training packs or analysis shards) and their states (Azure
+    ML jobs are refreshed).
 
     Examples:
 
@@ -257,16 +278,18 @@ def download(
         Path | None,
         typer.Option(
             "--from",
-            help="Import a worker's output folder (a run store) copied by "
-            "hand, instead of the submission's Azure ML outputs.",
+            help="Import a worker's output folder (a run store, or analysis shard "
+            "folders) copied by hand, instead of the submission's Azure ML outputs.",
             show_default=False,
         ),
     ] = None,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Copy finished runs into the run store: only complete runs whose arrays match their
-    sha256 land, each atomically; complete runs already there are never overwritten.
+    """Copy finished runs (or analysis shards) into the run store: only complete runs whose
+    arrays match their sha256 land, each atomically; complete runs already there are never
+    overwritten. Shards land in analysis/shards/<split>/ under the same rules, and an
+    analysis submission whose shards are all present is merged.
 
     Examples:
 
@@ -277,11 +300,154 @@ def download(
     with cli_errors():
         res = service.download(get_config(config), experiment, submission_id, source)
     if json_out:
-        print_json({"imported": res.imported, "skipped": res.skipped, "rejected": res.rejected})
+        print_json(res.to_dict())
         return
+    what = "shard" if res.kind == "shards" else "run"
     console.print(
-        f"Imported {len(res.imported)} run(s); {len(res.skipped)} already complete; "
+        f"Imported {len(res.imported)} {what}(s); {len(res.skipped)} already complete; "
         f"{len(res.rejected)} rejected."
     )
-    for run_id, why in res.rejected.items():
-        console.print(f"  rejected {run_id}: {why}", markup=False, highlight=False)
+    for name, why in res.rejected.items():
+        console.print(f"  rejected {name}: {why}", markup=False, highlight=False)
+    if res.ranking:
+        console.print(f"Merged the shards: ranking in {res.ranking}")
+
+
+@app.command("analyze", no_args_is_help=True)
+def analyze(
+    experiment: ExperimentArg,
+    backend: Annotated[
+        str, typer.Option(help="local, ray or aml (Azure ML).", show_default=True)
+    ] = "local",
+    shards: Annotated[
+        int,
+        typer.Option(
+            "--shards",
+            help="K: contiguous blocks of the split's samples, one job each (1..samples).",
+        ),
+    ] = 1,
+    run_shards: Annotated[
+        int,
+        typer.Option(
+            "--run-shards",
+            help="M: blocks of the runs (sorted by id); K x M jobs in all (1..runs).",
+        ),
+    ] = 1,
+    split: Annotated[str, typer.Option(help="Split to rank.")] = "test",
+    by: Annotated[
+        str, typer.Option(help=f"Metric the merged ranking sorts by: {', '.join(ALL_METRICS)}.")
+    ] = DEFAULT_RANK_BY,
+    merge: Annotated[
+        bool,
+        typer.Option(
+            "--merge/--no-merge",
+            help="Merge the shards once all are present (as 'mlvar analyze rank --merge').",
+        ),
+    ] = True,
+    allow_mixed: Annotated[
+        bool,
+        typer.Option(
+            "--allow-mixed", help="Analyse runs trained with different configurations together."
+        ),
+    ] = False,
+    retries: Annotated[
+        int | None,
+        typer.Option(
+            help="Extra attempts of a failing shard (default \\[submit] retries, 2).",
+            show_default=False,
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="local: worker processes (0: in process; default \\[submit] local_workers).",
+            show_default=False,
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Write the jobs (aml: YAML validated with load_job, and the inputs) and "
+            "specs to --out; submit nothing.",
+        ),
+    ] = False,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder of --dry-run (default ./mlvar-jobs/<experiment>-<split>).",
+            show_default=False,
+        ),
+    ] = None,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Compute 'mlvar analyze rank' of an experiment as K x M shard jobs on a backend.
+
+    Each job computes one block of samples (--shards K) over one block of runs
+    (--run-shards M); its shard lands in analysis/shards/<split>/ only when complete and
+    sha256-verified. Shards already there are not resubmitted. Once all are present they
+    are merged into analysis/rank-<split>.* (as 'mlvar analyze rank --merge'); aml jobs
+    run remotely: 'mlvar submit download' lands and merges them.
+
+    Examples:
+
+      mlvar submit analyze digits-holdout-sub3-r1.0-mlp --shards 3 --run-shards 2
+
+      mlvar submit analyze cifar100-subclass-baby-r1.0-airbench --shards 8 --backend ray
+
+      mlvar submit analyze cifar100-subclass-baby-r1.0-airbench --shards 8 --backend aml
+
+      mlvar submit analyze EXPERIMENT --shards 4 --backend aml --dry-run --out jobs/
+    """
+    with cli_errors(), ProgressBar(not json_out) as bar:
+
+        def on_progress(done: int, total: int, message: str) -> None:
+            bar.update(f"shards ({message})", done, total)
+
+        result = service.submit_analysis(
+            get_config(config),
+            experiment,
+            backend=backend,
+            shards=shards,
+            run_shards=run_shards,
+            split=split,
+            by=by,
+            merge=merge,
+            allow_mixed=allow_mixed,
+            retries=retries,
+            workers=workers,
+            dry_run=dry_run,
+            out=out,
+            progress=on_progress,
+        )
+    if json_out:
+        print_json(result.to_dict())
+        return
+    n = shards * run_shards
+    if result.dry_run_dir is not None:
+        console.print(
+            f"Dry run: {len(result.pending)} shard job(s) of {n} for {result.experiment} "
+            f"({split}) written to {result.dry_run_dir}"
+            + (" (validated with load_job)" if backend == "aml" else "")
+        )
+        return
+    if result.submission is None:
+        console.print(f"Nothing to submit: all {n} shard(s) are present.")
+    else:
+        _print_submission(result.submission)
+        if result.skipped:
+            console.print(f"Skipped {len(result.skipped)} shard(s) already present.")
+        if result.wall_time_s:
+            console.print(f"Took {result.wall_time_s:.1f} s.")
+    console.print(f"Shards: {result.path}")
+    sub = result.submission
+    if result.merged is not None:
+        console.print(
+            f"Merged {n} shard(s) over {result.merged.n_runs} runs: ranking by "
+            f"{result.merged.by} in {result.ranking}"
+        )
+    elif sub is not None and sub.backend == "aml" and sub.state != "failed":
+        console.print(f"Fetch and merge the shards later: mlvar submit download {experiment}")
+    if sub is not None and sub.state == "failed":
+        raise typer.Exit(1)
