@@ -16,8 +16,11 @@ from mlvar.config import (
     MODELS,
     RANDOMNESS_SOURCES,
     TRAIN_DEFAULTS,
+    AmlConfig,
     Config,
     PathsConfig,
+    RayConfig,
+    SubmitConfig,
     TrainConfig,
     load_config,
 )
@@ -57,6 +60,7 @@ def test_example_parses_and_equals_defaults(no_mlvar_env: Path) -> None:
     defaults = Config()
     assert cfg.source == EXAMPLE.resolve()
     assert cfg.train == defaults.train
+    assert cfg.backend == defaults.backend and cfg.submit == defaults.submit
     # Relative paths in a config file are relative to its folder.
     for key in PATH_KEYS:
         assert getattr(cfg.paths, key) == EXAMPLE.resolve().parent / getattr(defaults.paths, key)
@@ -65,8 +69,13 @@ def test_example_parses_and_equals_defaults(no_mlvar_env: Path) -> None:
 def test_example_lists_every_key_with_a_comment() -> None:
     text = EXAMPLE.read_text(encoding="utf-8")
     data = tomllib.loads(text)
-    assert set(data) == {"paths", "train"}
+    assert set(data) == {"paths", "train", "submit", "backend"}
     assert list(data["paths"]) == PATH_KEYS
+    # The cluster tables list every field, in the dataclasses' order.
+    assert list(data["submit"]) == [f.name for f in dataclasses.fields(SubmitConfig)]
+    assert set(data["backend"]) == {"aml", "ray"}
+    assert list(data["backend"]["aml"]) == [f.name for f in dataclasses.fields(AmlConfig)]
+    assert list(data["backend"]["ray"]) == [f.name for f in dataclasses.fields(RayConfig)]
     assert set(data["train"]) == set(TRAIN_DEFAULTS) == set(Config().train)
     for dataset in TRAIN_DEFAULTS:
         assert list(data["train"][dataset]) == TRAIN_KEYS, dataset
