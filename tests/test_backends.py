@@ -4,7 +4,6 @@ worker, bad input, and the [backend.*]/[submit] config tables."""
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +14,12 @@ from mlvar.backends import service
 from mlvar.backends.spec import load_submission
 from mlvar.backends.transfer import import_runs
 from mlvar.cli import app
-from mlvar.config import AmlConfig, Config, PathsConfig, RayConfig, SubmitConfig, load_config
+from mlvar.config import Config, PathsConfig, load_config
 from mlvar.data.registry import prepare
 from mlvar.errors import MlvarError
 from mlvar.store import ExperimentStore
 from mlvar.train.service import train
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "mlvar.toml.example"
 EXP = "digits-holdout-sub3-r1.0-mlp"
 OVER = {"epochs": 2}
 runner = CliRunner()
@@ -251,30 +249,6 @@ def test_submit_status_of_unknown_experiment(cli_root: Path) -> None:
 
 
 # ---------------------------------------------------------------- config
-
-
-def _uncommented_backend_tables() -> str:
-    text = EXAMPLE.read_text(encoding="utf-8")
-    block = text[text.index("# [submit]") :]
-    return "\n".join(line[2:] if line.startswith("# ") else "" for line in block.splitlines())
-
-
-def test_example_documents_every_backend_key_with_its_default(
-    no_mlvar_env: Path,
-) -> None:
-    text = _uncommented_backend_tables()
-    data = tomllib.loads(text)
-    assert list(data["submit"]) == [f for f in SubmitConfig.__dataclass_fields__]
-    assert list(data["backend"]["ray"]) == [f for f in RayConfig.__dataclass_fields__]
-    assert list(data["backend"]["aml"]) == [f for f in AmlConfig.__dataclass_fields__]
-    lines = text.splitlines()
-    for i, line in enumerate(lines):
-        if "=" in line and not line.lstrip().startswith("#"):
-            assert lines[i - 1].lstrip().startswith("#"), f"no comment above: {line}"
-    path = no_mlvar_env / "mlvar.toml"
-    path.write_text(text)
-    cfg = load_config(path, env={})
-    assert cfg.submit == SubmitConfig() and cfg.backend == Config().backend
 
 
 @pytest.mark.parametrize(
