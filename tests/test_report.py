@@ -261,10 +261,46 @@ def _error(*args: str) -> str:
     return result.stderr.strip()
 
 
-def test_cli_needs_an_experiment_or_study(roots: Path) -> None:
-    make_store(roots / "runs", "exp-a")
+def test_cli_site_of_every_experiment(roots: Path) -> None:
+    """'mlvar report html' with no experiment: every report, and the study table as the
+    site's index linking them; an experiment that cannot be reported is listed, not fatal."""
     line = _error("report", "html")
-    assert "name the experiment" in line and "--study" in line and "exp-a" in line
+    assert "no experiments in the runs root" in line and "mlvar demo" in line
+    assert not (roots / "reports").exists()
+    make_store(roots / "runs", "exp-a", scenario={"name": "s", "mode": "m", "params": {"r": 1}})
+    make_store(roots / "runs", "exp-b", scenario={"name": "s", "mode": "m", "params": {"r": 2}})
+    ExperimentStore.create(  # no finished runs: no report
+        roots / "runs",
+        "exp-empty",
+        {"dataset": "synthetic", "class_names": ["a", "b"]},
+        {
+            "test": {
+                "sample_id": np.arange(3),
+                "label": np.array([0, 1, 0]),
+                "affected": np.zeros(3, bool),
+                "group": np.full(3, -1),
+            }
+        },
+    )
+    result = runner.invoke(app, ["report", "html", "--top", "2", "--json"])
+    assert result.exit_code == 0, result.stderr
+    info = json.loads(result.stdout)
+    site = roots / "reports"
+    assert Path(info["path"]) == site / "index.html" and info["n_study"] == 2
+    assert sorted(info["reports"]) == ["exp-a", "exp-b"]
+    assert "no finished runs" in info["skipped"]["exp-empty"]
+    index = (site / "index.html").read_text()
+    for name in ("exp-a", "exp-b"):
+        assert f'<a href="{name}/index.html">{name}</a>' in index
+        assert (site / name / "index.html").is_file()
+    assert (site / "style.css").is_file() and (site / "study.csv").is_file()
+    assert "auroc_vs_0.png" in index and (site / "auroc_vs_0.png").is_file()  # r varies
+    result = runner.invoke(app, ["report", "html", "--top", "2"])
+    assert result.exit_code == 0 and "no report of exp-empty" in result.stdout
+
+
+def test_cli_study_takes_no_experiment(roots: Path) -> None:
+    make_store(roots / "runs", "exp-a")
     line = _error("report", "html", "exp-a", "--study")
     assert "takes no experiment name" in line
     # An experiment named 'study' would land where the study report lives.

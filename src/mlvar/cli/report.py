@@ -9,10 +9,18 @@ import typer
 
 from mlvar.analysis.metrics import METRICS
 from mlvar.analysis.service import DEFAULT_RANK_BY
-from mlvar.cli.common import ConfigOpt, JsonOpt, cli_errors, console, get_config, print_json
+from mlvar.cli.common import (
+    ConfigOpt,
+    JsonOpt,
+    ProgressBar,
+    cli_errors,
+    console,
+    get_config,
+    print_json,
+)
 from mlvar.errors import MlvarError
 from mlvar.report.html import TOP_DEFAULT, build_report
-from mlvar.store import ExperimentStore, list_experiments
+from mlvar.store import ExperimentStore
 
 app = typer.Typer(help="Write reports of an experiment.", no_args_is_help=True)
 
@@ -21,20 +29,23 @@ app = typer.Typer(help="Write reports of an experiment.", no_args_is_help=True)
 def html(
     experiment: Annotated[
         str | None,
-        typer.Argument(help="Experiment name (leave out with --study).", show_default=False),
+        typer.Argument(
+            help="Experiment name; leave out for one site of every experiment.",
+            show_default=False,
+        ),
     ] = None,
     study: Annotated[
         bool,
         typer.Option(
             "--study",
-            help="Report the study table across every experiment instead (<reports_root>/study).",
+            help="Only the study table across experiments (<reports_root>/study).",
         ),
     ] = False,
     out: Annotated[
         Path | None,
         typer.Option(
-            help="Output folder (default: <reports_root>/<experiment>, or "
-            "<reports_root>/study with --study).",
+            help="Output folder (default: <reports_root>/<experiment>; "
+            "<reports_root>/study with --study; <reports_root> for the site).",
             show_default=False,
         ),
     ] = None,
@@ -62,8 +73,11 @@ def html(
     """Write a static HTML report folder that opens from disk with no network.
 
     For one experiment: accuracy spread, detection table, ROC curves, AUROC against the
-    number of runs, a sortable and filterable ranking and one page per top sample. With
-    --study (no experiment): the study table across experiments.
+    number of runs, a sortable and filterable ranking and one page per top sample.
+
+    With no experiment: one site for all of them, each experiment's report in
+    <reports_root>/<experiment>/ and the study table as <reports_root>/index.html,
+    linking them. With --study: only the study table, in <reports_root>/study/.
 
     Example: mlvar report html digits-holdout-sub3-r1.0-mlp --top 20
     """
@@ -84,18 +98,31 @@ def html(
                 by,
                 compute_missing,
             )
+        elif experiment is None:
+            from mlvar.report.study import build_site
+
+            with ProgressBar(not json_out) as bar:
+                site = build_site(
+                    cfg.paths.runs_root,
+                    out or Path(cfg.paths.reports_root),
+                    Path(cfg.paths.data_root),
+                    split,
+                    by,
+                    top,
+                    progress=lambda done, total, name: bar.update("reports", done, total),
+                )
+            if json_out:
+                print_json(site.to_dict())
+                return
+            for name, why in site.skipped.items():
+                console.print(f"no report of {name}: {why}", style="yellow", markup=False)
+            console.print(
+                f"Site: {site.path} (study table of {site.n_study} experiment(s); "
+                f"{len(site.reports)} report(s))",
+                markup=False,
+            )
+            return
         else:
-            if experiment is None:
-                known = list_experiments(cfg.paths.runs_root)
-                listed = (
-                    f" (experiments: {', '.join(known[:8])}{', ...' if len(known) > 8 else ''})"
-                )
-                raise MlvarError(
-                    "name the experiment to report on, or pass --study",
-                    "e.g. 'mlvar report html EXPERIMENT'"
-                    + (listed if known else "")
-                    + ", or 'mlvar report html --study' for the study table",
-                )
             store = ExperimentStore.open(cfg.paths.runs_root, experiment)
             if out is None and experiment == "study":
                 # <reports_root>/study is the study report's folder: neither may replace

@@ -1,15 +1,22 @@
-"""``mlvar report html --study``: the study table across experiments as a static page.
+"""The study across experiments as static pages.
 
-Reads the detection results already in the run store (:mod:`mlvar.analysis.study`) and
-writes ``<reports_root>/study/``: ``index.html`` with one row per experiment (AUROC of
-the ranking metric, the best metric, the single-model baseline), AUROC of every metric
-per experiment, and, for each group of experiments (same dataset, mode and model) that
-differ in exactly one scenario parameter (``ratio``, ``subclass``, ``cluster``, ...;
-``seed`` does not count), a plot of AUROC per metric against that parameter.
+``mlvar report html --study`` writes ``<reports_root>/study/``; ``mlvar report html``
+with no experiment writes one site for all experiments (:func:`build_site`): each
+experiment's report in ``<reports_root>/<experiment>/`` and the study table as
+``<reports_root>/index.html``, its experiment names linking to their reports.
+
+The study page reads the detection results in the run store (:mod:`mlvar.analysis.study`):
+one row per experiment (AUROC of the ranking metric, the best metric, the single-model
+baseline), AUROC of every metric per experiment, and, for each group of experiments (same
+dataset, mode and model) that differ in exactly one scenario parameter (``ratio``,
+``subclass``, ``cluster``, ...; ``seed`` does not count), a plot of AUROC per metric
+against that parameter.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,10 +28,11 @@ from mlvar import __version__
 from mlvar.analysis.metrics import METRICS
 from mlvar.analysis.service import DEFAULT_RANK_BY
 from mlvar.analysis.study import study
-from mlvar.errors import unknown_choice
-from mlvar.io import atomic_write_bytes, atomic_write_text, staging_dir
+from mlvar.errors import MlvarError, unknown_choice
+from mlvar.io import atomic_write_bytes, staging_dir
 from mlvar.report import plots
-from mlvar.report.html import _check_out, environment, fmt, stylesheet
+from mlvar.report.html import TOP_DEFAULT, _check_out, environment, fmt, stylesheet
+from mlvar.store import ExperimentStore, list_experiments
 
 IGNORED_PARAMS = ("seed",)
 
@@ -91,6 +99,29 @@ def build_study_report(
         raise unknown_choice("metric", by, METRICS)
     out_dir = Path(out_dir)
     _check_out(out_dir)
+    page = _study_page(runs_root, split, by, compute_missing)
+    with staging_dir(out_dir, replace=True) as tmp:
+        for name, data in page.files.items():
+            atomic_write_bytes(tmp / name, data)
+    return StudyReportResult(out_dir / "index.html", page.n_experiments, page.skipped, page.plots)
+
+
+@dataclass
+class _Page:
+    files: dict[str, bytes]  # name -> content, index.html among them
+    n_experiments: int
+    skipped: dict[str, str]
+    plots: int
+
+
+def _study_page(
+    runs_root: Path,
+    split: str,
+    by: str,
+    compute_missing: bool,
+    links: dict[str, str] | None = None,
+) -> _Page:
+    """The study page's files; ``links``: experiment -> href of its report."""
     result = study(runs_root, split, compute_missing=compute_missing, write=False)
     table = result.table
     per = result.per_experiment(by)
@@ -119,6 +150,7 @@ def build_study_report(
         "summary": [
             {
                 "experiment": r["experiment"],
+                "link": (links or {}).get(r["experiment"]),
                 "mode": r["mode"],
                 "params": r["params"],
                 "cells": [
@@ -139,6 +171,7 @@ def build_study_report(
         "pivot": [
             {
                 "experiment": e,
+                "link": (links or {}).get(e),
                 "cells": [
                     fmt(_num(pivot.at[e, m])) if e in pivot.index and m in pivot else "–"
                     for m in metrics
@@ -152,15 +185,82 @@ def build_study_report(
         "version": __version__,
         "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
+    context["site"] = links is not None
     html = environment().get_template("study.html").render(**context)
-    with staging_dir(out_dir, replace=True) as tmp:
-        atomic_write_text(tmp / "style.css", stylesheet())
-        for name, data in figures.items():
-            atomic_write_bytes(tmp / name, data)
-        csv = table.to_csv(index=False, float_format="%.6g")
-        atomic_write_text(tmp / "study.csv", csv)
-        atomic_write_text(tmp / "index.html", html)
-    return StudyReportResult(out_dir / "index.html", len(experiments), result.skipped, len(figures))
+    files = {"style.css": stylesheet().encode(), **figures}
+    files["study.csv"] = table.to_csv(index=False, float_format="%.6g").encode()
+    files["index.html"] = html.encode()  # last: the page appears once its parts are there
+    return _Page(files, len(experiments), result.skipped, len(figures))
+
+
+@dataclass
+class SiteResult:
+    """What :func:`build_site` wrote."""
+
+    path: Path  # <reports_root>/index.html
+    reports: dict[str, Path]  # experiment -> its index.html
+    skipped: dict[str, str]  # experiment -> why it has no report
+    n_study: int  # experiments in the study table
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "reports": {k: str(v) for k, v in self.reports.items()},
+            "skipped": self.skipped,
+            "n_study": self.n_study,
+        }
+
+
+#: ``progress(done, total, experiment)`` after each experiment's report.
+SiteProgress = Callable[[int, int, str], None]
+
+
+def build_site(
+    runs_root: Path,
+    reports_root: Path,
+    data_root: Path | None = None,
+    split: str = "test",
+    by: str = DEFAULT_RANK_BY,
+    top: int = TOP_DEFAULT,
+    progress: SiteProgress | None = None,
+) -> SiteResult:
+    """One site for every experiment of ``runs_root``: each report in
+    ``<reports_root>/<experiment>/`` (as ``mlvar report html EXPERIMENT`` writes it, which
+    also stores its detection results), then the study page ``<reports_root>/index.html``
+    linking them. An experiment that cannot be reported (no finished runs, no such split)
+    is listed with the reason and left out; the others go on.
+    """
+    from mlvar.report.html import build_report
+
+    if by not in METRICS:
+        raise unknown_choice("metric", by, METRICS)
+    reports_root = Path(reports_root)
+    _check_out(reports_root)
+    names = list_experiments(Path(runs_root))
+    if not names:
+        raise MlvarError(
+            f"there are no experiments in the runs root {runs_root}",
+            "train one first, e.g. 'mlvar train digits --runs 8', or run 'mlvar demo'",
+        )
+    reports: dict[str, Path] = {}
+    skipped: dict[str, str] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # per-run warnings belong to the single reports
+        for k, name in enumerate(names):
+            try:
+                store = ExperimentStore.open(Path(runs_root), name)
+                done = build_report(store, reports_root / name, split, top, by, data_root)
+                reports[name] = done.path
+            except MlvarError as exc:
+                skipped[name] = exc.message
+            if progress:
+                progress(k + 1, len(names), name)
+    links = {name: f"{name}/index.html" for name in reports}
+    page = _study_page(Path(runs_root), split, by, False, links)
+    for name, data in page.files.items():
+        atomic_write_bytes(reports_root / name, data)
+    skipped = {**skipped, **{k: v for k, v in page.skipped.items() if k not in skipped}}
+    return SiteResult(reports_root / "index.html", reports, skipped, page.n_experiments)
 
 
 def _num(value: Any) -> Any:
