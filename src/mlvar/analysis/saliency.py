@@ -70,6 +70,9 @@ TILE_PX = 64  # overlays: each map is nearest-neighbour upscaled to about this s
 
 #: ``progress(done, total)`` in runs.
 Progress = Callable[[int, int], None]
+#: The ``method`` of image models' maps and of the MLP's attributions.
+GRADCAM = "GradCAM (pytorch_grad_cam)"
+GRADIENT_X_INPUT = "gradient x input"
 
 
 def folder(store: ExperimentStore, split: str) -> Path:
@@ -89,7 +92,7 @@ class SaliencyResult:
     path: Path  # the folder
     files: list[str] = field(default_factory=list)
     seconds: float = 0.0
-    method: str = "GradCAM (pytorch_grad_cam)"
+    method: str = GRADCAM
     feature_names: list[str] = field(default_factory=list)  # tabular inputs only
 
     @property
@@ -482,6 +485,7 @@ class _Plan:
     scenario: Any
     labels: np.ndarray  # [n]
     preds: np.ndarray  # [S, n]: each run's predicted class
+    ranked_run_ids: list[str] = field(default_factory=list)  # every run the ranking used
 
     def fingerprint(self) -> dict[str, Any]:
         """What shards must agree on to be merged."""
@@ -579,7 +583,40 @@ def _plan(
         scenario,
         labels,
         preds,
+        ranked_run_ids=run_ids_all,
     )
+
+
+def plan_saliency(
+    store: ExperimentStore,
+    data_root: Path,
+    split: str = "test",
+    top: int = TOP_DEFAULT,
+    seeds: int = SEEDS_DEFAULT,
+    by: str | None = None,
+    layer: str | None = None,
+    seed: int = 0,
+    batch_size: int = BATCH_DEFAULT,
+) -> _Plan:
+    """What :func:`saliency` (and every :func:`saliency_shard`) explains, with the checks
+    they make before computing (arguments, runs, weights listed, scenario): the ranking's
+    runs, the chosen samples and the runs to explain. Nothing is computed or written."""
+    return _plan(store, data_root, split, top, seeds, by, layer, seed, batch_size)
+
+
+def resolve_layer(plan: _Plan, layer: str | None = None) -> tuple[str, str]:
+    """``(method, layer)`` a computation of ``plan`` reports, checked on an untrained
+    network of the plan's model (no weights are read): the MLP's gradient x input at
+    ``input``; GradCAM at ``layer`` (default: the last ``Conv2d``), an unknown name being an
+    error that names the conv layers."""
+    if plan.model_name == "mlp":
+        return GRADIENT_X_INPUT, "input"
+    from mlvar.train.images import to_nchw
+    from mlvar.train.models import build_model
+
+    channels = int(to_nchw(plan.x_raw[:1]).shape[1])
+    model = build_model(plan.model_name, channels, len(plan.scenario.class_names))
+    return GRADCAM, target_layer(model, layer)[0]
 
 
 def _compute(
@@ -646,7 +683,12 @@ def shards_folder(store: ExperimentStore, split: str) -> Path:
     return store.root / "analysis" / "saliency-shards" / split
 
 
-def _block(j: int, m: int, n_runs: int) -> range:
+def shard_name(j: int, m: int) -> str:
+    """``r<j>of<m>``: the folder of block ``j`` of ``m`` in :func:`shards_folder`."""
+    return f"r{j}of{m}"
+
+
+def block_range(j: int, m: int, n_runs: int) -> range:
     """Runs of block ``j`` of ``m`` (1-based, contiguous): ``[(j-1)S/m, jS/m)``."""
     return range((j - 1) * n_runs // m, j * n_runs // m)
 
@@ -705,11 +747,11 @@ def saliency_shard(
             f"(--seeds {seeds})",
             f"use at most {len(plan.runs)} run blocks",
         )
-    block = _block(j, m, len(plan.runs))
+    block = block_range(j, m, len(plan.runs))
     method, layer_name, maps, attributions = _compute(
         store, plan, block, layer, batch_size, progress
     )
-    target = Path(out) if out is not None else shards_folder(store, split) / f"r{j}of{m}"
+    target = Path(out) if out is not None else shards_folder(store, split) / shard_name(j, m)
     arrays = {"maps.npy": maps, "attributions.npy": attributions}
     with staging_dir(target, replace=True) as tmp:
         files = {}
@@ -732,7 +774,7 @@ def saliency_shard(
     )
 
 
-def _read_shard(folder: Path) -> tuple[dict[str, Any] | None, str]:
+def verify_saliency_shard(folder: Path) -> tuple[dict[str, Any] | None, str]:
     """``(meta, "")`` for a complete saliency shard whose files match their sha256."""
     from mlvar.io import sha256_file
 
@@ -775,7 +817,7 @@ def merge_saliency_shards(
         )
     metas = []
     for folder_ in found:
-        meta, why = _read_shard(folder_)
+        meta, why = verify_saliency_shard(folder_)
         if why:
             raise MlvarError(
                 f"saliency shard {folder_.name} of '{store.name}' is not usable: {why}",
@@ -827,7 +869,7 @@ def merge_saliency_shards(
         )
     metas.sort(key=lambda fm: int(fm[1]["shard"][0]))
     for (_, meta), j in zip(metas, range(1, m + 1), strict=True):
-        expected = [plan.runs[i].run_id for i in _block(j, m, len(plan.runs))]
+        expected = [plan.runs[i].run_id for i in block_range(j, m, len(plan.runs))]
         if meta.get("block_run_ids") != expected:
             raise MlvarError(
                 f"saliency shard r{j}of{m} of '{store.name}' holds runs "
@@ -1019,13 +1061,13 @@ def _gradient_x_input_of_runs(
         if progress:
             progress(s + 1, len(models))
     if (manifest.get("input") or {}).get("kind") != "image":
-        return "gradient x input", "input", None, attributions
+        return GRADIENT_X_INPUT, "input", None, attributions
     pixels = np.abs(attributions).reshape(n, len(runs), 2, *x_raw.shape[1:])
     if pixels.ndim == 6:  # [n, S, 2, H, W, C]: sum over channels
         pixels = pixels.sum(axis=-1)
     peak = pixels.max(axis=(-2, -1), keepdims=True)
     maps = np.divide(pixels, peak, out=np.zeros_like(pixels), where=peak > 0)
-    return "gradient x input", "input", maps.astype(np.float32), attributions
+    return GRADIENT_X_INPUT, "input", maps.astype(np.float32), attributions
 
 
 def _training_norm(scenario: Any) -> Any:
@@ -1070,7 +1112,7 @@ def _gradcam_of_runs(
         maps[:, s, 0], maps[:, s, 1] = out[:n], out[n:]
         if progress:
             progress(s + 1, len(models))
-    return "GradCAM (pytorch_grad_cam)", layer_name, maps, None
+    return GRADCAM, layer_name, maps, None
 
 
 @dataclass

@@ -23,6 +23,12 @@ folder (``inputs/r<j>of<m>/``: ``experiment.json``, ``samples/<split>.parquet`` 
 of run block j, hard links into the store) that the SDK uploads when the job is created
 (once per content: the K jobs of a run block share it), and whose output ``shards`` goes to
 ``mlvar/<experiment>/<submission>/<shard>/`` on the datastore.
+
+Saliency shards (``mlvar submit saliency``) are the same with a second input,
+``scenario``: the prepared scenario's data asset of training jobs (uploaded once per
+version), and ``--scenario-dir ${{inputs.scenario}}`` in the command; their input
+``experiment`` (``inputs/r<j>of<m>/``) holds every ranked run's logits and the block's
+``model.pt``.
 """
 
 from __future__ import annotations
@@ -111,51 +117,78 @@ def _environment(cfg: AmlConfig) -> Any:
     return cfg.environment or {"image": cfg.image, "conda_file": "../environment/conda.yaml"}
 
 
-def job_dict(sub: Submission, spec: dict[str, Any], scenario: Scenario, cfg: AmlConfig) -> dict:
-    """The command job of one pack, as the YAML mapping."""
-    pack = spec["job"]
-    indices = spec["run_indices"]
-    env = _environment(cfg)
+def _command_job(
+    sub: Submission,
+    name: str,
+    cfg: AmlConfig,
+    text: dict[str, str],
+    tags: dict[str, str],
+    inputs: dict[str, Any],
+    output: str,
+) -> dict:
+    """A command job running the worker on ``specs/<name>.json`` (``text``: its
+    ``display_name``, ``description`` and ``command``), output ``output`` on the datastore
+    under ``mlvar/<experiment>/<submission>/<name>/``."""
     return {
         "$schema": JOB_SCHEMA,
         "type": "command",
-        "name": job_name(sub, pack),
-        "display_name": f"{sub.experiment} {pack} (runs {indices[0]}-{indices[-1]})",
+        "name": job_name(sub, name),
+        "display_name": text["display_name"],
         "experiment_name": cfg.experiment_name,
-        "description": f"mlvar: train runs {', '.join(map(str, indices))} of {sub.experiment}",
-        "tags": {
-            "mlvar_version": __version__,
-            "mlvar_experiment": sub.experiment,
-            "mlvar_submission": sub.id,
-            "mlvar_pack": pack,
-            "mlvar_runs": ",".join(map(str, indices)),
-        },
+        "description": text["description"],
+        "tags": {"mlvar_version": __version__, **tags},
         "code": "../code",
-        "command": (
-            f"python -m mlvar.backends.worker specs/{pack}.json "
-            "--scenario-dir ${{inputs.scenario}} --runs-root ${{outputs.runs}}"
-        ),
-        "inputs": {
-            "scenario": {
-                "type": "uri_folder",
-                "path": f"azureml:{asset_name(scenario)}:{asset_version(scenario)}",
-                "mode": "ro_mount",
-            }
-        },
+        "command": text["command"],
+        "inputs": inputs,
         "outputs": {
-            "runs": {
+            output: {
                 "type": "uri_folder",
                 "mode": "upload",
                 "path": (
                     f"azureml://datastores/{cfg.datastore}/paths/mlvar/"
-                    f"{sub.experiment}/{sub.id}/{pack}/"
+                    f"{sub.experiment}/{sub.id}/{name}/"
                 ),
             }
         },
-        "environment": env,
+        "environment": _environment(cfg),
         "compute": f"azureml:{cfg.compute}",
         "resources": {"instance_count": 1},
     }
+
+
+def _scenario_input(scenario: Scenario) -> dict[str, str]:
+    """The prepared scenario's data asset, mounted read-only."""
+    return {
+        "type": "uri_folder",
+        "path": f"azureml:{asset_name(scenario)}:{asset_version(scenario)}",
+        "mode": "ro_mount",
+    }
+
+
+def _folder_input(spec: dict[str, Any]) -> dict[str, str]:
+    """A shard job's local input folder ``inputs/r<j>of<m>/`` (uploaded by the SDK)."""
+    return {"type": "uri_folder", "path": f"../inputs/{run_block(spec)}", "mode": "ro_mount"}
+
+
+def job_dict(sub: Submission, spec: dict[str, Any], scenario: Scenario, cfg: AmlConfig) -> dict:
+    """The command job of one pack, as the YAML mapping."""
+    pack = spec["job"]
+    indices = spec["run_indices"]
+    text = {
+        "display_name": f"{sub.experiment} {pack} (runs {indices[0]}-{indices[-1]})",
+        "description": f"mlvar: train runs {', '.join(map(str, indices))} of {sub.experiment}",
+        "command": (
+            f"python -m mlvar.backends.worker specs/{pack}.json "
+            "--scenario-dir ${{inputs.scenario}} --runs-root ${{outputs.runs}}"
+        ),
+    }
+    tags = {
+        "mlvar_experiment": sub.experiment,
+        "mlvar_submission": sub.id,
+        "mlvar_pack": pack,
+        "mlvar_runs": ",".join(map(str, indices)),
+    }
+    return _command_job(sub, pack, cfg, text, tags, {"scenario": _scenario_input(scenario)}, "runs")
 
 
 def conda_dict() -> dict[str, Any]:
@@ -246,57 +279,62 @@ def run_block(spec: dict[str, Any]) -> str:
     return f"r{j}of{m}"
 
 
+def _shard_tags(sub: Submission, spec: dict[str, Any]) -> dict[str, str]:
+    return {
+        "mlvar_kind": spec["kind"],
+        "mlvar_experiment": sub.experiment,
+        "mlvar_submission": sub.id,
+        "mlvar_split": spec["split"],
+        "mlvar_shard": spec["job"],
+    }
+
+
 def shard_job_dict(sub: Submission, spec: dict[str, Any], cfg: AmlConfig) -> dict:
     """The command job of one analysis shard, as the YAML mapping."""
     name = spec["job"]
     (i, k), (j, m) = spec["shard"], spec["run_shard"]
     expect = spec["expect"]
     block = expect["run_ids"]
-    return {
-        "$schema": JOB_SCHEMA,
-        "type": "command",
-        "name": job_name(sub, name),
+    text = {
         "display_name": f"{sub.experiment} analysis {name}",
-        "experiment_name": cfg.experiment_name,
         "description": (
             f"mlvar: analyze rank {sub.experiment} --split {spec['split']} --shard {i}/{k} "
             f"--run-shard {j}/{m} (samples {expect['start']}..{expect['stop'] - 1}, "
             f"runs {block[0]}..{block[-1]})"
         ),
-        "tags": {
-            "mlvar_version": __version__,
-            "mlvar_kind": "analysis",
-            "mlvar_experiment": sub.experiment,
-            "mlvar_submission": sub.id,
-            "mlvar_split": spec["split"],
-            "mlvar_shard": name,
-        },
-        "code": "../code",
         "command": (
             f"python -m mlvar.backends.worker specs/{name}.json "
             "--experiment-dir ${{inputs.experiment}} --out ${{outputs.shards}}"
         ),
-        "inputs": {
-            "experiment": {
-                "type": "uri_folder",
-                "path": f"../inputs/{run_block(spec)}",
-                "mode": "ro_mount",
-            }
-        },
-        "outputs": {
-            "shards": {
-                "type": "uri_folder",
-                "mode": "upload",
-                "path": (
-                    f"azureml://datastores/{cfg.datastore}/paths/mlvar/"
-                    f"{sub.experiment}/{sub.id}/{name}/"
-                ),
-            }
-        },
-        "environment": _environment(cfg),
-        "compute": f"azureml:{cfg.compute}",
-        "resources": {"instance_count": 1},
     }
+    inputs = {"experiment": _folder_input(spec)}
+    return _command_job(sub, name, cfg, text, _shard_tags(sub, spec), inputs, "shards")
+
+
+def saliency_job_dict(
+    sub: Submission, spec: dict[str, Any], scenario: Scenario, cfg: AmlConfig
+) -> dict:
+    """The command job of one saliency run block, as the YAML mapping."""
+    name = spec["job"]
+    j, m = spec["run_shard"]
+    opts, block = spec["options"], spec["expect"]["block_run_ids"]
+    layer = f" --layer {opts['layer']}" if opts.get("layer") else ""
+    runs = block[0] if len(block) == 1 else f"{block[0]}..{block[-1]}"
+    text = {
+        "display_name": f"{sub.experiment} saliency {name}",
+        "description": (
+            f"mlvar: analyze saliency {sub.experiment} --split {spec['split']} --run-shard "
+            f"{j}/{m} --top {opts['top']} --seeds {opts['seeds']} --by {opts['by']}{layer} "
+            f"--seed {opts['seed']} (runs {runs})"
+        ),
+        "command": (
+            f"python -m mlvar.backends.worker specs/{name}.json "
+            "--experiment-dir ${{inputs.experiment}} --scenario-dir ${{inputs.scenario}} "
+            "--out ${{outputs.shards}}"
+        ),
+    }
+    inputs = {"experiment": _folder_input(spec), "scenario": _scenario_input(scenario)}
+    return _command_job(sub, name, cfg, text, _shard_tags(sub, spec), inputs, "shards")
 
 
 def write_shard_jobs(
@@ -305,18 +343,26 @@ def write_shard_jobs(
     store: ExperimentStore,
     cfg: AmlConfig,
     out: Path,
+    scenario: Scenario | None = None,
 ) -> list[str]:
-    """Write the analysis job YAML files, specs, inputs, environment and code snapshot to
-    ``out`` (replacing it) and validate every YAML offline with ``load_job``.
+    """Write the shard job YAML files (analysis; saliency when ``scenario`` is given),
+    specs, inputs, environment and code snapshot to ``out`` (replacing it) and validate
+    every YAML offline with ``load_job`` (and the data asset with ``load_data``).
 
     Layout: ``jobs/<shard>.yaml``, ``code/mlvar/`` + ``code/specs/<shard>.json``,
     ``inputs/r<j>of<m>/`` (what the shards of run block j read; hard links into the store
     where possible), ``environment/conda.yaml`` (when no registered environment is named),
-    ``submission.json``. Returns the paths written (relative; inputs as folders).
+    saliency: ``data-asset.yaml`` (the prepared scenario), ``submission.json``. Returns the
+    paths written (relative; inputs as folders).
     """
     require("azure.ai.ml", "aml")
+    from azure.ai.ml import load_data
+
     with staging_dir(Path(out), replace=True) as tmp:
         written = _code_and_environment(tmp, cfg)
+        if scenario is not None:
+            atomic_write_text(tmp / "data-asset.yaml", _yaml(data_asset_dict(scenario)))
+            written.append("data-asset.yaml")
         staged: set[str] = set()
         for name, spec in specs.items():
             block = run_block(spec)
@@ -324,12 +370,19 @@ def write_shard_jobs(
                 shard_jobs.stage_inputs(store, spec, tmp / "inputs" / block)
                 staged.add(block)
                 written.append(f"inputs/{block}/")
+            job = (
+                shard_job_dict(sub, spec, cfg)
+                if scenario is None
+                else saliency_job_dict(sub, spec, scenario, cfg)
+            )
             atomic_write_json(tmp / "code" / "specs" / f"{name}.json", spec)
-            atomic_write_text(tmp / "jobs" / f"{name}.yaml", _yaml(shard_job_dict(sub, spec, cfg)))
+            atomic_write_text(tmp / "jobs" / f"{name}.yaml", _yaml(job))
             written += [f"code/specs/{name}.json", f"jobs/{name}.yaml"]
         atomic_write_json(tmp / "submission.json", sub.to_dict())
         written.append("submission.json")
         _validate(tmp, specs)
+        if scenario is not None:
+            load_data(tmp / "data-asset.yaml")
     return written
 
 
@@ -357,20 +410,27 @@ def submit_jobs(
     store: ExperimentStore,
 ) -> None:
     """Upload the scenario (once per version) and create one command job per pack."""
-    from azure.ai.ml import load_data, load_job
-    from azure.core.exceptions import ResourceNotFoundError
+    from azure.ai.ml import load_job
 
     folder = store.root / "submissions" / sub.id / "aml"
     write_jobs(sub, specs, scenario, cfg, folder)
-    try:
-        ml_client.data.get(asset_name(scenario), version=asset_version(scenario))
-    except ResourceNotFoundError:
-        ml_client.data.create_or_update(load_data(folder / "data-asset.yaml"))
+    _ensure_data_asset(ml_client, scenario, folder / "data-asset.yaml")
     sub.options = {"workspace": cfg.workspace, "compute": cfg.compute, "jobs_dir": str(folder)}
     for job in sub.jobs:
         created = ml_client.jobs.create_or_update(load_job(folder / "jobs" / f"{job.name}.yaml"))
         job.ref, job.state, job.attempts = created.name, "submitted", job.attempts + 1
         sub.save(store.root)
+
+
+def _ensure_data_asset(ml_client: Any, scenario: Scenario, yaml_file: Path) -> None:
+    """Create the scenario's data asset (uploading its folder) unless that version exists."""
+    from azure.ai.ml import load_data
+    from azure.core.exceptions import ResourceNotFoundError
+
+    try:
+        ml_client.data.get(asset_name(scenario), version=asset_version(scenario))
+    except ResourceNotFoundError:
+        ml_client.data.create_or_update(load_data(yaml_file))
 
 
 def refresh(ml_client: Any, sub: Submission) -> None:
@@ -409,13 +469,17 @@ def submit_shard_jobs(
     specs: dict[str, dict[str, Any]],
     store: ExperimentStore,
     cfg: AmlConfig,
+    scenario: Scenario | None = None,
 ) -> None:
-    """Create one command job per analysis shard (the SDK uploads each run block's input
-    folder when the first job using it is created)."""
+    """Create one command job per shard (the SDK uploads each run block's input folder
+    when the first job using it is created); saliency shards also read ``scenario``'s data
+    asset, uploaded once per version as for training."""
     from azure.ai.ml import load_job
 
     folder = store.root / "submissions" / sub.id / "aml"
-    write_shard_jobs(sub, specs, store, cfg, folder)
+    write_shard_jobs(sub, specs, store, cfg, folder, scenario)
+    if scenario is not None:
+        _ensure_data_asset(ml_client, scenario, folder / "data-asset.yaml")
     sub.options = dict(
         sub.options, workspace=cfg.workspace, compute=cfg.compute, jobs_dir=str(folder)
     )
@@ -426,8 +490,8 @@ def submit_shard_jobs(
 
 
 def download_shard_jobs(ml_client: Any, sub: Submission, store: ExperimentStore) -> ImportResult:
-    """Download the outputs of finished (or failed) analysis jobs and land their complete,
-    verified shards."""
+    """Download the outputs of finished (or failed) shard jobs (analysis or saliency) and
+    land their complete, verified shards."""
     import json
 
     refresh(ml_client, sub)

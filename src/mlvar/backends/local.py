@@ -6,9 +6,10 @@ core, so extra processes only compete for them (see docs/clusters.md for the num
 On CUDA the default is one worker process per GPU (``CUDA_VISIBLE_DEVICES`` pins each).
 Workers write into a folder of their own under ``submissions/<id>/work/``; their complete,
 verified runs are then copied into the store, so a killed worker never leaves a partial run.
-Analysis shards go the same way: a worker reads the store and writes its shard into its
-own folder; only a complete shard whose files match their sha256 lands in
-``analysis/shards/<split>/``.
+Analysis and saliency shards go the same way: a worker reads the store (and, for
+saliency, the prepared scenario in the data root) and writes its shard into its own
+folder; only a complete shard whose files match their sha256 lands in
+``analysis/shards/<split>/`` (or ``analysis/saliency-shards/<split>/``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from mlvar.backends.common import SubmitProgress, finish_attempt, tail, tail_file
-from mlvar.backends.shard_jobs import finish_shard_attempt, run_shard_job
+from mlvar.backends.shard_jobs import finish_shard_attempt, run_job
 from mlvar.backends.spec import Job, Submission
 from mlvar.backends.worker import run_pack
 from mlvar.errors import MlvarError
@@ -70,11 +71,14 @@ def run_local_shards(
     specs: dict[str, dict[str, Any]],
     workers: int,
     progress: SubmitProgress | None = None,
+    data_root: Path | None = None,
 ) -> None:
-    """Compute every analysis shard of ``sub`` (retrying failed ones), land them."""
+    """Compute every shard of ``sub`` (analysis or saliency; retrying failed ones), land
+    them. ``data_root`` holds the prepared scenario (saliency)."""
 
     def one(job: Job, slot: int | None) -> None:
-        _shard_attempts(sub, job, store, specs[job.name], None if slot is None else workers)
+        procs = None if slot is None else workers
+        _shard_attempts(sub, job, store, specs[job.name], procs, data_root)
 
     _schedule(sub, store, workers, one, lambda job: 1, progress)
 
@@ -189,8 +193,9 @@ def _shard_attempts(
     store: ExperimentStore,
     spec: dict[str, Any],
     workers: int | None,
+    data_root: Path | None = None,
 ) -> None:
-    """Attempts of one analysis shard: in this process (``workers`` None) or as a worker
+    """Attempts of one shard: in this process (``workers`` None) or as a worker
     subprocess reading the store, writing into ``submissions/<id>/work/``; then land it."""
     base = store.root / "submissions" / sub.id
     retry = True
@@ -203,7 +208,7 @@ def _shard_attempts(
         error = log = ""
         if workers is None:
             try:
-                run_shard_job(spec_, store.root, out, log=_quiet)
+                run_job(spec_, store.root, out, data_root, log=_quiet)
             except Exception as exc:  # noqa: BLE001 - reported with its traceback
                 error = f"{type(exc).__name__}: {exc}"
                 log = tail(traceback.format_exc())
@@ -217,6 +222,7 @@ def _shard_attempts(
             env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
             cmd = [sys.executable, "-m", "mlvar.backends.worker", str(spec_file)]
             cmd += ["--experiment-dir", str(store.root), "--out", str(out)]
+            cmd += ["--data-root", str(data_root)] if data_root is not None else []
             with open(log_file, "wb") as fh:
                 code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
             error = "" if code == 0 else f"worker exited with code {code}"

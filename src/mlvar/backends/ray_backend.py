@@ -7,15 +7,18 @@ driver writes into a temporary folder and imports with the same verification as
 ``mlvar submit download``: no shared filesystem is needed, on a laptop or on a cluster.
 Tasks need mlvar installed on the workers (the same version as the driver).
 
-Analysis shards (:func:`run_ray_shards`) go the same way: each run block's inputs (the
-runs' logits of the split, ``samples/<split>.parquet``, ``experiment.json``) are put in the
-object store once, each task computes one shard from them and returns the shard's files
-as bytes, which land only when complete and verified.
+Analysis and saliency shards (:func:`run_ray_shards`) go the same way: the files a shard
+reads (for analysis its run block's logits of the split, ``samples/<split>.parquet``,
+``experiment.json``; for saliency every ranked run's logits, its block's ``model.pt``
+and the prepared scenario) are put in the object store, each file once however many
+tasks read it; each task computes one shard from them and returns the shard's files as
+bytes, which land only when complete and verified.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
@@ -187,17 +190,25 @@ def run_ray(
         work.parent.rmdir()  # only when empty
 
 
-def _shard_task(spec: dict[str, Any], inputs: dict[str, bytes]) -> dict[str, Any]:
-    """Runs on a Ray worker: unpack the run block, compute the shard, return its files."""
-    from mlvar.backends.shard_jobs import collect_shard, run_shard_job
+def _shard_task(
+    spec: dict[str, Any], inputs: dict[str, Any], scenario: dict[str, bytes] | None
+) -> dict[str, Any]:
+    """Runs on a Ray worker: fetch the shard's inputs (``{relative path: object ref}``)
+    and the scenario's files, compute the shard, return its files."""
+    import ray
+
+    from mlvar.backends.shard_jobs import collect_shard, run_job
     from mlvar.backends.worker import write_files
 
     with tempfile.TemporaryDirectory(prefix="mlvar-ray-") as tmp:
         exp_dir, out = Path(tmp) / "in" / spec["experiment"], Path(tmp) / "out"
+        data_root = Path(tmp) / "data" if scenario is not None else None
         error = log = ""
         try:
-            write_files(inputs, exp_dir)
-            run_shard_job(spec, exp_dir, out, log=lambda *a, **k: None)
+            write_files(dict(zip(inputs, ray.get(list(inputs.values())), strict=True)), exp_dir)
+            if data_root is not None:
+                write_files(scenario, data_root / spec["scenario"])
+            run_job(spec, exp_dir, out, data_root, log=lambda *a, **k: None)
         except Exception as exc:  # noqa: BLE001 - returned to the driver with its traceback
             error, log = f"{type(exc).__name__}: {exc}", tail(traceback.format_exc())
         return {"files": collect_shard(out / spec["job"]), "error": error, "log_tail": log}
@@ -209,12 +220,23 @@ def run_ray_shards(
     specs: dict[str, dict[str, Any]],
     ray_cfg: RayConfig,
     progress: SubmitProgress | None = None,
+    scenario: Scenario | None = None,
 ) -> None:
-    """Compute every analysis shard of ``sub`` as a Ray task (``num_cpus = cpus_per_run``,
-    no GPU), retrying a failed shard up to ``sub.retries`` times."""
+    """Compute every shard of ``sub`` (analysis, or saliency reading ``scenario``) as a Ray
+    task (``num_cpus = cpus_per_run``, no GPU), retrying a failed shard up to
+    ``sub.retries`` times. Each input file goes into the object store once."""
     import ray
 
-    inputs: dict[tuple[int, int], Any] = {}  # run block -> object ref of its files
+    refs: dict[Any, Any] = {}  # source file (or content digest) -> object ref
+
+    def put(src: Path | bytes) -> Any:
+        key = hashlib.sha256(src).hexdigest() if isinstance(src, bytes) else src
+        if key not in refs:
+            refs[key] = ray.put(src if isinstance(src, bytes) else Path(src).read_bytes())
+        return refs[key]
+
+    inputs: dict[str, dict[str, Any]] = {}  # job -> {relative path: object ref}
+    scenario_ref = ray.put(scenario_files(scenario)) if scenario is not None else None
     jobs = {j.name: j for j in sub.jobs}
     in_flight: dict[Any, str] = {}
     options: dict[str, Any] = {"num_cpus": ray_cfg.cpus_per_run, "num_gpus": 0, "max_retries": 0}
@@ -224,12 +246,12 @@ def run_ray_shards(
 
     def launch(name: str) -> None:
         job, spec = jobs[name], specs[name]
-        block = tuple(spec["run_shard"])
-        if block not in inputs:
-            inputs[block] = ray.put(shard_jobs.input_bytes(store, spec))
+        if name not in inputs:
+            files = shard_jobs.input_files(store, spec)
+            inputs[name] = {rel: put(src) for rel, src in files.items()}
         job.attempts += 1
         job.state = "running"
-        ref = remote.remote(dict(spec, attempt=job.attempts), inputs[block])
+        ref = remote.remote(dict(spec, attempt=job.attempts), inputs[name], scenario_ref)
         job.ref = ref.hex()
         in_flight[ref] = name
 

@@ -15,6 +15,9 @@ experiment identity), finds the runs that are not complete yet, packs them
 :func:`submit_analysis` does the same for the sharded ``analyze rank`` of an existing
 experiment (``mlvar submit analyze``): one job per (sample block, run block), shards
 landed in ``analysis/shards/<split>/``, then merged as ``mlvar analyze rank --merge`` does.
+:func:`submit_saliency` does it for ``analyze saliency`` (``mlvar submit saliency``): one
+job per block of the runs explained, shards landed in ``analysis/saliency-shards/<split>/``,
+then merged as ``mlvar analyze saliency --merge`` does.
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlvar.analysis import saliency
 from mlvar.analysis.service import DEFAULT_RANK_BY, RankResult, check_by
 from mlvar.analysis.shards import merge_shards, shards_dir
 from mlvar.backends import aml as aml_backend
 from mlvar.backends import local as local_backend
-from mlvar.backends import ray_backend, shard_jobs
+from mlvar.backends import ray_backend, saliency_jobs, shard_jobs
 from mlvar.backends.common import SubmitProgress, missing_runs
 from mlvar.backends.spec import (
     Job,
@@ -40,6 +44,7 @@ from mlvar.backends.spec import (
 )
 from mlvar.backends.transfer import ImportResult, import_runs
 from mlvar.config import Config
+from mlvar.data.scenario import Scenario
 from mlvar.errors import MlvarError, unknown_choice
 from mlvar.store import ExperimentStore, list_experiments, run_id_for
 from mlvar.train.service import prepare_training, train
@@ -259,20 +264,62 @@ def submit_analysis(
     """
     check_backend(backend)
     check_by(by)
+    retries = _retries(config, retries)
+    store = ExperimentStore.open(Path(config.paths.runs_root), experiment)
+    plan = shard_jobs.plan_shards(store, split, shards, run_shards, allow_mixed)
+    _check_backend_setup(config, backend, dry_run)
+    options = {"merge": merge, "by": by}
+    sub, specs, skipped = _shard_submission(store, plan, backend, retries, submission_id, options)
+    sub.shards = shards
+    result = AnalysisSubmitResult(
+        store.name, backend, split, shards, run_shards, shards_dir(store, split), sub
+    )
+    result.pending, result.skipped = list(specs), skipped
+    if dry_run:
+        target = Path(out) if out is not None else Path("mlvar-jobs") / f"{store.name}-{split}"
+        result.dry_run_dir = target
+        result.files = _write_shard_dry_run(config, sub, specs, store, backend, target)
+        return result
+    started = time.perf_counter()
+    if sub.jobs:
+        _run_shard_jobs(config, sub, store, specs, backend, workers, progress)
+    else:
+        result.submission = None
+    if merge and sub.state == "complete":
+        result.merged, result.ranking = _merge(store, split, by)
+    result.wall_time_s = time.perf_counter() - started
+    return result
+
+
+def _retries(config: Config, retries: int | None) -> int:
     retries = config.submit.retries if retries is None else retries
     if retries < 0:
         raise MlvarError(f"--retries must be >= 0, got {retries}", "0 disables retries")
-    store = ExperimentStore.open(Path(config.paths.runs_root), experiment)
-    plan = shard_jobs.plan_shards(store, split, shards, run_shards, allow_mixed)
+    return retries
+
+
+def _check_backend_setup(config: Config, backend: str, dry_run: bool) -> None:
+    """The backend's extra is installed and (aml) its settings are there."""
     if backend == "ray":
         ray_backend.require_ray()
     if backend == "aml":
         aml_backend.check_settings(config.backend.aml, dry_run=dry_run)
+
+
+def _shard_submission(
+    store: ExperimentStore,
+    plan: Any,
+    backend: str,
+    retries: int,
+    submission_id: str | None,
+    options: dict[str, Any],
+) -> tuple[Submission, dict[str, dict[str, Any]], list[str]]:
+    """The record and specs of the planned shards not yet present (``plan``: analysis or
+    saliency), and the names of those present (skipped)."""
     present = set(shard_jobs.present_shards(store, plan))
-    sub_id = submission_id or new_submission_id(backend)
     meta = store.meta
     sub = Submission(
-        id=sub_id,
+        id=submission_id or new_submission_id(backend),
         backend=backend,
         experiment=store.name,
         dataset=str(meta.get("dataset", "")),
@@ -281,55 +328,165 @@ def submit_analysis(
         base_seed=int((meta.get("train") or {}).get("base_seed", 0) or 0),
         runs_per_job=0,
         retries=retries,
-        kind=shard_jobs.KIND,
-        split=split,
-        shards=shards,
-        run_shards=run_shards,
-        options={"merge": merge, "by": by},
+        kind=plan.kind.name,
+        split=plan.split,
+        run_shards=plan.run_shards,
+        options=options,
     )
     specs: dict[str, dict[str, Any]] = {}
-    for i, j in plan.blocks():
-        if plan.name(i, j) not in present:
-            job = plan.job(i, j)
-            sub.jobs.append(job)
-            specs[job.name] = plan.spec(i, j, sub_id)
-    result = AnalysisSubmitResult(
-        store.name, backend, split, shards, run_shards, shards_dir(store, split), sub
-    )
-    result.pending = [j.name for j in sub.jobs]
-    result.skipped = [plan.name(i, j) for i, j in plan.blocks() if plan.name(i, j) in present]
-    if dry_run:
-        target = Path(out) if out is not None else Path("mlvar-jobs") / f"{store.name}-{split}"
-        if backend == "aml":
-            files = aml_backend.write_shard_jobs(sub, specs, store, config.backend.aml, target)
+    skipped = []
+    for job, spec in plan.jobs(sub.id):
+        if job.name in present:
+            skipped.append(job.name)
         else:
-            files = aml_backend.write_specs(sub, specs, target)
-        result.dry_run_dir, result.files = target, files
-        return result
-    started = time.perf_counter()
-    if not sub.jobs:
-        result.submission = None
-        if merge:
-            result.merged, result.ranking = _merge(store, split, by)
-        result.wall_time_s = time.perf_counter() - started
-        return result
+            sub.jobs.append(job)
+            specs[job.name] = spec
+    return sub, specs, skipped
+
+
+def _write_shard_dry_run(
+    config: Config,
+    sub: Submission,
+    specs: dict[str, dict[str, Any]],
+    store: ExperimentStore,
+    backend: str,
+    target: Path,
+    scenario: Scenario | None = None,
+) -> list[str]:
+    if backend == "aml":
+        return aml_backend.write_shard_jobs(sub, specs, store, config.backend.aml, target, scenario)
+    return aml_backend.write_specs(sub, specs, target)
+
+
+def _run_shard_jobs(
+    config: Config,
+    sub: Submission,
+    store: ExperimentStore,
+    specs: dict[str, dict[str, Any]],
+    backend: str,
+    workers: int | None,
+    progress: SubmitProgress | None,
+    scenario: Scenario | None = None,
+) -> None:
+    """Run (local, ray) or submit (aml) the shard jobs of ``sub``, recording them; jobs
+    that read the prepared ``scenario`` find it in the data root, or get it shipped."""
     ray_ctx = ray_backend.connect(config.backend.ray) if backend == "ray" else None
     ml_client = aml_backend.client(config.backend.aml) if backend == "aml" else None
     try:
         sub.save(store.root)
         if backend == "local":
             workers_ = config.submit.local_workers if workers is None else workers
-            local_backend.run_local_shards(sub, store, specs, workers_, progress)
+            data_root = Path(config.paths.data_root) if scenario is not None else None
+            local_backend.run_local_shards(sub, store, specs, workers_, progress, data_root)
         elif backend == "ray":
-            ray_backend.run_ray_shards(sub, store, specs, config.backend.ray, progress)
+            ray_backend.run_ray_shards(sub, store, specs, config.backend.ray, progress, scenario)
         else:
-            aml_backend.submit_shard_jobs(ml_client, sub, specs, store, config.backend.aml)
+            aml = config.backend.aml
+            aml_backend.submit_shard_jobs(ml_client, sub, specs, store, aml, scenario)
         sub.save(store.root)
     finally:
         if ray_ctx is not None:
             ray_ctx.close()
+
+
+@dataclass
+class SaliencySubmitResult:
+    """What :func:`submit_saliency` did."""
+
+    experiment: str
+    backend: str
+    split: str
+    run_shards: int
+    path: Path  # analysis/saliency-shards/<split>/
+    submission: Submission | None = None
+    pending: list[str] = field(default_factory=list)  # shards submitted
+    skipped: list[str] = field(default_factory=list)  # present and valid, not resubmitted
+    dry_run_dir: Path | None = None
+    files: list[str] = field(default_factory=list)  # dry run: files written
+    merged: saliency.SaliencyResult | None = None  # every shard present and merged
+    wall_time_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        merged = self.merged
+        return {
+            "experiment": self.experiment,
+            "backend": self.backend,
+            "split": self.split,
+            "run_shards": self.run_shards,
+            "path": str(self.path),
+            "submission": self.submission.to_dict() if self.submission else None,
+            "pending": self.pending,
+            "skipped": self.skipped,
+            "dry_run_dir": str(self.dry_run_dir) if self.dry_run_dir else None,
+            "files": self.files,
+            "merged": merged is not None,
+            "saliency": str(merged.path) if merged else None,
+            "method": merged.method if merged else None,
+            "layer": merged.layer if merged else None,
+            "run_ids": merged.run_ids if merged else [],
+            "n_samples": len(merged.samples) if merged else None,
+            "wall_time_s": self.wall_time_s,
+        }
+
+
+def submit_saliency(
+    config: Config,
+    experiment: str,
+    backend: str = "local",
+    run_shards: int = 1,
+    split: str = "test",
+    top: int = saliency.TOP_DEFAULT,
+    seeds: int = saliency.SEEDS_DEFAULT,
+    by: str = DEFAULT_RANK_BY,
+    layer: str | None = None,
+    seed: int = 0,
+    batch_size: int = saliency.BATCH_DEFAULT,
+    merge: bool = True,
+    retries: int | None = None,
+    workers: int | None = None,
+    dry_run: bool = False,
+    out: Path | None = None,
+    submission_id: str | None = None,
+    progress: SubmitProgress | None = None,
+) -> SaliencySubmitResult:
+    """Compute ``analyze saliency`` of an experiment as ``run_shards`` jobs on a backend
+    (one per block of the runs explained), land the shards and (``merge``) merge them
+    once all are present into ``analysis/saliency-<split>/``, as an unsharded run writes it.
+
+    Shards already in ``analysis/saliency-shards/<split>/``, complete, verified and of the
+    same plan, are not resubmitted. Bad input (unknown experiment, backend, split or
+    metric, ``--layer`` for an MLP or unknown to the model, runs without ``model.pt``, a
+    missing or changed prepared scenario, M out of range, shards of another M present, a
+    missing extra or AML setting) raises :class:`MlvarError` before anything is written.
+    ``aml`` jobs run remotely: :func:`download` lands (and merges) them later.
+    """
+    check_backend(backend)
+    retries = _retries(config, retries)
+    _check_backend_setup(config, backend, dry_run)
+    store = ExperimentStore.open(Path(config.paths.runs_root), experiment)
+    data_root = Path(config.paths.data_root)
+    plan = saliency_jobs.plan_saliency_jobs(
+        store, data_root, run_shards, split, top, seeds, by, layer, seed, batch_size
+    )
+    options = {"merge": merge, **plan.options}
+    sub, specs, skipped = _shard_submission(store, plan, backend, retries, submission_id, options)
+    folder = saliency.shards_folder(store, split)
+    result = SaliencySubmitResult(store.name, backend, split, run_shards, folder, sub)
+    result.pending, result.skipped = list(specs), skipped
+    if dry_run:
+        target = Path(out) if out is not None else Path("mlvar-jobs") / f"{store.name}-saliency"
+        result.dry_run_dir = target
+        result.files = _write_shard_dry_run(
+            config, sub, specs, store, backend, target, plan.scenario
+        )
+        return result
+    started = time.perf_counter()
+    if sub.jobs:
+        _run_shard_jobs(config, sub, store, specs, backend, workers, progress, plan.scenario)
+    else:
+        result.submission = None
     if merge and sub.state == "complete":
-        result.merged, result.ranking = _merge(store, split, by)
+        result.merged = saliency.merge_saliency_shards(store, data_root, split, layer)
     result.wall_time_s = time.perf_counter() - started
     return result
 
@@ -339,8 +496,8 @@ def _experiment_root(config: Config, experiment: str) -> Path:
 
 
 def status(config: Config, experiment: str, submission_id: str | None = None) -> Submission:
-    """The submission record (training or analysis), refreshed from Azure ML for ``aml``
-    jobs."""
+    """The submission record (training, analysis or saliency), refreshed from Azure ML for
+    ``aml`` jobs."""
     root = _experiment_root(config, experiment)
     sub = load_submission(root, submission_id)
     if sub.backend == "aml" and any(j.ref for j in sub.jobs):
@@ -355,12 +512,13 @@ def download(
     submission_id: str | None = None,
     source: Path | None = None,
 ) -> ImportResult:
-    """Copy complete, sha256-verified runs (or analysis shards) into the store.
+    """Copy complete, sha256-verified runs (or analysis or saliency shards) into the store.
 
     ``source``: a worker output folder copied by hand: a run store, or folders of
-    analysis shards; otherwise the outputs of the submission's finished Azure ML jobs.
-    Once every shard of an analysis submission is present it is merged (unless it was
-    submitted with ``merge=False``); ``ranking`` names the result.
+    shards; otherwise the outputs of the submission's finished Azure ML jobs. Once every
+    shard of an analysis (saliency) submission is present it is merged (unless it was
+    submitted with ``merge=False``); ``ranking`` names the ranking, ``merged`` what the
+    merge wrote.
     """
     store = ExperimentStore.open(Path(config.paths.runs_root), experiment)
     if source is not None:
@@ -372,7 +530,7 @@ def download(
             return shard_jobs.import_shards(Path(source), store)
         return import_runs(Path(source), store)
     sub = load_submission(store.root, submission_id)
-    if sub.kind == shard_jobs.KIND:
+    if sub.kind in (shard_jobs.KIND, saliency_jobs.KIND):
         return _download_shards(config, sub, store)
     if sub.backend != "aml":
         result = ImportResult()
@@ -388,12 +546,18 @@ def download(
 def _download_shards(config: Config, sub: Submission, store: ExperimentStore) -> ImportResult:
     if sub.backend != "aml":  # local and ray land the shards as they finish
         result = ImportResult(kind="shards")
-        root = shards_dir(store, sub.split)
+        root = shard_jobs.kind_of({"kind": sub.kind}).root(store, sub.split)
         result.skipped = [j.name for j in sub.jobs if (root / j.name / "meta.json").is_file()]
         return result
     result = aml_backend.download_shard_jobs(aml_backend.client(config.backend.aml), sub, store)
     sub.save(store.root)
     if result.imported and sub.state == "complete" and sub.options.get("merge", True):
-        _, ranking = _merge(store, sub.split, sub.options.get("by", DEFAULT_RANK_BY))
-        result.ranking = str(ranking)
+        if sub.kind == saliency_jobs.KIND:
+            data_root = Path(config.paths.data_root)
+            layer = sub.options.get("layer")
+            merged = saliency.merge_saliency_shards(store, data_root, sub.split, layer)
+            result.merged = str(merged.path)
+        else:
+            _, ranking = _merge(store, sub.split, sub.options.get("by", DEFAULT_RANK_BY))
+            result.ranking = result.merged = str(ranking)
     return result

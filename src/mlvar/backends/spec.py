@@ -4,13 +4,15 @@ A *run spec* is (dataset, scenario name, experiment name, run index, resolved tr
 config). Runs of one experiment share everything but the index, so a *pack* (one job, one
 Ray task, one worker call) is stored as one spec with a list of ``run_indices``.
 An *analysis shard spec* (``kind: "analysis"``, see :mod:`mlvar.backends.shard_jobs`)
-names one block of samples and one block of runs of an existing experiment.
+names one block of samples and one block of runs of an existing experiment; a *saliency
+shard spec* (``kind: "saliency"``, see :mod:`mlvar.backends.saliency_jobs`) one block of
+the runs whose attributions ``analyze saliency`` computes.
 
 A submission is recorded in ``<runs_root>/<experiment>/submissions/<id>.json`` (written
-atomically after every change): its kind (``train`` or ``analysis``), the backend, the
-jobs with their run indices (or shard), references (Azure ML job names), states,
-attempts and, for failed jobs, the seeds (or shard) and log tail. Records written before
-analysis jobs existed load as ``train`` submissions.
+atomically after every change): its kind (``train``, ``analysis`` or ``saliency``), the
+backend, the jobs with their run indices (or shard), references (Azure ML job names),
+states, attempts and, for failed jobs, the seeds (or shard) and log tail. Records written
+before analysis jobs existed load as ``train`` submissions.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ SPEC_FORMAT = 1
 #: Job states. ``complete``: every run landed in the store; ``failed``: retries used up.
 #: ``finished``: an Azure ML job ended well and its outputs wait for ``download``.
 STATES = ("planned", "submitted", "running", "finished", "complete", "failed")
-#: Job kinds: ``train`` (a pack of runs) or ``analysis`` (one shard of ``analyze rank``).
-KINDS = ("train", "analysis")
+#: Job kinds: ``train`` (a pack of runs), ``analysis`` (one shard of ``analyze rank``) or
+#: ``saliency`` (one run block of ``analyze saliency``).
+KINDS = ("train", "analysis", "saliency")
 
 
 def pack_spec(
@@ -79,7 +82,7 @@ def now() -> str:
 
 @dataclass
 class Job:
-    """One pack of runs, or one analysis shard, on a backend."""
+    """One pack of runs, or one analysis or saliency shard, on a backend."""
 
     name: str
     run_indices: list[int] = field(default_factory=list)
@@ -90,7 +93,8 @@ class Job:
     error: str = ""
     log_tail: str = ""
     kind: str = "train"
-    # analysis: {"samples": "i/k", "runs": "j/m", "run_ids": [first, last]}
+    # analysis: {"samples": "i/k", "runs": "j/m", "run_ids": [first, last]};
+    # saliency: {"runs": "j/m", "run_ids": [first, last]}
     shard: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -113,10 +117,10 @@ class Submission:
     runs_per_job: int = 1
     retries: int = 0
     jobs: list[Job] = field(default_factory=list)
-    kind: str = "train"  # "analysis": the jobs are shards of 'analyze rank'
-    split: str = ""  # analysis: the split ranked
+    kind: str = "train"  # "analysis" / "saliency": shards of 'analyze rank' / 'saliency'
+    split: str = ""  # analysis, saliency: the split ranked
     shards: int = 0  # analysis: blocks of samples (K)
-    run_shards: int = 0  # analysis: blocks of runs (M)
+    run_shards: int = 0  # analysis, saliency: blocks of runs (M)
     created_at: str = field(default_factory=now)
     updated_at: str = field(default_factory=now)
     options: dict[str, Any] = field(default_factory=dict)  # backend details (workspace, ...)
@@ -182,8 +186,9 @@ def load_submission(experiment_root: Path, submission_id: str | None) -> Submiss
     if not subs:
         raise MlvarError(
             f"experiment '{Path(experiment_root).name}' has no submissions",
-            "submit runs with 'mlvar submit DATASET --backend ...' or an analysis with "
-            "'mlvar submit analyze EXPERIMENT --backend ...'",
+            "submit runs with 'mlvar submit DATASET --backend ...', an analysis with "
+            "'mlvar submit analyze EXPERIMENT ...' or saliency with "
+            "'mlvar submit saliency EXPERIMENT ...'",
         )
     if submission_id is None:
         return subs[-1]

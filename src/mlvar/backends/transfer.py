@@ -33,8 +33,9 @@ class ImportResult:
     imported: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # already complete in the destination
     rejected: dict[str, str] = field(default_factory=dict)  # run id (or shard) -> why
-    kind: str = "runs"  # "shards": the names are analysis shards
-    ranking: str = ""  # shards merged: the ranking's parquet file
+    kind: str = "runs"  # "shards": the names are analysis (or saliency) shards
+    ranking: str = ""  # analysis shards merged: the ranking's parquet file
+    merged: str = ""  # shards merged: what was written (the ranking, the saliency folder)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -43,6 +44,7 @@ class ImportResult:
             "skipped": self.skipped,
             "rejected": self.rejected,
             "ranking": self.ranking or None,
+            "merged": self.merged or None,
         }
 
 

@@ -12,20 +12,27 @@ run store (``<runs_root>/<experiment>/`` with ``experiment.json``, ``samples/`` 
 compute it from an experiment folder into ``OUT/<shard>/`` (``meta.json`` last, listing
 the sha256 of every file).
 
+``saliency`` (one run block of ``mlvar analyze saliency``, see
+:mod:`mlvar.backends.saliency_jobs`): the same, reading the prepared scenario too
+(``--data-root`` or ``--scenario-dir``), into ``OUT/r<j>of<m>/``.
+
 Usage::
 
     python -m mlvar.backends.worker SPEC.json --runs-root OUT --data-root DATA
     python -m mlvar.backends.worker SPEC.json --runs-root OUT --scenario-dir DIR
     python -m mlvar.backends.worker SHARD.json --experiment-dir EXP --out OUT
+    python -m mlvar.backends.worker SALIENCY.json --experiment-dir EXP --out OUT \
+        (--data-root DATA | --scenario-dir DIR)
 
 ``--scenario-dir`` names the prepared scenario folder itself (an Azure ML input mount).
 Exit codes: 0 every run of the pack (or the shard) is complete, 2 bad input, 1 a failure.
 
 Testing hook: ``MLVAR_WORKER_FAULT`` injects faults, ``fail:K`` (raise when the pack holds
 run index K; ``fail:K:A`` only in attempts <= A: the spec's ``attempt``) or
-``kill:K`` (SIGKILL the process while training run K). For an analysis spec K is the
-shard's position in the plan (``index``, 0-based, sample block major); ``kill`` strikes
-after the shard's first array file is written, before its ``meta.json``.
+``kill:K`` (SIGKILL the process while training run K). For a shard spec K is the
+shard's position in the plan (``index``, 0-based; analysis: sample block major); for an
+analysis shard ``kill`` strikes after its first array file is written, before its
+``meta.json``; for a saliency shard after the attributions of its first run.
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ def _fault(spec: dict[str, Any]) -> tuple[str, int] | None:
         return None
     parts = value.split(":")
     kind, index = parts[0], int(parts[1])
-    keys = [spec.get("index")] if spec.get("kind") == "analysis" else spec["run_indices"]
+    keys = [spec.get("index")] if spec.get("kind", "train") != "train" else spec["run_indices"]
     if index not in keys:
         return None
     attempt = int(spec.get("attempt") or os.environ.get("MLVAR_WORKER_ATTEMPT", "1"))
@@ -157,19 +164,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("spec", type=Path, help="the job's JSON spec (a pack or a shard)")
     parser.add_argument("--runs-root", type=Path, help="train: output runs root")
-    parser.add_argument("--data-root", type=Path, help="train: a data root holding the scenario")
     parser.add_argument(
-        "--scenario-dir", type=Path, help="train: the prepared scenario folder itself"
+        "--data-root", type=Path, help="train, saliency: a data root holding the scenario"
     )
     parser.add_argument(
-        "--experiment-dir", type=Path, help="analysis: the experiment folder to read"
+        "--scenario-dir", type=Path, help="train, saliency: the prepared scenario folder itself"
     )
-    parser.add_argument("--out", type=Path, help="analysis: output folder (gets <shard>/)")
+    parser.add_argument(
+        "--experiment-dir", type=Path, help="analysis, saliency: the experiment folder to read"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="analysis, saliency: output folder (gets <shard>/)"
+    )
     args = parser.parse_args(argv)
     try:
         spec = json.loads(args.spec.read_text())
-        if spec.get("kind", "train") == "analysis":
-            return _analysis(spec, args.experiment_dir, args.out)
+        if spec.get("kind", "train") != "train":
+            return _shard(spec, args)
         if args.runs_root is None:
             raise MlvarError("a training spec needs --runs-root", "see --help")
         done = run_pack(spec, args.runs_root, args.data_root, args.scenario_dir)
@@ -183,12 +194,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _analysis(spec: dict[str, Any], experiment_dir: Path | None, out: Path | None) -> int:
-    from mlvar.backends.shard_jobs import run_shard_job
+def _shard(spec: dict[str, Any], args: argparse.Namespace) -> int:
+    """Run a shard job (analysis, saliency) as the command line asks."""
+    from mlvar.backends.shard_jobs import run_job
 
-    if experiment_dir is None or out is None:
-        raise MlvarError("an analysis spec needs --experiment-dir and --out", "see --help")
-    run_shard_job(spec, experiment_dir, out)
+    if args.experiment_dir is None or args.out is None:
+        raise MlvarError(
+            f"a {spec.get('kind')} spec needs --experiment-dir and --out", "see --help"
+        )
+    run_job(spec, args.experiment_dir, args.out, args.data_root, args.scenario_dir)
     return 0
 
 

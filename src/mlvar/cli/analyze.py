@@ -432,7 +432,7 @@ def saliency_(
     or chart.
 
     Large jobs split over the runs: '--run-shard j/m' for j = 1..m (separate processes or
-    machines, or 'mlvar submit analyze --saliency'), then '--merge'.
+    machines, or 'mlvar submit saliency' as backend jobs), then '--merge'.
 
     Example: mlvar analyze saliency digits-holdout-sub3-r1.0-cnn --top 10 --seeds 8
     """

@@ -1,5 +1,5 @@
-"""``mlvar submit``: train an experiment's runs, or compute its sharded analysis, on a
-backend (local, Ray, Azure ML).
+"""``mlvar submit``: train an experiment's runs, or compute its sharded analysis or
+saliency, on a backend (local, Ray, Azure ML).
 
 ``mlvar submit DATASET ...`` is ``mlvar submit run DATASET ...``: the group routes any
 first argument that is not a sub-command to ``run``.
@@ -14,9 +14,11 @@ import typer
 from typer.core import TyperGroup
 
 from mlvar.analysis.metrics import ALL_METRICS
+from mlvar.analysis.saliency import BATCH_DEFAULT, SEEDS_DEFAULT, TOP_DEFAULT
 from mlvar.analysis.service import DEFAULT_RANK_BY
 from mlvar.backends import service
 from mlvar.backends.spec import Submission
+from mlvar.cli.analyze import warnings_to_stderr
 from mlvar.cli.common import (
     ConfigOpt,
     JsonOpt,
@@ -61,13 +63,15 @@ app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode="rich",
     help=(
-        "Train an experiment's runs, or compute its sharded analysis (analyze rank), on a "
-        "backend: local (in process or worker processes), ray (local instance or cluster) "
-        "or aml (Azure ML jobs); then check and fetch them.\n\n"
+        "Train an experiment's runs, or compute its sharded analysis (analyze rank) or "
+        "saliency (analyze saliency), on a backend: local (in process or worker "
+        "processes), ray (local instance or cluster) or aml (Azure ML jobs); then check "
+        "and fetch them.\n\n"
         "Examples:\n\n"
         "  mlvar submit digits --runs 16 --backend local\n\n"
         "  mlvar submit cifar100 --runs 50 --backend aml --dry-run --out jobs/\n\n"
         "  mlvar submit analyze EXPERIMENT --shards 4 --run-shards 2 --backend ray\n\n"
+        "  mlvar submit saliency EXPERIMENT --run-shards 4 --backend ray\n\n"
         "  mlvar submit status EXPERIMENT\n\n"
         "  mlvar submit download EXPERIMENT"
     ),
@@ -205,7 +209,20 @@ def run(
 
 
 def _print_submission(sub: Submission) -> None:
-    if sub.kind == "analysis":
+    if sub.kind == "saliency":
+        title = f"saliency submission {sub.id} ({sub.backend}, {sub.split}): {sub.state}"
+        columns = ["shard", "runs", "state", "attempts", "ref"]
+        rows = [
+            [
+                j.name,
+                "{} ({})".format(j.shard.get("runs", "-"), "..".join(j.shard.get("run_ids", []))),
+                j.state,
+                j.attempts,
+                j.ref or "-",
+            ]
+            for j in sub.jobs
+        ]
+    elif sub.kind == "analysis":
         title = f"analysis submission {sub.id} ({sub.backend}, {sub.split}): {sub.state}"
         columns = ["shard", "samples", "runs", "state", "attempts", "ref"]
         rows = [
@@ -253,8 +270,8 @@ def status(
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Show a submission's jobs (training packs or analysis shards) and their states (Azure
-    ML jobs are refreshed).
+    """Show a submission's jobs (training packs, analysis or saliency shards) and their
+    states (Azure ML jobs are refreshed).
 
     Examples:
 
@@ -278,18 +295,19 @@ def download(
         Path | None,
         typer.Option(
             "--from",
-            help="Import a worker's output folder (a run store, or analysis shard "
-            "folders) copied by hand, instead of the submission's Azure ML outputs.",
+            help="Import a worker's output folder (a run store, or analysis or saliency "
+            "shard folders) copied by hand, instead of the submission's Azure ML outputs.",
             show_default=False,
         ),
     ] = None,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Copy finished runs (or analysis shards) into the run store: only complete runs whose
-    arrays match their sha256 land, each atomically; complete runs already there are never
-    overwritten. Shards land in analysis/shards/<split>/ under the same rules, and an
-    analysis submission whose shards are all present is merged.
+    """Copy finished runs (or shards) into the run store: only complete runs whose arrays
+    match their sha256 land, each atomically; complete runs already there are never
+    overwritten. Shards land in analysis/shards/<split>/ (saliency shards in
+    analysis/saliency-shards/<split>/) under the same rules, and a submission whose shards
+    are all present is merged.
 
     Examples:
 
@@ -311,6 +329,8 @@ def download(
         console.print(f"  rejected {name}: {why}", markup=False, highlight=False)
     if res.ranking:
         console.print(f"Merged the shards: ranking in {res.ranking}")
+    elif res.merged:
+        console.print(f"Merged the saliency shards into {res.merged}")
 
 
 @app.command("analyze", no_args_is_help=True)
@@ -432,6 +452,155 @@ def analyze(
             + (" (validated with load_job)" if backend == "aml" else "")
         )
         return
+    _print_shard_outcome(result, n)
+    if result.merged is not None:
+        console.print(
+            f"Merged {n} shard(s) over {result.merged.n_runs} runs: ranking by "
+            f"{result.merged.by} in {result.ranking}"
+        )
+    _after_shards(result.submission, experiment)
+
+
+@app.command("saliency", no_args_is_help=True)
+def saliency(
+    experiment: ExperimentArg,
+    backend: Annotated[
+        str, typer.Option(help="local, ray or aml (Azure ML).", show_default=True)
+    ] = "local",
+    run_shards: Annotated[
+        int,
+        typer.Option(
+            "--run-shards",
+            help="M: blocks of the runs explained (the first --seeds by run id), one job "
+            "each (1..runs explained).",
+        ),
+    ] = 1,
+    split: Annotated[str, typer.Option(help="Split whose samples to explain.")] = "test",
+    top: Annotated[
+        int,
+        typer.Option(help="Top-ranked samples to explain (plus as many random unaffected ones)."),
+    ] = TOP_DEFAULT,
+    seeds: Annotated[
+        int, typer.Option(help="Runs (seeds) whose models to explain: the first S by run id.")
+    ] = SEEDS_DEFAULT,
+    by: Annotated[
+        str, typer.Option(help=f"Metric to rank by: {', '.join(ALL_METRICS)}.")
+    ] = DEFAULT_RANK_BY,
+    layer: Annotated[
+        str | None,
+        typer.Option(
+            help="Module GradCAM hooks, as named by model.named_modules() "
+            "(default: the last Conv2d; image models only).",
+            show_default=False,
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random unaffected samples.")] = 0,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Samples per GradCAM batch.")
+    ] = BATCH_DEFAULT,
+    merge: Annotated[
+        bool,
+        typer.Option(
+            "--merge/--no-merge",
+            help="Merge the shards once all are present (as 'mlvar analyze saliency --merge').",
+        ),
+    ] = True,
+    retries: Annotated[
+        int | None,
+        typer.Option(
+            help="Extra attempts of a failing shard (default \\[submit] retries, 2).",
+            show_default=False,
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="local: worker processes (0: in process; default \\[submit] local_workers).",
+            show_default=False,
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Write the jobs (aml: YAML validated with load_job, the inputs and the "
+            "scenario's data asset) and specs to --out; submit nothing.",
+        ),
+    ] = False,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder of --dry-run (default ./mlvar-jobs/<experiment>-saliency).",
+            show_default=False,
+        ),
+    ] = None,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Compute 'mlvar analyze saliency' of an experiment as M jobs on a backend, one per
+    block of the runs explained (--run-shards M).
+
+    Each job reads the split's logits of every run (for the ranking), the model.pt of its
+    runs and the prepared scenario, and writes their attributions; its shard lands in
+    analysis/saliency-shards/<split>/r<j>of<m>/ only when complete and sha256-verified.
+    Shards already there are not resubmitted. Once all are present they are merged into
+    analysis/saliency-<split>/ (as 'mlvar analyze saliency --merge'), the same files an
+    unsharded run writes; aml jobs run remotely: 'mlvar submit download' lands and
+    merges them.
+
+    Examples:
+
+      mlvar submit saliency digits-holdout-sub3-r1.0-cnn --run-shards 2
+
+      mlvar submit saliency cifar100-subclass-baby-r1.0-airbench --run-shards 4 --backend ray
+
+      mlvar submit saliency EXPERIMENT --run-shards 4 --backend aml --dry-run --out jobs/
+    """
+    with cli_errors(), warnings_to_stderr(), ProgressBar(not json_out) as bar:
+
+        def on_progress(done: int, total: int, message: str) -> None:
+            bar.update(f"saliency shards ({message})", done, total)
+
+        result = service.submit_saliency(
+            get_config(config),
+            experiment,
+            backend=backend,
+            run_shards=run_shards,
+            split=split,
+            top=top,
+            seeds=seeds,
+            by=by,
+            layer=layer,
+            seed=seed,
+            batch_size=batch_size,
+            merge=merge,
+            retries=retries,
+            workers=workers,
+            dry_run=dry_run,
+            out=out,
+            progress=on_progress,
+        )
+    if json_out:
+        print_json(result.to_dict())
+        return
+    if result.dry_run_dir is not None:
+        console.print(
+            f"Dry run: {len(result.pending)} saliency job(s) of {run_shards} for "
+            f"{result.experiment} ({split}) written to {result.dry_run_dir}"
+            + (" (validated with load_job)" if backend == "aml" else "")
+        )
+        return
+    _print_shard_outcome(result, run_shards)
+    if result.merged is not None:
+        merged = result.merged
+        console.print(
+            f"Merged {run_shards} saliency shard(s) ({merged.method}, {len(merged.samples)} "
+            f"samples under {merged.n_seeds} runs) into {merged.path}"
+        )
+    _after_shards(result.submission, experiment)
+
+
+def _print_shard_outcome(result: Any, n: int) -> None:
     if result.submission is None:
         console.print(f"Nothing to submit: all {n} shard(s) are present.")
     else:
@@ -441,13 +610,10 @@ def analyze(
         if result.wall_time_s:
             console.print(f"Took {result.wall_time_s:.1f} s.")
     console.print(f"Shards: {result.path}")
-    sub = result.submission
-    if result.merged is not None:
-        console.print(
-            f"Merged {n} shard(s) over {result.merged.n_runs} runs: ranking by "
-            f"{result.merged.by} in {result.ranking}"
-        )
-    elif sub is not None and sub.backend == "aml" and sub.state != "failed":
+
+
+def _after_shards(sub: Submission | None, experiment: str) -> None:
+    if sub is not None and sub.backend == "aml" and sub.state != "failed":
         console.print(f"Fetch and merge the shards later: mlvar submit download {experiment}")
     if sub is not None and sub.state == "failed":
         raise typer.Exit(1)
