@@ -57,6 +57,26 @@ MixedOpt = Annotated[
 ]
 
 
+# The options of 'analyze saliency', shared with 'submit saliency'.
+ExplainTopOpt = Annotated[
+    int, typer.Option(help="Top-ranked samples to explain (plus as many random unaffected ones).")
+]
+ExplainSeedsOpt = Annotated[
+    int, typer.Option(help="Runs (seeds) whose models to explain: the first S by run id.")
+]
+RankByOpt = Annotated[str, typer.Option(help=f"Metric to rank by: {', '.join(ALL_METRICS)}.")]
+LayerOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Module GradCAM hooks, as named by model.named_modules() "
+        "(default: the last Conv2d; image models only).",
+        show_default=False,
+    ),
+]
+PageSeedOpt = Annotated[int, typer.Option(help="Seed of the random unaffected samples.")]
+CamBatchOpt = Annotated[int, typer.Option("--batch-size", help="Samples per GradCAM batch.")]
+
+
 @contextlib.contextmanager
 def warnings_to_stderr() -> Iterator[None]:
     """Print each warning raised inside (e.g. a run skipped for a sha256 mismatch) as one
@@ -379,28 +399,12 @@ def curve(
 def saliency_(
     experiment: ExperimentArg,
     split: SplitOpt = "test",
-    top: Annotated[
-        int,
-        typer.Option(help="Top-ranked samples to explain (plus as many random unaffected ones)."),
-    ] = TOP_DEFAULT,
-    seeds: Annotated[
-        int, typer.Option(help="Runs (seeds) whose models to explain: the first S by run id.")
-    ] = SEEDS_DEFAULT,
-    by: Annotated[
-        str, typer.Option(help=f"Metric to rank by: {', '.join(ALL_METRICS)}.")
-    ] = service.DEFAULT_RANK_BY,
-    layer: Annotated[
-        str | None,
-        typer.Option(
-            help="Module GradCAM hooks, as named by model.named_modules() "
-            "(default: the last Conv2d; image models only).",
-            show_default=False,
-        ),
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the random unaffected samples.")] = 0,
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", help="Samples per GradCAM batch.")
-    ] = BATCH_DEFAULT,
+    top: ExplainTopOpt = TOP_DEFAULT,
+    seeds: ExplainSeedsOpt = SEEDS_DEFAULT,
+    by: RankByOpt = service.DEFAULT_RANK_BY,
+    layer: LayerOpt = None,
+    seed: PageSeedOpt = 0,
+    batch_size: CamBatchOpt = BATCH_DEFAULT,
     run_shard: Annotated[
         str | None,
         typer.Option(

@@ -18,7 +18,15 @@ from mlvar.analysis.saliency import BATCH_DEFAULT, SEEDS_DEFAULT, TOP_DEFAULT
 from mlvar.analysis.service import DEFAULT_RANK_BY
 from mlvar.backends import service
 from mlvar.backends.spec import Submission
-from mlvar.cli.analyze import warnings_to_stderr
+from mlvar.cli.analyze import (
+    CamBatchOpt,
+    ExplainSeedsOpt,
+    ExplainTopOpt,
+    LayerOpt,
+    PageSeedOpt,
+    RankByOpt,
+    warnings_to_stderr,
+)
 from mlvar.cli.common import (
     ConfigOpt,
     JsonOpt,
@@ -47,6 +55,22 @@ from mlvar.cli.train import (
     VaryOpt,
     training_overrides,
 )
+
+BackendOpt = Annotated[str, typer.Option(help="local, ray or aml (Azure ML).", show_default=True)]
+RetriesOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Extra attempts of a failing job (default \\[submit] retries, 2).",
+        show_default=False,
+    ),
+]
+ShardWorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="local: worker processes (0: in process; default \\[submit] local_workers).",
+        show_default=False,
+    ),
+]
 
 
 class _DefaultRun(TyperGroup):
@@ -81,9 +105,7 @@ app = typer.Typer(
 @app.command("run", no_args_is_help=True)
 def run(
     dataset: DatasetArg,
-    backend: Annotated[
-        str, typer.Option(help="local, ray or aml (Azure ML).", show_default=True)
-    ] = "local",
+    backend: BackendOpt = "local",
     scenario: ScenarioOpt = None,
     runs: RunsOpt = 10,
     name: NameOpt = None,
@@ -105,13 +127,7 @@ def run(
             show_default=False,
         ),
     ] = None,
-    retries: Annotated[
-        int | None,
-        typer.Option(
-            help="Extra attempts of a failing job (default \\[submit] retries, 2).",
-            show_default=False,
-        ),
-    ] = None,
+    retries: RetriesOpt = None,
     workers: Annotated[
         int | None,
         typer.Option(
@@ -336,9 +352,7 @@ def download(
 @app.command("analyze", no_args_is_help=True)
 def analyze(
     experiment: ExperimentArg,
-    backend: Annotated[
-        str, typer.Option(help="local, ray or aml (Azure ML).", show_default=True)
-    ] = "local",
+    backend: BackendOpt = "local",
     shards: Annotated[
         int,
         typer.Option(
@@ -370,20 +384,8 @@ def analyze(
             "--allow-mixed", help="Analyse runs trained with different configurations together."
         ),
     ] = False,
-    retries: Annotated[
-        int | None,
-        typer.Option(
-            help="Extra attempts of a failing shard (default \\[submit] retries, 2).",
-            show_default=False,
-        ),
-    ] = None,
-    workers: Annotated[
-        int | None,
-        typer.Option(
-            help="local: worker processes (0: in process; default \\[submit] local_workers).",
-            show_default=False,
-        ),
-    ] = None,
+    retries: RetriesOpt = None,
+    workers: ShardWorkersOpt = None,
     dry_run: Annotated[
         bool,
         typer.Option(
@@ -464,9 +466,7 @@ def analyze(
 @app.command("saliency", no_args_is_help=True)
 def saliency(
     experiment: ExperimentArg,
-    backend: Annotated[
-        str, typer.Option(help="local, ray or aml (Azure ML).", show_default=True)
-    ] = "local",
+    backend: BackendOpt = "local",
     run_shards: Annotated[
         int,
         typer.Option(
@@ -476,28 +476,12 @@ def saliency(
         ),
     ] = 1,
     split: Annotated[str, typer.Option(help="Split whose samples to explain.")] = "test",
-    top: Annotated[
-        int,
-        typer.Option(help="Top-ranked samples to explain (plus as many random unaffected ones)."),
-    ] = TOP_DEFAULT,
-    seeds: Annotated[
-        int, typer.Option(help="Runs (seeds) whose models to explain: the first S by run id.")
-    ] = SEEDS_DEFAULT,
-    by: Annotated[
-        str, typer.Option(help=f"Metric to rank by: {', '.join(ALL_METRICS)}.")
-    ] = DEFAULT_RANK_BY,
-    layer: Annotated[
-        str | None,
-        typer.Option(
-            help="Module GradCAM hooks, as named by model.named_modules() "
-            "(default: the last Conv2d; image models only).",
-            show_default=False,
-        ),
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the random unaffected samples.")] = 0,
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", help="Samples per GradCAM batch.")
-    ] = BATCH_DEFAULT,
+    top: ExplainTopOpt = TOP_DEFAULT,
+    seeds: ExplainSeedsOpt = SEEDS_DEFAULT,
+    by: RankByOpt = DEFAULT_RANK_BY,
+    layer: LayerOpt = None,
+    seed: PageSeedOpt = 0,
+    batch_size: CamBatchOpt = BATCH_DEFAULT,
     merge: Annotated[
         bool,
         typer.Option(
@@ -505,20 +489,8 @@ def saliency(
             help="Merge the shards once all are present (as 'mlvar analyze saliency --merge').",
         ),
     ] = True,
-    retries: Annotated[
-        int | None,
-        typer.Option(
-            help="Extra attempts of a failing shard (default \\[submit] retries, 2).",
-            show_default=False,
-        ),
-    ] = None,
-    workers: Annotated[
-        int | None,
-        typer.Option(
-            help="local: worker processes (0: in process; default \\[submit] local_workers).",
-            show_default=False,
-        ),
-    ] = None,
+    retries: RetriesOpt = None,
+    workers: ShardWorkersOpt = None,
     dry_run: Annotated[
         bool,
         typer.Option(
