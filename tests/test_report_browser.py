@@ -183,7 +183,7 @@ def test_report_in_headless_chromium(built) -> None:
         page = next(
             p
             for p in sorted(index.parent.glob("samples/*.html"))
-            if "&lt;script&gt;" in p.read_text()
+            if 'id="sample-label">&lt;script&gt;' in p.read_text()
         )
         driver.get(page.resolve().as_uri())
         assert driver.find_element(By.ID, "sample-label").text == EVIL

@@ -27,13 +27,16 @@ from mlvar.store import ExperimentStore
 
 def choose_pages(ranking: pd.DataFrame, top: int, seed: int = 0) -> list[int]:
     """Row numbers of ``ranking`` that get a page: the first ``top`` rows, then up to
-    ``top`` random unaffected rows from the rest (in ranking order)."""
+    ``top`` random unaffected rows from the rest (in ranking order).
+
+    The random rows are a prefix of one seeded shuffle of the unaffected rows, so a
+    smaller ``top`` picks a subset of a larger one's samples (saliency computed with
+    ``--top 10`` covers pages of a report with ``--top 50``)."""
     first = list(range(min(top, len(ranking))))
-    rest = np.flatnonzero(~ranking["affected"].to_numpy(dtype=bool))
-    rest = rest[rest >= len(first)]
-    rng = np.random.default_rng(seed)
-    extra = rng.choice(rest, size=min(top, rest.size), replace=False) if rest.size else []
-    return first + sorted(int(i) for i in extra)
+    unaffected = np.flatnonzero(~ranking["affected"].to_numpy(dtype=bool))
+    shuffled = np.random.default_rng(seed).permutation(unaffected)
+    extra = [int(i) for i in shuffled if i >= top][:top]
+    return first + sorted(extra)
 
 
 def page_names(sample_ids: pd.Series) -> list[str]:
