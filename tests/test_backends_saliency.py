@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -25,58 +24,20 @@ from mlvar.analysis import saliency as sal
 from mlvar.backends import saliency_jobs, service, shard_jobs
 from mlvar.backends.spec import load_submission
 from mlvar.cli import app
-from mlvar.config import AmlConfig, Config, PathsConfig
-from mlvar.data.scenario import SplitData, write_scenario
+from mlvar.config import AmlConfig
 from mlvar.errors import MlvarError
 from mlvar.store import ExperimentStore
-from mlvar.train.service import train
+from tiny_images import build_tiny_experiments, tiny_config
 
-SIZE = 16
 TOP = 3
 GOLDEN = Path(__file__).resolve().parent / "golden" / "aml"
 runner = CliRunner()
 
 
-def _split(rng: np.random.Generator, n: int, offset: int) -> SplitData:
-    """16x16 greyscale images with a bright square whose place depends on the class (as
-    in test_saliency.py)."""
-    y = np.arange(n, dtype=np.int64) % 3
-    x = rng.integers(0, 8, size=(n, SIZE, SIZE, 1))
-    for i in range(n):
-        r = 2 + 4 * int(y[i])
-        x[i, r : r + 4, r : r + 4, 0] += 8
-    return SplitData(
-        x=x.astype(np.uint8),
-        y=y,
-        id=np.arange(offset, offset + n, dtype=np.int64),
-        affected=(y == 0) & (np.arange(n) % 2 == 0),
-        group=np.full(n, -1, dtype=np.int64),
-    )
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny image scenario, 3 runs of the small CNN and 2 of the MLP."""
-    root = tmp_path_factory.mktemp("saliency-jobs")
-    rng = np.random.default_rng(0)
-    manifest = {
-        "dataset": "digits",
-        "mode": "holdout",
-        "params": {},
-        "class_names": ["a", "b", "c"],
-        "input": {"kind": "image", "shape": [SIZE, SIZE, 1], "max_value": 16},
-    }
-    write_scenario(
-        root / "data",
-        "tiny",
-        manifest,
-        {"train": _split(rng, 60, 0), "test": _split(rng, 30, 1000)},
-    )
-    cfg = config(root)
-    over = {"epochs": 2, "batch_size": 16, "workers": 1}
-    train(cfg, "digits", scenario="tiny", runs=3, overrides={"model": "cnn", **over})
-    train(cfg, "digits", scenario="tiny", runs=2, overrides={"model": "mlp", "epochs": 2})
-    return root
+    """A tiny image scenario, 3 runs of the small CNN and 2 of the MLP (tests/tiny_images.py)."""
+    return build_tiny_experiments(tmp_path_factory.mktemp("saliency-jobs"))
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +59,7 @@ def root(work: Path, tmp_path: Path) -> Path:
     return tmp_path / "w"
 
 
-def config(root: Path) -> Config:
-    return Config(paths=PathsConfig(root / "data", root / "runs", root / "reports"))
+config = tiny_config
 
 
 def store_of(root: Path, model: str = "cnn") -> ExperimentStore:

@@ -19,57 +19,22 @@ from typer.testing import CliRunner
 from mlvar.analysis import saliency as sal
 from mlvar.analysis import service as analysis
 from mlvar.cli import app
-from mlvar.config import Config, PathsConfig
-from mlvar.data.scenario import SplitData, write_scenario
 from mlvar.errors import MlvarError
 from mlvar.report.html import build_report
 from mlvar.store import ExperimentStore
 from mlvar.train.service import train
+from tiny_images import N_CLASSES, SIZE, build_tiny_experiments, tiny_config
 
 PNG = b"\x89PNG\r\n\x1a\n"
-N_CLASSES = 3
-SIZE = 16
-
-
-def _split(rng: np.random.Generator, n: int, offset: int) -> SplitData:
-    """16x16 greyscale images with a bright square whose place depends on the class."""
-    y = np.arange(n, dtype=np.int64) % N_CLASSES
-    x = rng.integers(0, 8, size=(n, SIZE, SIZE, 1))
-    for i in range(n):
-        r = 2 + 4 * int(y[i])
-        x[i, r : r + 4, r : r + 4, 0] += 8
-    return SplitData(
-        x=x.astype(np.uint8),
-        y=y,
-        id=np.arange(offset, offset + n, dtype=np.int64),
-        affected=(y == 0) & (np.arange(n) % 2 == 0),
-        group=np.full(n, -1, dtype=np.int64),
-    )
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny image scenario, 3 runs of the small CNN and 2 of the MLP."""
-    root = tmp_path_factory.mktemp("saliency")
-    rng = np.random.default_rng(0)
-    manifest = {
-        "dataset": "digits",
-        "mode": "holdout",
-        "params": {},
-        "class_names": ["a", "b", "c"],
-        "input": {"kind": "image", "shape": [SIZE, SIZE, 1], "max_value": 16},
-    }
-    splits = {"train": _split(rng, 60, 0), "test": _split(rng, 30, 1000)}
-    write_scenario(root / "data", "tiny", manifest, splits)
-    cfg = _config(root)
-    over = {"epochs": 2, "batch_size": 16, "workers": 1}
-    train(cfg, "digits", scenario="tiny", runs=3, overrides={"model": "cnn", **over})
-    train(cfg, "digits", scenario="tiny", runs=2, overrides={"model": "mlp", "epochs": 2})
-    return root
+    """A tiny image scenario, 3 runs of the small CNN and 2 of the MLP (tests/tiny_images.py)."""
+    return build_tiny_experiments(tmp_path_factory.mktemp("saliency"))
 
 
-def _config(root: Path) -> Config:
-    return Config(paths=PathsConfig(root / "data", root / "runs", root / "reports"))
+_config = tiny_config
 
 
 def _store(root: Path, model: str = "cnn") -> ExperimentStore:

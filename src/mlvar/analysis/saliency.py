@@ -501,18 +501,21 @@ class _Plan:
         }
 
 
-def _plan(
+def plan_saliency(
     store: ExperimentStore,
     data_root: Path,
-    split: str,
-    top: int,
-    seeds: int,
-    by: str | None,
-    layer: str | None,
-    seed: int,
-    batch_size: int,
+    split: str = "test",
+    top: int = TOP_DEFAULT,
+    seeds: int = SEEDS_DEFAULT,
+    by: str | None = None,
+    layer: str | None = None,
+    seed: int = 0,
+    batch_size: int = BATCH_DEFAULT,
 ) -> _Plan:
-    """Check the arguments, rank, choose the samples and runs, read their inputs."""
+    """What :func:`saliency` (and every :func:`saliency_shard`) explains, with the checks
+    they make before computing (arguments, runs, weights listed, scenario): the ranking's
+    runs, the chosen samples and the runs to explain, with their inputs. Nothing is
+    computed or written."""
     from mlvar.analysis import service as analysis
     from mlvar.report.samples import choose_pages
     from mlvar.train.models import IMAGE_MODELS
@@ -587,23 +590,6 @@ def _plan(
     )
 
 
-def plan_saliency(
-    store: ExperimentStore,
-    data_root: Path,
-    split: str = "test",
-    top: int = TOP_DEFAULT,
-    seeds: int = SEEDS_DEFAULT,
-    by: str | None = None,
-    layer: str | None = None,
-    seed: int = 0,
-    batch_size: int = BATCH_DEFAULT,
-) -> _Plan:
-    """What :func:`saliency` (and every :func:`saliency_shard`) explains, with the checks
-    they make before computing (arguments, runs, weights listed, scenario): the ranking's
-    runs, the chosen samples and the runs to explain. Nothing is computed or written."""
-    return _plan(store, data_root, split, top, seeds, by, layer, seed, batch_size)
-
-
 def resolve_layer(plan: _Plan, layer: str | None = None) -> tuple[str, str]:
     """``(method, layer)`` a computation of ``plan`` reports, checked on an untrained
     network of the plan's model (no weights are read): the MLP's gradient x input at
@@ -670,7 +656,7 @@ def saliency(
     complete or not at all.
     """
     started = time.perf_counter()
-    plan = _plan(store, data_root, split, top, seeds, by, layer, seed, batch_size)
+    plan = plan_saliency(store, data_root, split, top, seeds, by, layer, seed, batch_size)
     computed = _compute(store, plan, range(len(plan.runs)), layer, batch_size, progress)
     return _write(store, plan, *computed, started)
 
@@ -740,7 +726,7 @@ def saliency_shard(
     j, m = shard
     if not 1 <= j <= m:
         raise MlvarError(f"--run-shard must be j/m with 1 <= j <= m, got {j}/{m}", "e.g. 1/4")
-    plan = _plan(store, data_root, split, top, seeds, by, layer, seed, batch_size)
+    plan = plan_saliency(store, data_root, split, top, seeds, by, layer, seed, batch_size)
     if m > len(plan.runs):
         raise MlvarError(
             f"--run-shard {j}/{m}: there are only {len(plan.runs)} runs to explain "
@@ -848,7 +834,7 @@ def merge_saliency_shards(
                 f"explain different things ({', '.join(differs)})",
                 f"recompute the shards with the same arguments, or remove {root}",
             )
-    plan = _plan(
+    plan = plan_saliency(
         store,
         data_root,
         split,
