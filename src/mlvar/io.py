@@ -138,14 +138,34 @@ def staging_dir(final: Path, replace: bool = False) -> Iterator[Path]:
     try:
         os.chmod(tmp, 0o755)  # mkdtemp creates 0700
         yield tmp
-        if replace and final.exists():
-            old = tmp.with_name(tmp.name + "-old")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+        if replace:
+            swap_in(tmp, final)
         else:
             os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync_dir(final.parent)
+
+
+def swap_in(tmp: Path, final: Path) -> None:
+    """Rename the complete folder ``tmp`` to ``final``, replacing a folder already there:
+    the old one is moved aside first and removed only once the new one is in place."""
+    if final.exists():
+        old = tmp.with_name(tmp.name + "-old")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def read_meta(folder: Path) -> tuple[Any, str]:
+    """The parsed ``meta.json`` of ``folder`` and ``""``, or ``None`` and why not
+    (a folder whose writer wrote ``meta.json`` last is unfinished without it)."""
+    try:
+        return json.loads((Path(folder) / "meta.json").read_text()), ""
+    except FileNotFoundError:
+        return None, "unfinished (no meta.json)"
+    except (OSError, ValueError):
+        return None, "corrupt meta.json"

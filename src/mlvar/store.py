@@ -247,6 +247,7 @@ class ExperimentStore:
         meta: dict[str, Any],
         dynamics: np.ndarray | None = None,
         files: dict[str, tuple[bytes, dict[str, Any]]] | None = None,
+        keep_folder: bool = False,
     ) -> RunRecord:
         """Write one run: every split's logits, then ``run.json`` (status complete) last.
 
@@ -254,7 +255,9 @@ class ExperimentStore:
         ``train.dynamics.npy`` with ``run.json["dynamics_epochs"] = E``. ``files``
         (optional): more files of the run, ``name -> (content, info)``, e.g. the weights
         ``model.pt``; each is listed in ``run.json["arrays"]`` with its sha256 and ``info``.
-        Any earlier unfinished folder of the same id is replaced.
+        Any earlier unfinished folder of the same id is replaced, unless ``keep_folder``:
+        then the run is written into it and its other files (an image run's checkpoint)
+        stay for the caller to remove once ``run.json`` is there.
         """
         if not RUN_ID_RE.match(run_id):
             raise ValueError(f"invalid run id {run_id!r}")
@@ -262,7 +265,8 @@ class ExperimentStore:
         if path.exists():
             if read_run(path) is not None:
                 raise FileExistsError(f"run {run_id} of {self.name} is already complete")
-            shutil.rmtree(path)
+            if not keep_folder:
+                shutil.rmtree(path)
         arrays = {}
         for split, array in logits.items():
             expected = self.n_samples(split)

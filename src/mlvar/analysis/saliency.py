@@ -762,14 +762,11 @@ def saliency_shard(
 
 def verify_saliency_shard(folder: Path) -> tuple[dict[str, Any] | None, str]:
     """``(meta, "")`` for a complete saliency shard whose files match their sha256."""
-    from mlvar.io import sha256_file
+    from mlvar.io import read_meta, sha256_file
 
-    try:
-        meta = json.loads((folder / "meta.json").read_text())
-    except FileNotFoundError:
-        return None, "unfinished (no meta.json)"
-    except (OSError, ValueError):
-        return None, "corrupt meta.json"
+    meta, why = read_meta(folder)
+    if meta is None:
+        return None, why
     if not isinstance(meta, dict) or meta.get("kind") != "saliency":
         return None, "meta.json is not a saliency shard's"
     files = meta.get("files")

@@ -44,7 +44,7 @@ from mlvar.analysis.service import (
     load_predictions,
 )
 from mlvar.errors import MlvarError
-from mlvar.io import atomic_save_npy, atomic_write_json, sha256_file, staging_dir
+from mlvar.io import atomic_save_npy, atomic_write_json, read_meta, sha256_file, staging_dir
 from mlvar.store import DYNAMICS_FILE, ExperimentStore
 
 _SHARD_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
@@ -221,12 +221,9 @@ def verify_shard(folder: Path) -> tuple[dict[str, Any] | None, str]:
     """``(meta, "")`` when ``folder`` is a complete shard whose files match the sha256 its
     ``meta.json`` lists, else ``(meta or None, why)``. A shard written before sha256 were
     listed (no ``files``) passes when its meta is readable."""
-    try:
-        meta = json.loads((folder / "meta.json").read_text())
-    except FileNotFoundError:
-        return None, "unfinished (no meta.json)"
-    except (OSError, ValueError):
-        return None, "corrupt meta.json"
+    meta, why = read_meta(folder)
+    if meta is None:
+        return None, why
     if not isinstance(meta, dict) or not {"samples", "runs", "run_ids"} <= set(meta):
         return None, "meta.json is not a shard's"
     files = meta.get("files")

@@ -51,7 +51,7 @@ from mlvar.analysis.shards import (
 from mlvar.backends.spec import SPEC_FORMAT, Job, Submission
 from mlvar.backends.transfer import ImportResult, _copy_synced
 from mlvar.errors import MlvarError
-from mlvar.io import _fsync_dir, sha256_file
+from mlvar.io import _fsync_dir, read_meta, sha256_file, swap_in
 from mlvar.store import DYNAMICS_FILE, ExperimentStore, read_run
 
 KIND = "analysis"
@@ -531,10 +531,7 @@ def shard_ok(store: ExperimentStore, expect: dict[str, Any]) -> bool:
 
 
 def _read_meta(folder: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads((Path(folder) / "meta.json").read_text())
-    except (OSError, ValueError):
-        return {}
+    meta, _ = read_meta(folder)
     return meta if isinstance(meta, dict) else {}
 
 
@@ -573,13 +570,7 @@ def land_shard(folder: Path, store: ExperimentStore, expect: dict[str, Any] | No
         copy, why = kind.verify(tmp)
         if copy is None or why:
             return f"the copy failed verification ({why})"
-        if final.exists():
-            old = tmp.with_name(tmp.name + "-old")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        swap_in(tmp, final)
         _fsync_dir(final.parent)
         return ""
     finally:

@@ -47,8 +47,8 @@ from torch.nn import functional as F
 
 from mlvar.config import MODELS, TrainConfig
 from mlvar.data.scenario import Scenario, SplitData
-from mlvar.io import atomic_save_npy, atomic_write_bytes, atomic_write_json
-from mlvar.store import DYNAMICS_FILE, ExperimentStore, RunRecord, read_run, run_id_for
+from mlvar.io import atomic_write_bytes
+from mlvar.store import ExperimentStore, RunRecord, run_id_for
 from mlvar.train.mlp import _one_thread_per_kernel
 from mlvar.train.models import build_model, init_weights
 from mlvar.train.seeding import RunGenerators, run_seed
@@ -429,34 +429,18 @@ def write_run(
     """Write a finished image run into its folder (which may hold its checkpoint): logits,
     dynamics, ``model.pt``, then ``run.json`` last; then drop the checkpoint.
 
-    The same layout as :meth:`ExperimentStore.write_run`, plus the weights file.
+    :meth:`ExperimentStore.write_run` with the weights file, keeping the folder.
     """
-    path = store.run_dir(run_id)
-    if read_run(path) is not None:
-        raise FileExistsError(f"run {run_id} of {store.name} is already complete")
-    listed: dict[str, Any] = {}
-    for split, array in arrays.items():
-        expected = store.n_samples(split)
-        if array.ndim != 2 or array.shape[0] != expected:
-            raise ValueError(f"{split} logits have shape {array.shape}, expected ({expected}, C)")
-        name = f"{split}.logits.npy"
-        digest = atomic_save_npy(path / name, array)
-        listed[name] = {"sha256": digest, "shape": list(array.shape), "dtype": str(array.dtype)}
-    if dynamics is not None:
-        digest = atomic_save_npy(path / DYNAMICS_FILE, dynamics)
-        listed[DYNAMICS_FILE] = {
-            "sha256": digest,
-            "shape": list(dynamics.shape),
-            "dtype": str(dynamics.dtype),
-        }
-        meta = dict(meta, dynamics_epochs=int(dynamics.shape[0]))
-    data, info = weights_file(state_dict)
-    atomic_write_bytes(path / WEIGHTS_FILE, data)
-    listed[WEIGHTS_FILE] = {"sha256": hashlib.sha256(data).hexdigest(), **info}
-    meta = dict(meta, run_id=run_id, status="complete", arrays=listed)
-    atomic_write_json(path / "run.json", meta)
-    (path / CHECKPOINT_FILE).unlink(missing_ok=True)
-    return RunRecord(run_id, path, meta)
+    record = store.write_run(
+        run_id,
+        arrays,
+        meta,
+        dynamics,
+        files={WEIGHTS_FILE: weights_file(state_dict)},
+        keep_folder=True,
+    )
+    (record.path / CHECKPOINT_FILE).unlink(missing_ok=True)
+    return record
 
 
 def resolve_workers(cfg: TrainConfig, n_pending: int) -> int:
