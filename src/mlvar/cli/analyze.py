@@ -456,36 +456,23 @@ def saliency_(
         cfg = get_config(config)
         store = ExperimentStore.open(cfg.paths.runs_root, experiment)
         shard = parse_shard(run_shard, "--run-shard") if run_shard is not None else None
+        data_root = Path(cfg.paths.data_root)
         with ProgressBar(not json_out) as bar:
+            options = {
+                "top": top,
+                "seeds": seeds,
+                "by": by,
+                "layer": layer,
+                "seed": seed,
+                "batch_size": batch_size,
+                "progress": lambda done, total: bar.update("saliency (runs)", done, total),
+            }
             if merge:
-                result = merge_saliency_shards(store, Path(cfg.paths.data_root), split, layer)
+                result = merge_saliency_shards(store, data_root, split, layer)
             elif shard is not None:
-                part = saliency_shard(
-                    store,
-                    Path(cfg.paths.data_root),
-                    shard,
-                    split,
-                    top=top,
-                    seeds=seeds,
-                    by=by,
-                    layer=layer,
-                    seed=seed,
-                    batch_size=batch_size,
-                    progress=lambda done, total: bar.update("saliency (runs)", done, total),
-                )
+                part = saliency_shard(store, data_root, shard, split, **options)
             else:
-                result = saliency(
-                    store,
-                    Path(cfg.paths.data_root),
-                    split,
-                    top=top,
-                    seeds=seeds,
-                    by=by,
-                    layer=layer,
-                    seed=seed,
-                    batch_size=batch_size,
-                    progress=lambda done, total: bar.update("saliency (runs)", done, total),
-                )
+                result = saliency(store, data_root, split, **options)
     if shard is not None:
         if json_out:
             print_json(part.to_dict())
