@@ -15,7 +15,8 @@ import pytest
 
 from cifar_format import py2_pickle
 
-# The real ProPublica file lives in the shared folder beside the repository (DESIGN 4).
+# The real ProPublica file lives in the shared folder beside the repository
+# (docs/design.md section 4).
 _SHARED_COMPAS = Path(__file__).resolve().parents[2] / "shared/data/compas-scores-two-years.csv"
 
 

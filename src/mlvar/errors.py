@@ -1,14 +1,27 @@
-"""Error types shared by every service module.
+"""Error types and exit codes shared by every module.
 
 Services raise :class:`MlvarError` for anything the user can fix (bad input, missing
 files, wrong checksum, malformed config). The CLI turns it into a one-line message with
-a hint and exit code 2; any other exception is an internal error (exit code 1).
+a hint and :attr:`ExitCode.BAD_INPUT`; a backend job that failed after its retries is
+:attr:`ExitCode.JOB_FAILED`; any other exception is an internal error
+(:attr:`ExitCode.INTERNAL`).
 """
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """The exit codes of ``mlvar`` (and of ``python -m mlvar.backends.worker``)."""
+
+    OK = 0
+    INTERNAL = 1  # a bug, or a fault mlvar did not foresee (traceback shown)
+    BAD_INPUT = 2  # bad input, a missing file, an OS fault: one line naming it and a hint
+    JOB_FAILED = 3  # a backend job failed after its retries (its log tail is printed)
+    INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 
 
 class MlvarError(Exception):

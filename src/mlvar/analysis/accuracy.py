@@ -1,4 +1,4 @@
-"""Accuracy spread across runs (DESIGN section 7): per run, per class, per affected group,
+"""Accuracy spread across runs (docs/design.md section 7): per run, per class, per affected group,
 with summary statistics, a bootstrap interval, and the seed variance expected from
 per-sample accuracies.
 """

@@ -1,4 +1,4 @@
-"""AUROC against the number of runs: how many seeds a metric needs (DESIGN section 7).
+"""AUROC against the number of runs: how many seeds a metric needs (docs/design.md section 7).
 
 For each size R' in 1, 2, 4, ... (powers of two below R) and R itself, up to
 ``subsets`` subsets of R' runs are drawn (seeded; every subset when there are no more

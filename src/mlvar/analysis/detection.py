@@ -1,4 +1,4 @@
-"""How well a suspicion score finds the affected samples (DESIGN section 7).
+"""How well a suspicion score finds the affected samples (docs/design.md section 7).
 
 A *score* is oriented so that higher means more suspicious (see
 :meth:`mlvar.analysis.metrics.Metric.suspicion`); ``affected`` is the scenario's ground

@@ -1,4 +1,4 @@
-"""Per-sample metrics of run-to-run variability (DESIGN section 7).
+"""Per-sample metrics of run-to-run variability (docs/design.md section 7).
 
 Every metric maps ``probs`` of shape ``[R, n, C]`` (R runs, n samples, C classes, rows
 summing to 1) and ``labels`` of shape ``[n]`` to one float64 value per sample. Each value

@@ -1,5 +1,5 @@
 """Per-sample attributions across seeds: GradCAM maps of image models, gradient x input
-of the MLP (DESIGN section 8).
+of the MLP (docs/design.md section 8).
 
 The one analysis module that loads models. :func:`saliency` takes the top ``K`` samples
 of a ranking and ``K`` random unaffected ones (seeded, as the report's sample pages:
@@ -391,29 +391,10 @@ def _scenario_rows(
 ) -> tuple[np.ndarray, Any]:
     """The raw inputs of ``sample_ids`` (in that order) and the prepared scenario the runs
     were trained on (checked by its manifest sha256)."""
-    from mlvar.data.scenario import open_scenario
+    from mlvar.data.scenario import experiment_scenario
 
-    name = (store.meta.get("scenario") or {}).get("name")
-    if not name:
-        raise MlvarError(
-            f"experiment '{store.name}' names no prepared scenario (imported predictions?)",
-            "saliency needs the inputs and the weights of mlvar-trained runs",
-        )
-    try:
-        scenario = open_scenario(Path(data_root), str(name))
-    except MlvarError:
-        raise MlvarError(
-            f"the prepared scenario '{name}' of experiment '{store.name}' is not in the "
-            f"data root {data_root}",
-            "prepare it again with 'mlvar data prepare', or point data_root at it",
-        ) from None
-    expected = (store.meta.get("scenario") or {}).get("manifest_sha256")
-    if expected and scenario.manifest_sha256 != expected:
-        raise MlvarError(
-            f"the prepared scenario '{name}' in {data_root} is not the one the runs of "
-            f"'{store.name}' were trained on (its manifest changed)",
-            "prepare the scenario the runs were trained on",
-        )
+    scenario = experiment_scenario(Path(data_root), store.name, store.meta)
+    name = scenario.name
     data = scenario.load(split)
     index = pd.Index(data.id)
     where = index.get_indexer(sample_ids) if index.is_unique else np.full(len(sample_ids), -1)

@@ -9,7 +9,7 @@ images once as plain arrays to ``<data_root>/raw/<dataset>/``: ``x_train.npy`` (
 ``coarse_train.npy``/``coarse_test.npy``) and ``source.json`` (checksums, format, names).
 ``--source`` takes the archive or an extracted folder (torchvision's layout included).
 
-Scenarios (DESIGN section 4) are built from those arrays; see :mod:`mlvar.data.images` for
+Scenarios (docs/design.md section 4) are built from those arrays; see :mod:`mlvar.data.images` for
 the CIFAR-10 class modes. Sample ids: train images are numbered 0..49999 in the order of the
 concatenated train batches, test images 50000 + their index.
 """

@@ -1,6 +1,6 @@
 """COMPAS (ProPublica two-year recidivism): fetch, load, filter and prepare scenarios.
 
-Scenarios (DESIGN section 4):
+Scenarios (docs/design.md section 4):
 
 - ``original``: the filtered data, unchanged.
 - ``artificial``: a binary feature equal to the label, flipped with probability ``ratio`` in

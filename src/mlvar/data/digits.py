@@ -1,6 +1,6 @@
 """scikit-learn digits (1,797 8x8 gray images, offline): the demo and test dataset.
 
-Scenarios (DESIGN section 4):
+Scenarios (docs/design.md section 4):
 
 - ``original``: the 10 digit classes, unchanged.
 - ``holdout --subclass d --ratio a``: labels become the 5 coarse classes ``digit // 2``

@@ -1,7 +1,7 @@
 """Image scenarios shared by CIFAR-10 and digits: the four class modes, appearance changes,
 and a contact sheet that shows the injected change.
 
-Class modes (DESIGN section 4), for a target class ``c`` and a ratio ``a``; the affected
+Class modes (docs/design.md section 4), for a target class ``c`` and a ratio ``a``; the affected
 training samples are the first ``floor(a * count)`` training samples of class ``c`` in split
 order (validation has already been split off):
 

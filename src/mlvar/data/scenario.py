@@ -160,6 +160,38 @@ def open_scenario(data_root: Path, name: str) -> Scenario:
     return Scenario(name=name, path=path, manifest=manifest)
 
 
+def experiment_scenario(data_root: Path, experiment: str, meta: dict[str, Any]) -> Scenario:
+    """The prepared scenario an experiment's runs were trained on, checked by its manifest.
+
+    ``meta`` is the experiment's ``experiment.json``. Raises :class:`MlvarError` when the
+    experiment names no scenario (imported predictions), when the scenario is not in
+    ``data_root``, or when its manifest sha256 differs from the one recorded at training.
+    """
+    info = meta.get("scenario") or {}
+    name = info.get("name")
+    if not name:
+        raise MlvarError(
+            f"experiment '{experiment}' names no prepared scenario (imported predictions?)",
+            "only mlvar-trained experiments have their inputs in a data root",
+        )
+    try:
+        scenario = open_scenario(Path(data_root), str(name))
+    except MlvarError:
+        raise MlvarError(
+            f"the prepared scenario '{name}' is not in the data root {data_root} "
+            f"(experiment '{experiment}' was trained on it)",
+            "prepare it again with 'mlvar data prepare', or point data_root at it",
+        ) from None
+    expected = info.get("manifest_sha256")
+    if expected and scenario.manifest_sha256 != expected:
+        raise MlvarError(
+            f"the prepared scenario '{name}' in {data_root} is not the one the runs of "
+            f"'{experiment}' were trained on (its manifest changed)",
+            "prepare the scenario the runs were trained on",
+        )
+    return scenario
+
+
 def list_scenarios(data_root: Path, dataset: str | None = None) -> list[Scenario]:
     """Every prepared scenario under ``data_root`` (optionally of one dataset), by name."""
     root = Path(data_root)

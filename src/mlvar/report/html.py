@@ -373,8 +373,9 @@ def _sample_context(
             for m in metric_cols
         ],
         "n_samples": n_samples,
-        # Per-sample attributions (DESIGN 8): a list of {"title", "image"} dicts, set by
-        # build_report when analysis/saliency-<split>/ has a strip or chart of the sample;
+        # Per-sample attributions (docs/design.md section 8): a list of {"title", "image"}
+        # dicts, set by build_report when analysis/saliency-<split>/ has a strip or chart of
+        # the sample;
         # tabular samples also get their per-feature attributions (name, value, true, pred).
         "attribution": None,
         "feature_attribution": None,

@@ -20,7 +20,7 @@ import pandas as pd
 
 from mlvar.analysis import service as analysis
 from mlvar.analysis.metrics import softmax
-from mlvar.data.scenario import SplitData, open_scenario
+from mlvar.data.scenario import SplitData, experiment_scenario
 from mlvar.errors import MlvarError
 from mlvar.store import ExperimentStore
 
@@ -63,23 +63,13 @@ def load_inputs(
     store: ExperimentStore, data_root: Path | None, split: str, positions: list[int]
 ) -> Inputs:
     """The inputs of the samples at ``positions`` (row numbers of the store's split)."""
-    scenario_meta = store.meta.get("scenario") or {}
-    name = scenario_meta.get("name")
     if data_root is None:
         return Inputs(None, "no data root was given, so the prepared scenario was not read")
-    if not name:
-        return Inputs(None, "the experiment names no prepared scenario (imported predictions?)")
     try:
-        scenario = open_scenario(Path(data_root), str(name))
-    except MlvarError:
-        return Inputs(None, f"the prepared scenario '{name}' is not in the data root {data_root}")
-    expected = scenario_meta.get("manifest_sha256")
-    if expected and scenario.manifest_sha256 != expected:
-        return Inputs(
-            None,
-            f"the prepared scenario '{name}' in {data_root} is not the one these runs were "
-            "trained on (its manifest changed)",
-        )
+        scenario = experiment_scenario(Path(data_root), store.name, store.meta)
+    except MlvarError as exc:
+        return Inputs(None, exc.message)
+    name = scenario.name
     manifest = scenario.manifest
     kind = (manifest.get("input") or {}).get("kind")
     if kind not in ("image", "tabular"):
