@@ -547,3 +547,22 @@ def test_cli_run_shards_and_merge(work: Path, tmp_path: Path, monkeypatch) -> No
         assert result.exit_code == 2, (args, result.output)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and words in lines[0], lines
+
+
+def test_shards_of_another_layer_are_refused_and_leftovers_ignored(
+    work: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "copy"
+    shutil.copytree(work, root)
+    store = _store(root)
+    sal.saliency_shard(store, root / "data", (1, 2), top=2, seeds=2, layer="features.3")
+    sal.saliency_shard(store, root / "data", (2, 2), top=2, seeds=2)
+    with pytest.raises(MlvarError, match=r"explain different things \(layer\)"):
+        merge_saliency_shards(store, root / "data")
+    sal.saliency_shard(store, root / "data", (1, 2), top=2, seeds=2)
+    # A temporary folder left by a killed shard job is not a shard.
+    leftover = sal.shards_folder(store, "test") / ".tmp-r1of2-killed"
+    leftover.mkdir()
+    (leftover / "maps.npy").write_bytes(b"partial")
+    merged = merge_saliency_shards(store, root / "data")
+    assert merged.layer == "features.7" and merged.run_ids == ["run-0000", "run-0001"]

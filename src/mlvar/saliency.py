@@ -1,8 +1,8 @@
 """``mlvar analyze saliency`` as a service: attributions across seeds, with their figures,
 written as one folder (``<experiment>/analysis/saliency-<split>/``).
 
-The layers meet here. :mod:`mlvar.analysis.saliency` plans and computes the arrays and
-writes the folder, drawing nothing (analysis never imports report);
+The layers meet here. :mod:`mlvar.analysis.saliency` plans, computes and assembles the
+arrays and writes the folder, drawing nothing (analysis never imports report);
 :mod:`mlvar.report.saliency` draws each sample's strip or chart from those arrays. The
 two functions below join them, so the folder, overlays included, is written by one swap
 as before: unsharded (:func:`saliency`) and from a complete set of run shards
@@ -21,8 +21,10 @@ from mlvar.analysis.saliency import (
     TOP_DEFAULT,
     Progress,
     SaliencyResult,
+    assemble,
     combine_saliency_shards,
-    explain,
+    compute,
+    plan_saliency,
     write_saliency,
 )
 from mlvar.report.saliency import figures
@@ -52,7 +54,9 @@ def saliency(
     complete or not at all.
     """
     started = time.perf_counter()
-    content = explain(store, data_root, split, top, seeds, by, layer, seed, batch_size, progress)
+    plan = plan_saliency(store, data_root, split, top, seeds, by, layer, seed, batch_size)
+    arrays = compute(store, plan, range(len(plan.runs)), layer, batch_size, progress)
+    content = assemble(store, plan, arrays)
     return write_saliency(store, content, figures(content), started)
 
 

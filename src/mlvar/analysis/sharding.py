@@ -91,7 +91,7 @@ class ShardFormat:
     recognises: Callable[[dict[str, Any]], bool]  # whether a meta.json is of this kind
     names: frozenset[str] | None = None  # the array files it may list (None: any .npy)
     #: a meta.json without ``files`` passes (shards written before sha256 were listed)
-    unlisted_ok: bool = False
+    files_optional: bool = False
     missing: str = "{name} is missing"  # why not, for a listed file that is absent
     mismatch: str = "sha256 mismatch in {name}"  # and for one that does not match
 
@@ -108,7 +108,7 @@ def verify_shard_folder(folder: Path, fmt: ShardFormat) -> tuple[dict[str, Any] 
     if not isinstance(meta, dict) or not fmt.recognises(meta):
         return None, f"meta.json is not {fmt.what}"
     files = meta.get("files")
-    if files is None and fmt.unlisted_ok:
+    if files is None and fmt.files_optional:
         return meta, ""
     if not isinstance(files, dict) or not files:
         return meta, "meta.json lists no files"

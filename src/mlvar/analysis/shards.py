@@ -64,7 +64,7 @@ from mlvar.store import DYNAMICS_FILE, ExperimentStore
 SHARD_FORMAT = ShardFormat(
     what="a shard's",
     recognises=lambda meta: {"samples", "runs", "run_ids"} <= set(meta),
-    unlisted_ok=True,
+    files_optional=True,
 )
 
 

@@ -56,7 +56,6 @@ from mlvar.analysis.saliency.content import (
     SaliencyContent,
     SaliencyResult,
     assemble,
-    explain,
     folder,
     write_saliency,
 )
@@ -101,7 +100,6 @@ __all__ = [
     "block_range",
     "combine_saliency_shards",
     "compute",
-    "explain",
     "folder",
     "gradcam",
     "gradient_x_input",

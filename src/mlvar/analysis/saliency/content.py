@@ -4,8 +4,7 @@
 arrays as stored, their summary across runs, the sample index, ``saliency.json``, and
 what each sample's figure is drawn from); :func:`write_saliency` writes it with one
 figure per sample, which the caller draws (:mod:`mlvar.report.saliency`; the analysis
-package draws nothing), as one folder swapped in when complete. :func:`explain` plans,
-computes and assembles, writing nothing.
+package draws nothing), as one folder swapped in when complete.
 """
 
 from __future__ import annotations
@@ -21,20 +20,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from mlvar.analysis.saliency.compute import (
-    GRADCAM,
-    Progress,
-    SaliencyArrays,
-    compute,
-    mlp_inputs,
-)
-from mlvar.analysis.saliency.plan import (
-    BATCH_DEFAULT,
-    SEEDS_DEFAULT,
-    TOP_DEFAULT,
-    SaliencyPlan,
-    plan_saliency,
-)
+from mlvar.analysis.saliency.compute import GRADCAM, SaliencyArrays, mlp_inputs
+from mlvar.analysis.saliency.plan import SaliencyPlan
 from mlvar.io import atomic_save_npy, atomic_write_bytes, atomic_write_json, staging_dir
 from mlvar.store import ExperimentStore, parquet_bytes
 
@@ -267,28 +254,3 @@ def write_saliency(
         method=content.method,
         feature_names=content.feature_names,
     )
-
-
-def explain(
-    store: ExperimentStore,
-    data_root: Path,
-    split: str = "test",
-    top: int = TOP_DEFAULT,
-    seeds: int = SEEDS_DEFAULT,
-    by: str | None = None,
-    layer: str | None = None,
-    seed: int = 0,
-    batch_size: int = BATCH_DEFAULT,
-    progress: Progress | None = None,
-) -> SaliencyContent:
-    """Attributions of the top ``top`` samples by ``by`` and ``top`` random unaffected ones
-    (drawn with ``seed``) under the first ``seeds`` verified runs (by run id), for the
-    true and each run's predicted class, assembled for ``analysis/saliency-<split>/``.
-
-    Image models get GradCAM at ``layer`` (default: the last ``Conv2d``); the MLP gets
-    gradient x input (``layer`` must then be None). Everything is checked (arguments,
-    runs, weights, scenario, layer) and computed; nothing is written.
-    """
-    plan = plan_saliency(store, data_root, split, top, seeds, by, layer, seed, batch_size)
-    arrays = compute(store, plan, range(len(plan.runs)), layer, batch_size, progress)
-    return assemble(store, plan, arrays)
