@@ -13,7 +13,7 @@ Saliency: a prepared scenario of 32x32 RGB images (1,000 train, 2,000 test) and 
 experiment of 8 runs of ``--model`` (default ``airbench``, the CIFAR model) whose
 ``model.pt`` holds freshly initialised weights (the whitening layer from the training
 images, as training does) and whose logits are random, all built untimed. Then
-:func:`mlvar.analysis.saliency.saliency` runs as the command does (``--top 50``: the
+:func:`mlvar.saliency.saliency` runs as the command does (``--top 50``: the
 top 50 samples and 50 random unaffected ones, 8 seeds, true and predicted class): the
 ranking, loading and checking the weights, normalising the images, GradCAM in batches,
 the arrays and 100 overlay strips.
@@ -150,7 +150,7 @@ def saliency_store(root: Path, model: str, seeds: int, n_test: int, n_classes: i
 
 
 def saliency_bench(args: argparse.Namespace) -> dict:
-    from mlvar.analysis.saliency import saliency
+    from mlvar.saliency import saliency
 
     with tempfile.TemporaryDirectory(prefix="mlvar-saliency-bench-") as tmp:
         root = Path(tmp)
@@ -182,9 +182,9 @@ def tabular_saliency_bench(args: argparse.Namespace) -> dict:
     import os
     import shutil
 
-    from mlvar.analysis.saliency import saliency
     from mlvar.config import Config, PathsConfig
     from mlvar.data.registry import prepare
+    from mlvar.saliency import saliency
     from mlvar.store import ExperimentStore
     from mlvar.train.service import train
 

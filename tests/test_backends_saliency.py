@@ -26,6 +26,7 @@ from mlvar.backends.spec import load_submission
 from mlvar.cli import app
 from mlvar.config import AmlConfig
 from mlvar.errors import MlvarError
+from mlvar.saliency import merge_saliency_shards, saliency
 from mlvar.store import ExperimentStore
 from tiny_images import build_tiny_experiments, tiny_config
 
@@ -48,7 +49,7 @@ def reference(work: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     out = {}
     for model, seeds in (("cnn", 3), ("mlp", 2)):
         store = ExperimentStore.open(runs, f"tiny-{model}")
-        out[model] = files(sal.saliency(store, work / "data", top=TOP, seeds=seeds).path)
+        out[model] = files(saliency(store, work / "data", top=TOP, seeds=seeds).path)
     return out
 
 
@@ -301,7 +302,7 @@ def test_download_from_a_folder_of_saliency_shards(root: Path, reference: dict) 
         saliency_jobs.run_saliency_job(spec, store.root, out / job.name, root / "data", quiet)
     got = service.download(config(root), store.name, source=out)
     assert got.kind == "shards" and got.imported == ["r1of3", "r2of3", "r3of3"]
-    merged = sal.merge_saliency_shards(store, root / "data")
+    merged = merge_saliency_shards(store, root / "data")
     assert_same_bytes(merged.path, reference["cnn"])
 
 
@@ -414,7 +415,7 @@ def test_aml_jobs_load_and_run_offline(aml_dry_run, reference: dict, tmp_path: P
     cfg = config(tmp_path / "w")
     imported = service.download(cfg, "tiny-cnn", source=tmp_path / "outputs")
     assert imported.kind == "shards" and imported.imported == ["r1of2", "r2of2"]
-    merged = sal.merge_saliency_shards(store_of(tmp_path / "w"), tmp_path / "w" / "data")
+    merged = merge_saliency_shards(store_of(tmp_path / "w"), tmp_path / "w" / "data")
     assert_same_bytes(merged.path, reference["cnn"])
 
 

@@ -368,15 +368,15 @@ def test_sample_pages_show_saliency_strips(tmp_path: Path) -> None:
 
 def test_page_choice_of_a_smaller_top_is_a_subset() -> None:
     """Saliency with --top 10 explains samples that a report with --top 50 has pages for."""
-    from mlvar.report.samples import choose_pages
+    from mlvar.analysis.selection import choose_samples
 
     rng = np.random.default_rng(3)
     ranking = pd.DataFrame({"affected": rng.random(400) < 0.3})
     for seed in range(5):
-        pages = {top: choose_pages(ranking, top, seed) for top in (1, 10, 50, 400, 500)}
+        pages = {top: choose_samples(ranking, top, seed) for top in (1, 10, 50, 400, 500)}
         for small, large in [(1, 10), (10, 50), (50, 400), (400, 500)]:
             assert set(pages[small]) <= set(pages[large]), (seed, small, large)
         ten = pages[10]
         assert ten[:10] == list(range(10)) and len(ten) == 20 and len(set(ten)) == 20
         assert not ranking["affected"].to_numpy()[ten[10:]].any()
-    assert choose_pages(ranking, 10, 0) != choose_pages(ranking, 10, 1)  # seeded
+    assert choose_samples(ranking, 10, 0) != choose_samples(ranking, 10, 1)  # seeded

@@ -230,10 +230,10 @@ def test_tabular_sample_page_with_attributions(tmp_path: Path, compas_csv: Path)
         pytest.skip(reason)
     from selenium.webdriver.common.by import By
 
-    from mlvar.analysis.saliency import saliency
     from mlvar.config import Config, PathsConfig
     from mlvar.data.registry import prepare
     from mlvar.report.html import build_report
+    from mlvar.saliency import saliency
     from mlvar.store import ExperimentStore
     from mlvar.train.service import train
 

@@ -18,11 +18,14 @@ from typer.testing import CliRunner
 
 from mlvar.analysis import saliency as sal
 from mlvar.analysis import service as analysis
+from mlvar.analysis.saliency.compute import training_norm
 from mlvar.cli import app
 from mlvar.errors import MlvarError
 from mlvar.report.html import build_report
+from mlvar.saliency import merge_saliency_shards, saliency
 from mlvar.store import ExperimentStore
 from mlvar.train.service import train
+from mlvar.train.trained import build_trained, load_weights, target_layer
 from tiny_images import N_CLASSES, SIZE, build_tiny_experiments, tiny_config
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -49,7 +52,7 @@ def _listing(root: Path) -> list[tuple[str, int]]:
 
 @pytest.fixture(scope="module")
 def computed(work: Path) -> sal.SaliencyResult:
-    return sal.saliency(_store(work), work / "data", top=4, seeds=3)
+    return saliency(_store(work), work / "data", top=4, seeds=3)
 
 
 def test_maps_have_the_image_shape_are_finite_and_differ_across_seeds(
@@ -100,21 +103,19 @@ def test_target_class_changes_the_map(work: Path, computed: sal.SaliencyResult) 
     assert np.array_equal(maps[same][:, 0], maps[same][:, 1])
     # Directly: one model, one batch, two target classes.
     store = _store(work)
-    x_raw, scenario = sal._scenario_rows(
-        store, work / "data", "test", index["sample_id"].to_numpy()
-    )
-    norm = sal._training_norm(scenario)
+    x_raw, scenario = sal.scenario_rows(store, work / "data", "test", index["sample_id"].to_numpy())
+    norm = training_norm(scenario)
     from mlvar.train.images import to_nchw
 
     x = norm.normalise(to_nchw(x_raw))
-    model = sal.build_trained("cnn", 1, N_CLASSES, store.runs()[1])
-    assert sal.target_layer(model)[0] == "features.7"
+    model = build_trained("cnn", 1, N_CLASSES, store.runs()[1])
+    assert target_layer(model)[0] == "features.7"
     a = sal.gradcam(model, x, [0] * len(x), batch_size=3)
     b = sal.gradcam(model, x, [2] * len(x), batch_size=3)
     assert a.shape == (len(x), SIZE, SIZE)
     assert all(np.abs(a[i] - b[i]).max() > 0.05 for i in range(len(x)))
     # Batching does not change the maps, and the same weights give the same maps.
-    again = sal.gradcam(sal.build_trained("cnn", 1, N_CLASSES, store.runs()[1]), x, [0] * 8)
+    again = sal.gradcam(build_trained("cnn", 1, N_CLASSES, store.runs()[1]), x, [0] * 8)
     np.testing.assert_allclose(a, again, atol=1e-5)
 
 
@@ -122,15 +123,13 @@ def test_inputs_are_normalised_as_in_training(work: Path, computed: sal.Saliency
     """The loaded model on the saliency's inputs reproduces each run's stored logits."""
     store = _store(work)
     index = pd.read_parquet(computed.path / "samples.parquet")
-    x_raw, scenario = sal._scenario_rows(
-        store, work / "data", "test", index["sample_id"].to_numpy()
-    )
-    norm = sal._training_norm(scenario)
+    x_raw, scenario = sal.scenario_rows(store, work / "data", "test", index["sample_id"].to_numpy())
+    norm = training_norm(scenario)
     from mlvar.train.images import to_nchw
 
     x = norm.normalise(to_nchw(x_raw))
     for run in store.runs():
-        model = sal.build_trained("cnn", 1, N_CLASSES, run)
+        model = build_trained("cnn", 1, N_CLASSES, run)
         with torch.no_grad():
             logits = model(x).numpy()
         stored = run.load_logits("test")[index["position"].to_numpy()]
@@ -140,26 +139,26 @@ def test_inputs_are_normalised_as_in_training(work: Path, computed: sal.Saliency
 def test_the_choice_is_deterministic(work: Path, computed: sal.SaliencyResult) -> None:
     first = np.load(computed.path / "maps.npy")
     ids = pd.read_parquet(computed.path / "samples.parquet")["sample_id"].tolist()
-    again = sal.saliency(_store(work), work / "data", top=4, seeds=3)
+    again = saliency(_store(work), work / "data", top=4, seeds=3)
     assert again.samples["sample_id"].tolist() == ids
     np.testing.assert_array_equal(np.load(again.path / "maps.npy"), first)
-    other = sal.saliency(_store(work), work / "data", top=4, seeds=2, seed=7)
+    other = saliency(_store(work), work / "data", top=4, seeds=2, seed=7)
     assert other.samples["sample_id"].tolist()[:4] == ids[:4]
     assert other.samples["sample_id"].tolist()[4:] != ids[4:]
     assert np.load(other.path / "maps.npy").shape[1] == 2
-    sal.saliency(_store(work), work / "data", top=4, seeds=3)  # as the module fixture left it
+    saliency(_store(work), work / "data", top=4, seeds=3)  # as the module fixture left it
 
 
 def test_layer_override(work: Path, tmp_path: Path) -> None:
     root = tmp_path / "copy"
     shutil.copytree(work, root)
-    result = sal.saliency(_store(root), root / "data", top=2, seeds=1, layer="features.3")
+    result = saliency(_store(root), root / "data", top=2, seeds=1, layer="features.3")
     assert result.layer == "features.3"
     maps = np.load(result.path / "maps.npy")
     assert maps.shape == (4, 1, 2, SIZE, SIZE) and np.isfinite(maps).all()
     before = _listing(root)
     with pytest.raises(MlvarError) as err:
-        sal.saliency(_store(root), root / "data", top=2, seeds=1, layer="features.33")
+        saliency(_store(root), root / "data", top=2, seeds=1, layer="features.33")
     assert "no layer 'features.33'" in err.value.message
     assert "did you mean" in err.value.hint and "features.7" in err.value.hint
     assert _listing(root) == before
@@ -173,7 +172,7 @@ def test_bad_input_is_one_error_and_writes_nothing(work: Path, tmp_path: Path) -
 
     def error(store: ExperimentStore, data_root: Path, **kw) -> MlvarError:
         with pytest.raises(MlvarError) as err:
-            sal.saliency(store, data_root, **kw)
+            saliency(store, data_root, **kw)
         assert _listing(root) == before
         return err.value
 
@@ -202,9 +201,9 @@ def test_bad_input_is_one_error_and_writes_nothing(work: Path, tmp_path: Path) -
     data[len(data) // 2] ^= 0xFF
     weights.write_bytes(bytes(data))
     with pytest.raises(MlvarError, match="run-0001.*sha256"):
-        sal.load_weights(_store(root).runs()[1])
+        load_weights(_store(root).runs()[1])
     with pytest.warns(UserWarning, match="skipping run run-0001 .*model.pt"):
-        result = sal.saliency(_store(root), root / "data", top=2, seeds=3)
+        result = saliency(_store(root), root / "data", top=2, seeds=3)
     assert result.run_ids == ["run-0000", "run-0002"]
 
 
@@ -241,7 +240,7 @@ def _mlp_of(store: ExperimentStore, run_no: int, n_features: int) -> nn.Module:
 
 def test_mlp_on_images_gets_gradient_x_input_maps(work: Path) -> None:
     store = _store(work, "mlp")
-    result = sal.saliency(store, work / "data", top=3, seeds=2)
+    result = saliency(store, work / "data", top=3, seeds=2)
     assert result.method == "gradient x input" and result.layer == "input"
     assert result.shape == (SIZE, SIZE)
     attr = np.load(result.path / "attributions.npy")
@@ -254,7 +253,7 @@ def test_mlp_on_images_gets_gradient_x_input_maps(work: Path) -> None:
     np.testing.assert_allclose(maps, expected, atol=1e-3)
     # Against central differences of each run's own model, inputs scaled as in training.
     index = pd.read_parquet(result.path / "samples.parquet")
-    test = sal._scenario_rows(store, work / "data", "test", index["sample_id"].to_numpy())[0]
+    test = sal.scenario_rows(store, work / "data", "test", index["sample_id"].to_numpy())[0]
     x = test.reshape(6, -1).astype(np.float64) / 16
     labels = index["label"].to_numpy()
     for s in range(2):
@@ -281,7 +280,7 @@ def compas_work(tmp_path_factory: pytest.TempPathFactory, compas_csv: Path) -> P
 def test_tabular_gradient_x_input_across_seeds(compas_work: Path) -> None:
     root = compas_work
     store = ExperimentStore.open(root / "runs", "tab")
-    result = sal.saliency(store, root / "data", top=4, seeds=3)
+    result = saliency(store, root / "data", top=4, seeds=3)
     manifest = json.loads(next((root / "data").rglob("manifest.json")).read_text())
     names = manifest["feature_names"]
     assert result.feature_names == names and names[-1] == "artificial"
@@ -290,7 +289,7 @@ def test_tabular_gradient_x_input_across_seeds(compas_work: Path) -> None:
     assert np.isfinite(attr).all()
     assert not (result.path / "maps.npy").exists()
     index = pd.read_parquet(result.path / "samples.parquet")
-    x = sal._scenario_rows(store, root / "data", "test", index["sample_id"].to_numpy())[0]
+    x = sal.scenario_rows(store, root / "data", "test", index["sample_id"].to_numpy())[0]
     x = x.astype(np.float64)
     labels = index["label"].to_numpy()
     preds = np.array(index["pred"].tolist()).T  # [S, n]
@@ -457,7 +456,7 @@ def test_run_shards_merge_to_the_unsharded_result(work: Path, tmp_path: Path) ->
     root = tmp_path / "copy"
     shutil.copytree(work, root)
     store = _store(root)
-    whole = sal.saliency(store, root / "data", top=3, seeds=3)
+    whole = saliency(store, root / "data", top=3, seeds=3)
     expected = _files(whole.path)
     meta = expected.pop("saliency.json")
     shutil.rmtree(whole.path)
@@ -467,7 +466,7 @@ def test_run_shards_merge_to_the_unsharded_result(work: Path, tmp_path: Path) ->
         blocks.append(part.run_ids)
         assert part.path == sal.shards_folder(store, "test") / f"r{j}of2"
     assert blocks == [["run-0001", "run-0002"], ["run-0000"]]
-    merged = sal.merge_saliency_shards(store, root / "data")
+    merged = merge_saliency_shards(store, root / "data")
     got = _files(merged.path)
     assert json.loads(got.pop("saliency.json")) == json.loads(meta)
     assert got.keys() == expected.keys()
@@ -479,11 +478,11 @@ def test_tabular_run_shards_merge_exactly(compas_work: Path, tmp_path: Path) -> 
     root = tmp_path / "copy"
     shutil.copytree(compas_work, root)
     store = ExperimentStore.open(root / "runs", "tab")
-    whole = sal.saliency(store, root / "data", top=2, seeds=3)
+    whole = saliency(store, root / "data", top=2, seeds=3)
     expected = _files(whole.path)
     for j in (1, 2, 3):
         sal.saliency_shard(store, root / "data", (j, 3), top=2, seeds=3)
-    merged = sal.merge_saliency_shards(store, root / "data")
+    merged = merge_saliency_shards(store, root / "data")
     got = _files(merged.path)
     for name in ("attributions.npy", "stats.npy", "samples.parquet", "samples.json"):
         assert got[name] == expected[name], name
@@ -498,7 +497,7 @@ def test_incomplete_or_mismatched_shards_are_refused(work: Path, tmp_path: Path)
     def refused(match: str) -> MlvarError:
         before = _listing(root)
         with pytest.raises(MlvarError, match=match) as err:
-            sal.merge_saliency_shards(store, root / "data")
+            merge_saliency_shards(store, root / "data")
         assert _listing(root) == before and not sal.folder(store, "test").exists()
         return err.value
 
@@ -548,3 +547,22 @@ def test_cli_run_shards_and_merge(work: Path, tmp_path: Path, monkeypatch) -> No
         assert result.exit_code == 2, (args, result.output)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and words in lines[0], lines
+
+
+def test_shards_of_another_layer_are_refused_and_leftovers_ignored(
+    work: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "copy"
+    shutil.copytree(work, root)
+    store = _store(root)
+    sal.saliency_shard(store, root / "data", (1, 2), top=2, seeds=2, layer="features.3")
+    sal.saliency_shard(store, root / "data", (2, 2), top=2, seeds=2)
+    with pytest.raises(MlvarError, match=r"explain different things \(layer\)"):
+        merge_saliency_shards(store, root / "data")
+    sal.saliency_shard(store, root / "data", (1, 2), top=2, seeds=2)
+    # A temporary folder left by a killed shard job is not a shard.
+    leftover = sal.shards_folder(store, "test") / ".tmp-r1of2-killed"
+    leftover.mkdir()
+    (leftover / "maps.npy").write_bytes(b"partial")
+    merged = merge_saliency_shards(store, root / "data")
+    assert merged.layer == "features.7" and merged.run_ids == ["run-0000", "run-0001"]

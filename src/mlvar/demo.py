@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from mlvar.analysis import service as analysis
-from mlvar.analysis.saliency import SaliencyResult, saliency
+from mlvar.analysis.saliency import SaliencyResult
 from mlvar.config import Config
 from mlvar.data import registry
 from mlvar.report.html import build_report
+from mlvar.saliency import saliency
 from mlvar.store import ExperimentStore
 from mlvar.train import service as training
 

@@ -17,12 +17,15 @@ files as an unsharded ``rank``; detection is computed after merging. Sample shar
 bit for bit (each sample's values depend only on its own column); run shards combine sums
 and squared deviations (Chan et al.), equal to the unsharded result up to float round-off
 (about ``R * 1e-16``).
+
+The shard mechanics (parsing ``i/k``, blocks, names, the folder with ``meta.json`` last,
+verifying, completeness of a set) are :mod:`mlvar.analysis.sharding`'s, shared with
+sharded saliency.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -43,33 +46,26 @@ from mlvar.analysis.service import (
     chunk_size,
     load_predictions,
 )
+from mlvar.analysis.sharding import (
+    ShardFormat,
+    shard_folders,
+    shard_name,
+    shard_range,
+    survey_blocks,
+    verify_shard_folder,
+    write_shard_folder,
+)
+from mlvar.analysis.sharding import parse_shard as parse_shard  # re-exported: cli, tests
 from mlvar.errors import MlvarError
-from mlvar.io import atomic_save_npy, atomic_write_json, read_meta, sha256_file, staging_dir
+from mlvar.io import staging_dir
 from mlvar.store import DYNAMICS_FILE, ExperimentStore
 
-_SHARD_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
-
-
-def parse_shard(text: str, option: str = "--shard") -> tuple[int, int]:
-    """Parse ``"i/k"`` (1 <= i <= k) into ``(i, k)``."""
-    match = _SHARD_RE.match(text or "")
-    if match:
-        i, k = int(match.group(1)), int(match.group(2))
-        if 1 <= i <= k:
-            return i, k
-    raise MlvarError(
-        f"{option} must be i/k with 1 <= i <= k, got '{text}'",
-        f"e.g. {option} 2/4 for the second of four contiguous blocks",
-    )
-
-
-def shard_range(i: int, k: int, n: int) -> tuple[int, int]:
-    """Rows of block ``i`` of ``k`` (1-based) of ``n`` rows: ``[(i-1)n/k, in/k)``."""
-    return (i - 1) * n // k, i * n // k
-
-
-def shard_name(shard: tuple[int, int], run_shard: tuple[int, int]) -> str:
-    return f"s{shard[0]}of{shard[1]}-r{run_shard[0]}of{run_shard[1]}"
+#: An analysis shard folder: ``meta.json`` names its sample and run blocks and runs.
+SHARD_FORMAT = ShardFormat(
+    what="a shard's",
+    recognises=lambda meta: {"samples", "runs", "run_ids"} <= set(meta),
+    files_optional=True,
+)
 
 
 def shards_dir(store: ExperimentStore, split: str) -> Path:
@@ -206,43 +202,15 @@ def save_shard(
     listing the sha256 of every array file under ``files``. Returns the meta written.
 
     ``on_file(name)`` is called after each array file (a testing hook)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    files = {}
-    for name, array in part.arrays().items():
-        files[f"{name}.npy"] = atomic_save_npy(folder / f"{name}.npy", array)
-        if on_file is not None:
-            on_file(f"{name}.npy")
-    meta = dict(meta, n_runs=part.n_runs, files=files)
-    atomic_write_json(folder / "meta.json", meta)
-    return meta
+    arrays = {f"{name}.npy": array for name, array in part.arrays().items()}
+    return write_shard_folder(folder, arrays, dict(meta, n_runs=part.n_runs), on_file)
 
 
 def verify_shard(folder: Path) -> tuple[dict[str, Any] | None, str]:
     """``(meta, "")`` when ``folder`` is a complete shard whose files match the sha256 its
     ``meta.json`` lists, else ``(meta or None, why)``. A shard written before sha256 were
     listed (no ``files``) passes when its meta is readable."""
-    meta, why = read_meta(folder)
-    if meta is None:
-        return None, why
-    if not isinstance(meta, dict) or not {"samples", "runs", "run_ids"} <= set(meta):
-        return None, "meta.json is not a shard's"
-    files = meta.get("files")
-    if files is None:
-        return meta, ""
-    if not isinstance(files, dict) or not files:
-        return meta, "meta.json lists no files"
-    for name, digest in files.items():
-        if "/" in name or "\\" in name or name.startswith(".") or not name.endswith(".npy"):
-            return meta, f"file name {name!r} is not a plain .npy name"
-        path = folder / name
-        if not path.is_file():
-            return meta, f"{name} is missing"
-        if sha256_file(path) != digest:
-            return meta, f"sha256 mismatch in {name}"
-    extra = sorted(p.name for p in folder.glob("*.npy") if p.name not in files)
-    if extra:
-        return meta, f"unlisted file(s) {', '.join(extra)}"
-    return meta, ""
+    return verify_shard_folder(folder, SHARD_FORMAT)
 
 
 def write_shard(
@@ -264,17 +232,15 @@ def write_shard(
 
 def _read_metas(root: Path) -> list[tuple[Path, dict[str, Any]]]:
     found = []
-    if root.is_dir():
-        for folder in sorted(root.iterdir()):
-            file = folder / "meta.json"
-            # ".tmp-*": a folder being written or landed (or left by a killed process)
-            if folder.is_dir() and file.is_file() and not folder.name.startswith("."):
-                try:
-                    found.append((folder, json.loads(file.read_text())))
-                except (OSError, ValueError):
-                    raise MlvarError(
-                        f"shard {folder} has a corrupt meta.json", "remove it and recompute it"
-                    ) from None
+    for folder in shard_folders(root):
+        file = folder / "meta.json"
+        if file.is_file():
+            try:
+                found.append((folder, json.loads(file.read_text())))
+            except (OSError, ValueError):
+                raise MlvarError(
+                    f"shard {folder} has a corrupt meta.json", "remove it and recompute it"
+                ) from None
     return found
 
 
@@ -288,9 +254,9 @@ def _check_complete(
             f"experiment '{name}' has no shards of split '{split}' to merge",
             f"write them with 'mlvar analyze rank {name} --split {split} --shard i/k'",
         )
-    ks = sorted({int(m["samples"][1]) for _, m in metas})
-    ms = sorted({int(m["runs"][1]) for _, m in metas})
-    if len(ks) > 1 or len(ms) > 1:
+    survey = survey_blocks([(m["samples"], m["runs"]) for _, m in metas])
+    ks, ms = survey.counts
+    if survey.sizes is None:
         what = []
         if len(ks) > 1:
             what.append(f"samples into {' and '.join(map(str, ks))} blocks")
@@ -300,7 +266,7 @@ def _check_complete(
             f"the shards of '{name}' ({split}) overlap: they split {' and '.join(what)}",
             f"remove {root} and compute one set of shards",
         )
-    k, m = ks[0], ms[0]
+    k, m = survey.sizes
     n = store.n_samples(split)
     n_classes = len(store.class_names)
     by_key = {}
@@ -312,7 +278,14 @@ def _check_complete(
                 f"remove {root} and recompute the shards",
             )
         by_key[(int(meta["samples"][0]), int(meta["runs"][0]))] = (folder, meta)
-    missing = [(i, j) for i in range(1, k + 1) for j in range(1, m + 1) if (i, j) not in by_key]
+    if survey.repeated:
+        i, j = survey.repeated[0]
+        raise MlvarError(
+            f"the shards of '{name}' ({split}) overlap: more than one folder holds samples "
+            f"{i}/{k} runs {j}/{m}",
+            f"remove {root} and compute one set of shards",
+        )
+    missing = survey.missing
     if missing:
         listed = ", ".join(
             f"{i}/{k}" if m == 1 else f"{i}/{k} runs {j}/{m}" for i, j in missing[:5]

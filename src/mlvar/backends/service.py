@@ -46,6 +46,7 @@ from mlvar.backends.transfer import ImportResult, import_runs
 from mlvar.config import Config
 from mlvar.data.scenario import Scenario
 from mlvar.errors import MlvarError, unknown_choice
+from mlvar.saliency import merge_saliency_shards
 from mlvar.store import ExperimentStore, list_experiments, run_id_for
 from mlvar.train.service import prepare_training, train
 
@@ -486,7 +487,7 @@ def submit_saliency(
     else:
         result.submission = None
     if merge and sub.state == "complete":
-        result.merged = saliency.merge_saliency_shards(store, data_root, split, layer)
+        result.merged = merge_saliency_shards(store, data_root, split, layer)
     result.wall_time_s = time.perf_counter() - started
     return result
 
@@ -555,7 +556,7 @@ def _download_shards(config: Config, sub: Submission, store: ExperimentStore) ->
         if sub.kind == saliency_jobs.KIND:
             data_root = Path(config.paths.data_root)
             layer = sub.options.get("layer")
-            merged = saliency.merge_saliency_shards(store, data_root, sub.split, layer)
+            merged = merge_saliency_shards(store, data_root, sub.split, layer)
             result.merged = str(merged.path)
         else:
             _, ranking = _merge(store, sub.split, sub.options.get("by", DEFAULT_RANK_BY))

@@ -18,14 +18,7 @@ from mlvar.analysis import service
 from mlvar.analysis.curve import runs_curve
 from mlvar.analysis.importer import import_predictions
 from mlvar.analysis.metrics import ALL_METRICS, DYNAMICS_METRICS, METRICS
-from mlvar.analysis.saliency import (
-    BATCH_DEFAULT,
-    SEEDS_DEFAULT,
-    TOP_DEFAULT,
-    merge_saliency_shards,
-    saliency,
-    saliency_shard,
-)
+from mlvar.analysis.saliency import BATCH_DEFAULT, SEEDS_DEFAULT, TOP_DEFAULT, saliency_shard
 from mlvar.analysis.shards import merge_shards, parse_shard, write_shard
 from mlvar.analysis.study import study
 from mlvar.cli.common import (
@@ -40,6 +33,7 @@ from mlvar.cli.common import (
     table,
 )
 from mlvar.errors import MlvarError
+from mlvar.saliency import merge_saliency_shards, saliency
 from mlvar.store import ExperimentStore
 
 app = typer.Typer(

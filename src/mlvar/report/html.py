@@ -41,13 +41,13 @@ from mlvar.analysis.curve import runs_curve
 from mlvar.analysis.metrics import METRICS
 from mlvar.analysis.saliency import SaliencyIndex
 from mlvar.analysis.saliency import read_index as saliency_index
+from mlvar.analysis.selection import choose_samples
 from mlvar.errors import MlvarError, unknown_choice
 from mlvar.io import atomic_write_bytes, atomic_write_text, staging_dir
 from mlvar.report import plots
 from mlvar.report.samples import (
     Inputs,
     SeedPredictions,
-    choose_pages,
     load_inputs,
     page_names,
     seed_predictions,
@@ -482,7 +482,7 @@ def build_report(
 
     # Which samples get a page, and what they show (pages need unique sample ids).
     position_of = pd.Index(store.samples(split)["sample_id"].astype(str))
-    page_rows = choose_pages(ranking, top, seed) if position_of.is_unique else []
+    page_rows = choose_samples(ranking, top, seed) if position_of.is_unique else []
     names = page_names(ranking["sample_id"])
     pages = {i: f"samples/{names[i]}.html" for i in page_rows}
     ids = ranking["sample_id"].astype(str).to_numpy()

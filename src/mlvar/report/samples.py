@@ -1,8 +1,9 @@
-"""What the per-sample pages show: which samples get a page, their inputs (image or
-feature row) from the prepared scenario, and their predictions across seeds.
+"""What the per-sample pages show: their file names, their inputs (image or feature row)
+from the prepared scenario, and their predictions across seeds.
 
 A page is written for the top ``K`` ranked samples plus ``K`` random unaffected ones
-(seeded), never for the whole split. Inputs come from the prepared scenario named in
+(seeded), never for the whole split: :func:`mlvar.analysis.selection.choose_samples`,
+the choice saliency explains too. Inputs come from the prepared scenario named in
 ``experiment.json`` when it is in the data root and is the one the runs were trained on
 (same manifest sha256); otherwise the pages say why they show no input.
 """
@@ -23,20 +24,6 @@ from mlvar.analysis.metrics import softmax
 from mlvar.data.scenario import SplitData, experiment_scenario
 from mlvar.errors import MlvarError
 from mlvar.store import ExperimentStore
-
-
-def choose_pages(ranking: pd.DataFrame, top: int, seed: int = 0) -> list[int]:
-    """Row numbers of ``ranking`` that get a page: the first ``top`` rows, then up to
-    ``top`` random unaffected rows from the rest (in ranking order).
-
-    The random rows are a prefix of one seeded shuffle of the unaffected rows, so a
-    smaller ``top`` picks a subset of a larger one's samples (saliency computed with
-    ``--top 10`` covers pages of a report with ``--top 50``)."""
-    first = list(range(min(top, len(ranking))))
-    unaffected = np.flatnonzero(~ranking["affected"].to_numpy(dtype=bool))
-    shuffled = np.random.default_rng(seed).permutation(unaffected)
-    extra = [int(i) for i in shuffled if i >= top][:top]
-    return first + sorted(extra)
 
 
 def page_names(sample_ids: pd.Series) -> list[str]:

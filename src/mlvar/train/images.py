@@ -52,9 +52,9 @@ from mlvar.store import ExperimentStore, RunRecord, run_id_for
 from mlvar.train.mlp import _one_thread_per_kernel
 from mlvar.train.models import build_model, init_weights
 from mlvar.train.seeding import RunGenerators, run_seed
+from mlvar.train.trained import WEIGHTS_FILE
 
 CHECKPOINT_FILE = "checkpoint.pt"
-WEIGHTS_FILE = "model.pt"
 CHECKPOINT_FORMAT = 1
 EVAL_BATCH = 1024
 LOOKAHEAD_EVERY = 5  # steps between lookahead (EMA) updates, as airbench
