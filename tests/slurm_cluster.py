@@ -82,10 +82,13 @@ def _which(name: str) -> str | None:
     return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    """Distinct TCP ports free right now (all held open together while they are picked)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 def _tail(path: Path, lines: int = 30) -> str:
@@ -289,17 +292,17 @@ class SlurmCluster:
                 raise daemon.failure("died")
 
 
-def _write_conf(root: Path, host: str, munge_socket: Path | None) -> Path:
-    hardware = _node_hardware()
+def _write_conf(root: Path, host: str, hardware: dict[str, str], munge_socket: Path | None) -> Path:
     node = " ".join(f"{k}={v}" for k, v in hardware.items())
+    ctld_port, slurmd_port = _free_ports(2)
     lines = [
         "# Written by tests/slurm_cluster.py for one test session.",
         "ClusterName=mlvartest",
         f"SlurmctldHost={host}(127.0.0.1)",
         "SlurmUser=root",
         "SlurmdUser=root",
-        f"SlurmctldPort={_free_port()}",
-        f"SlurmdPort={_free_port()}",
+        f"SlurmctldPort={ctld_port}",
+        f"SlurmdPort={slurmd_port}",
         "AuthType=auth/munge",
         "CredType=cred/munge",
         # cred_expire is also how long a requeued job waits before it may start again
@@ -485,8 +488,9 @@ def start_cluster() -> SlurmCluster:
         if not _munge_answers():
             munged, munge_socket = _start_munged(root, env)
             cluster._daemons.append(munged)
-        _write_conf(root, host, munge_socket)
-        cluster.cpus = int(re.search(r"CPUs=(\d+)", cluster.conf.read_text()).group(1))
+        hardware = _node_hardware()
+        cluster.cpus = int(hardware["CPUs"])
+        _write_conf(root, host, hardware, munge_socket)
         ctld = _spawn(
             "slurmctld", ["-D", "-f", str(cluster.conf)], root, root / "log/slurmctld.log", env
         )

@@ -93,8 +93,9 @@ def test_submitit_job_array_runs_every_task(slurm: SlurmCluster) -> None:
     # Each task ran as its own Slurm job.
     assert len({job_id for _, job_id in results}) == 3
     for j in jobs:
-        info = slurm.scontrol_job(j.job_id)
-        assert (info["ArrayJobId"], info["JobState"]) == (array_id, "COMPLETED")
+        # The result file is written before the task's python has exited.
+        assert slurm.wait_state(j.job_id, {"COMPLETED", "FAILED"}) == "COMPLETED"
+        assert slurm.scontrol_job(j.job_id)["ArrayJobId"] == array_id
 
 
 def _pythonpath() -> str:
