@@ -39,6 +39,7 @@ from mlvar.data.cifar_archive import (
     read_archive,
     read_folder,
 )
+from mlvar.data.spec import BaseData
 from mlvar.errors import MlvarError, unknown_choice
 from mlvar.io import dumps_json, staging_dir
 
@@ -359,3 +360,43 @@ class TrainTest:
         if len(pos) and pos.max() >= self.n:
             raise IndexError("mixed train and test positions")
         return np.ascontiguousarray(self.train[pos])
+
+
+def scenario_base(
+    raw: RawCifar,
+    dataset: str,
+    labels: np.ndarray,
+    groups: np.ndarray,
+    index: dict[str, np.ndarray],
+    class_names: list[str],
+    order: str,
+    split: dict[str, Any],
+    manifest: dict[str, Any],
+) -> BaseData:
+    """The samples of a fetched copy as every CIFAR scenario reads them: the train and test
+    images as one view, sample ids, and the manifest entries all CIFAR scenarios share
+    (``source``, ``class_names``, ``input``, ``ids``, ``split``) with ``manifest`` added.
+
+    ``labels``/``groups`` are by position (train images, then test images); ``order``
+    names the order of the train images (``batch``, ``file``); ``split`` completes the split
+    recipe.
+    """
+    n_train, n_test = raw.n_train, len(raw.arrays["y_test"])
+    entries = {
+        "source": source_manifest(raw, dataset),
+        "class_names": class_names,
+        "input": {"kind": "image", "shape": list(IMAGE_SHAPE), "max_value": MAX_VALUE},
+        "ids": f"train images 0..n-1 in {order} order, test images "
+        f"{max(TEST_ID_OFFSET, n_train)} + index",
+        "split": {"val_size": VAL_SIZE, "random_state": SPLIT_SEED, "stratify": None, **split},
+        **manifest,
+    }
+    return BaseData(
+        x=TrainTest(raw.arrays["x_train"], raw.arrays["x_test"]),
+        y=labels,
+        ids=sample_ids(n_train, n_test),
+        groups=groups,
+        index=index,
+        class_names=class_names,
+        manifest=entries,
+    )

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from mlvar.data.modes import Appearance, class_modes, grayscale, original_mode
-from mlvar.data.spec import BaseData, DatasetSpec, Source, TrainDefaults, register
+from mlvar.data.spec import BaseData, DatasetSpec, Source, TrainDefaults
 
 N_CLASSES = 10
 
@@ -36,46 +36,24 @@ class Cifar10Data(Source):
         n_train, n_test = raw.n_train, len(a["y_test"])
         train, val = cifar.split_train(np.arange(n_train))
         labels = np.concatenate([a["y_train"], a["y_test"]]).astype(np.int64)
-        class_names = list(raw.source["class_names"])
-        manifest = {
-            "source": cifar.source_manifest(raw, "cifar10"),
-            "class_names": class_names,
-            "input": {
-                "kind": "image",
-                "shape": list(cifar.IMAGE_SHAPE),
-                "max_value": cifar.MAX_VALUE,
-            },
-            "group": None,
-            "ids": "train images 0..n-1 in batch order, test images "
-            f"{max(cifar.TEST_ID_OFFSET, n_train)} + index",
-            "split": {
-                "val_size": cifar.VAL_SIZE,
-                "random_state": cifar.SPLIT_SEED,
-                "stratify": None,
-                "test": "the official test batch",
-            },
-        }
-        return BaseData(
-            x=cifar.TrainTest(a["x_train"], a["x_test"]),
-            y=labels,
-            ids=cifar.sample_ids(n_train, n_test),
+        return cifar.scenario_base(
+            raw,
+            "cifar10",
+            labels=labels,
             groups=np.full(len(labels), -1, dtype=np.int64),
             index={"train": train, "val": val, "test": n_train + np.arange(n_test)},
-            class_names=class_names,
-            manifest=manifest,
+            class_names=list(raw.source["class_names"]),
+            order="batch",
+            split={"test": "the official test batch"},
+            manifest={"group": None},
         )
 
 
-def fetch(
-    data_root: str | os.PathLike,
-    source: str | os.PathLike | None = None,
-    verify: bool = True,
-    progress: Any = None,
-) -> dict[str, Any]:
-    """Fetch CIFAR-10 (:func:`mlvar.data.cifar.fetch_cifar`)."""
+def fetch(data_root: str | os.PathLike, **options: Any) -> dict[str, Any]:
+    """Fetch CIFAR-10: :func:`mlvar.data.cifar.fetch_cifar` (imported on first use)."""
     from mlvar.data import cifar
 
-    return cifar.fetch_cifar(data_root, "cifar10", source=source, verify=verify, progress=progress)
+    return cifar.fetch_cifar(data_root, "cifar10", **options)
 
 
 GRAYSCALE = Appearance(
@@ -85,17 +63,15 @@ GRAYSCALE = Appearance(
     test_gray="the test split converted to 3-channel grayscale",
 )
 
-SPEC = register(
-    DatasetSpec(
-        name="cifar10",
-        description="CIFAR-10 (32x32 colour images, 10 classes, 50,000 + 10,000)",
-        input_kind="image",
-        mode_specs=(original_mode("Unchanged data; nothing injected."), *class_modes(GRAYSCALE)),
-        open=Cifar10Data,
-        fetch=fetch,
-        needs_fetch=True,
-        train=TrainDefaults("airbench"),
-        n_classes=N_CLASSES,
-    )
+SPEC = DatasetSpec(
+    name="cifar10",
+    description="CIFAR-10 (32x32 colour images, 10 classes, 50,000 + 10,000)",
+    input_kind="image",
+    mode_specs=(original_mode("Unchanged data; nothing injected."), *class_modes(GRAYSCALE)),
+    open=Cifar10Data,
+    fetch=fetch,
+    needs_fetch=True,
+    train=TrainDefaults("airbench"),
+    n_classes=N_CLASSES,
 )
 MODES = SPEC.modes

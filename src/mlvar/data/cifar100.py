@@ -30,7 +30,6 @@ from mlvar.data.spec import (
     ModeSpec,
     Source,
     TrainDefaults,
-    register,
 )
 from mlvar.errors import MlvarError
 
@@ -80,7 +79,7 @@ class Cifar100Data(Source):
 
         raw = cifar.load_raw(self.data_root, "cifar100")
         a = raw.arrays
-        n_train, n_test = raw.n_train, len(a["y_test"])
+        n_train = raw.n_train
         kept_idx = [self.meta["coarse_names"].index(c) for c in KEPT_SUPERCLASSES]
         relabel = np.full(20, -1, dtype=np.int64)
         relabel[kept_idx] = np.arange(len(kept_idx))
@@ -89,52 +88,34 @@ class Cifar100Data(Source):
         labels = relabel[coarse]
         train, val = cifar.split_train(np.flatnonzero(labels[:n_train] >= 0))
         test = n_train + np.flatnonzero(labels[n_train:] >= 0)
-        manifest = {
-            "source": cifar.source_manifest(raw, "cifar100"),
-            "class_names": list(KEPT_SUPERCLASSES),
-            "superclasses": {
-                "kept": list(KEPT_SUPERCLASSES),
-                "coarse_index": kept_idx,
-                "rule": "samples of the other 10 superclasses are dropped",
-            },
-            "fine_class_names": self.fine_names,
-            "input": {
-                "kind": "image",
-                "shape": list(cifar.IMAGE_SHAPE),
-                "max_value": cifar.MAX_VALUE,
-            },
-            "group": "fine class (index into fine_class_names)",
-            "ids": "train images 0..n-1 in file order, test images "
-            f"{max(cifar.TEST_ID_OFFSET, n_train)} + index",
-            "split": {
-                "val_size": cifar.VAL_SIZE,
-                "random_state": cifar.SPLIT_SEED,
-                "stratify": None,
-                "of": "the training images of the kept superclasses, before any holdout",
-            },
-        }
-        return BaseData(
-            x=cifar.TrainTest(a["x_train"], a["x_test"]),
-            y=labels,
-            ids=cifar.sample_ids(n_train, n_test),
+        base = cifar.scenario_base(
+            raw,
+            "cifar100",
+            labels=labels,
             groups=fine,
             index={"train": train, "val": val, "test": test},
             class_names=list(KEPT_SUPERCLASSES),
-            manifest=manifest,
-            extra={"relabel": relabel},
+            order="file",
+            split={"of": "the training images of the kept superclasses, before any holdout"},
+            manifest={
+                "superclasses": {
+                    "kept": list(KEPT_SUPERCLASSES),
+                    "coarse_index": kept_idx,
+                    "rule": "samples of the other 10 superclasses are dropped",
+                },
+                "fine_class_names": self.fine_names,
+                "group": "fine class (index into fine_class_names)",
+            },
         )
+        base.extra["relabel"] = relabel
+        return base
 
 
-def fetch(
-    data_root: str | os.PathLike,
-    source: str | os.PathLike | None = None,
-    verify: bool = True,
-    progress: Any = None,
-) -> dict[str, Any]:
-    """Fetch CIFAR-100 (:func:`mlvar.data.cifar.fetch_cifar`)."""
+def fetch(data_root: str | os.PathLike, **options: Any) -> dict[str, Any]:
+    """Fetch CIFAR-100: :func:`mlvar.data.cifar.fetch_cifar` (imported on first use)."""
     from mlvar.data import cifar
 
-    return cifar.fetch_cifar(data_root, "cifar100", source=source, verify=verify, progress=progress)
+    return cifar.fetch_cifar(data_root, "cifar100", **options)
 
 
 # --------------------------------------------------------------------------- holdout
@@ -261,26 +242,24 @@ def _holdout(source: Cifar100Data, params: HoldoutParams) -> ModeResult:
 
 # --------------------------------------------------------------------------- the spec
 
-SPEC = register(
-    DatasetSpec(
-        name="cifar100",
-        description="CIFAR-100 as 10 superclasses (32x32 colour images, 25,000 + 5,000)",
-        input_kind="image",
-        mode_specs=(
-            original_mode("CIFAR-100 as 10 superclasses, unchanged; nothing injected."),
-            ModeSpec(
-                "holdout",
-                HoldoutParams,
-                _holdout,
-                summary="holds out fine classes of their superclasses",
-            ),
+SPEC = DatasetSpec(
+    name="cifar100",
+    description="CIFAR-100 as 10 superclasses (32x32 colour images, 25,000 + 5,000)",
+    input_kind="image",
+    mode_specs=(
+        original_mode("CIFAR-100 as 10 superclasses, unchanged; nothing injected."),
+        ModeSpec(
+            "holdout",
+            HoldoutParams,
+            _holdout,
+            summary="holds out fine classes of their superclasses",
         ),
-        open=Cifar100Data,
-        fetch=fetch,
-        needs_fetch=True,
-        train=TrainDefaults("airbench"),
-        n_classes=len(KEPT_SUPERCLASSES),
-        implied_modes={"subclass": "holdout"},
-    )
+    ),
+    open=Cifar100Data,
+    fetch=fetch,
+    needs_fetch=True,
+    train=TrainDefaults("airbench"),
+    n_classes=len(KEPT_SUPERCLASSES),
+    implied_modes={"subclass": "holdout"},
 )
 MODES = SPEC.modes

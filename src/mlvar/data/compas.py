@@ -35,7 +35,6 @@ from mlvar.data.spec import (
     ModeSpec,
     Source,
     TrainDefaults,
-    register,
 )
 from mlvar.errors import MlvarError
 from mlvar.io import sha256_file
@@ -488,32 +487,30 @@ def _holdout(source: CompasSource, params: HoldoutParams) -> ModeResult:
 # --------------------------------------------------------------------------- the spec
 
 
-SPEC = register(
-    DatasetSpec(
-        name="compas",
-        description="ProPublica COMPAS two-year recidivism (tabular, 2 classes, 6,172 rows)",
-        input_kind="tabular",
-        mode_specs=(
-            original_mode("Unchanged COMPAS data (ProPublica filter); nothing injected."),
-            ModeSpec(
-                "artificial",
-                ArtificialParams,
-                _artificial,
-                summary="adds a feature equal to the label, flipped with probability ratio",
-            ),
-            ModeSpec(
-                "holdout",
-                HoldoutParams,
-                _holdout,
-                summary="removes the training rows of one decision-tree cluster",
-            ),
+SPEC = DatasetSpec(
+    name="compas",
+    description="ProPublica COMPAS two-year recidivism (tabular, 2 classes, 6,172 rows)",
+    input_kind="tabular",
+    mode_specs=(
+        original_mode("Unchanged COMPAS data (ProPublica filter); nothing injected."),
+        ModeSpec(
+            "artificial",
+            ArtificialParams,
+            _artificial,
+            summary="adds a feature equal to the label, flipped with probability ratio",
         ),
-        open=CompasSource,
-        fetch=fetch_compas,
-        needs_fetch=True,
-        train=TrainDefaults("mlp", {"epochs": 10, "lr": 1e-3, "batch_size": 64}),
-        n_classes=len(CLASS_NAMES),
-    )
+        ModeSpec(
+            "holdout",
+            HoldoutParams,
+            _holdout,
+            summary="removes the training rows of one decision-tree cluster",
+        ),
+    ),
+    open=CompasSource,
+    fetch=fetch_compas,
+    needs_fetch=True,
+    train=TrainDefaults("mlp", {"epochs": 10, "lr": 1e-3, "batch_size": 64}),
+    n_classes=len(CLASS_NAMES),
 )
 MODES = SPEC.modes
 

@@ -33,7 +33,6 @@ from mlvar.data.spec import (
     ModeSpec,
     Source,
     TrainDefaults,
-    register,
 )
 from mlvar.errors import MlvarError
 
@@ -205,30 +204,28 @@ INVERSION = Appearance(
     "copy",
 )
 
-SPEC = register(
-    DatasetSpec(
-        name="digits",
-        description="scikit-learn digits (8x8 gray images, 1,797 samples; ships offline)",
-        input_kind="image",
-        mode_specs=(
-            original_mode("Unchanged scikit-learn digits with 10 classes; nothing injected."),
-            ModeSpec(
-                "holdout",
-                SubclassParams,
-                _subclass_holdout,
-                summary="holds out a digit of its coarse class (5 classes digit // 2)",
-                example="--subclass 3 (digit 3 of coarse class 2-3)",
-                key="subclass",
-            ),
-            *class_modes(INVERSION),
+SPEC = DatasetSpec(
+    name="digits",
+    description="scikit-learn digits (8x8 gray images, 1,797 samples; ships offline)",
+    input_kind="image",
+    mode_specs=(
+        original_mode("Unchanged scikit-learn digits with 10 classes; nothing injected."),
+        ModeSpec(
+            "holdout",
+            SubclassParams,
+            _subclass_holdout,
+            summary="holds out a digit of its coarse class (5 classes digit // 2)",
+            example="--subclass 3 (digit 3 of coarse class 2-3)",
+            key="subclass",
         ),
-        open=DigitsSource,
-        fetch=fetch_digits,
-        needs_fetch=False,
-        train=TrainDefaults("mlp", {"epochs": 30, "lr": 3e-3, "batch_size": 64}),
-        n_classes=N_DIGITS,
-        implied_modes={"subclass": "holdout"},
-    )
+        *class_modes(INVERSION),
+    ),
+    open=DigitsSource,
+    fetch=fetch_digits,
+    needs_fetch=False,
+    train=TrainDefaults("mlp", {"epochs": 30, "lr": 3e-3, "batch_size": 64}),
+    n_classes=N_DIGITS,
+    implied_modes={"subclass": "holdout"},
 )
 MODES = SPEC.modes
 

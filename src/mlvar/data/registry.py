@@ -1,9 +1,10 @@
 """The datasets mlvar can prepare, and one entry point for fetching and preparing them.
 
-Each dataset is one module that registers a :class:`mlvar.data.spec.DatasetSpec`;
-:data:`BUILTIN` lists those modules, in the order the CLI lists the datasets. Importing
-this module imports them, which loads neither pandas, scikit-learn, torch nor matplotlib
-(they are imported where data is read or drawn).
+Each dataset is one module that defines its :class:`mlvar.data.spec.DatasetSpec` as
+``SPEC``; :data:`BUILTIN` lists those modules, and importing this module registers their
+specs in that order (the order the CLI lists them). :func:`mlvar.data.spec.register` adds
+any other dataset. Importing this module loads neither pandas, scikit-learn, torch nor
+matplotlib: they are imported where data is read or drawn.
 
 Every check on the user's input happens before anything is written, so a bad command
 leaves the data root as it was.
@@ -20,14 +21,14 @@ import numpy as np
 
 from mlvar.data.params import Option, given_options
 from mlvar.data.scenario import Scenario
-from mlvar.data.spec import DATASETS, DatasetSpec
+from mlvar.data.spec import DATASETS, DatasetSpec, register
 from mlvar.errors import unknown_choice
 
-#: The dataset modules of mlvar, each registering one spec when imported.
+#: The dataset modules of mlvar (``mlvar.data.<name>``), each defining ``SPEC``.
 BUILTIN = ("compas", "digits", "cifar10", "cifar100")
 
 for _module in BUILTIN:
-    importlib.import_module(f"mlvar.data.{_module}")
+    register(importlib.import_module(f"mlvar.data.{_module}").SPEC)
 
 __all__ = [
     "BUILTIN",
@@ -38,6 +39,7 @@ __all__ = [
     "get_dataset",
     "option_help",
     "prepare",
+    "register",
     "scenario_info",
 ]
 

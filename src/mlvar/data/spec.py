@@ -1,6 +1,6 @@
 """What a dataset is to mlvar: one :class:`DatasetSpec` per dataset module, registered in
-:data:`DATASETS`, which drives preparing, fetching, the CLI's hints and the training
-defaults.
+:data:`DATASETS` (by :mod:`mlvar.data.registry`), which drives preparing, fetching, the
+CLI's hints and the training defaults.
 
 Preparing a scenario (:meth:`DatasetSpec.prepare`) goes the same way for every dataset:
 
@@ -268,7 +268,13 @@ DATASETS: dict[str, DatasetSpec] = {}
 
 
 def register(spec: DatasetSpec) -> DatasetSpec:
-    """Add a dataset to :data:`DATASETS` (a dataset module calls this once) and return it."""
+    """Add a dataset to :data:`DATASETS` and return it.
+
+    Raises
+    ------
+    ValueError
+        The name is taken, or a mode has variants without a key option.
+    """
     if spec.name in DATASETS:
         raise ValueError(f"dataset '{spec.name}' is registered twice")
     for m in spec.mode_specs:
