@@ -70,7 +70,7 @@ class Params:
     @classmethod
     def options(cls) -> dict[str, Option]:
         """The options of this mode, in field order."""
-        return {f.name: f.metadata["option"] for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return {f.name: f.metadata["option"] for f in dataclasses.fields(cls)}
 
     @classmethod
     def parse(cls, given: dict[str, Any], where: Where) -> Self:
@@ -120,7 +120,7 @@ class Params:
 
     def manifest(self) -> dict[str, Any]:
         """The manifest's ``params``: every field."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def name_parts(self) -> str:
         """This mode's part of the scenario name: ``-<tag><value>`` per tagged field."""

@@ -23,7 +23,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from mlvar.data.params import Params, Where
+from mlvar.data.scenario import Scenario, SplitData, write_scenario
 from mlvar.errors import MlvarError, unknown_choice
 
 FetchFn = Callable[..., dict[str, Any]]
@@ -41,10 +44,10 @@ class BaseData:
     """
 
     x: Any
-    y: Any
-    ids: Any
-    groups: Any
-    index: dict[str, Any]
+    y: np.ndarray
+    ids: np.ndarray
+    groups: np.ndarray
+    index: dict[str, np.ndarray]
     class_names: list[str]
     manifest: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
@@ -74,7 +77,7 @@ class Source:
 class ModeResult:
     """What a mode built: the splits, the one-sentence description, manifest entries."""
 
-    splits: dict[str, Any]
+    splits: dict[str, SplitData]
     description: str
     manifest: dict[str, Any] = field(default_factory=dict)
 
@@ -95,6 +98,10 @@ class ModeSpec:
     summary: str
     example: str = ""
     key: str | None = None
+
+    def key_usage(self) -> str:
+        """The key option as typed: ``--subclass D``."""
+        return f"--{self.key} {self.params.options()[str(self.key)].metavar}"
 
 
 @dataclass(frozen=True)
@@ -190,14 +197,11 @@ class DatasetSpec:
         if len(chosen) > 1:
             raise MlvarError(
                 f"{self.name} mode '{mode}' takes no --{chosen[0].key} with --{chosen[1].key}",
-                "; ".join(
-                    f"--{v.key} {v.params.options()[v.key].metavar} {v.summary}" for v in variants
-                ),  # type: ignore[index]
+                "; ".join(f"{v.key_usage()} {v.summary}" for v in variants),
             )
         if not chosen:
-            keys = [f"--{v.key} {v.params.options()[v.key].metavar}" for v in variants]  # type: ignore[index]
             raise MlvarError(
-                f"{self.name} mode '{mode}' needs {' or '.join(keys)}",
+                f"{self.name} mode '{mode}' needs {' or '.join(v.key_usage() for v in variants)}",
                 "e.g. " + " or ".join(v.example for v in variants),
             )
         return chosen[0]
@@ -231,8 +235,8 @@ class DatasetSpec:
         mode: str | None = None,
         given: Mapping[str, Any] | None = None,
         force: bool = False,
-    ) -> Any:
-        """Prepare a scenario and return it (a :class:`mlvar.data.scenario.Scenario`).
+    ) -> Scenario:
+        """Prepare a scenario and return it.
 
         Raises
         ------
@@ -240,8 +244,6 @@ class DatasetSpec:
             Bad mode or options, missing raw data, or an existing scenario without
             ``force``. Nothing is written in that case.
         """
-        from mlvar.data.scenario import write_scenario
-
         variant, params = self.check(mode, given or {})
         data_root = Path(data_root)
         source = self.open(data_root)
