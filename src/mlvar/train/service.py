@@ -21,9 +21,9 @@ import torch
 
 from mlvar import __version__
 from mlvar.config import Config, TrainConfig, check_model_input, switch_model, validate_train
-from mlvar.data.registry import get_dataset
+from mlvar.data.registry import DATASETS
 from mlvar.data.scenario import Scenario, SplitData, resolve_scenario
-from mlvar.errors import MlvarError
+from mlvar.errors import MlvarError, unknown_choice
 from mlvar.store import ExperimentStore, check_experiment_name, list_experiments, run_id_for
 from mlvar.train import images
 from mlvar.train.mlp import ENGINES, TrainData
@@ -158,7 +158,8 @@ def prepare_training(
 
     Returns the scenario, the resolved training config and the experiment name.
     """
-    get_dataset(dataset)  # an unknown dataset names the valid ones
+    if dataset not in DATASETS:
+        raise unknown_choice("dataset", dataset, DATASETS)
     if runs < 1:
         raise MlvarError(f"--runs must be at least 1, got {runs}", "e.g. --runs 20")
     cfg = config.train_for(dataset)
