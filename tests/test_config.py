@@ -15,7 +15,6 @@ from mlvar.cli import app
 from mlvar.config import (
     MODELS,
     RANDOMNESS_SOURCES,
-    TRAIN_DEFAULTS,
     AmlConfig,
     Config,
     PathsConfig,
@@ -76,8 +75,8 @@ def test_example_lists_every_key_with_a_comment() -> None:
     assert set(data["backend"]) == {"aml", "ray"}
     assert list(data["backend"]["aml"]) == [f.name for f in dataclasses.fields(AmlConfig)]
     assert list(data["backend"]["ray"]) == [f.name for f in dataclasses.fields(RayConfig)]
-    assert set(data["train"]) == set(TRAIN_DEFAULTS) == set(Config().train)
-    for dataset in TRAIN_DEFAULTS:
+    assert set(data["train"]) == set(registry.DATASETS) == set(Config().train)
+    for dataset in registry.DATASETS:
         assert list(data["train"][dataset]) == TRAIN_KEYS, dataset
     # Every key line directly follows a comment line (its meaning and unit).
     lines = text.splitlines()
@@ -95,9 +94,9 @@ def test_defaults_match_the_design(no_mlvar_env: Path) -> None:
     assert cfg.paths.reports_root == Path("mlvar-work/reports")
     compas = cfg.train_for("compas")
     assert (compas.epochs, compas.lr, compas.batch_size, compas.hidden) == (10, 1e-3, 64, 64)
-    assert compas.dropout == 0.1 and compas.vary == list(MODELS["mlp"]["sources"])
+    assert compas.dropout == 0.1 and compas.vary == list(MODELS["mlp"].sources)
     assert set(RANDOMNESS_SOURCES) == {"init", "order", "dropout", "aug"}
-    assert cfg.train_for("digits").epochs == TRAIN_DEFAULTS["digits"]["epochs"]
+    assert cfg.train_for("digits").epochs == registry.get_dataset("digits").train.values["epochs"]
 
 
 # ---------------------------------------------------------------- which file is read
@@ -156,7 +155,7 @@ def test_toml_overrides_defaults_and_keeps_the_rest(no_mlvar_env: Path) -> None:
     cfg = load_config(path, env={})
     digits = cfg.train_for("digits")
     assert (digits.epochs, digits.lr) == (3, 0.01)
-    assert digits.batch_size == TRAIN_DEFAULTS["digits"]["batch_size"]
+    assert digits.batch_size == registry.get_dataset("digits").train.values["batch_size"]
     assert digits.vary == ["init", "dropout"]  # canonical order
     assert cfg.train["compas"] == Config().train["compas"]  # the other dataset untouched
     assert cfg.paths.runs_root == Path("/abs/runs")

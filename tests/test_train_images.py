@@ -90,7 +90,7 @@ def test_every_model_writes_a_valid_run(cifar_root: Path, tmp_path: Path, model:
     result = train(cfg, "cifar10", runs=1, overrides=over)
     assert result.trained == ["run-0000"]
     store = ExperimentStore.open(tmp_path / "runs", result.experiment)
-    assert store.meta["model"] == model and store.meta["train"]["recipe"] == MODELS[model]["recipe"]
+    assert store.meta["model"] == model and store.meta["train"]["recipe"] == MODELS[model].recipe
     (run,) = store.runs(verify=True)
     assert set(run.meta["arrays"]) == {
         "train.logits.npy",

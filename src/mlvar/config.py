@@ -5,6 +5,10 @@ built-in defaults. Unknown keys are rejected with the nearest valid name, so a t
 never silently ignored. Relative paths in a config file are taken relative to the file's
 folder; relative paths from the environment or the command line relative to the current
 directory.
+
+The tables this module checks against live below it: the datasets (and their training
+defaults) in :mod:`mlvar.data.registry`, the models in :mod:`mlvar.recipes` (``MODELS`` and
+``RANDOMNESS_SOURCES`` stay importable from here).
 """
 
 from __future__ import annotations
@@ -17,118 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlvar.data.registry import DATASETS
 from mlvar.errors import MlvarError, closest
+from mlvar.recipes import MODELS, RANDOMNESS_SOURCES, models_for
 
-#: Sources of randomness in training that can follow the run seed (``--vary``). New sources
-#: are appended: a source's position fixes its generator stream (see ``train/seeding.py``).
-RANDOMNESS_SOURCES = ("init", "order", "dropout", "aug")
 ENGINES = ("batched", "loop")
 DEVICES = ("cpu", "cuda")
 LOGIT_DTYPES = ("float32", "float16")
-
-
-#: The model registry as data (the networks live in ``mlvar.train.models``, the loop in
-#: ``mlvar.train.images``). ``inputs``: the input kinds a model accepts; ``sources``: the
-#: randomness sources it draws (valid in ``vary``); ``defaults``: the TrainConfig values
-#: ``--model`` switches to; ``recipe``: fixed training details recorded in the experiment
-#: identity. Units: lr per optimiser step on the batch-mean loss, weight decay as the L2
-#: coefficient added to the gradient, ``translate`` and ``pad`` in pixels, ``warmup`` as a
-#: fraction of all steps, ``bias_lr_scale`` multiplies lr for batch-norm biases.
-MODELS: dict[str, dict[str, Any]] = {
-    "mlp": {
-        "inputs": ("tabular", "image"),
-        "sources": ("init", "order", "dropout"),
-        "defaults": {
-            "epochs": 10,
-            "lr": 1e-3,
-            "batch_size": 64,
-            "weight_decay": 0.0,
-            "vary": ["init", "order", "dropout"],
-        },
-        "recipe": {},
-    },
-    "cnn": {
-        "inputs": ("image",),
-        "sources": ("init", "order", "aug"),
-        "defaults": {
-            "epochs": 10,
-            "lr": 0.1,
-            "batch_size": 64,
-            "weight_decay": 5e-4,
-            "vary": ["init", "order", "aug"],
-        },
-        "recipe": {
-            "optimizer": "sgd",
-            "momentum": 0.9,
-            "nesterov": True,
-            "label_smoothing": 0.0,
-            "schedule": "cosine",
-            "warmup": 0.0,
-            "bias_lr_scale": 1.0,
-            "lookahead": False,
-            "flip": False,
-            "translate": 1,
-            "tta": 0,
-            "whiten": False,
-        },
-    },
-    "airbench": {
-        "inputs": ("image",),
-        "sources": ("init", "order", "aug"),
-        # airbench94's hyperparameters (lr 11.5, wd 0.0153 on a summed loss at batch 1024,
-        # momentum 0.85) converted to PyTorch SGD on the batch-mean loss.
-        "defaults": {
-            "epochs": 10,
-            "lr": 1.5,
-            "batch_size": 1024,
-            "weight_decay": 0.00133,
-            "vary": ["init", "order", "aug"],
-        },
-        "recipe": {
-            "optimizer": "sgd",
-            "momentum": 0.85,
-            "nesterov": True,
-            "label_smoothing": 0.2,
-            "schedule": "triangle",
-            "warmup": 0.23,
-            "bias_lr_scale": 64.0,
-            "lookahead": True,
-            "flip": True,
-            "translate": 2,
-            "tta": 2,
-            "whiten": True,
-        },
-    },
-    "resnet18": {
-        "inputs": ("image",),
-        "sources": ("init", "order", "aug"),
-        "defaults": {
-            "epochs": 200,
-            "lr": 0.1,
-            "batch_size": 128,
-            "weight_decay": 5e-4,
-            "vary": ["init", "order", "aug"],
-        },
-        "recipe": {
-            "optimizer": "sgd",
-            "momentum": 0.9,
-            "nesterov": False,
-            "label_smoothing": 0.0,
-            "schedule": "cosine",
-            "warmup": 0.0,
-            "bias_lr_scale": 1.0,
-            "lookahead": False,
-            "flip": True,
-            "translate": 4,
-            "tta": 0,
-            "whiten": False,
-        },
-    },
-}
-
-
-#: The input kind of each dataset (a check of ``model`` needs it before any data is read).
-DATASET_INPUTS = {"compas": "tabular", "digits": "image", "cifar10": "image", "cifar100": "image"}
 
 
 @dataclass
@@ -144,7 +43,7 @@ class PathsConfig:
 class TrainConfig:
     """Hyperparameters of one dataset's training; every field has its unit in the comment."""
 
-    model: str = "mlp"  # model name in the registry (MODELS)
+    model: str = "mlp"  # model name in the registry (mlvar.recipes.MODELS)
     epochs: int = 10  # passes over the training split
     lr: float = 1e-3  # learning rate per step (Adam for the MLP, peak SGD lr for CNNs)
     batch_size: int = 64  # samples per optimiser step, per seed
@@ -177,22 +76,23 @@ class TrainConfig:
             "workers",
         ):
             data.pop(key)
-        recipe = MODELS.get(self.model, {}).get("recipe")
-        if recipe:
-            data["recipe"] = dict(recipe)
+        spec = MODELS.get(self.model)
+        if spec is not None and spec.recipe:
+            data["recipe"] = dict(spec.recipe)
             data.pop("hidden")
             data.pop("dropout")
         return data
 
 
-#: Built-in per-dataset training defaults (the COMPAS values are the original study's first
-#: configuration: 10 epochs at lr 1e-3).
-TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
-    "compas": {"epochs": 10, "lr": 1e-3, "batch_size": 64},
-    "digits": {"epochs": 30, "lr": 3e-3, "batch_size": 64},
-    "cifar10": {"model": "airbench", **MODELS["airbench"]["defaults"]},
-    "cifar100": {"model": "airbench", **MODELS["airbench"]["defaults"]},
-}
+def default_train(dataset: str) -> TrainConfig:
+    """The built-in training config of a registered dataset: its spec's default model with
+    that model's defaults, and the values the dataset sets on top of them."""
+    train = DATASETS[dataset].train
+    cfg = TrainConfig()
+    switch_model(cfg, train.model)
+    for key, value in train.values.items():
+        setattr(cfg, key, list(value) if isinstance(value, list) else value)
+    return cfg
 
 
 def switch_model(cfg: TrainConfig, model: str, keep: set[str] | frozenset = frozenset()) -> None:
@@ -206,7 +106,7 @@ def switch_model(cfg: TrainConfig, model: str, keep: set[str] | frozenset = froz
         cfg.model = model
         return
     cfg.model = model
-    for key, value in MODELS[model]["defaults"].items():
+    for key, value in MODELS[model].defaults.items():
         if key not in keep:
             setattr(cfg, key, list(value) if isinstance(value, list) else value)
 
@@ -260,7 +160,7 @@ class Config:
 
     paths: PathsConfig = field(default_factory=PathsConfig)
     train: dict[str, TrainConfig] = field(
-        default_factory=lambda: {name: TrainConfig(**v) for name, v in TRAIN_DEFAULTS.items()}
+        default_factory=lambda: {name: default_train(name) for name in DATASETS}
     )
     backend: BackendConfig = field(default_factory=BackendConfig)
     submit: SubmitConfig = field(default_factory=SubmitConfig)
@@ -343,8 +243,8 @@ def validate_train(cfg: TrainConfig, where: str = "train") -> TrainConfig:
         hint = f"did you mean '{near}'?" if near else "valid: " + ", ".join(MODELS)
         raise bad("model", f"'{cfg.model}' is not a known model", hint)
     dataset = where.split(".", 1)[1] if where.startswith("train.") else ""
-    if dataset in DATASET_INPUTS:
-        check_model_input(cfg, DATASET_INPUTS[dataset], where)
+    if dataset in DATASETS:
+        check_model_input(cfg, DATASETS[dataset].input_kind, where)
     for key, value, valid in (
         ("engine", cfg.engine, ENGINES),
         ("device", cfg.device, DEVICES),
@@ -354,7 +254,7 @@ def validate_train(cfg: TrainConfig, where: str = "train") -> TrainConfig:
             near = closest(value, valid)
             hint = f"did you mean '{near}'?" if near else "valid: " + ", ".join(valid)
             raise bad(key, f"'{value}' is not one of {', '.join(valid)}", hint)
-    sources = MODELS[cfg.model]["sources"]
+    sources = MODELS[cfg.model].sources
     for source in cfg.vary:
         if source not in RANDOMNESS_SOURCES:
             near = closest(source, sources)
@@ -507,9 +407,9 @@ def validate_backend(cfg: Config) -> None:
 
 def check_model_input(cfg: TrainConfig, input_kind: str, where: str = "train") -> None:
     """Refuse a model that cannot read the dataset's inputs (a CNN on tabular data)."""
-    inputs = MODELS[cfg.model]["inputs"]
+    inputs = MODELS[cfg.model].inputs
     if input_kind not in inputs:
-        fits = [m for m, spec in MODELS.items() if input_kind in spec["inputs"]]
+        fits = models_for(input_kind)
         raise MlvarError(
             f"{where}.model '{cfg.model}' needs {' or '.join(inputs)} inputs, "
             f"but the data is {input_kind}",

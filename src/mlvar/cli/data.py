@@ -23,6 +23,19 @@ from mlvar.data.scenario import list_scenarios, open_scenario
 
 DATASETS = ", ".join(registry.DATASETS)
 
+
+def _mode_help() -> str:
+    """``compas: original, artificial, holdout. ...`` from the dataset specs."""
+    parts = []
+    for name, spec in registry.DATASETS.items():
+        implied = "".join(
+            f" ({mode} is the default with --{option})"
+            for option, mode in spec.implied_modes.items()
+        )
+        parts.append(f"{name}: {', '.join(spec.modes)}{implied}.")
+    return "Scenario mode (default original). " + " ".join(parts)
+
+
 app = typer.Typer(
     help="Fetch datasets, prepare scenarios with an injected flaw, and inspect them.",
     no_args_is_help=True,
@@ -85,49 +98,27 @@ def prepare(
     dataset: Annotated[str, typer.Argument(help=f"Dataset: {DATASETS}.", show_default=False)],
     mode: Annotated[
         str | None,
-        typer.Option(
-            help="Scenario mode. compas: original, artificial, holdout. cifar10 and digits: "
-            "original, holdout, holdout-dup, augmentation, augmentation-all. cifar100: original, "
-            "holdout (the default with --subclass).",
-            show_default=False,
-        ),
+        typer.Option(help=_mode_help(), show_default=False),
     ] = None,
     ratio: Annotated[
         float | None,
-        typer.Option(
-            help="compas artificial: label-flip probability of the added feature, in [0, 0.5]. "
-            "cifar10/digits class modes: fraction of the class's training samples affected, in "
-            "[0, 1]. cifar100 and digits --subclass: fraction of the subclass held out, in "
-            "[0, 1] (default 1).",
-            show_default=False,
-        ),
+        typer.Option(help=registry.option_help("ratio"), show_default=False),
     ] = None,
     cluster: Annotated[
         int | None,
-        typer.Option(help="compas holdout: cluster index (0 = smallest).", show_default=False),
+        typer.Option(help=registry.option_help("cluster"), show_default=False),
     ] = None,
     subclass: Annotated[
         str | None,
-        typer.Option(
-            help="digits holdout: the digit (0-9) to hold out of its coarse class. cifar100: a "
-            "fine class of a kept superclass, or a +-joined pair (baby, boy+man).",
-            show_default=False,
-        ),
+        typer.Option(help=registry.option_help("subclass"), show_default=False),
     ] = None,
     cls: Annotated[
         str | None,
-        typer.Option(
-            "--cls",
-            help="cifar10 and digits class modes: the target class index 0-9 (default 0; "
-            "digits holdout needs --cls or --subclass).",
-            show_default=False,
-        ),
+        typer.Option("--cls", help=registry.option_help("cls"), show_default=False),
     ] = None,
     seed: Annotated[
         int,
-        typer.Option(
-            help="compas artificial: seed of the label flips. holdout-dup: of the copies."
-        ),
+        typer.Option(help=registry.option_help("seed")),
     ] = 0,
     force: Annotated[bool, typer.Option("--force", help="Rebuild an existing scenario.")] = False,
     config: ConfigOpt = None,

@@ -17,9 +17,9 @@ from mlvar.cli.common import (
     print_json,
     table,
 )
-from mlvar.config import MODELS, RANDOMNESS_SOURCES
 from mlvar.data.registry import DATASETS
 from mlvar.errors import MlvarError
+from mlvar.recipes import MODELS, RANDOMNESS_SOURCES
 from mlvar.train import service
 
 
@@ -33,6 +33,16 @@ def _parse_vary(value: str | None) -> list[str] | None:
         raise MlvarError("--vary is empty", "e.g. --vary init,order (or --vary none)")
     return items
 
+
+def _default_models() -> str:
+    """``mlp for compas, digits; airbench for cifar10, cifar100``, from the dataset specs."""
+    by_model: dict[str, list[str]] = {}
+    for name, spec in DATASETS.items():
+        by_model.setdefault(spec.train.model, []).append(name)
+    return "; ".join(f"{model} for {', '.join(names)}" for model, names in by_model.items())
+
+
+_DEFAULT_MODELS = _default_models()
 
 # The training options, shared by `mlvar train` and `mlvar submit`.
 DatasetArg = Annotated[
@@ -54,9 +64,9 @@ NameOpt = Annotated[
 ModelOpt = Annotated[
     str | None,
     typer.Option(
-        help=f"Model: {', '.join(MODELS)} (default from config: mlp for compas and digits, "
-        "airbench for CIFAR). Another model brings its own recipe (epochs, lr, batch size, "
-        "weight decay, vary) unless those are given too.",
+        help=f"Model: {', '.join(MODELS)} (default from config: {_DEFAULT_MODELS}). Another "
+        "model brings its own recipe (epochs, lr, batch size, weight decay, vary) unless those "
+        "are given too.",
         show_default=False,
     ),
 ]

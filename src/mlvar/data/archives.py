@@ -59,6 +59,37 @@ def file_digests(path: str | os.PathLike) -> tuple[str, str]:
     return digests.hex()
 
 
+def missing_dirs(folder: Path) -> list[Path]:
+    """Folders from ``folder`` upwards that do not exist yet, deepest first (a failed fetch
+    removes them, so it leaves the data root as it was)."""
+    missing = []
+    for path in (folder, *folder.parents):
+        if path.exists():
+            break
+        missing.append(path)
+    return missing
+
+
+def copy_file(source: Path, out: BinaryIO, progress: Progress | None = None) -> str:
+    """Copy ``source`` into the open file ``out`` in chunks; return its sha256."""
+    digest = hashlib.sha256()
+    total = source.stat().st_size
+    done = 0
+    try:
+        with open(source, "rb") as fh:
+            while chunk := fh.read(_CHUNK):
+                out.write(chunk)
+                digest.update(chunk)
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, total)
+    except OSError as exc:
+        raise MlvarError(
+            f"cannot copy {source}: {exc.strerror or exc}", "check the path and free disk space"
+        ) from None
+    return digest.hexdigest()
+
+
 # --------------------------------------------------------------------------- downloading
 
 

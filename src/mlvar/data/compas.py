@@ -1,4 +1,4 @@
-"""COMPAS (ProPublica two-year recidivism): fetch, load, filter and prepare scenarios.
+"""COMPAS (ProPublica two-year recidivism): fetch, load, filter, and the dataset's spec.
 
 Scenarios (docs/design.md section 4):
 
@@ -8,28 +8,39 @@ Scenarios (docs/design.md section 4):
   at test time). Affected: rows where the feature disagrees with the label.
 - ``holdout``: clusters are the leaves of a depth-limited decision tree; the training rows
   of one cluster are removed. Affected: the validation and test rows of that cluster.
+
+pandas and scikit-learn are imported where the data is read, so registering the dataset
+(and checking a command's options) does not load them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import math
 import os
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
-from sklearn.model_selection import train_test_split
-from sklearn.tree import DecisionTreeClassifier
 
-from mlvar.data.archives import download
-from mlvar.data.scenario import Scenario, SplitData, write_scenario
-from mlvar.errors import MlvarError, unknown_choice
+from mlvar.data import params as p
+from mlvar.data.modes import original_mode, unchanged_splits
+from mlvar.data.scenario import Scenario, SplitData
+from mlvar.data.spec import (
+    BaseData,
+    DatasetSpec,
+    ModeResult,
+    ModeSpec,
+    Source,
+    TrainDefaults,
+)
+from mlvar.errors import MlvarError
 from mlvar.io import sha256_file
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 COMPAS_URL = (
     "https://raw.githubusercontent.com/propublica/compas-analysis/master/"
@@ -38,7 +49,6 @@ COMPAS_URL = (
 COMPAS_SHA256 = "c451db85908b2f7fef1d83203bedf6b71ecda0d5af468d82ae62178f91d0cc7d"
 COMPAS_FILENAME = "compas-scores-two-years.csv"
 
-MODES = ("original", "artificial", "holdout")
 CLASS_NAMES = ["no_recid", "recid"]
 LABEL = "two_year_recid"
 # Feature columns in the order they appear in the feature matrix; categoricals are expanded
@@ -120,6 +130,8 @@ def _read_compas(path: Path, label: str) -> pd.DataFrame:
     # of whatever the parser makes of binary data.
     if b"\x00" in head:
         raise MlvarError(f"COMPAS file {label} is not a CSV file (binary data)", hint)
+    import pandas as pd
+
     try:
         # Default NA handling: 'N/A' and empty cells become NaN, as in ProPublica's analysis.
         df = pd.read_csv(path, low_memory=False, encoding="utf-8")
@@ -167,6 +179,8 @@ def _feature_frame(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
 
     Categories are sorted, so the column order depends only on which values occur.
     """
+    import pandas as pd
+
     gaps = [c for c in (*FEATURES, LABEL, "id") if df[c].isna().any()]
     if gaps:
         raise MlvarError(
@@ -216,6 +230,8 @@ def fetch_compas(
     dict
         ``path``, ``sha256``, ``rows``, ``verified``, ``source`` (URL or path) and ``action``.
     """
+    from mlvar.data import archives
+
     final = raw_path(data_root)
     if source is not None:
         source = Path(source).expanduser()
@@ -226,20 +242,20 @@ def fetch_compas(
         origin = str(source)
     else:
         origin = COMPAS_URL
-    created = _missing_dirs(final.parent)
+    created = archives.missing_dirs(final.parent)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{final.name}-", dir=final.parent)
     tmp = Path(tmp_name)
     try:
         if source is not None:
             with os.fdopen(fd, "wb") as out:
-                digest = _copy_file(source, out, progress)
+                digest = archives.copy_file(source, out, progress)
                 out.flush()
                 os.fsync(out.fileno())
         else:
             os.close(fd)
             # The temporary file is removed on failure, so there is nothing to resume.
-            _, digest = download(
+            _, digest = archives.download(
                 COMPAS_URL,
                 tmp,
                 progress,
@@ -274,236 +290,184 @@ def fetch_compas(
     }
 
 
-def _missing_dirs(folder: Path) -> list[Path]:
-    """Folders from ``folder`` upwards that do not exist yet, deepest first."""
-    missing = []
-    for path in (folder, *folder.parents):
-        if path.exists():
-            break
-        missing.append(path)
-    return missing
-
-
-def _copy_file(source: Path, out: Any, progress: Callable[[int, int | None], None] | None) -> str:
-    digest = hashlib.sha256()
-    total = source.stat().st_size
-    done = 0
-    try:
-        with open(source, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                out.write(chunk)
-                digest.update(chunk)
-                done += len(chunk)
-                if progress is not None:
-                    progress(done, total)
-    except OSError as exc:
-        raise MlvarError(
-            f"cannot copy {source}: {exc.strerror or exc}", "check the path and free disk space"
-        ) from None
-    return digest.hexdigest()
-
-
-# --------------------------------------------------------------------------- preparing
-
-
-def check_ratio(ratio: Any, lo: float, hi: float, what: str) -> float:
-    """Return ``ratio`` as a float in [lo, hi] or raise :class:`MlvarError` naming the range."""
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float, np.integer, np.floating)):
-        raise MlvarError(
-            f"{what} ratio must be a number, got {ratio!r}", f"use a value in [{lo}, {hi}]"
-        )
-    value = float(ratio)
-    if not (math.isfinite(value) and lo <= value <= hi):
-        raise MlvarError(f"{what} ratio {ratio} is out of range", f"use a value in [{lo}, {hi}]")
-    return value
-
-
-def as_int(value: Any) -> int | None:
-    """``value`` as an int when it is an integer (or a string of digits), else None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value.strip())
-    return None
-
-
-def format_ratio(ratio: float) -> str:
-    """How a ratio appears in scenario names: Python's shortest float repr (0.3, 1.0)."""
-    return repr(float(ratio))
+# --------------------------------------------------------------------------- the source
 
 
 def _split_indices(n: int) -> dict[str, np.ndarray]:
     """Row positions of train, val and test (not stratified, ``random_state=69``)."""
+    from sklearn.model_selection import train_test_split
+
     rest, test = train_test_split(np.arange(n), test_size=TEST_SIZE, random_state=SPLIT_SEED)
     train, val = train_test_split(rest, test_size=VAL_SIZE, random_state=SPLIT_SEED)
     return {"train": np.asarray(train), "val": np.asarray(val), "test": np.asarray(test)}
 
 
-def prepare_compas(
-    data_root: str | os.PathLike,
-    mode: str,
-    ratio: float | None = None,
-    cluster: int | None = None,
-    seed: int = 0,
-    force: bool = False,
-) -> Scenario:
-    """Prepare a COMPAS scenario from ``<data_root>/raw/compas-scores-two-years.csv``.
+class CompasSource(Source):
+    """The fetched CSV: filtered, one-hot encoded, split and standardised on first use."""
 
-    Parameters
-    ----------
-    data_root
-        Data root holding ``raw/`` and the scenario folders.
-    mode
-        ``original``, ``artificial`` (needs ``ratio`` in [0, 0.5]) or ``holdout`` (needs
-        ``cluster``).
-    ratio
-        Flip probability of the artificial feature in train and validation.
-    cluster
-        Index of the held-out cluster, 0 = fewest training rows.
-    seed
-        Seed of the artificial feature's flips (``artificial`` only).
-    force
-        Replace an existing scenario folder.
+    def __init__(self, data_root: Path) -> None:
+        super().__init__(data_root)
+        self.path = raw_path(data_root)
+        if not self.path.is_file():
+            raise MlvarError(f"COMPAS file {self.path} not found", _FETCH_HINT)
 
-    Returns
-    -------
-    Scenario
-        The written scenario.
-    """
-    data_root = Path(data_root)
-    if mode not in MODES:
-        raise unknown_choice("compas mode", str(mode), MODES)
-    if mode != "artificial" and ratio is not None:
-        raise MlvarError(f"compas mode '{mode}' takes no --ratio", "only --mode artificial does")
-    if mode != "holdout" and cluster is not None:
-        raise MlvarError(f"compas mode '{mode}' takes no --cluster", "only --mode holdout does")
-    seed_int = as_int(seed)
-    if seed_int is None or seed_int < 0:
-        raise MlvarError(f"seed must be a non-negative integer, got {seed!r}", "e.g. --seed 0")
-    if mode != "artificial" and seed_int != 0:
-        raise MlvarError(f"compas mode '{mode}' takes no --seed", "only --mode artificial does")
-    if mode == "artificial":
-        if ratio is None:
-            raise MlvarError("compas mode 'artificial' needs --ratio", "use a value in [0, 0.5]")
-        ratio = check_ratio(ratio, 0.0, 0.5, "artificial")
-    cluster_int: int | None = None
-    if mode == "holdout":
-        if cluster is None:
-            raise MlvarError("compas mode 'holdout' needs --cluster", "e.g. --cluster 0")
-        cluster_int = as_int(cluster)
-        if cluster_int is None:
-            raise MlvarError(f"cluster must be an integer, got {cluster!r}", "e.g. --cluster 0")
-
-    path = raw_path(data_root)
-    if not path.is_file():
-        raise MlvarError(f"COMPAS file {path} not found", _FETCH_HINT)
-    source_sha = sha256_file(path)
-    df = filter_compas(load_compas(path))
-    if len(df) < 10:
-        raise MlvarError(
-            f"only {len(df)} COMPAS rows pass the ProPublica filter", "use the published file"
+    def load(self) -> BaseData:
+        source_sha = sha256_file(self.path)
+        df = filter_compas(load_compas(self.path))
+        if len(df) < 10:
+            raise MlvarError(
+                f"only {len(df)} COMPAS rows pass the ProPublica filter", "use the published file"
+            )
+        raw, feature_names = _feature_frame(df)
+        x_raw = raw.to_numpy(np.float64)
+        y_all = df[LABEL].to_numpy(np.int64)
+        if not np.isin(y_all, (0, 1)).all():
+            raise MlvarError(
+                f"column {LABEL} has values other than 0 and 1", "use the published file"
+            )
+        ids = df["id"].to_numpy(np.int64)
+        if len(np.unique(ids)) != len(ids):
+            raise MlvarError("column id has duplicate values", "use the published file")
+        index = _split_indices(len(df))
+        # Standardise numeric columns with training statistics only (no test leakage).
+        num_cols = [feature_names.index(c) for c in NUMERIC]
+        train_num = x_raw[index["train"]][:, num_cols]
+        mean = train_num.mean(axis=0)
+        std = train_num.std(axis=0)
+        std = np.where(std > 0, std, 1.0)  # a constant column stays constant rather than NaN
+        x_std = x_raw.copy()
+        x_std[:, num_cols] = (x_std[:, num_cols] - mean) / std
+        manifest = {
+            "source": {"file": COMPAS_FILENAME, "sha256": source_sha, "url": COMPAS_URL},
+            "class_names": list(CLASS_NAMES),
+            "label": LABEL,
+            "feature_names": feature_names,
+            "input": {"kind": "tabular", "n_features": len(feature_names)},
+            "standardisation": {
+                "columns": list(NUMERIC),
+                "mean": [float(v) for v in mean],
+                "std": [float(v) for v in std],
+                "fit_on": "train",
+            },
+            "filter": {
+                "rule": "days_b_screening_arrest in [-30, 30], is_recid != -1, "
+                "c_charge_degree != 'O', score_text != 'N/A'",
+                "rows": int(len(df)),
+            },
+            "split": {"test_size": TEST_SIZE, "val_size": VAL_SIZE, "random_state": SPLIT_SEED},
+        }
+        return BaseData(
+            x=x_std.astype(np.float32),
+            y=y_all,
+            ids=ids,
+            groups=np.full(len(df), -1, dtype=np.int64),
+            index=index,
+            class_names=list(CLASS_NAMES),
+            manifest=manifest,
+            extra={"x_raw": x_raw, "feature_names": feature_names},
         )
-    raw, feature_names = _feature_frame(df)
-    x_raw = raw.to_numpy(np.float64)
-    y_all = df[LABEL].to_numpy(np.int64)
-    if not np.isin(y_all, (0, 1)).all():
-        raise MlvarError(f"column {LABEL} has values other than 0 and 1", "use the published file")
-    ids = df["id"].to_numpy(np.int64)
-    if len(np.unique(ids)) != len(ids):
-        raise MlvarError("column id has duplicate values", "use the published file")
-    index = _split_indices(len(df))
 
-    # Standardise numeric columns with training statistics only (no test leakage).
-    num_cols = [feature_names.index(c) for c in NUMERIC]
-    train_num = x_raw[index["train"]][:, num_cols]
-    mean = train_num.mean(axis=0)
-    std = train_num.std(axis=0)
-    std = np.where(std > 0, std, 1.0)  # a constant column stays constant rather than NaN
-    x_std = x_raw.copy()
-    x_std[:, num_cols] = (x_std[:, num_cols] - mean) / std
 
-    splits = {
-        s: SplitData(
-            x=x_std[idx].astype(np.float32),
-            y=y_all[idx],
-            id=ids[idx],
-            affected=np.zeros(len(idx), dtype=bool),
-            group=np.full(len(idx), -1, dtype=np.int64),
-        )
-        for s, idx in index.items()
-    }
-    params: dict[str, Any] = {}
-    extra: dict[str, Any] = {}
+# --------------------------------------------------------------------------- artificial
 
-    if mode == "original":
-        name = "compas-original"
-        description = "Unchanged COMPAS data (ProPublica filter); nothing injected."
-    elif mode == "artificial":
-        assert ratio is not None
-        params = {"ratio": ratio, "seed": seed_int}
-        name = f"compas-artificial-r{format_ratio(ratio)}" + (f"-s{seed_int}" if seed_int else "")
-        # Draw order is fixed (train, val, test), so a seed gives the same feature everywhere.
-        rng = np.random.default_rng(seed_int)
-        flip_p = {"train": ratio, "val": ratio, "test": ARTIFICIAL_TEST_FLIP}
-        feature_names = [*feature_names, "artificial"]
-        for s in ("train", "val", "test"):
-            data = splits[s]
-            flips = rng.random(len(data)) < flip_p[s]
-            feature = np.where(flips, 1 - data.y, data.y)
-            data.x = np.concatenate([data.x, feature[:, None].astype(np.float32)], axis=1)
-            data.affected = feature != data.y
-        extra["artificial"] = {
+
+@dataclass(frozen=True)
+class ArtificialParams(p.Params):
+    ratio: float = p.ratio(
+        0.0, 0.5, help="label-flip probability of the added feature, in [0, 0.5]"
+    )
+    seed: int = p.seed(help="seed of the label flips")
+
+
+def _artificial(source: CompasSource, params: ArtificialParams) -> ModeResult:
+    base = source.base
+    splits = unchanged_splits(base)
+    ratio = params.ratio
+    # Draw order is fixed (train, val, test), so a seed gives the same feature everywhere.
+    rng = np.random.default_rng(params.seed)
+    flip_p = {"train": ratio, "val": ratio, "test": ARTIFICIAL_TEST_FLIP}
+    feature_names = [*base.extra["feature_names"], "artificial"]
+    for s in ("train", "val", "test"):
+        data = splits[s]
+        flips = rng.random(len(data)) < flip_p[s]
+        feature = np.where(flips, 1 - data.y, data.y)
+        data.x = np.concatenate([data.x, feature[:, None].astype(np.float32)], axis=1)
+        data.affected = feature != data.y
+    description = (
+        f"Added a binary feature 'artificial' equal to the label flipped with probability "
+        f"{ratio} in train and validation and 0.5 in test; affected rows are those where it "
+        f"disagrees with the label."
+    )
+    manifest = {
+        "feature_names": feature_names,
+        "input": {"kind": "tabular", "n_features": len(feature_names)},
+        "artificial": {
             "feature": "artificial",
             "flip_probability": flip_p,
             "rng": "numpy.random.default_rng(seed).random(n) < p, drawn for train, val, test",
-        }
-        description = (
-            f"Added a binary feature 'artificial' equal to the label flipped with probability "
-            f"{ratio} in train and validation and 0.5 in test; affected rows are those where it "
-            f"disagrees with the label."
+        },
+    }
+    return ModeResult(splits, description, manifest)
+
+
+# --------------------------------------------------------------------------- holdout
+
+
+@dataclass(frozen=True)
+class HoldoutParams(p.Params):
+    cluster: int = p.integer("cluster", "K", help="cluster index (0 = smallest)", tag="cluster")
+
+
+def _clusters(base: BaseData) -> tuple[np.ndarray, np.ndarray]:
+    """Every row's cluster and the clusters' leaf ids, numbered by training rows ascending."""
+    from sklearn.tree import DecisionTreeClassifier
+
+    tree = DecisionTreeClassifier(
+        random_state=TREE_RANDOM_STATE, min_samples_leaf=TREE_MIN_SAMPLES_LEAF
+    )
+    tree.fit(base.extra["x_raw"], base.y)
+    leaves = tree.apply(base.extra["x_raw"])
+    leaf_ids = np.unique(leaves)
+    train_counts = np.array([(leaves[base.index["train"]] == leaf).sum() for leaf in leaf_ids])
+    # Sort by training size ascending, ties by leaf node id (lexsort: last key is primary).
+    leaf_ids = leaf_ids[np.lexsort((leaf_ids, train_counts))]
+    cluster_of_leaf = {int(leaf): k for k, leaf in enumerate(leaf_ids)}
+    return np.array([cluster_of_leaf[int(leaf)] for leaf in leaves], dtype=np.int64), leaf_ids
+
+
+def _holdout(source: CompasSource, params: HoldoutParams) -> ModeResult:
+    base = source.base
+    k = params.cluster
+    group_all, leaf_ids = _clusters(base)
+    n_clusters = len(leaf_ids)
+    if not 0 <= k < n_clusters:
+        raise MlvarError(
+            f"cluster {k} is out of range 0..{n_clusters - 1}",
+            f"COMPAS has {n_clusters} clusters; pick one in 0..{n_clusters - 1}",
         )
-    else:
-        assert cluster_int is not None
-        tree = DecisionTreeClassifier(
-            random_state=TREE_RANDOM_STATE, min_samples_leaf=TREE_MIN_SAMPLES_LEAF
-        )
-        tree.fit(x_raw, y_all)
-        leaves = tree.apply(x_raw)
-        leaf_ids = np.unique(leaves)
-        train_counts = np.array([(leaves[index["train"]] == leaf).sum() for leaf in leaf_ids])
-        # Sort by training size ascending, ties by leaf node id (lexsort: last key is primary).
-        order = np.lexsort((leaf_ids, train_counts))
-        leaf_ids = leaf_ids[order]
-        n_clusters = len(leaf_ids)
-        if not 0 <= cluster_int < n_clusters:
-            raise MlvarError(
-                f"cluster {cluster_int} is out of range 0..{n_clusters - 1}",
-                f"COMPAS has {n_clusters} clusters; pick one in 0..{n_clusters - 1}",
-            )
-        cluster_of_leaf = {int(leaf): k for k, leaf in enumerate(leaf_ids)}
-        group_all = np.array([cluster_of_leaf[int(leaf)] for leaf in leaves], dtype=np.int64)
-        sizes = {
-            s: [int((group_all[idx] == k).sum()) for k in range(n_clusters)]
-            for s, idx in index.items()
-        }
-        for s, idx in index.items():
-            data = splits[s]
-            data.group = group_all[idx]
-            data.affected = data.group == cluster_int
-        train = splits["train"]
-        keep = train.group != cluster_int
-        splits["train"] = SplitData(
-            x=train.x[keep],
-            y=train.y[keep],
-            id=train.id[keep],
-            affected=train.affected[keep],
-            group=train.group[keep],
-        )
-        params = {"cluster": cluster_int}
-        name = f"compas-holdout-cluster{cluster_int}"
-        extra["clusters"] = {
+    sizes = {
+        s: [int((group_all[idx] == c).sum()) for c in range(n_clusters)]
+        for s, idx in base.index.items()
+    }
+    splits = unchanged_splits(base)
+    for s, idx in base.index.items():
+        splits[s].group = group_all[idx]
+        splits[s].affected = splits[s].group == k
+    train = splits["train"]
+    keep = train.group != k
+    splits["train"] = SplitData(
+        x=train.x[keep],
+        y=train.y[keep],
+        id=train.id[keep],
+        affected=train.affected[keep],
+        group=train.group[keep],
+    )
+    description = (
+        f"Removed the {sizes['train'][k]} training rows of decision-tree cluster "
+        f"{k} (of {n_clusters}); affected rows are its validation and test rows."
+    )
+    manifest = {
+        "clusters": {
             "n_clusters": n_clusters,
             "leaf_ids": [int(leaf) for leaf in leaf_ids],
             "sizes": sizes,
@@ -514,35 +478,51 @@ def prepare_compas(
                 "fit_on": "all filtered rows, unstandardised features, two_year_recid",
             },
             "order": "training rows ascending, ties by leaf node id",
-            "removed_train_rows": int(sizes["train"][cluster_int]),
+            "removed_train_rows": int(sizes["train"][k]),
         }
-        description = (
-            f"Removed the {sizes['train'][cluster_int]} training rows of decision-tree cluster "
-            f"{cluster_int} (of {n_clusters}); affected rows are its validation and test rows."
-        )
-
-    manifest: dict[str, Any] = {
-        "dataset": "compas",
-        "mode": mode,
-        "params": params,
-        "description": description,
-        "source": {"file": COMPAS_FILENAME, "sha256": source_sha, "url": COMPAS_URL},
-        "class_names": list(CLASS_NAMES),
-        "label": LABEL,
-        "feature_names": feature_names,
-        "input": {"kind": "tabular", "n_features": len(feature_names)},
-        "standardisation": {
-            "columns": list(NUMERIC),
-            "mean": [float(v) for v in mean],
-            "std": [float(v) for v in std],
-            "fit_on": "train",
-        },
-        "filter": {
-            "rule": "days_b_screening_arrest in [-30, 30], is_recid != -1, "
-            "c_charge_degree != 'O', score_text != 'N/A'",
-            "rows": int(len(df)),
-        },
-        "split": {"test_size": TEST_SIZE, "val_size": VAL_SIZE, "random_state": SPLIT_SEED},
-        **extra,
     }
-    return write_scenario(data_root, name, manifest, splits, force=force)
+    return ModeResult(splits, description, manifest)
+
+
+# --------------------------------------------------------------------------- the spec
+
+
+SPEC = DatasetSpec(
+    name="compas",
+    description="ProPublica COMPAS two-year recidivism (tabular, 2 classes, 6,172 rows)",
+    input_kind="tabular",
+    mode_specs=(
+        original_mode("Unchanged COMPAS data (ProPublica filter); nothing injected."),
+        ModeSpec(
+            "artificial",
+            ArtificialParams,
+            _artificial,
+            summary="adds a feature equal to the label, flipped with probability ratio",
+        ),
+        ModeSpec(
+            "holdout",
+            HoldoutParams,
+            _holdout,
+            summary="removes the training rows of one decision-tree cluster",
+        ),
+    ),
+    open=CompasSource,
+    fetch=fetch_compas,
+    needs_fetch=True,
+    train=TrainDefaults("mlp", {"epochs": 10, "lr": 1e-3, "batch_size": 64}),
+    n_classes=len(CLASS_NAMES),
+)
+MODES = SPEC.modes
+
+
+def prepare_compas(
+    data_root: str | os.PathLike,
+    mode: str,
+    ratio: float | None = None,
+    cluster: int | None = None,
+    seed: int = 0,
+    force: bool = False,
+) -> Scenario:
+    """Prepare a COMPAS scenario (``mlvar.data.registry.prepare`` for ``compas``)."""
+    given = {"ratio": ratio, "cluster": cluster, "seed": seed}
+    return SPEC.prepare(data_root, mode, p.given_options(given), force=force)

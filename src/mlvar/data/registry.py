@@ -1,156 +1,47 @@
 """The datasets mlvar can prepare, and one entry point for fetching and preparing them.
 
+Each dataset is one module that defines its :class:`mlvar.data.spec.DatasetSpec` as
+``SPEC``; :data:`BUILTIN` lists those modules, and importing this module registers their
+specs in that order (the order the CLI lists them). :func:`mlvar.data.spec.register` adds
+any other dataset. Importing this module loads neither pandas, scikit-learn, torch nor
+matplotlib: they are imported where data is read or drawn.
+
 Every check on the user's input happens before anything is written, so a bad command
 leaves the data root as it was.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mlvar.data import cifar, compas, digits, images
+from mlvar.data.params import Option, given_options
 from mlvar.data.scenario import Scenario
-from mlvar.errors import MlvarError, unknown_choice
+from mlvar.data.spec import DATASETS, DatasetSpec, register
+from mlvar.errors import unknown_choice
 
-PrepareFn = Callable[..., Scenario]
+#: The dataset modules of mlvar (``mlvar.data.<name>``), each defining ``SPEC``.
+BUILTIN = ("compas", "digits", "cifar10", "cifar100")
 
+for _module in BUILTIN:
+    register(importlib.import_module(f"mlvar.data.{_module}").SPEC)
 
-@dataclass(frozen=True)
-class DatasetSpec:
-    """One dataset: its scenario modes, whether it must be fetched, and how to prepare it.
-
-    ``prepare`` is called as
-    ``prepare(data_root, mode, ratio, cluster, subclass, seed, force, cls)`` with a mode
-    already validated; it rejects parameters the mode does not take.
-    """
-
-    name: str
-    modes: tuple[str, ...]
-    needs_fetch: bool
-    description: str
-    prepare: PrepareFn
-
-
-def _reject(dataset: str, mode: str, **given: Any) -> None:
-    """Raise for the first parameter the mode does not take (given = not None / non-zero)."""
-    for option, value in given.items():
-        if value is not None and not (option == "seed" and value == 0):
-            raise MlvarError(
-                f"{dataset} mode '{mode}' takes no --{option}",
-                f"valid options for {dataset}: " + _OPTIONS[dataset],
-            )
-
-
-_OPTIONS = {
-    "compas": "--mode artificial --ratio A [--seed S] | --mode holdout --cluster K",
-    "digits": "--mode holdout --subclass D [--ratio A] | --mode holdout|holdout-dup|augmentation "
-    "--cls C --ratio A [--seed S] | --mode augmentation-all --ratio A",
-    "cifar10": "--mode holdout|holdout-dup|augmentation --ratio A [--cls C] [--seed S] "
-    "| --mode augmentation-all --ratio A",
-    "cifar100": "--subclass NAME[+NAME] [--ratio A]",
-}
-
-
-def _prepare_compas(
-    data_root: Path,
-    mode: str,
-    ratio: float | None,
-    cluster: int | None,
-    subclass: Any,
-    seed: int,
-    force: bool,
-    cls: Any = None,
-) -> Scenario:
-    _reject("compas", mode, subclass=subclass, cls=cls)
-    return compas.prepare_compas(
-        data_root, mode, ratio=ratio, cluster=cluster, seed=seed, force=force
-    )
-
-
-def _prepare_digits(
-    data_root: Path,
-    mode: str,
-    ratio: float | None,
-    cluster: int | None,
-    subclass: Any,
-    seed: int,
-    force: bool,
-    cls: Any = None,
-) -> Scenario:
-    _reject("digits", mode, cluster=cluster)
-    if mode not in ("holdout-dup",):
-        _reject("digits", mode, seed=seed)
-    if mode == "original":
-        _reject("digits", mode, subclass=subclass, ratio=ratio, cls=cls)
-    return digits.prepare_digits(
-        data_root, mode, subclass=subclass, ratio=ratio, force=force, cls=cls, seed=seed
-    )
-
-
-def _prepare_cifar10(
-    data_root: Path,
-    mode: str,
-    ratio: float | None,
-    cluster: int | None,
-    subclass: Any,
-    seed: int,
-    force: bool,
-    cls: Any = None,
-) -> Scenario:
-    _reject("cifar10", mode, cluster=cluster, subclass=subclass)
-    return cifar.prepare_cifar10(data_root, mode, cls=cls, ratio=ratio, seed=seed, force=force)
-
-
-def _prepare_cifar100(
-    data_root: Path,
-    mode: str,
-    ratio: float | None,
-    cluster: int | None,
-    subclass: Any,
-    seed: int,
-    force: bool,
-    cls: Any = None,
-) -> Scenario:
-    _reject("cifar100", mode, cluster=cluster, cls=cls, seed=seed)
-    return cifar.prepare_cifar100(data_root, mode, subclass=subclass, ratio=ratio, force=force)
-
-
-DATASETS: dict[str, DatasetSpec] = {
-    "compas": DatasetSpec(
-        name="compas",
-        modes=compas.MODES,
-        needs_fetch=True,
-        description="ProPublica COMPAS two-year recidivism (tabular, 2 classes, 6,172 rows)",
-        prepare=_prepare_compas,
-    ),
-    "digits": DatasetSpec(
-        name="digits",
-        modes=digits.MODES,
-        needs_fetch=False,
-        description="scikit-learn digits (8x8 gray images, 1,797 samples; ships offline)",
-        prepare=_prepare_digits,
-    ),
-    "cifar10": DatasetSpec(
-        name="cifar10",
-        modes=cifar.CIFAR10_MODES,
-        needs_fetch=True,
-        description="CIFAR-10 (32x32 colour images, 10 classes, 50,000 + 10,000)",
-        prepare=_prepare_cifar10,
-    ),
-    "cifar100": DatasetSpec(
-        name="cifar100",
-        modes=cifar.CIFAR100_MODES,
-        needs_fetch=True,
-        description="CIFAR-100 as 10 superclasses (32x32 colour images, 25,000 + 5,000)",
-        prepare=_prepare_cifar100,
-    ),
-}
+__all__ = [
+    "BUILTIN",
+    "DATASETS",
+    "DatasetSpec",
+    "contact_sheet",
+    "fetch",
+    "get_dataset",
+    "option_help",
+    "prepare",
+    "register",
+    "scenario_info",
+]
 
 
 def get_dataset(dataset: str) -> DatasetSpec:
@@ -158,13 +49,6 @@ def get_dataset(dataset: str) -> DatasetSpec:
     if dataset not in DATASETS:
         raise unknown_choice("dataset", str(dataset), DATASETS)
     return DATASETS[dataset]
-
-
-def default_mode(dataset: str, subclass: Any = None) -> str:
-    """The mode used when none is given: digits or cifar100 with a subclass is ``holdout``."""
-    if dataset in ("digits", "cifar100") and subclass is not None:
-        return "holdout"
-    return "original"
 
 
 def prepare(
@@ -185,8 +69,8 @@ def prepare(
     data_root
         Data root for the scenario folder (and ``raw/`` for fetched datasets).
     dataset, mode
-        Which dataset and scenario mode; ``mode`` defaults to ``original`` (digits:
-        ``holdout`` when ``subclass`` is given).
+        Which dataset and scenario mode; ``mode`` defaults to ``original`` (digits and
+        cifar100: ``holdout`` when ``subclass`` is given).
     ratio, cluster, subclass, seed, cls
         Mode parameters; one the mode does not take is an error.
     force
@@ -198,12 +82,8 @@ def prepare(
         Unknown dataset or mode, bad parameters, missing raw data, or an existing scenario
         without ``force``. Nothing is written in that case.
     """
-    spec = get_dataset(dataset)
-    if mode is None:
-        mode = default_mode(dataset, subclass)
-    if mode not in spec.modes:
-        raise unknown_choice(f"{dataset} mode", str(mode), spec.modes)
-    return spec.prepare(Path(data_root), mode, ratio, cluster, subclass, seed, force, cls)
+    given = {"ratio": ratio, "cluster": cluster, "subclass": subclass, "seed": seed, "cls": cls}
+    return get_dataset(dataset).prepare(data_root, mode, given_options(given), force=force)
 
 
 def fetch(
@@ -220,25 +100,31 @@ def fetch(
     written.
     """
     spec = get_dataset(dataset)
-    if dataset == "compas":
-        return compas.fetch_compas(data_root, source=source, verify=verify, progress=progress)
-    if dataset in cifar.SOURCES:
-        return cifar.fetch_cifar(
-            data_root, dataset, source=source, verify=verify, progress=progress
-        )
-    assert not spec.needs_fetch
-    if source is not None:
-        raise MlvarError(f"{dataset} takes no --source", f"{dataset} ships with scikit-learn")
-    _, target, digest = digits.load_digit_arrays()
-    return {
-        "dataset": dataset,
-        "path": None,
-        "sha256": digest,
-        "rows": int(len(target)),
-        "verified": True,
-        "source": digits.SOURCE_NAME,
-        "action": "nothing to fetch: ships with scikit-learn",
-    }
+    return spec.fetch(data_root, source=source, verify=verify, progress=progress)
+
+
+def option_help(option: str) -> str:
+    """The ``--<option>`` help of ``mlvar data prepare``, from every mode that takes it:
+    ``compas artificial: label-flip probability ... . cifar10/digits holdout, ...: ...``."""
+    by_help: dict[str, dict[str, list[str]]] = {}
+    for spec in DATASETS.values():
+        for m in spec.mode_specs:
+            opt: Option | None = m.params.options().get(option)
+            if opt is None:
+                continue
+            # Name the variant only where two variants of the mode take the option.
+            takers = [v for v in spec.variants(m.name) if option in v.params.options()]
+            label = m.name if len(takers) == 1 else f"{m.name} --{m.key}"
+            modes = by_help.setdefault(opt.help, {}).setdefault(spec.name, [])
+            modes.append(label)
+    parts = []
+    for text, per_dataset in by_help.items():
+        groups: dict[tuple[str, ...], list[str]] = {}
+        for name, modes in per_dataset.items():
+            groups.setdefault(tuple(modes), []).append(name)
+        for modes, names in groups.items():
+            parts.append(f"{'/'.join(names)} {', '.join(modes)}: {text}.")
+    return " ".join(parts)
 
 
 def scenario_info(scenario: Scenario) -> dict[str, Any]:
@@ -303,4 +189,6 @@ def contact_sheet(scenario: Scenario, path: str | os.PathLike, per_row: int = 8)
     Returns ``path`` and the titles of the sheet's rows. A scenario without images is an
     :class:`MlvarError`, and nothing is written then.
     """
-    return images.write_contact_sheet(scenario, path, per_row=per_row)
+    from mlvar.data.contact_sheet import write_contact_sheet
+
+    return write_contact_sheet(scenario, path, per_row=per_row)

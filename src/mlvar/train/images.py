@@ -299,7 +299,7 @@ def train_run(
 
     ``trace(kind, value)`` (tests) sees ``("init", state_dict)`` and ``("batch", indices)``.
     """
-    recipe = MODELS[cfg.model]["recipe"]
+    recipe = MODELS[cfg.model].recipe
     device = data.device
     channels = data.train_x.shape[1]
     model = build_model(cfg.model, channels, data.n_classes)

@@ -1,4 +1,4 @@
-"""The image networks of the model registry (the registry's data lives in ``mlvar.config``).
+"""The image networks of the model registry (the registry's data lives in ``mlvar.recipes``).
 
 ``cnn``      a small CNN for 8x8 digits (and any small image): three 3x3 conv-BN-GELU
              layers, one max pool, global average pool, linear.
@@ -21,9 +21,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mlvar.config import MODELS
+from mlvar.recipes import IMAGE_MODELS
 
-IMAGE_MODELS = tuple(name for name, spec in MODELS.items() if spec["recipe"])
+__all__ = ["IMAGE_MODELS", "build_model", "init_weights"]
 
 
 def conv_bn(c_in: int, c_out: int) -> list[nn.Module]:

@@ -1,0 +1,265 @@
+"""CIFAR-100 as 10 superclasses (the original study's "cifar100-cifar10" setup):
+``original`` and ``holdout`` of fine classes (docs/design.md section 4).
+
+Of CIFAR-100's 20 coarse classes the 10 of :data:`KEPT_SUPERCLASSES` are kept and
+relabelled 0-9; the other images are dropped. ``holdout`` (the default mode with
+``--subclass``) removes the first ``floor(ratio * count)`` samples of each named fine class
+from train and from validation (each split separately, in original order; ``ratio``
+defaults to 1.0). The test split is untouched; its samples of the named fine classes are
+the affected ones. ``group`` is the fine class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlvar.data import params as p
+from mlvar.data.modes import group_counts, n_affected, original_mode
+from mlvar.data.scenario import SplitData
+from mlvar.data.spec import (
+    BaseData,
+    DatasetSpec,
+    ModeResult,
+    ModeSpec,
+    Source,
+    TrainDefaults,
+)
+from mlvar.errors import MlvarError
+
+#: The 10 CIFAR-100 superclasses of the original "cifar100-cifar10" setup, in label order.
+KEPT_SUPERCLASSES = (
+    "aquatic_mammals",
+    "fish",
+    "flowers",
+    "fruit_and_vegetables",
+    "insects",
+    "medium_mammals",
+    "people",
+    "reptiles",
+    "small_mammals",
+    "trees",
+)
+#: The subclasses of the original study.
+STUDY_SUBCLASSES = (
+    "ray",
+    "mushroom",
+    "caterpillar",
+    "porcupine",
+    "baby",
+    "boy+man",
+    "girl+woman",
+    "boy+girl",
+    "man+woman",
+)
+_SUBCLASS_EXAMPLE = "e.g. --subclass baby or --subclass boy+man"
+
+
+class Cifar100Data(Source):
+    """The fetched CIFAR-100 copy: its names at once, its arrays on first use."""
+
+    def __init__(self, data_root: Path) -> None:
+        from mlvar.data import cifar
+
+        super().__init__(data_root)
+        self.meta = cifar.load_raw(data_root, "cifar100", arrays=False).source
+        missing = [c for c in KEPT_SUPERCLASSES if c not in self.meta["coarse_names"]]
+        if missing:
+            raise MlvarError(f"the CIFAR-100 copy lacks superclasses {', '.join(missing)}", "")
+        self.fine_names: list[str] = list(self.meta["fine_names"])
+
+    def load(self) -> BaseData:
+        from mlvar.data import cifar
+
+        raw = cifar.load_raw(self.data_root, "cifar100")
+        a = raw.arrays
+        n_train = raw.n_train
+        kept_idx = [self.meta["coarse_names"].index(c) for c in KEPT_SUPERCLASSES]
+        relabel = np.full(20, -1, dtype=np.int64)
+        relabel[kept_idx] = np.arange(len(kept_idx))
+        fine = np.concatenate([a["y_train"], a["y_test"]]).astype(np.int64)
+        coarse = np.concatenate([a["coarse_train"], a["coarse_test"]]).astype(np.int64)
+        labels = relabel[coarse]
+        train, val = cifar.split_train(np.flatnonzero(labels[:n_train] >= 0))
+        test = n_train + np.flatnonzero(labels[n_train:] >= 0)
+        base = cifar.scenario_base(
+            raw,
+            "cifar100",
+            labels=labels,
+            groups=fine,
+            index={"train": train, "val": val, "test": test},
+            class_names=list(KEPT_SUPERCLASSES),
+            order="file",
+            split={"of": "the training images of the kept superclasses, before any holdout"},
+            manifest={
+                "superclasses": {
+                    "kept": list(KEPT_SUPERCLASSES),
+                    "coarse_index": kept_idx,
+                    "rule": "samples of the other 10 superclasses are dropped",
+                },
+                "fine_class_names": self.fine_names,
+                "group": "fine class (index into fine_class_names)",
+            },
+        )
+        base.extra["relabel"] = relabel
+        return base
+
+
+def fetch(data_root: str | os.PathLike, **options: Any) -> dict[str, Any]:
+    """Fetch CIFAR-100: :func:`mlvar.data.cifar.fetch_cifar` (imported on first use)."""
+    from mlvar.data import cifar
+
+    return cifar.fetch_cifar(data_root, "cifar100", **options)
+
+
+# --------------------------------------------------------------------------- holdout
+
+
+def parse_subclasses(value: str, raw_source: dict[str, Any]) -> list[int]:
+    """Fine-class indices of ``NAME[+NAME...]``, sorted; each must belong to a kept superclass.
+
+    Raises
+    ------
+    MlvarError
+        An unknown name, one of a dropped superclass, or a repeated name; the hint lists
+        close valid names.
+    """
+    fine_names: list[str] = list(raw_source["fine_names"])
+    coarse_names: list[str] = list(raw_source["coarse_names"])
+    fine_to_coarse: list[int] = list(raw_source["fine_to_coarse"])
+    kept = {coarse_names.index(c) for c in KEPT_SUPERCLASSES if c in coarse_names}
+    valid = [f for i, f in enumerate(fine_names) if fine_to_coarse[i] in kept]
+    out = []
+    for part in value.split("+"):
+        name = part.strip()
+        near = _near(name, valid)
+        if name not in fine_names:
+            raise MlvarError(f"unknown CIFAR-100 fine class '{name}'", near)
+        idx = fine_names.index(name)
+        parent = fine_to_coarse[idx]
+        if parent not in kept:
+            owner = coarse_names[parent] if parent >= 0 else "none in this copy"
+            raise MlvarError(
+                f"CIFAR-100 fine class '{name}' belongs to superclass '{owner}', which the "
+                "10-superclass setup drops",
+                near,
+            )
+        if idx in out:
+            raise MlvarError(f"cifar100 subclass '{name}' is given twice", "e.g. boy+man")
+        out.append(idx)
+    return sorted(out)
+
+
+def _near(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=5, cutoff=0.5)
+    if close:
+        return "close valid names: " + ", ".join(close)
+    return "valid names: " + ", ".join(sorted(valid))
+
+
+def _check_subclass(value: Any, where: p.Where) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise MlvarError(f"cifar100 subclass {value!r} is not a fine class name", _SUBCLASS_EXAMPLE)
+    return value
+
+
+@dataclass(frozen=True)
+class HoldoutParams(p.Params):
+    subclass: str = p.option(
+        metavar="NAME[+NAME]",
+        check=_check_subclass,
+        help="a fine class of a kept superclass, or a +-joined pair (baby, boy+man)",
+        required=True,
+        missing_hint=_SUBCLASS_EXAMPLE,
+        tag="",
+    )
+    ratio: float = p.ratio(
+        help="fraction of the fine classes' train and validation samples held out, in [0, 1] "
+        "(default 1)",
+        default=1.0,
+    )
+
+    def resolve(self, source: Cifar100Data) -> HoldoutParams:
+        """The fine classes checked against the copy's names, spelled in label order."""
+        subs = parse_subclasses(self.subclass, source.meta)
+        return dataclasses.replace(self, subclass="+".join(source.fine_names[f] for f in subs))
+
+
+def _holdout(source: Cifar100Data, params: HoldoutParams) -> ModeResult:
+    base = source.base
+    fine, ratio, fine_names = base.groups, params.ratio, source.fine_names
+    subs = parse_subclasses(params.subclass, source.meta)
+    index = dict(base.index)
+    removed: dict[str, dict[str, int]] = {}
+    for s in ("train", "val"):
+        pos = index[s]
+        drop = []
+        removed[s] = {}
+        for f in subs:
+            members = np.flatnonzero(fine[pos] == f)
+            k = n_affected(ratio, len(members))
+            removed[s][fine_names[f]] = int(k)
+            drop.append(members[:k])
+        index[s] = np.delete(pos, np.concatenate(drop))
+    sub_mask = np.isin(fine, subs)
+    splits = {
+        s: SplitData(
+            x=base.x[pos],
+            y=base.y[pos],
+            id=base.ids[pos],
+            affected=sub_mask[pos] if s == "test" else np.zeros(len(pos), bool),
+            group=fine[pos],
+        )
+        for s, pos in index.items()
+    }
+    sub_names = [fine_names[f] for f in subs]
+    superclasses = {
+        KEPT_SUPERCLASSES[int(base.extra["relabel"][source.meta["fine_to_coarse"][f]])]
+        for f in subs
+    }
+    manifest = {
+        "holdout": {
+            "subclasses": sub_names,
+            "superclasses": sorted(superclasses),
+            "removed": removed,
+            "rule": "first floor(ratio * count) samples of each fine class, in original order, "
+            "from train and from validation separately",
+        },
+        "group_counts": group_counts(splits, subs, {f: fine_names[f] for f in subs}),
+    }
+    description = (
+        f"Removed the first {ratio:.0%} of fine class {' and '.join(sub_names)} from train "
+        f"and validation; affected rows are its test samples."
+    )
+    return ModeResult(splits, description, manifest)
+
+
+# --------------------------------------------------------------------------- the spec
+
+SPEC = DatasetSpec(
+    name="cifar100",
+    description="CIFAR-100 as 10 superclasses (32x32 colour images, 25,000 + 5,000)",
+    input_kind="image",
+    mode_specs=(
+        original_mode("CIFAR-100 as 10 superclasses, unchanged; nothing injected."),
+        ModeSpec(
+            "holdout",
+            HoldoutParams,
+            _holdout,
+            summary="holds out fine classes of their superclasses",
+        ),
+    ),
+    open=Cifar100Data,
+    fetch=fetch,
+    needs_fetch=True,
+    train=TrainDefaults("airbench"),
+    n_classes=len(KEPT_SUPERCLASSES),
+    implied_modes={"subclass": "holdout"},
+)
+MODES = SPEC.modes

@@ -1,0 +1,328 @@
+"""Scenario modes written once for any dataset: ``original``, and the four class modes of
+image datasets (CIFAR-10 and digits) with an appearance change.
+
+Class modes (docs/design.md section 4), for a target class ``c`` and a ratio ``a``; the affected
+training samples are the first ``floor(a * count)`` training samples of class ``c`` in split
+order (validation has already been split off):
+
+- ``holdout``: they are deleted.
+- ``holdout-dup``: each is replaced by a copy of a random remaining sample of class ``c``
+  (``numpy.random.default_rng(seed)``, drawn with replacement), so class sizes stay equal.
+- ``augmentation``: their appearance is changed (CIFAR: grayscale; digits: inversion).
+- ``augmentation-all``: the first ``a`` fraction of *every* class is changed.
+
+Affected evaluation samples: the target class's validation and test samples (every mode
+with a target class); for the appearance modes a changed copy of the test set is written
+as split ``test_gray``, with the same ids and the same affected flags as ``test``, except
+``augmentation-all``, where every ``test_gray`` sample is affected and no ``test`` sample is.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mlvar.data import params as p
+from mlvar.data.scenario import SplitData
+from mlvar.data.spec import BaseData, ModeResult, ModeSpec, Source
+from mlvar.errors import MlvarError
+
+CLASS_MODES = ("holdout", "holdout-dup", "augmentation", "augmentation-all")
+APPEARANCE_MODES = ("augmentation", "augmentation-all")
+
+Change = Callable[[np.ndarray], np.ndarray]
+
+
+def original_mode(description: str) -> ModeSpec:
+    """The ``original`` mode: the dataset's splits unchanged, described by ``description``."""
+
+    def build(source: Source, params: p.NoParams) -> ModeResult:
+        return ModeResult(unchanged_splits(source.base), description)
+
+    return ModeSpec("original", p.NoParams, build, summary="nothing changed")
+
+
+def unchanged_splits(base: BaseData) -> dict[str, SplitData]:
+    """Every split of ``base`` as it is: nothing affected."""
+    return {
+        s: SplitData(
+            x=base.x[pos],
+            y=base.y[pos],
+            id=base.ids[pos],
+            affected=np.zeros(len(pos), bool),
+            group=base.groups[pos],
+        )
+        for s, pos in base.index.items()
+    }
+
+
+def n_affected(ratio: float, count: int) -> int:
+    """``floor(ratio * count)``, robust to float rounding (0.7 * 10 is 7, not 6)."""
+    return min(count, math.floor(ratio * count + 1e-9))
+
+
+# --------------------------------------------------------------------------- appearance
+
+
+@dataclass(frozen=True)
+class Appearance:
+    """An image dataset's appearance change: the function, how the manifest names it, the
+    adjective of the descriptions, and the manifest note on ``test_gray``."""
+
+    change: Change
+    name: str
+    adjective: str
+    test_gray: str
+
+
+def grayscale(x: np.ndarray) -> np.ndarray:
+    """3-channel grayscale of uint8 RGB images ``[..., 3]``: ITU-R 601-2 luma, in integers
+    exactly as PIL's ``convert("L")`` (and so torchvision's ``Grayscale(3)``) computes it."""
+    x32 = x.astype(np.uint32)
+    luma = (x32[..., 0] * 19595 + x32[..., 1] * 38470 + x32[..., 2] * 7471 + 0x8000) >> 16
+    return np.repeat(luma.astype(np.uint8)[..., None], 3, axis=-1)
+
+
+def inverter(max_value: int) -> Change:
+    """Colour inversion ``max_value - x`` (digits: ``16 - x``)."""
+
+    def invert(x: np.ndarray) -> np.ndarray:
+        return (max_value - x.astype(np.int16)).astype(x.dtype)
+
+    return invert
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+@dataclass(frozen=True)
+class ClassParams(p.Params):
+    """``holdout`` and ``augmentation``: a target class and the fraction of it affected."""
+
+    cls: int = p.class_index(help="the target class index (default 0)")
+    ratio: float = p.ratio(help="fraction of the class's training samples affected, in [0, 1]")
+
+
+@dataclass(frozen=True)
+class DuplicateParams(ClassParams):
+    """``holdout-dup``: as :class:`ClassParams`, and the seed of the copies' draw."""
+
+    seed: int = p.seed(help="seed of the copies' draw")
+
+    def validate(self, where: p.Where) -> None:
+        if self.ratio >= 1.0:
+            raise MlvarError(
+                "holdout-dup with ratio 1.0 leaves no sample of the class to copy",
+                "use a ratio below 1.0, or --mode holdout to delete the whole class",
+            )
+
+
+@dataclass(frozen=True)
+class EveryClassParams(p.Params):
+    """``augmentation-all``: the fraction of every class changed."""
+
+    ratio: float = p.ratio(help="fraction of every class's training samples changed, in [0, 1]")
+
+
+# --------------------------------------------------------------------------- the modes
+
+
+def class_modes(appearance: Appearance) -> tuple[ModeSpec, ...]:
+    """The four class modes of an image dataset whose source's ``base`` holds its images."""
+
+    def build(mode: str) -> Callable[[Source, Any], ModeResult]:
+        def run(source: Source, params: Any) -> ModeResult:
+            return _class_mode(source, mode, params, appearance)
+
+        return run
+
+    return (
+        ModeSpec(
+            "holdout",
+            ClassParams,
+            build("holdout"),
+            summary="deletes the first ratio of a class's training samples",
+            example="--cls 3 --ratio 0.5",
+            key="cls",
+        ),
+        ModeSpec(
+            "holdout-dup",
+            DuplicateParams,
+            build("holdout-dup"),
+            summary="replaces them by copies of the class's other samples",
+        ),
+        ModeSpec(
+            "augmentation",
+            ClassParams,
+            build("augmentation"),
+            summary=f"makes them {appearance.adjective}",
+        ),
+        ModeSpec(
+            "augmentation-all",
+            EveryClassParams,
+            build("augmentation-all"),
+            summary=f"makes the first ratio of every class {appearance.adjective}",
+        ),
+    )
+
+
+def _class_mode(source: Source, mode: str, params: Any, appearance: Appearance) -> ModeResult:
+    base = source.base
+    cls = getattr(params, "cls", None)
+    seed = getattr(params, "seed", 0)
+    splits, info = class_mode_splits(
+        base.x,
+        base.y,
+        base.ids,
+        base.groups,
+        base.index,
+        mode,
+        cls,
+        params.ratio,
+        seed,
+        appearance.change,
+        len(base.class_names),
+    )
+    changed = mode in APPEARANCE_MODES
+    manifest: dict[str, Any] = {
+        "change": {
+            "mode": mode,
+            "target_class": cls,
+            "appearance": appearance.name if changed else None,
+            **info,
+        }
+    }
+    if changed:
+        manifest["test_gray"] = appearance.test_gray
+    cls_name = base.class_names[cls] if cls is not None else None
+    description = class_mode_description(mode, cls_name, params.ratio, appearance.adjective, seed)
+    return ModeResult(splits, description, manifest)
+
+
+def class_mode_description(
+    mode: str, cls_name: str | None, ratio: float, change: str, seed: int
+) -> str:
+    """The one-sentence description of a class mode."""
+    pct = f"{ratio:.0%}"
+    if mode == "holdout":
+        return (
+            f"Removed the first {pct} of class {cls_name}'s training samples; affected rows "
+            f"are its validation and test samples."
+        )
+    if mode == "holdout-dup":
+        return (
+            f"Replaced the first {pct} of class {cls_name}'s training samples by copies of "
+            f"random remaining samples of the class (seed {seed}); affected rows are the "
+            f"copies and the class's validation and test samples."
+        )
+    if mode == "augmentation":
+        return (
+            f"Made the first {pct} of class {cls_name}'s training samples {change}; affected "
+            f"rows are those and the class's validation and test samples; test_gray is the "
+            f"test set made {change}."
+        )
+    return (
+        f"Made the first {pct} of every class's training samples {change}; affected rows are "
+        f"those and every sample of test_gray, the test set made {change}."
+    )
+
+
+def class_mode_splits(
+    images: Any,
+    labels: np.ndarray,
+    ids: np.ndarray,
+    groups: np.ndarray,
+    index: dict[str, np.ndarray],
+    mode: str,
+    cls: int | None,
+    ratio: float,
+    seed: int,
+    change: Change,
+    n_classes: int,
+) -> tuple[dict[str, SplitData], dict[str, Any]]:
+    """Build the splits of a class mode and a manifest section describing the change.
+
+    ``images``/``labels``/``ids``/``groups`` are indexed by source position (``images`` may
+    be a memory map); ``index`` maps ``train``, ``val``, ``test`` to positions in split order.
+    """
+    assert mode in CLASS_MODES
+    train_pos = index["train"]
+    x_train = np.ascontiguousarray(images[train_pos])
+    y_train = labels[train_pos]
+    affected = np.zeros(len(train_pos), dtype=bool)
+    keep = np.ones(len(train_pos), dtype=bool)
+    info: dict[str, Any] = {
+        "rule": "first floor(ratio * count) training samples of the class in split order",
+    }
+    targets = list(range(n_classes)) if mode == "augmentation-all" else [cls]
+    per_class: dict[str, int] = {}
+    for c in targets:
+        members = np.flatnonzero(y_train == c)
+        k = n_affected(ratio, len(members))
+        chosen = members[:k]
+        per_class[str(c)] = int(k)
+        if mode == "holdout":
+            keep[chosen] = False
+        elif mode == "holdout-dup":
+            remaining = members[k:]
+            if k and not len(remaining):
+                raise MlvarError(
+                    f"holdout-dup of class {c} with ratio {ratio} leaves no sample to copy",
+                    "use a ratio below 1.0 (holdout deletes the whole class)",
+                )
+            rng = np.random.default_rng(seed)
+            picks = remaining[rng.integers(0, len(remaining), size=k)] if k else chosen
+            x_train[chosen] = x_train[picks]
+            affected[chosen] = True
+            info["copies"] = {
+                "ids": ids[train_pos[chosen]].tolist(),
+                "source_ids": ids[train_pos[picks]].tolist(),
+                "draw": f"numpy.random.default_rng({seed}).integers over the remaining samples",
+            }
+        else:
+            x_train[chosen] = change(x_train[chosen])
+            affected[chosen] = True
+    info["affected_train_per_class" if mode != "holdout" else "removed_train_per_class"] = per_class
+    splits = {
+        "train": SplitData(
+            x=x_train[keep],
+            y=y_train[keep],
+            id=ids[train_pos][keep],
+            affected=affected[keep],
+            group=groups[train_pos][keep],
+        )
+    }
+    for s in ("val", "test"):
+        pos = index[s]
+        y = labels[pos]
+        flags = np.zeros(len(pos), bool) if mode == "augmentation-all" else y == cls
+        splits[s] = SplitData(
+            x=np.ascontiguousarray(images[pos]), y=y, id=ids[pos], affected=flags, group=groups[pos]
+        )
+    if mode in APPEARANCE_MODES:
+        test = splits["test"]
+        flags = np.ones(len(test), bool) if mode == "augmentation-all" else test.affected.copy()
+        splits["test_gray"] = SplitData(
+            x=change(test.x), y=test.y, id=test.id, affected=flags, group=test.group
+        )
+    return splits, info
+
+
+def group_counts(
+    splits: dict[str, SplitData], groups: list[int], names: dict[int, str]
+) -> dict[str, dict[str, dict[str, int]]]:
+    """Per split, total and affected counts of each group in ``groups`` (manifest section)."""
+    out: dict[str, dict[str, dict[str, int]]] = {}
+    for s, data in splits.items():
+        out[s] = {
+            names[g]: {
+                "total": int((data.group == g).sum()),
+                "affected": int((data.affected & (data.group == g)).sum()),
+            }
+            for g in groups
+        }
+    return out

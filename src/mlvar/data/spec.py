@@ -1,0 +1,286 @@
+"""What a dataset is to mlvar: one :class:`DatasetSpec` per dataset module, registered in
+:data:`DATASETS` (by :mod:`mlvar.data.registry`), which drives preparing, fetching, the
+CLI's hints and the training defaults.
+
+Preparing a scenario (:meth:`DatasetSpec.prepare`) goes the same way for every dataset:
+
+1. the mode and its options are checked against the mode's parameter dataclass
+   (:mod:`mlvar.data.params`) without reading any data;
+2. the dataset's source is opened (light: a missing fetch is reported here), the
+   parameters are made canonical with its metadata, and the scenario name is formed;
+3. an existing scenario of that name is refused unless ``force``;
+4. the mode builds the splits from the source, and the scenario is written atomically.
+
+Nothing is written before step 4, so a bad command leaves the data root as it was.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlvar.data.params import Params, Where
+from mlvar.data.scenario import Scenario, SplitData, write_scenario
+from mlvar.errors import MlvarError, unknown_choice
+
+FetchFn = Callable[..., dict[str, Any]]
+
+
+@dataclass
+class BaseData:
+    """A dataset's samples before any change, by source position: what every mode reads.
+
+    ``x`` is indexable by an array of positions (an array, a memory map, or a view over
+    several); ``index`` maps each split to its positions in split order. ``manifest`` holds
+    the dataset's own manifest entries (source, class names, input, split recipe, ...);
+    ``extra`` what the dataset's own modes read besides (COMPAS: the unstandardised
+    features).
+    """
+
+    x: Any
+    y: np.ndarray
+    ids: np.ndarray
+    groups: np.ndarray
+    index: dict[str, np.ndarray]
+    class_names: list[str]
+    manifest: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Source:
+    """An opened dataset: light metadata at once, the samples (:meth:`load`) on first use.
+
+    A dataset module subclasses it; ``__init__`` raises :class:`MlvarError` when the data is
+    not there (with the hint to fetch it).
+    """
+
+    def __init__(self, data_root: Path) -> None:
+        self.data_root = Path(data_root)
+
+    def load(self) -> BaseData:
+        """Read the samples (override)."""
+        raise NotImplementedError
+
+    @cached_property
+    def base(self) -> BaseData:
+        """The samples, read once."""
+        return self.load()
+
+
+@dataclass
+class ModeResult:
+    """What a mode built: the splits, the one-sentence description, manifest entries."""
+
+    splits: dict[str, SplitData]
+    description: str
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModeSpec:
+    """One scenario mode, or one variant of a mode that takes different options.
+
+    ``build(source, params)`` returns a :class:`ModeResult`. Variants share ``name``; the
+    one whose ``key`` option is given is used (``digits --mode holdout`` takes ``--subclass``
+    or ``--cls``). ``summary`` says in a few words what the mode changes; ``example`` is a
+    valid set of options.
+    """
+
+    name: str
+    params: type[Params]
+    build: Callable[[Any, Any], ModeResult]
+    summary: str
+    example: str = ""
+    key: str | None = None
+
+    def key_usage(self) -> str:
+        """The key option as typed: ``--subclass D``."""
+        return f"--{self.key} {self.params.options()[str(self.key)].metavar}"
+
+
+@dataclass(frozen=True)
+class TrainDefaults:
+    """The model a dataset trains by default and the training values it sets on top of
+    that model's own defaults (``--model`` switches to another model's defaults)."""
+
+    model: str = "mlp"
+    values: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset.
+
+    Parameters
+    ----------
+    name, description
+        The dataset argument of the CLI and one line about it.
+    input_kind
+        ``tabular`` or ``image``: which models can read it.
+    mode_specs
+        Its modes (and variants), in the order the CLI lists them.
+    open
+        ``open(data_root)``: the dataset's :class:`Source`.
+    fetch
+        ``fetch(data_root, source=None, verify=True, progress=None)``: the info dict of
+        ``mlvar data fetch``.
+    needs_fetch
+        False for data that ships with a library (its ``fetch`` writes nothing).
+    train
+        Training defaults.
+    n_classes
+        Number of classes when known without data (bounds ``--cls``).
+    implied_modes
+        Option -> mode used when ``--mode`` is not given but that option is.
+    """
+
+    name: str
+    description: str
+    input_kind: str
+    mode_specs: tuple[ModeSpec, ...]
+    open: Callable[[Path], Source]
+    fetch: FetchFn
+    needs_fetch: bool
+    train: TrainDefaults = field(default_factory=TrainDefaults)
+    n_classes: int | None = None
+    implied_modes: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The mode names, in order."""
+        return tuple(dict.fromkeys(m.name for m in self.mode_specs))
+
+    def variants(self, mode: str) -> list[ModeSpec]:
+        return [m for m in self.mode_specs if m.name == mode]
+
+    def default_mode(self, given: Mapping[str, Any]) -> str:
+        """The mode used without ``--mode``: implied by an option given, else ``original``."""
+        for option, mode in self.implied_modes.items():
+            if option in given:
+                return mode
+        return "original"
+
+    # ------------------------------------------------------------------ hints
+
+    def usage(self) -> str:
+        """Every mode's options: ``--mode original | --mode artificial --ratio A ...``."""
+        lines: dict[str, list[str]] = {}
+        for m in self.mode_specs:
+            # A variant's key selects it: required, even when it has a default.
+            keys = (m.key,) if m.key and len(self.variants(m.name)) > 1 else ()
+            modes = lines.setdefault(m.params.usage(required=keys), [])
+            if m.name not in modes:
+                modes.append(m.name)
+        return " | ".join(f"--mode {'|'.join(modes)} {u}".rstrip() for u, modes in lines.items())
+
+    def _takes_no(self, mode: str, option: str) -> MlvarError:
+        takers = [
+            m for m in self.modes if any(option in v.params.options() for v in self.variants(m))
+        ]
+        if takers:
+            hint = f"only --mode {'|'.join(takers)} " + ("does" if len(takers) == 1 else "do")
+        else:
+            hint = f"valid options for {self.name}: {self.usage()}"
+        return MlvarError(f"{self.name} mode '{mode}' takes no --{option}", hint)
+
+    def _variant(self, mode: str, given: Mapping[str, Any]) -> ModeSpec:
+        variants = self.variants(mode)
+        if len(variants) == 1:
+            return variants[0]
+        chosen = [v for v in variants if v.key in given]
+        if len(chosen) > 1:
+            raise MlvarError(
+                f"{self.name} mode '{mode}' takes no --{chosen[0].key} with --{chosen[1].key}",
+                "; ".join(f"{v.key_usage()} {v.summary}" for v in variants),
+            )
+        if not chosen:
+            raise MlvarError(
+                f"{self.name} mode '{mode}' needs {' or '.join(v.key_usage() for v in variants)}",
+                "e.g. " + " or ".join(v.example for v in variants),
+            )
+        return chosen[0]
+
+    # ------------------------------------------------------------------ preparing
+
+    def check(self, mode: str | None, given: Mapping[str, Any]) -> tuple[ModeSpec, Params]:
+        """Check a mode and its options without reading data: the mode and the parameters.
+
+        ``given`` holds the options the user gave (by option name). Raises
+        :class:`MlvarError` naming the first problem.
+        """
+        if mode is None:
+            mode = self.default_mode(given)
+        if mode not in self.modes:
+            raise unknown_choice(f"{self.name} mode", str(mode), self.modes)
+        taken = {name for v in self.variants(mode) for name in v.params.options()}
+        for option in given:
+            if option not in taken:
+                raise self._takes_no(mode, option)
+        variant = self._variant(mode, given)
+        for option in given:
+            if option not in variant.params.options():
+                raise self._takes_no(mode, option)
+        where = Where(self.name, mode, self.n_classes)
+        return variant, variant.params.parse(dict(given), where)
+
+    def prepare(
+        self,
+        data_root: str | os.PathLike,
+        mode: str | None = None,
+        given: Mapping[str, Any] | None = None,
+        force: bool = False,
+    ) -> Scenario:
+        """Prepare a scenario and return it.
+
+        Raises
+        ------
+        MlvarError
+            Bad mode or options, missing raw data, or an existing scenario without
+            ``force``. Nothing is written in that case.
+        """
+        variant, params = self.check(mode, given or {})
+        data_root = Path(data_root)
+        source = self.open(data_root)
+        params = params.resolve(source)
+        name = f"{self.name}-{variant.name}{params.name_parts()}"
+        if (data_root / name).exists() and not force:
+            raise MlvarError(
+                f"scenario '{name}' already exists in {data_root}", "pass --force to rebuild it"
+            )
+        result = variant.build(source, params)
+        manifest = {
+            "dataset": self.name,
+            "mode": variant.name,
+            "params": params.manifest(),
+            "description": result.description,
+            **source.base.manifest,
+            **result.manifest,
+        }
+        return write_scenario(data_root, name, manifest, result.splits, force=force)
+
+
+#: The registered datasets, in registration order (see :mod:`mlvar.data.registry`).
+DATASETS: dict[str, DatasetSpec] = {}
+
+
+def register(spec: DatasetSpec) -> DatasetSpec:
+    """Add a dataset to :data:`DATASETS` and return it.
+
+    Raises
+    ------
+    ValueError
+        The name is taken, or a mode has variants without a key option.
+    """
+    if spec.name in DATASETS:
+        raise ValueError(f"dataset '{spec.name}' is registered twice")
+    for m in spec.mode_specs:
+        if len(spec.variants(m.name)) > 1 and m.key not in m.params.options():
+            raise ValueError(f"{spec.name} mode '{m.name}': a variant needs a key option")
+    DATASETS[spec.name] = spec
+    return spec
