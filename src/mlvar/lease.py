@@ -258,13 +258,14 @@ class _Heartbeat:
         while True:
             self._wake.wait(HEARTBEAT_S)
             self._wake.clear()
+            # Under the lock: a lease released meanwhile must not have its (closed, maybe
+            # reused) file descriptor touched.
             with self._lock:
-                leases = list(self._leases)
-                if not leases:
+                if not self._leases:
                     self._thread = None
                     return
-            for lease in leases:
-                lease._beat()
+                for lease in self._leases:
+                    lease._beat()
 
     def after_fork(self) -> None:
         """In a forked child: no heartbeat thread runs there, and it holds no leases."""
