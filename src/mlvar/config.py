@@ -350,9 +350,15 @@ def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | Non
             validate_train(cfg.train[dataset], f"train.{dataset}")
     if file is not None:
         _load_backend_tables(cfg, data, file)
+    origins = {
+        attr: f"[paths] {attr} in {file}" if file is not None and attr in paths else None
+        for attr in _ENV_PATHS.values()
+    }
     for var, attr in _ENV_PATHS.items():
         if env.get(var):
             setattr(cfg.paths, attr, Path(env[var]).expanduser())
+            origins[attr] = var
+    check_paths(cfg.paths, origins)
     if env.get("MLVAR_RAY_TIMEOUT"):
         try:
             cfg.backend.ray.connect_timeout_s = float(env["MLVAR_RAY_TIMEOUT"])
@@ -363,6 +369,28 @@ def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | Non
             ) from None
     validate_backend(cfg)
     return cfg
+
+
+def check_paths(paths: PathsConfig, origins: dict[str, str | None] | None = None) -> None:
+    """Refuse a data, runs or reports root that cannot be a folder: it, or a folder above
+    it, is a file. ``origins[attr]`` says where the value came from, for the hint.
+
+    A root that does not exist yet is fine (it is made when first written), and so is one
+    this process may not write to: commands that only read must work on a read-only
+    store, and one that writes gets one line naming the path (``cli/common.py``).
+    """
+    origins = origins or {}
+    for var, attr in _ENV_PATHS.items():
+        root = Path(getattr(paths, attr))
+        blocker = next((p for p in (root, *root.parents) if p.exists()), None)
+        if blocker is None or blocker.is_dir():
+            continue
+        what = attr.replace("_", " ")
+        where = origins.get(attr) or f"[paths] {attr} in mlvar.toml or {var}"
+        raise MlvarError(
+            f"the {what} {root} is not a folder: {blocker} is a file",
+            f"point {where} at a folder, or move the file away",
+        )
 
 
 def _load_backend_tables(cfg: Config, data: dict[str, Any], file: Path) -> None:

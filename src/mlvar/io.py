@@ -34,11 +34,30 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _naming(exc: OSError, final: Path, tmp: str) -> OSError:
+    """``exc`` with the path the user knows: an error of the temporary ``tmp`` (a file, or a
+    folder and what is inside it), or of no path at all (``write`` on a full disk), is
+    raised naming ``final``; the CLI prints that path (``cli/common.py``)."""
+    name = None if exc.filename is None else os.fsdecode(exc.filename)
+    if exc.errno is None or (name is not None and not name.startswith(tmp)):
+        return exc
+    inside = name[len(tmp) :] if name is not None and name.startswith(tmp + os.sep) else ""
+    return OSError(exc.errno, exc.strerror, str(final) + inside)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file, fsync, rename)."""
+    """Write ``data`` to ``path`` atomically (temp file, fsync, rename).
+
+    An :class:`OSError` (no space, permission denied, read-only filesystem) names ``path``
+    and leaves no temporary file behind.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    prefix = str(path.parent / f".tmp-{path.name}-")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    except OSError as exc:
+        raise _naming(exc, path, prefix) from exc
     try:
         # mkstemp creates 0600; a data file is as readable as any other the user writes.
         os.chmod(tmp, 0o644)
@@ -47,9 +66,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise _naming(exc, path, prefix) from exc
         raise
     _fsync_dir(path.parent)
 
@@ -126,25 +147,42 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
 
 
 @contextlib.contextmanager
+def scratch_dir(final: Path) -> Iterator[Path]:
+    """A new temporary folder beside ``final`` (``.tmp-<name>-*``) to build it in.
+
+    The folder is removed when the block ends, unless the block renamed it away; an
+    :class:`OSError` raised inside names ``final`` (and the file under it), not the
+    temporary path.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    prefix = str(final.parent / f".tmp-{final.name}-")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    except OSError as exc:
+        raise _naming(exc, final, prefix) from exc
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp creates 0700
+        yield tmp
+    except OSError as exc:
+        raise _naming(exc, final, str(tmp)) from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing there once renamed away
+
+
+@contextlib.contextmanager
 def staging_dir(final: Path, replace: bool = False) -> Iterator[Path]:
     """Build a folder under a temporary name and rename it to ``final`` on success.
 
     On any exception the temporary folder is removed, so a failed or killed build never
-    leaves a folder under the final name. With ``replace`` an existing ``final`` is swapped
-    out only once the new folder is complete.
+    leaves a folder under the final name (an :class:`OSError` names the final path). With
+    ``replace`` an existing ``final`` is swapped out only once the new folder is complete.
     """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp creates 0700
+    with scratch_dir(final) as tmp:
         yield tmp
         if replace:
             swap_in(tmp, final)
         else:
             os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _fsync_dir(final.parent)
 
 
@@ -158,6 +196,25 @@ def swap_in(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """Raise the :class:`OSError` that writing into ``folder`` would raise (permission
+    denied, read-only filesystem, no space), naming ``folder``, before any work:
+    the nearest existing folder at or above it gets a temporary folder, removed at once.
+
+    For a command that writes to one root only after writing to another (a report is
+    written after the analysis it needs), so that it fails with nothing written.
+    """
+    folder = Path(folder)
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        return  # a file in the way: the command's own check names it better
+    try:
+        probe = tempfile.mkdtemp(prefix=".tmp-probe-", dir=existing)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(folder)) from exc
+    os.rmdir(probe)
 
 
 def read_meta(folder: Path) -> tuple[Any, str]:

@@ -14,18 +14,28 @@
       runs/<run-id>/model.pt   the trained weights (torch.save of the state_dict; load
                                with torch.load(weights_only=True))
 
-Every file is written atomically and ``run.json`` last, so a run folder without a valid
-``run.json`` is an unfinished run: it is removed and redone, never read. The format is
-documented in ``docs/run-store.md``.
+Every file is written atomically and ``run.json`` last, and a run is built in a temporary
+folder that is renamed into place in one step, so a run folder without a valid
+``run.json`` is an unfinished run (an image run's checkpoint, or a folder of another tool):
+it is resumed or removed and redone, never read. Several processes may write one
+experiment at once: each run is claimed through a lease (:class:`RunClaims`,
+``locks/<run-id>.lock``). The format and these guarantees are documented in
+``docs/run-store.md``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
+import os
 import re
+import secrets
 import shutil
+import time
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,12 +47,15 @@ import pyarrow.parquet as pq
 
 from mlvar.errors import MlvarError, closest
 from mlvar.io import (
+    _fsync_dir,
     atomic_save_npy,
     atomic_write_bytes,
     atomic_write_json,
+    scratch_dir,
     sha256_file,
     staging_dir,
 )
+from mlvar.lease import Lease
 
 STORE_FORMAT = 1
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -50,6 +63,10 @@ SAMPLE_COLUMNS = ("sample_id", "label", "affected", "group")
 RUN_FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 DYNAMICS_FILE = "train.dynamics.npy"
 """Optional per-epoch train logits of a run, ``[E, n_train, C]`` (float16 or float32)."""
+LOCKS_DIR = "locks"
+"""``<experiment>/locks/<run-id>.lock``: the lease of a run a process is writing."""
+WAIT_POLL_S = 1.0
+"""Seconds between two looks at the runs another process holds."""
 
 
 def run_id_for(index: int) -> str:
@@ -159,16 +176,27 @@ class ExperimentStore:
         """Create the experiment folder atomically with ``experiment.json`` and samples.
 
         ``samples[split]`` has arrays ``sample_id``, ``label``, ``affected``, ``group``.
+        If another process creates the same experiment at the same time, the first to
+        rename its folder into place wins and the others get that experiment (open it:
+        its ``meta`` may differ from ``meta``; the caller checks the setup).
         """
         check_experiment_name(name)
         root = Path(runs_root) / name
         meta = dict(meta, store_format=STORE_FORMAT, splits=list(samples))
-        with staging_dir(root) as tmp:
-            for split, cols in samples.items():
-                table = _samples_table(*(cols[c] for c in SAMPLE_COLUMNS))
-                atomic_write_bytes(tmp / "samples" / f"{split}.parquet", parquet_bytes(table))
-            (tmp / "runs").mkdir()
-            atomic_write_json(tmp / "experiment.json", meta)
+        try:
+            with staging_dir(root) as tmp:
+                for split, cols in samples.items():
+                    table = _samples_table(*(cols[c] for c in SAMPLE_COLUMNS))
+                    atomic_write_bytes(tmp / "samples" / f"{split}.parquet", parquet_bytes(table))
+                (tmp / "runs").mkdir()
+                atomic_write_json(tmp / "experiment.json", meta)
+        except OSError as exc:
+            # Another process created the experiment first (the rename onto its folder
+            # fails): this one is discarded and that one opened; the caller compares setups.
+            made = (root / "experiment.json").is_file()
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY) and made:
+                return cls.open(runs_root, name)
+            raise
         return cls(root, meta)
 
     @classmethod
@@ -210,8 +238,9 @@ class ExperimentStore:
         """The finished runs, sorted by run id.
 
         A folder without a readable ``run.json`` with ``status == "complete"`` is not a
-        run. With ``verify``, a run whose arrays fail their sha256 is skipped with a
-        warning that names it.
+        run, nor is one whose ``run.json`` names a file outside it (skipped with a warning
+        that names it: :func:`read_run`). With ``verify``, a run whose arrays fail their
+        sha256 is skipped with a warning that names it.
         """
         found = []
         runs_dir = self.root / "runs"
@@ -234,11 +263,20 @@ class ExperimentStore:
         return found
 
     def unfinished_run_dirs(self) -> list[Path]:
-        """Run folders left by a killed process (no complete ``run.json``)."""
+        """Run folders left by a killed process (no complete ``run.json``); another
+        process may be writing one now (see :class:`RunClaims`)."""
         runs_dir = self.root / "runs"
         if not runs_dir.is_dir():
             return []
-        return [p for p in sorted(runs_dir.iterdir()) if p.is_dir() and read_run(p) is None]
+        return [
+            p
+            for p in sorted(runs_dir.iterdir())
+            if p.is_dir() and RUN_ID_RE.match(p.name) and read_run(p) is None
+        ]
+
+    def lease(self, run_id: str) -> Lease:
+        """The lease of run ``run_id`` (held by whichever process writes that run)."""
+        return Lease(self.root / LOCKS_DIR / f"{run_id}.lock")
 
     def write_run(
         self,
@@ -247,7 +285,6 @@ class ExperimentStore:
         meta: dict[str, Any],
         dynamics: np.ndarray | None = None,
         files: dict[str, tuple[bytes, dict[str, Any]]] | None = None,
-        keep_folder: bool = False,
     ) -> RunRecord:
         """Write one run: every split's logits, then ``run.json`` (status complete) last.
 
@@ -255,28 +292,25 @@ class ExperimentStore:
         ``train.dynamics.npy`` with ``run.json["dynamics_epochs"] = E``. ``files``
         (optional): more files of the run, ``name -> (content, info)``, e.g. the weights
         ``model.pt``; each is listed in ``run.json["arrays"]`` with its sha256 and ``info``.
-        Any earlier unfinished folder of the same id is replaced, unless ``keep_folder``:
-        then the run is written into it and its other files (an image run's checkpoint)
-        stay for the caller to remove once ``run.json`` is there.
+
+        The run is built in a temporary folder beside the others and renamed into place
+        (:meth:`land_run`), replacing an unfinished folder of the same id (an image run's
+        checkpoint) only once it is complete: an error (a full disk) leaves no new folder
+        and the old one as it was. Raises :class:`FileExistsError` if the run is complete
+        already (or becomes so meanwhile): a complete run is never replaced.
         """
         if not RUN_ID_RE.match(run_id):
             raise ValueError(f"invalid run id {run_id!r}")
         path = self.run_dir(run_id)
-        if path.exists():
-            if read_run(path) is not None:
-                raise FileExistsError(f"run {run_id} of {self.name} is already complete")
-            if not keep_folder:
-                shutil.rmtree(path)
-        arrays = {}
+        if read_run(path) is not None:
+            raise _complete_error(self, run_id)
+        # Every check before the first byte is written.
         for split, array in logits.items():
             expected = self.n_samples(split)
             if array.ndim != 2 or array.shape[0] != expected:
                 raise ValueError(
                     f"{split} logits have shape {array.shape}, expected ({expected}, C)"
                 )
-            name = f"{split}.logits.npy"
-            digest = atomic_save_npy(path / name, array)
-            arrays[name] = {"sha256": digest, "shape": list(array.shape), "dtype": str(array.dtype)}
         if dynamics is not None:
             expected = self.n_samples("train") if "train" in self.splits else None
             if dynamics.ndim != 3 or dynamics.shape[0] < 1 or dynamics.shape[1] != expected:
@@ -284,39 +318,253 @@ class ExperimentStore:
                     f"training dynamics have shape {dynamics.shape}, expected "
                     f"(epochs, {expected}, C)"
                 )
-            digest = atomic_save_npy(path / DYNAMICS_FILE, dynamics)
-            arrays[DYNAMICS_FILE] = {
-                "sha256": digest,
-                "shape": list(dynamics.shape),
-                "dtype": str(dynamics.dtype),
-            }
-            meta = dict(meta, dynamics_epochs=int(dynamics.shape[0]))
-        for name, (content, info) in (files or {}).items():
-            if name in arrays or name == "run.json" or not RUN_FILE_RE.match(name):
+        taken = {f"{split}.logits.npy" for split in logits} | {DYNAMICS_FILE, "run.json"}
+        for name in files or {}:
+            if name in taken or not RUN_FILE_RE.match(name):
                 raise ValueError(f"invalid run file name {name!r}")
-            atomic_write_bytes(path / name, content)
-            arrays[name] = {"sha256": hashlib.sha256(content).hexdigest(), **info}
-        meta = dict(meta, run_id=run_id, status="complete", arrays=arrays)
-        atomic_write_json(path / "run.json", meta)
+        arrays = {}
+        with scratch_dir(path) as tmp:
+            for split, array in logits.items():
+                name = f"{split}.logits.npy"
+                digest = atomic_save_npy(tmp / name, array)
+                arrays[name] = {
+                    "sha256": digest,
+                    "shape": list(array.shape),
+                    "dtype": str(array.dtype),
+                }
+            if dynamics is not None:
+                digest = atomic_save_npy(tmp / DYNAMICS_FILE, dynamics)
+                arrays[DYNAMICS_FILE] = {
+                    "sha256": digest,
+                    "shape": list(dynamics.shape),
+                    "dtype": str(dynamics.dtype),
+                }
+                meta = dict(meta, dynamics_epochs=int(dynamics.shape[0]))
+            for name, (content, info) in (files or {}).items():
+                atomic_write_bytes(tmp / name, content)
+                arrays[name] = {"sha256": hashlib.sha256(content).hexdigest(), **info}
+            meta = dict(meta, run_id=run_id, status="complete", arrays=arrays)
+            atomic_write_json(tmp / "run.json", meta)
+            if not self.land_run(tmp, run_id):
+                raise _complete_error(self, run_id)
         return RunRecord(run_id, path, meta)
+
+    def land_run(self, tmp: Path, run_id: str) -> bool:
+        """Move the complete run folder ``tmp`` (same filesystem) into place as ``run_id``.
+
+        An unfinished folder of that id is replaced (moved aside, then removed); a complete
+        one never is: then ``tmp`` stays where it is and the answer is False. A run lands
+        in one rename, so readers see either no run or the whole run.
+        """
+        final = self.run_dir(run_id)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        old = None
+        if final.exists():
+            if read_run(final) is not None:
+                return False
+            old = final.with_name(f".tmp-{run_id}-{secrets.token_hex(4)}-old")
+            try:
+                os.rename(final, old)
+            except FileNotFoundError:
+                old = None  # removed meanwhile
+        try:
+            # Renaming onto a folder that is there again (another writer landed) fails.
+            os.rename(tmp, final)
+        except OSError as exc:
+            if old is not None:  # the unfinished folder goes back, unless a run landed
+                with contextlib.suppress(OSError):
+                    os.rename(old, final)
+                shutil.rmtree(old, ignore_errors=True)
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            return False
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        _fsync_dir(final.parent)
+        return True
 
     def n_samples(self, split: str) -> int:
         """Number of samples of ``split`` (read from the parquet footer)."""
         return pq.read_metadata(self.root / "samples" / f"{split}.parquet").num_rows
 
 
-def read_run(path: Path) -> RunRecord | None:
-    """The run in ``path``, or None when it is unfinished (no complete ``run.json``)."""
+class RunClaims:
+    """The runs of one experiment this process is writing, each held through its lease.
+
+    Any number of processes (two terminals, Slurm jobs on a shared filesystem) may train
+    one experiment at once. Each claims a run before it trains it, by taking the run's
+    lease (``locks/<run-id>.lock``, :mod:`mlvar.lease`); only the holder removes or
+    resumes the run's unfinished folder. A run another process holds is waited for: it
+    ends finished by that process (taken as finished here), or its lease goes stale
+    (that process died) and this one claims and trains it. Waiting never happens while
+    holding a lease, so two processes cannot wait for each other. Leases still held
+    when the ``with`` block ends are released.
+
+    Parameters
+    ----------
+    store
+        The experiment.
+    keep
+        ``keep(folder)``: whether an unfinished run folder is kept for resuming (an image
+        run's checkpoint) rather than removed. Default: removed.
+    on_wait
+        Called as ``on_wait(run_id, holder)`` (holder ``host:pid``) before each pause
+        while every run left is held by another process.
+    """
+
+    def __init__(
+        self,
+        store: ExperimentStore,
+        keep: Callable[[Path], bool] | None = None,
+        on_wait: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.keep = keep
+        self.on_wait = on_wait
+        self.finished: list[str] = []  # complete when claimed: another process wrote them
+        self.cleaned: list[str] = []  # unfinished folders removed
+        self._held: dict[str, Lease] = {}
+
+    def __enter__(self) -> RunClaims:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for run_id in list(self._held):
+            self.release(run_id)
+
+    def claim(self, run_id: str) -> bool | None:
+        """Claim ``run_id`` without waiting: True when this process holds it now (what a
+        killed writer left of it removed, or kept by ``keep``), False when another process
+        holds it, None when it is complete."""
+        if run_id in self._held:
+            return True
+        path = self.store.run_dir(run_id)
+        if read_run(path) is not None:
+            self._remove_staging(run_id, old_only=True)
+            return None
+        lease = self.store.lease(run_id)
+        if not lease.acquire():
+            return False
+        if read_run(path) is not None:  # finished by the process that held it just now
+            lease.release()
+            return None
+        self._held[run_id] = lease
+        self._remove_staging(run_id)
+        if path.is_dir() and not (self.keep is not None and self.keep(path)):
+            shutil.rmtree(path)
+            self.cleaned.append(run_id)
+        return True
+
+    def release(self, run_id: str) -> None:
+        """Give up the claim on ``run_id`` (its lease)."""
+        lease = self._held.pop(run_id, None)
+        if lease is not None:
+            lease.release()
+
+    def packs(self, indices: Sequence[int], size: int) -> Iterator[list[int]]:
+        """Claim the runs ``indices`` in order and yield them in packs of at most ``size``
+        claimed runs, each pack released when the next is asked for.
+
+        Runs another process holds are tried again after the others, and waited for
+        (polled every :data:`WAIT_POLL_S` s) once nothing else is left; those it finishes
+        are listed in :attr:`finished` and never yielded.
+        """
+        todo = list(indices)
+        while todo:
+            pack: list[int] = []
+            busy: list[int] = []
+            for index in todo:
+                state = self.claim(run_id_for(index)) if len(pack) < size else False
+                if state is None:
+                    self.finished.append(run_id_for(index))
+                elif state:
+                    pack.append(index)
+                else:
+                    busy.append(index)
+            todo = busy
+            if pack:
+                try:
+                    yield pack
+                finally:
+                    for index in pack:
+                        self.release(run_id_for(index))
+            elif todo:
+                if self.on_wait is not None:
+                    first = run_id_for(todo[0])
+                    self.on_wait(first, self.store.lease(first).holder())
+                time.sleep(WAIT_POLL_S)
+
+    def _remove_staging(self, run_id: str, old_only: bool = False) -> None:
+        """Remove the temporary folders of ``run_id`` a killed writer left (only a holder
+        of the run's lease writes them; an ``-old`` one is garbage once the run is
+        complete)."""
+        pattern = re.compile(rf"^\.tmp-{re.escape(run_id)}-[a-z0-9_]{{8}}(-old)?$")
+        runs_dir = self.store.root / "runs"
+        if not runs_dir.is_dir():
+            return
+        for path in runs_dir.iterdir():
+            match = pattern.match(path.name)
+            if match and (match.group(1) or not old_only):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _complete_error(store: ExperimentStore, run_id: str) -> FileExistsError:
+    return FileExistsError(
+        errno.EEXIST,
+        f"run {run_id} of {store.name} is already complete",
+        str(store.run_dir(run_id)),
+    )
+
+
+def plain_file_name(name: object) -> bool:
+    """Whether ``name`` names a file directly inside a folder: no folder part, not ``.``
+    or ``..``, nothing absolute (what ``run.json`` may list as a run's arrays)."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+    )
+
+
+def inspect_run(path: Path) -> tuple[RunRecord | None, str]:
+    """The run in ``path`` and ``""``, or None and why it is not a run.
+
+    Not runs: a folder whose name is not a run id (``.tmp-*``: a run being written), one
+    without a complete ``run.json`` (unfinished), and one whose ``run.json`` lists an
+    array that is not a plain file name in the folder (``../../x.npy``): it is never
+    opened.
+    """
+    path = Path(path)
     file = path / "run.json"
+    if not RUN_ID_RE.match(path.name):
+        return None, "not a run folder"
     if not path.is_dir() or not file.is_file():
-        return None
+        return None, "unfinished (no complete run.json)"
     try:
         meta = json.loads(file.read_text())
     except (OSError, ValueError):
-        return None
+        return None, "unfinished (no complete run.json)"
     if not isinstance(meta, dict) or meta.get("status") != "complete":
-        return None
-    return RunRecord(path.name, path, meta)
+        return None, "unfinished (no complete run.json)"
+    arrays = meta.get("arrays", {})
+    if not isinstance(arrays, dict) or not all(isinstance(v, dict) for v in arrays.values()):
+        return None, "run.json 'arrays' is not a table of files"
+    unsafe = [name for name in arrays if not plain_file_name(name)]
+    if unsafe:
+        return None, f"run.json lists {unsafe[0]!r}, not a plain file name in the run folder"
+    return RunRecord(path.name, path, meta), ""
+
+
+def read_run(path: Path) -> RunRecord | None:
+    """The run in ``path``, or None when it is unfinished (no complete ``run.json``) or not
+    a run; one whose ``run.json`` names files outside its folder is skipped with a warning
+    that names it (:func:`inspect_run`)."""
+    record, why = inspect_run(path)
+    if record is None and why.startswith("run.json"):
+        warnings.warn(f"skipping run {Path(path).name} ({path}): {why}", stacklevel=2)
+    return record
 
 
 def list_experiments(runs_root: Path) -> list[str]:
@@ -324,4 +572,9 @@ def list_experiments(runs_root: Path) -> list[str]:
     root = Path(runs_root)
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if (p / "experiment.json").is_file())
+    return sorted(
+        p.name
+        for p in root.iterdir()
+        # not a ``.tmp-*`` folder: an experiment being created
+        if RUN_ID_RE.match(p.name) and (p / "experiment.json").is_file()
+    )

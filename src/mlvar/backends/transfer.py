@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mlvar.errors import MlvarError
-from mlvar.io import _fsync_dir
-from mlvar.store import RUN_ID_RE, ExperimentStore, read_run
+from mlvar.store import RUN_ID_RE, ExperimentStore, RunClaims, inspect_run, read_run
 
 #: experiment.json keys that must agree between a worker output and the destination.
 IDENTITY_KEYS = ("dataset", "scenario.manifest_sha256", "model", "train")
@@ -121,9 +120,9 @@ def import_runs(source: Path, store: ExperimentStore) -> ImportResult:
 
 
 def _import_one(path: Path, store: ExperimentStore, result: ImportResult) -> str | None:
-    record = read_run(path)
+    record, why = inspect_run(path)
     if record is None:
-        return "unfinished (no complete run.json)"
+        return why
     if read_run(store.run_dir(record.run_id)) is not None:
         result.skipped.append(record.run_id)
         return None
@@ -150,19 +149,12 @@ def _import_one(path: Path, store: ExperimentStore, result: ImportResult) -> str
         copy = read_run(tmp)
         if copy is None or copy.verify():
             return "the copy failed verification"
-        final = store.run_dir(record.run_id)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        if final.exists():
-            if read_run(final) is not None:
-                result.skipped.append(record.run_id)
+        # The run's lease keeps a local process from writing it meanwhile; land_run
+        # replaces an unfinished folder (a killed local run's), never a complete run.
+        with RunClaims(store, keep=lambda _folder: True) as claims:
+            if not claims.claim(record.run_id) or not store.land_run(tmp, record.run_id):
+                result.skipped.append(record.run_id)  # complete, or being written here
                 return None
-            shutil.rmtree(final)  # an unfinished folder left by a killed local run
-        try:
-            os.rename(tmp, final)
-        except OSError:  # appeared meanwhile: never overwrite it
-            result.skipped.append(record.run_id)
-            return None
-        _fsync_dir(final.parent)
         result.imported.append(record.run_id)
         return None
     finally:

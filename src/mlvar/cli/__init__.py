@@ -10,7 +10,7 @@ import typer
 from typer.core import TyperGroup
 
 from mlvar import __version__
-from mlvar.cli import analyze, data, demo, report, submit, train
+from mlvar.cli import analyze, common, data, demo, report, submit, train
 
 try:  # typer >= 0.20 vendors click
     from typer._click import exceptions as _click_exc
@@ -103,8 +103,15 @@ def _root(
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
+    debug: bool = typer.Option(
+        False,
+        "--debug",
+        help="Show the traceback of an error (an OS fault, bad input) before its one line "
+        "(also MLVAR_DEBUG=1).",
+    ),
 ) -> None:
     """mlvar: seed variance for data debugging."""
+    common.debug = debug
 
 
 def main() -> None:

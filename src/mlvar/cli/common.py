@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import sys
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mlvar.config import Config, load_config
-from mlvar.errors import MlvarError
+from mlvar.errors import ExitCode, MlvarError
 
 
 def _width() -> int | None:
@@ -44,20 +46,83 @@ JsonOpt = Annotated[
 ]
 
 
+#: Set by ``mlvar --debug``; ``MLVAR_DEBUG=1`` does the same.
+debug = False
+
+_DEBUG_HINT = "'mlvar --debug ...' shows the traceback"
+
+#: The OS faults that are the machine's, not mlvar's: one line and exit code 2, with what
+#: to do. Any other OSError (a connection refused, say) stays an internal error.
+_OS_FAULT_HINTS = {
+    errno.ENOSPC: "free space on that filesystem, or write elsewhere, and run it again",
+    errno.EDQUOT: "free space within your quota, or write elsewhere, and run it again",
+    errno.EACCES: "check the permissions there, or point [paths] or MLVAR_*_ROOT elsewhere",
+    errno.EPERM: "check the permissions there, or point [paths] or MLVAR_*_ROOT elsewhere",
+    errno.EROFS: "that filesystem is read-only: point [paths] or MLVAR_*_ROOT elsewhere",
+    errno.ENOTDIR: "a file is where a folder should be: move it or pick another path",
+    errno.EISDIR: "a folder is where a file should be: move it or pick another path",
+    errno.EEXIST: "something is in the way there: move it or pick another path",
+    errno.ENOTEMPTY: "something is in the way there: move it or pick another path",
+    errno.ENOENT: "it vanished while mlvar ran (removed by another process?): run it again",
+    errno.ENAMETOOLONG: "pick a shorter path",
+    errno.EIO: "the disk or network filesystem failed: check it, then run it again",
+    errno.ESTALE: "the network filesystem failed: check it, then run it again",
+    errno.EMFILE: "too many open files: raise 'ulimit -n', then run it again",
+    errno.ENFILE: "too many open files on this machine: run it again later",
+    errno.EFBIG: "the file is too large for that filesystem: write elsewhere",
+}
+
+
+def debug_enabled() -> bool:
+    """Whether tracebacks of handled errors are shown (``--debug`` or ``MLVAR_DEBUG``)."""
+    return debug or os.environ.get("MLVAR_DEBUG", "").strip().lower() not in ("", "0", "false")
+
+
+def os_fault_message(exc: OSError) -> tuple[str, str] | None:
+    """An OS fault (no space, permission denied, read-only filesystem, ...) as the message
+    and hint of its one line, naming the path and the cause; None for other OSErrors."""
+    hint = _OS_FAULT_HINTS.get(exc.errno) if exc.errno is not None else None
+    if hint is None:
+        return None
+    cause = exc.strerror or os.strerror(exc.errno)
+    where = exc.filename
+    if where is None:
+        return cause, hint
+    return f"{cause}: {os.fsdecode(where)}", hint
+
+
 @contextlib.contextmanager
 def cli_errors() -> Iterator[None]:
-    """Turn user errors into one line on stderr and exit code 2; Ctrl-C into 130."""
+    """Turn user errors and OS faults into one line on stderr and exit code 2 (with
+    ``--debug``, after the traceback); Ctrl-C into 130.
+
+    This is the one place OS errors become messages: services let them through, naming
+    the path (``mlvar.io`` names the final path of a file written atomically).
+    """
     try:
         yield
     except MlvarError as exc:
-        message = f"Error: {exc.message}"
-        if exc.hint:
-            message += f" (hint: {exc.hint})"
-        err_console.print(message, markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        _one_line(exc.message, exc.hint)
+        raise typer.Exit(ExitCode.BAD_INPUT) from None
+    except OSError as exc:
+        fault = os_fault_message(exc)
+        if fault is None:
+            raise
+        message, hint = fault
+        _one_line(message, f"{hint}; {_DEBUG_HINT}" if not debug_enabled() else hint)
+        raise typer.Exit(ExitCode.BAD_INPUT) from None
     except KeyboardInterrupt:
         err_console.print("Interrupted.", markup=False)
-        raise typer.Exit(130) from None
+        raise typer.Exit(ExitCode.INTERRUPTED) from None
+
+
+def _one_line(message: str, hint: str) -> None:
+    if debug_enabled():
+        traceback.print_exc(file=sys.stderr)
+    line = f"Error: {message}"
+    if hint:
+        line += f" (hint: {hint})"
+    err_console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def get_config(path: Path | None) -> Config:

@@ -18,6 +18,7 @@ from mlvar.cli.common import (
     table,
 )
 from mlvar.demo import DEMO_RUNS, run_demo
+from mlvar.io import check_writable
 
 
 def demo(
@@ -39,6 +40,8 @@ def demo(
     """
     with cli_errors():
         cfg = get_config(config)
+        for root in (cfg.paths.data_root, cfg.paths.runs_root, cfg.paths.reports_root):
+            check_writable(root)  # a root it cannot write fails before any work
         with ProgressBar(not json_out) as bar:
 
             def step(message: str) -> None:

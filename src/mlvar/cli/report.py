@@ -19,6 +19,7 @@ from mlvar.cli.common import (
     print_json,
 )
 from mlvar.errors import MlvarError
+from mlvar.io import check_writable
 from mlvar.report.html import TOP_DEFAULT, build_report
 from mlvar.store import ExperimentStore
 
@@ -83,6 +84,7 @@ def html(
     """
     with cli_errors():
         cfg = get_config(config)
+        check_writable(out or cfg.paths.reports_root)  # before the analysis it may write
         if study:
             from mlvar.report.study import build_study_report
 

@@ -17,7 +17,8 @@ and lookahead state, generator states, recorded dynamics), written atomically; a
 run restarts from it and ends with the same weights as an uninterrupted one. A finished
 run writes its logits for every split, optionally ``train.dynamics.npy``, and ``model.pt``
 (the final ``state_dict``, load with ``torch.load(path, weights_only=True)``), then
-``run.json`` listing them all with their sha256, and deletes the checkpoint.
+``run.json`` listing them all with their sha256, in a temporary folder that then replaces
+the run folder and its checkpoint (a failed write keeps the checkpoint to resume from).
 """
 
 from __future__ import annotations
@@ -426,21 +427,15 @@ def write_run(
     state_dict: dict[str, torch.Tensor],
     dynamics: np.ndarray | None = None,
 ) -> RunRecord:
-    """Write a finished image run into its folder (which may hold its checkpoint): logits,
-    dynamics, ``model.pt``, then ``run.json`` last; then drop the checkpoint.
+    """Write a finished image run: logits, dynamics, ``model.pt``, then ``run.json`` last.
 
-    :meth:`ExperimentStore.write_run` with the weights file, keeping the folder.
+    :meth:`ExperimentStore.write_run` with the weights file: the run is built beside its
+    folder and replaces it (and the checkpoint in it) once complete, so a failed write
+    keeps the checkpoint to resume from.
     """
-    record = store.write_run(
-        run_id,
-        arrays,
-        meta,
-        dynamics,
-        files={WEIGHTS_FILE: weights_file(state_dict)},
-        keep_folder=True,
+    return store.write_run(
+        run_id, arrays, meta, dynamics, files={WEIGHTS_FILE: weights_file(state_dict)}
     )
-    (record.path / CHECKPOINT_FILE).unlink(missing_ok=True)
-    return record
 
 
 def resolve_workers(cfg: TrainConfig, n_pending: int) -> int:
@@ -505,6 +500,16 @@ def _build_data(
         return ImageData.build(splits, manifest, device)
 
 
+#: ``schedule(indices, size)`` yields the packs of at most ``size`` of ``indices`` to
+#: train now (``store.RunClaims.packs``: the runs this process has claimed).
+Schedule = Callable[[list[int], int], Iterator[list[int]]]
+
+
+def _in_order(indices: list[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(indices), size):
+        yield indices[start : start + size]
+
+
 def train_runs(
     store: ExperimentStore,
     scenario: Scenario,
@@ -513,6 +518,7 @@ def train_runs(
     pending: list[int],
     extra_meta: dict[str, Any],
     progress: Callable[[int, int, str], None] | None = None,
+    schedule: Schedule = _in_order,
 ) -> Iterator[tuple[str, dict[str, float]]]:
     """Train and write the runs ``pending``; yield ``(run_id, accuracy)`` as each finishes.
 
@@ -521,25 +527,42 @@ def train_runs(
     shared out among :func:`resolve_workers` processes (``cfg.workers``; by default one
     per core, the fastest on a 2-core CPU, see ``benchmarks/train_speed.py``); otherwise
     they train one after the other in this process. ``progress(done, total, run_id)``
-    counts run-epochs.
+    counts run-epochs. ``schedule`` hands out the runs: by default all of them, in
+    order; ``train.service`` passes the runs it has claimed, one at a time in this
+    process (so that other processes training the experiment share the runs) and all it
+    can claim at once for worker processes (which start once).
     """
     workers = resolve_workers(cfg, len(pending))
-    if workers > 1:
-        yield from _train_in_workers(
-            store, scenario.manifest, splits, cfg, pending, extra_meta, progress, workers
-        )
-        return
-    device = torch.device(cfg.device)
-    data = _build_data(splits, scenario.manifest, device)
     total = len(pending) * cfg.epochs
-    for pos, index in enumerate(pending):
-        run_id = run_id_for(index)
+    data: ImageData | None = None
+    base = 0  # run-epochs of the packs trained before
+    for pack in schedule(pending, len(pending) if workers > 1 else 1):
 
-        def on_epoch(done: int, _total: int, pos: int = pos, run_id: str = run_id) -> None:
+        def relay(done: int, _total: int, run_id: str, base: int = base) -> None:
             if progress:
-                progress(pos * cfg.epochs + done, total, run_id)
+                progress(base + done, total, run_id)
 
-        yield _train_and_write(store, data, splits, cfg, index, extra_meta, on_epoch)
+        if resolve_workers(cfg, len(pack)) > 1:
+            yield from _train_in_workers(
+                store,
+                scenario.manifest,
+                splits,
+                cfg,
+                pack,
+                extra_meta,
+                relay,
+                resolve_workers(cfg, len(pack)),
+            )
+        else:
+            if data is None:
+                data = _build_data(splits, scenario.manifest, torch.device(cfg.device))
+            for pos, index in enumerate(pack):
+
+                def on_epoch(done: int, _total: int, pos: int = pos, index: int = index) -> None:
+                    relay(pos * cfg.epochs + done, total, run_id_for(index))
+
+                yield _train_and_write(store, data, splits, cfg, index, extra_meta, on_epoch)
+        base += len(pack) * cfg.epochs
 
 
 # ---------------------------------------------------------------- worker processes

@@ -24,7 +24,13 @@ from mlvar.config import Config, TrainConfig, check_model_input, switch_model, v
 from mlvar.data.registry import DATASETS
 from mlvar.data.scenario import Scenario, SplitData, resolve_scenario
 from mlvar.errors import MlvarError, unknown_choice
-from mlvar.store import ExperimentStore, check_experiment_name, list_experiments, run_id_for
+from mlvar.store import (
+    ExperimentStore,
+    RunClaims,
+    check_experiment_name,
+    list_experiments,
+    run_id_for,
+)
 from mlvar.train import images
 from mlvar.train.mlp import ENGINES, TrainData
 from mlvar.train.seeding import RunGenerators, run_seed
@@ -223,44 +229,77 @@ def train(
         shutil.rmtree(root)
     if exp_name in list_experiments(runs_root):
         store = ExperimentStore.open(runs_root, exp_name)
-        _check_same_experiment(store.meta, meta, exp_name)
     else:
         splits = {s: found.load(s) for s in found.splits}
         samples = {
             s: {"sample_id": d.id, "label": d.y, "affected": d.affected, "group": d.group}
             for s, d in splits.items()
         }
+        # Or the experiment another process created meanwhile: its setup is checked below.
         store = ExperimentStore.create(runs_root, exp_name, meta, samples)
+    _check_same_experiment(store.meta, meta, exp_name)
 
     result = TrainResult(exp_name, store.root, device=cfg.device, engine=cfg.engine)
-    for path in store.unfinished_run_dirs():
-        if cfg.model != "mlp" and (path / images.CHECKPOINT_FILE).is_file():
-            continue  # an image run killed after a checkpoint: resumed below
-        shutil.rmtree(path)
-        result.cleaned.append(path.name)
-    done = {r.run_id for r in store.runs()}
     wanted = range(runs) if run_indices is None else sorted({int(i) for i in run_indices})
     if any(i < 0 for i in wanted):
         raise MlvarError("run indices must be >= 0", "run r has seed base_seed + r")
+
+    def resumable(path: Path) -> bool:  # an image run killed after a checkpoint
+        return cfg.model != "mlp" and (path / images.CHECKPOINT_FILE).is_file()
+
+    # Other processes may train this experiment at once: every run is claimed first
+    # (store.RunClaims); one they hold is waited for, one they finish counts as skipped.
+    with RunClaims(store, keep=resumable) as claims:
+        _train_claimed(store, found, cfg, claims, wanted, result, progress)
+    result.trained.sort()  # a run waited for may be trained after later ones
+    result.accuracy = dict(sorted(result.accuracy.items()))
+    result.skipped = sorted(result.skipped + claims.finished)
+    result.cleaned = claims.cleaned
+    return result
+
+
+def _train_claimed(
+    store: ExperimentStore,
+    found: Scenario,
+    cfg: TrainConfig,
+    claims: RunClaims,
+    wanted: Sequence[int],
+    result: TrainResult,
+    progress: Progress | None,
+) -> None:
+    """Train the runs ``wanted`` of ``store`` that are not finished, as ``claims`` allows."""
+    for path in store.unfinished_run_dirs():  # left by killed processes: removed if free
+        if claims.claim(path.name):
+            claims.release(path.name)
+    done = {r.run_id for r in store.runs()}
     pending = [i for i in wanted if run_id_for(i) not in done]
     result.skipped = [run_id_for(i) for i in wanted if run_id_for(i) in done]
     if not pending:
-        return result
+        return
 
+    total = len(pending) * cfg.epochs
+    trained_epochs = 0  # run-epochs of the runs trained so far, for the progress bar
+
+    def on_wait(run_id: str, holder: str) -> None:
+        if progress:
+            progress(trained_epochs, total, f"waiting for {run_id}, held by {holder or '?'}")
+
+    claims.on_wait = on_wait
     splits = {s: found.load(s) for s in found.splits}
     if cfg.model != "mlp":
         started_all = time.perf_counter()
         extra = {"code_version": _code_version(), "packages": _packages()}
         # On the CPU several runs may train at once in worker processes (cfg.workers):
         # they are yielded as they finish, and listed here in run order.
-        for run_id, acc in images.train_runs(store, found, splits, cfg, pending, extra, progress):
+        for run_id, acc in images.train_runs(
+            store, found, splits, cfg, pending, extra, progress, schedule=claims.packs
+        ):
             result.trained.append(run_id)
             result.accuracy[run_id] = acc
-        result.trained.sort()
-        result.accuracy = dict(sorted(result.accuracy.items()))
+            trained_epochs += cfg.epochs
         result.engine = "loop"
         result.wall_time_s = time.perf_counter() - started_all
-        return result
+        return
     device = torch.device(cfg.device)
     data = TrainData(
         x=torch.from_numpy(features(splits["train"], found.manifest)).to(device),
@@ -272,13 +311,11 @@ def train(
     }
     engine = ENGINES[cfg.engine]
     pack = cfg.pack_size if cfg.engine == "batched" else 1
-    total = len(pending) * cfg.epochs
     code_version, packages = _code_version(), _packages()
     started_all = time.perf_counter()
-    for start in range(0, len(pending), pack):
-        indices = pending[start : start + pack]
+    for indices in claims.packs(pending, pack):
         gens = [RunGenerators(cfg.base_seed, i, cfg.vary) for i in indices]
-        offset = start * cfg.epochs
+        offset = trained_epochs
         label = f"runs {run_id_for(indices[0])}..{run_id_for(indices[-1])}"
 
         def on_epoch(done_: int, _total: int, offset: int = offset, label: str = label) -> None:
@@ -328,5 +365,5 @@ def train(
             )
             result.trained.append(record.run_id)
             result.accuracy[record.run_id] = acc
+        trained_epochs += len(indices) * cfg.epochs
     result.wall_time_s = time.perf_counter() - started_all
-    return result
