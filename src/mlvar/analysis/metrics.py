@@ -324,10 +324,8 @@ def sum_statistic(name: str) -> str:
 
 
 def reduce_runs(values: RunValues, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
-    """The statistics ``names`` (default: every ``"probs"`` statistic) of one block of runs.
-
-    Returns ``{name: array}`` in registry order.
-    """
+    """The ``"probs"`` statistics ``names`` (default: all of them) of one block of runs,
+    as ``{name: array}`` in registry order (dynamics statistics: :func:`dynamics_sums`)."""
     wanted = set(STATISTICS if names is None else names)
     out: dict[str, np.ndarray] = {}
     sums: dict[str, np.ndarray] = {}  # per-run value -> its sum over runs, computed once
