@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
@@ -327,31 +327,31 @@ def reduce_runs(values: RunValues, names: Iterable[str] | None = None) -> dict[s
     """The ``"probs"`` statistics ``names`` (default: all of them) of one block of runs,
     as ``{name: array}`` in registry order (dynamics statistics: :func:`dynamics_sums`)."""
     wanted = set(STATISTICS if names is None else names)
-    out: dict[str, np.ndarray] = {}
-    sums: dict[str, np.ndarray] = {}  # per-run value -> its sum over runs, computed once
-
-    def total(value: str) -> np.ndarray:
-        if value not in sums:
-            sums[value] = sequential_sum(getattr(values, value))
-        return sums[value]
-
+    by_value: dict[str, list[Statistic]] = {}
     for stat in STATISTICS.values():
-        if stat.name not in wanted or stat.source != PROBS:
-            continue
-        if stat.reduce == SUM:
-            out[stat.name] = total(stat.value)
-        elif stat.reduce == M2:
-            x = getattr(values, stat.value)
-            d = x - (total(stat.value) / values.n_runs)[None, :]
-            out[stat.name] = sequential_sum(d * d)
-        elif stat.reduce == COUNT:
-            k = values.n_classes
-            flat = getattr(values, stat.value) + (np.arange(values.n, dtype=np.int64) * k)[None, :]
-            counts = np.bincount(flat.ravel(), minlength=values.n * k)
-            out[stat.name] = counts.reshape(values.n, k).astype(np.int64)
-        else:  # RUNS
-            out[stat.name] = getattr(values, stat.value).copy()
-    return out
+        if stat.name in wanted and stat.source == PROBS:
+            by_value.setdefault(stat.value, []).append(stat)
+    out: dict[str, np.ndarray] = {}
+    # Every statistic of one per-run value in turn, while that value is in the cache.
+    for value, stats in by_value.items():
+        x = getattr(values, value)
+        total = None
+        for stat in stats:
+            if stat.reduce in (SUM, M2) and total is None:
+                total = sequential_sum(x)
+            if stat.reduce == SUM:
+                out[stat.name] = total
+            elif stat.reduce == M2:
+                d = x - (total / values.n_runs)[None, :]
+                out[stat.name] = sequential_sum(d * d)
+            elif stat.reduce == COUNT:
+                k = values.n_classes
+                flat = x + (np.arange(values.n, dtype=np.int64) * k)[None, :]
+                counts = np.bincount(flat.ravel(), minlength=values.n * k)
+                out[stat.name] = counts.reshape(values.n, k).astype(np.int64)
+            else:  # RUNS
+                out[stat.name] = x.copy()
+    return {k: out[k] for k in STATISTICS if k in out}
 
 
 def dynamics_names() -> list[str]:
@@ -417,9 +417,18 @@ class Sufficient:
     arrays: Mapping[str, np.ndarray]
     n_runs: int
     labels: np.ndarray  # int64 [n]
+    _shared: dict[Callable[..., np.ndarray], np.ndarray] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.arrays[name]
+
+    def shared(self, fn: Callable[[Sufficient], np.ndarray]) -> np.ndarray:
+        """``fn(self)``, computed once for all the metrics that read it."""
+        if fn not in self._shared:
+            self._shared[fn] = fn(self)
+        return self._shared[fn]
 
     @property
     def n(self) -> int:
@@ -508,7 +517,7 @@ def _expected_entropy(s: Sufficient) -> np.ndarray:
 
 def _mutual_information(s: Sufficient) -> np.ndarray:
     # Non-negative in exact arithmetic (Jensen); clip float round-off below zero.
-    return np.maximum(_predictive_entropy(s) - _expected_entropy(s), 0.0)
+    return np.maximum(s.shared(_predictive_entropy) - s.shared(_expected_entropy), 0.0)
 
 
 def _registry(*metrics: Metric) -> dict[str, Metric]:
@@ -620,7 +629,7 @@ METRICS: dict[str, Metric] = _registry(
         False,
         True,
         ("prob_sum",),
-        _predictive_entropy,
+        lambda s: s.shared(_predictive_entropy),
     ),
     Metric(
         "expected_entropy",
@@ -628,7 +637,7 @@ METRICS: dict[str, Metric] = _registry(
         False,
         True,
         ("entropy_sum",),
-        _expected_entropy,
+        lambda s: s.shared(_expected_entropy),
     ),
     Metric(
         "mutual_information",
