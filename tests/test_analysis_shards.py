@@ -209,3 +209,24 @@ def test_cli_incomplete_merge_is_one_line(
     assert out.exit_code == 2
     (line,) = out.stderr.strip().splitlines()
     assert "incomplete: missing 1/3, 3/3" in line and "--shard i/3" in line
+
+
+def test_partial_arrays_are_the_registry_statistics(tmp_path: Path) -> None:
+    from mlvar.analysis.metrics import STATISTICS
+    from mlvar.analysis.partial import Partial
+
+    rng = np.random.default_rng(6)
+    probs = rng.dirichlet(np.ones(3), size=(4, 20))
+    labels = rng.integers(0, 3, 20)
+    part = from_probs(probs, labels)
+    assert list(part.arrays()) == [k for k, s in STATISTICS.items() if s.source == "probs"]
+    assert part.dynamics is None and part.n == 20
+    part.save(tmp_path, {})
+    loaded = Partial.load(tmp_path, mmap=False)
+    pd.testing.assert_frame_equal(finalize(loaded, labels), finalize(part, labels))
+    (tmp_path / "m2_gap.npy").unlink()
+    with pytest.raises(ValueError, match="lacks m2_gap"):
+        Partial.load(tmp_path)
+    dyn = {"dyn_dm_confidence": np.zeros(20)}  # only one of the dynamics statistics
+    with pytest.raises(ValueError, match="lacks dyn_dm_variability"):
+        from_probs(probs, labels, dyn)

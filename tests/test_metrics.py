@@ -235,3 +235,128 @@ def test_baseline_scores() -> None:
     # -max_c p_r: run 0 [.5,.6,.4,1], run 1 [.5,.6,.4,1], run 2 [.5,.8,.4,1]
     expected = [[0.5, 0.6, 0.4, 1], [0.5, 0.6, 0.4, 1], [0.5, 0.8, 0.4, 1]]
     np.testing.assert_allclose(scores["neg_maxconf"], -np.array(expected))
+
+
+# ---------------------------------------------------------------- the registry's records
+
+
+def _plain_entropy(p: np.ndarray, axis: int) -> np.ndarray:
+    logs = np.where(p > 0, np.log(np.where(p > 0, p, 1.0)), 0.0)
+    return -(p * logs).sum(axis=axis)
+
+
+def _plain_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Every metric written out directly with numpy, independently of the registry."""
+    r, n, c = probs.shape
+    gconf = probs[:, np.arange(n), labels]
+    maxconf = probs.max(axis=2)
+    gap = maxconf - gconf
+    grank = (probs > gconf[:, :, None]).sum(axis=2)
+    preds = probs.argmax(axis=2)
+    votes = np.stack([(preds == k).sum(axis=0) for k in range(c)], axis=1)
+    pairs = [(a, b) for a in range(r) for b in range(a + 1, r)]
+    disagree = [np.mean([preds[a, i] != preds[b, i] for a, b in pairs]) for i in range(n) if pairs]
+    predictive = _plain_entropy(probs.mean(axis=0), axis=1)
+    expected = _plain_entropy(probs, axis=2).mean(axis=0)
+    out = {"n_correct": (preds == labels[None, :]).sum(axis=0)}
+    for name, x in [("gconf", gconf), ("maxconf", maxconf), ("gap", gap), ("grank", grank)]:
+        out[f"{name}_mean"], out[f"{name}_std"] = x.mean(axis=0), x.std(axis=0)
+    return out | {
+        "n_distinct_pred": np.array([len(set(preds[:, i])) for i in range(n)]),
+        "vote_entropy": _plain_entropy(votes / r, axis=1),
+        "disagreement": np.array(disagree) if pairs else np.zeros(n),
+        "variation_ratio": 1 - votes.max(axis=1) / r,
+        "predictive_entropy": predictive,
+        "expected_entropy": expected,
+        "mutual_information": np.maximum(predictive - expected, 0.0),
+    }
+
+
+@pytest.mark.parametrize("runs", [1, 2, 9])
+def test_registry_matches_plain_numpy(runs: int) -> None:
+    rng = np.random.default_rng(runs)
+    probs = rng.dirichlet(np.ones(4) * 0.5, size=(runs, 60))
+    probs[:, :5] = np.eye(4)[rng.integers(0, 4, size=(runs, 5))]  # exact 0s and 1s
+    labels = rng.integers(0, 4, size=60)
+    expected = _plain_metrics(probs, labels)
+    got = compute_metrics(probs, labels)
+    assert list(expected) == list(got.columns)
+    for name in METRICS:
+        np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=1e-12, err_msg=name)
+    scores = baseline_scores(probs, labels)
+    np.testing.assert_array_equal(scores["neg_gconf"], -probs[:, np.arange(60), labels])
+    np.testing.assert_array_equal(scores["neg_maxconf"], -probs.max(axis=2))
+
+
+def test_each_metric_reads_only_the_statistics_it_declares() -> None:
+    from mlvar.analysis.metrics import (
+        ALL_METRICS,
+        STATISTICS,
+        RunValues,
+        Sufficient,
+        dynamics_sums,
+        reduce_runs,
+    )
+
+    rng = np.random.default_rng(4)
+    dyn = rng.dirichlet(np.ones(3), size=(3, 4, 25))  # [R, E, n, C]
+    labels = rng.integers(0, 3, size=25)
+    full = reduce_runs(RunValues(dyn[:, -1], labels)) | dynamics_sums(iter(dyn), labels)
+    assert list(full) == list(STATISTICS)
+    for metric in ALL_METRICS.values():
+        assert metric.statistics and set(metric.statistics) <= set(STATISTICS)
+        only = Sufficient({k: full[k] for k in metric.statistics}, 3, labels)
+        whole = Sufficient(full, 3, labels)
+        np.testing.assert_array_equal(metric.finish(only), metric.finish(whole))
+    for b in BASELINES.values():
+        assert STATISTICS[b.statistic].reduce == "runs"
+
+
+def test_in_memory_and_streaming_are_the_same_records_exactly() -> None:
+    from mlvar.analysis.partial import concat_samples, finalize, from_probs
+
+    rng = np.random.default_rng(5)
+    probs = rng.dirichlet(np.ones(7) * 0.3, size=(13, 90))
+    labels = rng.integers(0, 7, size=90)
+    blocks = [from_probs(probs[:, a : a + 8], labels[a : a + 8]) for a in range(0, 90, 8)]
+    streamed = finalize(concat_samples(blocks), labels)
+    pd.testing.assert_frame_equal(compute_metrics(probs, labels), streamed, check_exact=True)
+    part = concat_samples(blocks)
+    scores = baseline_scores(probs, labels)
+    for b in BASELINES.values():
+        np.testing.assert_array_equal(scores[b.name], -part[b.statistic])
+
+
+def _doc_table(text: str, header: str) -> list[list[str]]:
+    lines = text.splitlines()
+    start = lines.index(header) + 2  # skip the "| --- |" line
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip().strip("`") for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_docs_tables_agree_with_the_registry() -> None:
+    from pathlib import Path
+
+    from mlvar.analysis.metrics import DYNAMICS_METRICS
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "metrics.md").read_text()
+    header = "| metric | formula | uses label | suspicious when |"
+    assert text.count(header) == 2
+    first, second = text.split(header)[1:]
+    for registry, part in ((METRICS, first), (DYNAMICS_METRICS, second)):
+        expected = [
+            [
+                m.name,
+                m.formula,
+                "yes" if m.uses_label else "no",
+                "high" if m.higher_is_suspicious else "low",
+            ]
+            for m in registry.values()
+        ]
+        assert _doc_table(header + part, header) == expected
+    baselines = [[b.name, b.formula, "yes" if b.uses_label else "no"] for b in BASELINES.values()]
+    assert _doc_table(text, "| baseline | formula | uses label |") == baselines

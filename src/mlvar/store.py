@@ -578,3 +578,43 @@ def list_experiments(runs_root: Path) -> list[str]:
         # not a ``.tmp-*`` folder: an experiment being created
         if RUN_ID_RE.match(p.name) and (p / "experiment.json").is_file()
     )
+
+
+# ---------------------------------------------------------------- experiment identity
+
+IDENTITY_KEYS: tuple[str, ...] = ("dataset", "scenario.manifest_sha256", "model", "train")
+"""The ``experiment.json`` keys (dotted) that make an experiment what it is: runs join an
+experiment (trained again under its name, or downloaded from a backend) only when every
+one of them agrees."""
+
+
+def _dotted(meta: Any, key: str) -> Any:
+    for part in key.split("."):
+        meta = meta.get(part) if isinstance(meta, dict) else None
+    return meta
+
+
+def identity_diffs(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """Where two ``experiment.json`` differ in identity (:data:`IDENTITY_KEYS`).
+
+    Returns
+    -------
+    list[tuple[str, Any, Any]]
+        ``(dotted key, old value, new value)``, in key order; a key whose values are both
+        dicts (``train``) gives one entry per differing sub-key (``train.epochs``, sorted),
+        and a missing key or sub-key reads as None. Empty when the identities agree.
+    """
+    diffs = []
+    for key in IDENTITY_KEYS:
+        a, b = _dotted(old, key), _dotted(new, key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += [
+                (f"{key}.{k}", a.get(k), b.get(k))
+                for k in sorted(set(a) | set(b))
+                if a.get(k) != b.get(k)
+            ]
+        else:
+            diffs.append((key, a, b))
+    return diffs

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mlvar.analysis.metrics import ALL_METRICS, BASELINE_USES_LABEL
+from mlvar.analysis.metrics import ALL_METRICS, BASELINES
 from mlvar.errors import MlvarError, unknown_choice
 
 RANK_COLUMNS: tuple[str, ...] = ("rank_first", "rank_median", "rank_top10_mean", "rank_mean")
@@ -192,7 +192,8 @@ def detect(
     Parameters
     ----------
     metrics_df
-        Output of :func:`~mlvar.analysis.metrics.compute_metrics`, one row per sample.
+        Metric columns (:func:`~mlvar.analysis.metrics.compute_metrics`, or a ranking's),
+        one row per sample.
     labels, affected
         Per-sample labels and ground truth, in the row order of ``metrics_df``.
     names
@@ -264,8 +265,8 @@ def detect_baselines(
     """
     rows = []
     for name, scores in baseline_scores.items():
-        if name not in BASELINE_USES_LABEL:
-            raise unknown_choice("baseline", name, BASELINE_USES_LABEL)
+        if name not in BASELINES:
+            raise unknown_choice("baseline", name, BASELINES)
         scores = np.asarray(scores, dtype=np.float64)
         if scores.ndim != 2:
             raise MlvarError(
@@ -273,7 +274,7 @@ def detect_baselines(
                 "pass the output of baseline_scores",
             )
         labels_, affected_ = _check_labels(labels, affected, scores.shape[1])
-        scope, mask = _scope(BASELINE_USES_LABEL[name], labels_, affected_)
+        scope, mask = _scope(BASELINES[name].uses_label, labels_, affected_)
         if mask is not None:
             scores, affected_ = scores[:, mask], affected_[mask]
         per_run = [detection_scores(run, affected_) for run in scores]

@@ -1,9 +1,25 @@
-"""Per-sample metrics of run-to-run variability (docs/design.md section 7).
+"""Per-sample metrics of run-to-run variability: the registry (docs/design.md section 7).
 
-Every metric maps ``probs`` of shape ``[R, n, C]`` (R runs, n samples, C classes, rows
-summing to 1) and ``labels`` of shape ``[n]`` to one float64 value per sample. Each value
-depends only on that sample's column, so the caller may stream over chunks of samples
-and concatenate the results.
+Each metric is one :class:`Metric` record: its name, formula, orientation, whether it
+uses the label, the sufficient statistics it reads and ``finish``, the function from
+those statistics to one float64 value per sample. A sufficient statistic is one
+:class:`Statistic` record: a per-sample array reduced over runs from a per-run value
+(a sum, a sum of squared deviations, class counts, or every run's value), which merges
+exactly over blocks of samples and combines over blocks of runs. Single-model baselines
+(:class:`Baseline`) read every run's own value from a statistic the same way.
+
+Both paths use these records and nothing else:
+
+* in memory, :func:`compute_metrics` (``probs [R, n, C]``), :func:`baseline_scores` and
+  :func:`compute_dynamics_metrics` (``[R, E, n, C]``) compute the statistics their metrics
+  need and finish them;
+* streaming and sharded, :mod:`mlvar.analysis.partial` computes every statistic chunk
+  by chunk, concatenates sample blocks, combines run blocks and finishes the same records.
+
+Adding a metric is one :class:`Metric` record (and its test against a hand-computed
+example); it needs a new :class:`Statistic` only when it reads a per-run quantity that
+no statistic reduces yet, and a new per-run value only when :class:`RunValues` or
+:class:`EpochValues` lacks it.
 
 Conventions:
 
@@ -13,20 +29,22 @@ Conventions:
   label tied for the top has rank 0 even when argmax picks another class.
 * Entropies use the natural logarithm with ``0 * log 0 = 0``.
 * Standard deviations over runs use ``ddof=0`` (so they are 0 for a single run).
+* Every sum over runs (and over epochs) is taken in order, run 0 first
+  (:func:`sequential_sum`), so a sample's values depend on its own column only: they are
+  bit for bit the same however the samples are chunked or sharded.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
 import pandas as pd
 
 from mlvar.errors import MlvarError, unknown_choice
-
-ComputeFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -90,11 +108,15 @@ def sequential_sum(x: np.ndarray) -> np.ndarray:
     return acc
 
 
-class _Stats:
-    """Intermediate per-run arrays shared by several metrics, each computed once on demand.
+# ---------------------------------------------------------------- per-run values
 
-    Only ``probs`` itself (and short-lived temporaries) has size R*n*C; everything cached
-    here is [R, n] or [n, C].
+
+class RunValues:
+    """The final probabilities of R runs on a block of samples and the per-run values
+    derived from them, each computed once on demand (the values statistics reduce).
+
+    Every value is ``[R, n]`` except ``probs`` (``[R, n, C]``); nothing cached here is
+    larger than ``probs`` itself.
     """
 
     def __init__(self, probs: np.ndarray, labels: np.ndarray) -> None:
@@ -131,130 +153,299 @@ class _Stats:
         self.n_runs, self.n, self.n_classes = r, n, c
 
     @cached_property
-    def gconf(self) -> np.ndarray:  # [R, n]
+    def gconf(self) -> np.ndarray:
+        """``p_r[y]``."""
         return self.probs[:, np.arange(self.n), self.labels]
 
     @cached_property
-    def maxconf(self) -> np.ndarray:  # [R, n]
+    def maxconf(self) -> np.ndarray:
+        """``max_c p_r[c]``."""
         return self.probs.max(axis=2)
 
     @cached_property
-    def gap(self) -> np.ndarray:  # [R, n]
+    def gap(self) -> np.ndarray:
+        """``max_c p_r[c] - p_r[y]``."""
         return self.maxconf - self.gconf
 
     @cached_property
-    def grank(self) -> np.ndarray:  # [R, n]
+    def grank(self) -> np.ndarray:
+        """``#{c : p_r[c] > p_r[y]}`` (float64)."""
         # Strictly greater: tie-robust, a label tied with others at the top has rank 0.
         return (self.probs > self.gconf[:, :, None]).sum(axis=2).astype(np.float64)
 
     @cached_property
-    def preds(self) -> np.ndarray:  # [R, n]
+    def preds(self) -> np.ndarray:
+        """``argmax_c p_r[c]`` (int)."""
         return self.probs.argmax(axis=2)
 
     @cached_property
-    def votes(self) -> np.ndarray:  # [n, C] int: runs predicting each class
-        flat = self.preds + (np.arange(self.n, dtype=np.int64) * self.n_classes)[None, :]
-        counts = np.bincount(flat.ravel(), minlength=self.n * self.n_classes)
-        return counts.reshape(self.n, self.n_classes)
+    def entropy(self) -> np.ndarray:
+        """``H(p_r)``."""
+        return entropy(self.probs, axis=2)
+
+
+class EpochValues:
+    """The per-epoch probabilities ``p_e`` (e = 1..E) of one run on the train samples and
+    the per-run training-dynamics values derived from them (each ``[n]`` float64)."""
+
+    def __init__(self, probs_e: np.ndarray, labels: np.ndarray) -> None:
+        self.probs_e = np.asarray(probs_e, dtype=np.float64)
+        self.labels = np.asarray(labels).astype(np.int64, copy=False)
+        self.n_epochs, self.n = self.probs_e.shape[0], self.probs_e.shape[1]
 
     @cached_property
-    def predictive_entropy(self) -> np.ndarray:  # [n]
-        return entropy(self.probs.mean(axis=0), axis=1)
+    def p_y(self) -> np.ndarray:  # [E, n]
+        return self.probs_e[:, np.arange(self.n), self.labels]
 
     @cached_property
-    def expected_entropy(self) -> np.ndarray:  # [n]
-        return entropy(self.probs, axis=2).mean(axis=0)
+    def correct(self) -> np.ndarray:  # [E, n] bool
+        return self.probs_e.argmax(axis=2) == self.labels[None, :]
+
+    @cached_property
+    def confidence(self) -> np.ndarray:
+        """``mean_e p_e[y]``."""
+        return sequential_sum(self.p_y) / self.n_epochs
+
+    @cached_property
+    def variability(self) -> np.ndarray:
+        """``std_e p_e[y]`` (ddof 0)."""
+        dev = self.p_y - self.confidence[None, :]
+        return np.sqrt(sequential_sum(dev * dev) / self.n_epochs)
+
+    @cached_property
+    def correctness(self) -> np.ndarray:
+        """Fraction of epochs whose argmax is y."""
+        return self.correct.sum(axis=0) / self.n_epochs
+
+    @cached_property
+    def forgetting_events(self) -> np.ndarray:
+        """Transitions correct -> wrong between consecutive epochs."""
+        c = self.correct
+        if self.n_epochs < 2:
+            return np.zeros(self.n)
+        return (c[:-1] & ~c[1:]).sum(axis=0).astype(np.float64)
+
+    @cached_property
+    def never_learnt(self) -> np.ndarray:
+        """1.0 when no epoch is correct."""
+        return (~self.correct.any(axis=0)).astype(np.float64)
 
 
-def _disagreement(s: _Stats) -> np.ndarray:
-    r = s.n_runs
-    if r == 1:
-        # No pair of runs exists; a single run cannot disagree with itself.
-        return np.zeros(s.n)
-    v = s.votes.astype(np.float64)
-    agreeing_pairs = (v * (v - 1.0)).sum(axis=1) / 2.0
-    return 1.0 - agreeing_pairs / (r * (r - 1) / 2.0)
+# ---------------------------------------------------------------- sufficient statistics
+
+SUM, M2, COUNT, RUNS = "sum", "m2", "count", "runs"
+"""How a statistic reduces a per-run value over runs (:attr:`Statistic.reduce`)."""
+
+PROBS, DYNAMICS = "probs", "dynamics"
+"""What a statistic is computed from (:attr:`Statistic.source`)."""
 
 
-def _mutual_information(s: _Stats) -> np.ndarray:
-    # Non-negative in exact arithmetic (Jensen); clip float round-off below zero.
-    return np.maximum(s.predictive_entropy - s.expected_entropy, 0.0)
+@dataclass(frozen=True)
+class Statistic:
+    """A per-sample sufficient statistic: one array reduced over runs from a per-run value.
+
+    Attributes
+    ----------
+    name
+        Array name (a shard holds it as ``<name>.npy``).
+    value
+        The per-run value reduced: a :class:`RunValues` attribute (source ``"probs"``) or
+        an :class:`EpochValues` attribute (source ``"dynamics"``).
+    reduce
+        ``"sum"``: the sum over runs (``[n]``, or ``[n, C]`` for ``probs``), added when run
+        blocks combine; ``"m2"``: the sum of squared deviations from the mean over the
+        runs, combined with Chan et al.'s pairwise update (it needs the ``"sum"``
+        statistic of the same value); ``"count"``: per class, the number of runs whose
+        integer value is that class (``[n, C]`` int64), added; ``"runs"``: every run's
+        value (``[R, n]``), concatenated.
+    source
+        ``"probs"`` (final predictions of any split) or ``"dynamics"`` (per-epoch
+        predictions on the train split; only ``"sum"``).
+    """
+
+    name: str
+    value: str
+    reduce: str
+    source: str = PROBS
+
+    @property
+    def sample_axis(self) -> int:
+        """The axis of the array that runs over samples."""
+        return 1 if self.reduce == RUNS else 0
 
 
-# name -> (function of the shared stats, formula, uses_label, higher_is_suspicious)
-_SPECS: dict[str, tuple[Callable[[_Stats], np.ndarray], str, bool, bool]] = {
-    "n_correct": (
-        lambda s: (s.preds == s.labels[None, :]).sum(axis=0).astype(np.float64),
-        "sum_r [argmax_c p_r[c] = y]",
-        True,
-        False,
-    ),
-    "gconf_mean": (lambda s: s.gconf.mean(axis=0), "mean_r p_r[y]", True, False),
-    "gconf_std": (lambda s: s.gconf.std(axis=0), "std_r p_r[y] (ddof 0)", True, True),
-    "maxconf_mean": (lambda s: s.maxconf.mean(axis=0), "mean_r max_c p_r[c]", False, False),
-    "maxconf_std": (lambda s: s.maxconf.std(axis=0), "std_r max_c p_r[c] (ddof 0)", False, True),
-    "gap_mean": (lambda s: s.gap.mean(axis=0), "mean_r (max_c p_r[c] - p_r[y])", True, True),
-    "gap_std": (
-        lambda s: s.gap.std(axis=0),
-        "std_r (max_c p_r[c] - p_r[y]) (ddof 0)",
-        True,
-        True,
-    ),
-    "grank_mean": (
-        lambda s: s.grank.mean(axis=0),
-        "mean_r #{c : p_r[c] > p_r[y]} (rank of y, 0 = top)",
-        True,
-        True,
-    ),
-    "grank_std": (
-        lambda s: s.grank.std(axis=0),
-        "std_r #{c : p_r[c] > p_r[y]} (ddof 0)",
-        True,
-        True,
-    ),
-    "n_distinct_pred": (
-        lambda s: (s.votes > 0).sum(axis=1).astype(np.float64),
-        "#{argmax_c p_r[c] : r = 1..R}",
-        False,
-        True,
-    ),
-    "vote_entropy": (
-        lambda s: entropy(s.votes / s.n_runs, axis=1),
-        "-sum_c (n_c/R) ln(n_c/R), n_c = #{r : argmax_c p_r = c}",
-        False,
-        True,
-    ),
-    "disagreement": (
-        _disagreement,
-        "1 - sum_c C(n_c,2) / C(R,2) (0 when R = 1)",
-        False,
-        True,
-    ),
-    "variation_ratio": (
-        lambda s: 1.0 - s.votes.max(axis=1) / s.n_runs,
-        "1 - max_c n_c / R",
-        False,
-        True,
-    ),
-    "predictive_entropy": (
-        lambda s: s.predictive_entropy,
-        "H(mean_r p_r), H(p) = -sum_c p[c] ln p[c]",
-        False,
-        True,
-    ),
-    "expected_entropy": (
-        lambda s: s.expected_entropy,
-        "mean_r H(p_r)",
-        False,
-        True,
-    ),
-    "mutual_information": (
-        _mutual_information,
-        "H(mean_r p_r) - mean_r H(p_r)",
-        False,
-        True,
-    ),
-}
+def _statistics(*stats: Statistic) -> dict[str, Statistic]:
+    out: dict[str, Statistic] = {}
+    for s in stats:
+        if s.reduce not in (SUM, M2, COUNT, RUNS) or s.source not in (PROBS, DYNAMICS):
+            raise ValueError(f"statistic {s.name}: unknown reduce or source")
+        if s.source == DYNAMICS and s.reduce != SUM:
+            raise ValueError(f"statistic {s.name}: dynamics statistics are sums over runs")
+        if s.name in out:
+            raise ValueError(f"statistic {s.name} defined twice")
+        out[s.name] = s
+    for s in out.values():
+        if s.reduce == M2 and _sum_of(s, out) is None:
+            raise ValueError(f"statistic {s.name}: no sum statistic of {s.value}")
+    return out
+
+
+def _sum_of(stat: Statistic, registry: Mapping[str, Statistic]) -> str | None:
+    for s in registry.values():
+        if s.reduce == SUM and s.value == stat.value and s.source == stat.source:
+            return s.name
+    return None
+
+
+_MOMENT_VALUES = ("gconf", "maxconf", "gap", "grank")
+
+STATISTICS: dict[str, Statistic] = _statistics(
+    *(Statistic(f"sum_{v}", v, SUM) for v in _MOMENT_VALUES),
+    *(Statistic(f"m2_{v}", v, M2) for v in _MOMENT_VALUES),
+    Statistic("votes", "preds", COUNT),
+    Statistic("prob_sum", "probs", SUM),
+    Statistic("entropy_sum", "entropy", SUM),
+    Statistic("run_gconf", "gconf", RUNS),
+    Statistic("run_maxconf", "maxconf", RUNS),
+    Statistic("dyn_dm_confidence", "confidence", SUM, DYNAMICS),
+    Statistic("dyn_dm_variability", "variability", SUM, DYNAMICS),
+    Statistic("dyn_dm_correctness", "correctness", SUM, DYNAMICS),
+    Statistic("dyn_forgetting_events", "forgetting_events", SUM, DYNAMICS),
+    Statistic("dyn_never_learnt", "never_learnt", SUM, DYNAMICS),
+)
+"""Registry of sufficient statistics, in the order a partial result holds them."""
+
+
+def sum_statistic(name: str) -> str:
+    """The ``"sum"`` statistic an ``"m2"`` statistic ``name`` is combined with."""
+    found = _sum_of(STATISTICS[name], STATISTICS)
+    assert found is not None  # checked when the registry is built
+    return found
+
+
+def reduce_runs(values: RunValues, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """The ``"probs"`` statistics ``names`` (default: all of them) of one block of runs,
+    as ``{name: array}`` in registry order (dynamics statistics: :func:`dynamics_sums`)."""
+    wanted = set(STATISTICS if names is None else names)
+    by_value: dict[str, list[Statistic]] = {}
+    for stat in STATISTICS.values():
+        if stat.name in wanted and stat.source == PROBS:
+            by_value.setdefault(stat.value, []).append(stat)
+    out: dict[str, np.ndarray] = {}
+    # Every statistic of one per-run value in turn, while that value is in the cache.
+    for value, stats in by_value.items():
+        x = getattr(values, value)
+        total = None
+        for stat in stats:
+            if stat.reduce in (SUM, M2) and total is None:
+                total = sequential_sum(x)
+            if stat.reduce == SUM:
+                out[stat.name] = total
+            elif stat.reduce == M2:
+                d = x - (total / values.n_runs)[None, :]
+                out[stat.name] = sequential_sum(d * d)
+            elif stat.reduce == COUNT:
+                k = values.n_classes
+                flat = x + (np.arange(values.n, dtype=np.int64) * k)[None, :]
+                counts = np.bincount(flat.ravel(), minlength=values.n * k)
+                out[stat.name] = counts.reshape(values.n, k).astype(np.int64)
+            else:  # RUNS
+                out[stat.name] = x.copy()
+    return {k: out[k] for k in STATISTICS if k in out}
+
+
+def dynamics_names() -> list[str]:
+    """The names of the training-dynamics statistics, in registry order."""
+    return [s.name for s in STATISTICS.values() if s.source == DYNAMICS]
+
+
+def dynamics_run_values(
+    probs_e: np.ndarray, labels: np.ndarray, names: Iterable[str] | None = None
+) -> dict[str, np.ndarray]:
+    """The per-run training-dynamics values of one run, by statistic name.
+
+    Parameters
+    ----------
+    probs_e
+        Per-epoch probabilities of one run, shape ``[E, n, C]`` (float64).
+    labels
+        Integer labels, shape ``[n]``.
+    names
+        Dynamics statistics (default: all of them).
+
+    Returns
+    -------
+    dict[str, numpy.ndarray]
+        ``{statistic: float64 [n]}``: confidence (mean over epochs of ``p_e[y]``),
+        variability (its std, ddof 0), correctness (fraction of epochs whose argmax is
+        y), forgetting events (transitions correct -> wrong between consecutive epochs)
+        and never learnt (1.0 when no epoch is correct).
+    """
+    values = EpochValues(probs_e, labels)
+    chosen = dynamics_names() if names is None else [n for n in dynamics_names() if n in names]
+    return {name: getattr(values, STATISTICS[name].value) for name in chosen}
+
+
+def dynamics_sums(
+    runs: Iterable[np.ndarray], labels: np.ndarray, names: Iterable[str] | None = None
+) -> dict[str, np.ndarray]:
+    """The training-dynamics statistics: sums over runs, in the order given, of
+    :func:`dynamics_run_values`.
+
+    ``runs`` yields one ``[E, n, C]`` probability array per run, so only one run's
+    dynamics is held at a time. Dividing by the number of runs gives the metrics.
+    """
+    labels = np.asarray(labels).astype(np.int64, copy=False)
+    names = None if names is None else set(names)
+    total: dict[str, np.ndarray] | None = None
+    for probs_e in runs:
+        values = dynamics_run_values(np.asarray(probs_e, dtype=np.float64), labels, names)
+        if total is None:
+            total = {k: v.copy() for k, v in values.items()}
+        else:
+            for k, v in values.items():
+                total[k] += v
+    if total is None:
+        raise MlvarError("no runs with training dynamics", "record per-epoch predictions")
+    return total
+
+
+@dataclass(frozen=True)
+class Sufficient:
+    """What a metric is finished from: statistics of ``n`` samples over ``n_runs`` runs."""
+
+    arrays: Mapping[str, np.ndarray]
+    n_runs: int
+    labels: np.ndarray  # int64 [n]
+    _shared: dict[Callable[..., np.ndarray], np.ndarray] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.arrays[name]
+
+    def shared(self, fn: Callable[[Sufficient], np.ndarray]) -> np.ndarray:
+        """``fn(self)``, computed once for all the metrics that read it."""
+        if fn not in self._shared:
+            self._shared[fn] = fn(self)
+        return self._shared[fn]
+
+    @property
+    def n(self) -> int:
+        return int(self.labels.shape[0])
+
+    def mean(self, value: str) -> np.ndarray:
+        """Mean over runs of a per-run value (from its ``sum_<value>``)."""
+        return self[f"sum_{value}"] / self.n_runs
+
+    def std(self, value: str) -> np.ndarray:
+        """Std over runs (ddof 0) of a per-run value (from its ``m2_<value>``)."""
+        return np.sqrt(self[f"m2_{value}"] / self.n_runs)
+
+
+# ---------------------------------------------------------------- metrics
+
+FinishFn = Callable[[Sufficient], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -271,58 +462,253 @@ class Metric:
         Whether the metric needs the true label ``y``.
     higher_is_suspicious
         Orientation: True when a larger value marks a more suspicious sample.
-    compute
-        ``compute(probs [R, n, C], labels [n]) -> float64 [n]``; for a training-dynamics
-        metric (``needs == "dynamics"``), ``compute(probs [R, E, n, C], labels [n])``
-        with E epochs.
-    needs
-        ``"probs"`` (final predictions of any split) or ``"dynamics"`` (per-epoch
-        predictions on the train split, :data:`DYNAMICS_METRICS`).
+    statistics
+        The names of the :data:`STATISTICS` ``finish`` reads.
+    finish
+        ``finish(s: Sufficient) -> [n]``: the metric from those statistics.
     """
 
     name: str
     formula: str
     uses_label: bool
     higher_is_suspicious: bool
-    compute: ComputeFn
-    needs: str = "probs"
+    statistics: tuple[str, ...]
+    finish: FinishFn
+
+    @property
+    def needs(self) -> str:
+        """``"probs"`` (final predictions of any split) or ``"dynamics"`` (per-epoch
+        predictions on the train split, :data:`DYNAMICS_METRICS`)."""
+        sources = {STATISTICS[s].source for s in self.statistics}
+        return DYNAMICS if DYNAMICS in sources else PROBS
 
     def suspicion(self, values: np.ndarray) -> np.ndarray:
         """Return ``values`` oriented so that higher means more suspicious (float64)."""
         v = np.asarray(values, dtype=np.float64)
         return v if self.higher_is_suspicious else -v
 
-
-def _standalone(fn: Callable[[_Stats], np.ndarray]) -> ComputeFn:
-    def compute(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        return np.asarray(fn(_Stats(probs, labels)), dtype=np.float64)
-
-    return compute
-
-
-METRICS: dict[str, Metric] = {
-    name: Metric(name, formula, uses_label, higher, _standalone(fn))
-    for name, (fn, formula, uses_label, higher) in _SPECS.items()
-}
-"""Registry of per-sample metrics, in output column order."""
+    def compute(self, probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """This metric in memory: ``probs [R, n, C]``, or for a training-dynamics metric
+        ``[R, E, n, C]`` (E epochs); returns float64 ``[n]``."""
+        if self.needs == DYNAMICS:
+            frame = compute_dynamics_metrics(probs, labels, [self.name])
+        else:
+            frame = compute_metrics(probs, labels, [self.name])
+        return frame[self.name].to_numpy()
 
 
-def _resolve(names: Sequence[str] | None) -> list[str]:
+def _disagreement(s: Sufficient) -> np.ndarray:
+    r = s.n_runs
+    if r == 1:
+        # No pair of runs exists; a single run cannot disagree with itself.
+        return np.zeros(s.n)
+    v = s["votes"].astype(np.float64)
+    agreeing_pairs = (v * (v - 1.0)).sum(axis=1) / 2.0
+    return 1.0 - agreeing_pairs / (r * (r - 1) / 2.0)
+
+
+def _predictive_entropy(s: Sufficient) -> np.ndarray:
+    return entropy(s["prob_sum"] / s.n_runs, axis=1)
+
+
+def _expected_entropy(s: Sufficient) -> np.ndarray:
+    return s["entropy_sum"] / s.n_runs
+
+
+def _mutual_information(s: Sufficient) -> np.ndarray:
+    # Non-negative in exact arithmetic (Jensen); clip float round-off below zero.
+    return np.maximum(s.shared(_predictive_entropy) - s.shared(_expected_entropy), 0.0)
+
+
+def _registry(*metrics: Metric) -> dict[str, Metric]:
+    out: dict[str, Metric] = {}
+    for m in metrics:
+        unknown = [s for s in m.statistics if s not in STATISTICS]
+        if unknown or m.name in out:
+            raise ValueError(f"metric {m.name}: duplicate, or unknown statistics {unknown}")
+        out[m.name] = m
+    return out
+
+
+METRICS: dict[str, Metric] = _registry(
+    Metric(
+        "n_correct",
+        "sum_r [argmax_c p_r[c] = y]",
+        True,
+        False,
+        ("votes",),
+        lambda s: s["votes"][np.arange(s.n), s.labels].astype(np.float64),
+    ),
+    Metric("gconf_mean", "mean_r p_r[y]", True, False, ("sum_gconf",), lambda s: s.mean("gconf")),
+    Metric(
+        "gconf_std", "std_r p_r[y] (ddof 0)", True, True, ("m2_gconf",), lambda s: s.std("gconf")
+    ),
+    Metric(
+        "maxconf_mean",
+        "mean_r max_c p_r[c]",
+        False,
+        False,
+        ("sum_maxconf",),
+        lambda s: s.mean("maxconf"),
+    ),
+    Metric(
+        "maxconf_std",
+        "std_r max_c p_r[c] (ddof 0)",
+        False,
+        True,
+        ("m2_maxconf",),
+        lambda s: s.std("maxconf"),
+    ),
+    Metric(
+        "gap_mean",
+        "mean_r (max_c p_r[c] - p_r[y])",
+        True,
+        True,
+        ("sum_gap",),
+        lambda s: s.mean("gap"),
+    ),
+    Metric(
+        "gap_std",
+        "std_r (max_c p_r[c] - p_r[y]) (ddof 0)",
+        True,
+        True,
+        ("m2_gap",),
+        lambda s: s.std("gap"),
+    ),
+    Metric(
+        "grank_mean",
+        "mean_r #{c : p_r[c] > p_r[y]} (rank of y, 0 = top)",
+        True,
+        True,
+        ("sum_grank",),
+        lambda s: s.mean("grank"),
+    ),
+    Metric(
+        "grank_std",
+        "std_r #{c : p_r[c] > p_r[y]} (ddof 0)",
+        True,
+        True,
+        ("m2_grank",),
+        lambda s: s.std("grank"),
+    ),
+    Metric(
+        "n_distinct_pred",
+        "#{argmax_c p_r[c] : r = 1..R}",
+        False,
+        True,
+        ("votes",),
+        lambda s: (s["votes"] > 0).sum(axis=1).astype(np.float64),
+    ),
+    Metric(
+        "vote_entropy",
+        "-sum_c (n_c/R) ln(n_c/R), n_c = #{r : argmax_c p_r = c}",
+        False,
+        True,
+        ("votes",),
+        lambda s: entropy(s["votes"] / s.n_runs, axis=1),
+    ),
+    Metric(
+        "disagreement",
+        "1 - sum_c C(n_c,2) / C(R,2) (0 when R = 1)",
+        False,
+        True,
+        ("votes",),
+        _disagreement,
+    ),
+    Metric(
+        "variation_ratio",
+        "1 - max_c n_c / R",
+        False,
+        True,
+        ("votes",),
+        lambda s: 1.0 - s["votes"].max(axis=1) / s.n_runs,
+    ),
+    Metric(
+        "predictive_entropy",
+        "H(mean_r p_r), H(p) = -sum_c p[c] ln p[c]",
+        False,
+        True,
+        ("prob_sum",),
+        lambda s: s.shared(_predictive_entropy),
+    ),
+    Metric(
+        "expected_entropy",
+        "mean_r H(p_r)",
+        False,
+        True,
+        ("entropy_sum",),
+        lambda s: s.shared(_expected_entropy),
+    ),
+    Metric(
+        "mutual_information",
+        "H(mean_r p_r) - mean_r H(p_r)",
+        False,
+        True,
+        ("prob_sum", "entropy_sum"),
+        _mutual_information,
+    ),
+)
+"""Registry of per-sample metrics of final predictions, in output column order."""
+
+
+def _dynamics_mean(name: str, formula: str, higher: bool) -> Metric:
+    # Each training-dynamics metric is the mean over runs of one per-run value.
+    stat = f"dyn_{name}"
+    return Metric(name, formula, True, higher, (stat,), lambda s: s[stat] / s.n_runs)
+
+
+DYNAMICS_METRICS: dict[str, Metric] = _registry(
+    _dynamics_mean("dm_confidence", "mean_r mean_e p_e[y] (Data Maps confidence)", False),
+    _dynamics_mean("dm_variability", "mean_r std_e p_e[y] (ddof 0; Data Maps variability)", True),
+    _dynamics_mean(
+        "dm_correctness", "mean_r mean_e [argmax_c p_e[c] = y] (Data Maps correctness)", False
+    ),
+    _dynamics_mean(
+        "forgetting_events",
+        "mean_r #{e : correct at epoch e, wrong at e+1} (Toneva forgetting events)",
+        True,
+    ),
+    _dynamics_mean("never_learnt", "mean_r [wrong at every epoch] (fraction of runs)", True),
+)
+"""Registry of training-dynamics metrics (train split, when runs recorded per-epoch
+predictions), in output column order. Kept apart from :data:`METRICS` so that
+:func:`compute_metrics` needs nothing but final probabilities."""
+
+ALL_METRICS: dict[str, Metric] = {**METRICS, **DYNAMICS_METRICS}
+"""Every metric: :data:`METRICS` then :data:`DYNAMICS_METRICS`."""
+
+
+def statistics_of(metrics: Iterable[Metric]) -> list[str]:
+    """The statistics ``metrics`` read, in registry order."""
+    wanted = {s for m in metrics for s in m.statistics}
+    return [s for s in STATISTICS if s in wanted]
+
+
+def finish(s: Sufficient, names: Sequence[str]) -> pd.DataFrame:
+    """The metric columns ``names`` (in that order) finished from ``s``: one float64
+    column per metric, one row per sample (RangeIndex)."""
+    data = {name: np.asarray(ALL_METRICS[name].finish(s), dtype=np.float64) for name in names}
+    return pd.DataFrame(data, index=pd.RangeIndex(s.n), columns=list(names))
+
+
+def _choose(
+    names: Sequence[str] | None, registry: Mapping[str, Metric], what: str = "metric"
+) -> list[str]:
     if names is None:
-        return list(METRICS)
+        return list(registry)
     if isinstance(names, str):
         names = [names]
     for name in names:
-        if name not in METRICS:
-            raise unknown_choice("metric", name, METRICS)
+        if name not in registry:
+            raise unknown_choice(what, name, registry)
     wanted = set(names)
-    return [name for name in METRICS if name in wanted]
+    return [name for name in registry if name in wanted]
 
 
 def compute_metrics(
     probs: np.ndarray, labels: np.ndarray, names: Sequence[str] | None = None
 ) -> pd.DataFrame:
-    """Compute per-sample metrics for one chunk of samples.
+    """Compute per-sample metrics in memory (only the statistics they need).
 
     Parameters
     ----------
@@ -331,7 +717,8 @@ def compute_metrics(
     labels
         Integer labels, shape ``[n]``.
     names
-        Metrics to compute (default: all). Columns come out in registry order.
+        Metrics to compute (default: all of :data:`METRICS`). Columns come out in
+        registry order.
 
     Returns
     -------
@@ -344,64 +731,10 @@ def compute_metrics(
     MlvarError
         For an unknown metric name or inconsistent shapes.
     """
-    chosen = _resolve(names)
-    stats = _Stats(probs, labels)
-    # Shared intermediates (argmax, votes, gconf, ...) are cached on ``stats``, so each is
-    # computed once for the whole chunk.
-    data = {name: np.asarray(_SPECS[name][0](stats), dtype=np.float64) for name in chosen}
-    return pd.DataFrame(data, index=pd.RangeIndex(stats.n), columns=chosen)
-
-
-BASELINES: dict[str, str] = {
-    "neg_gconf": "-p_r[y] of one run",
-    "neg_maxconf": "-max_c p_r of one run",
-}
-"""Single-model baselines: suspicion scores computed from each run on its own."""
-
-BASELINE_USES_LABEL: dict[str, bool] = {"neg_gconf": True, "neg_maxconf": False}
-"""Whether each baseline needs the true label (decides its detection scope)."""
-
-
-def baseline_scores(probs: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
-    """Suspicion scores of the single-model baselines, per run.
-
-    Parameters
-    ----------
-    probs
-        Probabilities, shape ``[R, n, C]``.
-    labels
-        Integer labels, shape ``[n]``.
-
-    Returns
-    -------
-    dict[str, numpy.ndarray]
-        ``{name: float64 [R, n]}`` for every name in :data:`BASELINES`; higher means
-        more suspicious.
-    """
-    stats = _Stats(probs, labels)
-    return {"neg_gconf": -stats.gconf, "neg_maxconf": -stats.maxconf}
-
-
-# ---------------------------------------------------------------- training dynamics
-
-# name -> (formula, uses_label, higher_is_suspicious). Each is the mean over runs of a
-# per-run value computed from that run's per-epoch probabilities p_e (e = 1..E) on the
-# train split (:func:`dynamics_run_values`).
-_DYNAMICS_SPECS: dict[str, tuple[str, bool, bool]] = {
-    "dm_confidence": ("mean_r mean_e p_e[y] (Data Maps confidence)", True, False),
-    "dm_variability": ("mean_r std_e p_e[y] (ddof 0; Data Maps variability)", True, True),
-    "dm_correctness": (
-        "mean_r mean_e [argmax_c p_e[c] = y] (Data Maps correctness)",
-        True,
-        False,
-    ),
-    "forgetting_events": (
-        "mean_r #{e : correct at epoch e, wrong at e+1} (Toneva forgetting events)",
-        True,
-        True,
-    ),
-    "never_learnt": ("mean_r [wrong at every epoch] (fraction of runs)", True, True),
-}
+    chosen = _choose(names, METRICS)
+    values = RunValues(probs, labels)
+    arrays = reduce_runs(values, statistics_of(METRICS[m] for m in chosen))
+    return finish(Sufficient(arrays, values.n_runs, values.labels), chosen)
 
 
 def _check_dynamics(dyn_probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -421,62 +754,10 @@ def _check_dynamics(dyn_probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarr
     return dyn, labels.astype(np.int64, copy=False)
 
 
-def dynamics_run_values(probs_e: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
-    """Data Maps and forgetting statistics of one run.
-
-    Parameters
-    ----------
-    probs_e
-        Per-epoch probabilities of one run, shape ``[E, n, C]`` (float64).
-    labels
-        Integer labels, shape ``[n]``.
-
-    Returns
-    -------
-    dict[str, numpy.ndarray]
-        ``{name: float64 [n]}`` for every name in :data:`DYNAMICS_METRICS`: confidence
-        (mean over epochs of ``p_e[y]``), variability (its std, ddof 0), correctness
-        (fraction of epochs whose argmax is y), forgetting events (transitions correct ->
-        wrong between consecutive epochs) and never learnt (1.0 when no epoch is correct).
-    """
-    e, n = probs_e.shape[0], probs_e.shape[1]
-    p_y = probs_e[:, np.arange(n), labels]  # [E, n]
-    correct = probs_e.argmax(axis=2) == labels[None, :]  # [E, n]
-    forgotten = correct[:-1] & ~correct[1:] if e > 1 else np.zeros((0, n), dtype=bool)
-    confidence = sequential_sum(p_y) / e
-    dev = p_y - confidence[None, :]
-    return {
-        "dm_confidence": confidence,
-        "dm_variability": np.sqrt(sequential_sum(dev * dev) / e),
-        "dm_correctness": correct.sum(axis=0) / e,
-        "forgetting_events": forgotten.sum(axis=0).astype(np.float64),
-        "never_learnt": (~correct.any(axis=0)).astype(np.float64),
-    }
-
-
-def _dynamics_compute(name: str) -> ComputeFn:
-    def compute(dyn_probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        return compute_dynamics_metrics(dyn_probs, labels, [name])[name].to_numpy()
-
-    return compute
-
-
-DYNAMICS_METRICS: dict[str, Metric] = {
-    name: Metric(name, formula, uses_label, higher, _dynamics_compute(name), needs="dynamics")
-    for name, (formula, uses_label, higher) in _DYNAMICS_SPECS.items()
-}
-"""Registry of training-dynamics metrics (train split, when runs recorded per-epoch
-predictions), in output column order. Kept apart from :data:`METRICS` so that
-:func:`compute_metrics` needs nothing but final probabilities."""
-
-ALL_METRICS: dict[str, Metric] = {**METRICS, **DYNAMICS_METRICS}
-"""Every metric: :data:`METRICS` then :data:`DYNAMICS_METRICS`."""
-
-
 def compute_dynamics_metrics(
     dyn_probs: np.ndarray, labels: np.ndarray, names: Sequence[str] | None = None
 ) -> pd.DataFrame:
-    """Training-dynamics metrics for one chunk of train samples.
+    """Training-dynamics metrics for one chunk of train samples, in memory.
 
     Parameters
     ----------
@@ -492,38 +773,84 @@ def compute_dynamics_metrics(
     pandas.DataFrame
         One float64 column per metric (mean over runs), one row per sample.
     """
-    if names is None:
-        chosen = list(DYNAMICS_METRICS)
-    else:
-        for name in names:
-            if name not in DYNAMICS_METRICS:
-                raise unknown_choice("training-dynamics metric", name, DYNAMICS_METRICS)
-        chosen = [m for m in DYNAMICS_METRICS if m in set(names)]
+    chosen = _choose(names, DYNAMICS_METRICS, "training-dynamics metric")
     dyn, labels = _check_dynamics(dyn_probs, labels)
-    sums = dynamics_sums(iter(dyn), labels)
-    r = dyn.shape[0]
-    return pd.DataFrame(
-        {name: sums[name] / r for name in chosen},
-        index=pd.RangeIndex(dyn.shape[2]),
-        columns=chosen,
-    )
+    arrays = dynamics_sums(iter(dyn), labels, statistics_of(DYNAMICS_METRICS[m] for m in chosen))
+    return finish(Sufficient(arrays, dyn.shape[0], labels), chosen)
 
 
-def dynamics_sums(runs, labels: np.ndarray) -> dict[str, np.ndarray]:
-    """Sum over runs, in the order given, of :func:`dynamics_run_values`.
+# ---------------------------------------------------------------- single-model baselines
 
-    ``runs`` yields one ``[E, n, C]`` probability array per run, so only one run's
-    dynamics is held at a time. Dividing by the number of runs gives the metrics.
+
+@dataclass(frozen=True)
+class Baseline:
+    """A single-model baseline: a suspicion score of each run on its own.
+
+    Attributes
+    ----------
+    name
+        Name in outputs (``baselines-<split>``).
+    formula
+        One-line plain-text definition of the score.
+    uses_label
+        Whether it needs the true label (decides its detection scope).
+    statistic
+        The ``"runs"`` statistic holding each run's value; the score is its negation
+        (a low value is suspicious).
     """
-    labels = np.asarray(labels).astype(np.int64, copy=False)
-    total: dict[str, np.ndarray] | None = None
-    for probs_e in runs:
-        values = dynamics_run_values(np.asarray(probs_e, dtype=np.float64), labels)
-        if total is None:
-            total = {k: v.copy() for k, v in values.items()}
-        else:
-            for k, v in values.items():
-                total[k] += v
-    if total is None:
-        raise MlvarError("no runs with training dynamics", "record per-epoch predictions")
-    return total
+
+    name: str
+    formula: str
+    uses_label: bool
+    statistic: str
+
+    def scores(self, run_values: np.ndarray, in_place: bool = False) -> np.ndarray:
+        """Suspicion scores ``[R, n]`` (higher = more suspicious) from the statistic's
+        ``[R, n]`` values; ``in_place`` reuses their memory."""
+        return np.negative(run_values, out=run_values if in_place else None)
+
+
+BASELINES: dict[str, Baseline] = {
+    b.name: b
+    for b in (
+        Baseline("neg_gconf", "-p_r[y] of one run", True, "run_gconf"),
+        Baseline("neg_maxconf", "-max_c p_r of one run", False, "run_maxconf"),
+    )
+}
+"""Registry of single-model baselines, in output order."""
+
+BASELINE_USES_LABEL: dict[str, bool] = {name: b.uses_label for name, b in BASELINES.items()}
+"""Whether each baseline needs the true label (decides its detection scope)."""
+
+
+def score_baselines(
+    per_run: Mapping[str, np.ndarray], in_place: bool = False
+) -> dict[str, np.ndarray]:
+    """Every baseline's suspicion scores from the ``"runs"`` statistics ``per_run``
+    (``{statistic: [R, n]}``); ``in_place`` negates arrays no other baseline reads in
+    their own memory (the caller no longer needs them)."""
+    readers = Counter(b.statistic for b in BASELINES.values())
+    return {
+        name: b.scores(per_run[b.statistic], in_place=in_place and readers[b.statistic] == 1)
+        for name, b in BASELINES.items()
+    }
+
+
+def baseline_scores(probs: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Suspicion scores of the single-model baselines, per run, in memory.
+
+    Parameters
+    ----------
+    probs
+        Probabilities, shape ``[R, n, C]``.
+    labels
+        Integer labels, shape ``[n]``.
+
+    Returns
+    -------
+    dict[str, numpy.ndarray]
+        ``{name: float64 [R, n]}`` for every name in :data:`BASELINES`; higher means
+        more suspicious.
+    """
+    arrays = reduce_runs(RunValues(probs, labels), [b.statistic for b in BASELINES.values()])
+    return score_baselines(arrays, in_place=True)

@@ -27,7 +27,14 @@ import pandas as pd
 
 from mlvar.analysis.accuracy import accuracy_summary
 from mlvar.analysis.detection import detect, detect_baselines
-from mlvar.analysis.metrics import ALL_METRICS, DYNAMICS_METRICS, dynamics_sums
+from mlvar.analysis.metrics import (
+    ALL_METRICS,
+    DYNAMICS_METRICS,
+    RUNS,
+    STATISTICS,
+    dynamics_sums,
+    score_baselines,
+)
 from mlvar.analysis.partial import Partial, finalize, from_probs
 from mlvar.errors import MlvarError, unknown_choice
 from mlvar.io import atomic_write_json
@@ -335,31 +342,31 @@ class Computed:
 
     metrics: pd.DataFrame  # metric columns, one row per sample
     votes: np.ndarray  # [n, C] runs predicting each class
-    run_gconf: np.ndarray  # [R, n]
-    run_maxconf: np.ndarray  # [R, n]
+    per_run: dict[str, np.ndarray]  # each "runs" statistic (the baselines' values): [R, n]
 
     @classmethod
     def collect(cls, parts: Iterator[tuple[int, int, Partial]], labels: np.ndarray) -> Computed:
         """Finalize chunk partials into preallocated per-sample arrays."""
         n = len(labels)
         columns: dict[str, np.ndarray] = {}
-        votes = gconf = maxconf = None
+        votes = None
+        per_run: dict[str, np.ndarray] = {}
+        kept = [k for k, stat in STATISTICS.items() if stat.reduce == RUNS]
         for a, b, part in parts:
             df = finalize(part, labels[a:b])
             if votes is None:
                 columns = {c: np.empty(n) for c in df.columns}
-                votes = np.empty((n, part.votes.shape[1]), dtype=np.int64)
-                gconf = np.empty((part.n_runs, n))
-                maxconf = np.empty((part.n_runs, n))
+                votes = np.empty((n, part["votes"].shape[1]), dtype=np.int64)
+                per_run = {k: np.empty((part.n_runs, n)) for k in kept}
             for c in df.columns:
                 columns[c][a:b] = df[c].to_numpy()
-            votes[a:b] = part.votes
-            gconf[:, a:b] = part.run_gconf
-            maxconf[:, a:b] = part.run_maxconf
+            votes[a:b] = part["votes"]
+            for k in kept:
+                per_run[k][:, a:b] = part[k]
         if votes is None:
             raise MlvarError("no samples to analyse", "the split is empty")
         metrics = pd.DataFrame(columns, index=pd.RangeIndex(n), copy=False)
-        return cls(metrics, votes, gconf, maxconf)
+        return cls(metrics, votes, per_run)
 
 
 def compute(
@@ -404,11 +411,8 @@ def assemble(
     detection = baselines = None
     if affected.any() and not affected.all():
         detection = detect(metrics, labels, affected)
-        # negated in place: the per-run arrays are not needed afterwards
-        base = {
-            "neg_gconf": np.negative(computed.run_gconf, out=computed.run_gconf),
-            "neg_maxconf": np.negative(computed.run_maxconf, out=computed.run_maxconf),
-        }
+        # scored in place: the per-run arrays are not needed afterwards
+        base = score_baselines(computed.per_run, in_place=True)
         baselines = detect_baselines(base, labels, affected)
     dynamics = any(m in metrics.columns for m in DYNAMICS_METRICS)
     files: list[str] = []

@@ -19,10 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from mlvar.errors import MlvarError
-from mlvar.store import RUN_ID_RE, ExperimentStore, RunClaims, inspect_run, read_run
-
-#: experiment.json keys that must agree between a worker output and the destination.
-IDENTITY_KEYS = ("dataset", "scenario.manifest_sha256", "model", "train")
+from mlvar.store import (
+    RUN_ID_RE,
+    ExperimentStore,
+    RunClaims,
+    identity_diffs,
+    inspect_run,
+    read_run,
+)
 
 
 @dataclass
@@ -45,26 +49,6 @@ class ImportResult:
             "ranking": self.ranking or None,
             "merged": self.merged or None,
         }
-
-
-def _get(meta: dict[str, Any], dotted: str) -> Any:
-    for part in dotted.split("."):
-        meta = meta.get(part) if isinstance(meta, dict) else None
-    return meta
-
-
-def identity_diffs(source: dict[str, Any], dest: dict[str, Any]) -> list[str]:
-    """The identity keys (dotted) whose values differ between two ``experiment.json``."""
-    diffs = []
-    for key in IDENTITY_KEYS:
-        old, new = _get(dest, key), _get(source, key)
-        if old == new:
-            continue
-        if isinstance(old, dict) and isinstance(new, dict):
-            diffs += [f"{key}.{k}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-        else:
-            diffs.append(key)
-    return diffs
 
 
 def find_experiment_dir(source: Path, name: str) -> Path:
@@ -99,7 +83,7 @@ def import_runs(source: Path, store: ExperimentStore) -> ImportResult:
         meta = json.loads((src / "experiment.json").read_text())
     except (OSError, ValueError) as exc:
         raise MlvarError(f"{src}/experiment.json is unreadable: {exc}", "re-run the job") from None
-    diffs = identity_diffs(meta, store.meta)
+    diffs = [key for key, _, _ in identity_diffs(store.meta, meta)]
     if diffs:
         raise MlvarError(
             f"{src} was trained with a different setup than experiment '{store.name}' "

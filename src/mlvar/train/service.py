@@ -28,6 +28,7 @@ from mlvar.store import (
     ExperimentStore,
     RunClaims,
     check_experiment_name,
+    identity_diffs,
     list_experiments,
     run_id_for,
 )
@@ -122,29 +123,8 @@ def experiment_meta(name: str, scenario: Scenario, cfg: TrainConfig) -> dict[str
     }
 
 
-_IDENTITY_KEYS = ("dataset", "scenario.manifest_sha256", "model", "train")
-
-
-def _get(meta: dict[str, Any], dotted: str) -> Any:
-    for part in dotted.split("."):
-        meta = meta.get(part, {}) if isinstance(meta, dict) else {}
-    return meta
-
-
 def _check_same_experiment(existing: dict[str, Any], wanted: dict[str, Any], name: str) -> None:
-    diffs = []
-    for key in _IDENTITY_KEYS:
-        old, new = _get(existing, key), _get(wanted, key)
-        if old == new:
-            continue
-        if isinstance(old, dict) and isinstance(new, dict):
-            diffs += [
-                f"{key}.{k}: {old.get(k)!r} -> {new.get(k)!r}"
-                for k in sorted(set(old) | set(new))
-                if old.get(k) != new.get(k)
-            ]
-        else:
-            diffs.append(f"{key}: {old!r} -> {new!r}")
+    diffs = [f"{key}: {old!r} -> {new!r}" for key, old, new in identity_diffs(existing, wanted)]
     if diffs:
         raise MlvarError(
             f"experiment '{name}' was trained with a different setup ({'; '.join(diffs)})",
