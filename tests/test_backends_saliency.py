@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import pytest
 from typer.testing import CliRunner
 
+from golden_files import compare
 from mlvar.analysis import saliency as sal
 from mlvar.backends import kinds, saliency_jobs, service
 from mlvar.backends.spec import load_submission
@@ -30,7 +31,6 @@ from mlvar.store import ExperimentStore
 from tiny_images import build_tiny_experiments, tiny_config
 
 TOP = 3
-GOLDEN = Path(__file__).resolve().parent / "golden" / "aml"
 runner = CliRunner()
 
 
@@ -364,12 +364,7 @@ def aml_dry_run(work: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 def _compare(name: str, text: str) -> None:
-    golden = GOLDEN / name
-    if not golden.is_file():
-        golden.parent.mkdir(parents=True, exist_ok=True)
-        golden.write_text(text)
-        pytest.skip(f"wrote the missing golden file {golden}; rerun to compare")
-    assert text == golden.read_text(), f"{name} differs from {golden} (delete it to accept)"
+    compare("aml", name, text)
 
 
 @pytest.mark.parametrize("name", ["jobs/r1of2.yaml", "jobs/r2of2.yaml", "data-asset.yaml"])

@@ -22,7 +22,6 @@ subclass of :class:`JobKind` and one line there.
 from __future__ import annotations
 
 import contextlib
-import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -214,7 +213,3 @@ def remove_empty(*folders: Path) -> None:
     for folder in folders:
         with contextlib.suppress(OSError):
             Path(folder).rmdir()
-
-
-def clear(folder: Path) -> None:
-    shutil.rmtree(folder, ignore_errors=True)

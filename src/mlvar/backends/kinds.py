@@ -13,7 +13,8 @@ from typing import Any
 
 from mlvar.backends.kind import JobKind
 from mlvar.backends.saliency_jobs import SALIENCY
-from mlvar.backends.shard_jobs import ANALYSIS, ShardKind
+from mlvar.backends.shard_jobs import ANALYSIS
+from mlvar.backends.shard_kind import ShardKind
 from mlvar.backends.train_jobs import TRAIN
 from mlvar.backends.transfer import ImportResult
 from mlvar.errors import MlvarError, unknown_choice

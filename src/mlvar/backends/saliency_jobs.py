@@ -3,7 +3,7 @@
 ``mlvar analyze saliency EXP --run-shard j/m`` computes the attributions of block j of m
 of the runs it explains (:func:`mlvar.analysis.saliency.saliency_shard`); here each of the
 M blocks is one job of the kind :data:`SALIENCY`, a
-:class:`mlvar.backends.shard_jobs.ShardKind` like analysis shards:
+:class:`mlvar.backends.shard_kind.ShardKind` like analysis shards:
 
 - the plan (:func:`plan_saliency_jobs`): every check ``analyze saliency`` makes (split,
   metric, model, ``--layer``, weights, prepared scenario) plus ``1 <= M <= runs
@@ -32,9 +32,9 @@ from typing import Any
 from mlvar import __version__
 from mlvar.analysis import saliency
 from mlvar.analysis.metrics import DYNAMICS_METRICS
-from mlvar.backends import faults, shard_jobs
+from mlvar.backends import faults, shard_kind
 from mlvar.backends.kind import JobText, Log, Merged, named
-from mlvar.backends.shard_jobs import ShardKind
+from mlvar.backends.shard_kind import ShardKind
 from mlvar.backends.spec import SPEC_FORMAT, Job, Submission
 from mlvar.errors import MlvarError
 from mlvar.io import sha256_file
@@ -236,7 +236,7 @@ def run_saliency_job(
     Raises :class:`MlvarError` when the experiment or the scenario is not the one the spec
     was planned on, or a run is missing or fails its sha256.
     """
-    meta = shard_jobs.check_job_input(spec, experiment_dir, KIND)
+    meta = shard_kind.check_job_input(spec, experiment_dir, KIND)
     if data_root is None:
         raise MlvarError(
             "a saliency job needs the prepared scenario", "pass --data-root or --scenario-dir"
@@ -286,7 +286,7 @@ class SaliencyKind(ShardKind):
 
     def place(self, store: ExperimentStore, meta: dict[str, Any]) -> tuple[Path | None, str]:
         """``analysis/saliency-shards/<split>/r<j>of<m>/``."""
-        why = shard_jobs.store_mismatch(store, meta)
+        why = shard_kind.store_mismatch(store, meta)
         if why:
             return None, why
         try:
@@ -306,10 +306,10 @@ class SaliencyKind(ShardKind):
         block = set(spec["expect"]["block_run_ids"])
         listed = {f"{split}.logits.npy", saliency.WEIGHTS_FILE}
         listed |= {DYNAMICS_FILE} if spec["dynamics"] else set()
-        files = shard_jobs.experiment_files(store, split)
+        files = shard_kind.experiment_files(store, split)
         for run_id in spec["ranked_run_ids"]:
             shipped = listed if run_id in block else listed - {saliency.WEIGHTS_FILE}
-            files.update(shard_jobs.run_files(store, run_id, listed, shipped))
+            files.update(shard_kind.run_files(store, run_id, listed, shipped))
         return files
 
     def describe(self, sub: Submission, spec: dict[str, Any]) -> JobText:
@@ -325,20 +325,11 @@ class SaliencyKind(ShardKind):
                 f"{j}/{m} --top {opts['top']} --seeds {opts['seeds']} --by {opts['by']}{layer} "
                 f"--seed {opts['seed']} (runs {runs})"
             ),
-            labels=shard_jobs.shard_labels(sub, spec),
+            labels=shard_kind.shard_labels(sub, spec),
         )
 
-    def run(
-        self,
-        spec: dict[str, Any],
-        out: Path,
-        experiment_dir: Path | None,
-        data_root: Path | None,
-        log: Log = print,
-    ) -> None:
-        if experiment_dir is None:
-            raise MlvarError("a saliency job needs --experiment-dir", "see --help")
-        run_saliency_job(spec, experiment_dir, out, data_root, log)
+    def compute(self, spec: dict, exp: Path, out: Path, data: Path | None, log: Log) -> Path:
+        return run_saliency_job(spec, exp, out, data, log)
 
     def merge(self, store: ExperimentStore, sub: Submission, data_root: Path) -> Merged:
         """``analyze saliency --merge`` of the landed shards."""

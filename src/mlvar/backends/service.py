@@ -33,7 +33,8 @@ from mlvar.backends.kind import JobKind, Merged
 from mlvar.backends.kinds import find_shard_folders, import_shards, kind_of
 from mlvar.backends.registry import get_backend
 from mlvar.backends.saliency_jobs import plan_saliency_jobs
-from mlvar.backends.shard_jobs import plan_shards, present_shards
+from mlvar.backends.shard_jobs import plan_shards
+from mlvar.backends.shard_kind import present_shards
 from mlvar.backends.spec import Job, Submission, load_submission, new_submission_id
 from mlvar.backends.train_jobs import TRAIN, make_packs, missing_runs, pack_spec
 from mlvar.backends.transfer import ImportResult, import_runs

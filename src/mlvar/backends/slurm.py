@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import shlex
 import shutil
 import subprocess
@@ -45,11 +46,12 @@ from mlvar.backends.backend import (
     tail,
     write_specs,
 )
+from mlvar.backends.kind import remove_empty
 from mlvar.backends.kinds import kind_of, read_spec
 from mlvar.backends.spec import Job, Submission
 from mlvar.backends.transfer import ImportResult
 from mlvar.config import SlurmConfig
-from mlvar.errors import MlvarError
+from mlvar.errors import MlvarError, unknown_choice
 from mlvar.io import atomic_write_json, atomic_write_text
 from mlvar.store import ExperimentStore
 
@@ -138,6 +140,11 @@ def _first_line(text: str) -> str:
 
 def ping() -> None:
     """Refuse, with one line, a controller that does not answer ``scontrol ping``."""
+    conf = os.environ.get("SLURM_CONF")
+    if conf and not Path(conf).is_file():  # the Slurm commands would retry it for 60 s
+        raise MlvarError(
+            f"SLURM_CONF names {conf}, which does not exist", "point it at the slurm.conf"
+        )
     done = _slurm(["scontrol", "ping"])
     text = (done.stdout + done.stderr).strip()
     if done.returncode != 0 or "DOWN" in done.stdout or "UP" not in done.stdout:
@@ -145,6 +152,14 @@ def ping() -> None:
             f"the Slurm controller does not answer ({_first_line(text) or 'scontrol ping failed'})",
             "check that slurmctld is up and SLURM_CONF names this cluster (scontrol ping)",
         )
+
+
+def check_partition(name: str) -> None:
+    """Refuse a partition ``sinfo`` does not list, naming the ones it does."""
+    done = _slurm(["sinfo", "-h", "-o", "%R"])
+    names = sorted({line.strip() for line in done.stdout.splitlines() if line.strip()})
+    if done.returncode == 0 and names and name not in names:
+        raise unknown_choice("Slurm partition", name, names)
 
 
 def queue_states(refs: list[str]) -> dict[str, str]:
@@ -241,13 +256,14 @@ class SlurmBackend(Backend):
         require("submitit", "slurm")
         if dry_run:
             return
-        for tool in ("sbatch", "srun", "squeue", "scontrol"):
+        for tool in ("sbatch", "srun", "squeue", "scontrol", "sinfo"):
             if shutil.which(tool) is None:
                 raise MlvarError(
                     f"the slurm backend needs '{tool}' on PATH, which is not there",
                     "run mlvar submit on a Slurm login node",
                 )
         ping()
+        check_partition(self.cfg.partition)
 
     # ---------------------------------------------------------------- where things go
 
@@ -326,7 +342,7 @@ class SlurmBackend(Backend):
                 f"sbatch refused the jobs: {why}", "check the [backend.slurm] settings"
             ) from None
         for (job, _), handle in zip(todo, submitted, strict=True):
-            job.ref, job.state, job.error = str(handle.job_id), "submitted", ""
+            job.ref, job.state = str(handle.job_id), "submitted"  # the last error stays
 
     # ---------------------------------------------------------------- following
 
@@ -358,7 +374,6 @@ class SlurmBackend(Backend):
             state = states.get(str(job.ref), "")
             if kind.remaining(store, spec) is None:
                 job.state, job.error, job.log_tail, job.failed = "complete", "", "", []
-                shutil.rmtree(base / "work" / job.name, ignore_errors=True)
                 continue
             if state and state not in ENDED:
                 job.state = "submitted" if state in WAITING else "running"
@@ -375,10 +390,12 @@ class SlurmBackend(Backend):
             again, landed = finish_attempt(sub, job, store, kind, attempt)
             total.imported += landed.imported
             total.rejected.update(landed.rejected)
-            if job.state == "complete":
-                shutil.rmtree(base / "work" / job.name, ignore_errors=True)
             if again is not None:
                 retry.append((job, again))
+        for job in sub.jobs:  # a failed job's folder stays, to look into
+            if job.state == "complete":
+                shutil.rmtree(base / "work" / job.name, ignore_errors=True)
+        remove_empty(base / "work")
         if retry:
             self._submit_jobs(sub, retry)
         return total

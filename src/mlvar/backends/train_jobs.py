@@ -20,7 +20,7 @@ from typing import Any
 
 from mlvar import __version__
 from mlvar.backends import faults
-from mlvar.backends.kind import JobKind, JobText, Log
+from mlvar.backends.kind import JobKind, JobText, Log, quiet
 from mlvar.backends.spec import SPEC_FORMAT, Job, Submission
 from mlvar.backends.transfer import ImportResult, import_runs
 from mlvar.config import Config, PathsConfig, TrainConfig
@@ -175,8 +175,6 @@ class TrainKind(JobKind):
         self, spec: dict[str, Any], store: ExperimentStore, data_root: Path | None, work: Path
     ) -> Path | None:
         # Training in process writes each run atomically into the store itself.
-        from mlvar.backends.kind import quiet
-
         run_pack(spec, store.root.parent, data_root, log=quiet)
         return None
 
