@@ -134,19 +134,6 @@ class JobKind:
     def empty_result(self) -> ImportResult:
         return ImportResult()
 
-    def merge(self, store: ExperimentStore, sub: Submission, data_root: Path) -> Merged | None:
-        """Combine the landed outputs of a complete submission (``None``: nothing to do)."""
-        return None
-
-
-@dataclass
-class Merged:
-    """What :meth:`JobKind.merge` wrote: the result object, and the paths to report."""
-
-    result: Any
-    path: str
-    ranking: str = ""
-
 
 def write_files(files: dict[str, bytes], root: Path) -> None:
     """Write ``{relative path: bytes}`` under ``root``, ``run.json``/``meta.json`` files

@@ -18,8 +18,8 @@ M blocks is one job of the kind :data:`SALIENCY`, a
   --experiment-dir DIR --out OUT --data-root DATA`` or ``--scenario-dir DIR``): it calls
   ``saliency_shard(..., out=OUT/r<j>of<m>)``;
 - landing: as analysis shards, into ``analysis/saliency-shards/<split>/r<j>of<m>/``
-  (temporary folder beside, sha256 and plan checked, rename), then
-  :func:`mlvar.analysis.saliency.merge_saliency_shards` once all are present.
+  (temporary folder beside, sha256 and plan checked, rename); once all are present
+  :mod:`mlvar.backends.service` merges them.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from mlvar import __version__
 from mlvar.analysis import saliency
 from mlvar.analysis.metrics import DYNAMICS_METRICS
 from mlvar.backends import faults, shard_kind
-from mlvar.backends.kind import JobText, Log, Merged, named
+from mlvar.backends.kind import JobText, Log, named
 from mlvar.backends.shard_kind import ShardKind
 from mlvar.backends.spec import SPEC_FORMAT, Job, Submission
 from mlvar.errors import MlvarError
@@ -330,13 +330,6 @@ class SaliencyKind(ShardKind):
 
     def compute(self, spec: dict, exp: Path, out: Path, data: Path | None, log: Log) -> Path:
         return run_saliency_job(spec, exp, out, data, log)
-
-    def merge(self, store: ExperimentStore, sub: Submission, data_root: Path) -> Merged:
-        """``analyze saliency --merge`` of the landed shards."""
-        merged = saliency.merge_saliency_shards(
-            store, data_root, sub.split, sub.options.get("layer")
-        )
-        return Merged(merged, str(merged.path))
 
 
 SALIENCY = SaliencyKind()

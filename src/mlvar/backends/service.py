@@ -27,10 +27,10 @@ from typing import Any
 
 from mlvar.analysis import saliency
 from mlvar.analysis.service import DEFAULT_RANK_BY, RankResult, check_by
-from mlvar.analysis.shards import shards_dir
+from mlvar.analysis.shards import merge_shards, shards_dir
 from mlvar.backends.backend import Backend, JobBatch, SubmitProgress
-from mlvar.backends.kind import JobKind, Merged
-from mlvar.backends.kinds import find_shard_folders, import_shards, kind_of
+from mlvar.backends.kind import JobKind
+from mlvar.backends.kinds import find_shard_folders, import_shards
 from mlvar.backends.registry import get_backend
 from mlvar.backends.saliency_jobs import plan_saliency_jobs
 from mlvar.backends.shard_jobs import plan_shards
@@ -215,6 +215,41 @@ class AnalysisSubmitResult:
 
 
 @dataclass
+class Merged:
+    """What the merge of a complete shard submission wrote: the result object, and the
+    paths to report (``ranking``: analysis only)."""
+
+    result: Any
+    path: str
+    ranking: str = ""
+
+
+def _merge_analysis(store: ExperimentStore, sub: Submission, data_root: Path) -> Merged:
+    """``analyze rank --merge`` of the landed shards, ranked by the submission's ``by``."""
+    result = merge_shards(store, sub.split, by=sub.options.get("by", DEFAULT_RANK_BY))
+    found = next((f for f in result.files if f.endswith(".parquet")), None)
+    ranking = found or str(store.root / "analysis" / f"rank-{sub.split}.parquet")
+    return Merged(result, str(ranking), str(ranking))
+
+
+def _merge_saliency(store: ExperimentStore, sub: Submission, data_root: Path) -> Merged:
+    """``analyze saliency --merge`` of the landed shards."""
+    layer = sub.options.get("layer")
+    merged = saliency.merge_saliency_shards(store, data_root, sub.split, layer)
+    return Merged(merged, str(merged.path))
+
+
+#: How the landed outputs of a complete submission are combined, by job kind (kinds
+#: not listed need nothing: training runs are the result).
+MERGES = {"analysis": _merge_analysis, "saliency": _merge_saliency}
+
+
+def _merge(store: ExperimentStore, sub: Submission, data_root: Path) -> Merged | None:
+    merge = MERGES.get(sub.kind)
+    return merge(store, sub, data_root) if merge is not None else None
+
+
+@dataclass
 class _ShardOutcome:
     """What :func:`_submit_shards` did (the parts both shard commands report)."""
 
@@ -285,7 +320,7 @@ def _submit_shards(
     else:
         outcome.submission = None
     if options.get("merge", True) and sub.state == "complete":
-        outcome.merged = kind.merge(store, sub, Path(config.paths.data_root))
+        outcome.merged = _merge(store, sub, Path(config.paths.data_root))
     outcome.wall_time_s = time.perf_counter() - started
     return outcome
 
@@ -497,9 +532,8 @@ def download(
         result = be.download(sub, store)
     if be.synchronous:
         return result  # landed (and merged) as the jobs finished
-    kind = kind_of({"kind": sub.kind})
     if sub.state == "complete" and sub.options.get("merge", True) and not sub.options.get("merged"):
-        merged = kind.merge(store, sub, Path(config.paths.data_root))
+        merged = _merge(store, sub, Path(config.paths.data_root))
         if merged is not None:
             result.merged, result.ranking = merged.path, merged.ranking
             sub.options["merged"] = merged.path

@@ -29,10 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from mlvar import __version__
-from mlvar.analysis.service import DEFAULT_RANK_BY, load_predictions
+from mlvar.analysis.service import load_predictions
 from mlvar.analysis.shards import (
     compute_shard,
-    merge_shards,
     save_shard,
     shard_name,
     shard_range,
@@ -40,7 +39,7 @@ from mlvar.analysis.shards import (
     verify_shard,
 )
 from mlvar.backends import faults
-from mlvar.backends.kind import JobText, Log, Merged
+from mlvar.backends.kind import JobText, Log
 from mlvar.backends.shard_kind import (
     ShardKind,
     check_job_input,
@@ -322,14 +321,6 @@ class AnalysisKind(ShardKind):
 
     def compute(self, spec: dict, exp: Path, out: Path, data: Path | None, log: Log) -> Path:
         return run_shard_job(spec, exp, out, log)
-
-    def merge(self, store: ExperimentStore, sub: Submission, data_root: Path) -> Merged:
-        """``analyze rank --merge`` of the landed shards, ranked by the submission's
-        ``by``; ``ranking`` is the ranking's parquet file."""
-        result = merge_shards(store, sub.split, by=sub.options.get("by", DEFAULT_RANK_BY))
-        found = next((f for f in result.files if f.endswith(".parquet")), None)
-        ranking = found or str(store.root / "analysis" / f"rank-{sub.split}.parquet")
-        return Merged(result, str(ranking), str(ranking))
 
 
 ANALYSIS = AnalysisKind()
