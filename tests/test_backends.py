@@ -210,7 +210,7 @@ def test_cli_submit_status_download(cli_root: Path, data_root: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "words"),
     [
-        (["--backend", "slurm"], ["unknown backend 'slurm'", "local"]),
+        (["--backend", "pbs"], ["unknown backend 'pbs'", "local", "slurm"]),
         (["--backend", "aml"], ["subscription_id", "resource_group", "workspace", "compute"]),
         (["--backend", "aml", "--dry-run"], ["missing [backend.aml] settings: compute"]),
         (["--runs-per-job", "0"], ["--runs-per-job"]),
@@ -258,7 +258,7 @@ def test_submit_status_of_unknown_experiment(cli_root: Path) -> None:
             "[backend.ray]\nadress = 'x'\n",
             r"unknown key 'backend.ray.adress'.*did you mean 'address'",
         ),
-        ("[backend.slurm]\n", r"unknown key 'backend.slurm'"),
+        ("[backend.pbs]\n", r"unknown key 'backend.pbs'"),
         ("[submit]\nruns_per_job = 'many'\n", r"'submit.runs_per_job' .* must be a int"),
         ("[submit]\nretries = -1\n", r"submit.retries is out of range"),
         ("[backend.aml]\ncompute = 3\n", r"'backend.aml.compute' .* must be a str"),

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from golden_files import compare
 from mlvar.backends import service
 from mlvar.config import AmlConfig, Config, PathsConfig
 from mlvar.data.registry import prepare
 
 aml = pytest.importorskip("azure.ai.ml")
 
-GOLDEN = Path(__file__).resolve().parent / "golden" / "aml"
 SUB_ID = "20250101T000000Z-aml-test"
 
 
@@ -41,12 +41,7 @@ def dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, servi
 
 
 def _compare(name: str, text: str) -> None:
-    golden = GOLDEN / name
-    if not golden.is_file():
-        golden.parent.mkdir(parents=True, exist_ok=True)
-        golden.write_text(text)
-        pytest.skip(f"wrote the missing golden file {golden}; rerun to compare")
-    assert text == golden.read_text(), f"{name} differs from {golden} (delete it to accept)"
+    compare("aml", name, text)
 
 
 @pytest.mark.parametrize("name", ["jobs/pack-000.yaml", "jobs/pack-001.yaml", "data-asset.yaml"])

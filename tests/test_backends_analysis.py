@@ -22,12 +22,13 @@ from typer.testing import CliRunner
 from mlvar.analysis import service as analysis
 from mlvar.analysis.metrics import METRICS
 from mlvar.analysis.shards import merge_shards, shards_dir, verify_shard, write_shard
-from mlvar.backends import service, shard_jobs
+from mlvar.backends import kinds, service, shard_jobs
+from mlvar.backends.shard_jobs import ANALYSIS
 from mlvar.backends.spec import Submission, load_submission
 from mlvar.cli import app
 from mlvar.config import Config, PathsConfig
 from mlvar.data.registry import prepare
-from mlvar.errors import MlvarError
+from mlvar.errors import ExitCode, MlvarError
 from mlvar.store import ExperimentStore
 from mlvar.train.service import train
 
@@ -200,7 +201,7 @@ def test_cli_reports_a_failed_shard_with_its_log_tail(
     use(root, monkeypatch)
     monkeypatch.setenv("MLVAR_WORKER_FAULT", "fail:0")
     res = runner.invoke(app, ["submit", "analyze", EXP, "--shards", "2", "--retries", "1"])
-    assert res.exit_code == 1, (res.stdout, res.stderr)
+    assert res.exit_code == ExitCode.JOB_FAILED == 3, (res.stdout, res.stderr)
     assert "s1of2-r1of1 failed after 2 attempt(s)" in res.stdout
     assert "injected failure in shard s1of2-r1of1" in res.stdout
     assert "Merged" not in res.stdout
@@ -222,7 +223,7 @@ def test_killed_worker_leaves_no_partial_shard(root: Path, monkeypatch: pytest.M
     assert proc.returncode == -9, proc.stderr
     partial = out / "s2of3-r1of2"
     assert len(list(partial.glob("*.npy"))) == 1 and not (partial / "meta.json").exists()
-    assert shard_jobs.land_shard(partial, store, spec["expect"]) == "unfinished (no meta.json)"
+    assert kinds.land_shard(partial, store, spec["expect"]) == "unfinished (no meta.json)"
     assert shard_names(store) == []
     # Through the backend: the killed shard is reported, nothing partial lands.
     monkeypatch.setenv("MLVAR_WORKER_FAULT", "kill:2")
@@ -247,18 +248,16 @@ def test_a_damaged_shard_never_lands(root: Path) -> None:
     data = bytearray(bad.read_bytes())
     data[-1] ^= 0xFF
     bad.write_bytes(bytes(data))
-    assert shard_jobs.land_shard(folder, store, spec["expect"]) == "sha256 mismatch in prob_sum.npy"
+    assert kinds.land_shard(folder, store, spec["expect"]) == "sha256 mismatch in prob_sum.npy"
     data[-1] ^= 0xFF
     bad.write_bytes(bytes(data))
     other = plan.spec(2, 1, "manual")["expect"]  # the plan of another shard
-    assert "differs from the plan in samples, start, stop" in shard_jobs.land_shard(
-        folder, store, other
-    )
+    assert "differs from the plan in samples, start, stop" in kinds.land_shard(folder, store, other)
     (folder / "extra.npy").write_bytes(b"x")
-    assert "unlisted" in shard_jobs.land_shard(folder, store, spec["expect"])
+    assert "unlisted" in kinds.land_shard(folder, store, spec["expect"])
     assert shard_names(store) == []
     (folder / "extra.npy").unlink()
-    assert shard_jobs.land_shard(folder, store, spec["expect"]) == ""
+    assert kinds.land_shard(folder, store, spec["expect"]) == ""
     assert shard_names(store) == ["s1of2-r1of1"]
     # merge refuses a shard damaged after it landed
     write_shard(store, "test", (2, 2))
@@ -275,7 +274,7 @@ def test_a_job_reads_only_its_run_block(root: Path) -> None:
     store = store_of(root)
     plan = shard_jobs.plan_shards(store, "test", 3, 2)
     spec = plan.spec(1, 2, "manual")
-    files = shard_jobs.input_bytes(store, spec)
+    files = kinds.input_bytes(store, spec)
     assert sorted(files) == [
         "experiment.json",
         "runs/run-0002/run.json",
@@ -286,14 +285,14 @@ def test_a_job_reads_only_its_run_block(root: Path) -> None:
     ]
     run_json = json.loads(files["runs/run-0002/run.json"])
     assert list(run_json["arrays"]) == ["test.logits.npy"]
-    from mlvar.backends.worker import write_files
+    from mlvar.backends.kind import write_files
 
     copy = root / "copy" / "anything"
     write_files(files, copy)
     folder = shard_jobs.run_shard_job(spec, copy, root / "out", log=lambda *a, **k: None)
     meta, why = verify_shard(folder)
     assert not why and meta["experiment"] == EXP and meta["run_ids"] == ["run-0002", "run-0003"]
-    assert shard_jobs.land_shard(folder, store, spec["expect"]) == ""
+    assert kinds.land_shard(folder, store, spec["expect"]) == ""
     direct = shard_jobs.run_shard_job(spec, store.root, root / "out2", log=lambda *a, **k: None)
     for name in meta["files"]:
         assert np.array_equal(np.load(folder / name), np.load(direct / name)), name
@@ -313,7 +312,7 @@ def test_dynamics_shards_on_the_train_split(tmp_path: Path) -> None:
     whole = analysis.rank(store, "train", by="dm_confidence", write=False)
     plan = shard_jobs.plan_shards(store, "train", 2, 2)
     assert plan.dynamics
-    assert "runs/run-0000/train.dynamics.npy" in shard_jobs.input_files(store, plan.spec(1, 1, "x"))
+    assert "runs/run-0000/train.dynamics.npy" in ANALYSIS.inputs(store, plan.spec(1, 1, "x"))
     res = service.submit_analysis(
         cfg, "dyn", split="train", shards=2, run_shards=2, by="dm_confidence"
     )
@@ -446,7 +445,7 @@ def listing(root: Path) -> list[tuple[str, int]]:
     ("args", "words"),
     [
         (["nope"], ["unknown experiment 'nope'", "experiments here"]),
-        ([EXP, "--backend", "slurm"], ["unknown backend 'slurm'", "local"]),
+        ([EXP, "--backend", "pbs"], ["unknown backend 'pbs'", "local", "slurm"]),
         ([EXP, "--split", "validation"], ["has no split 'validation'", "train, val, test"]),
         ([EXP, "--shards", "0"], ["--shards must be at least 1"]),
         ([EXP, "--shards", "541"], ["cannot split 540 test samples into 541 blocks", "540"]),

@@ -20,18 +20,18 @@ from types import SimpleNamespace
 import pytest
 from typer.testing import CliRunner
 
+from golden_files import compare
 from mlvar.analysis import saliency as sal
-from mlvar.backends import saliency_jobs, service, shard_jobs
+from mlvar.backends import kinds, saliency_jobs, service
 from mlvar.backends.spec import load_submission
 from mlvar.cli import app
 from mlvar.config import AmlConfig
-from mlvar.errors import MlvarError
+from mlvar.errors import ExitCode, MlvarError
 from mlvar.saliency import merge_saliency_shards, saliency
 from mlvar.store import ExperimentStore
 from tiny_images import build_tiny_experiments, tiny_config
 
 TOP = 3
-GOLDEN = Path(__file__).resolve().parent / "golden" / "aml"
 runner = CliRunner()
 
 
@@ -203,7 +203,7 @@ def test_killed_worker_lands_nothing(root: Path, monkeypatch: pytest.MonkeyPatch
     partial = out / "r1of2"
     partial.mkdir(parents=True)
     (partial / "maps.npy").write_bytes(b"partial")
-    assert shard_jobs.land_shard(partial, store, spec["expect"]) == "unfinished (no meta.json)"
+    assert kinds.land_shard(partial, store, spec["expect"]) == "unfinished (no meta.json)"
     assert landed(store) == []
     # Through the backend: the killed block is reported, nothing partial lands.
     monkeypatch.setenv("MLVAR_WORKER_FAULT", "kill:0")
@@ -230,23 +230,21 @@ def test_a_damaged_or_foreign_shard_never_lands(root: Path) -> None:
     data = bytearray(maps.read_bytes())
     data[-1] ^= 0xFF
     maps.write_bytes(bytes(data))
-    why = shard_jobs.land_shard(folder, store, spec["expect"])
+    why = kinds.land_shard(folder, store, spec["expect"])
     assert why == "maps.npy is missing or does not match its sha256"
     data[-1] ^= 0xFF
     maps.write_bytes(bytes(data))
     other = plan.spec(2, "x")["expect"]  # the plan of the other block
-    assert "differs from the plan in shard, block_run_ids" in shard_jobs.land_shard(
-        folder, store, other
-    )
+    assert "differs from the plan in shard, block_run_ids" in kinds.land_shard(folder, store, other)
     stale = saliency_jobs.plan_saliency_jobs(store, root / "data", 2, top=2, seeds=3)
-    assert "differs from the plan in top, sample_ids" in shard_jobs.land_shard(
+    assert "differs from the plan in top, sample_ids" in kinds.land_shard(
         folder, store, stale.spec(1, "x")["expect"]
     )
-    assert "of experiment 'tiny-cnn', not 'tiny-mlp'" in shard_jobs.land_shard(
+    assert "of experiment 'tiny-cnn', not 'tiny-mlp'" in kinds.land_shard(
         folder, store_of(root, "mlp"), None
     )
     assert landed(store) == []
-    assert shard_jobs.land_shard(folder, store, spec["expect"]) == ""
+    assert kinds.land_shard(folder, store, spec["expect"]) == ""
     assert landed(store) == ["r1of2"]
     assert files(sal.shards_folder(store, "test") / "r1of2") == files(folder)
 
@@ -259,7 +257,7 @@ def test_a_job_reads_only_what_it_needs(root: Path, reference: dict) -> None:
     store = store_of(root)
     plan = saliency_jobs.plan_saliency_jobs(store, root / "data", 2, top=TOP, seeds=3)
     spec = plan.spec(2, "manual")  # runs 0001, 0002
-    got = shard_jobs.input_bytes(store, spec)
+    got = kinds.input_bytes(store, spec)
     runs = [f"run-{i:04d}" for i in range(3)]
     assert sorted(got) == sorted(
         ["experiment.json", "samples/test.parquet"]
@@ -268,7 +266,8 @@ def test_a_job_reads_only_what_it_needs(root: Path, reference: dict) -> None:
     )
     listed = json.loads(got["runs/run-0000/run.json"])["arrays"]
     assert sorted(listed) == ["model.pt", "test.logits.npy"]
-    from mlvar.backends.worker import main, write_files
+    from mlvar.backends.kind import write_files
+    from mlvar.backends.worker import main
 
     copy = root / "copy" / "input-mount"
     write_files(got, copy)
@@ -366,12 +365,7 @@ def aml_dry_run(work: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 def _compare(name: str, text: str) -> None:
-    golden = GOLDEN / name
-    if not golden.is_file():
-        golden.parent.mkdir(parents=True, exist_ok=True)
-        golden.write_text(text)
-        pytest.skip(f"wrote the missing golden file {golden}; rerun to compare")
-    assert text == golden.read_text(), f"{name} differs from {golden} (delete it to accept)"
+    compare("aml", name, text)
 
 
 @pytest.mark.parametrize("name", ["jobs/r1of2.yaml", "jobs/r2of2.yaml", "data-asset.yaml"])
@@ -544,7 +538,7 @@ def test_cli_reports_a_failed_block_with_its_log_tail(
     monkeypatch.setenv("MLVAR_WORKER_FAULT", "fail:0")
     args = ["submit", "saliency", "tiny-mlp", "--run-shards", "2", "--retries", "1"]
     res = runner.invoke(app, args)
-    assert res.exit_code == 1, (res.stdout, res.stderr)
+    assert res.exit_code == ExitCode.JOB_FAILED == 3, (res.stdout, res.stderr)
     assert "r1of2 failed after 2 attempt(s)" in res.stdout
     assert "injected failure in shard r1of2" in res.stdout and "Merged" not in res.stdout
 
@@ -561,7 +555,7 @@ def _drop_weights(root: Path) -> None:
     ("args", "words"),
     [
         (["nope"], ["unknown experiment 'nope'", "experiments here"]),
-        (["tiny-cnn", "--backend", "slurm"], ["unknown backend 'slurm'", "local"]),
+        (["tiny-cnn", "--backend", "pbs"], ["unknown backend 'pbs'", "local", "slurm"]),
         (["tiny-cnn", "--split", "val"], ["has no split 'val'", "train, test"]),
         (["tiny-cnn", "--by", "nope"], ["unknown metric 'nope'"]),
         (["tiny-cnn", "--run-shards", "0"], ["--run-shards must be at least 1"]),

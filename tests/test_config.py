@@ -16,6 +16,7 @@ from mlvar.config import (
     MODELS,
     RANDOMNESS_SOURCES,
     AmlConfig,
+    BackendConfig,
     Config,
     PathsConfig,
     RayConfig,
@@ -72,9 +73,12 @@ def test_example_lists_every_key_with_a_comment() -> None:
     assert list(data["paths"]) == PATH_KEYS
     # The cluster tables list every field, in the dataclasses' order.
     assert list(data["submit"]) == [f.name for f in dataclasses.fields(SubmitConfig)]
-    assert set(data["backend"]) == {"aml", "ray"}
+    assert set(data["backend"]) == {f.name for f in dataclasses.fields(BackendConfig)}
     assert list(data["backend"]["aml"]) == [f.name for f in dataclasses.fields(AmlConfig)]
     assert list(data["backend"]["ray"]) == [f.name for f in dataclasses.fields(RayConfig)]
+    for table in dataclasses.fields(BackendConfig):  # every backend's table, a new one too
+        fields = dataclasses.fields(getattr(Config().backend, table.name))
+        assert list(data["backend"][table.name]) == [f.name for f in fields], table.name
     assert set(data["train"]) == set(registry.DATASETS) == set(Config().train)
     for dataset in registry.DATASETS:
         assert list(data["train"][dataset]) == TRAIN_KEYS, dataset

@@ -138,11 +138,32 @@ class RayConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """Slurm settings of ``mlvar submit --backend slurm`` (jobs submitted with submitit as
+    a job array; one array task per job)."""
+
+    partition: str = ""  # partition the jobs run in (required, also for --dry-run)
+    time_limit_min: int = 60  # wall-clock limit per job, minutes (sbatch --time)
+    cpus_per_job: int = 1  # CPUs per job (sbatch --cpus-per-task)
+    gpus_per_job: int = 0  # GPUs per job, on one node (sbatch --gpus-per-node)
+    mem_gb: float = 0.0  # memory per job, GB (sbatch --mem); 0: the partition's default
+    account: str = ""  # account charged (sbatch --account); "": the user's default
+    qos: str = ""  # quality of service (sbatch --qos); "": the default
+    extra_sbatch: list[str] = field(default_factory=list)  # more options: "--constraint=a100"
+    setup: list[str] = field(default_factory=list)  # shell lines run before each job
+    python: str = ""  # Python on the nodes; "": this interpreter (a shared venv)
+    folder: str = ""  # job files and logs (absolute); "": submissions/<id>/slurm/
+    array_parallelism: int = 0  # array tasks running at once (0: no limit of mlvar's)
+    max_requeues: int = 3  # requeues after preemption or time-out, per job
+
+
+@dataclass
 class BackendConfig:
-    """The ``[backend.aml]`` and ``[backend.ray]`` tables."""
+    """The ``[backend.<name>]`` tables, one per backend that has settings."""
 
     aml: AmlConfig = field(default_factory=AmlConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 @dataclass
@@ -394,11 +415,11 @@ def check_paths(paths: PathsConfig, origins: dict[str, str | None] | None = None
 
 
 def _load_backend_tables(cfg: Config, data: dict[str, Any], file: Path) -> None:
-    """Apply the ``[backend.aml]``, ``[backend.ray]`` and ``[submit]`` tables."""
+    """Apply the ``[backend.<name>]`` tables and ``[submit]``."""
     backend = data.get("backend", {})
     if not isinstance(backend, dict):
         raise MlvarError(f"'backend' in {file} must be a table", "write it as [backend.ray]")
-    _check_keys(backend, ["aml", "ray"], "backend.", file)
+    _check_keys(backend, [f.name for f in dataclasses.fields(BackendConfig)], "backend.", file)
     for name, table in backend.items():
         if not isinstance(table, dict):
             raise MlvarError(
@@ -413,7 +434,7 @@ def _load_backend_tables(cfg: Config, data: dict[str, Any], file: Path) -> None:
 
 def validate_backend(cfg: Config) -> None:
     """Check the ranges of the ``[backend.*]`` and ``[submit]`` values."""
-    ray, sub = cfg.backend.ray, cfg.submit
+    ray, slurm, sub = cfg.backend.ray, cfg.backend.slurm, cfg.submit
     checks = (
         ("submit.runs_per_job", sub.runs_per_job >= 1, sub.runs_per_job, "try 8"),
         ("submit.retries", sub.retries >= 0, sub.retries, "0 disables retries"),
@@ -426,6 +447,28 @@ def validate_backend(cfg: Config) -> None:
             math.isfinite(ray.connect_timeout_s) and ray.connect_timeout_s > 0,
             ray.connect_timeout_s,
             "try 30",
+        ),
+        ("backend.slurm.time_limit_min", slurm.time_limit_min >= 1, slurm.time_limit_min, "try 60"),
+        ("backend.slurm.cpus_per_job", slurm.cpus_per_job >= 1, slurm.cpus_per_job, "try 1"),
+        ("backend.slurm.gpus_per_job", slurm.gpus_per_job >= 0, slurm.gpus_per_job, "0: none"),
+        (
+            "backend.slurm.mem_gb",
+            math.isfinite(slurm.mem_gb) and slurm.mem_gb >= 0,
+            slurm.mem_gb,
+            "0: the partition's default",
+        ),
+        (
+            "backend.slurm.array_parallelism",
+            slurm.array_parallelism >= 0,
+            slurm.array_parallelism,
+            "0: no limit",
+        ),
+        ("backend.slurm.max_requeues", slurm.max_requeues >= 0, slurm.max_requeues, "try 3"),
+        (
+            "backend.slurm.folder",
+            not slurm.folder or Path(slurm.folder).expanduser().is_absolute(),
+            slurm.folder,
+            'an absolute path on the shared filesystem, or "" for submissions/<id>/slurm/',
         ),
     )
     for key, ok, value, hint in checks:

@@ -1,39 +1,32 @@
-"""The ``aml`` backend: one Azure ML (azure-ai-ml v2) command job per pack of runs.
+"""The ``aml`` backend: one Azure ML (azure-ai-ml v2) command job per job of any kind.
 
-Each job runs ``python -m mlvar.backends.worker`` on the configured compute with:
+Each job runs ``python -m mlvar.backends.worker specs/<job>.json ...`` on the configured
+compute with:
 
-- ``code``: a snapshot of the mlvar package plus the packs' JSON specs;
-- input ``scenario``: the prepared scenario as a ``uri_folder`` data asset
-  (``mlvar-<scenario>``, version = the first 12 hex digits of its manifest sha256, so a
-  changed scenario is a new version), mounted read-only;
-- output ``runs``: a ``uri_folder`` on ``[backend.aml] datastore`` under
-  ``mlvar/<experiment>/<submission>/<pack>/``; the worker writes a run store there;
+- ``code``: a snapshot of the mlvar package plus the jobs' JSON specs;
+- input ``experiment`` (kinds that read an experiment folder: analysis and saliency
+  shards): a local folder ``inputs/<group>/`` holding the job's
+  :meth:`~mlvar.backends.kind.JobKind.inputs` (hard links into the store), which the SDK
+  uploads when the job is created (once per content: jobs of one group share it);
+- input ``scenario`` (kinds that read the prepared scenario: training packs, saliency
+  shards): the prepared scenario as a ``uri_folder`` data asset (``mlvar-<scenario>``,
+  version = the first 12 hex digits of its manifest sha256, so a changed scenario is a
+  new version), mounted read-only;
+- output ``runs`` (training) or ``shards``: a ``uri_folder`` on ``[backend.aml]
+  datastore`` under ``mlvar/<experiment>/<submission>/<job>/``;
 - an environment: ``[backend.aml] environment`` if set, else a conda file of mlvar's own
   requirements on top of ``[backend.aml] image``.
 
 :func:`write_jobs` writes the YAML (``--dry-run``) and validates each file offline with the
-SDK's own ``azure.ai.ml.load_job``. The functions that talk to Azure (:func:`client`,
-:func:`submit_jobs`, :func:`refresh`, :func:`download_jobs`) are kept small and apart:
-they are not exercised by the test suite, which never contacts Azure.
-
-Analysis shards (``mlvar submit analyze``, :func:`write_shard_jobs`) are command jobs of
-the same kind: ``python -m mlvar.backends.worker specs/<shard>.json --experiment-dir
-${{inputs.experiment}} --out ${{outputs.shards}}``, whose input ``experiment`` is a local
-folder (``inputs/r<j>of<m>/``: ``experiment.json``, ``samples/<split>.parquet`` and the runs
-of run block j, hard links into the store) that the SDK uploads when the job is created
-(once per content: the K jobs of a run block share it), and whose output ``shards`` goes to
-``mlvar/<experiment>/<submission>/<shard>/`` on the datastore.
-
-Saliency shards (``mlvar submit saliency``) are the same with a second input,
-``scenario``: the prepared scenario's data asset of training jobs (uploaded once per
-version), and ``--scenario-dir ${{inputs.scenario}}`` in the command; their input
-``experiment`` (``inputs/r<j>of<m>/``) holds every ranked run's logits and the block's
-``model.pt``.
+SDK's own ``azure.ai.ml.load_job``. The calls that talk to Azure (:func:`client` and the
+``ml_client`` calls of :class:`AmlBackend`) are kept small: the test suite never contacts
+Azure (it uses a stand-in client).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import re
 import shutil
 import tempfile
@@ -41,10 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from mlvar import __version__
-from mlvar.backends import shard_jobs
-from mlvar.backends.common import missing_runs, require
+from mlvar.backends.backend import Backend, JobBatch, SubmitProgress, require
+from mlvar.backends.kind import JobKind, worker_command
+from mlvar.backends.kinds import kind_of, read_spec
 from mlvar.backends.spec import Submission
-from mlvar.backends.transfer import ImportResult, import_runs
+from mlvar.backends.transfer import ImportResult
 from mlvar.config import AmlConfig
 from mlvar.data.scenario import Scenario
 from mlvar.errors import MlvarError
@@ -86,8 +80,8 @@ def asset_version(scenario: Scenario) -> str:
     return scenario.manifest_sha256[:12]
 
 
-def job_name(sub: Submission, pack: str) -> str:
-    return re.sub(r"[^a-z0-9_-]", "_", f"mlvar-{sub.id}-{pack}".lower())
+def job_name(sub: Submission, job: str) -> str:
+    return re.sub(r"[^a-z0-9_-]", "_", f"mlvar-{sub.id}-{job}".lower())
 
 
 def requirements() -> list[str]:
@@ -104,44 +98,62 @@ def _yaml(obj: Any) -> str:
     return yaml.safe_dump(obj, sort_keys=False, default_flow_style=False, width=100)
 
 
-def write_specs(sub: Submission, specs: dict[str, dict[str, Any]], out: Path) -> list[str]:
-    """Dry run of ``local`` and ``ray``: the plan and one JSON spec per job."""
-    with staging_dir(Path(out), replace=True) as tmp:
-        atomic_write_json(tmp / "submission.json", sub.to_dict())
-        for name, spec in specs.items():
-            atomic_write_json(tmp / "specs" / f"{name}.json", spec)
-    return ["submission.json"] + [f"specs/{n}.json" for n in specs]
-
-
 def _environment(cfg: AmlConfig) -> Any:
     return cfg.environment or {"image": cfg.image, "conda_file": "../environment/conda.yaml"}
 
 
-def _command_job(
+def _scenario_input(scenario: Scenario) -> dict[str, str]:
+    """The prepared scenario's data asset, mounted read-only."""
+    return {
+        "type": "uri_folder",
+        "path": f"azureml:{asset_name(scenario)}:{asset_version(scenario)}",
+        "mode": "ro_mount",
+    }
+
+
+def job_dict(
     sub: Submission,
-    name: str,
+    kind: JobKind,
+    spec: dict[str, Any],
+    scenario: Scenario | None,
     cfg: AmlConfig,
-    text: dict[str, str],
-    tags: dict[str, str],
-    inputs: dict[str, Any],
-    output: str,
 ) -> dict:
-    """A command job running the worker on ``specs/<name>.json`` (``text``: its
-    ``display_name``, ``description`` and ``command``), output ``output`` on the datastore
-    under ``mlvar/<experiment>/<submission>/<name>/``."""
+    """The command job of one job, as the YAML mapping: the worker on
+    ``specs/<job>.json``, its inputs, its output on the datastore under
+    ``mlvar/<experiment>/<submission>/<job>/``."""
+    name = spec["job"]
+    text = kind.describe(sub, spec)
+    inputs: dict[str, Any] = {}
+    if kind.reads_experiment:
+        group = kind.input_group(spec)
+        inputs["experiment"] = {
+            "type": "uri_folder",
+            "path": f"../inputs/{group}",
+            "mode": "ro_mount",
+        }
+    if kind.reads_scenario:
+        assert scenario is not None
+        inputs["scenario"] = _scenario_input(scenario)
+    command = worker_command(
+        kind,
+        f"specs/{name}.json",
+        f"${{{{outputs.{kind.output_name}}}}}",
+        experiment_dir="${{inputs.experiment}}",
+        scenario_dir="${{inputs.scenario}}",
+    )
     return {
         "$schema": JOB_SCHEMA,
         "type": "command",
         "name": job_name(sub, name),
-        "display_name": text["display_name"],
+        "display_name": text.title,
         "experiment_name": cfg.experiment_name,
-        "description": text["description"],
-        "tags": {"mlvar_version": __version__, **tags},
+        "description": text.description,
+        "tags": {"mlvar_version": __version__, **text.labels},
         "code": "../code",
-        "command": text["command"],
+        "command": " ".join(command),
         "inputs": inputs,
         "outputs": {
-            output: {
+            kind.output_name: {
                 "type": "uri_folder",
                 "mode": "upload",
                 "path": (
@@ -154,41 +166,6 @@ def _command_job(
         "compute": f"azureml:{cfg.compute}",
         "resources": {"instance_count": 1},
     }
-
-
-def _scenario_input(scenario: Scenario) -> dict[str, str]:
-    """The prepared scenario's data asset, mounted read-only."""
-    return {
-        "type": "uri_folder",
-        "path": f"azureml:{asset_name(scenario)}:{asset_version(scenario)}",
-        "mode": "ro_mount",
-    }
-
-
-def _folder_input(spec: dict[str, Any]) -> dict[str, str]:
-    """A shard job's local input folder ``inputs/r<j>of<m>/`` (uploaded by the SDK)."""
-    return {"type": "uri_folder", "path": f"../inputs/{run_block(spec)}", "mode": "ro_mount"}
-
-
-def job_dict(sub: Submission, spec: dict[str, Any], scenario: Scenario, cfg: AmlConfig) -> dict:
-    """The command job of one pack, as the YAML mapping."""
-    pack = spec["job"]
-    indices = spec["run_indices"]
-    text = {
-        "display_name": f"{sub.experiment} {pack} (runs {indices[0]}-{indices[-1]})",
-        "description": f"mlvar: train runs {', '.join(map(str, indices))} of {sub.experiment}",
-        "command": (
-            f"python -m mlvar.backends.worker specs/{pack}.json "
-            "--scenario-dir ${{inputs.scenario}} --runs-root ${{outputs.runs}}"
-        ),
-    }
-    tags = {
-        "mlvar_experiment": sub.experiment,
-        "mlvar_submission": sub.id,
-        "mlvar_pack": pack,
-        "mlvar_runs": ",".join(map(str, indices)),
-    }
-    return _command_job(sub, pack, cfg, text, tags, {"scenario": _scenario_input(scenario)}, "runs")
 
 
 def conda_dict() -> dict[str, Any]:
@@ -211,37 +188,59 @@ def data_asset_dict(scenario: Scenario) -> dict[str, Any]:
     }
 
 
-def write_jobs(
-    sub: Submission,
-    specs: dict[str, dict[str, Any]],
-    scenario: Scenario,
-    cfg: AmlConfig,
-    out: Path,
-) -> list[str]:
-    """Write the job YAML files, specs, environment, data asset and code snapshot to
-    ``out`` (replacing it) and validate every YAML offline with ``load_job``/``load_data``.
+def stage_inputs(files: dict[str, Path | bytes], folder: Path) -> None:
+    """Write a job's inputs into ``folder`` (hard links where the filesystem allows,
+    copies otherwise): an Azure ML job's input folder."""
+    for rel, src in sorted(files.items()):
+        target = folder / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(src, bytes):
+            target.write_bytes(src)
+        else:
+            try:
+                os.link(src, target)
+            except OSError:
+                shutil.copyfile(src, target)
 
-    Layout: ``jobs/<pack>.yaml``, ``code/mlvar/`` + ``code/specs/<pack>.json``,
-    ``environment/conda.yaml`` (when no registered environment is named),
-    ``data-asset.yaml``, ``submission.json``. Returns the paths written (relative).
+
+def write_jobs(batch: JobBatch, cfg: AmlConfig, out: Path) -> list[str]:
+    """Write the job YAML files, specs, inputs, environment, data asset and code snapshot
+    to ``out`` (replacing it) and validate every YAML offline with ``load_job`` (and the
+    data asset with ``load_data``).
+
+    Layout: ``jobs/<job>.yaml``, ``code/mlvar/`` + ``code/specs/<job>.json``,
+    ``inputs/<group>/`` (what the jobs of a group read, for kinds that read the
+    experiment), ``environment/conda.yaml`` (when no registered environment is named),
+    ``data-asset.yaml`` (the prepared scenario, for kinds that read it),
+    ``submission.json``. Returns the paths written (relative; inputs as folders).
     """
     require("azure.ai.ml", "aml")
     from azure.ai.ml import load_data
 
+    kind, sub, scenario = batch.kind, batch.sub, batch.scenario
     with staging_dir(Path(out), replace=True) as tmp:
         written = _code_and_environment(tmp, cfg)
-        atomic_write_text(tmp / "data-asset.yaml", _yaml(data_asset_dict(scenario)))
-        written.append("data-asset.yaml")
-        for name, spec in specs.items():
+        if kind.reads_scenario:
+            assert scenario is not None
+            atomic_write_text(tmp / "data-asset.yaml", _yaml(data_asset_dict(scenario)))
+            written.append("data-asset.yaml")
+        staged: set[str] = set()
+        for name, spec in batch.specs.items():
+            group = kind.input_group(spec)
+            if kind.reads_experiment and group not in staged:
+                assert batch.store is not None
+                stage_inputs(kind.inputs(batch.store, spec), tmp / "inputs" / group)
+                staged.add(group)
+                written.append(f"inputs/{group}/")
             atomic_write_json(tmp / "code" / "specs" / f"{name}.json", spec)
-            atomic_write_text(
-                tmp / "jobs" / f"{name}.yaml", _yaml(job_dict(sub, spec, scenario, cfg))
-            )
+            job = job_dict(sub, kind, spec, scenario, cfg)
+            atomic_write_text(tmp / "jobs" / f"{name}.yaml", _yaml(job))
             written += [f"code/specs/{name}.json", f"jobs/{name}.yaml"]
         atomic_write_json(tmp / "submission.json", sub.to_dict())
         written.append("submission.json")
-        _validate(tmp, specs)
-        load_data(tmp / "data-asset.yaml")
+        _validate(tmp, batch.specs)
+        if kind.reads_scenario:
+            load_data(tmp / "data-asset.yaml")
     return written
 
 
@@ -273,121 +272,8 @@ def _validate(folder: Path, names: Any) -> None:
             ) from None
 
 
-def run_block(spec: dict[str, Any]) -> str:
-    """``r<j>of<m>``: the input folder a shard's job reads (shared by its run block)."""
-    j, m = spec["run_shard"]
-    return f"r{j}of{m}"
-
-
-def _shard_tags(sub: Submission, spec: dict[str, Any]) -> dict[str, str]:
-    return {
-        "mlvar_kind": spec["kind"],
-        "mlvar_experiment": sub.experiment,
-        "mlvar_submission": sub.id,
-        "mlvar_split": spec["split"],
-        "mlvar_shard": spec["job"],
-    }
-
-
-def shard_job_dict(sub: Submission, spec: dict[str, Any], cfg: AmlConfig) -> dict:
-    """The command job of one analysis shard, as the YAML mapping."""
-    name = spec["job"]
-    (i, k), (j, m) = spec["shard"], spec["run_shard"]
-    expect = spec["expect"]
-    block = expect["run_ids"]
-    text = {
-        "display_name": f"{sub.experiment} analysis {name}",
-        "description": (
-            f"mlvar: analyze rank {sub.experiment} --split {spec['split']} --shard {i}/{k} "
-            f"--run-shard {j}/{m} (samples {expect['start']}..{expect['stop'] - 1}, "
-            f"runs {block[0]}..{block[-1]})"
-        ),
-        "command": (
-            f"python -m mlvar.backends.worker specs/{name}.json "
-            "--experiment-dir ${{inputs.experiment}} --out ${{outputs.shards}}"
-        ),
-    }
-    inputs = {"experiment": _folder_input(spec)}
-    return _command_job(sub, name, cfg, text, _shard_tags(sub, spec), inputs, "shards")
-
-
-def saliency_job_dict(
-    sub: Submission, spec: dict[str, Any], scenario: Scenario, cfg: AmlConfig
-) -> dict:
-    """The command job of one saliency run block, as the YAML mapping."""
-    name = spec["job"]
-    j, m = spec["run_shard"]
-    opts, block = spec["options"], spec["expect"]["block_run_ids"]
-    layer = f" --layer {opts['layer']}" if opts.get("layer") else ""
-    runs = block[0] if len(block) == 1 else f"{block[0]}..{block[-1]}"
-    text = {
-        "display_name": f"{sub.experiment} saliency {name}",
-        "description": (
-            f"mlvar: analyze saliency {sub.experiment} --split {spec['split']} --run-shard "
-            f"{j}/{m} --top {opts['top']} --seeds {opts['seeds']} --by {opts['by']}{layer} "
-            f"--seed {opts['seed']} (runs {runs})"
-        ),
-        "command": (
-            f"python -m mlvar.backends.worker specs/{name}.json "
-            "--experiment-dir ${{inputs.experiment}} --scenario-dir ${{inputs.scenario}} "
-            "--out ${{outputs.shards}}"
-        ),
-    }
-    inputs = {"experiment": _folder_input(spec), "scenario": _scenario_input(scenario)}
-    return _command_job(sub, name, cfg, text, _shard_tags(sub, spec), inputs, "shards")
-
-
-def write_shard_jobs(
-    sub: Submission,
-    specs: dict[str, dict[str, Any]],
-    store: ExperimentStore,
-    cfg: AmlConfig,
-    out: Path,
-    scenario: Scenario | None = None,
-) -> list[str]:
-    """Write the shard job YAML files (analysis; saliency when ``scenario`` is given),
-    specs, inputs, environment and code snapshot to ``out`` (replacing it) and validate
-    every YAML offline with ``load_job`` (and the data asset with ``load_data``).
-
-    Layout: ``jobs/<shard>.yaml``, ``code/mlvar/`` + ``code/specs/<shard>.json``,
-    ``inputs/r<j>of<m>/`` (what the shards of run block j read; hard links into the store
-    where possible), ``environment/conda.yaml`` (when no registered environment is named),
-    saliency: ``data-asset.yaml`` (the prepared scenario), ``submission.json``. Returns the
-    paths written (relative; inputs as folders).
-    """
-    require("azure.ai.ml", "aml")
-    from azure.ai.ml import load_data
-
-    with staging_dir(Path(out), replace=True) as tmp:
-        written = _code_and_environment(tmp, cfg)
-        if scenario is not None:
-            atomic_write_text(tmp / "data-asset.yaml", _yaml(data_asset_dict(scenario)))
-            written.append("data-asset.yaml")
-        staged: set[str] = set()
-        for name, spec in specs.items():
-            block = run_block(spec)
-            if block not in staged:
-                shard_jobs.stage_inputs(store, spec, tmp / "inputs" / block)
-                staged.add(block)
-                written.append(f"inputs/{block}/")
-            job = (
-                shard_job_dict(sub, spec, cfg)
-                if scenario is None
-                else saliency_job_dict(sub, spec, scenario, cfg)
-            )
-            atomic_write_json(tmp / "code" / "specs" / f"{name}.json", spec)
-            atomic_write_text(tmp / "jobs" / f"{name}.yaml", _yaml(job))
-            written += [f"code/specs/{name}.json", f"jobs/{name}.yaml"]
-        atomic_write_json(tmp / "submission.json", sub.to_dict())
-        written.append("submission.json")
-        _validate(tmp, specs)
-        if scenario is not None:
-            load_data(tmp / "data-asset.yaml")
-    return written
-
-
 # ------------------------------------------------------------------------ talks to Azure
-# Untested here: nothing below runs in the test suite (it needs a workspace).
+# Tested with a stand-in client only (the suite never contacts a workspace).
 
 
 def client(cfg: AmlConfig) -> Any:
@@ -401,27 +287,6 @@ def client(cfg: AmlConfig) -> Any:
     )
 
 
-def submit_jobs(
-    ml_client: Any,
-    sub: Submission,
-    specs: dict[str, dict[str, Any]],
-    scenario: Scenario,
-    cfg: AmlConfig,
-    store: ExperimentStore,
-) -> None:
-    """Upload the scenario (once per version) and create one command job per pack."""
-    from azure.ai.ml import load_job
-
-    folder = store.root / "submissions" / sub.id / "aml"
-    write_jobs(sub, specs, scenario, cfg, folder)
-    _ensure_data_asset(ml_client, scenario, folder / "data-asset.yaml")
-    sub.options = {"workspace": cfg.workspace, "compute": cfg.compute, "jobs_dir": str(folder)}
-    for job in sub.jobs:
-        created = ml_client.jobs.create_or_update(load_job(folder / "jobs" / f"{job.name}.yaml"))
-        job.ref, job.state, job.attempts = created.name, "submitted", job.attempts + 1
-        sub.save(store.root)
-
-
 def _ensure_data_asset(ml_client: Any, scenario: Scenario, yaml_file: Path) -> None:
     """Create the scenario's data asset (uploading its folder) unless that version exists."""
     from azure.ai.ml import load_data
@@ -433,81 +298,91 @@ def _ensure_data_asset(ml_client: Any, scenario: Scenario, yaml_file: Path) -> N
         ml_client.data.create_or_update(load_data(yaml_file))
 
 
-def refresh(ml_client: Any, sub: Submission) -> None:
-    """Update each job's state from ``ml_client.jobs.get``."""
-    for job in sub.jobs:
-        if job.ref and job.state not in ("complete",):
-            status = ml_client.jobs.get(job.ref).status
-            job.state = _STATES.get(status, "running")
-            if job.state == "failed":
-                job.error = f"Azure ML job {job.ref} ended {status}"
+class AmlBackend(Backend):
+    """One Azure ML command job per job; ``status`` asks Azure ML for their states and
+    ``download`` fetches and lands the outputs of finished ones."""
 
+    name = "aml"
+    summary = "aml (Azure ML jobs)"
+    synchronous = False
+    dry_run_note = "validated with load_job"
 
-def download_jobs(ml_client: Any, sub: Submission, store: ExperimentStore) -> ImportResult:
-    """Download the outputs of finished (or failed) jobs and import their complete runs."""
-    refresh(ml_client, sub)
-    total = ImportResult()
-    for job in sub.jobs:
-        if not job.ref or job.state not in ("finished", "failed"):
-            continue
-        with tempfile.TemporaryDirectory(prefix=".tmp-download-", dir=store.root) as tmp:
-            ml_client.jobs.download(job.ref, download_path=tmp, output_name="runs")
-            found = [p.parent for p in Path(tmp).rglob("experiment.json")]
-            for folder in found:
-                res = import_runs(folder, store)
-                total.imported += res.imported
-                total.skipped += res.skipped
-                total.rejected.update(res.rejected)
-        if not missing_runs(store, job.run_indices):
-            job.state = "complete"
-    return total
+    @property
+    def cfg(self) -> AmlConfig:
+        return self.config.backend.aml
 
+    def check(self, dry_run: bool, device: str = "cpu") -> None:
+        check_settings(self.cfg, dry_run=dry_run)
 
-def submit_shard_jobs(
-    ml_client: Any,
-    sub: Submission,
-    specs: dict[str, dict[str, Any]],
-    store: ExperimentStore,
-    cfg: AmlConfig,
-    scenario: Scenario | None = None,
-) -> None:
-    """Create one command job per shard (the SDK uploads each run block's input folder
-    when the first job using it is created); saliency shards also read ``scenario``'s data
-    asset, uploaded once per version as for training."""
-    from azure.ai.ml import load_job
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self._client: Any = None
 
-    folder = store.root / "submissions" / sub.id / "aml"
-    write_shard_jobs(sub, specs, store, cfg, folder, scenario)
-    if scenario is not None:
-        _ensure_data_asset(ml_client, scenario, folder / "data-asset.yaml")
-    sub.options = dict(
-        sub.options, workspace=cfg.workspace, compute=cfg.compute, jobs_dir=str(folder)
-    )
-    for job in sub.jobs:
-        created = ml_client.jobs.create_or_update(load_job(folder / "jobs" / f"{job.name}.yaml"))
-        job.ref, job.state, job.attempts = created.name, "submitted", job.attempts + 1
-        sub.save(store.root)
+    @property
+    def ml_client(self) -> Any:
+        """The workspace's ``MLClient``, made on first use."""
+        if self._client is None:
+            self._client = client(self.cfg)
+        return self._client
 
+    def write_dry_run(self, batch: JobBatch, out: Path) -> list[str]:
+        return write_jobs(batch, self.cfg, out)
 
-def download_shard_jobs(ml_client: Any, sub: Submission, store: ExperimentStore) -> ImportResult:
-    """Download the outputs of finished (or failed) shard jobs (analysis or saliency) and
-    land their complete, verified shards."""
-    import json
+    def submit(self, batch: JobBatch, progress: SubmitProgress | None = None) -> None:
+        """Upload the scenario (once per version) and create one command job per job
+        (the SDK uploads each input folder when the first job using it is created)."""
+        from azure.ai.ml import load_job
 
-    refresh(ml_client, sub)
-    total = ImportResult(kind="shards")
-    specs_dir = Path(sub.options.get("jobs_dir", "")) / "code" / "specs"
-    for job in sub.jobs:
-        if not job.ref or job.state not in ("finished", "failed"):
-            continue
-        spec_file = specs_dir / f"{job.name}.json"
-        expect = json.loads(spec_file.read_text())["expect"] if spec_file.is_file() else None
-        with tempfile.TemporaryDirectory(prefix=".tmp-download-", dir=store.root) as tmp:
-            ml_client.jobs.download(job.ref, download_path=tmp, output_name="shards")
-            res = shard_jobs.import_shards(Path(tmp), store, {job.name: expect} if expect else None)
-        total.imported += res.imported
-        total.skipped += res.skipped
-        total.rejected.update(res.rejected)
-        if expect is not None and shard_jobs.shard_ok(store, expect):
-            job.state = "complete"
-    return total
+        sub, store = batch.sub, batch.store
+        assert store is not None
+        ml_client = self.ml_client
+        folder = batch.base / "aml"
+        write_jobs(batch, self.cfg, folder)
+        if batch.kind.reads_scenario and batch.scenario is not None:
+            _ensure_data_asset(ml_client, batch.scenario, folder / "data-asset.yaml")
+        sub.options = dict(
+            sub.options,
+            workspace=self.cfg.workspace,
+            compute=self.cfg.compute,
+            jobs_dir=str(folder),
+        )
+        for job in sub.jobs:
+            created = ml_client.jobs.create_or_update(
+                load_job(folder / "jobs" / f"{job.name}.yaml")
+            )
+            job.ref, job.state, job.attempts = created.name, "submitted", job.attempts + 1
+            sub.save(store.root)
+
+    def refresh(self, sub: Submission, store: ExperimentStore) -> None:
+        """Update each job's state from ``ml_client.jobs.get``."""
+        if not any(j.ref for j in sub.jobs):
+            return
+        for job in sub.jobs:
+            if job.ref and job.state != "complete":
+                status = self.ml_client.jobs.get(job.ref).status
+                job.state = _STATES.get(status, "running")
+                if job.state == "failed":
+                    job.error = f"Azure ML job {job.ref} ended {status}"
+
+    def download(self, sub: Submission, store: ExperimentStore) -> ImportResult:
+        """Download the outputs of finished (or failed) jobs and land their complete,
+        verified part."""
+        self.refresh(sub, store)
+        kind = kind_of({"kind": sub.kind})
+        total = kind.empty_result()
+        specs = Path(sub.options.get("jobs_dir", "")) / "code" / "specs"
+        for job in sub.jobs:
+            if not job.ref or job.state not in ("finished", "failed"):
+                continue
+            spec = read_spec(specs / f"{job.name}.json")
+            with tempfile.TemporaryDirectory(prefix=".tmp-download-", dir=store.root) as tmp:
+                self.ml_client.jobs.download(
+                    job.ref, download_path=tmp, output_name=kind.output_name
+                )
+                got = kind.land(Path(tmp), store, spec)
+            total.imported += got.imported
+            total.skipped += got.skipped
+            total.rejected.update(got.rejected)
+            if kind.remaining(store, spec) is None:
+                job.state = "complete"
+        return total

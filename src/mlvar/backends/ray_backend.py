@@ -1,18 +1,14 @@
-"""The ``ray`` backend: one Ray task per pack of runs.
+"""The ``ray`` backend: one Ray task per job, on a local instance or a cluster.
 
-``ray.init()`` starts a local instance, or connects to ``[backend.ray] address``. The
-scenario's files go to the tasks through the object store and each task returns its
-pack's finished runs as bytes (:func:`mlvar.backends.worker.collect_runs`), which the
-driver writes into a temporary folder and imports with the same verification as
-``mlvar submit download``: no shared filesystem is needed, on a laptop or on a cluster.
-Tasks need mlvar installed on the workers (the same version as the driver).
-
-Analysis and saliency shards (:func:`run_ray_shards`) go the same way: the files a shard
-reads (for analysis its run block's logits of the split, ``samples/<split>.parquet``,
-``experiment.json``; for saliency every ranked run's logits, its block's ``model.pt``
-and the prepared scenario) are put in the object store, each file once however many
-tasks read it; each task computes one shard from them and returns the shard's files as
-bytes, which land only when complete and verified.
+``ray.init()`` starts a local instance, or connects to ``[backend.ray] address``. No
+shared filesystem is needed, on a laptop or on a cluster: what a job reads goes to the
+tasks through the object store, each file once however many tasks read it (the prepared
+scenario's files, and for shards the experiment files of :meth:`JobKind.inputs`), and
+each task returns its output's complete part as bytes (:meth:`JobKind.output_files`),
+which the driver writes into a temporary folder and lands with the same verification as
+every backend. Tasks need mlvar installed on the workers (the same version as the
+driver). Retries are mlvar's own (``max_retries=0``), so a failure is reported with its
+traceback.
 """
 
 from __future__ import annotations
@@ -20,41 +16,35 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
-import shutil
 import socket
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from mlvar.backends import shard_jobs
-from mlvar.backends.common import SubmitProgress, finish_attempt, require, tail
-from mlvar.backends.spec import Submission
-from mlvar.config import RayConfig, TrainConfig
+from mlvar.backends import faults
+from mlvar.backends.backend import (
+    Attempt,
+    Backend,
+    JobBatch,
+    SubmitProgress,
+    drive,
+    require,
+    tail,
+)
+from mlvar.backends.kind import quiet, remove_empty, write_files
+from mlvar.backends.kinds import kind_of
+from mlvar.backends.spec import Job
+from mlvar.config import RayConfig
 from mlvar.data.scenario import Scenario
 from mlvar.errors import MlvarError
-from mlvar.store import ExperimentStore
-
-_FAULT = "MLVAR_WORKER_FAULT"
 
 
 def require_ray() -> Any:
     return require("ray", "ray")
-
-
-@dataclass
-class RayContext:
-    started: bool  # this process called ray.init (and shuts Ray down again)
-
-    def close(self) -> None:
-        if self.started:
-            import ray
-
-            ray.shutdown()
 
 
 def _probe(address: str, timeout: float) -> None:
@@ -83,11 +73,14 @@ def _probe(address: str, timeout: float) -> None:
     )
 
 
-def connect(cfg: RayConfig) -> RayContext:
-    """``ray.init`` against the configured address (or a local instance)."""
+@contextlib.contextmanager
+def connect(cfg: RayConfig) -> Iterator[None]:
+    """``ray.init`` against the configured address (or a local instance), shut down again
+    afterwards; an instance this process already started is used as it is."""
     ray = require_ray()
     if ray.is_initialized():
-        return RayContext(started=False)
+        yield
+        return
     kwargs: dict[str, Any] = {
         "include_dashboard": False,
         "log_to_driver": False,
@@ -100,7 +93,10 @@ def connect(cfg: RayConfig) -> RayContext:
         if cfg.num_cpus:
             kwargs["num_cpus"] = cfg.num_cpus
         ray.init(**kwargs)
-    return RayContext(started=True)
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 def scenario_files(scenario: Scenario) -> dict[str, bytes]:
@@ -108,186 +104,107 @@ def scenario_files(scenario: Scenario) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(scenario.path.iterdir()) if p.is_file()}
 
 
-def _task(spec: dict[str, Any], files: dict[str, bytes]) -> dict[str, Any]:
-    """Runs on a Ray worker: unpack the scenario, train the pack, return the runs as bytes."""
-    from mlvar.backends.worker import collect_runs, run_pack
-
-    with tempfile.TemporaryDirectory(prefix="mlvar-ray-") as tmp:
-        data_root, runs_root = Path(tmp) / "data", Path(tmp) / "runs"
-        folder = data_root / spec["scenario"]
-        folder.mkdir(parents=True)
-        for name, data in files.items():
-            (folder / name).write_bytes(data)
-        error = log = ""
-        try:
-            run_pack(spec, runs_root, data_root, log=lambda *a, **k: None)
-        except Exception as exc:  # noqa: BLE001 - returned to the driver with its traceback
-            error, log = f"{type(exc).__name__}: {exc}", tail(traceback.format_exc())
-        exp_dir = runs_root / spec["experiment"]
-        runs = collect_runs(exp_dir) if (exp_dir / "experiment.json").is_file() else {}
-        return {"files": runs, "error": error, "log_tail": log}
-
-
-def run_ray(
-    sub: Submission,
-    store: ExperimentStore,
-    specs: dict[str, dict[str, Any]],
-    scenario: Scenario,
-    cfg: TrainConfig,
-    ray_cfg: RayConfig,
-    progress: SubmitProgress | None = None,
-) -> None:
-    """Run every job as a Ray task (failed runs resubmitted up to ``sub.retries`` times)."""
-    import ray
-
-    from mlvar.backends.worker import write_files
-
-    files_ref = ray.put(scenario_files(scenario))
-    total = sum(len(j.run_indices) for j in sub.jobs)
-    done = 0
-    jobs = {j.name: j for j in sub.jobs}
-    in_flight: dict[Any, tuple[str, list[int]]] = {}
-
-    def launch(name: str, indices: list[int]) -> None:
-        job = jobs[name]
-        job.attempts += 1
-        job.state = "running"
-        gpus = ray_cfg.gpus_per_run * len(indices) if cfg.device == "cuda" else 0
-        remote = ray.remote(num_cpus=ray_cfg.cpus_per_run, num_gpus=gpus, max_retries=0)(_task)
-        spec = dict(specs[name], run_indices=indices, attempt=job.attempts)
-        ref = remote.remote(spec, files_ref)
-        job.ref = ref.hex()
-        in_flight[ref] = (name, indices)
-
-    for job in sub.jobs:
-        launch(job.name, job.run_indices)
-    sub.save(store.root)
-    work = store.root / "submissions" / sub.id / "work"
-    while in_flight:
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
-        name, _indices = in_flight.pop(ready[0])
-        job = jobs[name]
-        try:
-            out = ray.get(ready[0])
-        except Exception as exc:  # noqa: BLE001 - a worker that died (killed, out of memory)
-            out = {"files": {}, "error": f"{type(exc).__name__}", "log_tail": tail(str(exc))}
-        folder = work / f"{name}-a{job.attempts}"
-        try:
-            if out["files"]:
-                write_files(out["files"], folder / sub.experiment)
-            left, _ = finish_attempt(sub, job, store, folder, out["error"], out["log_tail"])
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-        if left:
-            launch(name, left)
-        elif job.state == "complete":
-            done += len(job.run_indices)
-        sub.save(store.root)
-        if progress:
-            progress(done, total, f"{name} {job.state}")
-    shutil.rmtree(work, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        work.parent.rmdir()  # only when empty
-
-
-def _shard_task(
+def _task(
     spec: dict[str, Any], inputs: dict[str, Any], scenario: dict[str, bytes] | None
 ) -> dict[str, Any]:
-    """Runs on a Ray worker: fetch the shard's inputs (``{relative path: object ref}``)
-    and the scenario's files, compute the shard, return its files."""
+    """Runs on a Ray worker: fetch the job's inputs (``{relative path: object ref}``) and
+    the scenario's files, run the job, return its output's files as bytes."""
     import ray
 
-    from mlvar.backends.shard_jobs import collect_shard, run_job
-    from mlvar.backends.worker import write_files
-
+    kind = kind_of(spec)
     with tempfile.TemporaryDirectory(prefix="mlvar-ray-") as tmp:
-        exp_dir, out = Path(tmp) / "in" / spec["experiment"], Path(tmp) / "out"
+        exp_dir = Path(tmp) / "in" / spec["experiment"] if kind.reads_experiment else None
         data_root = Path(tmp) / "data" if scenario is not None else None
+        out = Path(tmp) / "out"
         error = log = ""
+        fatal = False
         try:
-            write_files(dict(zip(inputs, ray.get(list(inputs.values())), strict=True)), exp_dir)
-            if data_root is not None:
+            if exp_dir is not None:
+                refs = list(inputs.values())
+                write_files(dict(zip(inputs, ray.get(refs), strict=True)), exp_dir)
+            if data_root is not None and scenario is not None:
                 write_files(scenario, data_root / spec["scenario"])
-            run_job(spec, exp_dir, out, data_root, log=lambda *a, **k: None)
+            kind.run(spec, out, exp_dir, data_root, quiet)
         except Exception as exc:  # noqa: BLE001 - returned to the driver with its traceback
             error, log = f"{type(exc).__name__}: {exc}", tail(traceback.format_exc())
-        return {"files": collect_shard(out / spec["job"]), "error": error, "log_tail": log}
+            fatal = isinstance(exc, MlvarError)
+        files = kind.output_files(spec, out) if out.is_dir() else {}
+        return {"files": files, "error": error, "log_tail": log, "fatal": fatal}
 
 
-def run_ray_shards(
-    sub: Submission,
-    store: ExperimentStore,
-    specs: dict[str, dict[str, Any]],
-    ray_cfg: RayConfig,
-    progress: SubmitProgress | None = None,
-    scenario: Scenario | None = None,
-) -> None:
-    """Compute every shard of ``sub`` (analysis, or saliency reading ``scenario``) as a Ray
-    task (``num_cpus = cpus_per_run``, no GPU), retrying a failed shard up to
-    ``sub.retries`` times. Each input file goes into the object store once."""
-    import ray
+class RayBackend(Backend):
+    """One Ray task per job (``num_cpus = cpus_per_run``; on CUDA ``num_gpus =
+    gpus_per_run`` per run of the job)."""
 
-    refs: dict[Any, Any] = {}  # source file (or content digest) -> object ref
+    name = "ray"
+    summary = "ray (a local instance or a cluster)"
+    synchronous = True
 
-    def put(src: Path | bytes) -> Any:
-        key = hashlib.sha256(src).hexdigest() if isinstance(src, bytes) else src
-        if key not in refs:
-            refs[key] = ray.put(src if isinstance(src, bytes) else Path(src).read_bytes())
-        return refs[key]
+    @property
+    def cfg(self) -> RayConfig:
+        return self.config.backend.ray
 
-    inputs: dict[str, dict[str, Any]] = {}  # job -> {relative path: object ref}
-    scenario_ref = ray.put(scenario_files(scenario)) if scenario is not None else None
-    jobs = {j.name: j for j in sub.jobs}
-    in_flight: dict[Any, str] = {}
-    options: dict[str, Any] = {"num_cpus": ray_cfg.cpus_per_run, "num_gpus": 0, "max_retries": 0}
-    if os.environ.get(_FAULT):  # the testing hook, for workers already running
-        options["runtime_env"] = {"env_vars": {_FAULT: os.environ[_FAULT]}}
-    remote = ray.remote(**options)(_shard_task)
+    def check(self, dry_run: bool, device: str = "cpu") -> None:
+        require_ray()
 
-    def launch(name: str) -> None:
-        job, spec = jobs[name], specs[name]
-        if name not in inputs:
-            files = shard_jobs.input_files(store, spec)
-            inputs[name] = {rel: put(src) for rel, src in files.items()}
-        job.attempts += 1
-        job.state = "running"
-        ref = remote.remote(dict(spec, attempt=job.attempts), inputs[name], scenario_ref)
-        job.ref = ref.hex()
-        in_flight[ref] = name
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        with connect(self.cfg):
+            yield
 
-    for job in sub.jobs:
-        launch(job.name)
-    sub.save(store.root)
-    work = store.root / "submissions" / sub.id / "work"
-    done, total = 0, len(sub.jobs)
-    while in_flight:
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
-        name = in_flight.pop(ready[0])
-        job = jobs[name]
-        try:
-            out = ray.get(ready[0])
-        except Exception as exc:  # noqa: BLE001 - a worker that died (killed, out of memory)
-            out = {"files": {}, "error": f"{type(exc).__name__}", "log_tail": tail(str(exc))}
-        folder = work / f"{name}-a{job.attempts}" / name
-        error = out["error"]
-        try:
-            if out["files"]:
-                try:
-                    shard_jobs.write_shard_files(out["files"], folder)
-                except MlvarError as exc:
-                    error = error or str(exc)
-            retry = shard_jobs.finish_shard_attempt(
-                sub, job, store, specs[name], folder, error, out["log_tail"]
+    def submit(self, batch: JobBatch, progress: SubmitProgress | None = None) -> None:
+        import ray
+
+        store, kind = batch.store, batch.kind
+        assert store is not None
+        refs: dict[Any, Any] = {}  # source file (or content digest) -> object ref
+
+        def put(src: Path | bytes) -> Any:
+            key = hashlib.sha256(src).hexdigest() if isinstance(src, bytes) else src
+            if key not in refs:
+                refs[key] = ray.put(src if isinstance(src, bytes) else Path(src).read_bytes())
+            return refs[key]
+
+        scenario_ref = None
+        if kind.reads_scenario and batch.scenario is not None:
+            scenario_ref = ray.put(scenario_files(batch.scenario))
+        inputs: dict[str, dict[str, Any]] = {}  # job -> {relative path: object ref}
+        env = faults.task_env()  # the testing hook, for workers already running
+        in_flight: dict[Any, tuple[Job, dict[str, Any]]] = {}
+
+        def launch(job: Job, spec: dict[str, Any]) -> None:
+            if job.name not in inputs:
+                files = kind.inputs(store, spec)
+                inputs[job.name] = {rel: put(src) for rel, src in files.items()}
+            gpus = self.cfg.gpus_per_run * kind.units(spec) if batch.device == "cuda" else 0
+            options: dict[str, Any] = {
+                "num_cpus": self.cfg.cpus_per_run,
+                "num_gpus": gpus,
+                "max_retries": 0,
+            }
+            if env:
+                options["runtime_env"] = {"env_vars": env}
+            ref = ray.remote(**options)(_task).remote(spec, inputs[job.name], scenario_ref)
+            job.ref = ref.hex()
+            in_flight[ref] = (job, spec)
+
+        def next_ended() -> tuple[Job, Attempt]:
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            job, spec = in_flight.pop(ready[0])
+            try:
+                out = ray.get(ready[0])
+            except Exception as exc:  # noqa: BLE001 - a worker that died (killed, out of memory)
+                out = {"error": f"{type(exc).__name__}", "log_tail": tail(str(exc))}
+            folder = batch.base / "work" / f"{job.name}-a{job.attempts}"
+            error = out.get("error", "")
+            try:
+                if out.get("files"):
+                    write_files(out["files"], folder)
+            except MlvarError as exc:
+                error = error or str(exc)
+            return job, Attempt(
+                spec, folder, error, out.get("log_tail", ""), out.get("fatal", False)
             )
-        finally:
-            shutil.rmtree(folder.parent, ignore_errors=True)
-        if retry:
-            launch(name)
-        elif job.state == "complete":
-            done += 1
-        sub.save(store.root)
-        if progress:
-            progress(done, total, f"{name} {job.state}")
-    shutil.rmtree(work, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        work.parent.rmdir()  # only when empty
+
+        drive(batch, launch, next_ended, progress)
+        remove_empty(batch.base / "work", batch.base)

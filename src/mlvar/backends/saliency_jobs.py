@@ -2,15 +2,15 @@
 
 ``mlvar analyze saliency EXP --run-shard j/m`` computes the attributions of block j of m
 of the runs it explains (:func:`mlvar.analysis.saliency.saliency_shard`); here each of the
-M blocks is one job, run by the machinery of :mod:`mlvar.backends.shard_jobs` (the kind
-:data:`SALIENCY`):
+M blocks is one job of the kind :data:`SALIENCY`, a
+:class:`mlvar.backends.shard_kind.ShardKind` like analysis shards:
 
 - the plan (:func:`plan_saliency_jobs`): every check ``analyze saliency`` makes (split,
   metric, model, ``--layer``, weights, prepared scenario) plus ``1 <= M <= runs
   explained``, then one JSON spec per block (``kind: "saliency"``) with the ``meta.json``
   the shard must come back with (``expect``: the plan's fingerprint, the block's runs,
   method and layer);
-- what a job reads (:func:`input_files`): ``experiment.json``, ``samples/<split>.parquet``,
+- what a job reads (:meth:`SaliencyKind.inputs`): ``experiment.json``, ``samples/<split>.parquet``,
   the split's logits of every run the ranking uses, the ``model.pt`` of the block's runs
   only (each ``run.json`` listing what it needs), and the prepared scenario folder (its
   manifest sha256 is the experiment's);
@@ -18,16 +18,13 @@ M blocks is one job, run by the machinery of :mod:`mlvar.backends.shard_jobs` (t
   --experiment-dir DIR --out OUT --data-root DATA`` or ``--scenario-dir DIR``): it calls
   ``saliency_shard(..., out=OUT/r<j>of<m>)``;
 - landing: as analysis shards, into ``analysis/saliency-shards/<split>/r<j>of<m>/``
-  (temporary folder beside, sha256 and plan checked, rename), then
-  :func:`mlvar.analysis.saliency.merge_saliency_shards` once all are present.
+  (temporary folder beside, sha256 and plan checked, rename); once all are present
+  :mod:`mlvar.backends.service` merges them.
 """
 
 from __future__ import annotations
 
-import os
-import signal
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,9 +32,10 @@ from typing import Any
 from mlvar import __version__
 from mlvar.analysis import saliency
 from mlvar.analysis.metrics import DYNAMICS_METRICS
-from mlvar.backends import shard_jobs
-from mlvar.backends.shard_jobs import ShardKind
-from mlvar.backends.spec import SPEC_FORMAT, Job
+from mlvar.backends import faults, shard_kind
+from mlvar.backends.kind import JobText, Log, named
+from mlvar.backends.shard_kind import ShardKind
+from mlvar.backends.spec import SPEC_FORMAT, Job, Submission
 from mlvar.errors import MlvarError
 from mlvar.io import sha256_file
 from mlvar.store import DYNAMICS_FILE, ExperimentStore, RunRecord
@@ -193,23 +191,6 @@ def plan_saliency_jobs(
 # ------------------------------------------------------------------ what a job reads
 
 
-def input_files(store: ExperimentStore, spec: dict[str, Any]) -> dict[str, Path | bytes]:
-    """What the saliency job ``spec`` reads from the store, as ``{relative path: source
-    file or bytes}``: ``experiment.json``, ``samples/<split>.parquet`` and, of every run
-    the ranking uses, the split's logits (``train.dynamics.npy`` when the ranking metric
-    needs them) and a ``run.json`` listing those and ``model.pt``, whose file is shipped
-    for the runs of the job's block only. The prepared scenario goes separately."""
-    split = spec["split"]
-    block = set(spec["expect"]["block_run_ids"])
-    listed = {f"{split}.logits.npy", saliency.WEIGHTS_FILE}
-    listed |= {DYNAMICS_FILE} if spec["dynamics"] else set()
-    files = shard_jobs.experiment_files(store, split)
-    for run_id in spec["ranked_run_ids"]:
-        shipped = listed if run_id in block else listed - {saliency.WEIGHTS_FILE}
-        files.update(shard_jobs.run_files(store, run_id, listed, shipped))
-    return files
-
-
 class JobInput(ExperimentStore):
     """An experiment folder as a saliency job reads it: only the runs it was planned on
     (``run_ids``). A shipped copy holds the ``model.pt`` of its block's runs only (the
@@ -247,7 +228,7 @@ def run_saliency_job(
     experiment_dir: Path,
     out: Path,
     data_root: Path | None,
-    log: Callable[..., None] = print,
+    log: Log = print,
 ) -> Path:
     """Compute the saliency shard ``spec`` from ``experiment_dir`` (the store's folder or a
     job's input) and the prepared scenario in ``data_root`` into ``out/r<j>of<m>/``.
@@ -255,23 +236,20 @@ def run_saliency_job(
     Raises :class:`MlvarError` when the experiment or the scenario is not the one the spec
     was planned on, or a run is missing or fails its sha256.
     """
-    meta = shard_jobs.check_job_input(spec, experiment_dir, KIND)
+    meta = shard_kind.check_job_input(spec, experiment_dir, KIND)
     if data_root is None:
         raise MlvarError(
             "a saliency job needs the prepared scenario", "pass --data-root or --scenario-dir"
         )
-    fault = shard_jobs.fault(spec)
-    if fault == "fail":
-        raise RuntimeError(f"injected failure in shard {spec['job']}")
+    target = {spec["index"]: f"shard {spec['job']}"}
+    faults.before_work(spec, target)
 
     def progress(done: int, total: int) -> None:
         log(f"[{time.strftime('%H:%M:%S')}] {spec['job']}: {done}/{total} runs", flush=True)
-        if fault == "kill":
-            log(f"injected kill in shard {spec['job']}", flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)
+        faults.during_work(spec, target, log)
 
     opts = spec["options"]
-    with shard_jobs.named(Path(experiment_dir), spec["experiment"]) as root:
+    with named(Path(experiment_dir), spec["experiment"]) as root:
         part = saliency.saliency_shard(
             JobInput(root, meta, spec["ranked_run_ids"]),
             Path(data_root),
@@ -290,27 +268,68 @@ def run_saliency_job(
     return part.path
 
 
-def _place(store: ExperimentStore, meta: dict[str, Any]) -> tuple[Path | None, str]:
-    """Where a saliency shard lands: ``analysis/saliency-shards/<split>/r<j>of<m>/``."""
-    why = shard_jobs.store_mismatch(store, meta)
-    if why:
-        return None, why
-    try:
-        j, m = (int(v) for v in meta["shard"])
-    except (KeyError, TypeError, ValueError):
-        return None, "meta.json names no shard"
-    if not 1 <= j <= m:
-        return None, f"meta.json names block {j} of {m}"
-    return saliency.shards_folder(store, meta["split"]) / saliency.shard_name(j, m), ""
+class SaliencyKind(ShardKind):
+    """One run block of ``analyze saliency``; reads the prepared scenario too."""
+
+    name = KIND
+    keys = EXPECT_KEYS
+    reads_scenario = True
+
+    def verify(self, folder: Path) -> tuple[dict[str, Any] | None, str]:
+        return saliency.verify_saliency_shard(folder)
+
+    def recognises(self, meta: dict[str, Any]) -> bool:
+        return meta.get("kind") == KIND
+
+    def root(self, store: ExperimentStore, split: str) -> Path:
+        return saliency.shards_folder(store, split)
+
+    def place(self, store: ExperimentStore, meta: dict[str, Any]) -> tuple[Path | None, str]:
+        """``analysis/saliency-shards/<split>/r<j>of<m>/``."""
+        why = shard_kind.store_mismatch(store, meta)
+        if why:
+            return None, why
+        try:
+            j, m = (int(v) for v in meta["shard"])
+        except (KeyError, TypeError, ValueError):
+            return None, "meta.json names no shard"
+        if not 1 <= j <= m:
+            return None, f"meta.json names block {j} of {m}"
+        return saliency.shards_folder(store, meta["split"]) / saliency.shard_name(j, m), ""
+
+    def inputs(self, store: ExperimentStore, spec: dict[str, Any]) -> dict[str, Path | bytes]:
+        """``experiment.json``, ``samples/<split>.parquet`` and, of every run the ranking
+        uses, the split's logits (``train.dynamics.npy`` when the ranking metric needs
+        them) and a ``run.json`` listing those and ``model.pt``, whose file is shipped for
+        the runs of the job's block only. The prepared scenario goes separately."""
+        split = spec["split"]
+        block = set(spec["expect"]["block_run_ids"])
+        listed = {f"{split}.logits.npy", saliency.WEIGHTS_FILE}
+        listed |= {DYNAMICS_FILE} if spec["dynamics"] else set()
+        files = shard_kind.experiment_files(store, split)
+        for run_id in spec["ranked_run_ids"]:
+            shipped = listed if run_id in block else listed - {saliency.WEIGHTS_FILE}
+            files.update(shard_kind.run_files(store, run_id, listed, shipped))
+        return files
+
+    def describe(self, sub: Submission, spec: dict[str, Any]) -> JobText:
+        name = spec["job"]
+        j, m = spec["run_shard"]
+        opts, block = spec["options"], spec["expect"]["block_run_ids"]
+        layer = f" --layer {opts['layer']}" if opts.get("layer") else ""
+        runs = block[0] if len(block) == 1 else f"{block[0]}..{block[-1]}"
+        return JobText(
+            title=f"{sub.experiment} saliency {name}",
+            description=(
+                f"mlvar: analyze saliency {sub.experiment} --split {spec['split']} --run-shard "
+                f"{j}/{m} --top {opts['top']} --seeds {opts['seeds']} --by {opts['by']}{layer} "
+                f"--seed {opts['seed']} (runs {runs})"
+            ),
+            labels=shard_kind.shard_labels(sub, spec),
+        )
+
+    def compute(self, spec: dict, exp: Path, out: Path, data: Path | None, log: Log) -> Path:
+        return run_saliency_job(spec, exp, out, data, log)
 
 
-SALIENCY = ShardKind(
-    name=KIND,
-    keys=EXPECT_KEYS,
-    verify=saliency.verify_saliency_shard,
-    recognises=lambda meta: meta.get("kind") == KIND,
-    root=saliency.shards_folder,
-    place=_place,
-    input_files=input_files,
-    run=run_saliency_job,
-)
+SALIENCY = SaliencyKind()

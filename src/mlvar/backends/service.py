@@ -2,14 +2,11 @@
 
 :func:`submit` resolves the request exactly like ``mlvar train`` (same options, same
 experiment identity), finds the runs that are not complete yet, packs them
-``runs_per_job`` to a job and hands the jobs to a backend:
-
-``local``  in this process, or worker subprocesses (one per GPU on CUDA);
-``ray``    one Ray task per pack (fractional GPUs), local instance or cluster address;
-``aml``    one Azure ML command job per pack (``--dry-run`` writes and validates the YAML).
-
-``local`` and ``ray`` finish before :func:`submit` returns; ``aml`` jobs run remotely and
-:func:`download` fetches their outputs later. Every submission is recorded in
+``runs_per_job`` to a job and hands the jobs to a backend of
+:data:`mlvar.backends.registry.BACKENDS` (local, ray, aml, slurm). Synchronous backends
+(local, ray) land every result before :func:`submit` returns; asynchronous ones (aml,
+slurm) submit and return, and :func:`status` follows the jobs, :func:`download` lands
+what they wrote. Every submission is recorded in
 ``<runs_root>/<experiment>/submissions/<id>.json``.
 
 :func:`submit_analysis` does the same for the sharded ``analyze rank`` of an existing
@@ -17,7 +14,8 @@ experiment (``mlvar submit analyze``): one job per (sample block, run block), sh
 landed in ``analysis/shards/<split>/``, then merged as ``mlvar analyze rank --merge`` does.
 :func:`submit_saliency` does it for ``analyze saliency`` (``mlvar submit saliency``): one
 job per block of the runs explained, shards landed in ``analysis/saliency-shards/<split>/``,
-then merged as ``mlvar analyze saliency --merge`` does.
+then merged as ``mlvar analyze saliency --merge`` does. The backends see only job kinds
+(:mod:`mlvar.backends.kinds`), never which command they serve.
 """
 
 from __future__ import annotations
@@ -30,27 +28,21 @@ from typing import Any
 from mlvar.analysis import saliency
 from mlvar.analysis.service import DEFAULT_RANK_BY, RankResult, check_by
 from mlvar.analysis.shards import merge_shards, shards_dir
-from mlvar.backends import aml as aml_backend
-from mlvar.backends import local as local_backend
-from mlvar.backends import ray_backend, saliency_jobs, shard_jobs
-from mlvar.backends.common import SubmitProgress, missing_runs
-from mlvar.backends.spec import (
-    Job,
-    Submission,
-    load_submission,
-    make_packs,
-    new_submission_id,
-    pack_spec,
-)
+from mlvar.backends.backend import Backend, JobBatch, SubmitProgress
+from mlvar.backends.kind import JobKind
+from mlvar.backends.kinds import find_shard_folders, import_shards
+from mlvar.backends.registry import get_backend
+from mlvar.backends.saliency_jobs import plan_saliency_jobs
+from mlvar.backends.shard_jobs import plan_shards
+from mlvar.backends.shard_kind import present_shards
+from mlvar.backends.spec import Job, Submission, load_submission, new_submission_id
+from mlvar.backends.train_jobs import TRAIN, make_packs, missing_runs, pack_spec
 from mlvar.backends.transfer import ImportResult, import_runs
 from mlvar.config import Config
 from mlvar.data.scenario import Scenario
-from mlvar.errors import MlvarError, unknown_choice
+from mlvar.errors import MlvarError
 from mlvar.saliency import merge_saliency_shards
 from mlvar.store import ExperimentStore, list_experiments, run_id_for
-from mlvar.train.service import prepare_training, train
-
-BACKENDS = ("local", "ray", "aml")
 
 
 @dataclass
@@ -66,6 +58,7 @@ class SubmitResult:
     dry_run_dir: Path | None = None
     files: list[str] = field(default_factory=list)  # dry run: files written
     wall_time_s: float = 0.0
+    synchronous: bool = True  # the backend landed the results before returning
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -81,10 +74,11 @@ class SubmitResult:
         }
 
 
-def check_backend(name: str) -> str:
-    if name not in BACKENDS:
-        raise unknown_choice("backend", name, BACKENDS)
-    return name
+def _retries(config: Config, retries: int | None) -> int:
+    retries = config.submit.retries if retries is None else retries
+    if retries < 0:
+        raise MlvarError(f"--retries must be >= 0, got {retries}", "0 disables retries")
+    return retries
 
 
 def submit(
@@ -106,25 +100,22 @@ def submit(
 ) -> SubmitResult:
     """Submit runs ``0 .. runs-1`` of an experiment that are not complete yet.
 
-    Bad input (unknown backend, a missing extra or AML setting, a Ray address that does not
-    answer) raises :class:`MlvarError` before anything is written.
+    Bad input (unknown backend, a missing extra or backend setting, a cluster that does
+    not answer) raises :class:`MlvarError` before anything is written.
     """
-    check_backend(backend)
+    be = get_backend(backend, config)
     runs_per_job = config.submit.runs_per_job if runs_per_job is None else runs_per_job
-    retries = config.submit.retries if retries is None else retries
     if runs_per_job < 1:
         raise MlvarError(f"--runs-per-job must be at least 1, got {runs_per_job}", "e.g. 8")
-    if retries < 0:
-        raise MlvarError(f"--retries must be >= 0, got {retries}", "0 disables retries")
+    retries = _retries(config, retries)
+    from mlvar.train.service import prepare_training, train  # torch: training only
+
     found, cfg, exp = prepare_training(config, dataset, scenario, runs, name, overrides)
-    if backend == "ray":
-        ray_backend.require_ray()
-    if backend == "aml":
-        aml_backend.check_settings(config.backend.aml, dry_run=dry_run)
+    be.check(dry_run=dry_run, device=cfg.device)
     runs_root = Path(config.paths.runs_root)
     sub_id = submission_id or new_submission_id(backend)
 
-    def build_sub(pending: list[int]) -> tuple[Submission, dict[str, dict[str, Any]]]:
+    def batch_for(pending: list[int], store: ExperimentStore | None) -> JobBatch:
         sub = Submission(
             id=sub_id,
             backend=backend,
@@ -141,54 +132,46 @@ def submit(
             job = Job(name=f"pack-{k:03d}", run_indices=pack)
             sub.jobs.append(job)
             specs[job.name] = pack_spec(found, cfg, exp, pack, job.name, sub_id)
-        return sub, specs
+        data_root = Path(config.paths.data_root)
+        return JobBatch(sub, store, TRAIN, specs, found, data_root, cfg.device, workers)
 
     if dry_run:
         pending = list(range(runs))
         if exp in list_experiments(runs_root) and not force:
             pending = missing_runs(ExperimentStore.open(runs_root, exp), pending)
-        sub, specs = build_sub(pending)
+        batch = batch_for(pending, None)
         target = Path(out) if out is not None else Path("mlvar-jobs") / exp
-        if backend == "aml":
-            files = aml_backend.write_jobs(sub, specs, found, config.backend.aml, target)
-        else:
-            files = aml_backend.write_specs(sub, specs, target)
-        result = SubmitResult(exp, backend, target, sub, pending, dry_run_dir=target, files=files)
+        files = be.write_dry_run(batch, target)
+        result = SubmitResult(
+            exp, backend, target, batch.sub, pending, dry_run_dir=target, files=files
+        )
         result.skipped = [run_id_for(i) for i in range(runs) if i not in pending]
         return result
 
-    ray_ctx = ray_backend.connect(config.backend.ray) if backend == "ray" else None
-    ml_client = aml_backend.client(config.backend.aml) if backend == "aml" else None
-    try:
+    with be.session():
         started = time.perf_counter()
         # Create (or check) the experiment folder exactly as 'mlvar train' does, training nothing.
         made = train(config, dataset, found.name, runs, exp, overrides, force, run_indices=[])
         store = ExperimentStore.open(runs_root, exp)
         pending = missing_runs(store, list(range(runs)))
-        sub, specs = build_sub(pending)
-        result = SubmitResult(exp, backend, made.path, sub, pending)
+        batch = batch_for(pending, store)
+        result = SubmitResult(exp, backend, made.path, batch.sub, pending)
         result.skipped = [run_id_for(i) for i in range(runs) if i not in pending]
+        result.synchronous = be.synchronous
         if not pending:
             result.submission = None
             return result
-        sub.save(store.root)
-        if backend == "local":
-            workers_ = config.submit.local_workers if workers is None else workers
-            if workers_ == 0 and workers is None:
-                workers_ = local_backend.default_workers(cfg.device)
-            local_backend.run_local(
-                sub, store, specs, Path(config.paths.data_root), workers_, cfg.device, progress
-            )
-        elif backend == "ray":
-            ray_backend.run_ray(sub, store, specs, found, cfg, config.backend.ray, progress)
-        else:
-            aml_backend.submit_jobs(ml_client, sub, specs, found, config.backend.aml, store)
-        sub.save(store.root)
+        _run(be, batch, progress)
         result.wall_time_s = time.perf_counter() - started
         return result
-    finally:
-        if ray_ctx is not None:
-            ray_ctx.close()
+
+
+def _run(be: Backend, batch: JobBatch, progress: SubmitProgress | None) -> None:
+    """Hand ``batch`` to the backend, the record saved before and after."""
+    assert batch.store is not None
+    batch.sub.save(batch.store.root)
+    be.submit(batch, progress)
+    batch.sub.save(batch.store.root)
 
 
 @dataclass
@@ -209,6 +192,7 @@ class AnalysisSubmitResult:
     merged: RankResult | None = None  # every shard present and merged
     ranking: Path | None = None  # the merged ranking (rank-<split>.parquet)
     wall_time_s: float = 0.0
+    synchronous: bool = True  # the backend landed the shards before returning
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -231,10 +215,115 @@ class AnalysisSubmitResult:
         }
 
 
-def _merge(store: ExperimentStore, split: str, by: str) -> tuple[RankResult, Path]:
-    result = merge_shards(store, split, by=by)
-    ranking = next((Path(f) for f in result.files if f.endswith(".parquet")), None)
-    return result, ranking or store.root / "analysis" / f"rank-{split}.parquet"
+@dataclass
+class Merged:
+    """What the merge of a complete shard submission wrote: the result object, and the
+    paths to report (``ranking``: analysis only)."""
+
+    result: Any
+    path: str
+    ranking: str = ""
+
+
+def _merge_analysis(store: ExperimentStore, sub: Submission, data_root: Path) -> Merged:
+    """``analyze rank --merge`` of the landed shards, ranked by the submission's ``by``."""
+    result = merge_shards(store, sub.split, by=sub.options.get("by", DEFAULT_RANK_BY))
+    found = next((f for f in result.files if f.endswith(".parquet")), None)
+    ranking = found or str(store.root / "analysis" / f"rank-{sub.split}.parquet")
+    return Merged(result, str(ranking), str(ranking))
+
+
+def _merge_saliency(store: ExperimentStore, sub: Submission, data_root: Path) -> Merged:
+    """``analyze saliency --merge`` of the landed shards."""
+    layer = sub.options.get("layer")
+    merged = merge_saliency_shards(store, data_root, sub.split, layer)
+    return Merged(merged, str(merged.path))
+
+
+#: How the landed outputs of a complete submission are combined, by job kind (kinds
+#: not listed need nothing: training runs are the result).
+MERGES = {"analysis": _merge_analysis, "saliency": _merge_saliency}
+
+
+def _merge(store: ExperimentStore, sub: Submission, data_root: Path) -> Merged | None:
+    merge = MERGES.get(sub.kind)
+    return merge(store, sub, data_root) if merge is not None else None
+
+
+@dataclass
+class _ShardOutcome:
+    """What :func:`_submit_shards` did (the parts both shard commands report)."""
+
+    submission: Submission | None
+    pending: list[str]
+    skipped: list[str]
+    dry_run_dir: Path | None = None
+    files: list[str] = field(default_factory=list)
+    merged: Merged | None = None  # every shard present and merged
+    wall_time_s: float = 0.0
+    synchronous: bool = True
+
+
+def _submit_shards(
+    config: Config,
+    be: Backend,
+    store: ExperimentStore,
+    plan: Any,
+    retries: int,
+    options: dict[str, Any],
+    dry_run: bool,
+    out: Path,
+    submission_id: str | None,
+    workers: int | None,
+    progress: SubmitProgress | None,
+    scenario: Scenario | None = None,
+    shards: int = 0,
+) -> _ShardOutcome:
+    """Submit the planned shards (``plan``: analysis or saliency) that are not present
+    yet on ``be``, or write their dry run to ``out``; merge once all are present."""
+    kind: JobKind = plan.kind
+    present = set(present_shards(store, plan))
+    meta = store.meta
+    sub = Submission(
+        id=submission_id or new_submission_id(be.name),
+        backend=be.name,
+        experiment=store.name,
+        dataset=str(meta.get("dataset", "")),
+        scenario=str((meta.get("scenario") or {}).get("name", "")),
+        runs=len(plan.run_ids),
+        base_seed=int((meta.get("train") or {}).get("base_seed", 0) or 0),
+        runs_per_job=0,
+        retries=retries,
+        kind=kind.name,
+        split=plan.split,
+        shards=shards,
+        run_shards=plan.run_shards,
+        options=options,
+    )
+    specs: dict[str, dict[str, Any]] = {}
+    skipped = []
+    for job, spec in plan.jobs(sub.id):
+        if job.name in present:
+            skipped.append(job.name)
+        else:
+            sub.jobs.append(job)
+            specs[job.name] = spec
+    data_root = Path(config.paths.data_root) if kind.reads_scenario else None
+    batch = JobBatch(sub, store, kind, specs, scenario, data_root, workers=workers)
+    outcome = _ShardOutcome(sub, list(specs), skipped, synchronous=be.synchronous)
+    if dry_run:
+        outcome.dry_run_dir, outcome.files = out, be.write_dry_run(batch, out)
+        return outcome
+    started = time.perf_counter()
+    if sub.jobs:
+        with be.session():
+            _run(be, batch, progress)
+    else:
+        outcome.submission = None
+    if options.get("merge", True) and sub.state == "complete":
+        outcome.merged = _merge(store, sub, Path(config.paths.data_root))
+    outcome.wall_time_s = time.perf_counter() - started
+    return outcome
 
 
 def submit_analysis(
@@ -259,135 +348,45 @@ def submit_analysis(
 
     Shards already in ``analysis/shards/<split>/``, complete and verified, over the same
     runs, are not resubmitted. Bad input (unknown experiment, backend or split, K or M out
-    of range, shards of another K or M present, a missing extra or AML setting, a Ray
-    address that does not answer) raises :class:`MlvarError` before anything is written.
-    ``aml`` jobs run remotely: :func:`download` lands (and merges) them later.
+    of range, shards of another K or M present, a missing extra or backend setting, a
+    cluster that does not answer) raises :class:`MlvarError` before anything is written.
+    Asynchronous backends (aml, slurm) return at once: :func:`download` lands (and
+    merges) the shards later.
     """
-    check_backend(backend)
+    be = get_backend(backend, config)
     check_by(by)
     retries = _retries(config, retries)
     store = ExperimentStore.open(Path(config.paths.runs_root), experiment)
-    plan = shard_jobs.plan_shards(store, split, shards, run_shards, allow_mixed)
-    _check_backend_setup(config, backend, dry_run)
-    options = {"merge": merge, "by": by}
-    sub, specs, skipped = _shard_submission(store, plan, backend, retries, submission_id, options)
-    sub.shards = shards
-    result = AnalysisSubmitResult(
-        store.name, backend, split, shards, run_shards, shards_dir(store, split), sub
+    plan = plan_shards(store, split, shards, run_shards, allow_mixed)
+    be.check(dry_run=dry_run)
+    target = Path(out) if out is not None else Path("mlvar-jobs") / f"{store.name}-{split}"
+    done = _submit_shards(
+        config,
+        be,
+        store,
+        plan,
+        retries,
+        {"merge": merge, "by": by},
+        dry_run,
+        target,
+        submission_id,
+        workers,
+        progress,
+        shards=shards,
     )
-    result.pending, result.skipped = list(specs), skipped
-    if dry_run:
-        target = Path(out) if out is not None else Path("mlvar-jobs") / f"{store.name}-{split}"
-        result.dry_run_dir = target
-        result.files = _write_shard_dry_run(config, sub, specs, store, backend, target)
-        return result
-    started = time.perf_counter()
-    if sub.jobs:
-        _run_shard_jobs(config, sub, store, specs, backend, workers, progress)
-    else:
-        result.submission = None
-    if merge and sub.state == "complete":
-        result.merged, result.ranking = _merge(store, split, by)
-    result.wall_time_s = time.perf_counter() - started
+    result = AnalysisSubmitResult(
+        store.name, backend, split, shards, run_shards, shards_dir(store, split)
+    )
+    _fill(result, done)
+    if done.merged is not None:
+        result.merged, result.ranking = done.merged.result, Path(done.merged.ranking)
     return result
 
 
-def _retries(config: Config, retries: int | None) -> int:
-    retries = config.submit.retries if retries is None else retries
-    if retries < 0:
-        raise MlvarError(f"--retries must be >= 0, got {retries}", "0 disables retries")
-    return retries
-
-
-def _check_backend_setup(config: Config, backend: str, dry_run: bool) -> None:
-    """The backend's extra is installed and (aml) its settings are there."""
-    if backend == "ray":
-        ray_backend.require_ray()
-    if backend == "aml":
-        aml_backend.check_settings(config.backend.aml, dry_run=dry_run)
-
-
-def _shard_submission(
-    store: ExperimentStore,
-    plan: Any,
-    backend: str,
-    retries: int,
-    submission_id: str | None,
-    options: dict[str, Any],
-) -> tuple[Submission, dict[str, dict[str, Any]], list[str]]:
-    """The record and specs of the planned shards not yet present (``plan``: analysis or
-    saliency), and the names of those present (skipped)."""
-    present = set(shard_jobs.present_shards(store, plan))
-    meta = store.meta
-    sub = Submission(
-        id=submission_id or new_submission_id(backend),
-        backend=backend,
-        experiment=store.name,
-        dataset=str(meta.get("dataset", "")),
-        scenario=str((meta.get("scenario") or {}).get("name", "")),
-        runs=len(plan.run_ids),
-        base_seed=int((meta.get("train") or {}).get("base_seed", 0) or 0),
-        runs_per_job=0,
-        retries=retries,
-        kind=plan.kind.name,
-        split=plan.split,
-        run_shards=plan.run_shards,
-        options=options,
-    )
-    specs: dict[str, dict[str, Any]] = {}
-    skipped = []
-    for job, spec in plan.jobs(sub.id):
-        if job.name in present:
-            skipped.append(job.name)
-        else:
-            sub.jobs.append(job)
-            specs[job.name] = spec
-    return sub, specs, skipped
-
-
-def _write_shard_dry_run(
-    config: Config,
-    sub: Submission,
-    specs: dict[str, dict[str, Any]],
-    store: ExperimentStore,
-    backend: str,
-    target: Path,
-    scenario: Scenario | None = None,
-) -> list[str]:
-    if backend == "aml":
-        return aml_backend.write_shard_jobs(sub, specs, store, config.backend.aml, target, scenario)
-    return aml_backend.write_specs(sub, specs, target)
-
-
-def _run_shard_jobs(
-    config: Config,
-    sub: Submission,
-    store: ExperimentStore,
-    specs: dict[str, dict[str, Any]],
-    backend: str,
-    workers: int | None,
-    progress: SubmitProgress | None,
-    scenario: Scenario | None = None,
-) -> None:
-    """Run (local, ray) or submit (aml) the shard jobs of ``sub``, recording them; jobs
-    that read the prepared ``scenario`` find it in the data root, or get it shipped."""
-    ray_ctx = ray_backend.connect(config.backend.ray) if backend == "ray" else None
-    ml_client = aml_backend.client(config.backend.aml) if backend == "aml" else None
-    try:
-        sub.save(store.root)
-        if backend == "local":
-            workers_ = config.submit.local_workers if workers is None else workers
-            data_root = Path(config.paths.data_root) if scenario is not None else None
-            local_backend.run_local_shards(sub, store, specs, workers_, progress, data_root)
-        elif backend == "ray":
-            ray_backend.run_ray_shards(sub, store, specs, config.backend.ray, progress, scenario)
-        else:
-            aml = config.backend.aml
-            aml_backend.submit_shard_jobs(ml_client, sub, specs, store, aml, scenario)
-        sub.save(store.root)
-    finally:
-        if ray_ctx is not None:
-            ray_ctx.close()
+def _fill(result: Any, done: _ShardOutcome) -> None:
+    for key in ("submission", "pending", "skipped", "dry_run_dir", "files", "wall_time_s"):
+        setattr(result, key, getattr(done, key))
+    result.synchronous = done.synchronous
 
 
 @dataclass
@@ -406,6 +405,7 @@ class SaliencySubmitResult:
     files: list[str] = field(default_factory=list)  # dry run: files written
     merged: saliency.SaliencyResult | None = None  # every shard present and merged
     wall_time_s: float = 0.0
+    synchronous: bool = True  # the backend landed the shards before returning
 
     def to_dict(self) -> dict[str, Any]:
         merged = self.merged
@@ -458,52 +458,50 @@ def submit_saliency(
     same plan, are not resubmitted. Bad input (unknown experiment, backend, split or
     metric, ``--layer`` for an MLP or unknown to the model, runs without ``model.pt``, a
     missing or changed prepared scenario, M out of range, shards of another M present, a
-    missing extra or AML setting) raises :class:`MlvarError` before anything is written.
-    ``aml`` jobs run remotely: :func:`download` lands (and merges) them later.
+    missing extra or backend setting) raises :class:`MlvarError` before anything is
+    written. Asynchronous backends (aml, slurm) return at once: :func:`download` lands
+    (and merges) the shards later.
     """
-    check_backend(backend)
+    be = get_backend(backend, config)
     retries = _retries(config, retries)
-    _check_backend_setup(config, backend, dry_run)
+    be.check(dry_run=dry_run)
     store = ExperimentStore.open(Path(config.paths.runs_root), experiment)
     data_root = Path(config.paths.data_root)
-    plan = saliency_jobs.plan_saliency_jobs(
+    plan = plan_saliency_jobs(
         store, data_root, run_shards, split, top, seeds, by, layer, seed, batch_size
     )
-    options = {"merge": merge, **plan.options}
-    sub, specs, skipped = _shard_submission(store, plan, backend, retries, submission_id, options)
+    target = Path(out) if out is not None else Path("mlvar-jobs") / f"{store.name}-saliency"
+    done = _submit_shards(
+        config,
+        be,
+        store,
+        plan,
+        retries,
+        {"merge": merge, **plan.options},
+        dry_run,
+        target,
+        submission_id,
+        workers,
+        progress,
+        plan.scenario,
+    )
     folder = saliency.shards_folder(store, split)
-    result = SaliencySubmitResult(store.name, backend, split, run_shards, folder, sub)
-    result.pending, result.skipped = list(specs), skipped
-    if dry_run:
-        target = Path(out) if out is not None else Path("mlvar-jobs") / f"{store.name}-saliency"
-        result.dry_run_dir = target
-        result.files = _write_shard_dry_run(
-            config, sub, specs, store, backend, target, plan.scenario
-        )
-        return result
-    started = time.perf_counter()
-    if sub.jobs:
-        _run_shard_jobs(config, sub, store, specs, backend, workers, progress, plan.scenario)
-    else:
-        result.submission = None
-    if merge and sub.state == "complete":
-        result.merged = merge_saliency_shards(store, data_root, split, layer)
-    result.wall_time_s = time.perf_counter() - started
+    result = SaliencySubmitResult(store.name, backend, split, run_shards, folder)
+    _fill(result, done)
+    result.merged = done.merged.result if done.merged is not None else None
     return result
 
 
-def _experiment_root(config: Config, experiment: str) -> Path:
-    return ExperimentStore.open(Path(config.paths.runs_root), experiment).root
-
-
 def status(config: Config, experiment: str, submission_id: str | None = None) -> Submission:
-    """The submission record (training, analysis or saliency), refreshed from Azure ML for
-    ``aml`` jobs."""
-    root = _experiment_root(config, experiment)
-    sub = load_submission(root, submission_id)
-    if sub.backend == "aml" and any(j.ref for j in sub.jobs):
-        aml_backend.refresh(aml_backend.client(config.backend.aml), sub)
-        sub.save(root)
+    """The submission record (training, analysis or saliency), its jobs' states refreshed
+    from the cluster for asynchronous backends."""
+    store = ExperimentStore.open(Path(config.paths.runs_root), experiment)
+    sub = load_submission(store.root, submission_id)
+    be = get_backend(sub.backend, config)
+    if not be.synchronous:
+        with be.session():
+            be.refresh(sub, store)
+        sub.save(store.root)
     return sub
 
 
@@ -516,49 +514,29 @@ def download(
     """Copy complete, sha256-verified runs (or analysis or saliency shards) into the store.
 
     ``source``: a worker output folder copied by hand: a run store, or folders of
-    shards; otherwise the outputs of the submission's finished Azure ML jobs. Once every
-    shard of an analysis (saliency) submission is present it is merged (unless it was
-    submitted with ``merge=False``); ``ranking`` names the ranking, ``merged`` what the
-    merge wrote.
+    shards; otherwise what the submission's jobs wrote (asynchronous backends; the
+    synchronous ones landed it already). Once every shard of an analysis (saliency)
+    submission is present it is merged, once (unless it was submitted with
+    ``merge=False``); ``ranking`` names the ranking, ``merged`` what the merge wrote.
     """
     store = ExperimentStore.open(Path(config.paths.runs_root), experiment)
     if source is not None:
-        if not Path(source).exists():
+        source = Path(source)
+        if not source.exists():
             raise MlvarError(f"{source} does not exist", "name a worker's output folder")
-        if not list(Path(source).rglob("experiment.json")) and shard_jobs.find_shard_folders(
-            Path(source)
-        ):
-            return shard_jobs.import_shards(Path(source), store)
-        return import_runs(Path(source), store)
+        if not list(source.rglob("experiment.json")) and find_shard_folders(source):
+            return import_shards(source, store)
+        return import_runs(source, store)
     sub = load_submission(store.root, submission_id)
-    if sub.kind in (shard_jobs.KIND, saliency_jobs.KIND):
-        return _download_shards(config, sub, store)
-    if sub.backend != "aml":
-        result = ImportResult()
-        result.skipped = [
-            run_id_for(i) for j in sub.jobs for i in j.run_indices if not missing_runs(store, [i])
-        ]
-        return result  # local and ray write into the store as they finish
-    result = aml_backend.download_jobs(aml_backend.client(config.backend.aml), sub, store)
+    be = get_backend(sub.backend, config)
+    with be.session():
+        result = be.download(sub, store)
+    if be.synchronous:
+        return result  # landed (and merged) as the jobs finished
+    if sub.state == "complete" and sub.options.get("merge", True) and not sub.options.get("merged"):
+        merged = _merge(store, sub, Path(config.paths.data_root))
+        if merged is not None:
+            result.merged, result.ranking = merged.path, merged.ranking
+            sub.options["merged"] = merged.path
     sub.save(store.root)
-    return result
-
-
-def _download_shards(config: Config, sub: Submission, store: ExperimentStore) -> ImportResult:
-    if sub.backend != "aml":  # local and ray land the shards as they finish
-        result = ImportResult(kind="shards")
-        root = shard_jobs.kind_of({"kind": sub.kind}).root(store, sub.split)
-        result.skipped = [j.name for j in sub.jobs if (root / j.name / "meta.json").is_file()]
-        return result
-    result = aml_backend.download_shard_jobs(aml_backend.client(config.backend.aml), sub, store)
-    sub.save(store.root)
-    if result.imported and sub.state == "complete" and sub.options.get("merge", True):
-        if sub.kind == saliency_jobs.KIND:
-            data_root = Path(config.paths.data_root)
-            layer = sub.options.get("layer")
-            merged = merge_saliency_shards(store, data_root, sub.split, layer)
-            result.merged = str(merged.path)
-        else:
-            _, ranking = _merge(store, sub.split, sub.options.get("by", DEFAULT_RANK_BY))
-            result.ranking = result.merged = str(ranking)
     return result

@@ -1,18 +1,17 @@
-"""Run specs, packs and the submission record.
+"""The submission record, and what every job spec carries.
 
-A *run spec* is (dataset, scenario name, experiment name, run index, resolved training
-config). Runs of one experiment share everything but the index, so a *pack* (one job, one
-Ray task, one worker call) is stored as one spec with a list of ``run_indices``.
-An *analysis shard spec* (``kind: "analysis"``, see :mod:`mlvar.backends.shard_jobs`)
-names one block of samples and one block of runs of an existing experiment; a *saliency
-shard spec* (``kind: "saliency"``, see :mod:`mlvar.backends.saliency_jobs`) one block of
-the runs whose attributions ``analyze saliency`` computes.
+A job is described by a JSON *spec* of its kind (:mod:`mlvar.backends.kinds`): a pack of
+runs (``kind: "train"``, :mod:`mlvar.backends.train_jobs`), one analysis shard
+(``"analysis"``, :mod:`mlvar.backends.shard_jobs`) or one saliency run block
+(``"saliency"``, :mod:`mlvar.backends.saliency_jobs`); every spec has ``format``
+(:data:`SPEC_FORMAT`), ``kind``, ``mlvar_version``, ``submission``, ``job`` and
+``experiment``, and an attempt's spec its ``attempt`` number.
 
 A submission is recorded in ``<runs_root>/<experiment>/submissions/<id>.json`` (written
-atomically after every change): its kind (``train``, ``analysis`` or ``saliency``), the
-backend, the jobs with their run indices (or shard), references (Azure ML job names),
-states, attempts and, for failed jobs, the seeds (or shard) and log tail. Records written
-before analysis jobs existed load as ``train`` submissions.
+atomically after every change): its kind, the backend, the jobs with their run indices
+(or shard), references (Azure ML job names, Ray object refs, Slurm job ids), states,
+attempts and, for failed jobs, the seeds (or shard), the error and the log tail. Records
+written before analysis jobs existed load as ``train`` submissions.
 """
 
 from __future__ import annotations
@@ -25,9 +24,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from mlvar import __version__
-from mlvar.config import TrainConfig
-from mlvar.data.scenario import Scenario
 from mlvar.errors import MlvarError
 from mlvar.io import atomic_write_json
 
@@ -35,40 +31,6 @@ SPEC_FORMAT = 1
 #: Job states. ``complete``: every run landed in the store; ``failed``: retries used up.
 #: ``finished``: an Azure ML job ended well and its outputs wait for ``download``.
 STATES = ("planned", "submitted", "running", "finished", "complete", "failed")
-#: Job kinds: ``train`` (a pack of runs), ``analysis`` (one shard of ``analyze rank``) or
-#: ``saliency`` (one run block of ``analyze saliency``).
-KINDS = ("train", "analysis", "saliency")
-
-
-def pack_spec(
-    scenario: Scenario,
-    cfg: TrainConfig,
-    experiment: str,
-    run_indices: list[int],
-    job: str,
-    submission: str,
-) -> dict[str, Any]:
-    """The JSON spec of one pack of runs (what a worker reads)."""
-    from mlvar.train.seeding import run_seed  # torch: not for analysis workers
-
-    return {
-        "format": SPEC_FORMAT,
-        "mlvar_version": __version__,
-        "submission": submission,
-        "job": job,
-        "dataset": scenario.dataset,
-        "scenario": scenario.name,
-        "scenario_manifest_sha256": scenario.manifest_sha256,
-        "experiment": experiment,
-        "run_indices": [int(i) for i in run_indices],
-        "seeds": [run_seed(cfg.base_seed, i) for i in run_indices],
-        "train": dataclasses.asdict(cfg),
-    }
-
-
-def make_packs(indices: list[int], runs_per_job: int) -> list[list[int]]:
-    """Split run indices into packs of at most ``runs_per_job``."""
-    return [indices[i : i + runs_per_job] for i in range(0, len(indices), runs_per_job)]
 
 
 def new_submission_id(backend: str) -> str:

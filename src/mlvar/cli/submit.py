@@ -1,5 +1,5 @@
 """``mlvar submit``: train an experiment's runs, or compute its sharded analysis or
-saliency, on a backend (local, Ray, Azure ML).
+saliency, on a backend (local, Ray, Azure ML, Slurm).
 
 ``mlvar submit DATASET ...`` is ``mlvar submit run DATASET ...``: the group routes any
 first argument that is not a sub-command to ``run``.
@@ -17,6 +17,7 @@ from mlvar.analysis.metrics import ALL_METRICS
 from mlvar.analysis.saliency import BATCH_DEFAULT, SEEDS_DEFAULT, TOP_DEFAULT
 from mlvar.analysis.service import DEFAULT_RANK_BY
 from mlvar.backends import service
+from mlvar.backends.registry import BACKENDS, backends_help
 from mlvar.backends.spec import Submission
 from mlvar.cli.analyze import (
     CamBatchOpt,
@@ -55,8 +56,9 @@ from mlvar.cli.train import (
     VaryOpt,
     training_overrides,
 )
+from mlvar.errors import ExitCode
 
-BackendOpt = Annotated[str, typer.Option(help="local, ray or aml (Azure ML).", show_default=True)]
+BackendOpt = Annotated[str, typer.Option(help=backends_help(), show_default=True)]
 RetriesOpt = Annotated[
     int | None,
     typer.Option(
@@ -88,12 +90,12 @@ app = typer.Typer(
     rich_markup_mode="rich",
     help=(
         "Train an experiment's runs, or compute its sharded analysis (analyze rank) or "
-        "saliency (analyze saliency), on a backend: local (in process or worker "
-        "processes), ray (local instance or cluster) or aml (Azure ML jobs); then check "
+        f"saliency (analyze saliency), on a backend: {backends_help()[:-1]}; then check "
         "and fetch them.\n\n"
         "Examples:\n\n"
         "  mlvar submit digits --runs 16 --backend local\n\n"
         "  mlvar submit cifar100 --runs 50 --backend aml --dry-run --out jobs/\n\n"
+        "  mlvar submit cifar100 --runs 50 --backend slurm --device cuda\n\n"
         "  mlvar submit analyze EXPERIMENT --shards 4 --run-shards 2 --backend ray\n\n"
         "  mlvar submit saliency EXPERIMENT --run-shards 4 --backend ray\n\n"
         "  mlvar submit status EXPERIMENT\n\n"
@@ -140,8 +142,8 @@ def run(
         bool,
         typer.Option(
             "--dry-run",
-            help="Write the jobs (aml: YAML validated with load_job) "
-            "and specs to --out; submit nothing.",
+            help="Write the jobs (aml: YAML validated with load_job; slurm: the sbatch "
+            "script) and specs to --out; submit nothing.",
         ),
     ] = False,
     out: Annotated[
@@ -164,6 +166,8 @@ def run(
       mlvar submit cifar100 --runs 50 --backend aml --device cuda
 
       mlvar submit cifar100 --runs 50 --backend aml --dry-run --out jobs/
+
+      mlvar submit cifar100 --runs 50 --backend slurm --device cuda --runs-per-job 5
     """
     with cli_errors():
         cfg = get_config(config)
@@ -207,8 +211,7 @@ def run(
         n = len(result.submission.jobs) if result.submission else 0
         console.print(
             f"Dry run: {n} job(s) for {len(result.pending)} run(s) of {result.experiment} "
-            f"written to {result.dry_run_dir}"
-            + (" (validated with load_job)" if backend == "aml" else "")
+            f"written to {result.dry_run_dir}{_dry_run_note(backend)}"
         )
         return
     if result.submission is None:
@@ -220,8 +223,15 @@ def run(
         if result.wall_time_s:
             console.print(f"Took {result.wall_time_s:.1f} s.")
     console.print(f"Run store: {result.path}")
+    if result.submission is not None and not result.synchronous:
+        console.print(f"Follow the jobs: mlvar submit status {result.experiment}")
     if result.submission is not None and result.submission.state == "failed":
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.JOB_FAILED)
+
+
+def _dry_run_note(backend: str) -> str:
+    note = BACKENDS[backend].dry_run_note
+    return f" ({note})" if note else ""
 
 
 def _print_submission(sub: Submission) -> None:
@@ -287,7 +297,8 @@ def status(
     json_out: JsonOpt = False,
 ) -> None:
     """Show a submission's jobs (training packs, analysis or saliency shards) and their
-    states (Azure ML jobs are refreshed).
+    states (Azure ML and Slurm jobs are refreshed; a Slurm job that ended with results
+    missing is resubmitted while it has retries left).
 
     Examples:
 
@@ -390,8 +401,8 @@ def analyze(
         bool,
         typer.Option(
             "--dry-run",
-            help="Write the jobs (aml: YAML validated with load_job, and the inputs) and "
-            "specs to --out; submit nothing.",
+            help="Write the jobs (aml: YAML validated with load_job, and the inputs; "
+            "slurm: the sbatch script) and specs to --out; submit nothing.",
         ),
     ] = False,
     out: Annotated[
@@ -409,8 +420,8 @@ def analyze(
     Each job computes one block of samples (--shards K) over one block of runs
     (--run-shards M); its shard lands in analysis/shards/<split>/ only when complete and
     sha256-verified. Shards already there are not resubmitted. Once all are present they
-    are merged into analysis/rank-<split>.* (as 'mlvar analyze rank --merge'); aml jobs
-    run remotely: 'mlvar submit download' lands and merges them.
+    are merged into analysis/rank-<split>.* (as 'mlvar analyze rank --merge'); aml and
+    slurm jobs run remotely: 'mlvar submit download' lands and merges them.
 
     Examples:
 
@@ -450,8 +461,7 @@ def analyze(
     if result.dry_run_dir is not None:
         console.print(
             f"Dry run: {len(result.pending)} shard job(s) of {n} for {result.experiment} "
-            f"({split}) written to {result.dry_run_dir}"
-            + (" (validated with load_job)" if backend == "aml" else "")
+            f"({split}) written to {result.dry_run_dir}{_dry_run_note(backend)}"
         )
         return
     _print_shard_outcome(result, n)
@@ -460,7 +470,7 @@ def analyze(
             f"Merged {n} shard(s) over {result.merged.n_runs} runs: ranking by "
             f"{result.merged.by} in {result.ranking}"
         )
-    _after_shards(result.submission, experiment)
+    _after_shards(result, experiment)
 
 
 @app.command("saliency", no_args_is_help=True)
@@ -496,7 +506,8 @@ def saliency(
         typer.Option(
             "--dry-run",
             help="Write the jobs (aml: YAML validated with load_job, the inputs and the "
-            "scenario's data asset) and specs to --out; submit nothing.",
+            "scenario's data asset; slurm: the sbatch script) and specs to --out; submit "
+            "nothing.",
         ),
     ] = False,
     out: Annotated[
@@ -517,8 +528,8 @@ def saliency(
     analysis/saliency-shards/<split>/r<j>of<m>/ only when complete and sha256-verified.
     Shards already there are not resubmitted. Once all are present they are merged into
     analysis/saliency-<split>/ (as 'mlvar analyze saliency --merge'), the same files an
-    unsharded run writes; aml jobs run remotely: 'mlvar submit download' lands and
-    merges them.
+    unsharded run writes; aml and slurm jobs run remotely: 'mlvar submit download' lands
+    and merges them.
 
     Examples:
 
@@ -559,7 +570,7 @@ def saliency(
         console.print(
             f"Dry run: {len(result.pending)} saliency job(s) of {run_shards} for "
             f"{result.experiment} ({split}) written to {result.dry_run_dir}"
-            + (" (validated with load_job)" if backend == "aml" else "")
+            f"{_dry_run_note(backend)}"
         )
         return
     _print_shard_outcome(result, run_shards)
@@ -569,7 +580,7 @@ def saliency(
             f"Merged {run_shards} saliency shard(s) ({merged.method}, {len(merged.samples)} "
             f"samples under {merged.n_seeds} runs) into {merged.path}"
         )
-    _after_shards(result.submission, experiment)
+    _after_shards(result, experiment)
 
 
 def _print_shard_outcome(result: Any, n: int) -> None:
@@ -584,8 +595,9 @@ def _print_shard_outcome(result: Any, n: int) -> None:
     console.print(f"Shards: {result.path}")
 
 
-def _after_shards(sub: Submission | None, experiment: str) -> None:
-    if sub is not None and sub.backend == "aml" and sub.state != "failed":
+def _after_shards(result: Any, experiment: str) -> None:
+    sub = result.submission
+    if sub is not None and not result.synchronous and sub.state != "failed":
         console.print(f"Fetch and merge the shards later: mlvar submit download {experiment}")
     if sub is not None and sub.state == "failed":
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.JOB_FAILED)
