@@ -244,15 +244,15 @@ def test_a_preempted_job_is_requeued_and_resumes_from_its_checkpoint(slurm, tmp_
 def test_analysis_and_saliency_shards_through_slurm(slurm, tmp_path: Path) -> None:
     import pandas as pd
 
-    from mlvar.analysis import saliency as sal
     from mlvar.analysis import service as analysis
+    from mlvar.saliency import saliency
     from tiny_images import build_tiny_experiments
 
     root = build_tiny_experiments(tmp_path / "w")
     shutil.copytree(root / "runs", tmp_path / "reference")
     ref_store = ExperimentStore.open(tmp_path / "reference", "tiny-cnn")
     ranking = analysis.rank(ref_store, "test", write=False).ranking
-    maps = sal.saliency(ref_store, root / "data", top=3, seeds=3).path
+    maps = saliency(ref_store, root / "data", top=3, seeds=3).path
     cfg = slurm_config(root / "data", root / "runs", slurm.partition)
     a = service.submit_analysis(cfg, "tiny-cnn", backend="slurm", shards=2)
     s = service.submit_saliency(cfg, "tiny-cnn", backend="slurm", run_shards=2, top=3, seeds=3)

@@ -705,10 +705,13 @@ def _train_in_workers(
                 raise _worker_error(*event[2:])
 
     try:
+        # This process takes its first run before the workers start, so which process
+        # trains which run does not depend on how fast they start.
+        index = tasks.get()
         for proc in procs.values():
             proc.start()
         data = _build_data(splits, manifest, torch.device(cfg.device))
-        while (index := tasks.get()) is not None:
+        while index is not None:
 
             def on_epoch(done: int, _total: int, run_id: str = run_id_for(index)) -> None:
                 report(run_id, done)
@@ -720,6 +723,7 @@ def _train_in_workers(
             while ready:
                 n_done += 1
                 yield ready.pop(0)
+            index = tasks.get()
         while n_done < len(pending):
             pump(wait=True)
             while ready:
