@@ -12,6 +12,7 @@ from sklearn.model_selection import train_test_split
 
 from mlvar.data import digits, registry
 from mlvar.errors import MlvarError
+from mlvar.report.contact_sheet import write_contact_sheet
 
 
 @pytest.fixture(scope="module")
@@ -267,6 +268,6 @@ def test_class_mode_bad_input_writes_nothing(
 
 def test_digits_contact_sheet(tmp_path: Path) -> None:
     scenario = registry.prepare(tmp_path / "data", "digits", mode="augmentation", cls=3, ratio=0.5)
-    out = registry.contact_sheet(scenario, tmp_path / "sheet.png")
+    out = write_contact_sheet(scenario, tmp_path / "sheet.png")
     assert (tmp_path / "sheet.png").read_bytes()[:4] == b"\x89PNG"
     assert "train: affected" in out["rows"] and "test_gray: affected" in out["rows"]

@@ -200,7 +200,9 @@ def info(
         found = open_scenario(cfg.paths.data_root, scenario)
         details = registry.scenario_info(found)
         if sheet is not None:
-            details["sheet"] = registry.contact_sheet(found, sheet)["path"]
+            from mlvar.report.contact_sheet import write_contact_sheet  # matplotlib
+
+            details["sheet"] = write_contact_sheet(found, sheet)["path"]
     if json_out:
         print_json(details)
         return

@@ -34,7 +34,6 @@ __all__ = [
     "BUILTIN",
     "DATASETS",
     "DatasetSpec",
-    "contact_sheet",
     "fetch",
     "get_dataset",
     "option_help",
@@ -181,14 +180,3 @@ def scenario_info(scenario: Scenario) -> dict[str, Any]:
         "rows": rows,
         "groups": groups,
     }
-
-
-def contact_sheet(scenario: Scenario, path: str | os.PathLike, per_row: int = 8) -> dict[str, Any]:
-    """Write a PNG contact sheet of a scenario's affected and unaffected samples to ``path``.
-
-    Returns ``path`` and the titles of the sheet's rows. A scenario without images is an
-    :class:`MlvarError`, and nothing is written then.
-    """
-    from mlvar.data.contact_sheet import write_contact_sheet
-
-    return write_contact_sheet(scenario, path, per_row=per_row)
