@@ -5,6 +5,13 @@ For each size R' in 1, 2, 4, ... (powers of two below R) and R itself, up to
 than ``subsets`` of them, so R' = R is the single full set), every metric is computed on
 each subset by streaming over only its runs' arrays, and its detection scores are
 summarised over the subsets of each size.
+
+One scan over the samples serves many subsets: each chunk's per-run values are computed
+once for all runs (:class:`~mlvar.analysis.metrics.RunValues`) and each subset's
+statistics are reduced from its rows of them, in run order, so every subset's metrics are
+bit for bit those of a scan over that subset alone. The subsets' metric columns are held
+until their detection is scored; subsets are scanned in batches that hold at most
+:data:`CURVE_BYTES` of them.
 """
 
 from __future__ import annotations
@@ -19,9 +26,23 @@ import numpy as np
 import pandas as pd
 
 from mlvar.analysis.detection import detect
-from mlvar.analysis.service import analysis_dir, compute, load_predictions, write_table
+from mlvar.analysis.metrics import (
+    ALL_METRICS,
+    DYNAMICS_METRICS,
+    METRICS,
+    STATISTICS,
+    SUM,
+    RunValues,
+    Sufficient,
+    reduce_runs,
+    statistics_of,
+)
+from mlvar.analysis.service import Predictions, analysis_dir, load_predictions, write_table
 from mlvar.errors import MlvarError
 from mlvar.store import ExperimentStore
+
+CURVE_BYTES = 512 * 2**20
+"""float64 metric columns of the subsets one scan holds at most."""
 
 SUMMARY_COLUMNS = (
     "n_runs",
@@ -91,6 +112,127 @@ def _std(values: pd.Series) -> float:
     return float(v.std(ddof=1)) if v.size > 1 else float("nan")
 
 
+class _RunsOf:
+    """The per-run values of some runs of a :class:`RunValues`: its rows, the same bits
+    as computing them from those runs' probabilities alone (every per-run value is
+    computed run by run)."""
+
+    def __init__(self, values: RunValues, index: list[int]) -> None:
+        self._values = values
+        self._index = index
+        self.n_runs, self.n, self.n_classes = len(index), values.n, values.n_classes
+        self.labels = values.labels
+
+    def __getattr__(self, name: str) -> np.ndarray:
+        return getattr(self._values, name)[self._index]
+
+
+def _sum_rows(x: np.ndarray, index: list[int]) -> np.ndarray:
+    """``sequential_sum(x[index])`` without copying the rows: the same additions in the
+    same order."""
+    acc = np.array(x[index[0]], dtype=np.float64)
+    for i in index[1:]:
+        acc += x[i]
+    return acc
+
+
+Subset = tuple[int, int, tuple[int, ...]]
+"""``(size, index among the subsets of that size, run indices)``."""
+
+
+def curve_plan(n_runs: int, subsets: int, seed: int) -> list[Subset]:
+    """Every subset the curve scores, by size (:func:`curve_sizes`, :func:`draw_subsets`)."""
+    return [
+        (size, index, subset)
+        for size in curve_sizes(n_runs)
+        for index, subset in enumerate(draw_subsets(n_runs, size, subsets, seed))
+    ]
+
+
+class SubsetScan:
+    """Every metric of each subset of a batch, filled chunk by chunk (:meth:`add`), then
+    scored against the ground truth (:meth:`rows`)."""
+
+    def __init__(self, preds: Predictions, batch: list[Subset]) -> None:
+        self.preds = preds
+        self.batch = batch
+        self.dynamics = preds.has_dynamics
+        self.names = list(METRICS) + (list(DYNAMICS_METRICS) if self.dynamics else [])
+        wanted = statistics_of(METRICS.values())
+        # Sums of the probabilities themselves are added row by row from the whole
+        # block (as sequential_sum adds them), not from a copy of the subset's rows.
+        self.of_probs = [s for s in wanted if STATISTICS[s].value == "probs"]
+        assert all(STATISTICS[s].reduce == SUM for s in self.of_probs)
+        self.per_run = [s for s in wanted if s not in self.of_probs]
+        n = len(preds.samples)
+        self.columns = [{m: np.empty(n) for m in self.names} for _ in batch]
+
+    def add(self, start: int, stop: int, values: RunValues) -> None:
+        """Fill samples ``start:stop`` from the per-run values of every run of ``preds``."""
+        for columns, (_, _, subset) in zip(self.columns, self.batch, strict=True):
+            index = list(subset)
+            view = _RunsOf(values, index)
+            arrays = reduce_runs(view, self.per_run)  # type: ignore[arg-type]
+            for name in self.of_probs:
+                arrays[name] = _sum_rows(values.probs, index)
+            if self.dynamics:
+                runs = [self.preds.runs[i] for i in index]
+                arrays |= self.preds.dynamics_sums(runs, start, stop)
+            stats = Sufficient(arrays, len(index), values.labels)
+            for name in self.names:
+                columns[name][start:stop] = ALL_METRICS[name].finish(stats)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per subset and metric: its detection scores and run ids."""
+        labels, affected = self.preds.labels, self.preds.affected
+        out = []
+        for columns, (size, index, subset) in zip(self.columns, self.batch, strict=True):
+            metrics = pd.DataFrame(columns, columns=self.names, copy=False)
+            det = detect(metrics, labels, affected)
+            ids = " ".join(self.preds.runs[i].run_id for i in subset)
+            for rec in det.to_dict(orient="records"):
+                out.append(
+                    {
+                        "n_runs": size,
+                        "subset": index,
+                        "run_ids": ids,
+                        "metric": rec["metric"],
+                        "scope": rec["scope"],
+                        "auroc": rec["auroc"],
+                        "average_precision": rec["average_precision"],
+                        "precision_at_k": rec["precision_at_k"],
+                    }
+                )
+        return out
+
+
+def curve_batches(preds: Predictions, plan: list[Subset]) -> list[list[Subset]]:
+    """``plan`` cut into batches whose metric columns take at most :data:`CURVE_BYTES`."""
+    n_metrics = len(METRICS) + (len(DYNAMICS_METRICS) if preds.has_dynamics else 0)
+    per_subset = 8 * max(1, len(preds.samples)) * n_metrics
+    size = max(1, CURVE_BYTES // per_subset)
+    return [plan[i : i + size] for i in range(0, len(plan), size)]
+
+
+def scan_subsets(preds: Predictions, batch: list[Subset], chunk: int | None = None) -> SubsetScan:
+    """One scan over the samples of every run of ``preds`` filling ``batch``."""
+    scan = SubsetScan(preds, batch)
+    for a, b, probs in preds.chunks(chunk):
+        scan.add(a, b, RunValues(probs, preds.labels[a:b]))
+    return scan
+
+
+def check_affected(preds: Predictions) -> None:
+    """Refuse a split with no affected samples, or only affected ones."""
+    affected = preds.affected
+    if not affected.any() or affected.all():
+        raise MlvarError(
+            f"split '{preds.split}' of '{preds.store.name}' has "
+            f"{'no' if not affected.any() else 'only'} affected samples: no detection to score",
+            "the curve needs a scenario that marks some samples as affected",
+        )
+
+
 def runs_curve(
     store: ExperimentStore,
     split: str = "test",
@@ -109,35 +251,19 @@ def runs_curve(
     if subsets < 1:
         raise MlvarError(f"--subsets must be at least 1, got {subsets}", "use e.g. 5")
     preds = load_predictions(store, split, allow_mixed)
-    affected = preds.affected
-    if not affected.any() or affected.all():
-        raise MlvarError(
-            f"split '{split}' of '{store.name}' has "
-            f"{'no' if not affected.any() else 'only'} affected samples: no detection to score",
-            "the curve needs a scenario that marks some samples as affected",
-        )
-    labels = preds.labels
-    r = len(preds.runs)
+    check_affected(preds)
     rows = []
-    for size in curve_sizes(r):
-        for index, subset in enumerate(draw_subsets(r, size, subsets, seed)):
-            runs = [preds.runs[i] for i in subset]
-            metrics = compute(preds, runs, chunk).metrics
-            det = detect(metrics, labels, affected)
-            ids = " ".join(run.run_id for run in runs)
-            for rec in det.to_dict(orient="records"):
-                rows.append(
-                    {
-                        "n_runs": size,
-                        "subset": index,
-                        "run_ids": ids,
-                        "metric": rec["metric"],
-                        "scope": rec["scope"],
-                        "auroc": rec["auroc"],
-                        "average_precision": rec["average_precision"],
-                        "precision_at_k": rec["precision_at_k"],
-                    }
-                )
+    for batch in curve_batches(preds, curve_plan(len(preds.runs), subsets, seed)):
+        rows += scan_subsets(preds, batch, chunk).rows()
+    return curve_result(preds, subsets, seed, rows, write)
+
+
+def curve_result(
+    preds: Predictions, subsets: int, seed: int, rows: list[dict[str, Any]], write: bool
+) -> CurveResult:
+    """The curve from the rows of :meth:`SubsetScan.rows` of every subset of the plan:
+    summarised per size and metric, and written when ``write``."""
+    store, split = preds.store, preds.split
     details = pd.DataFrame(rows)
     summary_rows = []
     order = {m: i for i, m in enumerate(dict.fromkeys(details["metric"]))}
@@ -167,4 +293,4 @@ def runs_curve(
         out = analysis_dir(store)
         files += write_table(summary, out / f"auroc-vs-runs-{split}")
         files += write_table(details, out / f"auroc-vs-runs-{split}-subsets")
-    return CurveResult(store.name, split, r, subsets, seed, summary, details, files)
+    return CurveResult(store.name, split, len(preds.runs), subsets, seed, summary, details, files)

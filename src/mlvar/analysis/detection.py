@@ -68,7 +68,10 @@ def average_ranks(score: np.ndarray) -> np.ndarray:
     score = np.asarray(score, dtype=np.float64)
     if score.size == 0:
         return np.zeros(0)
-    inverse, counts = _tie_groups(score)
+    return _ranks(*_tie_groups(score))
+
+
+def _ranks(inverse: np.ndarray, counts: np.ndarray) -> np.ndarray:
     end = np.cumsum(counts)  # last 1-based position of each group
     start = end - counts + 1  # first 1-based position
     return ((start + end) / 2.0)[inverse]
@@ -85,18 +88,27 @@ def _auroc(ranks: np.ndarray, affected: np.ndarray) -> float:
     return float(u / (n_pos * n_neg))
 
 
-def _average_precision(score: np.ndarray, affected: np.ndarray) -> float:
+def _average_precision(
+    score: np.ndarray, affected: np.ndarray, groups: tuple[np.ndarray, np.ndarray] | None = None
+) -> float:
     # Step-wise AP as in sklearn: sum over thresholds of (recall increase) * precision,
-    # with every distinct score one threshold.
-    inverse, counts = _tie_groups(score)
+    # with every distinct score one threshold. ``groups``: _tie_groups(score), if known.
+    inverse, counts = _tie_groups(score) if groups is None else groups
     pos = np.bincount(inverse, weights=affected.astype(np.float64), minlength=counts.size)
     tp = np.cumsum(pos)
     precision = tp / np.cumsum(counts)
     return float(np.sum(pos * precision) / tp[-1])
 
 
-def _precision_at_k(score: np.ndarray, affected: np.ndarray, k: int) -> float:
-    t = np.sort(score)[::-1][k - 1]  # the k-th largest score
+def _precision_at_k(
+    score: np.ndarray,
+    affected: np.ndarray,
+    k: int,
+    groups: tuple[np.ndarray, np.ndarray] | None = None,
+) -> float:
+    inverse, counts = _tie_groups(score) if groups is None else groups
+    # The k-th largest score: the value of the tie group holding position k.
+    t = score[np.argmax(inverse == np.searchsorted(np.cumsum(counts), k))]
     above = score > t
     tied = score == t
     n_above = int(above.sum())
@@ -133,11 +145,12 @@ def detection_scores(score: np.ndarray, affected: np.ndarray) -> dict[str, Any]:
     out.update(dict.fromkeys(SCORE_COLUMNS, float("nan")))
     if n_affected == 0 or n_affected == n:
         return out
-    ranks = average_ranks(score)
+    groups = _tie_groups(score)  # one sort serves the ranks and the precision
+    ranks = _ranks(*groups)
     aff_ranks = np.sort(ranks[affected])
     out["auroc"] = _auroc(ranks, affected)
-    out["average_precision"] = _average_precision(score, affected)
-    out["precision_at_k"] = _precision_at_k(score, affected, n_affected)
+    out["average_precision"] = _average_precision(score, affected, groups)
+    out["precision_at_k"] = _precision_at_k(score, affected, n_affected, groups)
     out["rank_first"] = float(aff_ranks[0])
     out["rank_median"] = float(np.median(aff_ranks))
     out["rank_top10_mean"] = float(aff_ranks[:10].mean())

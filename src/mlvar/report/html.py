@@ -24,7 +24,6 @@ swapped in at the end, so a failed build leaves the previous report as it was.
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,10 +36,10 @@ from markupsafe import Markup
 
 from mlvar import __version__
 from mlvar.analysis import service as analysis
-from mlvar.analysis.curve import runs_curve
 from mlvar.analysis.metrics import METRICS
 from mlvar.analysis.saliency import SaliencyIndex
 from mlvar.analysis.saliency import read_index as saliency_index
+from mlvar.analysis.scan import ExperimentScan, scan_experiment
 from mlvar.analysis.selection import choose_samples
 from mlvar.errors import MlvarError, unknown_choice
 from mlvar.io import atomic_write_bytes, atomic_write_text, staging_dir
@@ -224,20 +223,12 @@ def _roc(ranked: analysis.RankResult) -> bytes | None:
     return plots.roc_curves(curves) if curves else None
 
 
-def _curve(
-    store: ExperimentStore, split: str, by: str, subsets: int, has_detection: bool
-) -> tuple[pd.DataFrame | None, str]:
-    if not has_detection:
-        return None, "nothing to detect"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # already reported by the analysis
-            result = runs_curve(store, split, subsets=subsets, write=False)
-    except MlvarError as exc:
-        return None, exc.message
-    if result.summary["n_runs"].nunique() < 2:
+def _curve(scan: ExperimentScan) -> tuple[pd.DataFrame | None, str]:
+    if scan.curve is None:
+        return None, scan.curve_note
+    if scan.curve.summary["n_runs"].nunique() < 2:
         return None, "one run only: nothing to vary"
-    return result.summary, ""
+    return scan.curve.summary, ""
 
 
 def _ranking_data(
@@ -473,12 +464,14 @@ def build_report(
         raise MlvarError(f"--top must be at least 1, got {top}", "use e.g. 50")
     out_dir = Path(out_dir)
     _check_out(out_dir)
-    acc = analysis.accuracy(store, split)
-    ranked = analysis.rank(store, split, by=by)
+    # Accuracy and ranking are written to analysis/ as the analyze commands write them;
+    # the curve is computed afresh from the same scan of the logits.
+    scan = scan_experiment(store, split, by, curve_subsets)
+    acc, ranked = scan.accuracy, scan.ranked
     ranking = ranked.ranking
     class_names = store.class_names
     metric_cols = [m for m in METRICS if m in ranking.columns]
-    curve, curve_note = _curve(store, split, by, curve_subsets, ranked.detection is not None)
+    curve, curve_note = _curve(scan)
 
     # Which samples get a page, and what they show (pages need unique sample ids).
     position_of = pd.Index(store.samples(split)["sample_id"].astype(str))
