@@ -102,10 +102,12 @@ def report_with_images(root: Path, n: int = 120, top: int = 5):
     return result, ranking
 
 
-def _ranking_json(html: str) -> dict:
-    block = re.search(r'<script type="application/json" id="ranking-data">(.*?)</script>', html)
-    assert block, "no ranking data"
-    return json.loads(block.group(1))
+def _ranking_json(report: Path) -> dict:
+    """The ranking data of a report folder: the JSON its data file assigns."""
+    text = (report / "ranking-data.js").read_text()
+    prefix, suffix = "window.MLVAR_RANKING = ", ";\n"
+    assert text.startswith(prefix) and text.endswith(suffix), "no ranking data"
+    return json.loads(text[len(prefix) : -len(suffix)])
 
 
 def test_json_for_script_cannot_close_the_block() -> None:
@@ -124,7 +126,7 @@ def test_report_layout_and_escaping(tmp_path: Path) -> None:
     assert len(re.findall(r"<script[ >]", html)) == 2
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html  # label option, static table
     assert "&lt;b&gt;scenario&lt;/b&gt;" in html and "b&amp;c" in html
-    data = _ranking_json(html)
+    data = _ranking_json(out)
     assert data["n"] == 120 and EVIL in data["columns"]["label"]
     for name in (
         "accuracy_hist.png",
@@ -157,7 +159,7 @@ def test_report_layout_and_escaping(tmp_path: Path) -> None:
 
 def test_sample_pages_are_top_k_plus_random_unaffected(tmp_path: Path) -> None:
     result, ranking = report_with_images(tmp_path, top=7)
-    data = _ranking_json(result.path.read_text())
+    data = _ranking_json(result.path.parent)
     linked = [i for i, p in enumerate(data["columns"]["page"]) if p]
     assert linked[:7] == list(range(7))
     extra = linked[7:]

@@ -186,24 +186,32 @@ class SubsetScan:
         """One row per subset and metric: its detection scores and run ids."""
         labels, affected = self.preds.labels, self.preds.affected
         out = []
-        for columns, (size, index, subset) in zip(self.columns, self.batch, strict=True):
+        for columns, subset in zip(self.columns, self.batch, strict=True):
             metrics = pd.DataFrame(columns, columns=self.names, copy=False)
-            det = detect(metrics, labels, affected)
-            ids = " ".join(self.preds.runs[i].run_id for i in subset)
-            for rec in det.to_dict(orient="records"):
-                out.append(
-                    {
-                        "n_runs": size,
-                        "subset": index,
-                        "run_ids": ids,
-                        "metric": rec["metric"],
-                        "scope": rec["scope"],
-                        "auroc": rec["auroc"],
-                        "average_precision": rec["average_precision"],
-                        "precision_at_k": rec["precision_at_k"],
-                    }
-                )
+            out += detection_rows(self.preds, subset, detect(metrics, labels, affected))
         return out
+
+
+def detection_rows(
+    preds: Predictions, subset: Subset, detection: pd.DataFrame
+) -> list[dict[str, Any]]:
+    """The curve's rows of one subset from its detection table (:func:`detect` of the
+    metrics over its runs)."""
+    size, index, runs = subset
+    ids = " ".join(preds.runs[i].run_id for i in runs)
+    return [
+        {
+            "n_runs": size,
+            "subset": index,
+            "run_ids": ids,
+            "metric": rec["metric"],
+            "scope": rec["scope"],
+            "auroc": rec["auroc"],
+            "average_precision": rec["average_precision"],
+            "precision_at_k": rec["precision_at_k"],
+        }
+        for rec in detection.to_dict(orient="records")
+    ]
 
 
 def curve_batches(preds: Predictions, plan: list[Subset]) -> list[list[Subset]]:

@@ -35,6 +35,7 @@ class ExperimentScan:
     ranked: service.RankResult
     curve: curves.CurveResult | None  # None when there is nothing to score (``curve_note``)
     curve_note: str = ""
+    predictions: service.Predictions | None = None  # the verified runs that were read
 
 
 def scan_experiment(
@@ -63,8 +64,15 @@ def scan_experiment(
     affected = preds.affected
     note = "" if affected.any() and not affected.all() else "nothing to detect"
     if preds.has_dynamics:
-        return _apart(store, split, by, curve_subsets, curve_seed, chunk, write, write_curve)
+        done = _apart(store, split, by, curve_subsets, curve_seed, chunk, write, write_curve)
+        done.predictions = preds
+        return done
     plan = curves.curve_plan(len(preds.runs), curve_subsets, curve_seed) if not note else []
+    # The set of all runs is the last subset of the plan: its metrics and detection are
+    # the ranking's own, so it is not scanned twice.
+    everything = plan[-1] if plan and len(plan[-1][2]) == len(preds.runs) else None
+    if everything is not None:
+        plan = plan[:-1]
     batches = curves.curve_batches(preds, plan) if plan else []
     subsets = curves.SubsetScan(preds, batches[0]) if batches else None
     labels = preds.labels
@@ -86,13 +94,15 @@ def scan_experiment(
     ranked = service.assemble(
         store, preds.samples, split, run_ids, by, computed, write, preds.skipped
     )
-    if subsets is None:
-        return ExperimentScan(accuracy, ranked, None, note)
-    rows = subsets.rows()
+    if note:
+        return ExperimentScan(accuracy, ranked, None, note, preds)
+    rows = subsets.rows() if subsets is not None else []
     for batch in batches[1:]:
         rows += curves.scan_subsets(preds, batch, chunk).rows()
+    if everything is not None:
+        rows += curves.detection_rows(preds, everything, ranked.detection)
     result = curves.curve_result(preds, curve_subsets, curve_seed, rows, write_curve)
-    return ExperimentScan(accuracy, ranked, result)
+    return ExperimentScan(accuracy, ranked, result, "", preds)
 
 
 def _apart(

@@ -5,6 +5,8 @@ Layout of ``<reports_root>/<experiment>/``::
     index.html            experiment, accuracy spread, detection, ROC curves, AUROC vs
                           number of runs, confidence scatter, the ranking table
     style.css             the one stylesheet (the ranking table's script is inline)
+    ranking-data.js       the whole ranking for the table's script (mlvar.report.ranking):
+                          index.html stays small however many samples there are
     ranking.csv           the whole ranking, for use without JavaScript
     *.png                 the figures (matplotlib, Agg)
     samples/<page>.html   one page per sample of the top K and K random unaffected ones
@@ -15,15 +17,16 @@ Layout of ``<reports_root>/<experiment>/``::
 
 Everything shown comes from the run store through the analysis service. Every string
 that came from data (names, labels, ids, descriptions) is escaped: by jinja2's
-autoescaping in the templates, and in the ranking data embedded as JSON by escaping
-``<``, ``>`` and ``&`` so that no ``</script>`` can end its block; the table's script
-writes cells with ``textContent`` only. The folder is built under a temporary name and
-swapped in at the end, so a failed build leaves the previous report as it was.
+autoescaping in the templates, and in the ranking data (JSON in a script file) by
+escaping ``<``, ``>`` and ``&`` so that no ``</script>`` can end a block; the table's
+script writes cells with ``textContent`` only. With many classes the per-class views show
+the worst and best classes and fold the rest (:mod:`mlvar.report.classes`). The folder
+is built under a temporary name and swapped in at the end, so a failed build leaves the
+previous report as it was.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,7 +35,6 @@ from typing import Any
 import jinja2
 import numpy as np
 import pandas as pd
-from markupsafe import Markup
 
 from mlvar import __version__
 from mlvar.analysis import service as analysis
@@ -43,7 +45,15 @@ from mlvar.analysis.scan import ExperimentScan, scan_experiment
 from mlvar.analysis.selection import choose_samples
 from mlvar.errors import MlvarError, unknown_choice
 from mlvar.io import atomic_write_bytes, atomic_write_text, staging_dir
-from mlvar.report import plots
+from mlvar.report import classes, plots
+from mlvar.report.ranking import (
+    DATA_FILE,
+    data_script,
+    integral,
+    json_for_script,  # noqa: F401 - part of this module's API
+    ranking_data,
+    votes_texts,
+)
 from mlvar.report.samples import (
     Inputs,
     SeedPredictions,
@@ -104,14 +114,6 @@ def fmt(value: Any, digits: int = 4) -> str:
 _fmt = fmt
 
 
-def json_for_script(obj: Any) -> Markup:
-    """``obj`` as JSON safe inside ``<script type="application/json">``: ``<``, ``>`` and
-    ``&`` become ``\\u003c`` etc., so no data can close the block or open a tag."""
-    text = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-    return Markup(text)  # noqa: S704 - escaped above for this context
-
-
 def stylesheet() -> str:
     return environment().loader.get_source(environment(), "report.css")[0]
 
@@ -127,42 +129,7 @@ def _check_out(out_dir: Path) -> None:
             break
 
 
-def _clean_list(values: np.ndarray, digits: int = 6) -> list[float | None]:
-    v = np.round(np.asarray(values, dtype=np.float64), digits)
-    return [None if x != x or x in (float("inf"), float("-inf")) else x for x in v.tolist()]
-
-
 # ------------------------------------------------------------------ sections of the index
-
-
-def _accuracy_rows(acc: analysis.AccuracyResult) -> list[list[str]]:
-    rows = []
-    keys = [("accuracy", "all samples"), ("acc_affected", "affected")]
-    keys += [("acc_unaffected", "unaffected")]
-    keys += [(f"acc_class_{i}", f"class {name}") for i, name in enumerate(acc.class_names)]
-    for key, label in keys:
-        s = acc.summary.get(key)
-        if s and s.get("n"):
-            rows.append(
-                [label]
-                + [fmt(s.get(k)) for k in ("mean", "std", "min", "max", "ci_low", "ci_high")]
-            )
-    return rows
-
-
-def _class_plot(acc: analysis.AccuracyResult) -> bytes | None:
-    names, means, stds = [], [], []
-    keys = [(f"acc_class_{i}", str(n)) for i, n in enumerate(acc.class_names)]
-    keys += [("acc_affected", "affected"), ("acc_unaffected", "unaffected")]
-    for key, name in keys:
-        s = acc.summary.get(key)
-        if s and s.get("n"):
-            names.append(name)
-            means.append(s["mean"])
-            stds.append(np.nan if s.get("std") is None else s["std"])
-    if not names:
-        return None
-    return plots.class_accuracy(names, np.array(means, float), np.array(stds, float))
 
 
 def _detection_rows(ranked: analysis.RankResult) -> list[dict[str, Any]]:
@@ -231,44 +198,6 @@ def _curve(scan: ExperimentScan) -> tuple[pd.DataFrame | None, str]:
     return scan.curve.summary, ""
 
 
-def _ranking_data(
-    ranking: pd.DataFrame, metric_cols: list[str], pages: dict[int, str]
-) -> dict[str, Any]:
-    """The ranking as column-wise JSON for the table's script."""
-    columns = {
-        "rank": ranking["rank"].astype(int).tolist(),
-        "sample_id": [str(s) for s in ranking["sample_id"]],
-        "label": [str(s) for s in ranking["label_name"]],
-        "majority": [str(s) for s in ranking["majority_name"]],
-        "votes": [str(s) for s in ranking["votes"]],
-        "affected": ranking["affected"].astype(bool).tolist(),
-        "group": [int(g) for g in ranking["group"]] if "group" in ranking else None,
-    }
-    for m in metric_cols:
-        columns[m] = _clean_list(ranking[m].to_numpy())
-    columns["page"] = [pages.get(i) for i in range(len(ranking))]
-    return {
-        "n": len(ranking),
-        "metrics": [
-            {
-                "name": m,
-                "formula": METRICS[m].formula,
-                "higher": METRICS[m].higher_is_suspicious,
-                "integer": _integral(ranking[m].to_numpy()),
-            }
-            for m in metric_cols
-        ],
-        "columns": columns,
-    }
-
-
-def _integral(values: np.ndarray) -> bool:
-    """Whether a metric only takes whole values (``n_correct``, ``n_distinct_pred``)."""
-    v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    return bool(v.size) and bool(np.all(v == np.round(v)))
-
-
 # ------------------------------------------------------------------ sample pages
 
 
@@ -297,24 +226,26 @@ def _sample_context(
     inputs: Inputs,
     image: str | None,
     n_samples: int,
-    integral: frozenset[str] = frozenset(),
+    whole: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
     probs = preds.of(position)  # [R, C]
     votes = [int(v) for v in str(row["votes"]).split()]
     label = int(row["label"])
     mean, std = probs.mean(axis=0), probs.std(axis=0)
     r = max(1, preds.n_runs)
-    classes = [
+    per_class = [
         {
             "name": name,
             "votes": votes[c] if c < len(votes) else 0,
             "share": 100.0 * (votes[c] if c < len(votes) else 0) / r,
+            "p": float(mean[c]),
             "mean": fmt(float(mean[c])),
             "std": fmt(float(std[c])),
             "is_label": c == label,
         }
         for c, name in enumerate(class_names)
     ]
+    listed, folded = classes.vote_rows(per_class)
     runs = [
         {
             "run_id": rid,
@@ -351,12 +282,13 @@ def _sample_context(
         "image": image,
         "features": features,
         "no_input": no_input,
-        "classes": classes,
+        "classes": listed,
+        "classes_folded": folded,
         "runs": runs,
         "metrics": [
             {
                 "name": m,
-                "value": fmt(row[m], 0 if m in integral else 4),
+                "value": fmt(row[m], 0 if m in whole else 4),
                 "rank": int(metric_ranks[m][row_no]),
                 "formula": METRICS[m].formula,
                 "higher": METRICS[m].higher_is_suspicious,
@@ -481,7 +413,7 @@ def build_report(
     ids = ranking["sample_id"].astype(str).to_numpy()
     positions = {i: int(position_of.get_loc(ids[i])) for i in page_rows}
     inputs = load_inputs(store, data_root, split, sorted(positions.values()))
-    preds = seed_predictions(store, split, list(positions.values()))
+    preds = seed_predictions(store, split, list(positions.values()), scan.predictions)
     strips = saliency_index(store, split)
     with_strip = (
         {i for i in page_rows if str(ids[i]) in strips.overlays} if strips is not None else set()
@@ -505,7 +437,7 @@ def build_report(
         "n_affected": n_affected,
         "expected_std": fmt(acc.expected_seed_std),
         "observed_std": fmt(acc.observed_seed_std),
-        "summary_rows": _accuracy_rows(acc),
+        "accuracy": classes.accuracy_table(acc.summary, acc.class_names, fmt),
         "detection_rows": _detection_rows(ranked),
         "baseline_rows": _baseline_rows(ranked),
         "curve_rows": []
@@ -530,21 +462,27 @@ def build_report(
                 "sample_id": r["sample_id"],
                 "label": r["label_name"],
                 "majority": r["majority_name"],
-                "votes": r["votes"],
+                "votes": votes,
                 "affected": bool(r["affected"]),
                 "page": pages.get(i),
                 "metrics": [fmt(r[m]) for m in metric_cols],
             }
-            for i, r in enumerate(ranking.head(top).to_dict(orient="records"))
+            for i, (r, votes) in enumerate(
+                zip(
+                    ranking.head(top).to_dict(orient="records"),
+                    votes_texts([str(v) for v in ranking["votes"].head(top)], class_names),
+                    strict=True,
+                )
+            )
         ],
-        "ranking_json": json_for_script(_ranking_data(ranking, metric_cols, pages)),
+        "ranking_file": DATA_FILE,
         "class_names": class_names,
         "version": __version__,
         "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
     figures = {
         "accuracy_hist.png": plots.accuracy_histogram(acc.per_run["accuracy"].to_numpy(), split),
-        "class_accuracy.png": _class_plot(acc),
+        "class_accuracy.png": classes.accuracy_plot(acc.summary, acc.class_names),
         "roc.png": _roc(ranked),
         "auroc_vs_runs.png": None if curve is None else plots.auroc_vs_runs(curve, by),
         "confidence.png": plots.confidence_scatter(
@@ -560,7 +498,8 @@ def build_report(
     html = env.get_template("index.html").render(**context)
 
     metric_ranks = _metric_ranks(ranking, metric_cols)
-    integral = frozenset(m for m in metric_cols if _integral(ranking[m].to_numpy()))
+    whole = frozenset(m for m in metric_cols if integral(ranking[m].to_numpy()))
+    ranking_js = data_script(ranking_data(ranking, metric_cols, pages, class_names))
     records = ranking.iloc[page_rows].to_dict(orient="records")
     with staging_dir(out_dir, replace=True) as tmp:
         atomic_write_text(tmp / "style.css", stylesheet())
@@ -569,6 +508,7 @@ def build_report(
                 atomic_write_bytes(tmp / name, data)
         csv = ranking.to_csv(index=False, float_format="%.6g")
         atomic_write_text(tmp / "ranking.csv", csv)
+        atomic_write_text(tmp / DATA_FILE, ranking_js)
         atomic_write_text(tmp / "index.html", html)
         template = env.get_template("sample.html")
         for k, (row_no, row) in enumerate(zip(page_rows, records, strict=True)):
@@ -591,7 +531,7 @@ def build_report(
                 inputs,
                 image,
                 len(ranking),
-                integral,
+                whole,
             )
             if row_no in with_strip:
                 strip = f"{page}.saliency.png"

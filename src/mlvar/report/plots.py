@@ -50,7 +50,12 @@ def accuracy_histogram(per_run_acc: np.ndarray, split: str) -> bytes:
     return _png(fig)
 
 
-def class_accuracy(names: Sequence[str], means: np.ndarray, stds: np.ndarray) -> bytes:
+def class_accuracy(
+    names: Sequence[str],
+    means: np.ndarray,
+    stds: np.ndarray,
+    title: str = "accuracy per class (mean ± std over seeds)",
+) -> bytes:
     """Mean accuracy per class (and group) with error bars of one std across seeds."""
     plt = _plt()
     n = len(names)
@@ -73,7 +78,7 @@ def class_accuracy(names: Sequence[str], means: np.ndarray, stds: np.ndarray) ->
     )
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("accuracy")
-    ax.set_title("accuracy per class (mean ± std over seeds)")
+    ax.set_title(_short(title, 90))
     fig.tight_layout()
     return _png(fig)
 

@@ -95,11 +95,18 @@ class SeedPredictions:
         return len(self.run_ids)
 
 
-def seed_predictions(store: ExperimentStore, split: str, positions: list[int]) -> SeedPredictions:
-    """Read the logits of only the rows at ``positions`` from every finished run."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # already reported by the analysis
-        preds = analysis.load_predictions(store, split)
+def seed_predictions(
+    store: ExperimentStore,
+    split: str,
+    positions: list[int],
+    preds: analysis.Predictions | None = None,
+) -> SeedPredictions:
+    """Read the logits of only the rows at ``positions`` from every finished run (those
+    of ``preds`` when the caller has loaded and verified them)."""
+    if preds is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # already reported by the analysis
+            preds = analysis.load_predictions(store, split)
     order = sorted(set(positions))
     blocks = []
     for run in preds.runs:
