@@ -88,3 +88,84 @@ def test_cli_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert Path(info["files"][0]).name == "study.parquet"
     out = runner.invoke(app, ["analyze", "rank", "--by", "gconf_std"])
     assert out.exit_code == 2 and "missing argument EXPERIMENT" in out.stderr
+
+
+def test_study_columns_match_independent_computations(tmp_path: Path) -> None:
+    """Rank summaries, the matched single-model baselines' worst and median AUROC and the
+    accuracy across seeds, each recomputed from the logits with numpy, scipy, sklearn."""
+    import numpy as np
+    from scipy.stats import rankdata
+    from sklearn.metrics import roc_auc_score
+
+    _experiments(tmp_path)
+    table = study(tmp_path, compute_missing=True).table
+    store = ExperimentStore.open(tmp_path, "e-r0.8")
+    samples = store.samples("test")
+    labels = samples["label"].to_numpy()
+    affected = samples["affected"].to_numpy()
+    logits = np.stack([r.load_logits("test", mmap=False) for r in store.runs()]).astype(float)
+    probs = np.exp(logits - logits.max(axis=2, keepdims=True))
+    probs /= probs.sum(axis=2, keepdims=True)
+    gconf = probs[:, np.arange(len(labels)), labels]  # [R, n]
+    maxconf = probs.max(axis=2)
+    in_class = labels == 0  # every affected sample is of class 0, not all of class 0 are
+    assert affected[in_class].any() and not affected[in_class].all()
+    rows = table[table["experiment"] == "e-r0.8"].set_index("metric")
+
+    def worst_median(score: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+        aurocs = [roc_auc_score(affected[mask], run[mask]) for run in score]
+        return min(aurocs), float(np.median(aurocs))
+
+    gconf_worst, gconf_median = worst_median(-gconf, in_class)
+    maxconf_worst, maxconf_median = worst_median(-maxconf, np.ones(len(labels), bool))
+    for metric, row in rows.iterrows():
+        if row["kind"] != "metric":
+            continue
+        if METRICS[metric].uses_label:
+            assert row["baseline"] == "neg_gconf" and row["scope"] == "class 0"
+            expected = (gconf_worst, gconf_median)
+        else:
+            assert row["baseline"] == "neg_maxconf" and row["scope"] == "split"
+            expected = (maxconf_worst, maxconf_median)
+        got = (row["baseline_worst_auroc"], row["baseline_median_auroc"])
+        assert got == pytest.approx(expected, abs=1e-12), metric
+    assert rows.loc["neg_gconf[min]", "baseline_worst_auroc"] == pytest.approx(gconf_worst)
+
+    # rank summaries of gconf_mean (lower is more suspicious) within class 0
+    score = -gconf.mean(axis=0)[in_class]
+    ranks = np.sort(rankdata(-score, method="average")[affected[in_class]])
+    n = int(in_class.sum())
+    row = rows.loc["gconf_mean"]
+    assert row["rank_first_norm"] == pytest.approx(ranks[0] / n)
+    assert row["rank_median_norm"] == pytest.approx(np.median(ranks) / n)
+    assert row["rank_top10_mean_norm"] == pytest.approx(ranks[:10].mean() / n)
+    assert row["rank_mean_norm"] == pytest.approx(ranks.mean() / n)
+
+    # accuracy across seeds: all, affected and unaffected samples
+    correct = probs.argmax(axis=2) == labels[None, :]
+    for prefix, mask in [
+        ("acc", np.ones(len(labels), bool)),
+        ("acc_affected", affected),
+        ("acc_unaffected", ~affected),
+    ]:
+        per_run = correct[:, mask].mean(axis=1)
+        assert rows[f"{prefix}_mean"].iloc[0] == pytest.approx(per_run.mean())
+        assert rows[f"{prefix}_std"].iloc[0] == pytest.approx(per_run.std(ddof=1))
+        assert rows[f"{prefix}_mean"].nunique() == 1  # one value per experiment
+    assert (tmp_path / "e-r0.8" / "analysis" / "accuracy-test.parquet").is_file()
+
+
+def test_study_accuracy_is_missing_until_computed(tmp_path: Path) -> None:
+    _experiments(tmp_path)
+    service.rank(ExperimentStore.open(tmp_path, "e-r0.3"), "test")
+    table = study(tmp_path).table
+    assert table["acc_mean"].isna().all() and not table["stale"].any()
+    service.accuracy(ExperimentStore.open(tmp_path, "e-r0.3"), "test")
+    table = study(tmp_path).table
+    assert table["acc_mean"].notna().all()
+    # accuracy over other runs than the current ones marks the experiment stale
+    store = ExperimentStore.open(tmp_path, "e-r0.3")
+    logits = store.runs()[0].load_logits("test", mmap=False)
+    store.write_run("run-0099", {"test": logits}, {"seed": 9, "config": {"synthetic": True}})
+    service.rank(store, "test")  # detection current again, accuracy not
+    assert study(tmp_path).table["stale"].all()

@@ -382,3 +382,107 @@ def test_page_choice_of_a_smaller_top_is_a_subset() -> None:
         assert ten[:10] == list(range(10)) and len(ten) == 20 and len(set(ten)) == 20
         assert not ranking["affected"].to_numpy()[ten[10:]].any()
     assert choose_samples(ranking, 10, 0) != choose_samples(ranking, 10, 1)  # seeded
+
+
+# ------------------------------------------------------------------ study site
+
+
+def make_sweep(runs_root: Path, ratios=(0.1, 0.3, 0.5, 0.7), clusters=("a", "b")) -> list[str]:
+    """A study: one experiment per ratio of mode 'artificial', one per cluster of a mode
+    whose name holds markup; returns the experiment names."""
+    names = []
+    for i, ratio in enumerate(ratios):
+        name = f"art-r{ratio}"
+        scenario = {"name": f"s-{name}", "mode": "artificial", "params": {"ratio": ratio}}
+        make_store(runs_root, name, scenario=scenario, seed=i)
+        names.append(name)
+    for i, cluster in enumerate(clusters):
+        name = f"hold-{cluster}"
+        scenario = {"name": f"s-{name}", "mode": "<i>hold</i>", "params": {"cluster": cluster}}
+        make_store(runs_root, name, scenario=scenario, seed=10 + i)
+        names.append(name)
+    return names
+
+
+def _links(html: str) -> list[str]:
+    return re.findall(r'<a href="([^"]+)"', html)
+
+
+def test_study_site_groups_experiments_by_family(tmp_path: Path) -> None:
+    from mlvar.report.study import build_site
+
+    names = make_sweep(tmp_path / "runs")
+    result = build_site(tmp_path / "runs", tmp_path / "site", top=2)
+    site = tmp_path / "site"
+    assert sorted(result.reports) == sorted(names) and result.families == 2
+    index = (site / "index.html").read_text()
+    assert "<script" not in index and "<i>hold" not in index and "&lt;i&gt;hold" in index
+    pages = sorted(p.name for p in (site / "_families").glob("*.html"))
+    assert pages == ["synthetic-_i_hold_i.html", "synthetic-artificial.html"]
+    for page in pages:
+        assert f'href="_families/{page}"' in index
+    for name in names:  # the index links every report, inside its family's section
+        assert f'<a href="{name}/index.html">{name}</a>' in index
+    family = (site / "_families" / "synthetic-artificial.html").read_text()
+    assert "<script" not in family
+    linked = {h for h in _links(family) if h.endswith("/index.html")}
+    assert linked == {f"../{n}/index.html" for n in names if n.startswith("art-")} | {
+        "../index.html"
+    }
+    for image in re.findall(r'<img class="plot" src="([^"]+)"', family):
+        assert (site / "_families" / image).read_bytes()[:8] == PNG, image
+    for kind in ("metrics", "accuracy", "ranks"):
+        assert f'src="synthetic-artificial-0-{kind}.png"' in family
+    assert 'src="synthetic-artificial-box.png"' in family
+    assert "against ratio" in family and (site / "auroc_box.png").read_bytes()[:8] == PNG
+    # the experiment table: ratio in its own column, sorted, accuracy mean ± std
+    rows = re.findall(r'<tr><td class="l"><a href="\.\./(art-r[0-9.]+)/index.html">', family)
+    assert rows[: len(names) - 2] == ["art-r0.1", "art-r0.3", "art-r0.5", "art-r0.7"]
+    assert re.search(r"<td>0\.\d{4} ± 0\.\d{4}</td>", family)
+    # A rebuild leaves no page of a family that no longer exists.
+    (site / "_families" / "gone.html").write_text("old")
+    build_site(tmp_path / "runs", tmp_path / "site", top=2)
+    assert not (site / "_families" / "gone.html").exists()
+
+
+def test_study_accuracy_points_against_the_table(tmp_path: Path) -> None:
+    """The accuracy plot's points: one experiment per value, its seed mean and std; two
+    experiments sharing a value, the mean and std (ddof 1) of their means."""
+    from mlvar.report.study_plots import accuracy_points
+
+    per = pd.DataFrame(
+        {
+            "ratio": [0.1, 0.3, 0.3],
+            "acc_affected_mean": [0.5, 0.2, 0.4],
+            "acc_affected_std": [0.05, 0.01, 0.02],
+        }
+    )
+    points = accuracy_points(per, "ratio", "acc_affected")
+    assert points.index.tolist() == [0.1, 0.3]
+    assert points.loc[0.1, "mean"] == 0.5 and points.loc[0.1, "std"] == 0.05
+    assert points.loc[0.3, "mean"] == pytest.approx(0.3)
+    assert points.loc[0.3, "std"] == pytest.approx(np.std([0.2, 0.4], ddof=1))
+    assert points["n"].tolist() == [1, 2]
+
+
+def test_study_page_folds_large_families(tmp_path: Path) -> None:
+    runs_root = tmp_path / "runs"
+    for i in range(13):
+        scenario = {"name": f"s{i}", "mode": "sweep", "params": {"ratio": i / 20}}
+        store = make_store(runs_root, f"e{i:02d}", n=60, runs=3, scenario=scenario, seed=i)
+        analysis.rank(store, "test")
+        analysis.accuracy(store, "test")
+    store = make_store(runs_root, "other", n=60, runs=3, scenario={"name": "o", "mode": "one"})
+    analysis.rank(store, "test")
+    result = build_study_report(runs_root, tmp_path / "study")
+    html = result.path.read_text()
+    assert result.families == 2 and result.n_experiments == 14
+    assert "<details><summary>The 13 experiments of synthetic / sweep</summary>" in html
+    assert "<details open><summary>The 1 experiment of synthetic / one</summary>" in html
+    family = (tmp_path / "study" / "_families" / "synthetic-one.html").read_text()
+    assert "No plot: one experiment only" in family
+    assert "no accuracy" not in family  # a single experiment gets no parameter plots
+    table = pd.read_csv(tmp_path / "study" / "study.csv")
+    sweep = table[table["mode"] == "sweep"]
+    assert sweep["acc_affected_mean"].notna().all()
+    assert table.loc[table["experiment"] == "other", "acc_mean"].isna().all()

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_report import EVIL, report_with_images  # noqa: E402
+from test_report import EVIL, make_sweep, report_with_images  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -190,6 +190,77 @@ def test_report_in_headless_chromium(built) -> None:
         _assert_no_alert(driver)
         errors = _console_errors(driver)
         assert errors == [], errors
+
+
+@pytest.fixture(scope="module")
+def study_site(tmp_path_factory: pytest.TempPathFactory):
+    """A site of a sweep: 4 ratios of one mode, 2 clusters of another (make_sweep)."""
+    reason = _missing()
+    if reason:
+        pytest.skip(reason)
+    from mlvar.report.study import build_site
+
+    root = tmp_path_factory.mktemp("study-site")
+    names = make_sweep(root / "runs")
+    build_site(root / "runs", root / "site", top=3)
+    return root / "site", names
+
+
+def _page_is_clean(driver) -> None:
+    assert _broken_images(driver) == []
+    _assert_no_alert(driver)
+    errors = _console_errors(driver)
+    assert errors == [], errors
+
+
+def test_study_site_in_headless_chromium(study_site) -> None:
+    """The index's plots load; its family list leads to family pages whose plots load and
+    whose links reach every experiment of the family; the reports open; no console
+    error anywhere."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    site, names = study_site
+    with browser() as driver:
+        driver.get((site / "index.html").resolve().as_uri())
+        images = driver.execute_script(
+            "return Array.from(document.images).map(i => [i.src, i.naturalWidth]);"
+        )
+        assert len(images) >= 3 and all(width > 300 for _, width in images), images
+        _page_is_clean(driver)
+        families = [
+            (a.text, a.get_attribute("href"))
+            for a in driver.find_elements(By.CSS_SELECTOR, "#family-list a")
+        ]
+        assert len(families) == 2
+        assert any(t == "synthetic / <i>hold</i>" for t, _ in families)  # shown as text
+        reached = set()
+        for title, href in families:
+            driver.get(href)
+            assert driver.find_element(By.TAG_NAME, "h1").text == f"mlvar study: {title}"
+            plots = driver.find_elements(By.CSS_SELECTOR, "img.plot")
+            assert len(plots) >= 4  # metrics, accuracy, ranks, boxplot
+            _page_is_clean(driver)
+            links = driver.find_elements(By.CSS_SELECTOR, "#family-experiments a")
+            reached |= {a.text for a in links}
+            for a in links:
+                assert a.get_attribute("href").endswith(f"/{a.text}/index.html")
+        assert reached == set(names)
+        # Follow one family link through to an experiment's report and back.
+        driver.get(families[0][1])
+        link = driver.find_element(By.CSS_SELECTOR, "#family-experiments a")
+        name = link.text
+        link.click()
+        WebDriverWait(driver, 10).until(lambda d: f"/{name}/index.html" in d.current_url)
+        WebDriverWait(driver, 10).until(
+            lambda d: d.find_elements(By.CSS_SELECTOR, "#ranking tbody tr")
+        )
+        _page_is_clean(driver)
+        driver.find_element(By.ID, "study-link").click()  # the report leads back
+        WebDriverWait(driver, 10).until(lambda d: d.current_url.endswith("/site/index.html"))
+        for name in names:
+            assert driver.find_elements(By.LINK_TEXT, name), name
+        _page_is_clean(driver)
 
 
 def test_console_errors_are_caught(built, tmp_path: Path) -> None:

@@ -7,10 +7,21 @@ every experiment of the runs root (``analysis/detection-<split>.parquet`` and
 registry metrics, then the single-model baselines as ``neg_gconf[median]`` etc.), with the
 experiment's dataset, scenario, mode, scenario parameters (one column per parameter:
 ``ratio``, ``subclass``, ``cluster``, ...), model, number of runs, and AUROC / AP / P@k
-and normalised median rank. Experiments without detection results are computed first
-with ``compute_missing`` (``--compute-missing``), else listed as skipped; experiments
-without affected samples are skipped. ``stale`` marks results computed over other runs
-than the experiment's current finished runs.
+and the normalised rank summaries of the affected samples (first, median, mean of the 10
+best, mean; each divided by the population). Beside each metric, the single-model
+baseline ranked in the same population (``neg_gconf`` for label-aware metrics,
+``neg_maxconf`` for the others: same label use, so same scope) with its worst and median
+AUROC over runs (``baseline``, ``baseline_worst_auroc``, ``baseline_median_auroc``);
+and per experiment the accuracy across seeds from ``analysis/accuracy-<split>.parquet``
+(written by ``mlvar analyze accuracy`` and ``mlvar report html``): mean and std (ddof 1)
+over runs of the accuracy of all, of the affected and of the unaffected samples
+(``acc_mean``, ``acc_std``, ``acc_affected_mean``, ...; NaN when not computed).
+
+Experiments without detection results are computed first with ``compute_missing``
+(``--compute-missing``), else listed as skipped; experiments without affected samples
+are skipped. ``compute_missing`` also computes missing accuracy results. ``stale`` marks
+results (detection or accuracy) computed over other runs than the experiment's current
+finished runs.
 """
 
 from __future__ import annotations
@@ -21,14 +32,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from mlvar.analysis.service import DEFAULT_RANK_BY, analysis_dir, rank, write_table
+from mlvar.analysis.metrics import ALL_METRICS, BASELINES
+from mlvar.analysis.service import DEFAULT_RANK_BY, accuracy, analysis_dir, rank, write_table
 from mlvar.errors import MlvarError
 from mlvar.store import ExperimentStore, list_experiments
 
-SCORE_KEYS = ("auroc", "average_precision", "precision_at_k", "rank_median_norm")
+SCORE_KEYS = (
+    "auroc",
+    "average_precision",
+    "precision_at_k",
+    "rank_median_norm",
+    "rank_first_norm",
+    "rank_top10_mean_norm",
+    "rank_mean_norm",
+)
+BASELINE_KEYS = ("baseline", "baseline_worst_auroc", "baseline_median_auroc")
+ACCURACY_GROUPS = ("accuracy", "acc_affected", "acc_unaffected")
+ACCURACY_KEYS = tuple(
+    f"{'acc' if g == 'accuracy' else g}_{stat}" for g in ACCURACY_GROUPS for stat in ("mean", "std")
+)
+"""``acc_mean``, ``acc_std``, ``acc_affected_mean``, ..., ``acc_unaffected_std``."""
 _FIXED = (
     "experiment",
     "dataset",
@@ -44,6 +71,8 @@ _FIXED = (
     "scope",
     "population",
     *SCORE_KEYS,
+    *BASELINE_KEYS,
+    *ACCURACY_KEYS,
 )
 
 
@@ -100,6 +129,41 @@ def _read(path: Path) -> pd.DataFrame:
     return pq.read_table(path).to_pandas()
 
 
+def matched_baseline(metric: str) -> str:
+    """The single-model baseline ranked in the same population as ``metric``: the first
+    of :data:`~mlvar.analysis.metrics.BASELINES` with the same label use."""
+    uses_label = ALL_METRICS[metric].uses_label
+    return next(name for name, b in BASELINES.items() if b.uses_label == uses_label)
+
+
+def _baseline_scores(baselines: pd.DataFrame | None) -> dict[str, tuple[float, float]]:
+    """Per baseline: its worst (lowest) and median AUROC over runs."""
+    if baselines is None:
+        return {}
+    out = {}
+    for name, g in baselines.groupby("baseline", sort=False):
+        auroc = g.set_index("stat")["auroc"]
+        out[str(name)] = (float(auroc.get("min", np.nan)), float(auroc.get("median", np.nan)))
+    return out
+
+
+def accuracy_columns(store: ExperimentStore, split: str) -> tuple[dict[str, float], list | None]:
+    """The :data:`ACCURACY_KEYS` of an experiment from its stored per-run accuracies (NaN
+    when there are none) and the run ids they cover (None when there are none)."""
+    path = analysis_dir(store) / f"accuracy-{split}.parquet"
+    if not path.is_file():
+        return dict.fromkeys(ACCURACY_KEYS, float("nan")), None
+    per_run = _read(path)
+    out = {}
+    for group in ACCURACY_GROUPS:
+        prefix = "acc" if group == "accuracy" else group
+        v = per_run[group].to_numpy(dtype=np.float64) if group in per_run else np.array([])
+        v = v[~np.isnan(v)]
+        out[f"{prefix}_mean"] = float(v.mean()) if v.size else float("nan")
+        out[f"{prefix}_std"] = float(v.std(ddof=1)) if v.size > 1 else float("nan")
+    return out, sorted(str(r) for r in per_run["run_id"])
+
+
 def _experiment_rows(store: ExperimentStore, split: str) -> list[dict[str, Any]]:
     out = analysis_dir(store)
     detection = _read(out / f"detection-{split}.parquet")
@@ -109,6 +173,17 @@ def _experiment_rows(store: ExperimentStore, split: str) -> list[dict[str, Any]]
     info = json.loads(info_file.read_text()) if info_file.is_file() else {}
     current = sorted(r.run_id for r in store.runs())
     analysed = info.get("run_ids")
+    accuracy, accuracy_runs = accuracy_columns(store, split)
+    single = _baseline_scores(baselines)
+
+    def beside(baseline: str) -> dict[str, Any]:
+        worst, median = single.get(baseline, (float("nan"), float("nan")))
+        return {
+            "baseline": baseline,
+            "baseline_worst_auroc": worst,
+            "baseline_median_auroc": median,
+        }
+
     meta = store.meta
     scenario = meta.get("scenario") or {}
     params = scenario.get("params") or {}
@@ -120,9 +195,12 @@ def _experiment_rows(store: ExperimentStore, split: str) -> list[dict[str, Any]]
         "model": meta.get("model"),
         "split": split,
         "n_runs": len(analysed) if analysed is not None else None,
-        "stale": analysed is None or sorted(analysed) != current,
+        "stale": analysed is None
+        or sorted(analysed) != current
+        or (accuracy_runs is not None and accuracy_runs != current),
         "params": json.dumps(params, sort_keys=True),
     } | {f"param:{k}": v for k, v in params.items()}
+    common |= accuracy
     rows = []
     for rec in detection.to_dict(orient="records"):
         rows.append(
@@ -135,6 +213,7 @@ def _experiment_rows(store: ExperimentStore, split: str) -> list[dict[str, Any]]
                 "n_affected": rec["n_affected"],
             }
             | {k: rec[k] for k in SCORE_KEYS}
+            | (beside(matched_baseline(rec["metric"])) if rec["metric"] in ALL_METRICS else {})
         )
     if baselines is not None:
         for rec in baselines.to_dict(orient="records"):
@@ -148,6 +227,7 @@ def _experiment_rows(store: ExperimentStore, split: str) -> list[dict[str, Any]]
                     "n_affected": rec["n_affected"],
                 }
                 | {k: rec[k] for k in SCORE_KEYS}
+                | beside(rec["baseline"])
             )
     return rows
 
@@ -193,13 +273,20 @@ def study(
                 skipped[name] = "no affected samples"
                 continue
             computed.append(name)
+        if compute_missing and not (out / f"accuracy-{split}.parquet").is_file():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                accuracy(store, split)  # written to analysis/, read back below
         rows += _experiment_rows(store, split)
     if not rows:
         raise MlvarError(
             f"no experiment in {runs_root} has detection results on split '{split}'",
             "run 'mlvar analyze rank EXPERIMENT' first, or pass --compute-missing",
         )
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(rows, columns=list(dict.fromkeys(k for row in rows for k in row)))
+    for key in _FIXED:
+        if key not in table:
+            table[key] = None  # e.g. no baselines anywhere
     param_cols = sorted(c for c in table.columns if c.startswith("param:"))
     rename = {c: c[6:] if c[6:] not in _FIXED and c[6:] != "params" else c for c in param_cols}
     table = table[[*_FIXED[:6], *param_cols, "params", *_FIXED[6:]]].rename(columns=rename)

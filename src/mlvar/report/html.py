@@ -382,12 +382,15 @@ def build_report(
     data_root: Path | None = None,
     curve_subsets: int = CURVE_SUBSETS,
     seed: int = 0,
+    study_link: str | None = None,
 ) -> ReportResult:
     """Write the report folder ``out_dir`` (``index.html``, figures, sample pages).
 
     ``top``: rows of the static (no-script) table and samples with a page, plus as many
     random unaffected ones (drawn with ``seed``). ``data_root``: where to look for the
-    prepared scenario whose inputs the sample pages show.
+    prepared scenario whose inputs the sample pages show. ``study_link``: the href of the
+    study page the report is part of (:func:`mlvar.report.study.build_site`), shown
+    first in its navigation.
     """
     # Check what can be checked before any analysis writes its files.
     if by not in METRICS:
@@ -424,6 +427,7 @@ def build_report(
     context = {
         "title": f"mlvar report: {store.name}",
         "root": "",
+        "study_link": study_link,
         "experiment": store.name,
         # Imported stores may lack any of these: show what is there.
         "dataset": meta.get("dataset", "?"),
