@@ -22,14 +22,31 @@ Tabular (``--part tabular``): the real COMPAS CSV (``../shared/data`` or
 ``$MLVAR_COMPAS_CSV``), artificial feature at ratio 0.1, ``--seeds`` MLP runs trained
 untimed; then gradient x input of the same 100 samples x 8 seeds, with the charts.
 
+Study scale (``--scale``): an imported experiment (``mlvar analyze import``) of 100 runs x
+50,000 samples x 100 classes of synthetic float16 logits (each run a fixed per-sample
+logit vector plus its own noise; a quarter of class 0 affected, their label lowered),
+built untimed. Then, in a fresh process (its peak memory is the report's alone),
+:func:`~mlvar.report.html.build_report` as the command runs it (the figures' imports
+included), and in headless Chromium (selenium and chromedriver, as
+``tests/test_report_browser.py`` drives them) the time from navigation start to the first
+page of the ranking in the document (the table script's ``mlvar-ranking-rendered``
+performance mark), median of ``--loads`` fresh loads, and of a sort by a metric and of a
+filter to the affected samples (the time the table's event handler takes to put the new
+rows in the document). Targets: the report under 30 s,
+``index.html`` under 1 MB, the first page under 2 s.
+
 Not a pytest test: ``python benchmarks/report_speed.py [--samples 2000] [--runs 20]
-[--part report|saliency|tabular|both] [--model airbench] [--saliency-top 50] [--seeds 8]``.
+[--part report|saliency|tabular|both] [--model airbench] [--saliency-top 50] [--seeds 8]``,
+``python benchmarks/report_speed.py --scale [--runs 100 --samples 50000 --classes 100]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,6 +59,8 @@ from mlvar.report.html import TOP_DEFAULT, build_report
 
 TARGET_S = 30.0
 SALIENCY_TARGET_S = 60.0
+INDEX_TARGET_BYTES = 2**20
+FIRST_PAGE_TARGET_MS = 2000.0
 
 
 def report_bench(args: argparse.Namespace) -> dict:
@@ -215,7 +234,136 @@ def tabular_saliency_bench(args: argparse.Namespace) -> dict:
         }
 
 
+def scale_store(root: Path, runs: int, samples: int, classes: int, seed: int = 0):
+    """An imported experiment of synthetic float16 logits (see the module doc)."""
+    from mlvar.analysis.importer import import_predictions
+    from mlvar.store import ExperimentStore
+
+    source = root / "predictions"
+    source.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, samples)
+    affected = (labels == 0) & (rng.random(samples) < 0.25)
+    base = rng.normal(scale=0.5, size=(samples, classes)).astype(np.float32)
+    base[np.arange(samples), labels] += 2.0
+    base[affected, 0] -= 2.0
+    np.save(source / "labels.npy", labels)
+    np.save(source / "affected.npy", affected)
+    for r in range(runs):
+        noise = np.random.default_rng([seed, r]).normal(size=base.shape).astype(np.float32)
+        np.save(source / f"run-{r:04d}.npy", (base + noise).astype(np.float16))
+    names = [f"class_{c}" for c in range(classes)]
+    import_predictions(source, root / "runs", "scale", class_names=names)
+    shutil.rmtree(source)  # the store holds its own copy
+    return ExperimentStore.open(root / "runs", "scale")
+
+
+def _build_child(root: str) -> None:
+    """Build the report of ``root``'s experiment in this fresh process; print figures."""
+    import resource
+
+    from mlvar.store import ExperimentStore
+
+    store = ExperimentStore.open(Path(root) / "runs", "scale")
+    start = time.perf_counter()
+    result = build_report(store, Path(root) / "report", data_root=Path(root) / "data")
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"seconds": seconds, "peak_mb": peak, "pages": result.n_pages}))
+
+
+def _browser_figures(index: Path, loads: int) -> dict:
+    """First-page, sort and filter times of ``index`` in headless Chromium (ms)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from test_report_browser import _console_errors, _missing, browser
+
+    reason = _missing()
+    if reason:
+        return {"browser": f"not measured: {reason}"}
+    mark = "return performance.getEntriesByName('mlvar-ranking-rendered').map(e => e.startTime);"
+    # The table renders synchronously in the event's handler: the time around the
+    # dispatch is the time from the click (or change) to the new rows in the document.
+    sort_js = (
+        "const t = performance.now();"
+        "document.querySelector('#ranking th[data-key=\"gconf_std\"] button').click();"
+        "return performance.now() - t;"
+    )
+    filter_js = (
+        "const s = document.getElementById('filter-affected'); s.value = 'affected';"
+        "const t = performance.now(); s.dispatchEvent(new Event('change'));"
+        "return performance.now() - t;"
+    )
+    first, sort, filt, rows, errors = [], [], [], 0, []
+    with browser() as driver:
+        driver.set_page_load_timeout(120)
+        for _ in range(loads):
+            driver.get("about:blank")
+            driver.get(index.resolve().as_uri())
+            WebDriverWait(driver, 60).until(lambda d: d.execute_script(mark))
+            first.append(driver.execute_script(mark)[0])
+            rows = len(driver.find_elements(By.CSS_SELECTOR, "#ranking tbody tr"))
+            sort.append(driver.execute_script(sort_js))
+            filt.append(driver.execute_script(filter_js))
+            assert driver.find_elements(By.CSS_SELECTOR, "#ranking tbody tr.affected")
+            errors += _console_errors(driver)
+    return {
+        "first_page_ms": round(float(np.median(first)), 1),
+        "first_page_ms_each": [round(x, 1) for x in first],
+        "first_page_target_ms": FIRST_PAGE_TARGET_MS,
+        "first_page_within_target": float(np.median(first)) < FIRST_PAGE_TARGET_MS,
+        "rows_in_document": rows,
+        "sort_ms": round(float(np.median(sort)), 1),
+        "filter_ms": round(float(np.median(filt)), 1),
+        "console_errors": errors,
+    }
+
+
+def scale_bench(args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory(prefix="mlvar-report-scale-") as tmp:
+        root = Path(tmp)
+        start = time.perf_counter()
+        scale_store(root, args.runs, args.samples, args.classes)
+        setup = time.perf_counter() - start
+        child = subprocess.run(
+            [sys.executable, __file__, "--build-child", str(root)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        built = json.loads(child.stdout.strip().splitlines()[-1])
+        report = root / "report"
+        files = [p for p in report.rglob("*") if p.is_file()]
+        index = (report / "index.html").stat().st_size
+        out = {
+            "part": "scale",
+            "runs": args.runs,
+            "samples": args.samples,
+            "classes": args.classes,
+            "dtype": "float16",
+            "setup_s": round(setup, 1),
+            "seconds": round(built["seconds"], 2),
+            "target_s": TARGET_S,
+            "within_target": built["seconds"] < TARGET_S,
+            "peak_mb": round(built["peak_mb"]),
+            "pages": built["pages"],
+            "index_html_kb": round(index / 1024, 1),
+            "index_within_target": index < INDEX_TARGET_BYTES,
+            "ranking_data_mb": round((report / "ranking-data.js").stat().st_size / 2**20, 2),
+            "ranking_csv_mb": round((report / "ranking.csv").stat().st_size / 2**20, 2),
+            "files": len(files),
+            "megabytes": round(sum(p.stat().st_size for p in files) / 2**20, 2),
+        }
+        out |= _browser_figures(report / "index.html", args.loads)
+        return out
+
+
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--build-child":
+        _build_child(sys.argv[2])
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["report", "saliency", "tabular", "both"], default="both")
     parser.add_argument("--samples", type=int, default=2000)
@@ -225,7 +373,20 @@ def main() -> None:
     parser.add_argument("--model", default="airbench", help="saliency: cnn, airbench, resnet18")
     parser.add_argument("--saliency-top", type=int, default=50)
     parser.add_argument("--seeds", type=int, default=8)
+    parser.add_argument(
+        "--scale",
+        action="store_true",
+        help="the study-scale report: 100 runs x 50,000 samples x 100 classes by default",
+    )
+    parser.add_argument("--loads", type=int, default=3, help="--scale: page loads timed")
     args = parser.parse_args()
+    if args.scale:
+        defaults = {"runs": (20, 100), "samples": (2000, 50_000), "classes": (10, 100)}
+        for name, (old, new) in defaults.items():
+            if getattr(args, name) == old:
+                setattr(args, name, new)
+        print(json.dumps(scale_bench(args), indent=2))
+        return
     out = []
     if args.part in ("report", "both"):
         out.append(report_bench(args))

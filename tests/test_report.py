@@ -105,9 +105,9 @@ def report_with_images(root: Path, n: int = 120, top: int = 5):
 def _ranking_json(report: Path) -> dict:
     """The ranking data of a report folder: the JSON its data file assigns."""
     text = (report / "ranking-data.js").read_text()
-    prefix, suffix = "window.MLVAR_RANKING = ", ";\n"
+    prefix, suffix = "window.MLVAR_RANKING = JSON.parse(", ");\n"
     assert text.startswith(prefix) and text.endswith(suffix), "no ranking data"
-    return json.loads(text[len(prefix) : -len(suffix)])
+    return json.loads(json.loads(text[len(prefix) : -len(suffix)]))
 
 
 def test_json_for_script_cannot_close_the_block() -> None:
@@ -486,3 +486,102 @@ def test_study_page_folds_large_families(tmp_path: Path) -> None:
     sweep = table[table["mode"] == "sweep"]
     assert sweep["acc_affected_mean"].notna().all()
     assert table.loc[table["experiment"] == "other", "acc_mean"].isna().all()
+
+
+# ------------------------------------------------------------------ reports at scale
+
+
+def test_ranking_data_file_is_escaped_and_index_stays_small(tmp_path: Path) -> None:
+    """The ranking lives in ranking-data.js, whose JSON cannot end a script block; the
+    index's size does not grow with the number of samples."""
+    names = ["</script><script>alert(1)</script>", "a\u2028b & <c>", "plain"]
+    small = make_store(tmp_path / "runs", "small", class_names=names, n=120)
+    large = make_store(tmp_path / "runs", "large", class_names=names, n=3000, seed=1)
+    sizes = {}
+    for store in (small, large):
+        out = tmp_path / store.name
+        build_report(store, out, top=5)
+        text = (out / "ranking-data.js").read_text()
+        body = text[text.index("(") + 1 : text.rindex(")")]
+        for char in "<>&\u2028":
+            assert char not in body, repr(char)
+        data = _ranking_json(out)
+        assert data["n"] == len(store.samples("test"))
+        assert set(data["columns"]["label"]) == set(names)  # decoded exactly
+        html = (out / "index.html").read_text()
+        assert '"columns"' not in html and 'src="ranking-data.js"' in html
+        sizes[store.name] = len(html.encode())
+    assert abs(sizes["large"] - sizes["small"]) < 2048, sizes
+
+
+def test_views_of_many_classes(tmp_path: Path) -> None:
+    """Beyond 20 classes: the accuracy table and chart show the 10 worst and 10 best
+    classes and fold every class; votes name the most voted classes; sample pages list
+    the voted and likely classes and fold the rest. Checked against the logits."""
+    from mlvar.report.ranking import votes_texts
+
+    names = [f"k{i:02d}" for i in range(30)]
+    store = make_store(tmp_path / "runs", class_names=names, n=900, runs=5)
+    result = build_report(store, tmp_path / "report", top=3)
+    html = result.path.read_text()
+    samples = store.samples("test")
+    labels = samples["label"].to_numpy()
+    logits = np.stack([r.load_logits("test", mmap=False) for r in store.runs()])
+    pred = logits.argmax(axis=2)  # softmax keeps the argmax
+    correct = (pred == labels[None, :]).astype(float)
+    class_mean = np.array([correct[:, labels == c].mean() for c in range(30)])
+    order = sorted(range(30), key=lambda c: (class_mean[c], c))
+    shown = [names[c] for c in order[:10] + order[-10:]]
+    table = html.split('<table id="accuracy-table">')[1].split("</table>")[0]
+    listed = re.findall(r'<td class="l">class (k\d\d)</td>', table)
+    assert listed == shown
+    folded = html.split('<details id="every-class">')[1].split("</details>")[0]
+    assert re.findall(r'<td class="l">class (k\d\d)</td>', folded) == names
+    assert (tmp_path / "report" / "class_accuracy.png").read_bytes()[:8] == PNG
+
+    data = _ranking_json(tmp_path / "report")
+    ranking = analysis.rank(store, "test", write=False).ranking
+    position = {sid: i for i, sid in enumerate(samples["sample_id"])}
+    for row in range(0, len(ranking), 97):
+        votes = np.bincount(pred[:, position[ranking["sample_id"].iloc[row]]], minlength=30)
+        voted = sorted(np.flatnonzero(votes), key=lambda c: (-votes[c], c))
+        parts = [f"{names[c]} {votes[c]}" for c in voted]
+        if len(parts) > 4:
+            parts = parts[:3] + [f"+{len(parts) - 3} more"]
+        assert data["columns"]["votes"][row] == " · ".join(parts)
+    assert votes_texts(["1 2 0"], ["a", "b", "c"]) == ["1 2 0"]  # few classes: as stored
+
+    page_file = next((tmp_path / "report" / "samples").glob("*.html"))
+    page = page_file.read_text()
+    i = position[int(page_file.stem.split("-")[1])]
+    probs = np.exp(logits[:, i] - logits[:, i].max(axis=1, keepdims=True))
+    probs = (probs / probs.sum(axis=1, keepdims=True)).mean(axis=0)
+    must = {names[c] for c in np.flatnonzero(np.bincount(pred[:, i], minlength=30))}
+    must |= {names[labels[i]]} | {names[c] for c in np.argsort(-probs, kind="stable")[:5]}
+    votes_table = page.split('<table id="votes">')[1].split("</table>")[0]
+    listed = re.findall(r'<tr(?: class="is-label")?><td class="l">(k\d\d)', votes_table)
+    folded = page.split('<details id="votes-folded">')[1].split("</details>")[0]
+    rest = re.findall(r'<tr><td class="l">(k\d\d)</td>', folded)
+    assert sorted(listed + rest) == names and set(listed) == must
+    assert "(label)" in votes_table
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_roc_points_equal_sklearn(seed: int) -> None:
+    """The ROC figure's points are those of sklearn's roc_curve, ties included (the
+    report no longer imports scikit-learn for them)."""
+    from sklearn.metrics import roc_curve
+
+    from mlvar.report.plots import roc_points
+
+    rng = np.random.default_rng(seed)
+    n = [40, 700, 5000, 30000][seed]
+    score = rng.random(n)
+    if seed % 2:
+        score = np.round(score, 2) - 0.5  # many ties, zeros of both signs
+        score[score == 0] = -0.0
+    affected = rng.random(n) < 0.15
+    fpr, tpr, _ = roc_curve(affected, score)
+    got_fpr, got_tpr = roc_points(score, affected)
+    np.testing.assert_array_equal(got_fpr, fpr)
+    np.testing.assert_array_equal(got_tpr, tpr)

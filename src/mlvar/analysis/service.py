@@ -441,7 +441,7 @@ def assemble(
     majority = computed.votes.argmax(axis=1)
     table["majority_pred"] = majority
     table["majority_name"] = [class_names[i] for i in majority]
-    table["votes"] = [" ".join(map(str, row)) for row in computed.votes]
+    table["votes"] = [" ".join(map(str, row)) for row in computed.votes.tolist()]
     table = pd.concat([table.reset_index(drop=True), metrics], axis=1)
     order = np.argsort(-ALL_METRICS[by].suspicion(metrics[by].to_numpy()), kind="stable")
     table = table.iloc[order].reset_index(drop=True)

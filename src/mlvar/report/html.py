@@ -163,8 +163,6 @@ def _baseline_rows(ranked: analysis.RankResult) -> list[list[str]]:
 
 def _roc(ranked: analysis.RankResult) -> bytes | None:
     """ROC curves of every scored metric, in the population its score was ranked in."""
-    from sklearn.metrics import roc_curve
-
     if ranked.detection is None:
         return None
     table = ranked.ranking
@@ -184,7 +182,7 @@ def _roc(ranked: analysis.RankResult) -> bytes | None:
         s, a = s[ok], a[ok]
         if a.all() or not a.any():
             continue
-        fpr, tpr, _ = roc_curve(a, s)
+        fpr, tpr = plots.roc_points(s, a)
         title = name if row["scope"] == "split" else f"{name} ({row['scope']})"
         curves.append((title, fpr, tpr, float(row["auroc"])))
     return plots.roc_curves(curves) if curves else None

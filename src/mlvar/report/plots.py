@@ -83,6 +83,25 @@ def class_accuracy(
     return _png(fig)
 
 
+def roc_points(score: np.ndarray, affected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ROC curve of ``score`` (higher = more suspicious) for finding ``affected``:
+    false and true positive rates at every distinct threshold, from (0, 0), keeping only
+    the points where the curve changes direction (the others lie on a straight segment).
+    Needs both classes in ``affected`` and no NaN in ``score``."""
+    score = np.asarray(score, dtype=np.float64)
+    order = np.argsort(-score, kind="stable")
+    s, a = score[order], np.asarray(affected, dtype=bool)[order]
+    last = np.r_[np.flatnonzero(s[1:] != s[:-1]), s.size - 1]  # end of each tie group
+    tps = np.cumsum(a)[last].astype(np.float64)
+    fps = (last + 1) - tps
+    if tps.size > 2:
+        corner = (np.diff(fps, 2) != 0) | (np.diff(tps, 2) != 0)
+        keep = np.r_[True, corner, True]
+        tps, fps = tps[keep], fps[keep]
+    tps, fps = np.r_[0.0, tps], np.r_[0.0, fps]
+    return fps / fps[-1], tps / tps[-1]
+
+
 def roc_curves(curves: Sequence[tuple[str, np.ndarray, np.ndarray, float]]) -> bytes:
     """One small ROC panel per metric: ``(title, fpr, tpr, auroc)``."""
     plt = _plt()

@@ -71,7 +71,7 @@ def _label_axis(ax, order: list, numeric: bool, param: str, fontsize: int = 8) -
 def _grid(plt, n: int, cols: int = 4, width: float = 2.9, height: float = 2.4):
     rows = max(1, math.ceil(n / cols))
     cols = min(cols, max(1, n))
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows + 0.6), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows + 0.4), squeeze=False)
     for ax in axes.ravel()[n:]:
         ax.set_visible(False)
     return fig, axes.ravel()[:n]
