@@ -38,6 +38,11 @@ rows in the document). Targets: the report under 30 s,
 Not a pytest test: ``python benchmarks/report_speed.py [--samples 2000] [--runs 20]
 [--part report|saliency|tabular|both] [--model airbench] [--saliency-top 50] [--seeds 8]``,
 ``python benchmarks/report_speed.py --scale [--runs 100 --samples 50000 --classes 100]``.
+
+Study site (``--part study``): 99 small experiments (the study's 9 CIFAR-100 subclasses
+x 11 ratios of mode ``holdout``, 5 runs x 1,000 samples x 100 classes each), ranked
+untimed; then ``mlvar report html --study`` timed, the size of its index and of its
+family page, and both opened in headless Chromium (load time, images shown, console).
 """
 
 from __future__ import annotations
@@ -360,12 +365,103 @@ def scale_bench(args: argparse.Namespace) -> dict:
         return out
 
 
+STUDY_SUBCLASSES = (
+    "baby",
+    "boy",
+    "girl",
+    "man",
+    "woman",
+    "caterpillar",
+    "mushroom",
+    "porcupine",
+    "ray",
+)
+
+
+def study_bench(args: argparse.Namespace) -> dict:
+    """A 99-experiment study (the study's 9 CIFAR-100 subclasses x 11 ratios, one family),
+    each a small synthetic experiment ranked untimed; then the study pages timed, and the
+    index and family page opened in headless Chromium."""
+    from mlvar.analysis import service
+    from mlvar.report.study import FAMILIES_DIR, build_study_report
+    from mlvar.store import ExperimentStore
+
+    with tempfile.TemporaryDirectory(prefix="mlvar-study-bench-") as tmp:
+        root = Path(tmp)
+        classes = [f"class_{c}" for c in range(args.classes)]
+        for k, (sub, ratio) in enumerate((s, r / 10) for s in STUDY_SUBCLASSES for r in range(11)):
+            rng = np.random.default_rng(k)
+            n = args.samples
+            labels = rng.integers(0, len(classes), n)
+            affected = (labels < 5) & (rng.random(n) < 0.5)
+            meta = {
+                "dataset": "cifar100",
+                "class_names": classes,
+                "scenario": {
+                    "name": f"cifar100-holdout-{sub}-r{ratio:.1f}",
+                    "mode": "holdout",
+                    "params": {"subclass": sub, "ratio": ratio},
+                },
+                "model": "airbench",
+                "train": {},
+            }
+            samples = {
+                "test": {
+                    "sample_id": np.arange(n),
+                    "label": labels,
+                    "affected": affected,
+                    "group": np.full(n, -1),
+                }
+            }
+            store = ExperimentStore.create(root / "runs", f"e{k:02d}", meta, samples)
+            base = rng.normal(scale=0.5, size=(n, len(classes))).astype(np.float32)
+            base[np.arange(n), labels] += 2.0
+            base[affected, labels[affected]] -= 2.0 * ratio
+            for r in range(args.runs):
+                noise = rng.normal(size=base.shape).astype(np.float32)
+                store.write_run(f"run-{r:04d}", {"test": base + noise}, {"seed": r, "config": {}})
+            service.rank(store, "test")
+            service.accuracy(store, "test")
+        start = time.perf_counter()
+        result = build_study_report(root / "runs", root / "study")
+        seconds = time.perf_counter() - start
+        index = root / "study" / "index.html"
+        family = next((root / "study" / FAMILIES_DIR).glob("*.html"))
+        out = {
+            "part": "study",
+            "experiments": result.n_experiments,
+            "skipped": result.skipped,
+            "families": result.families,
+            "figures": result.figures,
+            "seconds": round(seconds, 2),
+            "index_html_kb": round(index.stat().st_size / 1024, 1),
+            "family_html_kb": round(family.stat().st_size / 1024, 1),
+        }
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from test_report_browser import _console_errors, _missing, browser
+
+        if _missing():
+            return out | {"browser": f"not measured: {_missing()}"}
+        timing = "return performance.getEntriesByType('navigation')[0].loadEventEnd;"
+        with browser() as driver:
+            for name, page in (("index", index), ("family", family)):
+                driver.get(page.resolve().as_uri())
+                out[f"{name}_load_ms"] = round(driver.execute_script(timing), 1)
+                out[f"{name}_images"] = driver.execute_script(
+                    "return Array.from(document.images).filter(i => i.naturalWidth > 0).length;"
+                )
+                out[f"{name}_console_errors"] = _console_errors(driver)
+        return out
+
+
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--build-child":
         _build_child(sys.argv[2])
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["report", "saliency", "tabular", "both"], default="both")
+    parser.add_argument(
+        "--part", choices=["report", "saliency", "tabular", "study", "both"], default="both"
+    )
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--classes", type=int, default=10)
@@ -394,6 +490,12 @@ def main() -> None:
         out.append(saliency_bench(args))
     if args.part == "tabular":
         out.append(tabular_saliency_bench(args))
+    if args.part == "study":
+        defaults = {"runs": (20, 5), "samples": (2000, 1000), "classes": (10, 100)}
+        for name, (old, new) in defaults.items():
+            if getattr(args, name) == old:
+                setattr(args, name, new)
+        out.append(study_bench(args))
     print(json.dumps(out if len(out) > 1 else out[0], indent=2))
 
 
