@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -104,7 +105,9 @@ def test_report_escapes_text_from_data(tmp_path: Path) -> None:
     # the report's own two script blocks only: no data-made script or tag
     assert "<script>alert" not in html and len(re.findall(r"<script[ >]", html)) == 2
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
-    assert "\\u003cscript\\u003ealert(1)" in html  # in the ranking data, escaped
+    data_js = (tmp_path / "report" / "ranking-data.js").read_text()  # the ranking's data
+    data_json = json.loads(data_js[data_js.index("(") + 1 : data_js.rindex(")")])
+    assert "\\u003cscript\\u003ealert(1)" in data_json  # in the ranking data, escaped
     assert "b&amp;c" in html
     assert "&lt;b&gt;scenario&lt;/b&gt;" in html
     assert (tmp_path / "report" / "accuracy_hist.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -185,11 +185,11 @@ def _accuracy_text(row: pd.Series, group: str) -> str:
     return f"{mean:.4f} ± {fmt(std)}"
 
 
-def _summary_row(r: dict[str, Any], links: dict[str, str] | None, prefix: str = "") -> dict:
-    link = (links or {}).get(r["experiment"])
+def _summary_row(r: dict[str, Any], links: dict[str, str] | None) -> dict[str, Any]:
+    """A row of the index's table of a family's experiments."""
     return {
         "experiment": r["experiment"],
-        "link": prefix + link if link else None,
+        "link": (links or {}).get(r["experiment"]),
         "mode": r["mode"],
         "params": r["params"],
         "cells": [
