@@ -103,10 +103,19 @@ def store_array(data_root: str | os.PathLike, array: np.ndarray, what: str) -> A
     data = npy_bytes(array)
     sha = hashlib.sha256(data).hexdigest()
     ref = ArrayRef(sha, array.dtype.str, tuple(array.shape), len(data), what)
-    target = ref.path(data_root)
-    if not (target.is_file() and target.stat().st_size == len(data)):
-        atomic_write_bytes(target, data)
+    if not _stored(data_root, ref):
+        atomic_write_bytes(ref.path(data_root), data)
     return ref
+
+
+def _stored(data_root: str | os.PathLike, ref: ArrayRef) -> bool:
+    """``ref`` is in the shared folder, intact (a damaged file is written again)."""
+    target = ref.path(data_root)
+    return (
+        target.is_file()
+        and target.stat().st_size == ref.size
+        and (file_sha256(target) == ref.sha256)
+    )
 
 
 _HEADER_READERS = {
@@ -152,9 +161,9 @@ def store_source_array(data_root: str | os.PathLike, array: Any, what: str) -> A
     ref = ArrayRef(
         file_sha256(path), array.dtype.str, tuple(array.shape), path.stat().st_size, what
     )
-    target = ref.path(data_root)
-    if target.is_file() and target.stat().st_size == ref.size:
+    if _stored(data_root, ref):
         return ref
+    target = ref.path(data_root)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{target.name}-", dir=target.parent)
     os.close(fd)
