@@ -251,3 +251,13 @@ def test_values_given_as_numbers_and_sequences(tmp_path: Path) -> None:
     assert one.names == ["digits-holdout-sub4-r1.0"]
     many = registry.prepare_sweep(tmp_path, "digits", subclass=[1, 2], ratio=np.float64(0.5))
     assert many.names == ["digits-holdout-sub1-r0.5", "digits-holdout-sub2-r0.5"]
+
+
+def test_a_folder_in_the_way_is_refused_before_anything_is_written(
+    tmp_path: Path, tree_listing
+) -> None:
+    (tmp_path / "digits-holdout-dup-cls0-r0.2").mkdir(parents=True)
+    before = tree_listing(tmp_path)
+    with pytest.raises(MlvarError, match="is in the way: it is not a prepared scenario"):
+        registry.prepare_sweep(tmp_path, "digits", mode="holdout-dup", ratio="0:0.4:0.1")
+    assert tree_listing(tmp_path) == before

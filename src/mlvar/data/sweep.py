@@ -242,7 +242,7 @@ class _Plan:
                 if len(items) == 1:
                     raise
                 combo = item if isinstance(item, Mapping) else item.manifest()
-                failed.append((self.label(combo) or "its only member", exc))
+                failed.append((self.label(combo), exc))
         if failed:
             first = failed[0][1]
             labels = ", ".join(label for label, _ in failed)
@@ -306,13 +306,24 @@ def prepare_sweep(
     for name, keyword in keywords.items():
         opt = plan.options[name]
         expanded = opt.keywords[keyword.word](source, plan.where)
+        if not expanded:
+            raise MlvarError(
+                f"--{name} {keyword.word} names no value in this {spec.name} data",
+                f"give --{name} values instead",
+            )
         plan.values[name] = _check_values(name, opt, expanded, plan.where)
     parsed = plan.parse_all()
     members = plan.each(parsed, lambda params: params.resolve(source))
     names = [spec.scenario_name(plan.variant, params) for params in members]
     _refuse_repeats(plan, parsed, names)
     single = len(members) == 1 and not plan.defaulted
-    existing = {n for n in names if (data_root / n / "manifest.json").is_file()}
+    existing = {n for n in names if (data_root / n).exists()}
+    in_the_way = [n for n in existing if not (data_root / n / "manifest.json").is_file()]
+    if in_the_way and not force:
+        raise MlvarError(
+            f"{data_root / in_the_way[0]} is in the way: it is not a prepared scenario",
+            "move it away, or pass --force to replace it",
+        )
     if single and existing and not force:
         raise MlvarError(
             f"scenario '{names[0]}' already exists in {data_root}", "pass --force to rebuild it"
