@@ -145,16 +145,22 @@ def sweep_help(option: str) -> str:
                 studies.setdefault(opt.study, {}).setdefault(spec.name, []).append(label)
     listed = f"{', '.join(forms[:-1])} or {forms[-1]}" if len(forms) > 1 else forms[0]
     text = f"Several values: {listed}."
-    parts = []
-    for values, per_dataset in studies.items():
+    if studies:
+        parts = [f"{where}: {values}" for where, values in _by_modes(studies)]
+        text += " Omitted, the study's sweep: " + "; ".join(parts) + "."
+    return text
+
+
+def _by_modes(per_text: dict[str, dict[str, list[str]]]) -> list[tuple[str, str]]:
+    """``(where, text)`` for each text's ``{dataset: [modes]}``, datasets with the same
+    modes joined: ``("cifar10/digits holdout, holdout-dup", text)``."""
+    out = []
+    for text, per_dataset in per_text.items():
         groups: dict[tuple[str, ...], list[str]] = {}
         for name, modes in per_dataset.items():
             groups.setdefault(tuple(modes), []).append(name)
-        for modes, names in groups.items():
-            parts.append(f"{'/'.join(names)} {', '.join(modes)}: {values}")
-    if parts:
-        text += " Omitted, the study's sweep: " + "; ".join(parts) + "."
-    return text
+        out += [(f"{'/'.join(names)} {', '.join(modes)}", text) for modes, names in groups.items()]
+    return out
 
 
 def fetch(
@@ -188,14 +194,7 @@ def option_help(option: str) -> str:
             label = m.name if len(takers) == 1 else f"{m.name} --{m.key}"
             modes = by_help.setdefault(opt.help, {}).setdefault(spec.name, [])
             modes.append(label)
-    parts = []
-    for text, per_dataset in by_help.items():
-        groups: dict[tuple[str, ...], list[str]] = {}
-        for name, modes in per_dataset.items():
-            groups.setdefault(tuple(modes), []).append(name)
-        for modes, names in groups.items():
-            parts.append(f"{'/'.join(names)} {', '.join(modes)}: {text}.")
-    return " ".join(parts)
+    return " ".join(f"{where}: {text}." for where, text in _by_modes(by_help))
 
 
 def scenario_info(scenario: Scenario) -> dict[str, Any]:
