@@ -36,7 +36,6 @@ from typing import Any
 from mlvar import __version__
 from mlvar.backends.backend import Backend, JobBatch, SubmitProgress, require
 from mlvar.backends.kind import JobKind, worker_command
-from mlvar.backends.kinds import kind_of, read_spec
 from mlvar.backends.spec import Submission
 from mlvar.backends.transfer import ImportResult
 from mlvar.config import AmlConfig
@@ -367,6 +366,8 @@ class AmlBackend(Backend):
     def download(self, sub: Submission, store: ExperimentStore) -> ImportResult:
         """Download the outputs of finished (or failed) jobs and land their complete,
         verified part."""
+        from mlvar.backends.kinds import kind_of, read_spec
+
         self.refresh(sub, store)
         kind = kind_of({"kind": sub.kind})
         total = kind.empty_result()

@@ -36,7 +36,6 @@ from mlvar.backends.backend import (
     tail,
 )
 from mlvar.backends.kind import quiet, remove_empty, write_files
-from mlvar.backends.kinds import kind_of
 from mlvar.backends.spec import Job
 from mlvar.config import RayConfig
 from mlvar.data.scenario import Scenario
@@ -110,6 +109,8 @@ def _task(
     """Runs on a Ray worker: fetch the job's inputs (``{relative path: object ref}``) and
     the scenario's files, run the job, return its output's files as bytes."""
     import ray
+
+    from mlvar.backends.kinds import kind_of
 
     kind = kind_of(spec)
     with tempfile.TemporaryDirectory(prefix="mlvar-ray-") as tmp:

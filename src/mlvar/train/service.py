@@ -1,6 +1,8 @@
 """Train N seeded copies of a model on a prepared scenario and write them to the run store.
 
 This is the function behind ``mlvar train``; a notebook can call :func:`train` directly.
+Importing it loads no torch: :func:`prepare_training` checks a request without it (so a
+bad ``mlvar train`` fails fast), and the trainers are imported once training starts.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from mlvar import __version__
 from mlvar.config import Config, TrainConfig, check_model_input, switch_model, validate_train
@@ -32,9 +33,6 @@ from mlvar.store import (
     list_experiments,
     run_id_for,
 )
-from mlvar.train import images
-from mlvar.train.mlp import ENGINES, TrainData
-from mlvar.train.seeding import RunGenerators, run_seed
 
 #: ``progress(done, total, message)`` in units of run-epochs.
 Progress = Callable[[int, int, str], None]
@@ -93,6 +91,7 @@ def _code_version() -> str:
 def _packages() -> dict[str, str]:
     import pandas
     import sklearn
+    import torch
 
     return {
         "python": platform.python_version(),
@@ -132,6 +131,12 @@ def _check_same_experiment(existing: dict[str, Any], wanted: dict[str, Any], nam
         )
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def prepare_training(
     config: Config,
     dataset: str,
@@ -155,7 +160,7 @@ def prepare_training(
     for key, value in given.items():
         setattr(cfg, key, list(value) if key == "vary" else value)
     validate_train(cfg, f"train.{dataset}")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
+    if cfg.device == "cuda" and not _cuda_available():
         raise MlvarError(
             "--device cuda was asked for, but CUDA is not available here", "use --device cpu"
         )
@@ -202,6 +207,8 @@ def train(
         ``range(runs)``; used by the submit backends to train one pack of runs.
     """
     found, cfg, exp_name = prepare_training(config, dataset, scenario, runs, name, overrides)
+    from mlvar.train import images  # torch: the request is valid, training starts
+
     runs_root = Path(config.paths.runs_root)
     meta = experiment_meta(exp_name, found, cfg)
     root = runs_root / exp_name
@@ -248,6 +255,12 @@ def _train_claimed(
     progress: Progress | None,
 ) -> None:
     """Train the runs ``wanted`` of ``store`` that are not finished, as ``claims`` allows."""
+    import torch
+
+    from mlvar.train import images
+    from mlvar.train.mlp import ENGINES, TrainData
+    from mlvar.train.seeding import RunGenerators, run_seed
+
     for path in store.unfinished_run_dirs():  # left by killed processes: removed if free
         if claims.claim(path.name):
             claims.release(path.name)
