@@ -42,6 +42,14 @@ class DemoResult:
     ranking: analysis.RankResult
     saliency: SaliencyResult | None = None
 
+    def best_detection(self, n: int = 5) -> list[dict[str, Any]]:
+        """The ``n`` metrics that best find the held-out digit, highest AUROC first: their
+        rows of the detection table (empty when it has none)."""
+        det = self.ranking.detection
+        if det is None:
+            return []
+        return det.sort_values("auroc", ascending=False).head(n).to_dict(orient="records")
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "scenario": self.scenario,

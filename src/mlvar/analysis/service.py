@@ -301,6 +301,11 @@ class RankResult:
     skipped: list[str] = field(default_factory=list)  # warnings about runs left out
     dynamics: bool = False  # training-dynamics metrics included
 
+    @property
+    def n_affected(self) -> int:
+        """How many of the ranked samples the scenario marks affected."""
+        return int(self.ranking["affected"].sum())
+
     def to_dict(self, top: int | None = None) -> dict[str, Any]:
         ranking = self.ranking if top is None else self.ranking.head(top)
         return {

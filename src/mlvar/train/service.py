@@ -57,6 +57,33 @@ class TrainResult:
         data["path"] = str(self.path)
         return data
 
+    def accuracy_summary(self) -> list[dict[str, Any]]:
+        """The accuracy of the runs trained now, per split (in the order the runs list
+        them): ``split``, ``runs``, ``mean``, ``std`` (over runs, ddof 1; None for one
+        run), ``min``, ``max``. Empty when nothing was trained."""
+        if not self.accuracy:
+            return []
+        rows = []
+        for split in next(iter(self.accuracy.values())):
+            accs = [a[split] for a in self.accuracy.values()]
+            mean = sum(accs) / len(accs)
+            std = (
+                (sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) ** 0.5
+                if len(accs) > 1
+                else None
+            )
+            rows.append(
+                {
+                    "split": split,
+                    "runs": len(accs),
+                    "mean": mean,
+                    "std": std,
+                    "min": min(accs),
+                    "max": max(accs),
+                }
+            )
+        return rows
+
 
 def features(split: SplitData, manifest: dict[str, Any]) -> np.ndarray:
     """Model inputs of one split as float32 ``[n, F]``: images are flattened and scaled."""
