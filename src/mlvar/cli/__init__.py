@@ -1,4 +1,10 @@
-"""The ``mlvar`` command line: a thin typer shell over the service modules."""
+"""The ``mlvar`` command line: a thin typer shell over the service modules.
+
+Building the app imports typer, rich, the CLI's modules and the registries their help
+lists (numpy at most); each command imports its service when it runs, so ``--help``,
+``--version`` and the bad-input errors that need no data load no torch, scikit-learn,
+matplotlib or pandas (``benchmarks/cli_startup.py``, ``tests/test_cli_startup.py``).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from typer.core import TyperGroup
 
 from mlvar import __version__
 from mlvar.cli import analyze, common, data, demo, report, submit, train
+from mlvar.errors import ExitCode
 
 try:  # typer >= 0.20 vendors click
     from typer._click import exceptions as _click_exc
@@ -20,7 +27,8 @@ except ImportError:  # older typer depends on the click package
 
 class _OneLineErrors(TyperGroup):
     """The root group: usage errors (a bad option value, a missing argument) print one
-    ``Error: ... (hint: ...)`` line and exit with 2, like every other user error."""
+    ``Error: ... (hint: ...)`` line and exit with :attr:`ExitCode.BAD_INPUT`, like every
+    other user error."""
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         if not standalone_mode:
@@ -33,14 +41,14 @@ class _OneLineErrors(TyperGroup):
                 sys.exit(exc.exit_code)
             where = exc.ctx.command_path if exc.ctx else "mlvar"
             print(f"Error: {exc.format_message()} (hint: see '{where} --help')", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(ExitCode.BAD_INPUT)
         except _click_exc.ClickException as exc:
             exc.show()
             sys.exit(exc.exit_code)
         except typer.Abort:
             print("Aborted.", file=sys.stderr)
-            sys.exit(1)
-        sys.exit(code if isinstance(code, int) else 0)
+            sys.exit(ExitCode.INTERNAL)
+        sys.exit(code if isinstance(code, int) else ExitCode.OK)
 
 
 app = typer.Typer(

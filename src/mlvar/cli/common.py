@@ -1,4 +1,5 @@
-"""Options, error handling and output shared by the CLI modules."""
+"""Error handling and output shared by the CLI modules (their options are
+:mod:`mlvar.cli.options`)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import json
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import typer
 from rich import box
@@ -32,19 +34,6 @@ def _width() -> int | None:
 
 console = Console(width=_width())
 err_console = Console(stderr=True)
-
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        help="Config file (default: $MLVAR_CONFIG, else ./mlvar.toml if present).",
-        show_default=False,
-    ),
-]
-JsonOpt = Annotated[
-    bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")
-]
-
 
 #: Set by ``mlvar --debug``; ``MLVAR_DEBUG=1`` does the same.
 debug = False
@@ -123,6 +112,31 @@ def _one_line(message: str, hint: str) -> None:
     if hint:
         line += f" (hint: {hint})"
     err_console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def warnings_to_stderr() -> Iterator[None]:
+    """Print each warning raised inside (e.g. a run skipped for a sha256 mismatch) as one
+    ``Warning: ...`` line on stderr, once, before any error message."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            seen = set()
+            for w in caught:
+                text = str(w.message)
+                if not issubclass(w.category, UserWarning):
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+                elif text not in seen:
+                    seen.add(text)
+                    err_console.print(
+                        f"Warning: {text}",
+                        style="yellow",
+                        markup=False,
+                        highlight=False,
+                        soft_wrap=True,
+                    )
 
 
 def get_config(path: Path | None) -> Config:
