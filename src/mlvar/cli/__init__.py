@@ -103,7 +103,7 @@ _reflow_help(app)
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"mlvar {__version__}")
-        raise typer.Exit()
+        raise typer.Exit(ExitCode.OK)
 
 
 @app.callback()
