@@ -25,7 +25,6 @@ Azure (it uses a stand-in client).
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import re
 import shutil
@@ -85,6 +84,8 @@ def job_name(sub: Submission, job: str) -> str:
 
 def requirements() -> list[str]:
     """mlvar's runtime requirements (no extras), as installed."""
+    import importlib.metadata  # email, csv, zipfile...: not when the CLI lists the backends
+
     try:
         reqs = importlib.metadata.requires("mlvar") or []
     except importlib.metadata.PackageNotFoundError:

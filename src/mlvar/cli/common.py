@@ -12,17 +12,18 @@ import traceback
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
-from rich import box
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
-from rich.text import Text
 
-from mlvar.config import Config, load_config
 from mlvar.errors import ExitCode, MlvarError
+
+if TYPE_CHECKING:  # the config (numpy), rich's tables and progress bars load when used
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from mlvar.config import Config
 
 
 def _width() -> int | None:
@@ -140,6 +141,8 @@ def warnings_to_stderr() -> Iterator[None]:
 
 
 def get_config(path: Path | None) -> Config:
+    from mlvar.config import load_config
+
     return load_config(path)
 
 
@@ -167,6 +170,14 @@ class ProgressBar:
         if not self.enabled:
             return
         if self._progress is None:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
             self._progress = Progress(
                 TextColumn("[progress.description]{task.description}"),
                 BarColumn(),
@@ -187,6 +198,10 @@ def table(
 
     ``digits`` sets the decimals of float columns by name (default: see :func:`fmt`).
     """
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
     digits = digits or {}
     cells = [[fmt(v, digits.get(col)) for col, v in zip(columns, row, strict=True)] for row in rows]
     # A light frame leaves room for the cells: no value is ever cut short.
