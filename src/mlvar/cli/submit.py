@@ -8,6 +8,7 @@ first argument that is not a sub-command to ``run``.
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -96,6 +97,18 @@ app = typer.Typer(
 )
 
 
+def _service_for(backend: str) -> ModuleType:
+    """The backends' service, once ``backend`` names one: it imports the analysis (pandas,
+    and torch to train), so an unknown ``--backend`` is refused before, as the service
+    itself would refuse it first."""
+    from mlvar.backends.registry import backend_class
+
+    backend_class(backend)
+    from mlvar.backends import service
+
+    return service
+
+
 @app.command("run", no_args_is_help=True)
 def run(
     dataset: DatasetArg,
@@ -162,9 +175,8 @@ def run(
       mlvar submit cifar100 --runs 50 --backend slurm --device cuda --runs-per-job 5
     """
     with cli_errors():
-        from mlvar.backends import service  # pandas; torch only to train
-
         cfg = get_config(config)
+        service = _service_for(backend)
         overrides = training_overrides(
             model=model,
             device=device,
@@ -425,13 +437,14 @@ def analyze(
       mlvar submit analyze EXPERIMENT --shards 4 --backend aml --dry-run --out jobs/
     """
     with cli_errors(), ProgressBar(not json_out) as bar:
-        from mlvar.backends import service
+        cfg = get_config(config)
+        service = _service_for(backend)
 
         def on_progress(done: int, total: int, message: str) -> None:
             bar.update(f"shards ({message})", done, total)
 
         result = service.submit_analysis(
-            get_config(config),
+            cfg,
             experiment,
             backend=backend,
             shards=shards,
@@ -532,13 +545,14 @@ def saliency(
       mlvar submit saliency EXPERIMENT --run-shards 4 --backend aml --dry-run --out jobs/
     """
     with cli_errors(), warnings_to_stderr(), ProgressBar(not json_out) as bar:
-        from mlvar.backends import service
+        cfg = get_config(config)
+        service = _service_for(backend)
 
         def on_progress(done: int, total: int, message: str) -> None:
             bar.update(f"saliency shards ({message})", done, total)
 
         result = service.submit_saliency(
-            get_config(config),
+            cfg,
             experiment,
             backend=backend,
             run_shards=run_shards,
