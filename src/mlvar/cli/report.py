@@ -76,13 +76,13 @@ def html(
         cfg = get_config(config)
         check_writable(out or cfg.paths.reports_root)  # before the analysis it may write
         if study:
-            from mlvar.report.study import build_study_report
-
             if experiment is not None:
                 raise MlvarError(
                     "--study reports every experiment, so it takes no experiment name",
                     f"run 'mlvar report html {experiment}' or 'mlvar report html --study'",
                 )
+            from mlvar.report.study import build_study_report
+
             result = build_study_report(
                 cfg.paths.runs_root,
                 out or Path(cfg.paths.reports_root) / "study",
