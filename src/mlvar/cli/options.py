@@ -5,18 +5,19 @@ backends), with the parsing of the shared training options.
 Help texts are built from the registries, which import nothing heavy (numpy at most): the
 dataset specs (:mod:`mlvar.data.registry`), the models (:mod:`mlvar.recipes`), the metric
 records (:mod:`mlvar.analysis.metrics`) and the backend classes
-(:mod:`mlvar.backends.registry`).
+(:mod:`mlvar.backends.registry`). The backends' options are built when ``mlvar submit``
+first imports them (:func:`__getattr__`): the registry of backends imports the config, the
+store and four backend modules, which no other command needs for its help.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from mlvar.analysis.metrics import ALL_METRICS, METRICS
-from mlvar.backends.registry import backends_help
 from mlvar.data import registry
 from mlvar.errors import MlvarError
 from mlvar.recipes import MODELS, RANDOMNESS_SOURCES
@@ -207,9 +208,24 @@ CamBatchOpt = Annotated[int, typer.Option("--batch-size", help="Samples per Grad
 
 # ---------------------------------------------------------------- backends: submit
 
-BACKENDS_HELP = backends_help()
+#: Built from the backend registry on first import (:func:`__getattr__`): ``BACKENDS_HELP``
+#: (``local (in process or worker processes), ray (...) ... or slurm (...).``) and
+#: ``BackendOpt``, the ``--backend`` option listing them.
+_BACKEND_NAMES = ("BACKENDS_HELP", "BackendOpt")
 
-BackendOpt = Annotated[str, typer.Option(help=BACKENDS_HELP, show_default=True)]
+
+def __getattr__(name: str) -> Any:
+    """The backends' help and ``--backend`` option, built when first imported (PEP 562)."""
+    if name not in _BACKEND_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from mlvar.backends.registry import backends_help
+
+    text = backends_help()
+    globals()["BACKENDS_HELP"] = text
+    globals()["BackendOpt"] = Annotated[str, typer.Option(help=text, show_default=True)]
+    return globals()[name]
+
+
 RetriesOpt = Annotated[
     int | None,
     typer.Option(
