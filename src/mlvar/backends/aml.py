@@ -28,7 +28,6 @@ Azure (it uses a stand-in client).
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import re
 import shutil
@@ -39,7 +38,6 @@ from typing import Any
 from mlvar import __version__
 from mlvar.backends.backend import Backend, JobBatch, SubmitProgress, require
 from mlvar.backends.kind import JobKind, worker_command
-from mlvar.backends.kinds import kind_of, read_spec
 from mlvar.backends.spec import Submission
 from mlvar.backends.transfer import ImportResult
 from mlvar.config import AmlConfig
@@ -99,6 +97,8 @@ def job_name(sub: Submission, job: str) -> str:
 
 def requirements() -> list[str]:
     """mlvar's runtime requirements (no extras), as installed."""
+    import importlib.metadata  # email, csv, zipfile...: not when the CLI lists the backends
+
     try:
         reqs = importlib.metadata.requires("mlvar") or []
     except importlib.metadata.PackageNotFoundError:
@@ -419,6 +419,8 @@ class AmlBackend(Backend):
     def download(self, sub: Submission, store: ExperimentStore) -> ImportResult:
         """Download the outputs of finished (or failed) jobs and land their complete,
         verified part."""
+        from mlvar.backends.kinds import kind_of, read_spec
+
         self.refresh(sub, store)
         kind = kind_of({"kind": sub.kind})
         total = kind.empty_result()

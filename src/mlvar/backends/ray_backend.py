@@ -37,7 +37,6 @@ from mlvar.backends.backend import (
     tail,
 )
 from mlvar.backends.kind import quiet, remove_empty, write_files
-from mlvar.backends.kinds import kind_of
 from mlvar.backends.spec import Job
 from mlvar.config import RayConfig
 from mlvar.data.scenario import Scenario
@@ -118,6 +117,8 @@ def _task(
 ) -> dict[str, Any]:
     """Runs on a Ray worker: fetch the job's inputs and the scenario's files (each
     ``{relative path: object ref}``), run the job, return its output's files as bytes."""
+    from mlvar.backends.kinds import kind_of
+
     kind = kind_of(spec)
     with tempfile.TemporaryDirectory(prefix="mlvar-ray-") as tmp:
         exp_dir = Path(tmp) / "in" / spec["experiment"] if kind.reads_experiment else None

@@ -45,6 +45,7 @@ from mlvar.analysis.selection import choose_samples
 from mlvar.errors import MlvarError, unknown_choice
 from mlvar.io import atomic_write_bytes, atomic_write_text, staging_dir
 from mlvar.report import plots
+from mlvar.report.defaults import TOP_DEFAULT
 from mlvar.report.samples import (
     Inputs,
     SeedPredictions,
@@ -54,7 +55,6 @@ from mlvar.report.samples import (
 )
 from mlvar.store import ExperimentStore
 
-TOP_DEFAULT = 50
 CURVE_SUBSETS = 5
 
 
