@@ -6,7 +6,18 @@ did, gzip level 1) to a temporary folder, fetches it with ``--source --no-verify
 prepares every CIFAR-10 mode. Each step runs in a fresh subprocess so that its wall time
 and peak resident memory (``ru_maxrss``) are its own.
 
-Not a pytest test: run it as ``python benchmarks/prepare_speed.py`` (about a minute).
+``--sweep``: the study's 10-ratio sweeps (0.0, 0.1, ..., 0.9 of class 0) of
+``holdout-dup`` and ``augmentation`` instead, each prepared twice from the same fetched
+copy, each in a data root of its own: as ``registry.prepare_sweep`` writes them (shared
+storage: one process for the sweep) and as full copies (format 1, every scenario holding
+its arrays, one ``prepare`` per ratio, as before the shared storage). Reported: wall time,
+peak memory, the disk each sweep added to its data root (files counted once per inode,
+so the raw arrays the shared storage hard-links cost nothing), the same as if ``raw/``
+were deleted (the hard-linked source counted in full), each against one full copy, and
+that every split loads to the same arrays both ways.
+
+Not a pytest test: run it as ``python benchmarks/prepare_speed.py [--sweep]`` (about a
+minute; ``--sweep`` about two).
 """
 
 from __future__ import annotations
@@ -14,6 +25,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -87,15 +99,132 @@ def child(step: str, root: Path, archive: Path) -> None:
     print(json.dumps({"step": step, "seconds": wall, "peak_mib": peak_mib}))
 
 
+SWEEP_MODES = ("holdout-dup", "augmentation")
+SWEEP_RATIOS = [round(0.1 * i, 1) for i in range(10)]
+
+
+def sweep_child(layout: str, mode: str, root: Path) -> None:
+    """Prepare the 10-ratio sweep of ``mode`` in this process, with shared storage or as
+    full copies; print wall time and peak memory as JSON."""
+    from mlvar.data import registry, spec
+
+    start = time.perf_counter()
+    if layout == "shared":
+        result = registry.prepare_sweep(root, "cifar10", mode=mode)
+        assert len(result.prepared) == len(SWEEP_RATIOS), result.names
+    else:
+        # Without a source to share with, write_scenario writes every array into the
+        # scenario's folder (format 1): the full copies, one prepare per ratio as before.
+        spec.Source.rows = property(lambda self: None)  # type: ignore[assignment]
+        for ratio in SWEEP_RATIOS:
+            registry.prepare(root, "cifar10", mode=mode, ratio=ratio)
+    wall = time.perf_counter() - start
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"seconds": wall, "peak_mib": peak_mib}))
+
+
+def compare_child(shared: Path, full: Path) -> None:
+    """Check that every split of every scenario loads to the same arrays both ways."""
+    import numpy as np
+
+    from mlvar.data.scenario import list_scenarios, open_scenario
+
+    checked = 0
+    for a in list_scenarios(shared):
+        b = open_scenario(full, a.name)
+        assert a.format_version == 2 and b.format_version == 1, (a.name, b.format_version)
+        for split in a.splits:
+            da, db = a.load(split), b.load(split)
+            for name in ("x", "y", "id", "affected", "group"):
+                x, y = getattr(da, name), getattr(db, name)
+                assert x.dtype == y.dtype and np.array_equal(x, y), (a.name, split, name)
+            checked += 1
+    print(json.dumps({"splits": checked}))
+
+
+def disk_bytes(root: Path, skip: str = "") -> int:
+    """Bytes allocated under ``root`` (not under its folder ``skip``), each file counted
+    once however many links it has."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for folder, dirs, files in os.walk(root):
+        if Path(folder) == root and skip in dirs:
+            dirs.remove(skip)
+        for name in files:
+            st = os.lstat(os.path.join(folder, name))
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    return total
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """``dst`` as a copy of ``src`` made of hard links (the fetched raw arrays)."""
+    for folder, _dirs, files in os.walk(src):
+        target = dst / Path(folder).relative_to(src)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            os.link(Path(folder) / name, target / name)
+
+
+def _run_child(*args: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, *args], check=True, capture_output=True, text=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def sweep_benchmark(tmp_path: Path, archive: Path) -> None:
+    fetched = tmp_path / "fetched"
+    _run_child("--child", "fetch", "--root", str(fetched), "--archive", str(archive))
+    print(
+        f"{'sweep (10 ratios)':<18}{'storage':<8}{'seconds':>9}{'peak MiB':>10}"
+        f"{'disk MiB':>10}{'x one copy':>12}{'w/o raw MiB':>13}{'x one copy':>12}"
+    )
+    for mode in SWEEP_MODES:
+        roots = {layout: tmp_path / f"{layout}-{mode}" for layout in ("full", "shared")}
+        rows = {}
+        for layout, root in roots.items():
+            _link_tree(fetched / "raw", root / "raw")
+            before = disk_bytes(root)
+            row = _run_child("--sweep-child", layout, "--mode", mode, "--root", str(root))
+            row["disk"] = disk_bytes(root) - before
+            row["no_raw"] = disk_bytes(root, skip="raw")
+            rows[layout] = row
+        one_copy = rows["full"]["disk"] / len(SWEEP_RATIOS)
+        for layout, row in rows.items():
+            print(
+                f"{mode:<18}{layout:<8}{row['seconds']:>9.2f}{row['peak_mib']:>10.0f}"
+                f"{row['disk'] / 2**20:>10.0f}{row['disk'] / one_copy:>12.2f}"
+                f"{row['no_raw'] / 2**20:>13.0f}{row['no_raw'] / one_copy:>12.2f}"
+            )
+        same = _run_child("--compare", str(roots["shared"]), str(roots["full"]))
+        print(f"{'':<18}every split loads to equal arrays both ways ({same['splits']} splits)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--child", choices=list(STEPS), help=argparse.SUPPRESS)
+    parser.add_argument("--sweep-child", choices=("shared", "full"), help=argparse.SUPPRESS)
+    parser.add_argument("--compare", nargs=2, type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--archive", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--repeat", type=int, default=1, help="runs of each prepare step")
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="the 10-ratio holdout-dup and augmentation sweeps, shared storage vs full copies",
+    )
     args = parser.parse_args(argv)
     if args.child:
         child(args.child, args.root, args.archive)
+        return
+    if args.sweep_child:
+        sweep_child(args.sweep_child, args.mode, args.root)
+        return
+    if args.compare:
+        compare_child(*args.compare)
         return
     with tempfile.TemporaryDirectory(prefix="mlvar-bench-") as tmp:
         tmp_path = Path(tmp)
@@ -106,6 +235,9 @@ def main(argv: list[str] | None = None) -> None:
             f"synthetic archive: {archive.stat().st_size / 2**20:.0f} MiB "
             f"in {time.perf_counter() - start:.1f} s"
         )
+        if args.sweep:
+            sweep_benchmark(tmp_path, archive)
+            return
         rows = []
         for step in STEPS:
             for _ in range(1 if step == "fetch" else args.repeat):

@@ -73,6 +73,22 @@ def test_curve_matches_direct_computation(tmp_path: Path) -> None:
     assert len(details) == (3 + 3 + 3 + 1) * len(METRICS)
 
 
+def test_curve_sizes_and_auroc_by_metric_read_the_summary(tmp_path: Path) -> None:
+    store = synthetic_store(tmp_path, n_runs=5, n_samples=120, n_classes=3)
+    result = runs_curve(store, "test", subsets=3, seed=1)
+    assert result.sizes == [1, 2, 4, 5]
+    table = result.auroc_by_metric()
+    assert list(table) == list(METRICS)
+    summary = result.summary
+    for metric, cells in table.items():
+        assert len(cells) == 4
+        for size, (mean, std) in zip(result.sizes, cells, strict=True):
+            row = summary[(summary["metric"] == metric) & (summary["n_runs"] == size)]
+            assert len(row) == 1
+            assert mean == row["auroc_mean"].item()
+            assert std == row["auroc_std"].item() or (np.isnan(std) and size == 5)
+
+
 def test_curve_needs_affected_samples(tmp_path: Path) -> None:
     store = synthetic_store(tmp_path, n_runs=2, n_samples=30, affected_fraction=0.0)
     with pytest.raises(MlvarError, match="no affected samples"):

@@ -44,13 +44,20 @@ def _compare(name: str, text: str) -> None:
     compare("aml", name, text)
 
 
-@pytest.mark.parametrize("name", ["jobs/pack-000.yaml", "jobs/pack-001.yaml", "data-asset.yaml"])
+@pytest.mark.parametrize(
+    "name", ["jobs/pack-000.yaml", "jobs/pack-001.yaml", "data-asset.yaml", "array-assets"]
+)
 def test_generated_yaml_matches_golden(dry_run, name: str) -> None:
     root, out, _ = dry_run
-    text = (out / name).read_text()
-    # The scenario's local folder (uploaded as the data asset) depends on the machine.
-    text = text.replace(str((root / "data").resolve()), "<DATA_ROOT>")
-    _compare(name.replace("/", "-"), text)
+    # The shared arrays' data assets, one file each (named by content): compared in order.
+    files = sorted((out / name).glob("*.yaml")) if name == "array-assets" else [out / name]
+    assert files
+    for i, file in enumerate(files):
+        text = file.read_text()
+        # The scenario's local folder (uploaded as the data asset) depends on the machine.
+        text = text.replace(str((root / "data").resolve()), "<DATA_ROOT>")
+        golden = f"array-asset-{i}.yaml" if name == "array-assets" else name.replace("/", "-")
+        _compare(golden, text)
 
 
 def test_every_job_loads_with_load_job(dry_run) -> None:
@@ -61,13 +68,17 @@ def test_every_job_loads_with_load_job(dry_run) -> None:
         assert loaded.type == "command"
         assert loaded.compute == "cpu-cluster"
         assert "mlvar.backends.worker" in loaded.command
-        assert set(loaded.inputs) == {"scenario"} and set(loaded.outputs) == {"runs"}
+        # the scenario's folder and the one shared array it reads (the digits images)
+        assert set(loaded.inputs) == {"scenario", "array_0"} and set(loaded.outputs) == {"runs"}
+        assert loaded.inputs["array_0"].type == "uri_file"
         spec = json.loads((out / "code" / "specs" / f"{job.name}.json").read_text())
         assert spec["run_indices"] == job.run_indices
         assert spec["train"]["epochs"] == 2 and spec["experiment"] == result.experiment
     assert (out / "code" / "mlvar" / "backends" / "worker.py").is_file()
     assert "torch" in (out / "environment" / "conda.yaml").read_text()
     aml.load_data(out / "data-asset.yaml")
+    (array,) = sorted((out / "array-assets").iterdir())
+    assert aml.load_data(array).type == "uri_file"
     assert not (dry_run[0] / "runs").exists()  # a dry run writes nothing to the store
 
 
@@ -95,6 +106,37 @@ def test_worker_runs_a_spec_from_a_scenario_folder(dry_run, tmp_path: Path) -> N
     assert main([str(spec), "--scenario-dir", str(scenario_dir), "--runs-root", str(tmp_path)]) == 0
     store = ExperimentStore.open(tmp_path, result.experiment)
     assert [r.run_id for r in store.runs(verify=True)] == ["run-0003", "run-0004"]
+
+
+def test_worker_reads_mounted_scenario_and_array_files(dry_run, tmp_path: Path) -> None:
+    """The job's inputs as Azure ML mounts them: the scenario folder and each shared array
+    under names of their own; the worker trains the same runs as from the data root, and
+    refuses (exit 2) a scenario whose shared array was not mounted."""
+    import shutil
+
+    from mlvar.backends.worker import main
+    from mlvar.data.scenario import open_scenario
+    from mlvar.store import ExperimentStore
+
+    root, out, result = dry_run
+    scenario = open_scenario(root / "data", result.submission.scenario)
+    mount = tmp_path / "INPUT_scenario"
+    shutil.copytree(scenario.path, mount)
+    arrays = []
+    for i, ref in enumerate(scenario.arrays):
+        arrays += ["--array-file", str(tmp_path / f"INPUT_array_{i}" / "data")]
+        (tmp_path / f"INPUT_array_{i}").mkdir()
+        shutil.copyfile(ref.path(root / "data"), tmp_path / f"INPUT_array_{i}" / "data")
+    spec = str(out / "code" / "specs" / "pack-001.json")
+    args = [spec, "--scenario-dir", str(mount)]
+    assert main([*args, *arrays, "--runs-root", str(tmp_path / "a")]) == 0
+    assert main([spec, "--data-root", str(root / "data"), "--runs-root", str(tmp_path / "b")]) == 0
+    a, b = (ExperimentStore.open(tmp_path / x, result.experiment) for x in "ab")
+    for ra, rb in zip(a.runs(verify=True), b.runs(verify=True), strict=True):
+        assert ra.run_id == rb.run_id
+        for split in a.splits:
+            assert (ra.load_logits(split) == rb.load_logits(split)).all()
+    assert main([*args, "--runs-root", str(tmp_path / "c")]) == 2  # its array not mounted
 
 
 # ---------------------------------------------------------------- analysis shards

@@ -411,3 +411,80 @@ def test_cli_errors_write_nothing(cli_root: Path, tiny_cifar10: TinyCifar, tree_
         assert line.startswith("Error: ") and "(hint: " in line and "\n" not in line
         assert words in line and "Traceback" not in line
         assert tree_listing(cli_root) == before
+
+
+# ---------------------------------------------------------------- study sweeps
+
+
+@pytest.mark.parametrize("mode", ["holdout", "holdout-dup", "augmentation"])
+def test_cifar10_study_sweep(tmp_path: Path, tiny_cifar10: TinyCifar, mode: str) -> None:
+    """``mlvar data prepare cifar10 --mode MODE``: ratios 0.0 ... 0.9 of class 0, counts
+    from the archive's own arrays; they share the source and store only what they change."""
+    root = tmp_path / "data"
+    registry.fetch(root, "cifar10", source=tiny_cifar10.archive, verify=False)
+    result = registry.prepare_sweep(root, "cifar10", mode=mode)
+    assert result.defaulted == {"ratio": "0:0.9:0.1"}
+    assert result.names == [f"cifar10-{mode}-cls0-r0.{i}" for i in range(10)]
+    t = tiny_cifar10
+    train_ids, _ = _ref_split(np.arange(len(t.y_train)))
+    members = train_ids[t.y_train[train_ids] == 0]
+    for i, scenario in enumerate(result.scenarios):
+        chosen = members[: _floor(i / 10, len(members))]
+        train = scenario.load("train")
+        if mode == "holdout":
+            np.testing.assert_array_equal(train.id, np.setdiff1d(train_ids, chosen))
+        else:
+            np.testing.assert_array_equal(train.id[train.affected], chosen)
+        np.testing.assert_array_equal(scenario.load("test").x, t.x_test)
+    shared = sorted((root / "shared").iterdir())
+    changed = {a.sha256 for s in result.scenarios for a in s.arrays if "changed" in a.what}
+    sources = {a.sha256 for s in result.scenarios for a in s.arrays if "source" in a.what}
+    assert len(sources) == 2  # train and test images, read by every scenario
+    assert {p.stem for p in shared} == sources | changed
+    if mode == "augmentation":
+        # one array of changed train images per ratio above 0, and one test_gray for all
+        assert len(changed) == 9 + 1
+    else:
+        assert changed == set()  # holdout-dup's copies are other source images
+
+
+def test_cifar100_study_sweep_and_all(tmp_path: Path, tiny_cifar100: TinyCifar) -> None:
+    root = tmp_path / "data"
+    registry.fetch(root, "cifar100", source=tiny_cifar100.archive, verify=False)
+    t = tiny_cifar100
+    fine_names = sorted(_fine_names())
+    coarse_names = sorted(_hierarchy())
+    kept = np.flatnonzero(np.isin(t.coarse_train, [coarse_names.index(c) for c in KEPT]))
+    train_ids, val_ids = _ref_split(kept)
+    result = registry.prepare_sweep(root, "cifar100", mode="holdout")
+    assert result.defaulted == {"subclass": "study"}
+    study = ["ray", "mushroom", "caterpillar", "porcupine", "baby"]
+    study += ["boy+man", "girl+woman", "boy+girl", "man+woman"]
+    assert result.names == [f"cifar100-holdout-{s}-r1.0" for s in study]
+    for sub, scenario in zip(study, result.scenarios, strict=True):
+        subs = [fine_names.index(f) for f in sub.split("+")]
+        counts = scenario.manifest["counts"]
+        assert counts["train"]["total"] == int((~np.isin(t.y_train[train_ids], subs)).sum())
+        assert counts["val"]["total"] == int((~np.isin(t.y_train[val_ids], subs)).sum())
+        assert counts["test"]["affected"] == 2 * len(subs)  # two test images per fine class
+    every = registry.prepare_sweep(root, "cifar100", subclass="all")
+    expected = sorted(f for c in KEPT for f in _hierarchy()[c])
+    assert every.names == [f"cifar100-holdout-{f}-r1.0" for f in expected]
+    # in sweep order: the single fine classes of the study, already prepared
+    assert every.skipped == [f"cifar100-holdout-{f}-r1.0" for f in sorted(study[:5])]
+
+
+def test_cifar100_sweep_names_every_bad_subclass(c100_root: Path, tree_listing) -> None:
+    before = tree_listing(c100_root)
+    with pytest.raises(MlvarError) as err:
+        registry.prepare_sweep(c100_root, "cifar100", subclass="baby,babby,bus")
+    assert err.value.message == (
+        "cifar100 mode 'holdout' cannot prepare --subclass babby, --subclass bus of the sweep: "
+        "unknown CIFAR-100 fine class 'babby'"
+    )
+    assert "baby" in err.value.hint
+    with pytest.raises(MlvarError, match="are the same scenario 'cifar100-holdout-boy\\+man-r1.0'"):
+        registry.prepare_sweep(c100_root, "cifar100", subclass="boy+man,man+boy")
+    with pytest.raises(MlvarError, match="'study' with other values"):
+        registry.prepare_sweep(c100_root, "cifar100", subclass="study,baby")
+    assert tree_listing(c100_root) == before

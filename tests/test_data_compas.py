@@ -418,3 +418,44 @@ def test_prepare_rejects_corrupt_raw_file(compas_root: Path, tmp_path: Path, tre
     with pytest.raises(MlvarError, match="not a CSV"):
         registry.prepare(compas_root, "compas")
     assert tree_listing(tmp_path) == before
+
+
+# --------------------------------------------------------------------------- study sweeps
+
+
+def test_artificial_study_sweep(compas_root: Path, ref: Reference) -> None:
+    """``mlvar data prepare compas --mode artificial``: ratios 0.0 ... 0.5; each scenario's
+    affected counts are the flips of default_rng(0) drawn here again, split by split."""
+    result = registry.prepare_sweep(compas_root, "compas", mode="artificial")
+    assert result.defaulted == {"ratio": "0:0.5:0.1"}
+    assert result.names == [f"compas-artificial-r0.{i}" for i in range(6)]
+    sizes = {s: len(i) for s, i in ref.index.items()}
+    for i, scenario in enumerate(result.scenarios):
+        rng = np.random.default_rng(0)
+        flips = {
+            s: int((rng.random(sizes[s]) < p).sum())
+            for s, p in (("train", i / 10), ("val", i / 10), ("test", 0.5))
+        }
+        counts = scenario.manifest["counts"]
+        assert {s: counts[s]["total"] for s in sizes} == sizes
+        assert {s: counts[s]["affected"] for s in sizes} == flips
+
+
+def test_holdout_study_sweep_is_every_cluster(compas_root: Path, ref: Reference) -> None:
+    cluster, sizes = ref.clusters()
+    n = len(sizes["train"])
+    result = registry.prepare_sweep(compas_root, "compas", mode="holdout")
+    assert result.defaulted == {"cluster": "all"} and n == 14  # the published file's 14
+    assert result.names == [f"compas-holdout-cluster{k}" for k in range(n)]
+    held_test = []
+    for k, scenario in enumerate(result.scenarios):
+        counts = scenario.manifest["counts"]
+        assert counts["train"]["total"] == len(ref.index["train"]) - sizes["train"][k]
+        assert counts["val"]["affected"] == sizes["val"][k]
+        assert counts["test"]["affected"] == sizes["test"][k]
+        test = scenario.load("test")
+        held_test += test.id[test.affected].tolist()
+    # The clusters partition the test rows: each is held out by exactly one scenario.
+    assert sorted(held_test) == sorted(ref.ids[ref.index["test"]].tolist())
+    with pytest.raises(MlvarError, match=r"cannot prepare --cluster 14, --cluster 20 of the"):
+        registry.prepare_sweep(compas_root, "compas", mode="holdout", cluster="1,14,20")

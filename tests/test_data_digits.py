@@ -271,3 +271,48 @@ def test_digits_contact_sheet(tmp_path: Path) -> None:
     out = write_contact_sheet(scenario, tmp_path / "sheet.png")
     assert (tmp_path / "sheet.png").read_bytes()[:4] == b"\x89PNG"
     assert "train: affected" in out["rows"] and "test_gray: affected" in out["rows"]
+
+
+# --------------------------------------------------------------------------- study sweeps
+
+
+def test_holdout_study_sweep_is_every_digit(tmp_path: Path, ref: dict) -> None:
+    """``mlvar data prepare digits --mode holdout``: no --subclass, so every digit at ratio
+    1.0; each scenario's counts derived again from the reference split."""
+    result = registry.prepare_sweep(tmp_path, "digits", mode="holdout")
+    assert result.defaulted == {"subclass": "all"} and "--subclass all (10 scenarios)" in (
+        result.note()
+    )
+    assert result.names == [f"digits-holdout-sub{d}-r1.0" for d in range(10)]
+    target, index = ref["target"], ref["index"]
+    for digit, scenario in enumerate(result.scenarios):
+        counts = scenario.manifest["counts"]
+        for s in ("train", "val"):
+            assert counts[s]["total"] == len(index[s]) - int((target[index[s]] == digit).sum())
+            assert counts[s]["affected"] == 0
+        assert counts["test"]["total"] == len(index["test"])
+        assert counts["test"]["affected"] == int((target[index["test"]] == digit).sum())
+        train = scenario.load("train")
+        np.testing.assert_array_equal(train.id, index["train"][target[index["train"]] != digit])
+        np.testing.assert_array_equal(train.x[..., 0], ref["images"][train.id].astype(np.uint8))
+
+
+@pytest.mark.parametrize("mode", ["holdout", "holdout-dup", "augmentation"])
+def test_class_mode_study_sweep_is_ten_ratios(tmp_path: Path, ref: dict, mode: str) -> None:
+    """A class mode with --cls and no --ratio: ratios 0.0, 0.1, ..., 0.9 of that class."""
+    from fractions import Fraction
+
+    result = registry.prepare_sweep(tmp_path, "digits", mode=mode, cls="4")
+    assert result.defaulted == {"ratio": "0:0.9:0.1"}
+    assert result.names == [f"digits-{mode}-cls4-r0.{i}" for i in range(10)]
+    target, index = ref["target"], ref["index"]
+    members = int((target[index["train"]] == 4).sum())
+    for i, scenario in enumerate(result.scenarios):
+        chosen = int(Fraction(i, 10) * members)
+        counts = scenario.manifest["counts"]
+        if mode == "holdout":
+            assert counts["train"]["total"] == len(index["train"]) - chosen
+        else:
+            assert counts["train"]["total"] == len(index["train"])
+            assert counts["train"]["affected"] == chosen
+        assert counts["test"]["affected"] == int((target[index["test"]] == 4).sum())

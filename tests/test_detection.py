@@ -17,6 +17,8 @@ from mlvar.analysis.detection import (
     detect_baselines,
     detection_scores,
 )
+from mlvar.analysis.service import rank
+from mlvar.analysis.synthetic import synthetic_store
 from mlvar.errors import MlvarError
 
 
@@ -234,3 +236,11 @@ def test_detect_over_split_when_the_whole_class_is_affected() -> None:
     # -n_correct: affected 0, 0, -3, -3 vs unaffected 0, 0, 0, 0:
     # each 0 ties all 4 (2 wins), each -3 loses all (0) -> (2 + 2) / 16
     assert out.loc["n_correct", "auroc"] == pytest.approx(4 / 16)
+
+
+def test_rank_result_counts_the_affected_samples(tmp_path) -> None:
+    store = synthetic_store(tmp_path, n_runs=3, n_samples=90, affected_fraction=0.4)
+    result = rank(store, "test", write=False)
+    expected = int(np.count_nonzero(store.samples("test")["affected"].to_numpy()))
+    assert 0 < expected < 90
+    assert result.n_affected == expected

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from mlvar.analysis.detection import detect
 from mlvar.analysis.metrics import compute_metrics, softmax
 from mlvar.config import Config, PathsConfig
 from mlvar.data.registry import prepare
-from mlvar.demo import run_demo
+from mlvar.demo import DemoResult, run_demo
 from mlvar.report.html import build_report
 from mlvar.store import ExperimentStore
 from mlvar.train.service import train
@@ -132,8 +133,23 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert det.loc["gconf_mean", "scope"] == "class 1"
     acc = result.accuracy.summary
     assert acc["acc_affected"]["mean"] < acc["acc_unaffected"]["mean"] - 0.3
+    best = result.best_detection(5)
+    aurocs = sorted(result.ranking.detection["auroc"], reverse=True)
+    assert [r["auroc"] for r in best] == aurocs[:5]
+    assert all(det.loc[r["metric"], "auroc"] == r["auroc"] for r in best)
     # running it again reuses everything
     again = run_demo(cfg, runs=4)
     assert (
         again.accuracy.per_run["accuracy"].tolist() == result.accuracy.per_run["accuracy"].tolist()
     )
+
+
+def test_demo_best_detection_sorts_by_auroc() -> None:
+    import pandas as pd
+
+    det = pd.DataFrame({"metric": ["a", "b", "c"], "auroc": [0.6, 0.9, 0.7], "scope": "all"})
+    result = DemoResult("s", "e", Path("r"), None, SimpleNamespace(detection=det))
+    assert [r["metric"] for r in result.best_detection(2)] == ["b", "c"]
+    assert [r["metric"] for r in result.best_detection()] == ["b", "c", "a"]
+    nothing = DemoResult("s", "e", Path("r"), None, SimpleNamespace(detection=None))
+    assert nothing.best_detection() == []

@@ -17,7 +17,7 @@ from mlvar.config import Config, PathsConfig
 from mlvar.data.registry import prepare
 from mlvar.errors import MlvarError
 from mlvar.store import ExperimentStore
-from mlvar.train.service import train
+from mlvar.train.service import TrainResult, train
 
 
 def make_config(root: Path) -> Config:
@@ -51,6 +51,41 @@ def test_rerun_skips_finished_runs_and_adds_new_ones(digits_root: Path, tmp_path
     assert [r.seed for r in runs] == [0, 1, 2, 3, 4]
     third = train(cfg, "digits", runs=5, overrides=over)
     assert third.trained == [] and len(third.skipped) == 5
+
+
+def test_accuracy_summary_matches_the_stored_logits(digits_root: Path, tmp_path: Path) -> None:
+    cfg = make_config(digits_root)
+    cfg.paths.runs_root = tmp_path / "runs"
+    result = train(cfg, "digits", runs=3, overrides={"epochs": 2})
+    store = ExperimentStore.open(cfg.paths.runs_root, result.experiment)
+    summary = result.accuracy_summary()
+    assert [row["split"] for row in summary] == list(store.splits)
+    for row in summary:
+        labels = store.samples(row["split"])["label"].to_numpy()
+        accs = np.array(
+            [(r.load_logits(row["split"]).argmax(axis=1) == labels).mean() for r in store.runs()]
+        )
+        assert row["runs"] == 3
+        assert row["mean"] == pytest.approx(accs.mean(), abs=1e-12)
+        assert row["std"] == pytest.approx(accs.std(ddof=1), abs=1e-12)
+        assert (row["min"], row["max"]) == (pytest.approx(accs.min()), pytest.approx(accs.max()))
+
+
+def test_accuracy_summary_of_one_run_and_of_none() -> None:
+    one = TrainResult("e", Path("e"), trained=["run-0000"], accuracy={"run-0000": {"test": 0.75}})
+    assert one.accuracy_summary() == [
+        {"split": "test", "runs": 1, "mean": 0.75, "std": None, "min": 0.75, "max": 0.75}
+    ]
+    two = TrainResult(
+        "e",
+        Path("e"),
+        accuracy={"a": {"train": 1.0, "test": 0.5}, "b": {"train": 0.5, "test": 0.5}},
+    )
+    assert [(r["split"], r["mean"], r["std"]) for r in two.accuracy_summary()] == [
+        ("train", 0.75, pytest.approx((2 * 0.25**2) ** 0.5)),
+        ("test", 0.5, 0.0),
+    ]
+    assert TrainResult("e", Path("e")).accuracy_summary() == []
 
 
 def test_changed_config_is_refused_unless_forced(digits_root: Path, tmp_path: Path) -> None:

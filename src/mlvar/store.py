@@ -38,12 +38,9 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from mlvar.errors import MlvarError, closest
 from mlvar.io import (
@@ -56,6 +53,11 @@ from mlvar.io import (
     staging_dir,
 )
 from mlvar.lease import Lease
+
+if TYPE_CHECKING:  # pandas and pyarrow load where tables are read or written: opening a
+    # store, listing its runs and the CLI's checks of names do without them
+    import pandas as pd
+    import pyarrow as pa
 
 STORE_FORMAT = 1
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -130,6 +132,8 @@ class RunRecord:
 
 
 def _samples_table(sample_id, label, affected, group) -> pa.Table:
+    import pyarrow as pa
+
     return pa.table(
         {
             "sample_id": pa.array(np.asarray(sample_id, dtype=np.int64)),
@@ -141,6 +145,9 @@ def _samples_table(sample_id, label, affected, group) -> pa.Table:
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     return sink.getvalue().to_pybytes()
@@ -229,6 +236,8 @@ class ExperimentStore:
                 f"experiment '{self.name}' has no split '{split}'",
                 "valid: " + ", ".join(self.splits),
             )
+        import pyarrow.parquet as pq
+
         return pq.read_table(self.root / "samples" / f"{split}.parquet").to_pandas()
 
     def run_dir(self, run_id: str) -> Path:
@@ -385,6 +394,8 @@ class ExperimentStore:
 
     def n_samples(self, split: str) -> int:
         """Number of samples of ``split`` (read from the parquet footer)."""
+        import pyarrow.parquet as pq
+
         return pq.read_metadata(self.root / "samples" / f"{split}.parquet").num_rows
 
 

@@ -105,6 +105,23 @@ class CurveResult:
             "files": self.files,
         }
 
+    @property
+    def sizes(self) -> list[int]:
+        """The numbers of runs of the curve, ascending."""
+        return sorted(int(n) for n in self.summary["n_runs"].unique())
+
+    def auroc_by_metric(self) -> dict[str, list[tuple[float, float]]]:
+        """Per metric (in the summary's order), the mean and std over subsets of its
+        AUROC at each of :attr:`sizes` (std NaN where one subset was drawn)."""
+        sizes, out = self.sizes, {}
+        for metric, g in self.summary.groupby("metric", sort=False):
+            cells = g.set_index("n_runs")
+            out[str(metric)] = [
+                (float(cells.loc[size, "auroc_mean"]), float(cells.loc[size, "auroc_std"]))
+                for size in sizes
+            ]
+        return out
+
 
 def _std(values: pd.Series) -> float:
     v = values.to_numpy(dtype=np.float64)

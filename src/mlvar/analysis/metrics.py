@@ -40,11 +40,15 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from mlvar.errors import MlvarError, unknown_choice
+
+if TYPE_CHECKING:  # pandas loads where metric tables are built: the CLI lists the
+    # metrics and checks a --by without it
+    import pandas as pd
 
 
 def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -678,6 +682,12 @@ ALL_METRICS: dict[str, Metric] = {**METRICS, **DYNAMICS_METRICS}
 """Every metric: :data:`METRICS` then :data:`DYNAMICS_METRICS`."""
 
 
+def check_by(by: str) -> None:
+    """Refuse a ``--by`` that is no metric."""
+    if by not in ALL_METRICS:
+        raise unknown_choice("metric", by, ALL_METRICS)
+
+
 def statistics_of(metrics: Iterable[Metric]) -> list[str]:
     """The statistics ``metrics`` read, in registry order."""
     wanted = {s for m in metrics for s in m.statistics}
@@ -687,6 +697,8 @@ def statistics_of(metrics: Iterable[Metric]) -> list[str]:
 def finish(s: Sufficient, names: Sequence[str]) -> pd.DataFrame:
     """The metric columns ``names`` (in that order) finished from ``s``: one float64
     column per metric, one row per sample (RangeIndex)."""
+    import pandas as pd
+
     data = {name: np.asarray(ALL_METRICS[name].finish(s), dtype=np.float64) for name in names}
     return pd.DataFrame(data, index=pd.RangeIndex(s.n), columns=list(names))
 

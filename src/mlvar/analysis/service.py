@@ -26,21 +26,22 @@ import numpy as np
 import pandas as pd
 
 from mlvar.analysis.accuracy import accuracy_summary
+from mlvar.analysis.defaults import DEFAULT_RANK_BY
 from mlvar.analysis.detection import detect, detect_baselines
 from mlvar.analysis.metrics import (
     ALL_METRICS,
     DYNAMICS_METRICS,
     RUNS,
     STATISTICS,
+    check_by,
     dynamics_sums,
     score_baselines,
 )
 from mlvar.analysis.partial import Partial, finalize, from_probs
-from mlvar.errors import MlvarError, unknown_choice
+from mlvar.errors import MlvarError
 from mlvar.io import atomic_write_json
 from mlvar.store import DYNAMICS_FILE, ExperimentStore, RunRecord
 
-DEFAULT_RANK_BY = "gconf_mean"
 CHUNK = 8192  # legacy default chunk size; chunks are now sized by CHUNK_BYTES
 CHUNK_BYTES = 32 * 2**20  # float64 bytes of one [runs, chunk, classes] block
 MAX_CHUNK = 65536  # samples per chunk at most
@@ -340,6 +341,11 @@ class RankResult:
     skipped: list[str] = field(default_factory=list)  # warnings about runs left out
     dynamics: bool = False  # training-dynamics metrics included
 
+    @property
+    def n_affected(self) -> int:
+        """How many of the ranked samples the scenario marks affected."""
+        return int(self.ranking["affected"].sum())
+
     def to_dict(self, top: int | None = None) -> dict[str, Any]:
         ranking = self.ranking if top is None else self.ranking.head(top)
         return {
@@ -358,12 +364,6 @@ class RankResult:
             "skipped": self.skipped,
             "files": self.files,
         }
-
-
-def check_by(by: str) -> None:
-    """Refuse a ``--by`` that is no metric."""
-    if by not in ALL_METRICS:
-        raise unknown_choice("metric", by, ALL_METRICS)
 
 
 def _check_by_available(by: str, preds: Predictions) -> None:

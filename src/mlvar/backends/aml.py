@@ -9,9 +9,12 @@ compute with:
   :meth:`~mlvar.backends.kind.JobKind.inputs` (hard links into the store), which the SDK
   uploads when the job is created (once per content: jobs of one group share it);
 - input ``scenario`` (kinds that read the prepared scenario: training packs, saliency
-  shards): the prepared scenario as a ``uri_folder`` data asset (``mlvar-<scenario>``,
-  version = the first 12 hex digits of its manifest sha256, so a changed scenario is a
-  new version), mounted read-only;
+  shards): the prepared scenario's folder as a ``uri_folder`` data asset
+  (``mlvar-<scenario>``, version = the first 12 hex digits of its manifest sha256, so a
+  changed scenario is a new version), mounted read-only; and inputs ``array_0``, ...: the
+  shared arrays it reads (the dataset's source, the rows it changed: docs/datasets.md),
+  each a ``uri_file`` data asset named by its content (``mlvar-array-<sha256[:16]>``,
+  version 1), so an array is uploaded once however many scenarios read it;
 - output ``runs`` (training) or ``shards``: a ``uri_folder`` on ``[backend.aml]
   datastore`` under ``mlvar/<experiment>/<submission>/<job>/``;
 - an environment: ``[backend.aml] environment`` if set, else a conda file of mlvar's own
@@ -25,7 +28,6 @@ Azure (it uses a stand-in client).
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import re
 import shutil
@@ -36,10 +38,10 @@ from typing import Any
 from mlvar import __version__
 from mlvar.backends.backend import Backend, JobBatch, SubmitProgress, require
 from mlvar.backends.kind import JobKind, worker_command
-from mlvar.backends.kinds import kind_of, read_spec
 from mlvar.backends.spec import Submission
 from mlvar.backends.transfer import ImportResult
 from mlvar.config import AmlConfig
+from mlvar.data.arrays import ArrayRef
 from mlvar.data.scenario import Scenario
 from mlvar.errors import MlvarError
 from mlvar.io import atomic_write_json, atomic_write_text, staging_dir
@@ -80,12 +82,23 @@ def asset_version(scenario: Scenario) -> str:
     return scenario.manifest_sha256[:12]
 
 
+def array_asset_name(ref: ArrayRef) -> str:
+    """A shared array's data asset: named by its content, so it is created once."""
+    return f"mlvar-array-{ref.sha256[:16]}"
+
+
+#: Every shared array's asset has this one version (its name says its content).
+ARRAY_ASSET_VERSION = "1"
+
+
 def job_name(sub: Submission, job: str) -> str:
     return re.sub(r"[^a-z0-9_-]", "_", f"mlvar-{sub.id}-{job}".lower())
 
 
 def requirements() -> list[str]:
     """mlvar's runtime requirements (no extras), as installed."""
+    import importlib.metadata  # email, csv, zipfile...: not when the CLI lists the backends
+
     try:
         reqs = importlib.metadata.requires("mlvar") or []
     except importlib.metadata.PackageNotFoundError:
@@ -131,15 +144,24 @@ def job_dict(
             "path": f"../inputs/{group}",
             "mode": "ro_mount",
         }
+    arrays: list[str] = []
     if kind.reads_scenario:
         assert scenario is not None
         inputs["scenario"] = _scenario_input(scenario)
+        for i, ref in enumerate(scenario.arrays):
+            inputs[f"array_{i}"] = {
+                "type": "uri_file",
+                "path": f"azureml:{array_asset_name(ref)}:{ARRAY_ASSET_VERSION}",
+                "mode": "ro_mount",
+            }
+            arrays.append(f"${{{{inputs.array_{i}}}}}")
     command = worker_command(
         kind,
         f"specs/{name}.json",
         f"${{{{outputs.{kind.output_name}}}}}",
         experiment_dir="${{inputs.experiment}}",
         scenario_dir="${{inputs.scenario}}",
+        array_files=arrays,
     )
     return {
         "$schema": JOB_SCHEMA,
@@ -188,6 +210,18 @@ def data_asset_dict(scenario: Scenario) -> dict[str, Any]:
     }
 
 
+def array_asset_dict(scenario: Scenario, ref: ArrayRef) -> dict[str, Any]:
+    """The data asset of one shared array the scenario reads (its file in the data root)."""
+    return {
+        "$schema": DATA_SCHEMA,
+        "type": "uri_file",
+        "name": array_asset_name(ref),
+        "version": ARRAY_ASSET_VERSION,
+        "description": f"mlvar shared array {ref.describe()}, sha256 {ref.sha256}",
+        "path": str(ref.path(scenario.data_root).resolve()),
+    }
+
+
 def stage_inputs(files: dict[str, Path | bytes], folder: Path) -> None:
     """Write a job's inputs into ``folder`` (hard links where the filesystem allows,
     copies otherwise): an Azure ML job's input folder."""
@@ -211,8 +245,9 @@ def write_jobs(batch: JobBatch, cfg: AmlConfig, out: Path) -> list[str]:
     Layout: ``jobs/<job>.yaml``, ``code/mlvar/`` + ``code/specs/<job>.json``,
     ``inputs/<group>/`` (what the jobs of a group read, for kinds that read the
     experiment), ``environment/conda.yaml`` (when no registered environment is named),
-    ``data-asset.yaml`` (the prepared scenario, for kinds that read it),
-    ``submission.json``. Returns the paths written (relative; inputs as folders).
+    ``data-asset.yaml`` (the prepared scenario's folder, for kinds that read it) and
+    ``array-assets/<sha256[:16]>.yaml`` (each shared array it reads), ``submission.json``.
+    Returns the paths written (relative; inputs as folders).
     """
     require("azure.ai.ml", "aml")
     from azure.ai.ml import load_data
@@ -224,6 +259,9 @@ def write_jobs(batch: JobBatch, cfg: AmlConfig, out: Path) -> list[str]:
             assert scenario is not None
             atomic_write_text(tmp / "data-asset.yaml", _yaml(data_asset_dict(scenario)))
             written.append("data-asset.yaml")
+            for file, ref in _array_asset_files(scenario).items():
+                atomic_write_text(tmp / file, _yaml(array_asset_dict(scenario, ref)))
+                written.append(file)
         staged: set[str] = set()
         for name, spec in batch.specs.items():
             group = kind.input_group(spec)
@@ -240,8 +278,14 @@ def write_jobs(batch: JobBatch, cfg: AmlConfig, out: Path) -> list[str]:
         written.append("submission.json")
         _validate(tmp, batch.specs)
         if kind.reads_scenario:
-            load_data(tmp / "data-asset.yaml")
+            for file in ["data-asset.yaml", *_array_asset_files(scenario)]:
+                load_data(tmp / file)
     return written
+
+
+def _array_asset_files(scenario: Scenario) -> dict[str, ArrayRef]:
+    """``array-assets/<sha256[:16]>.yaml`` of each shared array the scenario reads."""
+    return {f"array-assets/{ref.sha256[:16]}.yaml": ref for ref in scenario.arrays}
 
 
 def _code_and_environment(tmp: Path, cfg: AmlConfig) -> list[str]:
@@ -287,13 +331,13 @@ def client(cfg: AmlConfig) -> Any:
     )
 
 
-def _ensure_data_asset(ml_client: Any, scenario: Scenario, yaml_file: Path) -> None:
-    """Create the scenario's data asset (uploading its folder) unless that version exists."""
+def _ensure_data_asset(ml_client: Any, name: str, version: str, yaml_file: Path) -> None:
+    """Create a data asset (uploading its folder or file) unless that version exists."""
     from azure.ai.ml import load_data
     from azure.core.exceptions import ResourceNotFoundError
 
     try:
-        ml_client.data.get(asset_name(scenario), version=asset_version(scenario))
+        ml_client.data.get(name, version=version)
     except ResourceNotFoundError:
         ml_client.data.create_or_update(load_data(yaml_file))
 
@@ -329,8 +373,9 @@ class AmlBackend(Backend):
         return write_jobs(batch, self.cfg, out)
 
     def submit(self, batch: JobBatch, progress: SubmitProgress | None = None) -> None:
-        """Upload the scenario (once per version) and create one command job per job
-        (the SDK uploads each input folder when the first job using it is created)."""
+        """Upload the scenario's folder (once per version) and each shared array it reads
+        (once ever), and create one command job per job (the SDK uploads each input folder
+        when the first job using it is created)."""
         from azure.ai.ml import load_job
 
         sub, store = batch.sub, batch.store
@@ -338,8 +383,15 @@ class AmlBackend(Backend):
         ml_client = self.ml_client
         folder = batch.base / "aml"
         write_jobs(batch, self.cfg, folder)
-        if batch.kind.reads_scenario and batch.scenario is not None:
-            _ensure_data_asset(ml_client, batch.scenario, folder / "data-asset.yaml")
+        scenario = batch.scenario
+        if batch.kind.reads_scenario and scenario is not None:
+            _ensure_data_asset(
+                ml_client, asset_name(scenario), asset_version(scenario), folder / "data-asset.yaml"
+            )
+            for file, ref in _array_asset_files(scenario).items():
+                _ensure_data_asset(
+                    ml_client, array_asset_name(ref), ARRAY_ASSET_VERSION, folder / file
+                )
         sub.options = dict(
             sub.options,
             workspace=self.cfg.workspace,
@@ -367,6 +419,8 @@ class AmlBackend(Backend):
     def download(self, sub: Submission, store: ExperimentStore) -> ImportResult:
         """Download the outputs of finished (or failed) jobs and land their complete,
         verified part."""
+        from mlvar.backends.kinds import kind_of, read_spec
+
         self.refresh(sub, store)
         kind = kind_of({"kind": sub.kind})
         total = kind.empty_result()

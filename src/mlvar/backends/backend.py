@@ -25,7 +25,6 @@ from types import ModuleType
 from typing import Any, ClassVar
 
 from mlvar.backends.kind import JobKind
-from mlvar.backends.kinds import kind_of
 from mlvar.backends.spec import Job, Submission
 from mlvar.backends.transfer import ImportResult
 from mlvar.config import Config
@@ -228,6 +227,8 @@ class Backend:
     def download(self, sub: Submission, store: ExperimentStore) -> ImportResult:
         """Land what the jobs wrote that is not in the store yet; a synchronous backend
         landed everything as it finished, so this lists what is there."""
+        from mlvar.backends.kinds import kind_of
+
         kind = kind_of({"kind": sub.kind})
         result = kind.empty_result()
         result.skipped = [name for job in sub.jobs for name in kind.landed(store, sub, job)]

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mlvar.backends.spec import Job, Submission
 from mlvar.backends.transfer import ImportResult
+from mlvar.data.arrays import link_arrays, shared_dir
 from mlvar.errors import MlvarError
 from mlvar.store import ExperimentStore
 
@@ -164,15 +165,26 @@ def named(folder: Path, name: str) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def scenario_root(
-    data_root: Path | None, scenario_dir: Path | None, scenario: str
+    data_root: Path | None,
+    scenario_dir: Path | None,
+    scenario: str,
+    array_files: Sequence[Path] = (),
 ) -> Iterator[Path | None]:
     """A data root holding the prepared scenario ``scenario``: ``data_root``, or one made
-    for the scenario folder ``scenario_dir`` itself (an input mount)."""
+    for the scenario folder ``scenario_dir`` itself (an input mount) and the shared arrays
+    it reads (``array_files``, input mounts too; without them, those of the folder's own
+    data root)."""
     if scenario_dir is None:
         yield None if data_root is None else Path(data_root)
         return
-    with named(Path(scenario_dir), scenario) as folder:
-        yield folder.parent
+    if not array_files:
+        with named(Path(scenario_dir), scenario) as folder:
+            yield folder.parent
+        return
+    with tempfile.TemporaryDirectory(prefix="mlvar-data-") as tmp:
+        (Path(tmp) / scenario).symlink_to(Path(scenario_dir).resolve(), target_is_directory=True)
+        link_arrays(shared_dir(tmp), array_files)
+        yield Path(tmp)
 
 
 def worker_command(
@@ -183,6 +195,7 @@ def worker_command(
     data_root: str | None = None,
     scenario_dir: str | None = None,
     python: str = "python",
+    array_files: Sequence[str] = (),
 ) -> list[str]:
     """The worker's command line for a job of ``kind`` (paths as the job sees them)."""
     cmd = [python, "-m", "mlvar.backends.worker", spec_file]
@@ -190,6 +203,8 @@ def worker_command(
         cmd += ["--experiment-dir", experiment_dir]
     if kind.reads_scenario and scenario_dir is not None:
         cmd += ["--scenario-dir", scenario_dir]
+        for file in array_files:
+            cmd += ["--array-file", file]
     if kind.reads_scenario and data_root is not None:
         cmd += ["--data-root", data_root]
     return [*cmd, kind.out_flag, out]

@@ -32,7 +32,7 @@ from mlvar.backends.backend import (
 )
 from mlvar.backends.kind import remove_empty, worker_command
 from mlvar.backends.spec import Job
-from mlvar.errors import MlvarError
+from mlvar.errors import ExitCode, MlvarError
 from mlvar.io import atomic_write_json
 
 
@@ -132,5 +132,5 @@ class LocalBackend(Backend):
         )
         with open(log_file, "wb") as fh:
             code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
-        error = "" if code == 0 else f"worker exited with code {code}"
-        return Attempt(spec, out, error, tail_file(log_file), fatal=code == 2)
+        error = "" if code == ExitCode.OK else f"worker exited with code {code}"
+        return Attempt(spec, out, error, tail_file(log_file), fatal=code == ExitCode.BAD_INPUT)

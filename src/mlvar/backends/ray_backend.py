@@ -3,7 +3,8 @@
 ``ray.init()`` starts a local instance, or connects to ``[backend.ray] address``. No
 shared filesystem is needed, on a laptop or on a cluster: what a job reads goes to the
 tasks through the object store, each file once however many tasks read it (the prepared
-scenario's files, and for shards the experiment files of :meth:`JobKind.inputs`), and
+scenario's folder and the shared arrays it reads, and for shards the experiment files of
+:meth:`JobKind.inputs`), and
 each task returns its output's complete part as bytes (:meth:`JobKind.output_files`),
 which the driver writes into a temporary folder and lands with the same verification as
 every backend. Tasks need mlvar installed on the workers (the same version as the
@@ -36,7 +37,6 @@ from mlvar.backends.backend import (
     tail,
 )
 from mlvar.backends.kind import quiet, remove_empty, write_files
-from mlvar.backends.kinds import kind_of
 from mlvar.backends.spec import Job
 from mlvar.config import RayConfig
 from mlvar.data.scenario import Scenario
@@ -99,17 +99,25 @@ def connect(cfg: RayConfig) -> Iterator[None]:
         ray.shutdown()
 
 
-def scenario_files(scenario: Scenario) -> dict[str, bytes]:
-    """The prepared scenario folder as ``{file name: bytes}`` (shipped to the tasks)."""
-    return {p.name: p.read_bytes() for p in sorted(scenario.path.iterdir()) if p.is_file()}
+def scenario_files(scenario: Scenario) -> dict[str, Path]:
+    """The files a job reads of the prepared scenario, by path relative to the data root:
+    its folder and the shared arrays it reads (the source once, however many scenarios)."""
+    return scenario.files()
+
+
+def _fetch(refs: dict[str, Any]) -> dict[str, bytes]:
+    """``{relative path: object ref}`` as ``{relative path: bytes}``."""
+    import ray
+
+    return dict(zip(refs, ray.get(list(refs.values())), strict=True))
 
 
 def _task(
-    spec: dict[str, Any], inputs: dict[str, Any], scenario: dict[str, bytes] | None
+    spec: dict[str, Any], inputs: dict[str, Any], scenario: dict[str, Any] | None
 ) -> dict[str, Any]:
-    """Runs on a Ray worker: fetch the job's inputs (``{relative path: object ref}``) and
-    the scenario's files, run the job, return its output's files as bytes."""
-    import ray
+    """Runs on a Ray worker: fetch the job's inputs and the scenario's files (each
+    ``{relative path: object ref}``), run the job, return its output's files as bytes."""
+    from mlvar.backends.kinds import kind_of
 
     kind = kind_of(spec)
     with tempfile.TemporaryDirectory(prefix="mlvar-ray-") as tmp:
@@ -120,10 +128,9 @@ def _task(
         fatal = False
         try:
             if exp_dir is not None:
-                refs = list(inputs.values())
-                write_files(dict(zip(inputs, ray.get(refs), strict=True)), exp_dir)
+                write_files(_fetch(inputs), exp_dir)
             if data_root is not None and scenario is not None:
-                write_files(scenario, data_root / spec["scenario"])
+                write_files(_fetch(scenario), data_root)
             kind.run(spec, out, exp_dir, data_root, quiet)
         except Exception as exc:  # noqa: BLE001 - returned to the driver with its traceback
             error, log = f"{type(exc).__name__}: {exc}", tail(traceback.format_exc())
@@ -167,7 +174,7 @@ class RayBackend(Backend):
 
         scenario_ref = None
         if kind.reads_scenario and batch.scenario is not None:
-            scenario_ref = ray.put(scenario_files(batch.scenario))
+            scenario_ref = {rel: put(src) for rel, src in scenario_files(batch.scenario).items()}
         inputs: dict[str, dict[str, Any]] = {}  # job -> {relative path: object ref}
         env = faults.task_env()  # the testing hook, for workers already running
         in_flight: dict[Any, tuple[Job, dict[str, Any]]] = {}

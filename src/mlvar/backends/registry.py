@@ -3,6 +3,10 @@
 A new backend is a :class:`mlvar.backends.backend.Backend` subclass in a module of its
 own, its ``[backend.<name>]`` table in :mod:`mlvar.config`, and one entry here; the CLI's
 ``--backend`` help and the unknown-backend error are built from this table.
+
+Importing it loads neither pandas nor the analysis: the backend modules import the job
+kinds (:mod:`mlvar.backends.kinds`, which import the analysis) inside the methods that
+run or land jobs, so the CLI's help lists the backends cheaply.
 """
 
 from __future__ import annotations

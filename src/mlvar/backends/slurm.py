@@ -47,7 +47,6 @@ from mlvar.backends.backend import (
     write_specs,
 )
 from mlvar.backends.kind import remove_empty
-from mlvar.backends.kinds import kind_of, read_spec
 from mlvar.backends.spec import Job, Submission
 from mlvar.backends.transfer import ImportResult
 from mlvar.config import SlurmConfig
@@ -206,6 +205,8 @@ class SlurmTask:
         self.data_root = data_root
 
     def __call__(self) -> dict[str, Any]:
+        from mlvar.backends.kinds import kind_of
+
         spec, work = self.spec, Path(self.work)
         kind = kind_of(spec)
         root = Path(self.store_root)
@@ -351,6 +352,8 @@ class SlurmBackend(Backend):
 
     def download(self, sub: Submission, store: ExperimentStore) -> ImportResult:
         """Follow the jobs (landing what ended ones wrote); report what is in the store."""
+        from mlvar.backends.kinds import kind_of
+
         landed = self._follow(sub, store)
         kind = kind_of({"kind": sub.kind})
         result = kind.empty_result()
@@ -363,6 +366,8 @@ class SlurmBackend(Backend):
     def _follow(self, sub: Submission, store: ExperimentStore) -> ImportResult:
         """Update every job not done from the store, the queue and the controller; land
         and retry (or fail) those that ended; returns what landed here."""
+        from mlvar.backends.kinds import kind_of, read_spec
+
         kind = kind_of({"kind": sub.kind})
         base = self._base(sub)
         active = [j for j in sub.jobs if j.ref and j.state in ("submitted", "running")]

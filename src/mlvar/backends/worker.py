@@ -19,12 +19,14 @@ the sha256 of every file).
 Usage::
 
     python -m mlvar.backends.worker SPEC.json --runs-root OUT --data-root DATA
-    python -m mlvar.backends.worker SPEC.json --runs-root OUT --scenario-dir DIR
+    python -m mlvar.backends.worker SPEC.json --runs-root OUT --scenario-dir DIR \\
+        [--array-file FILE ...]
     python -m mlvar.backends.worker SHARD.json --experiment-dir EXP --out OUT
     python -m mlvar.backends.worker SALIENCY.json --experiment-dir EXP --out OUT \\
         (--data-root DATA | --scenario-dir DIR)
 
-``--scenario-dir`` names the prepared scenario folder itself (an Azure ML input mount).
+``--scenario-dir`` names the prepared scenario folder itself (an Azure ML input mount);
+each ``--array-file`` a shared array it reads (docs/datasets.md), mounted too.
 Exit codes: 0 the job is complete, 2 bad input, 1 a failure (with its traceback).
 Test fault injection: :mod:`mlvar.backends.faults`.
 """
@@ -55,6 +57,13 @@ def main(argv: list[str] | None = None) -> int:
         "--scenario-dir", type=Path, help="train, saliency: the prepared scenario folder itself"
     )
     parser.add_argument(
+        "--array-file",
+        type=Path,
+        action="append",
+        default=[],
+        help="with --scenario-dir: a shared array the scenario reads (repeated)",
+    )
+    parser.add_argument(
         "--experiment-dir", type=Path, help="analysis, saliency: the experiment folder to read"
     )
     parser.add_argument(
@@ -68,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         if out is None:
             raise MlvarError(f"a {kind.name} spec needs {kind.out_flag}", "see --help")
         with scenario_root(
-            args.data_root, args.scenario_dir, str(spec.get("scenario", ""))
+            args.data_root, args.scenario_dir, str(spec.get("scenario", "")), args.array_file
         ) as data:
             kind.run(spec, out, args.experiment_dir, data)
     except MlvarError as exc:

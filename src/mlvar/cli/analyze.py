@@ -6,94 +6,48 @@ A thin shell: every computation lives in :mod:`mlvar.analysis`.
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from mlvar.analysis import service
-from mlvar.analysis.curve import runs_curve
-from mlvar.analysis.importer import import_predictions
-from mlvar.analysis.metrics import ALL_METRICS, DYNAMICS_METRICS, METRICS
-from mlvar.analysis.saliency import BATCH_DEFAULT, SEEDS_DEFAULT, TOP_DEFAULT, saliency_shard
-from mlvar.analysis.shards import merge_shards, parse_shard, write_shard
-from mlvar.analysis.study import study
+from mlvar.analysis.defaults import (
+    DEFAULT_RANK_BY,
+    SALIENCY_BATCH_DEFAULT,
+    SALIENCY_SEEDS_DEFAULT,
+    SALIENCY_TOP_DEFAULT,
+)
 from mlvar.cli.common import (
-    ConfigOpt,
-    JsonOpt,
     ProgressBar,
     cli_errors,
     console,
-    err_console,
     get_config,
     print_json,
     table,
+    warnings_to_stderr,
+)
+from mlvar.cli.options import (
+    CamBatchOpt,
+    ConfigOpt,
+    ExperimentArg,
+    ExplainSeedsOpt,
+    ExplainTopOpt,
+    JsonOpt,
+    LayerOpt,
+    MixedOpt,
+    PageSeedOpt,
+    RankByOpt,
+    SplitOpt,
 )
 from mlvar.errors import MlvarError
-from mlvar.saliency import merge_saliency_shards, saliency
-from mlvar.store import ExperimentStore
+
+if TYPE_CHECKING:
+    from mlvar.analysis.service import RankResult
 
 app = typer.Typer(
     help="Analyse a run store: accuracy spread, per-sample metrics, detection.",
     no_args_is_help=True,
 )
-
-ExperimentArg = Annotated[
-    str, typer.Argument(help="Experiment name (a folder of the runs root).", show_default=False)
-]
-SplitOpt = Annotated[str, typer.Option(help="Split to analyse.")]
-MixedOpt = Annotated[
-    bool,
-    typer.Option("--allow-mixed", help="Analyse runs trained with different configs together."),
-]
-
-
-# The options of 'analyze saliency', shared with 'submit saliency'.
-ExplainTopOpt = Annotated[
-    int, typer.Option(help="Top-ranked samples to explain (plus as many random unaffected ones).")
-]
-ExplainSeedsOpt = Annotated[
-    int, typer.Option(help="Runs (seeds) whose models to explain: the first S by run id.")
-]
-RankByOpt = Annotated[str, typer.Option(help=f"Metric to rank by: {', '.join(ALL_METRICS)}.")]
-LayerOpt = Annotated[
-    str | None,
-    typer.Option(
-        help="Module GradCAM hooks, as named by model.named_modules() "
-        "(default: the last Conv2d; image models only).",
-        show_default=False,
-    ),
-]
-PageSeedOpt = Annotated[int, typer.Option(help="Seed of the random unaffected samples.")]
-CamBatchOpt = Annotated[int, typer.Option("--batch-size", help="Samples per GradCAM batch.")]
-
-
-@contextlib.contextmanager
-def warnings_to_stderr() -> Iterator[None]:
-    """Print each warning raised inside (e.g. a run skipped for a sha256 mismatch) as one
-    ``Warning: ...`` line on stderr, once, before any error message."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            yield
-        finally:
-            seen = set()
-            for w in caught:
-                text = str(w.message)
-                if not issubclass(w.category, UserWarning):
-                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-                elif text not in seen:
-                    seen.add(text)
-                    err_console.print(
-                        f"Warning: {text}",
-                        style="yellow",
-                        markup=False,
-                        highlight=False,
-                        soft_wrap=True,
-                    )
 
 
 @app.command("accuracy", no_args_is_help=True)
@@ -112,8 +66,12 @@ def accuracy(
     Example: mlvar analyze accuracy compas-original-mlp
     """
     with cli_errors(), warnings_to_stderr():
+        from mlvar.store import ExperimentStore
+
         cfg = get_config(config)
         store = ExperimentStore.open(cfg.paths.runs_root, experiment)
+        from mlvar.analysis import service  # pandas: once the experiment is found
+
         result = service.accuracy(store, split, allow_mixed=allow_mixed)
     if json_out:
         print_json(result.to_dict())
@@ -151,7 +109,7 @@ def accuracy(
         console.print(f"wrote {f}", style="dim")
 
 
-def _print_rank(result: service.RankResult, top: int) -> None:
+def _print_rank(result: RankResult, top: int) -> None:
     by, split = result.by, result.split
     if result.detection is not None:
         rows = [
@@ -169,7 +127,7 @@ def _print_rank(result: service.RankResult, top: int) -> None:
         ]
         console.print(
             table(
-                f"{result.experiment}: detection of {int(result.ranking['affected'].sum())} "
+                f"{result.experiment}: detection of {result.n_affected} "
                 f"affected {split} samples ({result.n_runs} runs)",
                 ["metric", "ranked within", "AUROC", "AP", "P@k", "first", "median", "mean rank"],
                 rows,
@@ -238,9 +196,7 @@ def rank(
         ),
     ] = None,
     split: SplitOpt = "test",
-    by: Annotated[
-        str, typer.Option(help=f"Metric to rank by: {', '.join(ALL_METRICS)}.")
-    ] = service.DEFAULT_RANK_BY,
+    by: RankByOpt = DEFAULT_RANK_BY,
     top: Annotated[int, typer.Option(min=0, help="Rows of the ranking to print.")] = 20,
     allow_mixed: MixedOpt = False,
     shard: Annotated[
@@ -292,7 +248,11 @@ def rank(
     Example: mlvar analyze rank digits-holdout-sub3-r1.0-mlp --by disagreement
     """
     with cli_errors(), warnings_to_stderr():
-        service.check_by(by)
+        from mlvar.analysis.metrics import check_by
+        from mlvar.analysis.sharding import parse_shard
+        from mlvar.store import ExperimentStore
+
+        check_by(by)
         if merge and (shard or run_shard):
             raise MlvarError(
                 "--merge cannot be combined with --shard or --run-shard",
@@ -312,9 +272,15 @@ def rank(
         run_shard_ = parse_shard(run_shard, "--run-shard") if run_shard else None
         cfg = get_config(config)
         if experiment is None:
+            from mlvar.analysis.study import study
+
             result = study(cfg.paths.runs_root, split, compute_missing=compute_missing)
         else:
             store = ExperimentStore.open(cfg.paths.runs_root, experiment)
+            # pandas: once the experiment is found
+            from mlvar.analysis import service
+            from mlvar.analysis.shards import merge_shards, write_shard
+
             if shard_ or run_shard_:
                 result = write_shard(
                     store, split, shard_ or (1, 1), run_shard_ or (1, 1), allow_mixed
@@ -323,13 +289,15 @@ def rank(
                 result = merge_shards(store, split, by=by)
             else:
                 result = service.rank(store, split, by=by, allow_mixed=allow_mixed)
+    from mlvar.analysis.service import RankResult
+
     if json_out:
-        if isinstance(result, service.RankResult):
+        if isinstance(result, RankResult):
             print_json(result.to_dict(top=None))
         else:
             print_json(result.to_dict())
         return
-    if isinstance(result, service.RankResult):
+    if isinstance(result, RankResult):
         _print_rank(result, top)
     elif experiment is None:
         _print_study(result, by)
@@ -362,21 +330,21 @@ def curve(
     Example: mlvar analyze curve digits-holdout-sub3-r1.0-mlp --subsets 10
     """
     with cli_errors(), warnings_to_stderr():
+        from mlvar.store import ExperimentStore
+
         cfg = get_config(config)
         store = ExperimentStore.open(cfg.paths.runs_root, experiment)
+        from mlvar.analysis.curve import runs_curve  # pandas: once the experiment is found
+
         result = runs_curve(store, split, subsets=subsets, seed=seed, allow_mixed=allow_mixed)
     if json_out:
         print_json(result.to_dict())
         return
-    sizes = sorted(result.summary["n_runs"].unique())
-    rows = []
-    for metric, g in result.summary.groupby("metric", sort=False):
-        cells = g.set_index("n_runs")
-        row: list = [metric]
-        for size in sizes:
-            m, s = cells.loc[size, "auroc_mean"], cells.loc[size, "auroc_std"]
-            row.append(f"{m:.3f}" + ("" if s != s else f" ± {s:.3f}"))
-        rows.append(row)
+    sizes = result.sizes
+    rows = [
+        [metric, *(f"{m:.3f}" + ("" if s != s else f" ± {s:.3f}") for m, s in cells)]
+        for metric, cells in result.auroc_by_metric().items()
+    ]
     console.print(
         table(
             f"{experiment}: AUROC ({split}) against the number of runs, mean ± std over up "
@@ -393,12 +361,12 @@ def curve(
 def saliency_(
     experiment: ExperimentArg,
     split: SplitOpt = "test",
-    top: ExplainTopOpt = TOP_DEFAULT,
-    seeds: ExplainSeedsOpt = SEEDS_DEFAULT,
-    by: RankByOpt = service.DEFAULT_RANK_BY,
+    top: ExplainTopOpt = SALIENCY_TOP_DEFAULT,
+    seeds: ExplainSeedsOpt = SALIENCY_SEEDS_DEFAULT,
+    by: RankByOpt = DEFAULT_RANK_BY,
     layer: LayerOpt = None,
     seed: PageSeedOpt = 0,
-    batch_size: CamBatchOpt = BATCH_DEFAULT,
+    batch_size: CamBatchOpt = SALIENCY_BATCH_DEFAULT,
     run_shard: Annotated[
         str | None,
         typer.Option(
@@ -446,10 +414,18 @@ def saliency_(
                 if v < 1
             )
             raise MlvarError(f"{name} must be at least 1, got {value}", "use e.g. 10")
-        service.check_by(by)
+        from mlvar.analysis.metrics import check_by
+        from mlvar.analysis.sharding import parse_shard
+        from mlvar.store import ExperimentStore
+
+        check_by(by)
         cfg = get_config(config)
         store = ExperimentStore.open(cfg.paths.runs_root, experiment)
         shard = parse_shard(run_shard, "--run-shard") if run_shard is not None else None
+        # pandas (and torch, to load the models): once the request is checked
+        from mlvar.analysis.saliency import saliency_shard
+        from mlvar.saliency import merge_saliency_shards, saliency
+
         data_root = Path(cfg.paths.data_root)
         with ProgressBar(not json_out) as bar:
             options = {
@@ -570,6 +546,8 @@ def import_(
     Example: mlvar analyze import ./preds --name resnet-cifar10 --probs
     """
     with cli_errors(), warnings_to_stderr():
+        from mlvar.analysis.importer import import_predictions
+
         cfg = get_config(config)
         names = None
         if class_names is not None:
@@ -613,6 +591,7 @@ def metrics(
 
     Example: mlvar analyze metrics --json
     """
+    from mlvar.analysis.metrics import ALL_METRICS, DYNAMICS_METRICS, METRICS
 
     def row(m) -> list:
         return [

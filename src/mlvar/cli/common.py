@@ -1,4 +1,5 @@
-"""Options, error handling and output shared by the CLI modules."""
+"""Error handling and output shared by the CLI modules (their options are
+:mod:`mlvar.cli.options`)."""
 
 from __future__ import annotations
 
@@ -8,19 +9,21 @@ import json
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Any
 
 import typer
-from rich import box
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
-from rich.text import Text
 
-from mlvar.config import Config, load_config
 from mlvar.errors import ExitCode, MlvarError
+
+if TYPE_CHECKING:  # the config (numpy), rich's tables and progress bars load when used
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from mlvar.config import Config
 
 
 def _width() -> int | None:
@@ -32,19 +35,6 @@ def _width() -> int | None:
 
 console = Console(width=_width())
 err_console = Console(stderr=True)
-
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        help="Config file (default: $MLVAR_CONFIG, else ./mlvar.toml if present).",
-        show_default=False,
-    ),
-]
-JsonOpt = Annotated[
-    bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")
-]
-
 
 #: Set by ``mlvar --debug``; ``MLVAR_DEBUG=1`` does the same.
 debug = False
@@ -125,7 +115,34 @@ def _one_line(message: str, hint: str) -> None:
     err_console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
+@contextlib.contextmanager
+def warnings_to_stderr() -> Iterator[None]:
+    """Print each warning raised inside (e.g. a run skipped for a sha256 mismatch) as one
+    ``Warning: ...`` line on stderr, once, before any error message."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            seen = set()
+            for w in caught:
+                text = str(w.message)
+                if not issubclass(w.category, UserWarning):
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+                elif text not in seen:
+                    seen.add(text)
+                    err_console.print(
+                        f"Warning: {text}",
+                        style="yellow",
+                        markup=False,
+                        highlight=False,
+                        soft_wrap=True,
+                    )
+
+
 def get_config(path: Path | None) -> Config:
+    from mlvar.config import load_config
+
     return load_config(path)
 
 
@@ -153,6 +170,14 @@ class ProgressBar:
         if not self.enabled:
             return
         if self._progress is None:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
             self._progress = Progress(
                 TextColumn("[progress.description]{task.description}"),
                 BarColumn(),
@@ -173,6 +198,10 @@ def table(
 
     ``digits`` sets the decimals of float columns by name (default: see :func:`fmt`).
     """
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
     digits = digits or {}
     cells = [[fmt(v, digits.get(col)) for col, v in zip(columns, row, strict=True)] for row in rows]
     # A light frame leaves room for the cells: no value is ever cut short.

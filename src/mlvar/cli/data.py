@@ -8,8 +8,6 @@ from typing import Annotated
 import typer
 
 from mlvar.cli.common import (
-    ConfigOpt,
-    JsonOpt,
     ProgressBar,
     cli_errors,
     console,
@@ -18,23 +16,17 @@ from mlvar.cli.common import (
     print_json,
     table,
 )
-from mlvar.data import registry
-from mlvar.data.scenario import list_scenarios, open_scenario
-
-DATASETS = ", ".join(registry.DATASETS)
-
-
-def _mode_help() -> str:
-    """``compas: original, artificial, holdout. ...`` from the dataset specs."""
-    parts = []
-    for name, spec in registry.DATASETS.items():
-        implied = "".join(
-            f" ({mode} is the default with --{option})"
-            for option, mode in spec.implied_modes.items()
-        )
-        parts.append(f"{name}: {', '.join(spec.modes)}{implied}.")
-    return "Scenario mode (default original). " + " ".join(parts)
-
+from mlvar.cli.options import (
+    ClsOpt,
+    ClusterOpt,
+    ConfigOpt,
+    DatasetArg,
+    JsonOpt,
+    ModeOpt,
+    PrepareSeedOpt,
+    RatioOpt,
+    SubclassOpt,
+)
 
 app = typer.Typer(
     help="Fetch datasets, prepare scenarios with an injected flaw, and inspect them.",
@@ -44,7 +36,7 @@ app = typer.Typer(
 
 @app.command("fetch", no_args_is_help=True)
 def fetch(
-    dataset: Annotated[str, typer.Argument(help=f"Dataset: {DATASETS}.", show_default=False)],
+    dataset: DatasetArg,
     source: Annotated[
         Path | None,
         typer.Option(
@@ -75,6 +67,8 @@ def fetch(
       mlvar data fetch cifar100 --source ~/torchvision-data
     """
     with cli_errors():
+        from mlvar.data import registry
+
         cfg = get_config(config)
         with ProgressBar(not json_out) as bar:
 
@@ -95,31 +89,13 @@ def fetch(
 
 @app.command("prepare", no_args_is_help=True)
 def prepare(
-    dataset: Annotated[str, typer.Argument(help=f"Dataset: {DATASETS}.", show_default=False)],
-    mode: Annotated[
-        str | None,
-        typer.Option(help=_mode_help(), show_default=False),
-    ] = None,
-    ratio: Annotated[
-        float | None,
-        typer.Option(help=registry.option_help("ratio"), show_default=False),
-    ] = None,
-    cluster: Annotated[
-        int | None,
-        typer.Option(help=registry.option_help("cluster"), show_default=False),
-    ] = None,
-    subclass: Annotated[
-        str | None,
-        typer.Option(help=registry.option_help("subclass"), show_default=False),
-    ] = None,
-    cls: Annotated[
-        str | None,
-        typer.Option("--cls", help=registry.option_help("cls"), show_default=False),
-    ] = None,
-    seed: Annotated[
-        int,
-        typer.Option(help=registry.option_help("seed")),
-    ] = 0,
+    dataset: DatasetArg,
+    mode: ModeOpt = None,
+    ratio: RatioOpt = None,
+    cluster: ClusterOpt = None,
+    subclass: SubclassOpt = None,
+    cls: ClsOpt = None,
+    seed: PrepareSeedOpt = 0,
     force: Annotated[bool, typer.Option("--force", help="Rebuild an existing scenario.")] = False,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
@@ -141,6 +117,8 @@ def prepare(
       mlvar data prepare digits --mode augmentation --cls 3 --ratio 0.5
     """
     with cli_errors():
+        from mlvar.data import registry
+
         cfg = get_config(config)
         scenario = registry.prepare(
             cfg.paths.data_root,
@@ -196,6 +174,9 @@ def info(
       mlvar data info cifar10-augmentation-cls0-r0.5 --sheet sheet.png
     """
     with cli_errors():
+        from mlvar.data import registry
+        from mlvar.data.scenario import open_scenario
+
         cfg = get_config(config)
         found = open_scenario(cfg.paths.data_root, scenario)
         details = registry.scenario_info(found)
@@ -218,6 +199,8 @@ def list_(config: ConfigOpt = None, json_out: JsonOpt = False) -> None:
     Example: mlvar data list --json
     """
     with cli_errors():
+        from mlvar.data.scenario import list_scenarios
+
         cfg = get_config(config)
         found = list_scenarios(cfg.paths.data_root)
     rows = [

@@ -7,8 +7,6 @@ from typing import Annotated
 import typer
 
 from mlvar.cli.common import (
-    ConfigOpt,
-    JsonOpt,
     ProgressBar,
     cli_errors,
     console,
@@ -17,8 +15,8 @@ from mlvar.cli.common import (
     print_json,
     table,
 )
-from mlvar.demo import DEMO_RUNS, run_demo
-from mlvar.io import check_writable
+from mlvar.cli.options import ConfigOpt, JsonOpt
+from mlvar.demo import DEMO_RUNS
 
 
 def demo(
@@ -39,6 +37,9 @@ def demo(
       mlvar demo --runs 32 --json
     """
     with cli_errors():
+        from mlvar.demo import run_demo
+        from mlvar.io import check_writable
+
         cfg = get_config(config)
         for root in (cfg.paths.data_root, cfg.paths.runs_root, cfg.paths.reports_root):
             check_writable(root)  # a root it cannot write fails before any work
@@ -61,16 +62,15 @@ def demo(
         f"{s['accuracy']['mean']:.4f} ± {s['accuracy']['std'] or 0:.4f} (std); "
         f"held-out 3s: {s['acc_affected']['mean']:.4f}, others: {s['acc_unaffected']['mean']:.4f}"
     )
-    det = result.ranking.detection
-    if det is not None:
-        best = det.sort_values("auroc", ascending=False).head(5)
+    best = result.best_detection(5)
+    if best:
         console.print(
             table(
                 "metrics that best find the held-out 3s",
                 ["metric", "AUROC", "AP", "P@k"],
                 [
                     [r["metric"], r["auroc"], r["average_precision"], r["precision_at_k"]]
-                    for r in best.to_dict(orient="records")
+                    for r in best
                 ],
             )
         )

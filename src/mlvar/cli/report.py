@@ -7,21 +7,11 @@ from typing import Annotated
 
 import typer
 
-from mlvar.analysis.metrics import METRICS
-from mlvar.analysis.service import DEFAULT_RANK_BY
-from mlvar.cli.common import (
-    ConfigOpt,
-    JsonOpt,
-    ProgressBar,
-    cli_errors,
-    console,
-    get_config,
-    print_json,
-)
+from mlvar.analysis.defaults import DEFAULT_RANK_BY
+from mlvar.cli.common import ProgressBar, cli_errors, console, get_config, print_json
+from mlvar.cli.options import ConfigOpt, JsonOpt, ReportByOpt
 from mlvar.errors import MlvarError
-from mlvar.io import check_writable
-from mlvar.report.html import TOP_DEFAULT, build_report
-from mlvar.store import ExperimentStore
+from mlvar.report.defaults import TOP_DEFAULT
 
 app = typer.Typer(help="Write reports of an experiment.", no_args_is_help=True)
 
@@ -58,9 +48,7 @@ def html(
             help="Top-ranked samples that get a page (plus as many random unaffected ones).",
         ),
     ] = TOP_DEFAULT,
-    by: Annotated[
-        str, typer.Option(help=f"Metric to rank by: {', '.join(METRICS)}.")
-    ] = DEFAULT_RANK_BY,
+    by: ReportByOpt = DEFAULT_RANK_BY,
     compute_missing: Annotated[
         bool,
         typer.Option(
@@ -83,16 +71,18 @@ def html(
     Example: mlvar report html digits-holdout-sub3-r1.0-mlp --top 20
     """
     with cli_errors():
+        from mlvar.io import check_writable
+
         cfg = get_config(config)
         check_writable(out or cfg.paths.reports_root)  # before the analysis it may write
         if study:
-            from mlvar.report.study import build_study_report
-
             if experiment is not None:
                 raise MlvarError(
                     "--study reports every experiment, so it takes no experiment name",
                     f"run 'mlvar report html {experiment}' or 'mlvar report html --study'",
                 )
+            from mlvar.report.study import build_study_report
+
             result = build_study_report(
                 cfg.paths.runs_root,
                 out or Path(cfg.paths.reports_root) / "study",
@@ -125,6 +115,8 @@ def html(
             )
             return
         else:
+            from mlvar.store import ExperimentStore
+
             store = ExperimentStore.open(cfg.paths.runs_root, experiment)
             if out is None and experiment == "study":
                 # <reports_root>/study is the study report's folder: neither may replace
@@ -134,6 +126,8 @@ def html(
                     "report in <reports_root>/study",
                     "pass --out DIR for this experiment's report",
                 )
+            from mlvar.report.html import build_report  # pandas: once the experiment is found
+
             result = build_report(
                 store,
                 out or Path(cfg.paths.reports_root) / experiment,

@@ -8,71 +8,64 @@ first argument that is not a sub-command to ``run``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from typer.core import TyperGroup
 
-from mlvar.analysis.metrics import ALL_METRICS
-from mlvar.analysis.saliency import BATCH_DEFAULT, SEEDS_DEFAULT, TOP_DEFAULT
-from mlvar.analysis.service import DEFAULT_RANK_BY
-from mlvar.backends import service
-from mlvar.backends.registry import BACKENDS, backends_help
-from mlvar.backends.spec import Submission
-from mlvar.cli.analyze import (
-    CamBatchOpt,
-    ExplainSeedsOpt,
-    ExplainTopOpt,
-    LayerOpt,
-    PageSeedOpt,
-    RankByOpt,
-    warnings_to_stderr,
+from mlvar.analysis.defaults import (
+    DEFAULT_RANK_BY,
+    SALIENCY_BATCH_DEFAULT,
+    SALIENCY_SEEDS_DEFAULT,
+    SALIENCY_TOP_DEFAULT,
 )
 from mlvar.cli.common import (
-    ConfigOpt,
-    JsonOpt,
     ProgressBar,
     cli_errors,
     console,
     get_config,
     print_json,
     table,
+    warnings_to_stderr,
 )
-from mlvar.cli.train import (
+from mlvar.cli.options import (
+    BACKENDS_HELP,
+    BackendOpt,
     BaseSeedOpt,
     BatchSizeOpt,
+    CamBatchOpt,
+    ConfigOpt,
     DatasetArg,
     DeviceOpt,
     EngineOpt,
     EpochsOpt,
+    ExplainSeedsOpt,
+    ExplainTopOpt,
     ForceOpt,
+    IdOpt,
+    JsonOpt,
+    LayerOpt,
     LrOpt,
+    MergedByOpt,
     ModelOpt,
     NameOpt,
     PackSizeOpt,
+    PageSeedOpt,
+    RankByOpt,
     RecordDynamicsOpt,
+    RetriesOpt,
     RunsOpt,
     ScenarioOpt,
+    ShardWorkersOpt,
+    SubmittedExperimentArg,
     VaryOpt,
     training_overrides,
 )
 from mlvar.errors import ExitCode
 
-BackendOpt = Annotated[str, typer.Option(help=backends_help(), show_default=True)]
-RetriesOpt = Annotated[
-    int | None,
-    typer.Option(
-        help="Extra attempts of a failing job (default \\[submit] retries, 2).",
-        show_default=False,
-    ),
-]
-ShardWorkersOpt = Annotated[
-    int | None,
-    typer.Option(
-        help="local: worker processes (0: in process; default \\[submit] local_workers).",
-        show_default=False,
-    ),
-]
+if TYPE_CHECKING:
+    from mlvar.backends.spec import Submission
 
 
 class _DefaultRun(TyperGroup):
@@ -90,7 +83,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
     help=(
         "Train an experiment's runs, or compute its sharded analysis (analyze rank) or "
-        f"saliency (analyze saliency), on a backend: {backends_help()[:-1]}; then check "
+        f"saliency (analyze saliency), on a backend: {BACKENDS_HELP[:-1]}; then check "
         "and fetch them.\n\n"
         "Examples:\n\n"
         "  mlvar submit digits --runs 16 --backend local\n\n"
@@ -102,6 +95,18 @@ app = typer.Typer(
         "  mlvar submit download EXPERIMENT"
     ),
 )
+
+
+def _service_for(backend: str) -> ModuleType:
+    """The backends' service, once ``backend`` names one: it imports the analysis (pandas,
+    and torch to train), so an unknown ``--backend`` is refused before, as the service
+    itself would refuse it first."""
+    from mlvar.backends.registry import backend_class
+
+    backend_class(backend)
+    from mlvar.backends import service
+
+    return service
 
 
 @app.command("run", no_args_is_help=True)
@@ -171,6 +176,7 @@ def run(
     """
     with cli_errors():
         cfg = get_config(config)
+        service = _service_for(backend)
         overrides = training_overrides(
             model=model,
             device=device,
@@ -230,6 +236,8 @@ def run(
 
 
 def _dry_run_note(backend: str) -> str:
+    from mlvar.backends.registry import BACKENDS
+
     note = BACKENDS[backend].dry_run_note
     return f" ({note})" if note else ""
 
@@ -282,16 +290,9 @@ def _print_submission(sub: Submission) -> None:
                 console.print(job.log_tail, markup=False, highlight=False)
 
 
-ExperimentArg = Annotated[str, typer.Argument(help="Experiment name.", show_default=False)]
-IdOpt = Annotated[
-    str | None,
-    typer.Option("--id", help="Submission id (default: the latest).", show_default=False),
-]
-
-
 @app.command("status", no_args_is_help=True)
 def status(
-    experiment: ExperimentArg,
+    experiment: SubmittedExperimentArg,
     submission_id: IdOpt = None,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
@@ -307,6 +308,8 @@ def status(
       mlvar submit status cifar100-subclass-baby-r1.0-airbench --id 20250101T120000Z-aml-1a2b
     """
     with cli_errors():
+        from mlvar.backends import service
+
         sub = service.status(get_config(config), experiment, submission_id)
     if json_out:
         print_json(sub.to_dict())
@@ -316,7 +319,7 @@ def status(
 
 @app.command("download", no_args_is_help=True)
 def download(
-    experiment: ExperimentArg,
+    experiment: SubmittedExperimentArg,
     submission_id: IdOpt = None,
     source: Annotated[
         Path | None,
@@ -343,6 +346,8 @@ def download(
       mlvar submit download digits-holdout-sub3-r1.0-mlp --from ./job-output/
     """
     with cli_errors():
+        from mlvar.backends import service
+
         res = service.download(get_config(config), experiment, submission_id, source)
     if json_out:
         print_json(res.to_dict())
@@ -362,7 +367,7 @@ def download(
 
 @app.command("analyze", no_args_is_help=True)
 def analyze(
-    experiment: ExperimentArg,
+    experiment: SubmittedExperimentArg,
     backend: BackendOpt = "local",
     shards: Annotated[
         int,
@@ -379,9 +384,7 @@ def analyze(
         ),
     ] = 1,
     split: Annotated[str, typer.Option(help="Split to rank.")] = "test",
-    by: Annotated[
-        str, typer.Option(help=f"Metric the merged ranking sorts by: {', '.join(ALL_METRICS)}.")
-    ] = DEFAULT_RANK_BY,
+    by: MergedByOpt = DEFAULT_RANK_BY,
     merge: Annotated[
         bool,
         typer.Option(
@@ -434,12 +437,14 @@ def analyze(
       mlvar submit analyze EXPERIMENT --shards 4 --backend aml --dry-run --out jobs/
     """
     with cli_errors(), ProgressBar(not json_out) as bar:
+        cfg = get_config(config)
+        service = _service_for(backend)
 
         def on_progress(done: int, total: int, message: str) -> None:
             bar.update(f"shards ({message})", done, total)
 
         result = service.submit_analysis(
-            get_config(config),
+            cfg,
             experiment,
             backend=backend,
             shards=shards,
@@ -475,7 +480,7 @@ def analyze(
 
 @app.command("saliency", no_args_is_help=True)
 def saliency(
-    experiment: ExperimentArg,
+    experiment: SubmittedExperimentArg,
     backend: BackendOpt = "local",
     run_shards: Annotated[
         int,
@@ -486,12 +491,12 @@ def saliency(
         ),
     ] = 1,
     split: Annotated[str, typer.Option(help="Split whose samples to explain.")] = "test",
-    top: ExplainTopOpt = TOP_DEFAULT,
-    seeds: ExplainSeedsOpt = SEEDS_DEFAULT,
+    top: ExplainTopOpt = SALIENCY_TOP_DEFAULT,
+    seeds: ExplainSeedsOpt = SALIENCY_SEEDS_DEFAULT,
     by: RankByOpt = DEFAULT_RANK_BY,
     layer: LayerOpt = None,
     seed: PageSeedOpt = 0,
-    batch_size: CamBatchOpt = BATCH_DEFAULT,
+    batch_size: CamBatchOpt = SALIENCY_BATCH_DEFAULT,
     merge: Annotated[
         bool,
         typer.Option(
@@ -540,12 +545,14 @@ def saliency(
       mlvar submit saliency EXPERIMENT --run-shards 4 --backend aml --dry-run --out jobs/
     """
     with cli_errors(), warnings_to_stderr(), ProgressBar(not json_out) as bar:
+        cfg = get_config(config)
+        service = _service_for(backend)
 
         def on_progress(done: int, total: int, message: str) -> None:
             bar.update(f"saliency shards ({message})", done, total)
 
         result = service.submit_saliency(
-            get_config(config),
+            cfg,
             experiment,
             backend=backend,
             run_shards=run_shards,

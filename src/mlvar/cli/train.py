@@ -3,124 +3,34 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from mlvar.cli.common import (
+from mlvar.cli.common import ProgressBar, cli_errors, console, get_config, print_json, table
+from mlvar.cli.options import (
+    BaseSeedOpt,
+    BatchSizeOpt,
     ConfigOpt,
+    DatasetArg,
+    DeviceOpt,
+    EngineOpt,
+    EpochsOpt,
+    ForceOpt,
     JsonOpt,
-    ProgressBar,
-    cli_errors,
-    console,
-    get_config,
-    print_json,
-    table,
+    LrOpt,
+    ModelOpt,
+    NameOpt,
+    PackSizeOpt,
+    RecordDynamicsOpt,
+    RunsOpt,
+    ScenarioOpt,
+    VaryOpt,
+    training_overrides,
 )
-from mlvar.data.registry import DATASETS
-from mlvar.errors import MlvarError
-from mlvar.recipes import MODELS, RANDOMNESS_SOURCES
-from mlvar.train import service
 
-
-def _parse_vary(value: str | None) -> list[str] | None:
-    if value is None:
-        return None
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    if value.strip().lower() == "none":
-        return []
-    if not items:
-        raise MlvarError("--vary is empty", "e.g. --vary init,order (or --vary none)")
-    return items
-
-
-def _default_models() -> str:
-    """``mlp for compas, digits; airbench for cifar10, cifar100``, from the dataset specs."""
-    by_model: dict[str, list[str]] = {}
-    for name, spec in DATASETS.items():
-        by_model.setdefault(spec.train.model, []).append(name)
-    return "; ".join(f"{model} for {', '.join(names)}" for model, names in by_model.items())
-
-
-_DEFAULT_MODELS = _default_models()
-
-# The training options, shared by `mlvar train` and `mlvar submit`.
-DatasetArg = Annotated[
-    str, typer.Argument(help=f"Dataset: {', '.join(DATASETS)}.", show_default=False)
-]
-ScenarioOpt = Annotated[
-    str | None,
-    typer.Option(
-        help="Prepared scenario: its name, or its mode when unambiguous; may be left out "
-        "when the dataset has one prepared scenario.",
-        show_default=False,
-    ),
-]
-RunsOpt = Annotated[int, typer.Option(help="Number of seeded runs (run r uses seed base+r).")]
-NameOpt = Annotated[
-    str | None,
-    typer.Option(help="Experiment name (default: <scenario>-<model>).", show_default=False),
-]
-ModelOpt = Annotated[
-    str | None,
-    typer.Option(
-        help=f"Model: {', '.join(MODELS)} (default from config: {_DEFAULT_MODELS}). Another "
-        "model brings its own recipe (epochs, lr, batch size, weight decay, vary) unless those "
-        "are given too.",
-        show_default=False,
-    ),
-]
-DeviceOpt = Annotated[
-    str | None, typer.Option(help="cpu or cuda (default from config: cpu).", show_default=False)
-]
-EngineOpt = Annotated[
-    str | None,
-    typer.Option(
-        help="MLP: batched (all seeds stacked, default) or loop (one model at a time).",
-        show_default=False,
-    ),
-]
-VaryOpt = Annotated[
-    str | None,
-    typer.Option(
-        help="Comma-separated randomness sources that follow the run seed: "
-        f"{', '.join(RANDOMNESS_SOURCES)} (those the model draws; default all); the others "
-        "stay fixed. 'none' fixes all.",
-        show_default=False,
-    ),
-]
-EpochsOpt = Annotated[int | None, typer.Option(help="Override the epochs.", show_default=False)]
-LrOpt = Annotated[
-    float | None, typer.Option(help="Override the learning rate.", show_default=False)
-]
-BatchSizeOpt = Annotated[
-    int | None, typer.Option(help="Override the batch size.", show_default=False)
-]
-BaseSeedOpt = Annotated[
-    int | None, typer.Option(help="Seed of run 0 (default 0).", show_default=False)
-]
-PackSizeOpt = Annotated[
-    int | None,
-    typer.Option(help="Seeds trained together by the batched engine.", show_default=False),
-]
-RecordDynamicsOpt = Annotated[
-    bool,
-    typer.Option(
-        "--record-dynamics",
-        help="Also store train-set logits after every epoch (for Data Maps and forgetting events).",
-    ),
-]
-ForceOpt = Annotated[
-    bool, typer.Option("--force", help="Delete an existing experiment of this name first.")
-]
-
-
-def training_overrides(**options: object) -> dict[str, object]:
-    """The training-config overrides of the shared options (None: not given)."""
-    out = dict(options)
-    out["vary"] = _parse_vary(out.get("vary"))  # type: ignore[arg-type]
-    out["record_dynamics"] = out.get("record_dynamics") or None
-    return out
+if TYPE_CHECKING:
+    from mlvar.train.service import TrainResult
 
 
 def train(
@@ -166,6 +76,8 @@ def train(
       mlvar train compas --scenario compas-holdout-cluster5 --runs 20 --engine loop
     """
     with cli_errors():
+        from mlvar.train import service  # checks the request before it imports torch
+
         cfg = get_config(config)
         overrides = training_overrides(
             model=model,
@@ -201,21 +113,14 @@ def train(
     _print_result(result)
 
 
-def _print_result(result: service.TrainResult) -> None:
+def _print_result(result: TrainResult) -> None:
     if result.cleaned:
         console.print(f"Removed {len(result.cleaned)} unfinished run folder(s) and retrained them.")
     if result.trained:
-        splits = list(next(iter(result.accuracy.values())))
-        rows = []
-        for split in splits:
-            accs = [a[split] for a in result.accuracy.values()]
-            mean = sum(accs) / len(accs)
-            std = (
-                (sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) ** 0.5
-                if len(accs) > 1
-                else None
-            )
-            rows.append([split, len(accs), mean, std, min(accs), max(accs)])
+        rows = [
+            [r["split"], r["runs"], r["mean"], r["std"], r["min"], r["max"]]
+            for r in result.accuracy_summary()
+        ]
         console.print(
             table(
                 f"{result.experiment}: accuracy of the {len(result.trained)} runs trained now",

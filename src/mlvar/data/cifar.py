@@ -353,6 +353,11 @@ class TrainTest:
         self.train, self.test = train, test
         self.n = len(train)
 
+    @property
+    def parts(self) -> list[np.ndarray]:
+        """The arrays it indexes, in position order (the fetched ``.npy`` memory maps)."""
+        return [self.train, self.test]
+
     def __getitem__(self, pos: np.ndarray) -> np.ndarray:
         pos = np.asarray(pos)
         if len(pos) and pos.min() >= self.n:

@@ -74,6 +74,13 @@ class Cifar100Data(Source):
             raise MlvarError(f"the CIFAR-100 copy lacks superclasses {', '.join(missing)}", "")
         self.fine_names: list[str] = list(self.meta["fine_names"])
 
+    def kept_fine_names(self) -> list[str]:
+        """The fine classes of the kept superclasses, in label order."""
+        coarse = list(self.meta["coarse_names"])
+        kept = {coarse.index(c) for c in KEPT_SUPERCLASSES}
+        parent = list(self.meta["fine_to_coarse"])
+        return [f for i, f in enumerate(self.fine_names) if parent[i] in kept]
+
     def load(self) -> BaseData:
         from mlvar.data import cifar
 
@@ -178,6 +185,11 @@ class HoldoutParams(p.Params):
         required=True,
         missing_hint=_SUBCLASS_EXAMPLE,
         tag="",
+        keywords={
+            "study": lambda source, where: list(STUDY_SUBCLASSES),
+            "all": lambda source, where: source.kept_fine_names(),
+        },
+        study="study",
     )
     ratio: float = p.ratio(
         help="fraction of the fine classes' train and validation samples held out, in [0, 1] "

@@ -20,6 +20,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -94,6 +95,8 @@ SPLIT_SEED = 69
 TREE_MIN_SAMPLES_LEAF = 300
 TREE_RANDOM_STATE = 0
 ARTIFICIAL_TEST_FLIP = 0.5
+#: The flip probabilities the study swept when ``--ratio`` is not given.
+STUDY_RATIOS = "0:0.5:0.1"
 
 _FETCH_HINT = "run 'mlvar data fetch compas' (or --source PATH)"
 
@@ -367,6 +370,15 @@ class CompasSource(Source):
             extra={"x_raw": x_raw, "feature_names": feature_names},
         )
 
+    @cached_property
+    def clusters(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every row's cluster and the clusters' leaf ids (:func:`_clusters`), fitted once."""
+        return _clusters(self.base)
+
+    @property
+    def n_clusters(self) -> int:
+        return len(self.clusters[1])
+
 
 # --------------------------------------------------------------------------- artificial
 
@@ -374,7 +386,10 @@ class CompasSource(Source):
 @dataclass(frozen=True)
 class ArtificialParams(p.Params):
     ratio: float = p.ratio(
-        0.0, 0.5, help="label-flip probability of the added feature, in [0, 0.5]"
+        0.0,
+        0.5,
+        help="label-flip probability of the added feature, in [0, 0.5]",
+        study=STUDY_RATIOS,
     )
     seed: int = p.seed(help="seed of the label flips")
 
@@ -415,7 +430,24 @@ def _artificial(source: CompasSource, params: ArtificialParams) -> ModeResult:
 
 @dataclass(frozen=True)
 class HoldoutParams(p.Params):
-    cluster: int = p.integer("cluster", "K", help="cluster index (0 = smallest)", tag="cluster")
+    cluster: int = p.integer(
+        "cluster",
+        "K",
+        help="cluster index (0 = smallest)",
+        tag="cluster",
+        keywords={"all": lambda source, where: list(range(source.n_clusters))},
+        study="all",
+    )
+
+    def resolve(self, source: CompasSource) -> HoldoutParams:
+        """The cluster checked against the clusters of the data (fits the tree)."""
+        n = source.n_clusters
+        if not 0 <= self.cluster < n:
+            raise MlvarError(
+                f"cluster {self.cluster} is out of range 0..{n - 1}",
+                f"COMPAS has {n} clusters; pick one in 0..{n - 1}",
+            )
+        return self
 
 
 def _clusters(base: BaseData) -> tuple[np.ndarray, np.ndarray]:
@@ -438,13 +470,8 @@ def _clusters(base: BaseData) -> tuple[np.ndarray, np.ndarray]:
 def _holdout(source: CompasSource, params: HoldoutParams) -> ModeResult:
     base = source.base
     k = params.cluster
-    group_all, leaf_ids = _clusters(base)
+    group_all, leaf_ids = source.clusters
     n_clusters = len(leaf_ids)
-    if not 0 <= k < n_clusters:
-        raise MlvarError(
-            f"cluster {k} is out of range 0..{n_clusters - 1}",
-            f"COMPAS has {n_clusters} clusters; pick one in 0..{n_clusters - 1}",
-        )
     sizes = {
         s: [int((group_all[idx] == c).sum()) for c in range(n_clusters)]
         for s, idx in base.index.items()

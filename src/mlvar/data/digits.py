@@ -148,6 +148,8 @@ class SubclassParams(p.Params):
         required=True,
         missing_hint="e.g. --subclass 3",
         tag="sub",
+        keywords={"all": lambda source, where: list(range(N_DIGITS))},
+        study="all",
     )
     ratio: float = p.ratio(
         help="fraction of the digit's train and validation samples held out, in [0, 1] (default 1)",

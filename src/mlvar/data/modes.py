@@ -32,6 +32,8 @@ from mlvar.data.spec import BaseData, ModeResult, ModeSpec, Source
 from mlvar.errors import MlvarError
 
 CLASS_MODES = ("holdout", "holdout-dup", "augmentation", "augmentation-all")
+#: The ratios the study swept in the class modes when ``--ratio`` is not given.
+STUDY_RATIOS = "0:0.9:0.1"
 APPEARANCE_MODES = ("augmentation", "augmentation-all")
 
 Change = Callable[[np.ndarray], np.ndarray]
@@ -104,7 +106,9 @@ class ClassParams(p.Params):
     """``holdout`` and ``augmentation``: a target class and the fraction of it affected."""
 
     cls: int = p.class_index(help="the target class index (default 0)")
-    ratio: float = p.ratio(help="fraction of the class's training samples affected, in [0, 1]")
+    ratio: float = p.ratio(
+        help="fraction of the class's training samples affected, in [0, 1]", study=STUDY_RATIOS
+    )
 
 
 @dataclass(frozen=True)
@@ -125,7 +129,9 @@ class DuplicateParams(ClassParams):
 class EveryClassParams(p.Params):
     """``augmentation-all``: the fraction of every class changed."""
 
-    ratio: float = p.ratio(help="fraction of every class's training samples changed, in [0, 1]")
+    ratio: float = p.ratio(
+        help="fraction of every class's training samples changed, in [0, 1]", study=STUDY_RATIOS
+    )
 
 
 # --------------------------------------------------------------------------- the modes
@@ -174,7 +180,7 @@ def _class_mode(source: Source, mode: str, params: Any, appearance: Appearance) 
     base = source.base
     cls = getattr(params, "cls", None)
     seed = getattr(params, "seed", 0)
-    splits, info = class_mode_splits(
+    splits, info, origin = class_mode_splits(
         base.x,
         base.y,
         base.ids,
@@ -200,7 +206,7 @@ def _class_mode(source: Source, mode: str, params: Any, appearance: Appearance) 
         manifest["test_gray"] = appearance.test_gray
     cls_name = base.class_names[cls] if cls is not None else None
     description = class_mode_description(mode, cls_name, params.ratio, appearance.adjective, seed)
-    return ModeResult(splits, description, manifest)
+    return ModeResult(splits, description, manifest, origin)
 
 
 def class_mode_description(
@@ -243,8 +249,10 @@ def class_mode_splits(
     seed: int,
     change: Change,
     n_classes: int,
-) -> tuple[dict[str, SplitData], dict[str, Any]]:
-    """Build the splits of a class mode and a manifest section describing the change.
+) -> tuple[dict[str, SplitData], dict[str, Any], dict[str, np.ndarray]]:
+    """Build the splits of a class mode, a manifest section describing the change, and the
+    source position each training row's image is copied from (``holdout-dup``'s copies are
+    other samples' images).
 
     ``images``/``labels``/``ids``/``groups`` are indexed by source position (``images`` may
     be a memory map); ``index`` maps ``train``, ``val``, ``test`` to positions in split order.
@@ -255,6 +263,7 @@ def class_mode_splits(
     y_train = labels[train_pos]
     affected = np.zeros(len(train_pos), dtype=bool)
     keep = np.ones(len(train_pos), dtype=bool)
+    origin = np.asarray(train_pos, dtype=np.int64).copy()
     info: dict[str, Any] = {
         "rule": "first floor(ratio * count) training samples of the class in split order",
     }
@@ -277,6 +286,7 @@ def class_mode_splits(
             rng = np.random.default_rng(seed)
             picks = remaining[rng.integers(0, len(remaining), size=k)] if k else chosen
             x_train[chosen] = x_train[picks]
+            origin[chosen] = origin[picks]
             affected[chosen] = True
             info["copies"] = {
                 "ids": ids[train_pos[chosen]].tolist(),
@@ -309,7 +319,7 @@ def class_mode_splits(
         splits["test_gray"] = SplitData(
             x=change(test.x), y=test.y, id=test.id, affected=flags, group=test.group
         )
-    return splits, info
+    return splits, info, {"train": origin[keep]}
 
 
 def group_counts(

@@ -10,6 +10,12 @@ imports numpy, so bad input is refused before anything is loaded.
 The field builders (:func:`ratio`, :func:`seed`, :func:`class_index`, :func:`integer`)
 are shared by every dataset, so a mode written once (for example label noise) takes the
 same options, checked the same way, everywhere.
+
+Sweeps are part of the declarations too (:mod:`mlvar.data.sweep` reads them): every option
+takes a comma-separated list; an option may take ``start:stop:step`` ranges (``ranges``,
+the ratios) and keywords that the opened source expands (``keywords``: ``--cluster all``,
+``--subclass study``); and a required option may name the study's own sweep (``study``),
+prepared when the option is not given.
 """
 
 from __future__ import annotations
@@ -17,8 +23,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from typing import Any, Self
 
 from mlvar.errors import MlvarError
@@ -35,6 +42,8 @@ class Where:
 
 
 Check = Callable[[Any, Where], Any]
+#: ``expand(source, where)``: the values a keyword stands for, from the opened source.
+Expand = Callable[[Any, Where], list[Any]]
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,11 @@ class Option:
     A required option that is missing is refused with ``missing_hint``; an optional one
     takes ``default`` (already canonical). ``tag`` is the option's part of scenario names
     (``-<tag><value>``; None: not in the name), left out when the value equals ``omit``.
+
+    Sweeps (:mod:`mlvar.data.sweep`): ``from_text`` turns one typed value into what
+    ``check`` takes; ``ranges`` allows ``start:stop:step``; ``keywords`` maps a word to
+    the function that lists its values once the source is open; ``study`` is the value
+    text swept when this required option is not given (the study's own sweep).
     """
 
     metavar: str
@@ -56,6 +70,10 @@ class Option:
     tag: str | None = None
     omit: Any = ()
     fmt: Callable[[Any], str] = str
+    from_text: Callable[[str], Any] = str
+    ranges: bool = False
+    keywords: Mapping[str, Expand] = field(default_factory=dict)
+    study: str | None = None
 
 
 def option(**kwargs: Any) -> Any:
@@ -199,10 +217,26 @@ def _check_class(value: Any, where: Where) -> int:
 # --------------------------------------------------------------------------- field builders
 
 
+def ratio_from_text(text: str) -> Any:
+    """A typed ratio as a float (``"0.3"`` -> 0.3, the double nearest the decimal), or the
+    text itself when it is not a number (the check then names it)."""
+    try:
+        return float(Decimal(text.strip()))
+    except (InvalidOperation, ValueError):
+        return text
+
+
 def ratio(
-    lo: float = 0.0, hi: float = 1.0, *, help: str, default: float | None = None, tag: str = "r"
+    lo: float = 0.0,
+    hi: float = 1.0,
+    *,
+    help: str,
+    default: float | None = None,
+    tag: str = "r",
+    study: str | None = None,
 ) -> Any:
-    """A fraction in [lo, hi] (``--ratio A``); required unless it has a default."""
+    """A fraction in [lo, hi] (``--ratio A``); required unless it has a default. Takes
+    ranges; ``study`` is the sweep prepared when it is required and not given."""
 
     def check(value: Any, where: Where) -> float:
         return check_ratio(value, lo, hi, where.mode)
@@ -216,6 +250,9 @@ def ratio(
         missing_hint=f"use a value in [{lo:g}, {hi:g}]",
         tag=tag,
         fmt=format_ratio,
+        from_text=ratio_from_text,
+        ranges=True,
+        study=study,
     )
 
 
@@ -224,8 +261,14 @@ def seed(*, help: str) -> Any:
     return option(metavar="S", check=_check_seed, help=help, default=0, tag="s", omit=0)
 
 
+def _all_classes(source: Any, where: Where) -> list[int]:
+    n = where.n_classes if where.n_classes is not None else len(source.base.class_names)
+    return list(range(n))
+
+
 def class_index(*, help: str, default: int | None = 0) -> Any:
-    """A class index 0..n-1 (``--cls C``), ``-cls<c>`` in names."""
+    """A class index 0..n-1 (``--cls C``, ``--cls all`` sweeps every class), ``-cls<c>`` in
+    names."""
     return option(
         metavar="C",
         check=_check_class,
@@ -234,11 +277,22 @@ def class_index(*, help: str, default: int | None = 0) -> Any:
         default=default,
         missing_hint="e.g. --cls 0",
         tag="cls",
+        keywords={"all": _all_classes},
     )
 
 
-def integer(name: str, metavar: str, *, help: str, example: int = 0, tag: str) -> Any:
-    """A required integer option whose range only the data knows (``--cluster K``)."""
+def integer(
+    name: str,
+    metavar: str,
+    *,
+    help: str,
+    example: int = 0,
+    tag: str,
+    keywords: Mapping[str, Expand] | None = None,
+    study: str | None = None,
+) -> Any:
+    """A required integer option whose range only the data knows (``--cluster K``);
+    ``keywords`` (``all``) and ``study`` as in :class:`Option`."""
 
     def check(value: Any, where: Where) -> int:
         number = as_int(value)
@@ -255,4 +309,6 @@ def integer(name: str, metavar: str, *, help: str, example: int = 0, tag: str) -
         required=True,
         missing_hint=f"e.g. --{name} {example}",
         tag=tag,
+        keywords=dict(keywords or {}),
+        study=study,
     )

@@ -19,9 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from mlvar.data import sweep
 from mlvar.data.params import Option, given_options
 from mlvar.data.scenario import Scenario
 from mlvar.data.spec import DATASETS, DatasetSpec, register
+from mlvar.data.sweep import SweepProgress, SweepResult
 from mlvar.errors import unknown_choice
 
 #: The dataset modules of mlvar (``mlvar.data.<name>``), each defining ``SPEC``.
@@ -38,8 +40,10 @@ __all__ = [
     "get_dataset",
     "option_help",
     "prepare",
+    "prepare_sweep",
     "register",
     "scenario_info",
+    "sweep_help",
 ]
 
 
@@ -85,6 +89,80 @@ def prepare(
     return get_dataset(dataset).prepare(data_root, mode, given_options(given), force=force)
 
 
+def prepare_sweep(
+    data_root: str | os.PathLike,
+    dataset: str,
+    mode: str | None = None,
+    force: bool = False,
+    progress: SweepProgress | None = None,
+    **given: Any,
+) -> SweepResult:
+    """Prepare a sweep of scenarios of ``dataset``: :func:`mlvar.data.sweep.prepare_sweep`.
+
+    Parameters
+    ----------
+    data_root, dataset, mode
+        As :func:`prepare`.
+    force
+        Rebuild members already prepared (they are skipped otherwise).
+    progress
+        ``progress(done, total, name)`` before each scenario is built.
+    **given
+        The options as typed, by option name (``ratio="0:0.5:0.1"``, ``cluster="all"``,
+        ``subclass="study"``, ``cls="0,3"``, ``seed="0"``), or values; None (and seed 0)
+        means not given. A required option not given is swept as the study did.
+
+    Raises
+    ------
+    MlvarError
+        Unknown dataset, mode or option; a bad value, list or range; a combination that
+        cannot be prepared (naming it); missing raw data; or, for a single scenario given
+        in full, an existing one without ``force``. Nothing is written in that case.
+    """
+    spec = get_dataset(dataset)
+    return sweep.prepare_sweep(
+        spec, data_root, mode, given_options(given), force=force, progress=progress
+    )
+
+
+def sweep_help(option: str) -> str:
+    """What ``--<option>`` of ``mlvar data prepare`` takes besides one value (a list, and
+    ranges and keywords where declared) and, per mode, the study's sweep prepared when it
+    is omitted: ``Several values: a comma-separated list or a range start:stop:step.
+    Omitted: compas artificial: 0:0.5:0.1; cifar10/digits holdout, ...: 0:0.9:0.1.``"""
+    forms = ["a comma-separated list"]
+    studies: dict[str, dict[str, list[str]]] = {}
+    for spec in DATASETS.values():
+        for m in spec.mode_specs:
+            opt = m.params.options().get(option)
+            if opt is None:
+                continue
+            if opt.ranges and "a range start:stop:step" not in forms:
+                forms.append("a range start:stop:step")
+            forms += [f"'{word}'" for word in opt.keywords if f"'{word}'" not in forms]
+            if opt.required and opt.study is not None:
+                label = m.name if len(spec.variants(m.name)) == 1 else f"{m.name} --{m.key}"
+                studies.setdefault(opt.study, {}).setdefault(spec.name, []).append(label)
+    listed = f"{', '.join(forms[:-1])} or {forms[-1]}" if len(forms) > 1 else forms[0]
+    text = f"Several values: {listed}."
+    if studies:
+        parts = [f"{where}: {values}" for where, values in _by_modes(studies)]
+        text += " Omitted, the study's sweep: " + "; ".join(parts) + "."
+    return text
+
+
+def _by_modes(per_text: dict[str, dict[str, list[str]]]) -> list[tuple[str, str]]:
+    """``(where, text)`` for each text's ``{dataset: [modes]}``, datasets with the same
+    modes joined: ``("cifar10/digits holdout, holdout-dup", text)``."""
+    out = []
+    for text, per_dataset in per_text.items():
+        groups: dict[tuple[str, ...], list[str]] = {}
+        for name, modes in per_dataset.items():
+            groups.setdefault(tuple(modes), []).append(name)
+        out += [(f"{'/'.join(names)} {', '.join(modes)}", text) for modes, names in groups.items()]
+    return out
+
+
 def fetch(
     data_root: str | os.PathLike,
     dataset: str,
@@ -116,14 +194,7 @@ def option_help(option: str) -> str:
             label = m.name if len(takers) == 1 else f"{m.name} --{m.key}"
             modes = by_help.setdefault(opt.help, {}).setdefault(spec.name, [])
             modes.append(label)
-    parts = []
-    for text, per_dataset in by_help.items():
-        groups: dict[tuple[str, ...], list[str]] = {}
-        for name, modes in per_dataset.items():
-            groups.setdefault(tuple(modes), []).append(name)
-        for modes, names in groups.items():
-            parts.append(f"{'/'.join(names)} {', '.join(modes)}: {text}.")
-    return " ".join(parts)
+    return " ".join(f"{where}: {text}." for where, text in _by_modes(by_help))
 
 
 def scenario_info(scenario: Scenario) -> dict[str, Any]:

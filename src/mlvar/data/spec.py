@@ -9,9 +9,12 @@ Preparing a scenario (:meth:`DatasetSpec.prepare`) goes the same way for every d
 2. the dataset's source is opened (light: a missing fetch is reported here), the
    parameters are made canonical with its metadata, and the scenario name is formed;
 3. an existing scenario of that name is refused unless ``force``;
-4. the mode builds the splits from the source, and the scenario is written atomically.
+4. the mode builds the splits from the source, and the scenario is written atomically,
+   sharing the source's unchanged data with every other scenario of the data root
+   (:mod:`mlvar.data.arrays`).
 
 Nothing is written before step 4, so a bad command leaves the data root as it was.
+:mod:`mlvar.data.sweep` prepares many scenarios of one mode the same way.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from mlvar.data.arrays import SourceRows
 from mlvar.data.params import Params, Where
 from mlvar.data.scenario import Scenario, SplitData, write_scenario
 from mlvar.errors import MlvarError, unknown_choice
@@ -52,6 +56,11 @@ class BaseData:
     manifest: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def x_parts(self) -> list[Any]:
+        """``x`` as the arrays laid end to end that it indexes (``x.parts`` where it is a
+        view over several, else ``x`` itself): what scenarios share."""
+        return list(getattr(self.x, "parts", None) or [self.x])
+
 
 class Source:
     """An opened dataset: light metadata at once, the samples (:meth:`load`) on first use.
@@ -72,14 +81,24 @@ class Source:
         """The samples, read once."""
         return self.load()
 
+    @cached_property
+    def rows(self) -> SourceRows:
+        """The samples as shared arrays of the data root (each stored on first use)."""
+        base = self.base
+        return SourceRows(self.data_root, base.x_parts(), base.ids, "the source's samples")
+
 
 @dataclass
 class ModeResult:
-    """What a mode built: the splits, the one-sentence description, manifest entries."""
+    """What a mode built: the splits, the one-sentence description, manifest entries, and
+    per split (where it helps) the source position each row's ``x`` was copied from
+    (``origin``; otherwise a row is looked up by its id): rows equal to a source row are
+    stored as a reference to it."""
 
     splits: dict[str, SplitData]
     description: str
     manifest: dict[str, Any] = field(default_factory=dict)
+    origin: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -189,7 +208,7 @@ class DatasetSpec:
             hint = f"valid options for {self.name}: {self.usage()}"
         return MlvarError(f"{self.name} mode '{mode}' takes no --{option}", hint)
 
-    def _variant(self, mode: str, given: Mapping[str, Any]) -> ModeSpec:
+    def _variant(self, mode: str, given: Mapping[str, Any], sweep: bool) -> ModeSpec:
         variants = self.variants(mode)
         if len(variants) == 1:
             return variants[0]
@@ -199,6 +218,8 @@ class DatasetSpec:
                 f"{self.name} mode '{mode}' takes no --{chosen[0].key} with --{chosen[1].key}",
                 "; ".join(f"{v.key_usage()} {v.summary}" for v in variants),
             )
+        if not chosen and sweep and variants[0].params.options()[str(variants[0].key)].study:
+            return variants[0]  # a sweep without a key: the first variant's study sweep
         if not chosen:
             raise MlvarError(
                 f"{self.name} mode '{mode}' needs {' or '.join(v.key_usage() for v in variants)}",
@@ -206,14 +227,17 @@ class DatasetSpec:
             )
         return chosen[0]
 
+    def where(self, mode: str) -> Where:
+        """What the checks of ``mode``'s options report about."""
+        return Where(self.name, mode, self.n_classes)
+
     # ------------------------------------------------------------------ preparing
 
-    def check(self, mode: str | None, given: Mapping[str, Any]) -> tuple[ModeSpec, Params]:
-        """Check a mode and its options without reading data: the mode and the parameters.
-
-        ``given`` holds the options the user gave (by option name). Raises
-        :class:`MlvarError` naming the first problem.
-        """
+    def select(self, mode: str | None, given: Mapping[str, Any], sweep: bool = False) -> ModeSpec:
+        """The mode (or variant) the options ``given`` (by option name) select, refusing
+        options it takes not; no value is checked. A sweep (``sweep``) without the key
+        option of a mode with variants gets the first variant when its key option names the
+        study's sweep (digits ``holdout``: every digit)."""
         if mode is None:
             mode = self.default_mode(given)
         if mode not in self.modes:
@@ -222,12 +246,20 @@ class DatasetSpec:
         for option in given:
             if option not in taken:
                 raise self._takes_no(mode, option)
-        variant = self._variant(mode, given)
+        variant = self._variant(mode, given, sweep)
         for option in given:
             if option not in variant.params.options():
                 raise self._takes_no(mode, option)
-        where = Where(self.name, mode, self.n_classes)
-        return variant, variant.params.parse(dict(given), where)
+        return variant
+
+    def check(self, mode: str | None, given: Mapping[str, Any]) -> tuple[ModeSpec, Params]:
+        """Check a mode and its options without reading data: the mode and the parameters.
+
+        ``given`` holds the options the user gave (by option name). Raises
+        :class:`MlvarError` naming the first problem.
+        """
+        variant = self.select(mode, given)
+        return variant, variant.params.parse(dict(given), self.where(variant.name))
 
     def prepare(
         self,
@@ -248,11 +280,20 @@ class DatasetSpec:
         data_root = Path(data_root)
         source = self.open(data_root)
         params = params.resolve(source)
-        name = f"{self.name}-{variant.name}{params.name_parts()}"
+        name = self.scenario_name(variant, params)
         if (data_root / name).exists() and not force:
             raise MlvarError(
                 f"scenario '{name}' already exists in {data_root}", "pass --force to rebuild it"
             )
+        return self.build(source, variant, params, force=force)
+
+    def scenario_name(self, variant: ModeSpec, params: Params) -> str:
+        """``<dataset>-<mode><parameter parts>``: ``cifar10-holdout-cls0-r0.5``."""
+        return f"{self.name}-{variant.name}{params.name_parts()}"
+
+    def build(self, source: Source, variant: ModeSpec, params: Params, force: bool) -> Scenario:
+        """Build the scenario of checked, resolved ``params`` from an open ``source`` and
+        write it into the source's data root."""
         result = variant.build(source, params)
         manifest = {
             "dataset": self.name,
@@ -262,7 +303,16 @@ class DatasetSpec:
             **source.base.manifest,
             **result.manifest,
         }
-        return write_scenario(data_root, name, manifest, result.splits, force=force)
+        name = self.scenario_name(variant, params)
+        return write_scenario(
+            source.data_root,
+            name,
+            manifest,
+            result.splits,
+            force=force,
+            source=source.rows,
+            origin=result.origin,
+        )
 
 
 #: The registered datasets, in registration order (see :mod:`mlvar.data.registry`).

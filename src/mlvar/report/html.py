@@ -46,6 +46,7 @@ from mlvar.analysis.selection import choose_samples
 from mlvar.errors import MlvarError, unknown_choice
 from mlvar.io import atomic_write_bytes, atomic_write_text, staging_dir
 from mlvar.report import classes, plots
+from mlvar.report.defaults import TOP_DEFAULT
 from mlvar.report.ranking import (
     DATA_FILE,
     data_script,
@@ -63,7 +64,6 @@ from mlvar.report.samples import (
 )
 from mlvar.store import ExperimentStore
 
-TOP_DEFAULT = 50
 CURVE_SUBSETS = 5
 
 

@@ -48,6 +48,7 @@ from torch.nn import functional as F
 
 from mlvar.config import MODELS, TrainConfig
 from mlvar.data.scenario import Scenario, SplitData
+from mlvar.errors import ExitCode
 from mlvar.io import atomic_write_bytes
 from mlvar.store import ExperimentStore, RunRecord, run_id_for
 from mlvar.train.mlp import _one_thread_per_kernel
@@ -625,7 +626,7 @@ def _worker(
     def orphaned() -> None:
         if parent is not None and not parent.is_alive():
             events.cancel_join_thread()  # nobody reads the queue: do not wait to flush it
-            os._exit(1)  # the run folder keeps its last checkpoint
+            os._exit(ExitCode.INTERNAL)  # the run folder keeps its last checkpoint
 
     run_id: str | None = None
     try:
@@ -748,7 +749,7 @@ def _check_alive(
     """Raise if a worker died without reporting (killed, out of memory, crashed), or if
     this process has done its share and every worker has exited with runs missing."""
     for slot, proc in procs.items():
-        if proc.exitcode not in (None, 0):
+        if proc.exitcode not in (None, ExitCode.OK):
             try:  # an error it reported just before dying explains more
                 event = events.get(timeout=_POLL_S)
             except queue.Empty:
@@ -761,5 +762,5 @@ def _check_alive(
                 + (f" while training {run}" if run else "")
             )
     # An exited worker has flushed its events, so an empty queue is final.
-    if this_done and all(p.exitcode == 0 for p in procs.values()) and events.empty():
+    if this_done and all(p.exitcode == ExitCode.OK for p in procs.values()) and events.empty():
         raise RuntimeError("the training worker processes exited before every run finished")

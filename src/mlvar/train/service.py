@@ -1,6 +1,8 @@
 """Train N seeded copies of a model on a prepared scenario and write them to the run store.
 
 This is the function behind ``mlvar train``; a notebook can call :func:`train` directly.
+Importing it loads no torch: :func:`prepare_training` checks a request without it (so a
+bad ``mlvar train`` fails fast), and the trainers are imported once training starts.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from mlvar import __version__
 from mlvar.config import Config, TrainConfig, check_model_input, switch_model, validate_train
@@ -32,9 +33,6 @@ from mlvar.store import (
     list_experiments,
     run_id_for,
 )
-from mlvar.train import images
-from mlvar.train.mlp import ENGINES, TrainData
-from mlvar.train.seeding import RunGenerators, run_seed
 
 #: ``progress(done, total, message)`` in units of run-epochs.
 Progress = Callable[[int, int, str], None]
@@ -58,6 +56,33 @@ class TrainResult:
         data = dataclasses.asdict(self)
         data["path"] = str(self.path)
         return data
+
+    def accuracy_summary(self) -> list[dict[str, Any]]:
+        """The accuracy of the runs trained now, per split (in the order the runs list
+        them): ``split``, ``runs``, ``mean``, ``std`` (over runs, ddof 1; None for one
+        run), ``min``, ``max``. Empty when nothing was trained."""
+        if not self.accuracy:
+            return []
+        rows = []
+        for split in next(iter(self.accuracy.values())):
+            accs = [a[split] for a in self.accuracy.values()]
+            mean = sum(accs) / len(accs)
+            std = (
+                (sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) ** 0.5
+                if len(accs) > 1
+                else None
+            )
+            rows.append(
+                {
+                    "split": split,
+                    "runs": len(accs),
+                    "mean": mean,
+                    "std": std,
+                    "min": min(accs),
+                    "max": max(accs),
+                }
+            )
+        return rows
 
 
 def features(split: SplitData, manifest: dict[str, Any]) -> np.ndarray:
@@ -93,6 +118,7 @@ def _code_version() -> str:
 def _packages() -> dict[str, str]:
     import pandas
     import sklearn
+    import torch
 
     return {
         "python": platform.python_version(),
@@ -132,6 +158,12 @@ def _check_same_experiment(existing: dict[str, Any], wanted: dict[str, Any], nam
         )
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def prepare_training(
     config: Config,
     dataset: str,
@@ -155,7 +187,7 @@ def prepare_training(
     for key, value in given.items():
         setattr(cfg, key, list(value) if key == "vary" else value)
     validate_train(cfg, f"train.{dataset}")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
+    if cfg.device == "cuda" and not _cuda_available():
         raise MlvarError(
             "--device cuda was asked for, but CUDA is not available here", "use --device cpu"
         )
@@ -202,6 +234,8 @@ def train(
         ``range(runs)``; used by the submit backends to train one pack of runs.
     """
     found, cfg, exp_name = prepare_training(config, dataset, scenario, runs, name, overrides)
+    from mlvar.train import images  # torch: the request is valid, training starts
+
     runs_root = Path(config.paths.runs_root)
     meta = experiment_meta(exp_name, found, cfg)
     root = runs_root / exp_name
@@ -248,6 +282,12 @@ def _train_claimed(
     progress: Progress | None,
 ) -> None:
     """Train the runs ``wanted`` of ``store`` that are not finished, as ``claims`` allows."""
+    import torch
+
+    from mlvar.train import images
+    from mlvar.train.mlp import ENGINES, TrainData
+    from mlvar.train.seeding import RunGenerators, run_seed
+
     for path in store.unfinished_run_dirs():  # left by killed processes: removed if free
         if claims.claim(path.name):
             claims.release(path.name)

@@ -17,14 +17,19 @@ import numpy as np
 import pandas as pd
 
 from mlvar.analysis import service as analysis
+from mlvar.analysis.defaults import (
+    SALIENCY_BATCH_DEFAULT,
+    SALIENCY_SEEDS_DEFAULT,
+    SALIENCY_TOP_DEFAULT,
+)
 from mlvar.analysis.selection import choose_samples
 from mlvar.errors import MlvarError
 from mlvar.store import ExperimentStore, RunRecord
 from mlvar.train.trained import WEIGHTS_FILE
 
-TOP_DEFAULT = 10
-SEEDS_DEFAULT = 8
-BATCH_DEFAULT = 64
+TOP_DEFAULT = SALIENCY_TOP_DEFAULT
+SEEDS_DEFAULT = SALIENCY_SEEDS_DEFAULT
+BATCH_DEFAULT = SALIENCY_BATCH_DEFAULT
 
 
 @dataclass

@@ -1,0 +1,247 @@
+"""The options and arguments of the CLI, defined once: the ones several commands share and
+every one whose help lists a registry's choices (datasets, modes, models, metrics,
+backends), with the parsing of the shared training options.
+
+Help texts are built from the registries, which import nothing heavy (numpy at most): the
+dataset specs (:mod:`mlvar.data.registry`), the models (:mod:`mlvar.recipes`), the metric
+records (:mod:`mlvar.analysis.metrics`) and the backend classes
+(:mod:`mlvar.backends.registry`). The backends' options are built when ``mlvar submit``
+first imports them (:func:`__getattr__`): the registry of backends imports the config, the
+store and four backend modules, which no other command needs for its help.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from mlvar.analysis.metrics import ALL_METRICS, METRICS
+from mlvar.data import registry
+from mlvar.errors import MlvarError
+from mlvar.recipes import MODELS, RANDOMNESS_SOURCES
+
+# ---------------------------------------------------------------- every command
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        help="Config file (default: $MLVAR_CONFIG, else ./mlvar.toml if present).",
+        show_default=False,
+    ),
+]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")
+]
+
+# ---------------------------------------------------------------- datasets and scenarios
+
+DATASET_NAMES = ", ".join(registry.DATASETS)
+
+DatasetArg = Annotated[str, typer.Argument(help=f"Dataset: {DATASET_NAMES}.", show_default=False)]
+
+
+def mode_help() -> str:
+    """``compas: original, artificial, holdout. ...`` from the dataset specs."""
+    parts = []
+    for name, spec in registry.DATASETS.items():
+        implied = "".join(
+            f" ({mode} is the default with --{option})"
+            for option, mode in spec.implied_modes.items()
+        )
+        parts.append(f"{name}: {', '.join(spec.modes)}{implied}.")
+    return "Scenario mode (default original). " + " ".join(parts)
+
+
+# The parameters of `mlvar data prepare`, each described by the modes that take it.
+ModeOpt = Annotated[str | None, typer.Option(help=mode_help(), show_default=False)]
+RatioOpt = Annotated[
+    float | None, typer.Option(help=registry.option_help("ratio"), show_default=False)
+]
+ClusterOpt = Annotated[
+    int | None, typer.Option(help=registry.option_help("cluster"), show_default=False)
+]
+SubclassOpt = Annotated[
+    str | None, typer.Option(help=registry.option_help("subclass"), show_default=False)
+]
+ClsOpt = Annotated[
+    str | None, typer.Option("--cls", help=registry.option_help("cls"), show_default=False)
+]
+PrepareSeedOpt = Annotated[int, typer.Option(help=registry.option_help("seed"))]
+
+# ---------------------------------------------------------------- training: train, submit
+
+
+def _default_models() -> str:
+    """``mlp for compas, digits; airbench for cifar10, cifar100``, from the dataset specs."""
+    by_model: dict[str, list[str]] = {}
+    for name, spec in registry.DATASETS.items():
+        by_model.setdefault(spec.train.model, []).append(name)
+    return "; ".join(f"{model} for {', '.join(names)}" for model, names in by_model.items())
+
+
+ScenarioOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Prepared scenario: its name, or its mode when unambiguous; may be left out "
+        "when the dataset has one prepared scenario.",
+        show_default=False,
+    ),
+]
+RunsOpt = Annotated[int, typer.Option(help="Number of seeded runs (run r uses seed base+r).")]
+NameOpt = Annotated[
+    str | None,
+    typer.Option(help="Experiment name (default: <scenario>-<model>).", show_default=False),
+]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        help=f"Model: {', '.join(MODELS)} (default from config: {_default_models()}). Another "
+        "model brings its own recipe (epochs, lr, batch size, weight decay, vary) unless those "
+        "are given too.",
+        show_default=False,
+    ),
+]
+DeviceOpt = Annotated[
+    str | None, typer.Option(help="cpu or cuda (default from config: cpu).", show_default=False)
+]
+EngineOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="MLP: batched (all seeds stacked, default) or loop (one model at a time).",
+        show_default=False,
+    ),
+]
+VaryOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Comma-separated randomness sources that follow the run seed: "
+        f"{', '.join(RANDOMNESS_SOURCES)} (those the model draws; default all); the others "
+        "stay fixed. 'none' fixes all.",
+        show_default=False,
+    ),
+]
+EpochsOpt = Annotated[int | None, typer.Option(help="Override the epochs.", show_default=False)]
+LrOpt = Annotated[
+    float | None, typer.Option(help="Override the learning rate.", show_default=False)
+]
+BatchSizeOpt = Annotated[
+    int | None, typer.Option(help="Override the batch size.", show_default=False)
+]
+BaseSeedOpt = Annotated[
+    int | None, typer.Option(help="Seed of run 0 (default 0).", show_default=False)
+]
+PackSizeOpt = Annotated[
+    int | None,
+    typer.Option(help="Seeds trained together by the batched engine.", show_default=False),
+]
+RecordDynamicsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--record-dynamics",
+        help="Also store train-set logits after every epoch (for Data Maps and forgetting events).",
+    ),
+]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="Delete an existing experiment of this name first.")
+]
+
+
+def _parse_vary(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if value.strip().lower() == "none":
+        return []
+    if not items:
+        raise MlvarError("--vary is empty", "e.g. --vary init,order (or --vary none)")
+    return items
+
+
+def training_overrides(**options: object) -> dict[str, object]:
+    """The training-config overrides of the shared options (None: not given)."""
+    out = dict(options)
+    out["vary"] = _parse_vary(out.get("vary"))  # type: ignore[arg-type]
+    out["record_dynamics"] = out.get("record_dynamics") or None
+    return out
+
+
+# ---------------------------------------------------------------- analysis: analyze, submit
+
+ALL_METRIC_NAMES = ", ".join(ALL_METRICS)
+
+ExperimentArg = Annotated[
+    str, typer.Argument(help="Experiment name (a folder of the runs root).", show_default=False)
+]
+SplitOpt = Annotated[str, typer.Option(help="Split to analyse.")]
+MixedOpt = Annotated[
+    bool,
+    typer.Option("--allow-mixed", help="Analyse runs trained with different configs together."),
+]
+RankByOpt = Annotated[str, typer.Option(help=f"Metric to rank by: {ALL_METRIC_NAMES}.")]
+#: ``mlvar submit analyze --by``: the ranking its merge writes.
+MergedByOpt = Annotated[
+    str, typer.Option(help=f"Metric the merged ranking sorts by: {ALL_METRIC_NAMES}.")
+]
+#: ``mlvar report html --by``: the report ranks by the final-prediction metrics only.
+ReportByOpt = Annotated[str, typer.Option(help=f"Metric to rank by: {', '.join(METRICS)}.")]
+
+# The options of 'analyze saliency', shared with 'submit saliency'.
+ExplainTopOpt = Annotated[
+    int, typer.Option(help="Top-ranked samples to explain (plus as many random unaffected ones).")
+]
+ExplainSeedsOpt = Annotated[
+    int, typer.Option(help="Runs (seeds) whose models to explain: the first S by run id.")
+]
+LayerOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Module GradCAM hooks, as named by model.named_modules() "
+        "(default: the last Conv2d; image models only).",
+        show_default=False,
+    ),
+]
+PageSeedOpt = Annotated[int, typer.Option(help="Seed of the random unaffected samples.")]
+CamBatchOpt = Annotated[int, typer.Option("--batch-size", help="Samples per GradCAM batch.")]
+
+# ---------------------------------------------------------------- backends: submit
+
+#: Built from the backend registry on first import (:func:`__getattr__`): ``BACKENDS_HELP``
+#: (``local (in process or worker processes), ray (...) ... or slurm (...).``) and
+#: ``BackendOpt``, the ``--backend`` option listing them.
+_BACKEND_NAMES = ("BACKENDS_HELP", "BackendOpt")
+
+
+def __getattr__(name: str) -> Any:
+    """The backends' help and ``--backend`` option, built when first imported (PEP 562)."""
+    if name not in _BACKEND_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from mlvar.backends.registry import backends_help
+
+    text = backends_help()
+    globals()["BACKENDS_HELP"] = text
+    globals()["BackendOpt"] = Annotated[str, typer.Option(help=text, show_default=True)]
+    return globals()[name]
+
+
+RetriesOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Extra attempts of a failing job (default \\[submit] retries, 2).",
+        show_default=False,
+    ),
+]
+ShardWorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="local: worker processes (0: in process; default \\[submit] local_workers).",
+        show_default=False,
+    ),
+]
+SubmittedExperimentArg = Annotated[str, typer.Argument(help="Experiment name.", show_default=False)]
+IdOpt = Annotated[
+    str | None,
+    typer.Option("--id", help="Submission id (default: the latest).", show_default=False),
+]
