@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -27,6 +27,9 @@ from mlvar.cli.options import (
     RatioOpt,
     SubclassOpt,
 )
+
+if TYPE_CHECKING:  # the sweep service (numpy) loads inside the command
+    from mlvar.data.sweep import SweepResult
 
 app = typer.Typer(
     help="Fetch datasets, prepare scenarios with an injected flaw, and inspect them.",
@@ -95,48 +98,102 @@ def prepare(
     cluster: ClusterOpt = None,
     subclass: SubclassOpt = None,
     cls: ClsOpt = None,
-    seed: PrepareSeedOpt = 0,
-    force: Annotated[bool, typer.Option("--force", help="Rebuild an existing scenario.")] = False,
+    seed: PrepareSeedOpt = "0",
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Rebuild existing scenarios (a sweep skips them otherwise)."),
+    ] = False,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Prepare a scenario: a deterministic change to a dataset, with its ground truth.
+    """Prepare scenarios: deterministic changes to a dataset, with their ground truth.
+
+    One value per option prepares one scenario. A list or range prepares a sweep (every
+    combination); an option the mode needs that is left out is swept as the study did.
+    Everything is checked before the first scenario is written; a sweep skips the
+    scenarios already prepared.
 
     Examples:
 
       mlvar data prepare compas --mode artificial --ratio 0.3
 
-      mlvar data prepare compas --mode holdout --cluster 5
+      mlvar data prepare compas --mode artificial
 
-      mlvar data prepare digits --mode holdout --subclass 3
+      mlvar data prepare compas --mode holdout --cluster all
 
-      mlvar data prepare cifar10 --mode holdout-dup --ratio 0.9 --cls 0
+      mlvar data prepare cifar10 --mode holdout-dup --ratio 0:0.5:0.1 --cls 0
 
-      mlvar data prepare cifar100 --subclass boy+man --ratio 1.0
+      mlvar data prepare cifar100 --subclass study
 
-      mlvar data prepare digits --mode augmentation --cls 3 --ratio 0.5
+      mlvar data prepare digits --mode augmentation --cls 3,5 --ratio 0.5,1
     """
     with cli_errors():
         from mlvar.data import registry
 
         cfg = get_config(config)
-        scenario = registry.prepare(
-            cfg.paths.data_root,
-            dataset,
-            mode=mode,
-            ratio=ratio,
-            cluster=cluster,
-            subclass=subclass,
-            seed=seed,
-            force=force,
-            cls=cls,
-        )
-        info = registry.scenario_info(scenario)
-    if json_out:
-        print_json({"path": str(scenario.path), **info})
+        with ProgressBar(not json_out) as bar:
+
+            def on_scenario(done: int, total: int, name: str) -> None:
+                if total > 1:  # one scenario is quick: no bar
+                    bar.update(f"preparing {name}" if name else "prepared", done, total)
+
+            result = registry.prepare_sweep(
+                cfg.paths.data_root,
+                dataset,
+                mode=mode,
+                force=force,
+                progress=on_scenario,
+                ratio=ratio,
+                cluster=cluster,
+                subclass=subclass,
+                cls=cls,
+                seed=seed,
+            )
+        if len(result.scenarios) == 1 and not result.defaulted:
+            scenario = result.scenarios[0]
+            details = registry.scenario_info(scenario)
+    if len(result.scenarios) == 1 and not result.defaulted:
+        if json_out:
+            print_json({"path": str(scenario.path), **details})
+            return
+        _print_info(details)
+        console.print(f"Prepared [bold]{scenario.name}[/] in {scenario.path}")
         return
-    _print_info(info)
-    console.print(f"Prepared [bold]{scenario.name}[/] in {scenario.path}")
+    _print_sweep(result, cfg.paths.data_root, json_out)
+
+
+def _print_sweep(result: SweepResult, data_root: Path, json_out: bool) -> None:
+    rows = result.rows()
+    if json_out:
+        print_json(
+            {
+                "dataset": result.dataset,
+                "mode": result.mode,
+                "data_root": str(data_root),
+                "defaulted": result.defaulted,
+                "note": result.note(),
+                "prepared": result.prepared,
+                "skipped": result.skipped,
+                "scenarios": rows,
+            }
+        )
+        return
+    note = result.note()
+    if note:
+        console.print(note, markup=False, highlight=False, soft_wrap=True)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    # Parameter values as typed (0.1, not 0.1000); counts as numbers.
+    cells = [
+        [
+            str(row[c]) if c in result.swept and row.get(c) is not None else row.get(c)
+            for c in columns
+        ]
+        for row in rows
+    ]
+    title = f"{result.dataset} {result.mode}: {len(rows)} scenarios in {data_root}"
+    console.print(table(title, columns, cells))
+    skipped = f", skipped {len(result.skipped)} already prepared" if result.skipped else ""
+    console.print(f"Prepared {len(result.prepared)} of {len(rows)} scenarios{skipped}.")
 
 
 def _print_info(info: dict) -> None:
