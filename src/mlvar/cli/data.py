@@ -28,7 +28,9 @@ from mlvar.cli.options import (
     SubclassOpt,
 )
 
-if TYPE_CHECKING:  # the sweep service (numpy) loads inside the command
+if TYPE_CHECKING:  # the data services (numpy) load inside the commands
+    from mlvar.data.families import Family
+    from mlvar.data.scenario import Scenario
     from mlvar.data.sweep import SweepResult
 
 app = typer.Typer(
@@ -250,29 +252,72 @@ def info(
 
 
 @app.command("list")
-def list_(config: ConfigOpt = None, json_out: JsonOpt = False) -> None:
-    """List the prepared scenarios in the data root.
+def list_(
+    flat: Annotated[
+        bool,
+        typer.Option("--flat", help="One row per scenario instead of one per family."),
+    ] = False,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """List the prepared scenarios in the data root, by family (dataset and mode) with the
+    parameter values prepared; --flat lists each scenario. --json prints one record per
+    scenario (with its family and parameters).
 
-    Example: mlvar data list --json
+    Examples:
+
+      mlvar data list
+
+      mlvar data list --flat
+
+      mlvar data list --json
     """
     with cli_errors():
-        from mlvar.data.scenario import list_scenarios
+        from mlvar.data.families import scenario_families
 
         cfg = get_config(config)
-        found = list_scenarios(cfg.paths.data_root)
-    rows = [
-        [s.name, s.dataset, s.mode, s.manifest.get("counts", {}).get("test", {}).get("affected")]
-        for s in found
-    ]
+        families = scenario_families(cfg.paths.data_root)
+    root = cfg.paths.data_root
     if json_out:
         print_json(
-            [dict(zip(["name", "dataset", "mode", "test_affected"], r, strict=True)) for r in rows]
+            [
+                {
+                    "name": s.name,
+                    "dataset": s.dataset,
+                    "mode": s.mode,
+                    "test_affected": _test_affected(s),
+                    "family": family.name,
+                    "params": s.manifest.get("params", {}),
+                }
+                for family in families
+                for s in family.scenarios
+            ]
         )
         return
+    if flat:
+        rows = [
+            [s.name, s.dataset, s.mode, _params_text(s, family), _test_affected(s)]
+            for family in families
+            for s in family.scenarios
+        ]
+        columns = ["name", "dataset", "mode", "parameters", "test affected"]
+        console.print(table(f"scenarios in {root}", columns, rows))
+        return
+    rows = [[f.name, len(f.scenarios), f.values_text()] for f in families]
+    n = sum(len(f.scenarios) for f in families)
     console.print(
         table(
-            f"scenarios in {cfg.paths.data_root}",
-            ["name", "dataset", "mode", "test affected"],
+            f"{n} scenario{'s' if n != 1 else ''} in {root}, by family",
+            ["family", "scenarios", "parameter values"],
             rows,
         )
     )
+
+
+def _test_affected(scenario: Scenario) -> int | None:
+    return scenario.manifest.get("counts", {}).get("test", {}).get("affected")
+
+
+def _params_text(scenario: Scenario, family: Family) -> str:
+    params = scenario.manifest.get("params") or {}
+    return ", ".join(f"{k} {params[k]}" for k in family.params if params.get(k) is not None)
