@@ -21,7 +21,7 @@ from mlvar.data.scenario import Scenario, list_scenarios
 
 #: Values of one parameter listed in full up to this many (evenly spaced numbers are
 #: always shortened to ``first, second, ..., last``).
-VALUES_SHOWN = 8
+VALUES_SHOWN = 10
 
 
 @dataclass
