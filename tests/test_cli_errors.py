@@ -182,11 +182,12 @@ def test_unknown_mode(
         (["--subclass", "x"], ("subclass", "'x'", "0-9")),
         (["--subclass=-1"], ("subclass", "-1", "0-9")),
         (["--subclass", "3.5"], ("subclass", "3.5", "0-9")),
-        (["--mode", "holdout"], ("needs --subclass",)),
+        # Without --subclass, holdout is the study's sweep (tests/test_cli_sweeps.py).
+        (["--mode", "holdout", "--subclass", "3,all"], ("subclass", "'all'", "alone")),
         (["--mode", "original", "--subclass", "3"], ("original", "takes no --subclass")),
         (["--mode", "holdout", "--subclass", "3", "--cluster", "2"], ("takes no --cluster",)),
     ],
-    ids=["12", "letter", "negative", "fraction", "missing", "original", "cluster"],
+    ids=["12", "letter", "negative", "fraction", "keyword-in-list", "original", "cluster"],
 )
 def test_digits_invalid_subclass(
     work: Path, tree_listing: Listing, args: list[str], words: tuple
@@ -199,11 +200,15 @@ def test_digits_invalid_subclass(
     [
         (["compas", "--mode", "artificial", "--ratio", "0.7"], ("ratio", "0.7", "[0.0, 0.5]")),
         (["compas", "--mode", "artificial", "--ratio=-0.1"], ("ratio", "-0.1", "[0.0, 0.5]")),
-        (["compas", "--mode", "artificial"], ("needs --ratio",)),
+        # Without --ratio, artificial is the study's sweep (tests/test_cli_sweeps.py).
+        (
+            ["compas", "--mode", "artificial", "--ratio", "0.1:0.7:0.1"],
+            ("ratio 0.6", "out of range", "[0.0, 0.5]"),
+        ),
         (["digits", "--subclass", "3", "--ratio", "1.5"], ("ratio", "1.5", "[0.0, 1.0]")),
         (["digits", "--subclass", "3", "--ratio", "nan"], ("ratio", "nan")),
     ],
-    ids=["compas-0.7", "compas-negative", "compas-missing", "digits-1.5", "digits-nan"],
+    ids=["compas-0.7", "compas-negative", "compas-range", "digits-1.5", "digits-nan"],
 )
 def test_ratio_out_of_range(
     compas_work: Path, tree_listing: Listing, args: list[str], words: tuple

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -27,6 +27,11 @@ from mlvar.cli.options import (
     RatioOpt,
     SubclassOpt,
 )
+
+if TYPE_CHECKING:  # the data services (numpy) load inside the commands
+    from mlvar.data.families import Family
+    from mlvar.data.scenario import Scenario
+    from mlvar.data.sweep import SweepResult
 
 app = typer.Typer(
     help="Fetch datasets, prepare scenarios with an injected flaw, and inspect them.",
@@ -95,48 +100,102 @@ def prepare(
     cluster: ClusterOpt = None,
     subclass: SubclassOpt = None,
     cls: ClsOpt = None,
-    seed: PrepareSeedOpt = 0,
-    force: Annotated[bool, typer.Option("--force", help="Rebuild an existing scenario.")] = False,
+    seed: PrepareSeedOpt = "0",
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Rebuild existing scenarios (a sweep skips them otherwise)."),
+    ] = False,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Prepare a scenario: a deterministic change to a dataset, with its ground truth.
+    """Prepare scenarios: deterministic changes to a dataset, with their ground truth.
+
+    One value per option prepares one scenario. A list or range prepares a sweep (every
+    combination); an option the mode needs that is left out is swept as the study did.
+    Everything is checked before the first scenario is written; a sweep skips the
+    scenarios already prepared.
 
     Examples:
 
       mlvar data prepare compas --mode artificial --ratio 0.3
 
-      mlvar data prepare compas --mode holdout --cluster 5
+      mlvar data prepare compas --mode artificial
 
-      mlvar data prepare digits --mode holdout --subclass 3
+      mlvar data prepare compas --mode holdout --cluster all
 
-      mlvar data prepare cifar10 --mode holdout-dup --ratio 0.9 --cls 0
+      mlvar data prepare cifar10 --mode holdout-dup --ratio 0:0.5:0.1 --cls 0
 
-      mlvar data prepare cifar100 --subclass boy+man --ratio 1.0
+      mlvar data prepare cifar100 --subclass study
 
-      mlvar data prepare digits --mode augmentation --cls 3 --ratio 0.5
+      mlvar data prepare digits --mode augmentation --cls 3,5 --ratio 0.5,1
     """
     with cli_errors():
         from mlvar.data import registry
 
         cfg = get_config(config)
-        scenario = registry.prepare(
-            cfg.paths.data_root,
-            dataset,
-            mode=mode,
-            ratio=ratio,
-            cluster=cluster,
-            subclass=subclass,
-            seed=seed,
-            force=force,
-            cls=cls,
-        )
-        info = registry.scenario_info(scenario)
-    if json_out:
-        print_json({"path": str(scenario.path), **info})
+        with ProgressBar(not json_out) as bar:
+
+            def on_scenario(done: int, total: int, name: str) -> None:
+                if total > 1:  # one scenario is quick: no bar
+                    bar.update(f"preparing {name}" if name else "prepared", done, total)
+
+            result = registry.prepare_sweep(
+                cfg.paths.data_root,
+                dataset,
+                mode=mode,
+                force=force,
+                progress=on_scenario,
+                ratio=ratio,
+                cluster=cluster,
+                subclass=subclass,
+                cls=cls,
+                seed=seed,
+            )
+        if len(result.scenarios) == 1 and not result.defaulted:
+            scenario = result.scenarios[0]
+            details = registry.scenario_info(scenario)
+    if len(result.scenarios) == 1 and not result.defaulted:
+        if json_out:
+            print_json({"path": str(scenario.path), **details})
+            return
+        _print_info(details)
+        console.print(f"Prepared [bold]{scenario.name}[/] in {scenario.path}")
         return
-    _print_info(info)
-    console.print(f"Prepared [bold]{scenario.name}[/] in {scenario.path}")
+    _print_sweep(result, cfg.paths.data_root, json_out)
+
+
+def _print_sweep(result: SweepResult, data_root: Path, json_out: bool) -> None:
+    rows = result.rows()
+    if json_out:
+        print_json(
+            {
+                "dataset": result.dataset,
+                "mode": result.mode,
+                "data_root": str(data_root),
+                "defaulted": result.defaulted,
+                "note": result.note(),
+                "prepared": result.prepared,
+                "skipped": result.skipped,
+                "scenarios": rows,
+            }
+        )
+        return
+    note = result.note()
+    if note:
+        console.print(note, markup=False, highlight=False, soft_wrap=True)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    # Parameter values as typed (0.1, not 0.1000); counts as numbers.
+    cells = [
+        [
+            str(row[c]) if c in result.swept and row.get(c) is not None else row.get(c)
+            for c in columns
+        ]
+        for row in rows
+    ]
+    title = f"{result.dataset} {result.mode}: {len(rows)} scenarios in {data_root}"
+    console.print(table(title, columns, cells))
+    skipped = f", skipped {len(result.skipped)} already prepared" if result.skipped else ""
+    console.print(f"Prepared {len(result.prepared)} of {len(rows)} scenarios{skipped}.")
 
 
 def _print_info(info: dict) -> None:
@@ -193,29 +252,72 @@ def info(
 
 
 @app.command("list")
-def list_(config: ConfigOpt = None, json_out: JsonOpt = False) -> None:
-    """List the prepared scenarios in the data root.
+def list_(
+    flat: Annotated[
+        bool,
+        typer.Option("--flat", help="One row per scenario instead of one per family."),
+    ] = False,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """List the prepared scenarios in the data root, by family (dataset and mode) with the
+    parameter values prepared; --flat lists each scenario. --json prints one record per
+    scenario (with its family and parameters).
 
-    Example: mlvar data list --json
+    Examples:
+
+      mlvar data list
+
+      mlvar data list --flat
+
+      mlvar data list --json
     """
     with cli_errors():
-        from mlvar.data.scenario import list_scenarios
+        from mlvar.data.families import scenario_families
 
         cfg = get_config(config)
-        found = list_scenarios(cfg.paths.data_root)
-    rows = [
-        [s.name, s.dataset, s.mode, s.manifest.get("counts", {}).get("test", {}).get("affected")]
-        for s in found
-    ]
+        families = scenario_families(cfg.paths.data_root)
+    root = cfg.paths.data_root
     if json_out:
         print_json(
-            [dict(zip(["name", "dataset", "mode", "test_affected"], r, strict=True)) for r in rows]
+            [
+                {
+                    "name": s.name,
+                    "dataset": s.dataset,
+                    "mode": s.mode,
+                    "test_affected": _test_affected(s),
+                    "family": family.name,
+                    "params": s.manifest.get("params", {}),
+                }
+                for family in families
+                for s in family.scenarios
+            ]
         )
         return
+    if flat:
+        rows = [
+            [s.name, s.dataset, s.mode, _params_text(s, family), _test_affected(s)]
+            for family in families
+            for s in family.scenarios
+        ]
+        columns = ["name", "dataset", "mode", "parameters", "test affected"]
+        console.print(table(f"scenarios in {root}", columns, rows))
+        return
+    rows = [[f.name, len(f.scenarios), f.values_text()] for f in families]
+    n = sum(len(f.scenarios) for f in families)
     console.print(
         table(
-            f"scenarios in {cfg.paths.data_root}",
-            ["name", "dataset", "mode", "test affected"],
+            f"{n} scenario{'s' if n != 1 else ''} in {root}, by family",
+            ["family", "scenarios", "parameter values"],
             rows,
         )
     )
+
+
+def _test_affected(scenario: Scenario) -> int | None:
+    return scenario.manifest.get("counts", {}).get("test", {}).get("affected")
+
+
+def _params_text(scenario: Scenario, family: Family) -> str:
+    params = scenario.manifest.get("params") or {}
+    return ", ".join(f"{k} {params[k]}" for k in family.params if params.get(k) is not None)

@@ -55,21 +55,24 @@ def mode_help() -> str:
     return "Scenario mode (default original). " + " ".join(parts)
 
 
-# The parameters of `mlvar data prepare`, each described by the modes that take it.
+# The parameters of `mlvar data prepare`, each described by the modes that take it and by
+# what it takes besides one value (lists, ranges, keywords; the study's sweep when omitted).
+# They stay text: the sweep service parses them (mlvar.data.sweep).
 ModeOpt = Annotated[str | None, typer.Option(help=mode_help(), show_default=False)]
-RatioOpt = Annotated[
-    float | None, typer.Option(help=registry.option_help("ratio"), show_default=False)
-]
-ClusterOpt = Annotated[
-    int | None, typer.Option(help=registry.option_help("cluster"), show_default=False)
-]
-SubclassOpt = Annotated[
-    str | None, typer.Option(help=registry.option_help("subclass"), show_default=False)
-]
-ClsOpt = Annotated[
-    str | None, typer.Option("--cls", help=registry.option_help("cls"), show_default=False)
-]
-PrepareSeedOpt = Annotated[int, typer.Option(help=registry.option_help("seed"))]
+
+
+def _sweep_option(option: str, flag: str | None = None, default: str | None = None) -> Any:
+    """A ``mlvar data prepare`` option that takes one value or a sweep of values."""
+    help_text = f"{registry.option_help(option)} {registry.sweep_help(option)}"
+    names = (flag,) if flag else ()
+    return typer.Option(*names, help=help_text, metavar="VALUES", show_default=default is not None)
+
+
+RatioOpt = Annotated[str | None, _sweep_option("ratio")]
+ClusterOpt = Annotated[str | None, _sweep_option("cluster")]
+SubclassOpt = Annotated[str | None, _sweep_option("subclass")]
+ClsOpt = Annotated[str | None, _sweep_option("cls", "--cls")]
+PrepareSeedOpt = Annotated[str, _sweep_option("seed", default="0")]
 
 # ---------------------------------------------------------------- training: train, submit
 

@@ -87,9 +87,11 @@ class SweepResult:
             }
             params = s.manifest.get("params", {})
             row.update({name: params.get(name) for name in self.swept})
-            for split, counts in (s.manifest.get("counts") or {}).items():
-                row[split] = counts["total"]
-                row[f"{split} affected"] = counts["affected"]
+            # In the scenario's split order: a manifest read back has its keys sorted.
+            counts = s.manifest.get("counts") or {}
+            for split in (split for split in s.splits if split in counts):
+                row[split] = counts[split]["total"]
+                row[f"{split} affected"] = counts[split]["affected"]
             out.append(row)
         return out
 

@@ -1,0 +1,145 @@
+"""Prepared scenarios grouped by family: the scenarios of one dataset and mode, and the
+parameter values they were prepared with (what ``mlvar data list`` shows).
+
+A study prepares a sweep per family (``mlvar data prepare cifar10 --mode holdout-dup``
+writes ten ratios of class 0); listing its scenarios one by one hides that shape, the
+families show it: ``cifar10 holdout-dup: cls 0; ratio 0.0, 0.1, ..., 0.9; seed 0`` (10
+scenarios). Reads manifests only.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from numbers import Real
+from pathlib import Path
+from typing import Any
+
+from mlvar.data.registry import DATASETS
+from mlvar.data.scenario import Scenario, list_scenarios
+
+#: Values of one parameter listed in full up to this many (evenly spaced numbers are
+#: always shortened to ``first, second, ..., last``).
+VALUES_SHOWN = 10
+
+
+@dataclass
+class Family:
+    """The prepared scenarios of one dataset and mode.
+
+    ``scenarios`` are ordered by their parameter values; ``params`` maps each parameter
+    (in the order the mode declares them) to the distinct values prepared, sorted
+    (a parameter some scenarios of the family do not take lists the others' values).
+    """
+
+    dataset: str
+    mode: str
+    scenarios: list[Scenario]
+    params: dict[str, list[Any]]
+
+    @property
+    def name(self) -> str:
+        """``<dataset> <mode>``: ``cifar10 holdout-dup``."""
+        return f"{self.dataset} {self.mode}"
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.scenarios]
+
+    def values_text(self, limit: int = VALUES_SHOWN) -> str:
+        """The parameter values on one line: ``cls 0; ratio 0.0, 0.1, ..., 0.9; seed 0``
+        ("" for a mode without parameters)."""
+        return "; ".join(
+            f"{name} {values_text(values, limit)}" for name, values in self.params.items()
+        )
+
+
+def scenario_families(data_root: str | os.PathLike, dataset: str | None = None) -> list[Family]:
+    """The prepared scenarios under ``data_root`` (optionally of one dataset) by family:
+    datasets and modes in the order mlvar lists them (others after, by name)."""
+    groups: dict[tuple[str, str], list[Scenario]] = {}
+    for scenario in list_scenarios(Path(data_root), dataset):
+        key = (str(scenario.manifest.get("dataset")), str(scenario.manifest.get("mode")))
+        groups.setdefault(key, []).append(scenario)
+    families = []
+    for (name, mode), members in sorted(groups.items(), key=lambda item: _family_order(*item[0])):
+        params: dict[str, set[Any]] = {option: set() for option in _option_order(name, mode)}
+        for scenario in members:
+            for option, value in (scenario.manifest.get("params") or {}).items():
+                values = params.setdefault(option, set())
+                if value is not None:
+                    values.add(_hashable(value))
+        members.sort(
+            key=lambda s: [_value_order(s.manifest.get("params", {}).get(p)) for p in params]
+        )
+        families.append(
+            Family(
+                dataset=name,
+                mode=mode,
+                scenarios=members,
+                params={p: sorted(v, key=_value_order) for p, v in params.items() if v},
+            )
+        )
+    return families
+
+
+def values_text(values: list[Any], limit: int = VALUES_SHOWN) -> str:
+    """``0.0, 0.1, ..., 0.9`` for evenly spaced numbers (four or more), every value up
+    to ``limit``, else the first ones, ``...``, the last and the count."""
+    shown = [_fmt(v) for v in values]
+    if len(values) >= 4 and _evenly_spaced(values):
+        return f"{shown[0]}, {shown[1]}, ..., {shown[-1]}"
+    if len(values) <= limit:
+        return ", ".join(shown)
+    return f"{', '.join(shown[: limit - 2])}, ..., {shown[-1]} ({len(values)} values)"
+
+
+def _family_order(dataset: str, mode: str) -> tuple:
+    names = list(DATASETS)
+    if dataset not in DATASETS:
+        return (len(names), dataset, 0, mode)
+    modes = list(DATASETS[dataset].modes)
+    return (names.index(dataset), dataset, modes.index(mode) if mode in modes else len(modes), mode)
+
+
+def _option_order(dataset: str, mode: str) -> list[str]:
+    """The options of a mode in the order its parameters declare them (a manifest read
+    back has its keys sorted)."""
+    spec = DATASETS.get(dataset)
+    variants = spec.variants(mode) if spec is not None else []
+    return list(dict.fromkeys(name for v in variants for name in v.params.options()))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def _value_order(value: Any) -> tuple:
+    """Numbers first (by value), then text, then missing values."""
+    if value is None:
+        return (2, 0.0, "")
+    if _is_number(value):
+        return (0, float(value), "")
+    return (1, 0.0, str(value))
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "+".join(str(v) for v in value)
+    return str(value)  # floats as Python writes them, the scenario names' way: 0.1, 1.0
+
+
+def _evenly_spaced(values: list[Any]) -> bool:
+    if not all(_is_number(v) for v in values):
+        return False
+    try:
+        exact = [Decimal(repr(v)) for v in values]
+    except InvalidOperation:
+        return False
+    steps = {b - a for a, b in zip(exact, exact[1:], strict=False)}
+    return len(steps) == 1
