@@ -68,6 +68,10 @@ DYNAMICS_FILE = "train.dynamics.npy"
 LOCKS_DIR = "locks"
 """``<experiment>/locks/<run-id>.lock``: the lease of a run a process is writing."""
 WAIT_POLL_S = 1.0
+CLAIMING_POLL_S = 0.02
+"""Seconds between two tries for the experiment's claiming lease (held for milliseconds)."""
+CLAIMING_LEASE = "claiming.lock"
+"""The lease a writer holds while it claims one pack of runs (see :meth:`RunClaims.packs`)."""
 """Seconds between two looks at the runs another process holds."""
 
 
@@ -484,14 +488,15 @@ class RunClaims:
         while todo:
             pack: list[int] = []
             busy: list[int] = []
-            for index in todo:
-                state = self.claim(run_id_for(index)) if len(pack) < size else False
-                if state is None:
-                    self.finished.append(run_id_for(index))
-                elif state:
-                    pack.append(index)
-                else:
-                    busy.append(index)
+            with self._claiming():
+                for index in todo:
+                    state = self.claim(run_id_for(index)) if len(pack) < size else False
+                    if state is None:
+                        self.finished.append(run_id_for(index))
+                    elif state:
+                        pack.append(index)
+                    else:
+                        busy.append(index)
             todo = busy
             if pack:
                 try:
@@ -504,6 +509,19 @@ class RunClaims:
                     first = run_id_for(todo[0])
                     self.on_wait(first, self.store.lease(first).holder())
                 time.sleep(WAIT_POLL_S)
+
+    @contextlib.contextmanager
+    def _claiming(self) -> Iterator[None]:
+        """Hold the experiment's claiming lease while one pack is claimed, so that two
+        writers starting together do not claim alternate runs: each pack is then the
+        same as one writer's (a run's ``pack_size`` does not depend on who else ran)."""
+        lease = Lease(self.store.root / LOCKS_DIR / CLAIMING_LEASE)
+        while not lease.acquire():
+            time.sleep(CLAIMING_POLL_S)
+        try:
+            yield
+        finally:
+            lease.release()
 
     def _remove_staging(self, run_id: str, old_only: bool = False) -> None:
         """Remove the temporary folders of ``run_id`` a killed writer left (only a holder
