@@ -274,7 +274,9 @@ def _print_study(result: StudySubmitResult, backend: str, json_out: bool) -> Non
         if sub is not None:
             _print_submission(sub)
         for exp, error in result.failed.items():
-            err_console.print(f"{exp} failed: {error}", markup=False, highlight=False)
+            err_console.print(
+                f"{exp} failed: {error}", markup=False, highlight=False, soft_wrap=True
+            )
         line = f"Submitted {sum(map(len, result.pending.values()))} run(s) of "
         line += f"{len(result.pending)} experiment(s); skipped {result.skipped} complete run(s)"
         if result.failed:

@@ -167,7 +167,7 @@ def _print_study(result: StudyResult) -> None:
         )
     )
     for exp, error in result.failed.items():
-        err_console.print(f"{exp} failed: {error}", markup=False, highlight=False)
+        err_console.print(f"{exp} failed: {error}", markup=False, highlight=False, soft_wrap=True)
     ok = len(result.results)
     line = (
         f"Trained {result.trained} run(s), skipped {result.skipped} finished run(s) in "
