@@ -53,8 +53,13 @@ class StudySubmitResult:
 
     @property
     def skipped(self) -> int:
-        """Runs complete before the submission (not resubmitted)."""
-        return self.plan.runs_requested - sum(len(v) for v in self.pending.values())
+        """Runs complete before the submission (not resubmitted), in the experiments that
+        could be set up."""
+        return sum(
+            p.requested - len(self.pending.get(p.experiment, []))
+            for p in self.plan.experiments
+            if p.experiment in self.pending or p.experiment not in self.failed
+        )
 
     def to_dict(self) -> dict[str, Any]:
         if self.single is not None:

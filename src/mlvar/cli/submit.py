@@ -1,5 +1,6 @@
-"""``mlvar submit``: train an experiment's runs, or compute its sharded analysis or
-saliency, on a backend (local, Ray, Azure ML, Slurm).
+"""``mlvar submit``: train the runs of one experiment per selected scenario (a study), or
+compute an experiment's sharded analysis or saliency, on a backend (local, Ray, Azure ML,
+Slurm).
 
 ``mlvar submit DATASET ...`` is ``mlvar submit run DATASET ...``: the group routes any
 first argument that is not a sub-command to ``run``.
@@ -86,11 +87,13 @@ app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode="rich",
     help=(
-        "Train an experiment's runs, or compute its sharded analysis (analyze rank) or "
-        f"saliency (analyze saliency), on a backend: {BACKENDS_HELP[:-1]}; then check "
+        "Train the runs of one experiment per selected scenario, or compute an "
+        "experiment's sharded analysis (analyze rank) or saliency (analyze saliency), on "
+        f"a backend: {BACKENDS_HELP[:-1]}; then check "
         "and fetch them.\n\n"
         "Examples:\n\n"
         "  mlvar submit digits --runs 16 --backend local\n\n"
+        "  mlvar submit compas --scenario artificial --runs 50 --backend ray\n\n"
         "  mlvar submit cifar100 --runs 50 --backend aml --dry-run --out jobs/\n\n"
         "  mlvar submit cifar100 --runs 50 --backend slurm --device cuda\n\n"
         "  mlvar submit analyze EXPERIMENT --shards 4 --run-shards 2 --backend ray\n\n"

@@ -82,7 +82,7 @@ def train(
 
     Examples:
 
-      mlvar train compas --scenario artificial --runs 50     # every artificial ratio
+      mlvar train compas --scenario artificial --runs 50   # every ratio
 
       mlvar train cifar10 --scenario 'cifar10-holdout-dup-*' --runs 8
 
