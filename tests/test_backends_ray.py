@@ -91,3 +91,35 @@ def test_ray_analysis_shards_equal_local_shards(
     assert job.name == "s3of3-r1of2" and job.state == "failed" and job.attempts == 2
     assert "injected failure in shard s3of3-r1of2" in job.log_tail
     assert again.merged is None
+
+
+@pytest.mark.slow
+def test_ray_sweep_equals_train_with_shared_jobs(ray_instance, tmp_path: Path) -> None:
+    from mlvar.backends.study import submit_study
+    from mlvar.train.study import train_study
+
+    data = tmp_path / "data"
+    exps = [prepare(data, "digits", mode="holdout", subclass=k).name + "-mlp" for k in (3, 4)]
+    roots = {"ray": tmp_path / "ray", "train": tmp_path / "train"}
+    cfgs = {k: Config(paths=PathsConfig(data, v, tmp_path / "rep")) for k, v in roots.items()}
+    train_study(cfgs["train"], "digits", runs=3, overrides={"epochs": 2})
+    res = submit_study(
+        cfgs["ray"], "digits", runs=3, backend="ray", overrides={"epochs": 2}, runs_per_job=4
+    )
+    assert res.submission.state == "complete" and not res.failed, res.submission
+    # 3 runs each, 4 per job: one job reads both scenarios, and lands each run in its own.
+    assert [
+        [(p["experiment"], p["run_indices"]) for p in j.parts] for j in res.submission.jobs
+    ] == [
+        [(exps[0], [0, 1, 2]), (exps[1], [0])],
+        [(exps[1], [1, 2])],
+    ]
+    for exp in exps:
+        a, b = (ExperimentStore.open(roots[k], exp) for k in ("ray", "train"))
+        assert a.meta == b.meta
+        ra, rb = a.runs(verify=True), b.runs(verify=True)
+        assert [r.run_id for r in ra] == [f"run-{i:04d}" for i in range(3)]
+        for x, y in zip(ra, rb, strict=True):
+            assert x.seed == y.seed
+            for split in a.splits:
+                assert np.array_equal(x.load_logits(split), y.load_logits(split)), (exp, x.run_id)

@@ -22,6 +22,7 @@ from mlvar import __version__
 from mlvar.analysis.metrics import METRICS
 from mlvar.cli import app
 from mlvar.data.compas import COMPAS_SHA256
+from mlvar.errors import MlvarError
 
 # typer >= 0.26 ships its own click; its CliRunner keeps stderr apart from stdout (as click
 # >= 8.2 does), so ``result.stderr`` is what a user sees on stderr.
@@ -453,17 +454,42 @@ def test_train_existing_experiment_with_other_setup(trained: Path, tree_listing:
     )
 
 
-def test_scenario_ambiguous(two_compas_scenarios: Path, tree_listing: Listing) -> None:
-    line = fails_cleanly(
-        two_compas_scenarios,
-        tree_listing,
-        "train",
-        "compas",
-        "--runs",
-        "1",
-        words=("2 prepared scenarios", "--scenario"),
-    )
-    assert "compas-original" in line and "compas-artificial-r0.3" in line
+def test_scenario_ambiguous(two_compas_scenarios: Path) -> None:
+    # 'mlvar train' now trains every scenario it selects (issue #12 item 3); the commands
+    # of one scenario still refuse an ambiguous value, naming the candidates.
+    from mlvar.config import load_config
+    from mlvar.data.scenario import resolve_scenario
+
+    with pytest.raises(MlvarError, match="2 prepared scenarios") as err:
+        resolve_scenario(load_config().paths.data_root, "compas", None)
+    assert "compas-original" in err.value.hint and "compas-artificial-r0.3" in err.value.hint
+    assert "--scenario" in err.value.hint
+
+
+@pytest.mark.parametrize(
+    "value, words",
+    [
+        ("compas-holdout-*", ("'compas-holdout-*'", "matches no", "compas-original")),
+        ("compas-original,artificail", ("'artificail'", "did you mean 'artificial'")),
+        (" , ", ("names no scenario", "commas")),
+    ],
+    ids=["glob", "list-typo", "empty-list"],
+)
+def test_scenario_selecting_nothing(
+    two_compas_scenarios: Path, tree_listing: Listing, value: str, words: tuple
+) -> None:
+    for command in ("train", "submit"):
+        fails_cleanly(
+            two_compas_scenarios,
+            tree_listing,
+            command,
+            "compas",
+            "--scenario",
+            value,
+            "--runs",
+            "1",
+            words=words,
+        )
 
 
 def test_scenario_by_mode_resolves(two_compas_scenarios: Path) -> None:

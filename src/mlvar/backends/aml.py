@@ -14,7 +14,9 @@ compute with:
   changed scenario is a new version), mounted read-only; and inputs ``array_0``, ...: the
   shared arrays it reads (the dataset's source, the rows it changed: docs/datasets.md),
   each a ``uri_file`` data asset named by its content (``mlvar-array-<sha256[:16]>``,
-  version 1), so an array is uploaded once however many scenarios read it;
+  version 1), so an array is uploaded once however many scenarios read it; a study's job
+  that trains several experiments mounts each scenario it reads (``scenario``,
+  ``scenario_1``, ...; their assets in ``data-assets/``);
 - output ``runs`` (training) or ``shards``: a ``uri_folder`` on ``[backend.aml]
   datastore`` under ``mlvar/<experiment>/<submission>/<job>/``;
 - an environment: ``[backend.aml] environment`` if set, else a conda file of mlvar's own
@@ -128,12 +130,15 @@ def job_dict(
     sub: Submission,
     kind: JobKind,
     spec: dict[str, Any],
-    scenario: Scenario | None,
+    scenario: Scenario | list[Scenario] | None,
     cfg: AmlConfig,
 ) -> dict:
     """The command job of one job, as the YAML mapping: the worker on
     ``specs/<job>.json``, its inputs, its output on the datastore under
-    ``mlvar/<experiment>/<submission>/<job>/``."""
+    ``mlvar/<experiment>/<submission>/<job>/``. A study's job that trains several
+    experiments reads several scenarios (``scenario``: a list): inputs ``scenario``,
+    ``scenario_1``, ... (in the order of its spec's parts) and every shared array they
+    read, each once."""
     name = spec["job"]
     text = kind.describe(sub, spec)
     inputs: dict[str, Any] = {}
@@ -145,10 +150,17 @@ def job_dict(
             "mode": "ro_mount",
         }
     arrays: list[str] = []
+    scenario_dirs: list[str] = []
     if kind.reads_scenario:
         assert scenario is not None
-        inputs["scenario"] = _scenario_input(scenario)
-        for i, ref in enumerate(scenario.arrays):
+        scenarios = scenario if isinstance(scenario, list) else [scenario]
+        refs: dict[str, ArrayRef] = {}
+        for k, one in enumerate(scenarios):
+            key = "scenario" if k == 0 else f"scenario_{k}"
+            inputs[key] = _scenario_input(one)
+            scenario_dirs.append(f"${{{{inputs.{key}}}}}")
+            refs.update({ref.sha256: ref for ref in one.arrays if ref.sha256 not in refs})
+        for i, ref in enumerate(refs.values()):
             inputs[f"array_{i}"] = {
                 "type": "uri_file",
                 "path": f"azureml:{array_asset_name(ref)}:{ARRAY_ASSET_VERSION}",
@@ -160,7 +172,7 @@ def job_dict(
         f"specs/{name}.json",
         f"${{{{outputs.{kind.output_name}}}}}",
         experiment_dir="${{inputs.experiment}}",
-        scenario_dir="${{inputs.scenario}}",
+        scenario_dir=scenario_dirs[0] if len(scenario_dirs) == 1 else scenario_dirs or None,
         array_files=arrays,
     )
     return {
@@ -252,16 +264,13 @@ def write_jobs(batch: JobBatch, cfg: AmlConfig, out: Path) -> list[str]:
     require("azure.ai.ml", "aml")
     from azure.ai.ml import load_data
 
-    kind, sub, scenario = batch.kind, batch.sub, batch.scenario
+    kind, sub = batch.kind, batch.sub
+    assets = _asset_files(batch) if kind.reads_scenario else {}
     with staging_dir(Path(out), replace=True) as tmp:
         written = _code_and_environment(tmp, cfg)
-        if kind.reads_scenario:
-            assert scenario is not None
-            atomic_write_text(tmp / "data-asset.yaml", _yaml(data_asset_dict(scenario)))
-            written.append("data-asset.yaml")
-            for file, ref in _array_asset_files(scenario).items():
-                atomic_write_text(tmp / file, _yaml(array_asset_dict(scenario, ref)))
-                written.append(file)
+        for file, asset in assets.items():
+            atomic_write_text(tmp / file, _yaml(asset))
+            written.append(file)
         staged: set[str] = set()
         for name, spec in batch.specs.items():
             group = kind.input_group(spec)
@@ -271,21 +280,41 @@ def write_jobs(batch: JobBatch, cfg: AmlConfig, out: Path) -> list[str]:
                 staged.add(group)
                 written.append(f"inputs/{group}/")
             atomic_write_json(tmp / "code" / "specs" / f"{name}.json", spec)
-            job = job_dict(sub, kind, spec, scenario, cfg)
+            reads = batch.job_scenarios(spec)  # a study's job may read several
+            one = reads if len(reads) > 1 else (reads[0] if reads else None)
+            job = job_dict(sub, kind, spec, one, cfg)
             atomic_write_text(tmp / "jobs" / f"{name}.yaml", _yaml(job))
             written += [f"code/specs/{name}.json", f"jobs/{name}.yaml"]
         atomic_write_json(tmp / "submission.json", sub.to_dict())
         written.append("submission.json")
         _validate(tmp, batch.specs)
-        if kind.reads_scenario:
-            for file in ["data-asset.yaml", *_array_asset_files(scenario)]:
-                load_data(tmp / file)
+        for file in assets:
+            load_data(tmp / file)
     return written
 
 
 def _array_asset_files(scenario: Scenario) -> dict[str, ArrayRef]:
     """``array-assets/<sha256[:16]>.yaml`` of each shared array the scenario reads."""
     return {f"array-assets/{ref.sha256[:16]}.yaml": ref for ref in scenario.arrays}
+
+
+def _asset_files(batch: JobBatch) -> dict[str, dict[str, Any]]:
+    """The data assets the jobs read, by file: ``data-asset.yaml`` (the prepared
+    scenario; a study of several: ``data-assets/<asset name>.yaml``, one per scenario) and
+    ``array-assets/<sha256[:16]>.yaml`` (each shared array they read, once)."""
+    scenarios = list(batch.scenarios.values())
+    if not scenarios and batch.scenario is not None:
+        scenarios = [batch.scenario]
+    files: dict[str, dict[str, Any]] = {}
+    if len(scenarios) == 1:
+        files["data-asset.yaml"] = data_asset_dict(scenarios[0])
+    else:
+        for one in scenarios:
+            files[f"data-assets/{asset_name(one)}.yaml"] = data_asset_dict(one)
+    for one in scenarios:
+        for file, ref in _array_asset_files(one).items():
+            files.setdefault(file, array_asset_dict(one, ref))
+    return files
 
 
 def _code_and_environment(tmp: Path, cfg: AmlConfig) -> list[str]:
@@ -383,15 +412,9 @@ class AmlBackend(Backend):
         ml_client = self.ml_client
         folder = batch.base / "aml"
         write_jobs(batch, self.cfg, folder)
-        scenario = batch.scenario
-        if batch.kind.reads_scenario and scenario is not None:
-            _ensure_data_asset(
-                ml_client, asset_name(scenario), asset_version(scenario), folder / "data-asset.yaml"
-            )
-            for file, ref in _array_asset_files(scenario).items():
-                _ensure_data_asset(
-                    ml_client, array_asset_name(ref), ARRAY_ASSET_VERSION, folder / file
-                )
+        if batch.kind.reads_scenario:
+            for file, asset in _asset_files(batch).items():
+                _ensure_data_asset(ml_client, asset["name"], asset["version"], folder / file)
         sub.options = dict(
             sub.options,
             workspace=self.cfg.workspace,

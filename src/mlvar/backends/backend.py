@@ -19,7 +19,7 @@ import contextlib
 import importlib
 import shutil
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any, ClassVar
@@ -73,6 +73,16 @@ class JobBatch:
     data_root: Path | None = None  # where that scenario is (a filesystem the jobs share)
     device: str = "cpu"  # where the jobs compute ("cuda": GPUs are requested or pinned)
     workers: int | None = None  # local backend: worker processes (--workers)
+    # a study: every scenario its jobs read, by name (``scenario`` is the first)
+    scenarios: dict[str, Scenario] = field(default_factory=dict)
+
+    def job_scenarios(self, spec: dict[str, Any]) -> list[Scenario]:
+        """The prepared scenarios the job ``spec`` reads: the batch's, or in a study
+        those the spec (each of its ``parts``) names."""
+        if not self.scenarios:
+            return [] if self.scenario is None else [self.scenario]
+        names = [str(part["scenario"]) for part in spec.get("parts", [spec])]
+        return [self.scenarios[name] for name in dict.fromkeys(names)]
 
     @property
     def base(self) -> Path:

@@ -166,24 +166,39 @@ def named(folder: Path, name: str) -> Iterator[Path]:
 @contextlib.contextmanager
 def scenario_root(
     data_root: Path | None,
-    scenario_dir: Path | None,
-    scenario: str,
+    scenario_dir: Path | Sequence[Path] | None,
+    scenario: str | Sequence[str],
     array_files: Sequence[Path] = (),
 ) -> Iterator[Path | None]:
     """A data root holding the prepared scenario ``scenario``: ``data_root``, or one made
     for the scenario folder ``scenario_dir`` itself (an input mount) and the shared arrays
     it reads (``array_files``, input mounts too; without them, those of the folder's own
-    data root)."""
-    if scenario_dir is None:
+    data root). A study's job passes several folders and their scenarios' names, in the
+    same order."""
+    if isinstance(scenario_dir, (str, Path)):
+        dirs = [Path(scenario_dir)]
+    else:
+        dirs = [Path(d) for d in scenario_dir or []]
+    names = [scenario] if isinstance(scenario, str) else list(scenario)
+    if not dirs:
         yield None if data_root is None else Path(data_root)
         return
-    if not array_files:
-        with named(Path(scenario_dir), scenario) as folder:
+    if len(dirs) != len(names):
+        raise MlvarError(
+            f"{len(dirs)} --scenario-dir for the {len(names)} scenarios of the spec",
+            "pass one --scenario-dir per scenario the job reads, in the spec's order",
+        )
+    if not array_files and len(dirs) == 1:
+        with named(dirs[0], names[0]) as folder:
             yield folder.parent
         return
     with tempfile.TemporaryDirectory(prefix="mlvar-data-") as tmp:
-        (Path(tmp) / scenario).symlink_to(Path(scenario_dir).resolve(), target_is_directory=True)
-        link_arrays(shared_dir(tmp), array_files)
+        for folder, name in zip(dirs, names, strict=True):
+            (Path(tmp) / name).symlink_to(folder.resolve(), target_is_directory=True)
+        if array_files:
+            link_arrays(shared_dir(tmp), array_files)
+        elif shared_dir(dirs[0].resolve().parent).is_dir():  # the folders' own data root's
+            shared_dir(tmp).symlink_to(shared_dir(dirs[0].resolve().parent))
         yield Path(tmp)
 
 
@@ -193,16 +208,18 @@ def worker_command(
     out: str,
     experiment_dir: str | None = None,
     data_root: str | None = None,
-    scenario_dir: str | None = None,
+    scenario_dir: str | Sequence[str] | None = None,
     python: str = "python",
     array_files: Sequence[str] = (),
 ) -> list[str]:
-    """The worker's command line for a job of ``kind`` (paths as the job sees them)."""
+    """The worker's command line for a job of ``kind`` (paths as the job sees them;
+    ``scenario_dir``: one folder, or a study's job's several, in its spec's order)."""
     cmd = [python, "-m", "mlvar.backends.worker", spec_file]
     if kind.reads_experiment and experiment_dir is not None:
         cmd += ["--experiment-dir", experiment_dir]
     if kind.reads_scenario and scenario_dir is not None:
-        cmd += ["--scenario-dir", scenario_dir]
+        for folder in [scenario_dir] if isinstance(scenario_dir, str) else scenario_dir:
+            cmd += ["--scenario-dir", folder]
         for file in array_files:
             cmd += ["--array-file", file]
     if kind.reads_scenario and data_root is not None:

@@ -3,7 +3,8 @@
 ``ray.init()`` starts a local instance, or connects to ``[backend.ray] address``. No
 shared filesystem is needed, on a laptop or on a cluster: what a job reads goes to the
 tasks through the object store, each file once however many tasks read it (the prepared
-scenario's folder and the shared arrays it reads, and for shards the experiment files of
+scenario's folder and the shared arrays it reads, for a study's job each scenario it
+trains, and for shards the experiment files of
 :meth:`JobKind.inputs`), and
 each task returns its output's complete part as bytes (:meth:`JobKind.output_files`),
 which the driver writes into a temporary folder and lands with the same verification as
@@ -172,10 +173,8 @@ class RayBackend(Backend):
                 refs[key] = ray.put(src if isinstance(src, bytes) else Path(src).read_bytes())
             return refs[key]
 
-        scenario_ref = None
-        if kind.reads_scenario and batch.scenario is not None:
-            scenario_ref = {rel: put(src) for rel, src in scenario_files(batch.scenario).items()}
         inputs: dict[str, dict[str, Any]] = {}  # job -> {relative path: object ref}
+        scenario_refs: dict[str, dict[str, Any] | None] = {}  # job -> the same, its scenarios
         env = faults.task_env()  # the testing hook, for workers already running
         in_flight: dict[Any, tuple[Job, dict[str, Any]]] = {}
 
@@ -183,6 +182,10 @@ class RayBackend(Backend):
             if job.name not in inputs:
                 files = kind.inputs(store, spec)
                 inputs[job.name] = {rel: put(src) for rel, src in files.items()}
+                scenarios = batch.job_scenarios(spec) if kind.reads_scenario else []
+                scenario_refs[job.name] = {
+                    rel: put(src) for s in scenarios for rel, src in scenario_files(s).items()
+                } or None
             gpus = self.cfg.gpus_per_run * kind.units(spec) if batch.device == "cuda" else 0
             options: dict[str, Any] = {
                 "num_cpus": self.cfg.cpus_per_run,
@@ -191,7 +194,9 @@ class RayBackend(Backend):
             }
             if env:
                 options["runtime_env"] = {"env_vars": env}
-            ref = ray.remote(**options)(_task).remote(spec, inputs[job.name], scenario_ref)
+            ref = ray.remote(**options)(_task).remote(
+                spec, inputs[job.name], scenario_refs[job.name]
+            )
             job.ref = ref.hex()
             in_flight[ref] = (job, spec)
 

@@ -74,11 +74,20 @@ class SubmitResult:
         }
 
 
-def _retries(config: Config, retries: int | None) -> int:
+def retries_for(config: Config, retries: int | None) -> int:
+    """``--retries``, or ``[submit] retries``; refuses a negative count."""
     retries = config.submit.retries if retries is None else retries
     if retries < 0:
         raise MlvarError(f"--retries must be >= 0, got {retries}", "0 disables retries")
     return retries
+
+
+def check_runs_per_job(config: Config, runs_per_job: int | None) -> int:
+    """``--runs-per-job``, or ``[submit] runs_per_job``; refuses less than 1."""
+    runs_per_job = config.submit.runs_per_job if runs_per_job is None else runs_per_job
+    if runs_per_job < 1:
+        raise MlvarError(f"--runs-per-job must be at least 1, got {runs_per_job}", "e.g. 8")
+    return runs_per_job
 
 
 def submit(
@@ -104,10 +113,8 @@ def submit(
     not answer) raises :class:`MlvarError` before anything is written.
     """
     be = get_backend(backend, config)
-    runs_per_job = config.submit.runs_per_job if runs_per_job is None else runs_per_job
-    if runs_per_job < 1:
-        raise MlvarError(f"--runs-per-job must be at least 1, got {runs_per_job}", "e.g. 8")
-    retries = _retries(config, retries)
+    runs_per_job = check_runs_per_job(config, runs_per_job)
+    retries = retries_for(config, retries)
     from mlvar.train.service import prepare_training, train  # torch: training only
 
     found, cfg, exp = prepare_training(config, dataset, scenario, runs, name, overrides)
@@ -161,12 +168,12 @@ def submit(
         if not pending:
             result.submission = None
             return result
-        _run(be, batch, progress)
+        run_batch(be, batch, progress)
         result.wall_time_s = time.perf_counter() - started
         return result
 
 
-def _run(be: Backend, batch: JobBatch, progress: SubmitProgress | None) -> None:
+def run_batch(be: Backend, batch: JobBatch, progress: SubmitProgress | None) -> None:
     """Hand ``batch`` to the backend, the record saved before and after."""
     assert batch.store is not None
     batch.sub.save(batch.store.root)
@@ -317,7 +324,7 @@ def _submit_shards(
     started = time.perf_counter()
     if sub.jobs:
         with be.session():
-            _run(be, batch, progress)
+            run_batch(be, batch, progress)
     else:
         outcome.submission = None
     if options.get("merge", True) and sub.state == "complete":
@@ -355,7 +362,7 @@ def submit_analysis(
     """
     be = get_backend(backend, config)
     check_by(by)
-    retries = _retries(config, retries)
+    retries = retries_for(config, retries)
     store = ExperimentStore.open(Path(config.paths.runs_root), experiment)
     plan = plan_shards(store, split, shards, run_shards, allow_mixed)
     be.check(dry_run=dry_run)
@@ -463,7 +470,7 @@ def submit_saliency(
     (and merges) the shards later.
     """
     be = get_backend(backend, config)
-    retries = _retries(config, retries)
+    retries = retries_for(config, retries)
     be.check(dry_run=dry_run)
     store = ExperimentStore.open(Path(config.paths.runs_root), experiment)
     data_root = Path(config.paths.data_root)

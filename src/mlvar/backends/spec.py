@@ -8,10 +8,11 @@ runs (``kind: "train"``, :mod:`mlvar.backends.train_jobs`), one analysis shard
 ``experiment``, and an attempt's spec its ``attempt`` number.
 
 A submission is recorded in ``<runs_root>/<experiment>/submissions/<id>.json`` (written
-atomically after every change): its kind, the backend, the jobs with their run indices
-(or shard), references (Azure ML job names, Ray object refs, Slurm job ids), states,
-attempts and, for failed jobs, the seeds (or shard), the error and the log tail. Records
-written before analysis jobs existed load as ``train`` submissions.
+atomically after every change; a study's in the folder of each experiment it trains):
+its kind, the backend, the jobs with their run indices (for a study's jobs, per
+experiment: ``parts``) or shard, references (Azure ML job names, Ray object refs, Slurm
+job ids), states, attempts and, for failed jobs, the seeds (or shard), the error and the
+log tail. Records written before analysis jobs existed load as ``train`` submissions.
 """
 
 from __future__ import annotations
@@ -58,6 +59,15 @@ class Job:
     # analysis: {"samples": "i/k", "runs": "j/m", "run_ids": [first, last]};
     # saliency: {"runs": "j/m", "run_ids": [first, last]}
     shard: dict[str, Any] = field(default_factory=dict)
+    # a study's training job: [{"experiment", "run_indices"}, ...], the runs of each
+    # experiment it trains (empty in a submission of one experiment: run_indices)
+    parts: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if not self.parts:
+            data.pop("parts")  # a record of one experiment, as it always was
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Job:
@@ -86,6 +96,9 @@ class Submission:
     created_at: str = field(default_factory=now)
     updated_at: str = field(default_factory=now)
     options: dict[str, Any] = field(default_factory=dict)  # backend details (workspace, ...)
+    # a study: every experiment it trains (``experiment`` is the first, whose folder holds
+    # the submission's files); the record is saved in each of their folders
+    experiments: list[str] = field(default_factory=list)
     path: Path | None = None
 
     @property
@@ -112,13 +125,24 @@ class Submission:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data.pop("path")
+        data["jobs"] = [j.to_dict() for j in self.jobs]
+        if not self.experiments:
+            data.pop("experiments")  # a record of one experiment, as it always was
         data["state"] = self.state
         return data
 
     def save(self, experiment_root: Path) -> Path:
+        """Write the record into ``experiment_root/submissions/`` (atomically), and for a
+        study into the folder of each of its other experiments too."""
         self.updated_at = now()
-        self.path = Path(experiment_root) / "submissions" / f"{self.id}.json"
-        atomic_write_json(self.path, self.to_dict())
+        root = Path(experiment_root)
+        self.path = root / "submissions" / f"{self.id}.json"
+        data = self.to_dict()
+        atomic_write_json(self.path, data)
+        for name in self.experiments:
+            member = root.parent / name
+            if name != root.name and member.is_dir():
+                atomic_write_json(member / "submissions" / f"{self.id}.json", data)
         return self.path
 
     @classmethod

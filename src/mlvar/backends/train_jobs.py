@@ -5,10 +5,18 @@ config). Runs of one experiment share everything but the index, so a *pack* (one
 Ray task, one worker call) is one spec with a list of ``run_indices`` (``kind: "train"``;
 specs written before kinds existed have no ``kind`` and are training packs too).
 
-The worker trains the pack into a runs root of its own; that output folder is itself a
-run store (``<experiment>/experiment.json``, ``samples/``, ``runs/<id>/``), whose complete,
-sha256-verified runs :func:`mlvar.backends.transfer.import_runs` moves into the user's
-store. The job reads only the prepared scenario.
+A study (``mlvar submit DATASET --scenario artificial``) trains one experiment per
+scenario in one submission; its runs are packed by :func:`study_packs`, and a job that
+holds runs of several experiments has a spec whose ``parts`` list each experiment's
+(``dataset``, ``scenario``, ``scenario_manifest_sha256``, ``experiment``,
+``run_indices``, ``seeds``); its top-level fields are those of the first part. A job of
+one experiment has no ``parts``: its spec is the one a submission of that experiment
+alone writes.
+
+The worker trains the pack (each part) into a runs root of its own; that output folder
+is itself a run store (``<experiment>/experiment.json``, ``samples/``, ``runs/<id>/``),
+whose complete, sha256-verified runs :func:`mlvar.backends.transfer.import_runs` moves
+into the user's store (each experiment's into its own). The job reads only the prepared scenario(s).
 """
 
 from __future__ import annotations
@@ -58,9 +66,73 @@ def pack_spec(
     }
 
 
+#: The per-experiment fields of a pack spec: what each part of a study's job has.
+PART_KEYS = (
+    "dataset",
+    "scenario",
+    "scenario_manifest_sha256",
+    "experiment",
+    "run_indices",
+    "seeds",
+)
+
+
 def make_packs(indices: list[int], runs_per_job: int) -> list[list[int]]:
     """Split run indices into packs of at most ``runs_per_job``."""
     return [indices[i : i + runs_per_job] for i in range(0, len(indices), runs_per_job)]
+
+
+def study_packs(
+    pending: dict[str, list[int]], runs_per_job: int
+) -> list[list[tuple[str, list[int]]]]:
+    """Pack the runs of several experiments (``{experiment: run indices}``, in order) into
+    jobs of at most ``runs_per_job`` runs, each a list of ``(experiment, indices)``.
+
+    Each experiment fills jobs of its own first (:func:`make_packs`); the runs left over
+    (fewer than ``runs_per_job`` per experiment) are then packed together, in order, so
+    the study takes the fewest jobs (``ceil(runs / runs_per_job)``) and only those jobs
+    mix experiments. One experiment gives exactly :func:`make_packs`.
+    """
+    jobs: list[list[tuple[str, list[int]]]] = []
+    rest: list[tuple[str, int]] = []
+    for exp, indices in pending.items():
+        full = len(indices) - len(indices) % runs_per_job
+        jobs += [[(exp, pack)] for pack in make_packs(indices[:full], runs_per_job)]
+        rest += [(exp, i) for i in indices[full:]]
+    for k in range(0, len(rest), runs_per_job):
+        job: list[tuple[str, list[int]]] = []
+        for exp, i in rest[k : k + runs_per_job]:
+            if job and job[-1][0] == exp:
+                job[-1][1].append(i)
+            else:
+                job.append((exp, [i]))
+        jobs.append(job)
+    return jobs
+
+
+def with_parts(specs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The spec of one job training the packs ``specs`` (each :func:`pack_spec`, of one
+    experiment, same job and config): the first spec, plus ``parts`` when there are
+    several."""
+    if len(specs) == 1:
+        return specs[0]
+    return dict(specs[0], parts=[{k: spec[k] for k in PART_KEYS} for spec in specs])
+
+
+def parts_of(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The one-experiment pack specs a (study) job spec trains: itself without ``parts``."""
+    if "parts" not in spec:
+        return [spec]
+    base = {k: v for k, v in spec.items() if k != "parts"}
+    return [dict(base, **part) for part in spec["parts"]]
+
+
+def store_for(store: ExperimentStore, experiment: str) -> ExperimentStore:
+    """The store of ``experiment``: ``store`` itself, or its sibling in the same runs
+    root (a study's experiments share one)."""
+    if experiment == store.name:
+        return store
+    return ExperimentStore.open(store.root.parent, experiment)
 
 
 def missing_runs(store: ExperimentStore, indices: list[int]) -> list[int]:
@@ -135,7 +207,8 @@ def collect_runs(experiment_dir: Path) -> dict[str, bytes]:
 
 
 class TrainKind(JobKind):
-    """A pack of runs trained from the prepared scenario."""
+    """A pack of runs trained from the prepared scenario (a study's job: the packs of
+    several experiments, each from its own scenario, each landing in its own store)."""
 
     name = KIND
     reads_scenario = True
@@ -143,15 +216,31 @@ class TrainKind(JobKind):
     output_name = "runs"
 
     def units(self, spec: dict[str, Any]) -> int:
-        return len(spec["run_indices"])
+        return sum(len(part["run_indices"]) for part in parts_of(spec))
 
     def describe(self, sub: Submission, spec: dict[str, Any]) -> JobText:
         pack, indices = spec["job"], spec["run_indices"]
+        if "parts" in spec:
+            parts = parts_of(spec)
+            runs = "; ".join(
+                f"{p['experiment']}: {', '.join(map(str, p['run_indices']))}" for p in parts
+            )
+            return JobText(
+                title=f"{pack} ({self.units(spec)} runs of {len(parts)} experiments)",
+                description=f"mlvar: train runs of {len(parts)} experiments ({runs})",
+                labels={
+                    "mlvar_experiment": ",".join(p["experiment"] for p in parts),
+                    "mlvar_submission": sub.id,
+                    "mlvar_pack": pack,
+                    "mlvar_runs": runs,
+                },
+            )
+        exp = spec["experiment"]
         return JobText(
-            title=f"{sub.experiment} {pack} (runs {indices[0]}-{indices[-1]})",
-            description=f"mlvar: train runs {', '.join(map(str, indices))} of {sub.experiment}",
+            title=f"{exp} {pack} (runs {indices[0]}-{indices[-1]})",
+            description=f"mlvar: train runs {', '.join(map(str, indices))} of {exp}",
             labels={
-                "mlvar_experiment": sub.experiment,
+                "mlvar_experiment": exp,
                 "mlvar_submission": sub.id,
                 "mlvar_pack": pack,
                 "mlvar_runs": ",".join(map(str, indices)),
@@ -166,8 +255,13 @@ class TrainKind(JobKind):
         data_root: Path | None,
         log: Log = print,
     ) -> None:
-        done = run_pack(spec, out, data_root, log)
-        missing = [run_id_for(i) for i in spec["run_indices"] if run_id_for(i) not in done]
+        done = _each_part(spec, lambda part: run_pack(part, out, data_root, log))
+        missing = [
+            _run_name(spec, part["experiment"], i)
+            for part in parts_of(spec)
+            for i in part["run_indices"]
+            if run_id_for(i) not in done[part["experiment"]]
+        ]
         if missing:
             raise RuntimeError(f"runs not finished: {', '.join(missing)}")
 
@@ -175,47 +269,95 @@ class TrainKind(JobKind):
         self, spec: dict[str, Any], store: ExperimentStore, data_root: Path | None, work: Path
     ) -> Path | None:
         # Training in process writes each run atomically into the store itself.
-        run_pack(spec, store.root.parent, data_root, log=quiet)
+        _each_part(spec, lambda part: run_pack(part, store.root.parent, data_root, log=quiet))
         return None
 
     def output_files(self, spec: dict[str, Any], out: Path) -> dict[str, bytes]:
-        exp_dir = Path(out) / spec["experiment"]
-        if not (exp_dir / "experiment.json").is_file():
-            return {}
-        return {f"{spec['experiment']}/{k}": v for k, v in collect_runs(exp_dir).items()}
+        files = {}
+        for part in parts_of(spec):
+            exp_dir = Path(out) / part["experiment"]
+            if (exp_dir / "experiment.json").is_file():
+                files.update({f"{exp_dir.name}/{k}": v for k, v in collect_runs(exp_dir).items()})
+        return files
 
     def land(self, out: Path, store: ExperimentStore, spec: dict[str, Any]) -> ImportResult:
+        wanted = {part["experiment"] for part in parts_of(spec)}
         total = ImportResult()
         for found in sorted(Path(out).rglob("experiment.json")):
-            got = import_runs(found.parent, store)
-            total.imported += got.imported
-            total.skipped += got.skipped
-            total.rejected.update(got.rejected)
+            name = found.parent.name
+            # a folder of another experiment goes to this store, which refuses it
+            target = store_for(store, name) if name in wanted else store
+            got = import_runs(found.parent, target)
+            prefix = f"{name}/" if "parts" in spec or name != store.name else ""
+            total.imported += [prefix + r for r in got.imported]
+            total.skipped += [prefix + r for r in got.skipped]
+            total.rejected.update({prefix + k: v for k, v in got.rejected.items()})
         return total
 
     def remaining(self, store: ExperimentStore, spec: dict[str, Any]) -> dict[str, Any] | None:
-        left = missing_runs(store, list(spec["run_indices"]))
-        if not left:
-            return None
         from mlvar.train.seeding import run_seed
 
         base = int(spec.get("train", {}).get("base_seed", 0))
-        return dict(spec, run_indices=left, seeds=[run_seed(base, i) for i in left])
+        left = []
+        for part in parts_of(spec):
+            indices = missing_runs(store_for(store, part["experiment"]), part["run_indices"])
+            if indices:
+                left.append(
+                    dict(part, run_indices=indices, seeds=[run_seed(base, i) for i in indices])
+                )
+        if not left:
+            return None
+        return with_parts(left) if "parts" in spec else left[0]
 
     def pending_text(self, left: dict[str, Any], landed: ImportResult | None) -> str:
-        return f"runs not finished: {', '.join(run_id_for(i) for i in left['run_indices'])}"
+        names = [
+            _run_name(left, part["experiment"], i)
+            for part in parts_of(left)
+            for i in part["run_indices"]
+        ]
+        return f"runs not finished: {', '.join(names)}"
 
     def failures(self, sub: Submission, job: Job, left: dict[str, Any]) -> list[dict[str, Any]]:
         from mlvar.train.seeding import run_seed
 
         return [
             {"run_id": run_id_for(i), "seed": run_seed(sub.base_seed, i)}
-            for i in left["run_indices"]
+            | ({"experiment": part["experiment"]} if sub.experiments else {})
+            for part in parts_of(left)
+            for i in part["run_indices"]
         ]
 
     def landed(self, store: ExperimentStore, sub: Submission, job: Job) -> list[str]:
-        missing = set(missing_runs(store, job.run_indices))
-        return [run_id_for(i) for i in job.run_indices if i not in missing]
+        if not job.parts:
+            missing = set(missing_runs(store, job.run_indices))
+            return [run_id_for(i) for i in job.run_indices if i not in missing]
+        found = []
+        for part in job.parts:
+            exp, indices = part["experiment"], list(part["run_indices"])
+            missing = set(missing_runs(store_for(store, exp), indices))
+            found += [f"{exp}/{run_id_for(i)}" for i in indices if i not in missing]
+        return found
+
+
+def _run_name(spec: dict[str, Any], experiment: str, index: int) -> str:
+    """A run as errors name it: with its experiment in a job of several."""
+    return f"{experiment}/{run_id_for(index)}" if "parts" in spec else run_id_for(index)
+
+
+def _each_part(spec: dict[str, Any], train_part: Any) -> dict[str, list[str]]:
+    """``train_part(part)`` for each part of ``spec`` (its run ids done, by experiment):
+    every part is tried, and the first error is raised after the last."""
+    done: dict[str, list[str]] = {}
+    first: Exception | None = None
+    for part in parts_of(spec):
+        try:
+            done[part["experiment"]] = train_part(part)
+        except Exception as exc:  # noqa: BLE001 - raised once the other parts are trained
+            done[part["experiment"]] = []
+            first = first or exc
+    if first is not None:
+        raise first
+    return done
 
 
 TRAIN = TrainKind()

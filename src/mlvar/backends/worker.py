@@ -25,8 +25,10 @@ Usage::
     python -m mlvar.backends.worker SALIENCY.json --experiment-dir EXP --out OUT \\
         (--data-root DATA | --scenario-dir DIR)
 
-``--scenario-dir`` names the prepared scenario folder itself (an Azure ML input mount);
-each ``--array-file`` a shared array it reads (docs/datasets.md), mounted too.
+``--scenario-dir`` names the prepared scenario folder itself (an Azure ML input mount;
+repeated for a study's job that trains several experiments, one per scenario, in the order
+of the spec's ``parts``); each ``--array-file`` a shared array they read
+(docs/datasets.md), mounted too.
 Exit codes: 0 the job is complete, 2 bad input, 1 a failure (with its traceback).
 Test fault injection: :mod:`mlvar.backends.faults`.
 """
@@ -54,7 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         "--data-root", type=Path, help="train, saliency: a data root holding the scenario"
     )
     parser.add_argument(
-        "--scenario-dir", type=Path, help="train, saliency: the prepared scenario folder itself"
+        "--scenario-dir",
+        type=Path,
+        action="append",
+        default=[],
+        help="train, saliency: the prepared scenario folder itself (a study's job: one per "
+        "scenario, in the order of its spec's parts)",
     )
     parser.add_argument(
         "--array-file",
@@ -76,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         out = getattr(args, kind.out_flag.lstrip("-").replace("-", "_"))
         if out is None:
             raise MlvarError(f"a {kind.name} spec needs {kind.out_flag}", "see --help")
+        names = [str(part.get("scenario", "")) for part in spec.get("parts", [spec])]
         with scenario_root(
-            args.data_root, args.scenario_dir, str(spec.get("scenario", "")), args.array_file
+            args.data_root, args.scenario_dir, list(dict.fromkeys(names)), args.array_file
         ) as data:
             kind.run(spec, out, args.experiment_dir, data)
     except MlvarError as exc:

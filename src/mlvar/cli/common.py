@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # the config (numpy), rich's tables and progress bars load wh
     from rich.table import Table
 
     from mlvar.config import Config
+    from mlvar.train.study import StudyPlan
 
 
 def _width() -> int | None:
@@ -233,3 +234,17 @@ def fmt(value: Any, digits: int | None = None) -> str:
         # Scores in [0, 1] need 4 decimals; ranks and counts (half-integers) need 1.
         return f"{value:.4f}" if abs(value) < 100 else f"{value:.1f}"
     return str(value)
+
+
+def plan_table(plan: StudyPlan) -> Table:
+    """The plan of a study (``mlvar train`` / ``mlvar submit`` of several scenarios): per
+    experiment, the runs asked for, those finished and those to run; then the total."""
+    rows: list[list[Any]] = [
+        [p.scenario, p.experiment, p.requested, p.finished, p.to_run] for p in plan.experiments
+    ]
+    rows.append(["total", "", plan.runs_requested, plan.runs_finished, plan.runs_to_train])
+    return table(
+        f"{plan.dataset} study: {len(plan.experiments)} experiments",
+        ["scenario", "experiment", "runs", "finished", "to run"],
+        rows,
+    )

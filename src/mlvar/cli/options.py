@@ -88,8 +88,9 @@ def _default_models() -> str:
 ScenarioOpt = Annotated[
     str | None,
     typer.Option(
-        help="Prepared scenario: its name, or its mode when unambiguous; may be left out "
-        "when the dataset has one prepared scenario.",
+        help="Prepared scenarios to train, one experiment each: names, modes (every "
+        "scenario of that mode) or globs ('cifar10-holdout-dup-*'), comma-separated; "
+        "default: every prepared scenario of the dataset.",
         show_default=False,
     ),
 ]

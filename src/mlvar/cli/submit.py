@@ -1,5 +1,6 @@
-"""``mlvar submit``: train an experiment's runs, or compute its sharded analysis or
-saliency, on a backend (local, Ray, Azure ML, Slurm).
+"""``mlvar submit``: train the runs of one experiment per selected scenario (a study), or
+compute an experiment's sharded analysis or saliency, on a backend (local, Ray, Azure ML,
+Slurm).
 
 ``mlvar submit DATASET ...`` is ``mlvar submit run DATASET ...``: the group routes any
 first argument that is not a sub-command to ``run``.
@@ -24,7 +25,9 @@ from mlvar.cli.common import (
     ProgressBar,
     cli_errors,
     console,
+    err_console,
     get_config,
+    plan_table,
     print_json,
     table,
     warnings_to_stderr,
@@ -65,7 +68,9 @@ from mlvar.cli.options import (
 from mlvar.errors import ExitCode
 
 if TYPE_CHECKING:
-    from mlvar.backends.spec import Submission
+    from mlvar.backends.spec import Job, Submission
+    from mlvar.backends.study import StudySubmitResult
+    from mlvar.train.study import StudyPlan
 
 
 class _DefaultRun(TyperGroup):
@@ -82,11 +87,13 @@ app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode="rich",
     help=(
-        "Train an experiment's runs, or compute its sharded analysis (analyze rank) or "
-        f"saliency (analyze saliency), on a backend: {BACKENDS_HELP[:-1]}; then check "
+        "Train the runs of one experiment per selected scenario, or compute an "
+        "experiment's sharded analysis (analyze rank) or saliency (analyze saliency), on "
+        f"a backend: {BACKENDS_HELP[:-1]}; then check "
         "and fetch them.\n\n"
         "Examples:\n\n"
         "  mlvar submit digits --runs 16 --backend local\n\n"
+        "  mlvar submit compas --scenario artificial --runs 50 --backend ray\n\n"
         "  mlvar submit cifar100 --runs 50 --backend aml --dry-run --out jobs/\n\n"
         "  mlvar submit cifar100 --runs 50 --backend slurm --device cuda\n\n"
         "  mlvar submit analyze EXPERIMENT --shards 4 --run-shards 2 --backend ray\n\n"
@@ -97,16 +104,16 @@ app = typer.Typer(
 )
 
 
-def _service_for(backend: str) -> ModuleType:
-    """The backends' service, once ``backend`` names one: it imports the analysis (pandas,
-    and torch to train), so an unknown ``--backend`` is refused before, as the service
-    itself would refuse it first."""
+def _service_for(backend: str, module: str = "service") -> ModuleType:
+    """The backends' service (or its ``study`` module), once ``backend`` names one: it
+    imports the analysis (pandas, and torch to train), so an unknown ``--backend`` is
+    refused before, as the service itself would refuse it first."""
+    import importlib
+
     from mlvar.backends.registry import backend_class
 
     backend_class(backend)
-    from mlvar.backends import service
-
-    return service
+    return importlib.import_module(f"mlvar.backends.{module}")
 
 
 @app.command("run", no_args_is_help=True)
@@ -160,13 +167,22 @@ def run(
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Submit the runs of an experiment that are not complete yet (same options as train).
+    """Submit the runs that are not complete yet of one experiment per selected scenario
+    (same options as train).
+
+    --scenario selects as in 'mlvar train' (names, modes, globs, comma-separated; default:
+    every prepared scenario). A study of several is one submission: the plan is printed
+    first; each experiment fills jobs of its own (--runs-per-job) and the runs left over
+    share jobs, each run landing in its own experiment. An experiment that fails is
+    reported and the others go on (exit code 3).
 
     Examples:
 
       mlvar submit digits --runs 16 --backend local
 
-      mlvar submit compas --scenario artificial --runs 50 --backend ray
+      mlvar submit compas --scenario artificial --runs 50 --backend ray     # every ratio
+
+      mlvar submit cifar100 --runs 50 --backend slurm --device cuda   # every scenario
 
       mlvar submit cifar100 --runs 50 --backend aml --device cuda
 
@@ -176,7 +192,7 @@ def run(
     """
     with cli_errors():
         cfg = get_config(config)
-        service = _service_for(backend)
+        study = _service_for(backend, "study")
         overrides = training_overrides(
             model=model,
             device=device,
@@ -194,7 +210,11 @@ def run(
             def on_progress(done: int, total: int, message: str) -> None:
                 bar.update(f"runs ({message})", done, total)
 
-            result = service.submit(
+            def on_plan(plan: StudyPlan) -> None:
+                if len(plan.experiments) > 1 and not json_out:
+                    console.print(plan_table(plan))
+
+            studied = study.submit_study(
                 cfg,
                 dataset,
                 scenario=scenario,
@@ -209,7 +229,12 @@ def run(
                 retries=retries,
                 workers=workers,
                 progress=on_progress,
+                on_plan=on_plan,
             )
+    if studied.single is None:
+        _print_study(studied, backend, json_out)
+        return
+    result = studied.single  # one scenario: as 'mlvar submit' of one experiment always was
     if json_out:
         print_json(result.to_dict())
         return
@@ -232,6 +257,39 @@ def run(
     if result.submission is not None and not result.synchronous:
         console.print(f"Follow the jobs: mlvar submit status {result.experiment}")
     if result.submission is not None and result.submission.state == "failed":
+        raise typer.Exit(ExitCode.JOB_FAILED)
+
+
+def _print_study(result: StudySubmitResult, backend: str, json_out: bool) -> None:
+    """A study's submission: its jobs, what failed, where it is; exit 3 when any failed."""
+    sub = result.submission
+    if json_out:
+        print_json(result.to_dict())
+    elif result.dry_run_dir is not None and sub is not None:
+        console.print(
+            f"Dry run: {len(sub.jobs)} job(s) for {result.plan.runs_requested - result.skipped} "
+            f"run(s) of {len(result.pending)} experiment(s) written to {result.dry_run_dir}"
+            f"{_dry_run_note(backend)}"
+        )
+    else:
+        if sub is None and not result.failed:
+            console.print(f"Nothing to submit: all {result.skipped} run(s) are complete.")
+        if sub is not None:
+            _print_submission(sub)
+        for exp, error in result.failed.items():
+            err_console.print(
+                f"{exp} failed: {error}", markup=False, highlight=False, soft_wrap=True
+            )
+        line = f"Submitted {sum(map(len, result.pending.values()))} run(s) of "
+        line += f"{len(result.pending)} experiment(s); skipped {result.skipped} complete run(s)"
+        if result.failed:
+            n = len(result.plan.experiments)
+            line += f"; {len(result.failed)} of {n} experiment(s) failed"
+        console.print(line + (f" ({result.wall_time_s:.1f} s)." if result.wall_time_s else "."))
+        console.print(f"Run store: {result.path}")
+        if sub is not None and not result.synchronous:
+            console.print(f"Follow the jobs: mlvar submit status {sub.experiment}")
+    if result.failed:
         raise typer.Exit(ExitCode.JOB_FAILED)
 
 
@@ -273,21 +331,30 @@ def _print_submission(sub: Submission) -> None:
     else:
         title = f"submission {sub.id} ({sub.backend}): {sub.state}"
         columns = ["job", "runs", "state", "attempts", "ref"]
-        rows = [
-            [j.name, ",".join(map(str, j.run_indices)), j.state, j.attempts, j.ref or "-"]
-            for j in sub.jobs
-        ]
+        rows = [[j.name, _runs_text(j), j.state, j.attempts, j.ref or "-"] for j in sub.jobs]
     console.print(table(title, columns, rows))
     for job in sub.jobs:
         if job.state == "failed":
             what = ", ".join(
-                f"{f['run_id']} (seed {f['seed']})" if "run_id" in f else f"shard {f['shard']}"
+                f"{f.get('experiment', '') and f['experiment'] + '/'}{f['run_id']} "
+                f"(seed {f['seed']})"
+                if "run_id" in f
+                else f"shard {f['shard']}"
                 for f in job.failed
             )
             console.print(f"[red]{job.name} failed after {job.attempts} attempt(s)[/red]: {what}")
             console.print(f"  {job.error}", markup=False, highlight=False)
             if job.log_tail:
                 console.print(job.log_tail, markup=False, highlight=False)
+
+
+def _runs_text(job: Job) -> str:
+    """A training job's runs: its indices, or per experiment for a study's job."""
+    if not job.parts:
+        return ",".join(map(str, job.run_indices))
+    return "; ".join(
+        f"{p['experiment']}: {','.join(map(str, p['run_indices']))}" for p in job.parts
+    )
 
 
 @app.command("status", no_args_is_help=True)

@@ -1,4 +1,4 @@
-"""``mlvar train``: train N seeded models on a prepared scenario."""
+"""``mlvar train``: train N seeded models on each selected prepared scenario."""
 
 from __future__ import annotations
 
@@ -7,7 +7,16 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from mlvar.cli.common import ProgressBar, cli_errors, console, get_config, print_json, table
+from mlvar.cli.common import (
+    ProgressBar,
+    cli_errors,
+    console,
+    err_console,
+    get_config,
+    plan_table,
+    print_json,
+    table,
+)
 from mlvar.cli.options import (
     BaseSeedOpt,
     BatchSizeOpt,
@@ -28,9 +37,11 @@ from mlvar.cli.options import (
     VaryOpt,
     training_overrides,
 )
+from mlvar.errors import ExitCode
 
 if TYPE_CHECKING:
     from mlvar.train.service import TrainResult
+    from mlvar.train.study import StudyPlan, StudyResult
 
 
 def train(
@@ -61,11 +72,21 @@ def train(
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Train N seeded copies of a model; finished runs are kept and skipped on re-runs.
+    """Train N seeded copies of a model on each selected scenario (one experiment each);
+    finished runs are kept and skipped on re-runs.
+
+    --scenario selects scenario names, modes or globs, comma-separated; without it, every
+    prepared scenario of the dataset. With several, the plan is printed first, then one
+    progress bar runs over the whole study; an experiment that fails is reported and the
+    others go on (exit code 3).
 
     Examples:
 
-      mlvar train compas --scenario artificial --runs 50
+      mlvar train compas --scenario artificial --runs 50   # every ratio
+
+      mlvar train cifar10 --scenario 'cifar10-holdout-dup-*' --runs 8
+
+      mlvar train compas --scenario compas-original,holdout --runs 20
 
       mlvar train digits --runs 16 --vary init      # only initialisation varies
 
@@ -76,7 +97,7 @@ def train(
       mlvar train compas --scenario compas-holdout-cluster5 --runs 20 --engine loop
     """
     with cli_errors():
-        from mlvar.train import service  # checks the request before it imports torch
+        from mlvar.train import study  # checks the request before it imports torch
 
         cfg = get_config(config)
         overrides = training_overrides(
@@ -97,7 +118,11 @@ def train(
             def on_progress(done: int, total: int, message: str) -> None:
                 bar.update(f"epochs ({message})", done, total)
 
-            result = service.train(
+            def on_plan(plan: StudyPlan) -> None:
+                if len(plan.experiments) > 1 and not json_out:
+                    console.print(plan_table(plan))
+
+            result = study.train_study(
                 cfg,
                 dataset,
                 scenario=scenario,
@@ -106,11 +131,54 @@ def train(
                 overrides=overrides,
                 force=force,
                 progress=on_progress,
+                on_plan=on_plan,
             )
+    if result.single:  # one scenario: as 'mlvar train' of one experiment always was
+        (single,) = result.results.values()
+        if json_out:
+            print_json(single.to_dict())
+        else:
+            _print_result(single)
+        return
     if json_out:
         print_json(result.to_dict())
-        return
-    _print_result(result)
+    else:
+        _print_study(result)
+    if result.failed:
+        raise typer.Exit(ExitCode.JOB_FAILED)
+
+
+def _print_study(result: StudyResult) -> None:
+    rows = []
+    for planned in result.plan.experiments:
+        exp = planned.experiment
+        if exp in result.failed:
+            rows.append([exp, "-", "-", "-", "failed"])
+            continue
+        res = result.results[exp]
+        test = next((r for r in res.accuracy_summary() if r["split"] == "test"), None)
+        acc = f"{test['mean']:.4f}" if test else "-"
+        rows.append([exp, len(res.trained), len(res.skipped), acc, "ok"])
+    console.print(
+        table(
+            f"{result.plan.dataset} study",
+            ["experiment", "trained", "skipped", "test accuracy (trained now)", "state"],
+            rows,
+        )
+    )
+    for exp, error in result.failed.items():
+        err_console.print(f"{exp} failed: {error}", markup=False, highlight=False, soft_wrap=True)
+    ok = len(result.results)
+    line = (
+        f"Trained {result.trained} run(s), skipped {result.skipped} finished run(s) in "
+        f"{ok} experiment(s) ({result.wall_time_s:.1f} s)"
+    )
+    if result.failed:
+        line += f"; {len(result.failed)} of {len(result.plan.experiments)} experiment(s) failed"
+    console.print(line + ".")
+    runs_root = next(iter(result.results.values())).path.parent if result.results else None
+    if runs_root is not None:
+        console.print(f"Run store: {runs_root}")
 
 
 def _print_result(result: TrainResult) -> None:

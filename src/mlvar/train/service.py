@@ -149,7 +149,8 @@ def experiment_meta(name: str, scenario: Scenario, cfg: TrainConfig) -> dict[str
     }
 
 
-def _check_same_experiment(existing: dict[str, Any], wanted: dict[str, Any], name: str) -> None:
+def check_same_experiment(existing: dict[str, Any], wanted: dict[str, Any], name: str) -> None:
+    """Refuse to add runs to the experiment ``name`` when it was set up otherwise."""
     diffs = [f"{key}: {old!r} -> {new!r}" for key, old, new in identity_diffs(existing, wanted)]
     if diffs:
         raise MlvarError(
@@ -164,18 +165,10 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def prepare_training(
-    config: Config,
-    dataset: str,
-    scenario: str | None,
-    runs: int,
-    name: str | None = None,
-    overrides: dict[str, Any] | None = None,
-) -> tuple[Scenario, TrainConfig, str]:
-    """Validate a training request without touching the disk.
-
-    Returns the scenario, the resolved training config and the experiment name.
-    """
+def train_config(
+    config: Config, dataset: str, runs: int, overrides: dict[str, Any] | None = None
+) -> TrainConfig:
+    """The checked training config of ``dataset`` with ``overrides`` applied (no disk)."""
     if dataset not in DATASETS:
         raise unknown_choice("dataset", dataset, DATASETS)
     if runs < 1:
@@ -191,12 +184,33 @@ def prepare_training(
         raise MlvarError(
             "--device cuda was asked for, but CUDA is not available here", "use --device cpu"
         )
-    found = resolve_scenario(config.paths.data_root, dataset, scenario)
+    return cfg
+
+
+def experiment_for(found: Scenario, cfg: TrainConfig, name: str | None = None) -> str:
+    """The experiment of ``found`` trained with ``cfg``: ``name``, else
+    ``<scenario>-<model>``; refuses a model that cannot read the scenario's inputs."""
     check_model_input(
-        cfg, found.manifest.get("input", {}).get("kind", "tabular"), f"train.{dataset}"
+        cfg, found.manifest.get("input", {}).get("kind", "tabular"), f"train.{found.dataset}"
     )
-    exp_name = check_experiment_name(name if name is not None else f"{found.name}-{cfg.model}")
-    return found, cfg, exp_name
+    return check_experiment_name(name if name is not None else f"{found.name}-{cfg.model}")
+
+
+def prepare_training(
+    config: Config,
+    dataset: str,
+    scenario: str | None,
+    runs: int,
+    name: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> tuple[Scenario, TrainConfig, str]:
+    """Validate a training request without touching the disk.
+
+    Returns the scenario, the resolved training config and the experiment name.
+    """
+    cfg = train_config(config, dataset, runs, overrides)
+    found = resolve_scenario(config.paths.data_root, dataset, scenario)
+    return found, cfg, experiment_for(found, cfg, name)
 
 
 def train(
@@ -251,7 +265,7 @@ def train(
         }
         # Or the experiment another process created meanwhile: its setup is checked below.
         store = ExperimentStore.create(runs_root, exp_name, meta, samples)
-    _check_same_experiment(store.meta, meta, exp_name)
+    check_same_experiment(store.meta, meta, exp_name)
 
     result = TrainResult(exp_name, store.root, device=cfg.device, engine=cfg.engine)
     wanted = range(runs) if run_indices is None else sorted({int(i) for i in run_indices})
