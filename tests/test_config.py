@@ -19,6 +19,7 @@ from mlvar.config import (
     BackendConfig,
     Config,
     PathsConfig,
+    ProtocolConfig,
     RayConfig,
     SubmitConfig,
     TrainConfig,
@@ -69,8 +70,9 @@ def test_example_parses_and_equals_defaults(no_mlvar_env: Path) -> None:
 def test_example_lists_every_key_with_a_comment() -> None:
     text = EXAMPLE.read_text(encoding="utf-8")
     data = tomllib.loads(text)
-    assert set(data) == {"paths", "train", "submit", "backend"}
+    assert set(data) == {"paths", "protocol", "train", "submit", "backend"}
     assert list(data["paths"]) == PATH_KEYS
+    assert data["protocol"] == dataclasses.asdict(ProtocolConfig())
     # The cluster tables list every field, in the dataclasses' order.
     assert list(data["submit"]) == [f.name for f in dataclasses.fields(SubmitConfig)]
     assert set(data["backend"]) == {f.name for f in dataclasses.fields(BackendConfig)}
@@ -455,3 +457,36 @@ def test_cli_reports_invalid_toml_in_one_line(no_mlvar_env: Path) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and "not valid TOML" in lines[0]
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_protocol_table_sets_the_default_protocol(tmp_path: Path) -> None:
+    assert load_config(env={}).protocol.name == "mlvar"
+    cfg_file = tmp_path / "mlvar.toml"
+    cfg_file.write_text('[protocol]\nname = "study"\n')
+    assert load_config(cfg_file, env={}).protocol.name == "study"
+
+
+@pytest.mark.parametrize(
+    ("toml", "words"),
+    [
+        ('[protocol]\nname = "studdy"\n', ["protocol.name", "studdy", "did you mean 'study'"]),
+        ('[protocol]\nnmae = "study"\n', ["protocol.nmae", "did you mean 'name'"]),
+        ('protocol = "study"\n', ["'protocol'", "[protocol]"]),
+    ],
+)
+def test_bad_protocol_table_is_one_error(tmp_path: Path, toml: str, words: list[str]) -> None:
+    cfg_file = tmp_path / "mlvar.toml"
+    cfg_file.write_text(toml)
+    with pytest.raises(MlvarError) as exc:
+        load_config(cfg_file, env={})
+    for word in words:
+        assert word in str(exc.value), str(exc.value)
+
+
+def test_protocol_names_and_checks() -> None:
+    from mlvar.data.protocol import check_protocol, name_suffix, protocol_of
+
+    assert name_suffix("mlvar") == "" and name_suffix("study") == "-study"
+    assert protocol_of({}) == "mlvar" and protocol_of({"protocol": "study"}) == "study"
+    with pytest.raises(MlvarError, match="unknown protocol 'stduy'.*did you mean 'study'"):
+        check_protocol("stduy")

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlvar.data.protocol import DEFAULT_PROTOCOL, PROTOCOLS
 from mlvar.data.registry import DATASETS
 from mlvar.errors import MlvarError, closest
 from mlvar.recipes import MODELS, RANDOMNESS_SOURCES, models_for
@@ -176,10 +177,19 @@ class SubmitConfig:
 
 
 @dataclass
+class ProtocolConfig:
+    """``[protocol]``: whose conventions ``data prepare`` and ``train`` follow by default
+    (:mod:`mlvar.data.protocol`; ``--protocol`` overrides it)."""
+
+    name: str = DEFAULT_PROTOCOL  # "mlvar" or "study"
+
+
+@dataclass
 class Config:
     """The resolved configuration."""
 
     paths: PathsConfig = field(default_factory=PathsConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     train: dict[str, TrainConfig] = field(
         default_factory=lambda: {name: default_train(name) for name in DATASETS}
     )
@@ -350,11 +360,22 @@ def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | Non
             ) from None
         file = file.resolve()
         cfg.source = file
-        _check_keys(data, ["paths", "train", "backend", "submit"], "", file)
+        _check_keys(data, ["paths", "protocol", "train", "backend", "submit"], "", file)
         paths = data.get("paths", {})
         if not isinstance(paths, dict):
             raise MlvarError(f"'paths' in {file} must be a table", "write it as [paths]")
         _apply_table(cfg.paths, paths, "paths.", file)
+        protocol = data.get("protocol", {})
+        if not isinstance(protocol, dict):
+            raise MlvarError(f"'protocol' in {file} must be a table", "write it as [protocol]")
+        _apply_table(cfg.protocol, protocol, "protocol.", file)
+        if cfg.protocol.name not in PROTOCOLS:
+            near = closest(cfg.protocol.name, list(PROTOCOLS))
+            hint = f"did you mean '{near}'? " if near else ""
+            raise MlvarError(
+                f"protocol.name in {file} is '{cfg.protocol.name}', not a known protocol",
+                hint + "valid: " + ", ".join(PROTOCOLS),
+            )
         train = data.get("train", {})
         if not isinstance(train, dict):
             raise MlvarError(f"'train' in {file} must be a table", "write it as [train.compas]")

@@ -19,6 +19,7 @@ import typer
 
 from mlvar.analysis.metrics import ALL_METRICS, METRICS
 from mlvar.data import registry
+from mlvar.data.protocol import protocol_help
 from mlvar.errors import MlvarError
 from mlvar.recipes import MODELS, RANDOMNESS_SOURCES
 
@@ -91,6 +92,13 @@ ScenarioOpt = Annotated[
         help="Prepared scenarios to train, one experiment each: names, modes (every "
         "scenario of that mode) or globs ('cifar10-holdout-dup-*'), comma-separated; "
         "default: every prepared scenario of the dataset.",
+        show_default=False,
+    ),
+]
+ProtocolOpt = Annotated[
+    str | None,
+    typer.Option(
+        help=protocol_help() + " Default from config ([protocol] name): mlvar.",
         show_default=False,
     ),
 ]
