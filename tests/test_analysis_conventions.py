@@ -29,21 +29,15 @@ runner = CliRunner()
 
 
 @pytest.fixture
-def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLVAR_CONFIG", raising=False)
-    monkeypatch.setenv("MLVAR_RUNS_ROOT", str(tmp_path / "runs"))
-    monkeypatch.setenv("MLVAR_DATA_ROOT", str(tmp_path / "data"))
-    monkeypatch.setenv("MLVAR_REPORTS_ROOT", str(tmp_path / "reports"))
-    return tmp_path
+def root(no_mlvar_env: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The current folder, holding the runs, data and reports roots."""
+    for var in ("RUNS", "DATA", "REPORTS"):
+        monkeypatch.setenv(f"MLVAR_{var}_ROOT", str(no_mlvar_env / var.lower()))
+    return no_mlvar_env
 
 
 def invoke(*args: str) -> Result:
     return runner.invoke(app, list(args))
-
-
-def listing(root: Path) -> list[tuple[str, int]]:
-    return sorted((str(p), p.stat().st_size if p.is_file() else -1) for p in root.rglob("*"))
 
 
 def one_line_error(out: Result, *words: str) -> None:
@@ -260,29 +254,29 @@ def test_rank_study_writes_and_records_the_convention(root: Path) -> None:
         np.testing.assert_array_equal(det[k].to_numpy(), default_det[k].to_numpy())
 
 
-def test_unknown_ranks_is_one_line(root: Path) -> None:
+def test_unknown_ranks_is_one_line(root: Path, tree_listing) -> None:
     synthetic_store(root / "runs", name="exp", n_runs=2, n_samples=20)
-    before = listing(root)
+    before = tree_listing(root)
     one_line_error(invoke("analyze", "rank", "exp", "--ranks", "mean"), "rank convention 'mean'")
-    assert listing(root) == before
+    assert tree_listing(root) == before
 
 
-def test_merge_refuses_shards_of_the_other_convention(root: Path) -> None:
+def test_merge_refuses_shards_of_the_other_convention(root: Path, tree_listing) -> None:
     store = synthetic_store(root / "runs", name="exp", n_runs=4, n_samples=50)
     for i in (1, 2):
         assert invoke("analyze", "rank", "exp", "--shard", f"{i}/2").exit_code == 0
-    before = listing(root)
+    before = tree_listing(root)
     out = invoke("analyze", "rank", "exp", "--merge", "--ranks", "study")
     one_line_error(out, "made under --ranks mid", "--ranks study")
-    assert listing(root) == before  # nothing written
+    assert tree_listing(root) == before  # nothing written
     assert not (store.root / "analysis" / "rank-test.json").exists()
     # shards made under study merge under study by default, equal to the unsharded rank
     for i in (1, 2):
         out = invoke("analyze", "rank", "exp", "--shard", f"{i}/2", "--ranks", "study")
         assert out.exit_code == 0, out.stderr
-    before = listing(root)
+    before = tree_listing(root)
     one_line_error(invoke("analyze", "rank", "exp", "--merge", "--ranks", "mid"), "--ranks study")
-    assert listing(root) == before
+    assert tree_listing(root) == before
     merged = merge_shards(store, "test")
     assert merged.ranks == "study"
     whole = service.rank(store, "test", write=False, ranks="study")
@@ -337,7 +331,7 @@ def _three_splits(root: Path, name: str, affected_in: tuple[str, ...], seed: int
         store.write_run(f"run-{r:04d}", noisy, {"seed": r, "config": {"synthetic": True}})
 
 
-def test_study_table_over_every_split_with_affected_samples(root: Path) -> None:
+def test_study_table_over_every_split_with_affected_samples(root: Path, tree_listing) -> None:
     runs = root / "runs"
     _three_splits(runs, "a", ("train", "val", "test"))
     _three_splits(runs, "b", ("train", "test"), seed=1)  # val: nothing affected
@@ -365,20 +359,20 @@ def test_study_table_over_every_split_with_affected_samples(root: Path) -> None:
     assert out.exit_code == 0, out.stderr
     assert "a [val]" in out.stdout and "b [train]" in out.stdout
     assert set(pd.read_csv(runs / "study.csv")["split"]) == {"train", "val", "test"}
-    before = listing(root)
+    before = tree_listing(root)
     one_line_error(invoke("analyze", "rank", "a", "--split", "all"), "--split all")
-    assert listing(root) == before
+    assert tree_listing(root) == before
 
 
-def test_study_table_keeps_one_rank_convention(root: Path) -> None:
+def test_study_table_keeps_one_rank_convention(root: Path, tree_listing) -> None:
     runs = root / "runs"
     for name in ("e1", "e2"):
         synthetic_store(runs, name=name, n_runs=3, n_samples=50)
         assert invoke("analyze", "rank", name).exit_code == 0
-    before = listing(root)
+    before = tree_listing(root)
     out = invoke("analyze", "rank", "--merge", "--ranks", "study")
     one_line_error(out, "under --ranks study")  # every experiment skipped: nothing written
-    assert listing(root) == before
+    assert tree_listing(root) == before
     assert invoke("analyze", "rank", "e2", "--ranks", "study").exit_code == 0
     result = study(runs, ranks="study", write=False)
     assert set(result.table["experiment"]) == {"e2"}
@@ -456,7 +450,7 @@ def test_prefix_curve_equals_numpy_on_the_first_runs(root: Path) -> None:
     assert plots.auroc_vs_runs(summary, "gconf_mean")[:4] == b"\x89PNG"
 
 
-def test_prefix_curve_cli_and_bad_input(root: Path) -> None:
+def test_prefix_curve_cli_and_bad_input(root: Path, tree_listing) -> None:
     synthetic_store(root / "runs", name="exp", n_runs=4, n_samples=40)
     out = invoke("analyze", "curve", "exp", "--design", "prefix", "--step", "2")
     assert out.exit_code == 0, out.stderr
@@ -464,10 +458,10 @@ def test_prefix_curve_cli_and_bad_input(root: Path) -> None:
     out = invoke("analyze", "curve", "exp", "--design", "prefix", "--json")
     data = json.loads(out.stdout)
     assert data["step"] == 10 and {r["n_runs"] for r in data["summary"]} == {4}
-    before = listing(root)
+    before = tree_listing(root)
     one_line_error(invoke("analyze", "curve", "exp", "--design", "nested"), "design 'nested'")
     one_line_error(invoke("analyze", "curve", "exp", "--step", "3"), "--step applies only")
     one_line_error(
         invoke("analyze", "curve", "exp", "--design", "prefix", "--step", "0"), "--step must"
     )
-    assert listing(root) == before
+    assert tree_listing(root) == before
