@@ -74,6 +74,10 @@ EXPECTED = {
     "expected_entropy": [H_532, 0.8465243, 1.0549202, 0.0],
     # predictive - expected
     "mutual_information": [0.0, 0.2423758, 0.0302685, H_21],
+    # std (ddof 0) of the predicted class indices: s0 [0,0,0] -> 0; s1 [1,0,2] -> mean 1,
+    # sqrt((0+1+1)/3) = sqrt(2/3); s2, s3 [0,0,1] -> mean 1/3, sqrt((1/9+1/9+4/9)/3)
+    # = sqrt(2/9)
+    "std_pre_labels": [0.0, 0.8164966, 0.4714045, 0.4714045],
 }
 
 
@@ -269,6 +273,8 @@ def _plain_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarra
         "predictive_entropy": predictive,
         "expected_entropy": expected,
         "mutual_information": np.maximum(predictive - expected, 0.0),
+        # the study's np.std of the stacked predicted labels over runs
+        "std_pre_labels": preds.std(axis=0),
     }
 
 

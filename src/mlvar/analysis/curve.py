@@ -1,10 +1,12 @@
 """AUROC against the number of runs: how many seeds a metric needs (docs/design.md section 7).
 
-For each size R' in 1, 2, 4, ... (powers of two below R) and R itself, up to
-``subsets`` subsets of R' runs are drawn (seeded; every subset when there are no more
-than ``subsets`` of them, so R' = R is the single full set), every metric is computed on
-each subset by streaming over only its runs' arrays, and its detection scores are
-summarised over the subsets of each size.
+The default design (``random``): for each size R' in 1, 2, 4, ... (powers of two below R)
+and R itself, up to ``subsets`` subsets of R' runs are drawn (seeded; every subset when
+there are no more than ``subsets`` of them, so R' = R is the single full set). The study's
+design (``prefix``): one subset per size, the first ``step``, ``2 step``, ... runs in run
+order, nested, ending with all R runs. Every metric is computed on each subset by
+streaming over only its runs' arrays, and its detection scores are summarised over the
+subsets of each size.
 
 One scan over the samples serves many subsets: each chunk's per-run values are computed
 once for all runs (:class:`~mlvar.analysis.metrics.RunValues`) and each subset's
@@ -25,6 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mlvar.analysis.conventions import DESIGN_PREFIX, DESIGN_RANDOM, check_design
 from mlvar.analysis.detection import detect
 from mlvar.analysis.metrics import (
     ALL_METRICS,
@@ -66,6 +69,13 @@ def curve_sizes(n_runs: int) -> list[int]:
     return sizes + [n_runs]
 
 
+def prefix_sizes(n_runs: int, step: int) -> list[int]:
+    """``step``, ``2 step``, ... up to ``n_runs``, then ``n_runs`` when it is no multiple
+    of ``step`` (the study's 10, 20, ..., 100 of 100 runs)."""
+    sizes = list(range(step, n_runs + 1, step))
+    return sizes if sizes and sizes[-1] == n_runs else [*sizes, n_runs]
+
+
 def draw_subsets(n_runs: int, size: int, subsets: int, seed: int) -> list[tuple[int, ...]]:
     """Subsets of ``size`` run indices: all of them when there are at most ``subsets``,
     else ``subsets`` distinct ones drawn with ``numpy.random.default_rng(seed + size)``."""
@@ -92,9 +102,11 @@ class CurveResult:
     summary: pd.DataFrame  # one row per (n_runs, metric): SUMMARY_COLUMNS
     details: pd.DataFrame  # one row per (n_runs, subset, metric)
     files: list[str]
+    design: str = DESIGN_RANDOM  # how the subsets were chosen
+    step: int | None = None  # the prefix design's step
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "experiment": self.experiment,
             "split": self.split,
             "n_runs": self.n_runs,
@@ -104,6 +116,9 @@ class CurveResult:
             "details": json.loads(self.details.to_json(orient="records")),
             "files": self.files,
         }
+        if self.design != DESIGN_RANDOM:  # recorded when not the default
+            out |= {"design": self.design, "step": self.step}
+        return out
 
     @property
     def sizes(self) -> list[int]:
@@ -157,8 +172,16 @@ Subset = tuple[int, int, tuple[int, ...]]
 """``(size, index among the subsets of that size, run indices)``."""
 
 
-def curve_plan(n_runs: int, subsets: int, seed: int) -> list[Subset]:
-    """Every subset the curve scores, by size (:func:`curve_sizes`, :func:`draw_subsets`)."""
+def curve_plan(
+    n_runs: int, subsets: int, seed: int, design: str = DESIGN_RANDOM, step: int | None = None
+) -> list[Subset]:
+    """Every subset the curve scores, by size: random subsets (:func:`curve_sizes`,
+    :func:`draw_subsets`), or under ``design="prefix"`` the first R' runs for each R' of
+    :func:`prefix_sizes` (``subsets`` and ``seed`` unused)."""
+    step = check_design(design, step)
+    if design == DESIGN_PREFIX:
+        assert step is not None
+        return [(size, 0, tuple(range(size))) for size in prefix_sizes(n_runs, step)]
     return [
         (size, index, subset)
         for size in curve_sizes(n_runs)
@@ -266,28 +289,44 @@ def runs_curve(
     allow_mixed: bool = False,
     chunk: int | None = None,
     write: bool = True,
+    design: str = DESIGN_RANDOM,
+    step: int | None = None,
 ) -> CurveResult:
     """AUROC, AP and P@k of every metric for growing numbers of runs.
 
     Writes ``analysis/auroc-vs-runs-<split>.{parquet,csv}`` (the summary: mean, std
     (ddof 1; NaN for one subset), min and max over subsets of each size) and
     ``auroc-vs-runs-<split>-subsets.{parquet,csv}`` (every subset, with its run ids).
+    ``design="prefix"`` takes the nested prefixes of ``step`` (default 10), ``2 step``,
+    ... runs in run order instead of random subsets (``subsets`` and ``seed`` unused);
+    both tables then end with a column ``design``.
     """
+    step = check_design(design, step)
     if subsets < 1:
         raise MlvarError(f"--subsets must be at least 1, got {subsets}", "use e.g. 5")
     preds = load_predictions(store, split, allow_mixed)
     check_affected(preds)
     rows = []
-    for batch in curve_batches(preds, curve_plan(len(preds.runs), subsets, seed)):
+    plan = curve_plan(len(preds.runs), subsets, seed, design, step)
+    for batch in curve_batches(preds, plan):
         rows += scan_subsets(preds, batch, chunk).rows()
-    return curve_result(preds, subsets, seed, rows, write)
+    # one subset per size under the prefix design
+    subsets = 1 if design == DESIGN_PREFIX else subsets
+    return curve_result(preds, subsets, seed, rows, write, design, step)
 
 
 def curve_result(
-    preds: Predictions, subsets: int, seed: int, rows: list[dict[str, Any]], write: bool
+    preds: Predictions,
+    subsets: int,
+    seed: int,
+    rows: list[dict[str, Any]],
+    write: bool,
+    design: str = DESIGN_RANDOM,
+    step: int | None = None,
 ) -> CurveResult:
     """The curve from the rows of :meth:`SubsetScan.rows` of every subset of the plan:
-    summarised per size and metric, and written when ``write``."""
+    summarised per size and metric, and written when ``write``; a ``design`` other than
+    the default is recorded in a last column of both tables."""
     store, split = preds.store, preds.split
     details = pd.DataFrame(rows)
     summary_rows = []
@@ -313,9 +352,14 @@ def curve_result(
     summary = summary.sort_values(
         ["n_runs", "metric"], key=lambda c: c.map(order) if c.name == "metric" else c
     ).reset_index(drop=True)
+    if design != DESIGN_RANDOM:
+        summary["design"] = design
+        details["design"] = design
     files: list[str] = []
     if write:
         out = analysis_dir(store)
         files += write_table(summary, out / f"auroc-vs-runs-{split}")
         files += write_table(details, out / f"auroc-vs-runs-{split}-subsets")
-    return CurveResult(store.name, split, len(preds.runs), subsets, seed, summary, details, files)
+    return CurveResult(
+        store.name, split, len(preds.runs), subsets, seed, summary, details, files, design, step
+    )

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mlvar.analysis.conventions import RANKS_MID, RANKS_STUDY, check_ranks
 from mlvar.analysis.metrics import ALL_METRICS, BASELINES
 from mlvar.errors import MlvarError, unknown_choice
 
@@ -71,6 +72,40 @@ def average_ranks(score: np.ndarray) -> np.ndarray:
     return _ranks(*_tie_groups(score))
 
 
+def study_positions(score: np.ndarray, higher_is_suspicious: bool = True) -> np.ndarray:
+    """0-based positions in the original study's order (``--ranks study``).
+
+    The study sorted a metric's values ascending with ``numpy.argsort`` and reversed that
+    order for a metric where high is suspicious. The ascending sort here is stable, so
+    tied values keep sample order when ascending and come last sample first when
+    reversed: what the study's sort gave wherever values are distinct (and on small
+    arrays); among ties its order was numpy's unspecified one.
+
+    Parameters
+    ----------
+    score
+        1-D suspicion scores (higher = more suspicious, :meth:`Metric.suspicion`), no NaN.
+    higher_is_suspicious
+        The metric's orientation: True when ``score`` is its value, False when ``score``
+        is its negation (the study then sorted the value ascending).
+
+    Returns
+    -------
+    numpy.ndarray
+        int64 position of each sample, 0 = most suspicious; e.g. ``[3, 1, 3, 2]`` gives
+        ``[1, 3, 0, 2]`` when high is suspicious, ``[0, 3, 1, 2]`` when low is (as the
+        negated values ``[-3, -1, -3, -2]`` sort).
+    """
+    score = np.asarray(score, dtype=np.float64)
+    if higher_is_suspicious:
+        order = np.argsort(score, kind="stable")[::-1]
+    else:
+        order = np.argsort(-score, kind="stable")  # the value itself, ascending
+    positions = np.empty(score.size, dtype=np.int64)
+    positions[order] = np.arange(score.size)
+    return positions
+
+
 def _ranks(inverse: np.ndarray, counts: np.ndarray) -> np.ndarray:
     end = np.cumsum(counts)  # last 1-based position of each group
     start = end - counts + 1  # first 1-based position
@@ -118,7 +153,12 @@ def _precision_at_k(
     return float((affected[above].sum() + expected_tied) / k)
 
 
-def detection_scores(score: np.ndarray, affected: np.ndarray) -> dict[str, Any]:
+def detection_scores(
+    score: np.ndarray,
+    affected: np.ndarray,
+    ranks: str = RANKS_MID,
+    higher_is_suspicious: bool = True,
+) -> dict[str, Any]:
     """Score how well ``score`` ranks the affected samples first.
 
     Parameters
@@ -127,6 +167,11 @@ def detection_scores(score: np.ndarray, affected: np.ndarray) -> dict[str, Any]:
         1-D suspicion scores, higher = more suspicious.
     affected
         1-D bool ground truth of the same length.
+    ranks
+        The rank summaries' convention: ``"mid"`` (:func:`average_ranks`) or
+        ``"study"`` (:func:`study_positions`; only they read ``higher_is_suspicious``).
+    higher_is_suspicious
+        Whether ``score`` is the metric's value (True) or its negation.
 
     Returns
     -------
@@ -134,10 +179,11 @@ def detection_scores(score: np.ndarray, affected: np.ndarray) -> dict[str, Any]:
         ``n``, ``n_affected`` and every name in :data:`SCORE_COLUMNS`: ``auroc``
         (ties count 1/2), ``average_precision`` (as sklearn), ``precision_at_k`` with
         k = n_affected (ties at the k-th score filled in expectation), and the ranks of
-        the affected samples (:func:`average_ranks`): first, median, mean of the 10
-        best, mean; ``*_norm`` divides each by n. Scores are NaN when no sample or
-        every sample is affected.
+        the affected samples (:func:`average_ranks`, or under ``"study"`` their 0-based
+        :func:`study_positions`): first, median, mean of the 10 best, mean; ``*_norm``
+        divides each by n. Scores are NaN when no sample or every sample is affected.
     """
+    check_ranks(ranks)
     score, affected = _check(score, affected)
     n = int(score.size)
     n_affected = int(affected.sum())
@@ -146,9 +192,12 @@ def detection_scores(score: np.ndarray, affected: np.ndarray) -> dict[str, Any]:
     if n_affected == 0 or n_affected == n:
         return out
     groups = _tie_groups(score)  # one sort serves the ranks and the precision
-    ranks = _ranks(*groups)
-    aff_ranks = np.sort(ranks[affected])
-    out["auroc"] = _auroc(ranks, affected)
+    mid = _ranks(*groups)
+    if ranks == RANKS_STUDY:
+        aff_ranks = np.sort(study_positions(score, higher_is_suspicious)[affected])
+    else:
+        aff_ranks = np.sort(mid[affected])
+    out["auroc"] = _auroc(mid, affected)
     out["average_precision"] = _average_precision(score, affected, groups)
     out["precision_at_k"] = _precision_at_k(score, affected, n_affected, groups)
     out["rank_first"] = float(aff_ranks[0])
@@ -195,6 +244,7 @@ def detect(
     labels: np.ndarray,
     affected: np.ndarray,
     names: Sequence[str] | None = None,
+    ranks: str = RANKS_MID,
 ) -> pd.DataFrame:
     """Detection scores of every metric against the ground truth.
 
@@ -212,14 +262,17 @@ def detect(
     names
         Metrics to score (default: every registry metric present in ``metrics_df``,
         training-dynamics metrics included).
+    ranks
+        Convention of the rank summaries (:func:`detection_scores`).
 
     Returns
     -------
     pandas.DataFrame
         One row per metric, in registry order: ``metric``, ``scope`` (``"class <c>"`` or
         ``"split"``), ``population`` (samples ranked), ``n``, ``n_affected`` and
-        :data:`SCORE_COLUMNS`.
+        :data:`SCORE_COLUMNS`; under ``ranks="study"`` a last column ``ranks``.
     """
+    check_ranks(ranks)
     n = len(metrics_df)
     labels, affected = _check_labels(labels, affected, n)
     if names is None:
@@ -240,11 +293,24 @@ def detect(
         score = metric.suspicion(metrics_df[name].to_numpy())
         scope, mask = _scope(metric.uses_label, labels, affected)
         s, a = (score, affected) if mask is None else (score[mask], affected[mask])
-        rows.append(
-            {"metric": name, "scope": scope, "population": int(s.size)} | detection_scores(s, a)
-        )
+        scores = detection_scores(s, a, ranks, metric.higher_is_suspicious)
+        rows.append({"metric": name, "scope": scope, "population": int(s.size)} | scores)
     columns = ["metric", "scope", "population", "n", "n_affected", *SCORE_COLUMNS]
-    return pd.DataFrame(rows, columns=columns)
+    return _mark_ranks(pd.DataFrame(rows, columns=columns), ranks)
+
+
+def _mark_ranks(table: pd.DataFrame, ranks: str) -> pd.DataFrame:
+    """Record a non-default rank convention in a last column ``ranks``."""
+    if ranks != RANKS_MID:
+        table["ranks"] = ranks
+    return table
+
+
+def ranks_of(table: pd.DataFrame) -> str:
+    """The rank convention a detection or baselines table was scored under."""
+    if "ranks" in table.columns and len(table):
+        return str(table["ranks"].iloc[0])
+    return RANKS_MID
 
 
 def _nan_stat(values: np.ndarray, stat: str) -> float:
@@ -257,7 +323,10 @@ def _nan_stat(values: np.ndarray, stat: str) -> float:
 
 
 def detect_baselines(
-    baseline_scores: Mapping[str, np.ndarray], labels: np.ndarray, affected: np.ndarray
+    baseline_scores: Mapping[str, np.ndarray],
+    labels: np.ndarray,
+    affected: np.ndarray,
+    ranks: str = RANKS_MID,
 ) -> pd.DataFrame:
     """Detection scores of the single-model baselines, summarised over runs.
 
@@ -267,15 +336,20 @@ def detect_baselines(
         Output of :func:`~mlvar.analysis.metrics.baseline_scores`: ``{name: [R, n]}``.
     labels, affected
         Per-sample labels and ground truth, shape ``[n]``.
+    ranks
+        Convention of the rank summaries (:func:`detection_scores`; a baseline's score
+        is the negation of its value, which the study sorted ascending).
 
     Returns
     -------
     pandas.DataFrame
         One row per (baseline, stat) with stat in ``min``, ``median``, ``max`` (NaN-aware,
         over runs): ``baseline``, ``stat``, ``scope``, ``population``, ``n``,
-        ``n_affected`` and :data:`SCORE_COLUMNS`. ``neg_gconf`` follows the label-aware
-        scope rule of :func:`detect`; ``neg_maxconf`` is ranked over the whole split.
+        ``n_affected`` and :data:`SCORE_COLUMNS`; under ``ranks="study"`` a last column
+        ``ranks``. ``neg_gconf`` follows the label-aware scope rule of :func:`detect`;
+        ``neg_maxconf`` is ranked over the whole split.
     """
+    check_ranks(ranks)
     rows = []
     for name, scores in baseline_scores.items():
         if name not in BASELINES:
@@ -290,7 +364,7 @@ def detect_baselines(
         scope, mask = _scope(BASELINES[name].uses_label, labels_, affected_)
         if mask is not None:
             scores, affected_ = scores[:, mask], affected_[mask]
-        per_run = [detection_scores(run, affected_) for run in scores]
+        per_run = [detection_scores(run, affected_, ranks, False) for run in scores]
         for stat in STATS:
             row: dict[str, Any] = {
                 "baseline": name,
@@ -304,4 +378,4 @@ def detect_baselines(
                 row[col] = _nan_stat(np.array([d[col] for d in per_run]), stat)
             rows.append(row)
     columns = ["baseline", "stat", "scope", "population", "n", "n_affected", *SCORE_COLUMNS]
-    return pd.DataFrame(rows, columns=columns)
+    return _mark_ranks(pd.DataFrame(rows, columns=columns), ranks)

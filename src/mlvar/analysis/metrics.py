@@ -524,6 +524,18 @@ def _mutual_information(s: Sufficient) -> np.ndarray:
     return np.maximum(s.shared(_predictive_entropy) - s.shared(_expected_entropy), 0.0)
 
 
+def _std_pred_label(s: Sufficient) -> np.ndarray:
+    # The std over runs of the predicted class index c_r from the vote counts n_c, as
+    # sqrt(R sum_r c_r^2 - (sum_r c_r)^2) / R with the sums in exact integers: equal
+    # spreads give equal bits (a float std over runs in run order can differ in the last
+    # bit, turning ties into an order), and run shards merge exactly, as the counts do.
+    votes = np.asarray(s["votes"], dtype=np.int64)
+    classes = np.arange(votes.shape[1], dtype=np.int64)
+    total = votes @ classes
+    squares = votes @ (classes * classes)
+    return np.sqrt((s.n_runs * squares - total * total).astype(np.float64)) / s.n_runs
+
+
 def _registry(*metrics: Metric) -> dict[str, Metric]:
     out: dict[str, Metric] = {}
     for m in metrics:
@@ -650,6 +662,14 @@ METRICS: dict[str, Metric] = _registry(
         True,
         ("prob_sum", "entropy_sum"),
         _mutual_information,
+    ),
+    Metric(
+        "std_pre_labels",
+        "std_r argmax_c p_r[c] (ddof 0; the predicted class index as a number, the study's)",
+        False,
+        True,
+        ("votes",),
+        _std_pred_label,
     ),
 )
 """Registry of per-sample metrics of final predictions, in output column order."""

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from mlvar.analysis.accuracy import accuracy_summary
+from mlvar.analysis.conventions import RANKS_MID, check_ranks
 from mlvar.analysis.defaults import DEFAULT_RANK_BY
 from mlvar.analysis.detection import detect, detect_baselines
 from mlvar.analysis.metrics import (
@@ -340,6 +341,7 @@ class RankResult:
     files: list[str]
     skipped: list[str] = field(default_factory=list)  # warnings about runs left out
     dynamics: bool = False  # training-dynamics metrics included
+    ranks: str = RANKS_MID  # convention of the detection's rank summaries
 
     @property
     def n_affected(self) -> int:
@@ -348,7 +350,7 @@ class RankResult:
 
     def to_dict(self, top: int | None = None) -> dict[str, Any]:
         ranking = self.ranking if top is None else self.ranking.head(top)
-        return {
+        out = {
             "experiment": self.experiment,
             "split": self.split,
             "n_runs": self.n_runs,
@@ -364,6 +366,8 @@ class RankResult:
             "skipped": self.skipped,
             "files": self.files,
         }
+        # a non-default convention is recorded (mlvar.analysis.conventions)
+        return out | ({"ranks": self.ranks} if self.ranks != RANKS_MID else {})
 
 
 def _check_by_available(by: str, preds: Predictions) -> None:
@@ -429,10 +433,13 @@ def assemble(
     write: bool,
     skipped: list[str] | None = None,
     extra_meta: dict[str, Any] | None = None,
+    ranks: str = RANKS_MID,
 ) -> RankResult:
     """Rank the samples by ``by``, score detection, and write ``analysis/rank-<split>.*``
     (plus ``detection-<split>.*``, ``baselines-<split>.*`` when samples are affected and
-    ``rank-<split>.json`` describing the runs analysed)."""
+    ``rank-<split>.json`` describing the runs analysed). ``ranks``: the convention of
+    the detection's rank summaries, recorded in ``rank-<split>.json`` when not ``mid``."""
+    check_ranks(ranks)
     metrics = computed.metrics
     labels = samples["label"].to_numpy()
     class_names = store.class_names
@@ -450,10 +457,10 @@ def assemble(
     affected = samples["affected"].to_numpy()
     detection = baselines = None
     if affected.any() and not affected.all():
-        detection = detect(metrics, labels, affected)
+        detection = detect(metrics, labels, affected, ranks=ranks)
         # scored in place: the per-run arrays are not needed afterwards
         base = score_baselines(computed.per_run, in_place=True)
-        baselines = detect_baselines(base, labels, affected)
+        baselines = detect_baselines(base, labels, affected, ranks=ranks)
     dynamics = any(m in metrics.columns for m in DYNAMICS_METRICS)
     files: list[str] = []
     if write:
@@ -472,6 +479,8 @@ def assemble(
             "n_samples": len(samples),
             "n_affected": int(affected.sum()),
         } | (extra_meta or {})
+        if ranks != RANKS_MID:
+            info["ranks"] = ranks
         atomic_write_json(out / f"rank-{split}.json", info)
         files.append(str(out / f"rank-{split}.json"))
     return RankResult(
@@ -485,6 +494,7 @@ def assemble(
         files,
         list(skipped or []),
         dynamics,
+        ranks,
     )
 
 
@@ -495,6 +505,7 @@ def rank(
     allow_mixed: bool = False,
     chunk: int | None = None,
     write: bool = True,
+    ranks: str = RANKS_MID,
 ) -> RankResult:
     """Compute every metric for every sample of ``split``, rank, and score detection.
 
@@ -502,14 +513,19 @@ def rank(
     training-dynamics metrics are included. The ranking sorts samples by ``by``'s
     suspicion (higher = more suspicious first), ties in sample order. Results are written
     to ``<experiment>/analysis/`` as parquet and CSV (``rank-<split>``,
-    ``detection-<split>``, ``baselines-<split>``) with ``rank-<split>.json``.
+    ``detection-<split>``, ``baselines-<split>``) with ``rank-<split>.json``. ``ranks``:
+    the convention of the detection's rank summaries (``"mid"`` or ``"study"``,
+    :mod:`mlvar.analysis.conventions`).
     """
     check_by(by)
+    check_ranks(ranks)
     preds = load_predictions(store, split, allow_mixed)
     _check_by_available(by, preds)
     computed = compute(preds, chunk=chunk)
     run_ids = [r.run_id for r in preds.runs]
-    return assemble(store, preds.samples, split, run_ids, by, computed, write, preds.skipped)
+    return assemble(
+        store, preds.samples, split, run_ids, by, computed, write, preds.skipped, ranks=ranks
+    )
 
 
 @dataclass

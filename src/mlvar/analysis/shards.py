@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlvar.analysis.conventions import RANKS_MID, check_ranks
 from mlvar.analysis.metrics import DYNAMICS_METRICS
 from mlvar.analysis.partial import Partial, combine_runs, concat_samples
 from mlvar.analysis.service import (
@@ -141,6 +142,7 @@ def compute_shard(
     chunk: int | None = None,
     run_ids: list[str] | None = None,
     dynamics: bool | None = None,
+    ranks: str | None = None,
 ) -> tuple[Partial, dict[str, Any]]:
     """The partial results of one (sample block, run block) and the shard's ``meta``.
 
@@ -148,8 +150,12 @@ def compute_shard(
     finished run of ``store``, checked as ``rank`` checks them). When given, ``store`` needs
     to hold only the runs of block ``run_shard`` (a shard job's copy), and only their
     arrays are verified. ``dynamics``: include training-dynamics sums (default: when every
-    run recorded them).
+    run recorded them). ``ranks``: the rank convention the shard is made under, recorded
+    in its meta (``"ranks"``) for the merge to check; None records none (any merge
+    accepts the shard).
     """
+    if ranks is not None:
+        check_ranks(ranks)
     (i, k), (j, m) = shard, run_shard
     if run_ids is None:
         preds = load_predictions(store, split, allow_mixed)
@@ -189,6 +195,8 @@ def compute_shard(
         "all_run_ids": list(run_ids),
         "dynamics": part.dynamics is not None,
     }
+    if ranks is not None:
+        meta["ranks"] = ranks
     return part, meta
 
 
@@ -220,9 +228,11 @@ def write_shard(
     run_shard: tuple[int, int] = (1, 1),
     allow_mixed: bool = False,
     chunk: int | None = None,
+    ranks: str | None = None,
 ) -> ShardResult:
-    """Compute and write the partial results of one (sample block, run block)."""
-    part, meta = compute_shard(store, split, shard, run_shard, allow_mixed, chunk)
+    """Compute and write the partial results of one (sample block, run block); ``ranks``
+    as :func:`compute_shard` records it."""
+    part, meta = compute_shard(store, split, shard, run_shard, allow_mixed, chunk, ranks=ranks)
     final = shards_dir(store, split) / shard_name(shard, run_shard)
     with staging_dir(final, replace=True) as tmp:
         save_shard(part, meta, tmp)
@@ -337,11 +347,20 @@ def merge_shards(
     by: str = DEFAULT_RANK_BY,
     chunk: int | None = None,
     write: bool = True,
+    ranks: str | None = None,
 ) -> RankResult:
-    """Merge a complete set of shards of ``split`` into the full ranking and detection."""
+    """Merge a complete set of shards of ``split`` into the full ranking and detection.
+
+    ``ranks``: the convention of the rank summaries; None takes the one the shards were
+    made under (``mid`` when they record none). A convention other than the shards'
+    is refused, as are shards made under both.
+    """
     check_by(by)
+    if ranks is not None:
+        check_ranks(ranks)
     samples = store.samples(split)
     k, m, by_key = _check_complete(store, split, _read_metas(shards_dir(store, split)))
+    ranks = _merge_ranks(store, split, [meta for _, meta in by_key.values()], ranks)
     for folder, _meta in by_key.values():
         _, why = verify_shard(folder)
         if why:
@@ -388,4 +407,29 @@ def merge_shards(
         computed,
         write,
         extra_meta={"merged_shards": {"samples": k, "runs": m}},
+        ranks=ranks,
     )
+
+
+def _merge_ranks(
+    store: ExperimentStore, split: str, metas: list[dict[str, Any]], ranks: str | None
+) -> str:
+    """The rank convention of a merge: ``ranks``, or the shards' when None; refused when
+    it differs from the one the shards record."""
+    made = sorted({str(meta["ranks"]) for meta in metas if meta.get("ranks") is not None})
+    root = shards_dir(store, split)
+    if len(made) > 1:
+        raise MlvarError(
+            f"the shards of '{store.name}' ({split}) were made under different rank "
+            f"conventions ({', '.join(made)})",
+            f"remove {root} and compute every shard with the same --ranks",
+        )
+    if ranks is None:
+        return made[0] if made else RANKS_MID
+    if made and made[0] != ranks:
+        raise MlvarError(
+            f"the shards of '{store.name}' ({split}) were made under --ranks {made[0]}, "
+            f"not --ranks {ranks}",
+            f"merge with --ranks {made[0]}, or recompute the shards with --ranks {ranks}",
+        )
+    return ranks

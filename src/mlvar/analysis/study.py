@@ -22,6 +22,12 @@ Experiments without detection results are computed first with ``compute_missing`
 are skipped. ``compute_missing`` also computes missing accuracy results. ``stale`` marks
 results (detection or accuracy) computed over other runs than the experiment's current
 finished runs.
+
+``split="all"`` (``--split all``) collects every split of each experiment that marks some
+of its samples affected (the study scored train and val as well as test), one set of rows
+per split (the ``split`` column tells them apart). ``ranks`` chooses the convention of the
+rank summaries (:mod:`mlvar.analysis.conventions`): results stored under the other one
+are skipped (or recomputed with ``compute_missing``), so a table never mixes them.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from mlvar.analysis.conventions import ALL_SPLITS, RANKS_MID, check_ranks
 from mlvar.analysis.metrics import ALL_METRICS, BASELINES
 from mlvar.analysis.service import DEFAULT_RANK_BY, accuracy, analysis_dir, rank, write_table
 from mlvar.errors import MlvarError
@@ -98,10 +105,11 @@ class StudyResult:
         }
 
     def per_experiment(self, by: str = DEFAULT_RANK_BY) -> pd.DataFrame:
-        """One row per experiment: ``by``'s scores, the best metric by AUROC and the
-        median single-model ``neg_gconf`` baseline (for printing)."""
+        """One row per experiment (per experiment and split for ``--split all``):
+        ``by``'s scores, the best metric by AUROC and the median single-model
+        ``neg_gconf`` baseline (for printing)."""
         rows = []
-        for exp, g in self.table.groupby("experiment", sort=False):
+        for (exp, split), g in self.table.groupby(["experiment", "split"], sort=False):
             metrics = g[g["kind"] == "metric"].set_index("metric")
             base = g[g["metric"] == "neg_gconf[median]"]
             best = metrics["auroc"].idxmax() if metrics["auroc"].notna().any() else None
@@ -109,6 +117,7 @@ class StudyResult:
             rows.append(
                 {
                     "experiment": exp,
+                    "split": split,
                     "mode": first["mode"],
                     "params": " ".join(f"{k}={v}" for k, v in json.loads(first["params"]).items()),
                     "n_runs": first["n_runs"],
@@ -232,13 +241,70 @@ def _experiment_rows(store: ExperimentStore, split: str) -> list[dict[str, Any]]
     return rows
 
 
+def _ranks_made(store: ExperimentStore, split: str) -> str:
+    """The rank convention of the stored detection results of ``split`` (from
+    ``rank-<split>.json``; ``mid`` when it records none)."""
+    info_file = analysis_dir(store) / f"rank-{split}.json"
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    return str(info.get("ranks", RANKS_MID))
+
+
+def _has_affected(store: ExperimentStore, split: str) -> bool:
+    """Whether ``split`` marks some of its samples affected, not all."""
+    affected = store.samples(split)["affected"].to_numpy()
+    return bool(affected.any() and not affected.all())
+
+
+def _split_rows(
+    store: ExperimentStore, split: str, compute_missing: bool, ranks: str, rerun: str
+) -> tuple[list[dict[str, Any]], bool, str]:
+    """The study rows of one split of ``store``: ``(rows, computed here, why skipped)``;
+    ``rerun`` is the command that computes them."""
+    out = analysis_dir(store)
+    have = (out / f"detection-{split}.parquet").is_file()
+    made = _ranks_made(store, split) if have else ranks
+    rerun += f" --ranks {ranks}" if ranks != RANKS_MID or made != ranks else ""
+    computed = False
+    if not have or made != ranks:
+        if not compute_missing:
+            if have:
+                why = f"detection results made under --ranks {made}"
+                return [], False, f"{why} (run '{rerun}', or pass --compute-missing)"
+            if (out / f"rank-{split}.parquet").is_file():
+                return [], False, "no affected samples"
+            return [], False, f"no detection results (run '{rerun}')"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                result = rank(store, split, ranks=ranks)
+        except MlvarError as exc:
+            return [], False, exc.message
+        if result.detection is None:
+            return [], False, "no affected samples"
+        computed = True
+    if compute_missing and not (out / f"accuracy-{split}.parquet").is_file():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            accuracy(store, split)  # written to analysis/, read back below
+    return _experiment_rows(store, split), computed, ""
+
+
 def study(
     runs_root: Path,
     split: str = "test",
     compute_missing: bool = False,
     write: bool = True,
+    ranks: str = RANKS_MID,
 ) -> StudyResult:
-    """Collect the detection results of every experiment under ``runs_root``."""
+    """Collect the detection results of every experiment under ``runs_root``.
+
+    ``split``: one split, or ``"all"`` for every split of each experiment with affected
+    samples (some, not all; skipped and computed experiments are then named
+    ``"<experiment> (<split>)"``). ``ranks``: the rank convention of the table; results
+    stored under the other one are skipped, or recomputed with ``compute_missing``. A
+    table under ``"study"`` ends with a column ``ranks``.
+    """
+    check_ranks(ranks)
     runs_root = Path(runs_root)
     names = list_experiments(runs_root)
     if not names:
@@ -249,39 +315,35 @@ def study(
     rows: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
     computed: list[str] = []
+    every = split == ALL_SPLITS
     for name in names:
         store = ExperimentStore.open(runs_root, name)
-        if split not in store.meta.get("splits", []):
+        if every:
+            chosen = [s for s in store.meta.get("splits", []) if _has_affected(store, s)]
+            if not chosen:
+                skipped[name] = "no affected samples"
+                continue
+        elif split not in store.meta.get("splits", []):
             skipped[name] = f"no split '{split}'"
             continue
-        out = analysis_dir(store)
-        if not (out / f"detection-{split}.parquet").is_file():
-            if (out / f"rank-{split}.parquet").is_file() and not compute_missing:
-                skipped[name] = "no affected samples"
+        else:
+            chosen = [split]
+        for one in chosen:
+            label = f"{name} ({one})" if every else name
+            rerun = f"mlvar analyze rank {name}" + (f" --split {one}" if every else "")
+            got, made, why = _split_rows(store, one, compute_missing, ranks, rerun)
+            if why:
+                skipped[label] = why
                 continue
-            if not compute_missing:
-                skipped[name] = f"no detection results (run 'mlvar analyze rank {name}')"
-                continue
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    result = rank(store, split)
-            except MlvarError as exc:
-                skipped[name] = exc.message
-                continue
-            if result.detection is None:
-                skipped[name] = "no affected samples"
-                continue
-            computed.append(name)
-        if compute_missing and not (out / f"accuracy-{split}.parquet").is_file():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                accuracy(store, split)  # written to analysis/, read back below
-        rows += _experiment_rows(store, split)
+            if made:
+                computed.append(label)
+            rows += got
     if not rows:
+        option = f" --ranks {ranks}" if ranks != RANKS_MID else ""
         raise MlvarError(
-            f"no experiment in {runs_root} has detection results on split '{split}'",
-            "run 'mlvar analyze rank EXPERIMENT' first, or pass --compute-missing",
+            f"no experiment in {runs_root} has detection results on split '{split}'"
+            + (f" under{option}" if option else ""),
+            f"run 'mlvar analyze rank EXPERIMENT{option}' first, or pass --compute-missing",
         )
     table = pd.DataFrame(rows, columns=list(dict.fromkeys(k for row in rows for k in row)))
     for key in _FIXED:
@@ -290,6 +352,8 @@ def study(
     param_cols = sorted(c for c in table.columns if c.startswith("param:"))
     rename = {c: c[6:] if c[6:] not in _FIXED and c[6:] != "params" else c for c in param_cols}
     table = table[[*_FIXED[:6], *param_cols, "params", *_FIXED[6:]]].rename(columns=rename)
+    if ranks != RANKS_MID:  # a non-default convention is recorded
+        table["ranks"] = ranks
     files: list[str] = []
     if write:
         files = write_table(table, runs_root / "study")

@@ -11,6 +11,16 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from mlvar.analysis.conventions import (
+    ALL_SPLITS,
+    CURVE_DESIGNS,
+    DESIGN_PREFIX,
+    PREFIX_STEP_DEFAULT,
+    RANKS_MID,
+    RANKS_STUDY,
+    check_design,
+    check_ranks,
+)
 from mlvar.analysis.defaults import (
     DEFAULT_RANK_BY,
     SALIENCY_BATCH_DEFAULT,
@@ -111,6 +121,8 @@ def accuracy(
 
 def _print_rank(result: RankResult, top: int) -> None:
     by, split = result.by, result.split
+    # the study's positions start at 0 and are not mid-ranks
+    positions = " (0-based positions, --ranks study)" if result.ranks == RANKS_STUDY else ""
     if result.detection is not None:
         rows = [
             [
@@ -128,7 +140,7 @@ def _print_rank(result: RankResult, top: int) -> None:
         console.print(
             table(
                 f"{result.experiment}: detection of {result.n_affected} "
-                f"affected {split} samples ({result.n_runs} runs)",
+                f"affected {split} samples ({result.n_runs} runs){positions}",
                 ["metric", "ranked within", "AUROC", "AP", "P@k", "first", "median", "mean rank"],
                 rows,
                 digits={"first": 1, "median": 1, "mean rank": 1},
@@ -158,9 +170,12 @@ def _print_rank(result: RankResult, top: int) -> None:
 
 def _print_study(result, by: str) -> None:
     per = result.per_experiment(by)
+    every = result.split == ALL_SPLITS
     rows = [
         [
-            r["experiment"] + (" (stale)" if r["stale"] else ""),
+            r["experiment"]
+            + (f" [{r['split']}]" if every else "")
+            + (" (stale)" if r["stale"] else ""),
             r["params"] or r["mode"],
             r["n_runs"],
             r["auroc"],
@@ -233,6 +248,16 @@ def rank(
             "detection results yet.",
         ),
     ] = False,
+    ranks: Annotated[
+        str | None,
+        typer.Option(
+            "--ranks",
+            help="Rank summaries of the affected samples: mid (1-based, ties share their "
+            "mean rank; the default) or study (0-based positions in the original study's "
+            "argsort order). --merge of shards defaults to the shards' convention.",
+            show_default=False,
+        ),
+    ] = None,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -243,7 +268,8 @@ def rank(
     recorded per-epoch predictions, the training-dynamics metrics are included.
 
     --shard i/k [--run-shard j/m] computes one block as a separate job; --merge then
-    combines the blocks exactly. --merge without an experiment builds the study table.
+    combines the blocks exactly. --merge without an experiment builds the study table;
+    with --split all, over every split with affected samples (train and val too).
 
     Example: mlvar analyze rank digits-holdout-sub3-r1.0-mlp --by disagreement
     """
@@ -253,6 +279,14 @@ def rank(
         from mlvar.store import ExperimentStore
 
         check_by(by)
+        if ranks is not None:
+            check_ranks(ranks)
+        if split == ALL_SPLITS and not (merge and experiment is None):
+            raise MlvarError(
+                f"--split {ALL_SPLITS} applies only to the study table (--merge without an "
+                "experiment)",
+                "name one split for an experiment, e.g. --split train",
+            )
         if merge and (shard or run_shard):
             raise MlvarError(
                 "--merge cannot be combined with --shard or --run-shard",
@@ -274,7 +308,12 @@ def rank(
         if experiment is None:
             from mlvar.analysis.study import study
 
-            result = study(cfg.paths.runs_root, split, compute_missing=compute_missing)
+            result = study(
+                cfg.paths.runs_root,
+                split,
+                compute_missing=compute_missing,
+                ranks=ranks or RANKS_MID,
+            )
         else:
             store = ExperimentStore.open(cfg.paths.runs_root, experiment)
             # pandas: once the experiment is found
@@ -283,12 +322,19 @@ def rank(
 
             if shard_ or run_shard_:
                 result = write_shard(
-                    store, split, shard_ or (1, 1), run_shard_ or (1, 1), allow_mixed
+                    store,
+                    split,
+                    shard_ or (1, 1),
+                    run_shard_ or (1, 1),
+                    allow_mixed,
+                    ranks=ranks or RANKS_MID,
                 )
             elif merge:
-                result = merge_shards(store, split, by=by)
+                result = merge_shards(store, split, by=by, ranks=ranks)
             else:
-                result = service.rank(store, split, by=by, allow_mixed=allow_mixed)
+                result = service.rank(
+                    store, split, by=by, allow_mixed=allow_mixed, ranks=ranks or RANKS_MID
+                )
     from mlvar.analysis.service import RankResult
 
     if json_out:
@@ -318,25 +364,51 @@ def curve(
         int, typer.Option(min=1, help="Random subsets of runs per size (all when fewer exist).")
     ] = 5,
     seed: Annotated[int, typer.Option(help="Seed of the subset draws.")] = 0,
+    design: Annotated[
+        str,
+        typer.Option(
+            help=f"Which runs: {' or '.join(CURVE_DESIGNS)} (random subsets of 1, 2, 4, ... "
+            "runs; or the original study's nested prefixes: the first STEP, 2 STEP, ... "
+            "runs in run order, one per size)."
+        ),
+    ] = CURVE_DESIGNS[0],
+    step: Annotated[
+        int | None,
+        typer.Option(
+            help=f"Prefix sizes grow by STEP runs (--design {DESIGN_PREFIX} only; default "
+            f"{PREFIX_STEP_DEFAULT}).",
+            show_default=False,
+        ),
+    ] = None,
     allow_mixed: MixedOpt = False,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """AUROC of every metric against the number of runs (1, 2, 4, ..., all).
 
-    For each size, several random subsets of runs; mean and std over subsets. Writes
-    analysis/auroc-vs-runs-<split>.{parquet,csv} and ...-subsets.{parquet,csv}.
+    For each size, several random subsets of runs; mean and std over subsets. With
+    --design prefix, the first 10, 20, ... runs instead (the original study's curve).
+    Writes analysis/auroc-vs-runs-<split>.{parquet,csv} and ...-subsets.{parquet,csv}.
 
     Example: mlvar analyze curve digits-holdout-sub3-r1.0-mlp --subsets 10
     """
     with cli_errors(), warnings_to_stderr():
         from mlvar.store import ExperimentStore
 
+        step = check_design(design, step)
         cfg = get_config(config)
         store = ExperimentStore.open(cfg.paths.runs_root, experiment)
         from mlvar.analysis.curve import runs_curve  # pandas: once the experiment is found
 
-        result = runs_curve(store, split, subsets=subsets, seed=seed, allow_mixed=allow_mixed)
+        result = runs_curve(
+            store,
+            split,
+            subsets=subsets,
+            seed=seed,
+            allow_mixed=allow_mixed,
+            design=design,
+            step=step,
+        )
     if json_out:
         print_json(result.to_dict())
         return
@@ -345,10 +417,14 @@ def curve(
         [metric, *(f"{m:.3f}" + ("" if s != s else f" ± {s:.3f}") for m, s in cells)]
         for metric, cells in result.auroc_by_metric().items()
     ]
+    over = (
+        f"the first {result.step}, {2 * result.step}, ... runs (nested prefixes)"
+        if result.design == DESIGN_PREFIX
+        else f"mean ± std over up to {result.subsets} subsets"
+    )
     console.print(
         table(
-            f"{experiment}: AUROC ({split}) against the number of runs, mean ± std over up "
-            f"to {result.subsets} subsets",
+            f"{experiment}: AUROC ({split}) against the number of runs, {over}",
             ["metric", *[f"{s} runs" for s in sizes]],
             rows,
         )
