@@ -19,20 +19,8 @@ from mlvar.cli import app
 from mlvar.data import registry
 from mlvar.data.families import scenario_families
 from mlvar.errors import MlvarError
+from test_data_cifar import KEPT
 from test_data_compas import Reference
-
-KEPT = (
-    "aquatic_mammals",
-    "fish",
-    "flowers",
-    "fruit_and_vegetables",
-    "insects",
-    "medium_mammals",
-    "people",
-    "reptiles",
-    "small_mammals",
-    "trees",
-)
 
 
 def _load(scenario) -> dict:

@@ -213,6 +213,13 @@ class HoldoutParams(p.Params):
         return dataclasses.replace(self, subclass="+".join(source.fine_names[f] for f in subs))
 
 
+def _held_out_names(source: Cifar100Data, subs: list[int]) -> tuple[list[str], list[str]]:
+    """The names of the fine classes ``subs`` and of their superclasses (sorted)."""
+    relabel = source.base.extra["relabel"]
+    superclasses = {KEPT_SUPERCLASSES[int(relabel[source.meta["fine_to_coarse"][f]])] for f in subs}
+    return [source.fine_names[f] for f in subs], sorted(superclasses)
+
+
 def _holdout(source: Cifar100Data, params: HoldoutParams) -> ModeResult:
     base = source.base
     fine, ratio, fine_names = base.groups, params.ratio, source.fine_names
@@ -240,15 +247,11 @@ def _holdout(source: Cifar100Data, params: HoldoutParams) -> ModeResult:
         )
         for s, pos in index.items()
     }
-    sub_names = [fine_names[f] for f in subs]
-    superclasses = {
-        KEPT_SUPERCLASSES[int(base.extra["relabel"][source.meta["fine_to_coarse"][f]])]
-        for f in subs
-    }
+    sub_names, superclasses = _held_out_names(source, subs)
     manifest = {
         "holdout": {
             "subclasses": sub_names,
-            "superclasses": sorted(superclasses),
+            "superclasses": superclasses,
             "removed": removed,
             "rule": "first floor(ratio * count) samples of each fine class, in original order, "
             "from train and from validation separately",
@@ -300,15 +303,11 @@ def _study_holdout(source: Cifar100Data, params: HoldoutParams) -> ModeResult:
         )
         for s, pos in index.items()
     }
-    sub_names = [fine_names[f] for f in subs]
-    superclasses = {
-        KEPT_SUPERCLASSES[int(base.extra["relabel"][source.meta["fine_to_coarse"][f]])]
-        for f in subs
-    }
+    sub_names, superclasses = _held_out_names(source, subs)
     manifest = {
         "holdout": {
             "subclasses": sub_names,
-            "superclasses": sorted(superclasses),
+            "superclasses": superclasses,
             "removed": removed,
             "rule": "first floor(ratio * count) samples of the fine classes together, in the "
             "split's order, from train and from validation separately; those left are affected",

@@ -519,6 +519,25 @@ def _study_clusters(base: BaseData, leaves: np.ndarray) -> tuple[np.ndarray, np.
     return _number_leaves(leaves, np.unique(leaves[rest]), rest)
 
 
+def _clusters_manifest(
+    leaf_ids: np.ndarray, sizes: dict[str, list[int]], order: str, **removed: int
+) -> dict[str, Any]:
+    """The manifest's ``clusters``: the tree, the leaves in cluster order, their sizes."""
+    return {
+        "n_clusters": len(leaf_ids),
+        "leaf_ids": [int(leaf) for leaf in leaf_ids],
+        "sizes": sizes,
+        "tree": {
+            "class": "sklearn.tree.DecisionTreeClassifier",
+            "random_state": TREE_RANDOM_STATE,
+            "min_samples_leaf": TREE_MIN_SAMPLES_LEAF,
+            "fit_on": "all filtered rows, unstandardised features, two_year_recid",
+        },
+        "order": order,
+        **removed,
+    }
+
+
 def _holdout(source: CompasSource, params: HoldoutParams) -> ModeResult:
     base = source.base
     k = params.cluster
@@ -546,19 +565,12 @@ def _holdout(source: CompasSource, params: HoldoutParams) -> ModeResult:
         f"{k} (of {n_clusters}); affected rows are its validation and test rows."
     )
     manifest = {
-        "clusters": {
-            "n_clusters": n_clusters,
-            "leaf_ids": [int(leaf) for leaf in leaf_ids],
-            "sizes": sizes,
-            "tree": {
-                "class": "sklearn.tree.DecisionTreeClassifier",
-                "random_state": TREE_RANDOM_STATE,
-                "min_samples_leaf": TREE_MIN_SAMPLES_LEAF,
-                "fit_on": "all filtered rows, unstandardised features, two_year_recid",
-            },
-            "order": "training rows ascending, ties by leaf node id",
-            "removed_train_rows": int(sizes["train"][k]),
-        }
+        "clusters": _clusters_manifest(
+            leaf_ids,
+            sizes,
+            order="training rows ascending, ties by leaf node id",
+            removed_train_rows=int(sizes["train"][k]),
+        )
     }
     return ModeResult(splits, description, manifest)
 
@@ -674,20 +686,13 @@ def _study_holdout(source: CompasSource, params: HoldoutParams) -> ModeResult:
         f"the study's order) before splitting off validation; affected rows are its test rows."
     )
     manifest.update(
-        clusters={
-            "n_clusters": n_clusters,
-            "leaf_ids": [int(leaf) for leaf in leaf_ids],
-            "sizes": sizes,
-            "tree": {
-                "class": "sklearn.tree.DecisionTreeClassifier",
-                "random_state": TREE_RANDOM_STATE,
-                "min_samples_leaf": TREE_MIN_SAMPLES_LEAF,
-                "fit_on": "all filtered rows, unstandardised features, two_year_recid",
-            },
-            "order": "train+val rows ascending (the leaves holding train+val rows), ties by "
+        clusters=_clusters_manifest(
+            leaf_ids,
+            sizes,
+            order="train+val rows ascending (the leaves holding train+val rows), ties by "
             "leaf node id",
-            "removed_train_val_rows": int(removed),
-        },
+            removed_train_val_rows=int(removed),
+        ),
         split={
             "test_size": TEST_SIZE,
             "val_size": VAL_SIZE,
