@@ -24,9 +24,11 @@ from mlvar.cli.options import (
     JsonOpt,
     ModeOpt,
     PrepareSeedOpt,
+    ProtocolOpt,
     RatioOpt,
     SubclassOpt,
 )
+from mlvar.data.protocol import DEFAULT_PROTOCOL
 
 if TYPE_CHECKING:  # the data services (numpy) load inside the commands
     from mlvar.data.families import Family
@@ -101,6 +103,7 @@ def prepare(
     subclass: SubclassOpt = None,
     cls: ClsOpt = None,
     seed: PrepareSeedOpt = "0",
+    protocol: ProtocolOpt = None,
     force: Annotated[
         bool,
         typer.Option("--force", help="Rebuild existing scenarios (a sweep skips them otherwise)."),
@@ -113,7 +116,8 @@ def prepare(
     One value per option prepares one scenario. A list or range prepares a sweep (every
     combination); an option the mode needs that is left out is swept as the study did.
     Everything is checked before the first scenario is written; a sweep skips the
-    scenarios already prepared.
+    scenarios already prepared. --protocol study follows the original study's scenario
+    rules exactly (names end in -study; docs/datasets.md, Protocols).
 
     Examples:
 
@@ -128,6 +132,8 @@ def prepare(
       mlvar data prepare cifar100 --subclass study
 
       mlvar data prepare digits --mode augmentation --cls 3,5 --ratio 0.5,1
+
+      mlvar data prepare compas --mode holdout --cluster all --protocol study
     """
     with cli_errors():
         from mlvar.data import registry
@@ -150,6 +156,7 @@ def prepare(
                 subclass=subclass,
                 cls=cls,
                 seed=seed,
+                protocol=cfg.protocol.name if protocol is None else protocol,
             )
         if len(result.scenarios) == 1 and not result.defaulted:
             scenario = result.scenarios[0]
@@ -171,6 +178,7 @@ def _print_sweep(result: SweepResult, data_root: Path, json_out: bool) -> None:
             {
                 "dataset": result.dataset,
                 "mode": result.mode,
+                "protocol": result.protocol,
                 "data_root": str(data_root),
                 "defaulted": result.defaulted,
                 "note": result.note(),
@@ -192,7 +200,8 @@ def _print_sweep(result: SweepResult, data_root: Path, json_out: bool) -> None:
         ]
         for row in rows
     ]
-    title = f"{result.dataset} {result.mode}: {len(rows)} scenarios in {data_root}"
+    under = "" if result.protocol == DEFAULT_PROTOCOL else f" ({result.protocol})"
+    title = f"{result.dataset} {result.mode}{under}: {len(rows)} scenarios in {data_root}"
     console.print(table(title, columns, cells))
     skipped = f", skipped {len(result.skipped)} already prepared" if result.skipped else ""
     console.print(f"Prepared {len(result.prepared)} of {len(rows)} scenarios{skipped}.")
@@ -285,6 +294,7 @@ def list_(
                     "name": s.name,
                     "dataset": s.dataset,
                     "mode": s.mode,
+                    "protocol": family.protocol,
                     "test_affected": _test_affected(s),
                     "family": family.name,
                     "params": s.manifest.get("params", {}),

@@ -98,7 +98,7 @@ ScenarioOpt = Annotated[
 ProtocolOpt = Annotated[
     str | None,
     typer.Option(
-        help=protocol_help() + " Default from config ([protocol] name): mlvar.",
+        help=protocol_help() + " Default from config (\\[protocol] name): mlvar.",
         show_default=False,
     ),
 ]

@@ -331,10 +331,17 @@ def source_manifest(raw: RawCifar, dataset: str) -> dict[str, Any]:
 
 def split_train(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Train and validation positions (10%, ``random_state=69``), each in original order."""
+    train, val = study_split(positions)
+    return np.sort(train), np.sort(val)
+
+
+def study_split(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The same split in the order ``train_test_split`` gives it (shuffled), as the study
+    kept it."""
     from sklearn.model_selection import train_test_split
 
     train, val = train_test_split(positions, test_size=VAL_SIZE, random_state=SPLIT_SEED)
-    return np.sort(np.asarray(train)), np.sort(np.asarray(val))
+    return np.asarray(train), np.asarray(val)
 
 
 def sample_ids(n_train: int, n_test: int) -> np.ndarray:

@@ -3,7 +3,8 @@
 
 Built from the arrays :mod:`mlvar.data.cifar` fetched into ``<data_root>/raw/cifar10/``.
 Validation is 10% of the training images (not stratified), split before any change; the
-test split is the official test batch.
+test split is the official test batch. Under ``--protocol study`` the change comes first and
+validation is split off the changed set (:mod:`mlvar.data.modes`).
 """
 
 from __future__ import annotations
@@ -14,8 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from mlvar.data.modes import Appearance, class_modes, grayscale, original_mode
-from mlvar.data.spec import BaseData, DatasetSpec, Source, TrainDefaults
+from mlvar.data.modes import (
+    Appearance,
+    class_modes,
+    grayscale,
+    original_mode,
+    unchanged_splits,
+)
+from mlvar.data.spec import BaseData, DatasetSpec, ModeResult, Source, TrainDefaults
 
 N_CLASSES = 10
 
@@ -49,6 +56,21 @@ class Cifar10Data(Source):
         )
 
 
+def _study_split(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    from mlvar.data import cifar
+
+    return cifar.study_split(positions)
+
+
+def _study_original(source: Cifar10Data, params: object) -> ModeResult:
+    base = source.base
+    train, val = _study_split(np.sort(np.concatenate([base.index["train"], base.index["val"]])))
+    index = {"train": train, "val": val, "test": base.index["test"]}
+    manifest = {"split": {**base.manifest["split"], "order": "as train_test_split returns it"}}
+    description = "Unchanged data, validation in the study's (shuffled) order; nothing injected."
+    return ModeResult(unchanged_splits(base, index), description, manifest)
+
+
 def fetch(data_root: str | os.PathLike, **options: Any) -> dict[str, Any]:
     """Fetch CIFAR-10: :func:`mlvar.data.cifar.fetch_cifar` (imported on first use)."""
     from mlvar.data import cifar
@@ -67,7 +89,10 @@ SPEC = DatasetSpec(
     name="cifar10",
     description="CIFAR-10 (32x32 colour images, 10 classes, 50,000 + 10,000)",
     input_kind="image",
-    mode_specs=(original_mode("Unchanged data; nothing injected."), *class_modes(GRAYSCALE)),
+    mode_specs=(
+        original_mode("Unchanged data; nothing injected.", study=_study_original),
+        *class_modes(GRAYSCALE, study_split=_study_split),
+    ),
     open=Cifar10Data,
     fetch=fetch,
     needs_fetch=True,

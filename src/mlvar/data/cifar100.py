@@ -7,6 +7,12 @@ relabelled 0-9; the other images are dropped. ``holdout`` (the default mode with
 from train and from validation (each split separately, in original order; ``ratio``
 defaults to 1.0). The test split is untouched; its samples of the named fine classes are
 the affected ones. ``group`` is the fine class.
+
+Under ``--protocol study`` (the original study's ``prepare_holdout_cifar100-cifar10.py``)
+train and validation keep the order the split gives them (shuffled), the first
+``floor(ratio * count)`` of the named fine classes' samples *together* (a pair pooled) are
+removed from each split in that order, and the fine classes' samples left in train and
+validation are affected too.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from mlvar.data import params as p
-from mlvar.data.modes import group_counts, n_affected, original_mode
+from mlvar.data.modes import group_counts, n_affected, original_mode, unchanged_splits
 from mlvar.data.scenario import SplitData
 from mlvar.data.spec import (
     BaseData,
@@ -93,7 +99,8 @@ class Cifar100Data(Source):
         fine = np.concatenate([a["y_train"], a["y_test"]]).astype(np.int64)
         coarse = np.concatenate([a["coarse_train"], a["coarse_test"]]).astype(np.int64)
         labels = relabel[coarse]
-        train, val = cifar.split_train(np.flatnonzero(labels[:n_train] >= 0))
+        kept = np.flatnonzero(labels[:n_train] >= 0)
+        train, val = cifar.split_train(kept)
         test = n_train + np.flatnonzero(labels[n_train:] >= 0)
         base = cifar.scenario_base(
             raw,
@@ -115,6 +122,9 @@ class Cifar100Data(Source):
             },
         )
         base.extra["relabel"] = relabel
+        base.extra["study_index"] = dict(
+            zip(("train", "val"), cifar.study_split(kept), strict=True)
+        )
         return base
 
 
@@ -203,6 +213,13 @@ class HoldoutParams(p.Params):
         return dataclasses.replace(self, subclass="+".join(source.fine_names[f] for f in subs))
 
 
+def _held_out_names(source: Cifar100Data, subs: list[int]) -> tuple[list[str], list[str]]:
+    """The names of the fine classes ``subs`` and of their superclasses (sorted)."""
+    relabel = source.base.extra["relabel"]
+    superclasses = {KEPT_SUPERCLASSES[int(relabel[source.meta["fine_to_coarse"][f]])] for f in subs}
+    return [source.fine_names[f] for f in subs], sorted(superclasses)
+
+
 def _holdout(source: Cifar100Data, params: HoldoutParams) -> ModeResult:
     base = source.base
     fine, ratio, fine_names = base.groups, params.ratio, source.fine_names
@@ -230,15 +247,11 @@ def _holdout(source: Cifar100Data, params: HoldoutParams) -> ModeResult:
         )
         for s, pos in index.items()
     }
-    sub_names = [fine_names[f] for f in subs]
-    superclasses = {
-        KEPT_SUPERCLASSES[int(base.extra["relabel"][source.meta["fine_to_coarse"][f]])]
-        for f in subs
-    }
+    sub_names, superclasses = _held_out_names(source, subs)
     manifest = {
         "holdout": {
             "subclasses": sub_names,
-            "superclasses": sorted(superclasses),
+            "superclasses": superclasses,
             "removed": removed,
             "rule": "first floor(ratio * count) samples of each fine class, in original order, "
             "from train and from validation separately",
@@ -252,6 +265,64 @@ def _holdout(source: Cifar100Data, params: HoldoutParams) -> ModeResult:
     return ModeResult(splits, description, manifest)
 
 
+def _study_index(base: BaseData) -> dict[str, np.ndarray]:
+    return {**base.extra["study_index"], "test": base.index["test"]}
+
+
+def _study_split_manifest(base: BaseData) -> dict[str, Any]:
+    return {**base.manifest["split"], "order": "as train_test_split returns it"}
+
+
+def _study_original(source: Cifar100Data, params: p.NoParams) -> ModeResult:
+    base = source.base
+    description = (
+        "CIFAR-100 as 10 superclasses, unchanged, validation in the study's (shuffled) order; "
+        "nothing injected."
+    )
+    manifest = {"split": _study_split_manifest(base)}
+    return ModeResult(unchanged_splits(base, _study_index(base)), description, manifest)
+
+
+def _study_holdout(source: Cifar100Data, params: HoldoutParams) -> ModeResult:
+    base = source.base
+    fine, ratio, fine_names = base.groups, params.ratio, source.fine_names
+    subs = parse_subclasses(params.subclass, source.meta)
+    index = _study_index(base)
+    removed: dict[str, int] = {}
+    for s in ("train", "val"):
+        pos = index[s]
+        # The fine classes pooled, in the split's order.
+        members = np.flatnonzero(np.isin(fine[pos], subs))
+        k = n_affected(ratio, len(members))
+        removed[s] = int(k)
+        index[s] = np.delete(pos, members[:k])
+    sub_mask = np.isin(fine, subs)
+    splits = {
+        s: SplitData(
+            x=base.x[pos], y=base.y[pos], id=base.ids[pos], affected=sub_mask[pos], group=fine[pos]
+        )
+        for s, pos in index.items()
+    }
+    sub_names, superclasses = _held_out_names(source, subs)
+    manifest = {
+        "holdout": {
+            "subclasses": sub_names,
+            "superclasses": superclasses,
+            "removed": removed,
+            "rule": "first floor(ratio * count) samples of the fine classes together, in the "
+            "split's order, from train and from validation separately; those left are affected",
+        },
+        "group_counts": group_counts(splits, subs, {f: fine_names[f] for f in subs}),
+        "split": _study_split_manifest(base),
+    }
+    description = (
+        f"Removed the first {ratio:.0%} of fine class {' and '.join(sub_names)} (together, in "
+        f"the split's order) from train and validation; affected rows are its samples left in "
+        f"every split."
+    )
+    return ModeResult(splits, description, manifest)
+
+
 # --------------------------------------------------------------------------- the spec
 
 SPEC = DatasetSpec(
@@ -259,12 +330,15 @@ SPEC = DatasetSpec(
     description="CIFAR-100 as 10 superclasses (32x32 colour images, 25,000 + 5,000)",
     input_kind="image",
     mode_specs=(
-        original_mode("CIFAR-100 as 10 superclasses, unchanged; nothing injected."),
+        original_mode(
+            "CIFAR-100 as 10 superclasses, unchanged; nothing injected.", study=_study_original
+        ),
         ModeSpec(
             "holdout",
             HoldoutParams,
             _holdout,
             summary="holds out fine classes of their superclasses",
+            study=_study_holdout,
         ),
     ),
     open=Cifar100Data,

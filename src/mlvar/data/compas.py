@@ -9,6 +9,13 @@ Scenarios (docs/design.md section 4):
 - ``holdout``: clusters are the leaves of a depth-limited decision tree; the training rows
   of one cluster are removed. Affected: the validation and test rows of that cluster.
 
+Under ``--protocol study`` (the original study's ``prepare_holdout_compas.py`` and
+``main_*_compas.py``; docs/fidelity.md): every feature column is standardised with the
+scenario's own training statistics; ``holdout`` orders the clusters by their train+val rows,
+removes the cluster from train+val before validation is split off (so validation never
+holds it) and flags its test rows; ``artificial`` and ``original`` are mlvar's construction,
+standardised the study's way.
+
 pandas and scikit-learn are imported where the data is read, so registering the dataset
 (and checking a command's options) does not load them.
 """
@@ -296,13 +303,28 @@ def fetch_compas(
 # --------------------------------------------------------------------------- the source
 
 
-def _split_indices(n: int) -> dict[str, np.ndarray]:
-    """Row positions of train, val and test (not stratified, ``random_state=69``)."""
+def _rest_test(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row positions of train+val and of test (16.5%, not stratified, ``random_state=69``),
+    in the split's order."""
     from sklearn.model_selection import train_test_split
 
     rest, test = train_test_split(np.arange(n), test_size=TEST_SIZE, random_state=SPLIT_SEED)
+    return np.asarray(rest), np.asarray(test)
+
+
+def _split_val(rest: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Train and validation (12.5%, ``random_state=69``) of train+val positions."""
+    from sklearn.model_selection import train_test_split
+
     train, val = train_test_split(rest, test_size=VAL_SIZE, random_state=SPLIT_SEED)
-    return {"train": np.asarray(train), "val": np.asarray(val), "test": np.asarray(test)}
+    return np.asarray(train), np.asarray(val)
+
+
+def _split_indices(n: int) -> dict[str, np.ndarray]:
+    """Row positions of train, val and test (not stratified, ``random_state=69``)."""
+    rest, test = _rest_test(n)
+    train, val = _split_val(rest)
+    return {"train": train, "val": val, "test": test}
 
 
 class CompasSource(Source):
@@ -371,9 +393,19 @@ class CompasSource(Source):
         )
 
     @cached_property
+    def leaves(self) -> np.ndarray:
+        """Every row's leaf of the clustering tree (:func:`_leaves`), fitted once."""
+        return _leaves(self.base)
+
+    @cached_property
     def clusters(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every row's cluster and the clusters' leaf ids (:func:`_clusters`), fitted once."""
-        return _clusters(self.base)
+        """Every row's cluster and the clusters' leaf ids (:func:`_clusters`)."""
+        return _clusters(self.base, self.leaves)
+
+    @cached_property
+    def study_clusters(self) -> tuple[np.ndarray, np.ndarray]:
+        """The same, numbered the study's way (:func:`_study_clusters`)."""
+        return _study_clusters(self.base, self.leaves)
 
     @property
     def n_clusters(self) -> int:
@@ -450,21 +482,60 @@ class HoldoutParams(p.Params):
         return self
 
 
-def _clusters(base: BaseData) -> tuple[np.ndarray, np.ndarray]:
-    """Every row's cluster and the clusters' leaf ids, numbered by training rows ascending."""
+def _leaves(base: BaseData) -> np.ndarray:
+    """Every row's leaf of the tree fitted on all rows (unstandardised features)."""
     from sklearn.tree import DecisionTreeClassifier
 
     tree = DecisionTreeClassifier(
         random_state=TREE_RANDOM_STATE, min_samples_leaf=TREE_MIN_SAMPLES_LEAF
     )
     tree.fit(base.extra["x_raw"], base.y)
-    leaves = tree.apply(base.extra["x_raw"])
-    leaf_ids = np.unique(leaves)
-    train_counts = np.array([(leaves[base.index["train"]] == leaf).sum() for leaf in leaf_ids])
-    # Sort by training size ascending, ties by leaf node id (lexsort: last key is primary).
-    leaf_ids = leaf_ids[np.lexsort((leaf_ids, train_counts))]
+    return tree.apply(base.extra["x_raw"])
+
+
+def _number_leaves(
+    leaves: np.ndarray, leaf_ids: np.ndarray, counted: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every row's cluster and the clusters' leaf ids, ``leaf_ids`` numbered by their rows
+    among the positions ``counted``, ascending, ties by leaf node id (-1: a row whose leaf
+    is not among ``leaf_ids``)."""
+    counts = np.array([(leaves[counted] == leaf).sum() for leaf in leaf_ids])
+    # lexsort: the last key is the primary one.
+    leaf_ids = leaf_ids[np.lexsort((leaf_ids, counts))]
     cluster_of_leaf = {int(leaf): k for k, leaf in enumerate(leaf_ids)}
-    return np.array([cluster_of_leaf[int(leaf)] for leaf in leaves], dtype=np.int64), leaf_ids
+    group = np.array([cluster_of_leaf.get(int(leaf), -1) for leaf in leaves], dtype=np.int64)
+    return group, leaf_ids
+
+
+def _clusters(base: BaseData, leaves: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every row's cluster and the clusters' leaf ids, numbered by training rows ascending."""
+    return _number_leaves(leaves, np.unique(leaves), base.index["train"])
+
+
+def _study_clusters(base: BaseData, leaves: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The study's clusters: the leaves holding train+val rows, numbered by their train+val
+    rows ascending (a stable sort of the leaf ids, so ties by leaf id)."""
+    rest, _ = _rest_test(len(leaves))
+    return _number_leaves(leaves, np.unique(leaves[rest]), rest)
+
+
+def _clusters_manifest(
+    leaf_ids: np.ndarray, sizes: dict[str, list[int]], order: str, **removed: int
+) -> dict[str, Any]:
+    """The manifest's ``clusters``: the tree, the leaves in cluster order, their sizes."""
+    return {
+        "n_clusters": len(leaf_ids),
+        "leaf_ids": [int(leaf) for leaf in leaf_ids],
+        "sizes": sizes,
+        "tree": {
+            "class": "sklearn.tree.DecisionTreeClassifier",
+            "random_state": TREE_RANDOM_STATE,
+            "min_samples_leaf": TREE_MIN_SAMPLES_LEAF,
+            "fit_on": "all filtered rows, unstandardised features, two_year_recid",
+        },
+        "order": order,
+        **removed,
+    }
 
 
 def _holdout(source: CompasSource, params: HoldoutParams) -> ModeResult:
@@ -494,20 +565,142 @@ def _holdout(source: CompasSource, params: HoldoutParams) -> ModeResult:
         f"{k} (of {n_clusters}); affected rows are its validation and test rows."
     )
     manifest = {
-        "clusters": {
-            "n_clusters": n_clusters,
-            "leaf_ids": [int(leaf) for leaf in leaf_ids],
-            "sizes": sizes,
-            "tree": {
-                "class": "sklearn.tree.DecisionTreeClassifier",
-                "random_state": TREE_RANDOM_STATE,
-                "min_samples_leaf": TREE_MIN_SAMPLES_LEAF,
-                "fit_on": "all filtered rows, unstandardised features, two_year_recid",
-            },
-            "order": "training rows ascending, ties by leaf node id",
-            "removed_train_rows": int(sizes["train"][k]),
+        "clusters": _clusters_manifest(
+            leaf_ids,
+            sizes,
+            order="training rows ascending, ties by leaf node id",
+            removed_train_rows=int(sizes["train"][k]),
+        )
+    }
+    return ModeResult(splits, description, manifest)
+
+
+# --------------------------------------------------------------------------- study protocol
+
+#: The study's scaler (``StandardScaler`` on every column) fitted on each split separately:
+#: validation and test were scaled with their own statistics. The study protocol keeps its
+#: design (every column standardised) with the training statistics only.
+STUDY_SCALING_NOTE = (
+    "the study fit a StandardScaler on each split separately (test statistics leak into the "
+    "test inputs); here it is fitted on this scenario's train split and applied to every split"
+)
+
+
+def _study_splits(
+    base: BaseData,
+    index: dict[str, np.ndarray],
+    columns: dict[str, np.ndarray],
+    feature_names: list[str],
+) -> tuple[dict[str, SplitData], dict[str, Any]]:
+    """The splits of ``index`` with every feature column standardised with the training
+    statistics, as the study's ``StandardScaler`` (population std, a constant column left
+    at scale 1); ``columns`` maps each split to its unstandardised feature matrix."""
+    train = columns["train"]
+    mean = train.mean(axis=0)
+    std = train.std(axis=0)
+    std = np.where(std > 0, std, 1.0)
+    splits = {
+        s: SplitData(
+            x=((columns[s] - mean) / std).astype(np.float32),
+            y=base.y[pos],
+            id=base.ids[pos],
+            affected=np.zeros(len(pos), bool),
+            group=base.groups[pos],
+        )
+        for s, pos in index.items()
+    }
+    manifest = {
+        "standardisation": {
+            "columns": list(feature_names),
+            "mean": [float(v) for v in mean],
+            "std": [float(v) for v in std],
+            "fit_on": "train",
+            "note": STUDY_SCALING_NOTE,
         }
     }
+    return splits, manifest
+
+
+def _raw_columns(base: BaseData, index: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {s: base.extra["x_raw"][pos] for s, pos in index.items()}
+
+
+def _study_original(source: CompasSource, params: p.NoParams) -> ModeResult:
+    base = source.base
+    index = dict(base.index)
+    splits, manifest = _study_splits(
+        base, index, _raw_columns(base, index), list(base.extra["feature_names"])
+    )
+    description = (
+        "Unchanged COMPAS data (ProPublica filter), every feature standardised with training "
+        "statistics as the study's scaler; nothing injected."
+    )
+    return ModeResult(splits, description, manifest)
+
+
+def _study_artificial(source: CompasSource, params: ArtificialParams) -> ModeResult:
+    # The study drew the feature for train+val before splitting off validation, with the
+    # same probability: each row flips independently, so mlvar's seeded draw (by split) is
+    # the same design. Only the scaling differs: the study standardised the new column too.
+    made = _artificial(source, params)
+    base = source.base
+    columns = {
+        s: np.concatenate([base.extra["x_raw"][pos], made.splits[s].x[:, -1:]], axis=1)
+        for s, pos in base.index.items()
+    }
+    feature_names = list(made.manifest["feature_names"])
+    splits, manifest = _study_splits(base, dict(base.index), columns, feature_names)
+    for s, data in splits.items():
+        data.affected = made.splits[s].affected
+    return ModeResult(splits, made.description, {**made.manifest, **manifest})
+
+
+def _study_holdout(source: CompasSource, params: HoldoutParams) -> ModeResult:
+    base = source.base
+    k = params.cluster
+    group_all, leaf_ids = source.study_clusters
+    n_clusters = len(leaf_ids)
+    if not 0 <= k < n_clusters:
+        raise MlvarError(
+            f"cluster {k} is out of range 0..{n_clusters - 1} of the study's clusters",
+            f"pick one in 0..{n_clusters - 1}",
+        )
+    rest, test = _rest_test(len(base.y))
+    # The cluster leaves train+val first (in the split's order); validation is split off
+    # what remains, so it never holds the cluster.
+    train, val = _split_val(rest[group_all[rest] != k])
+    index = {"train": train, "val": val, "test": test}
+    splits, manifest = _study_splits(
+        base, index, _raw_columns(base, index), list(base.extra["feature_names"])
+    )
+    for s, pos in index.items():
+        splits[s].group = group_all[pos]
+    splits["test"].affected = splits["test"].group == k
+    sizes = {
+        s: [int((group_all[pos] == c).sum()) for c in range(n_clusters)]
+        for s, pos in (("train+val", rest), ("test", test))
+    }
+    removed = sizes["train+val"][k]
+    description = (
+        f"Removed the {removed} train+val rows of decision-tree cluster {k} (of {n_clusters}, "
+        f"the study's order) before splitting off validation; affected rows are its test rows."
+    )
+    manifest.update(
+        clusters=_clusters_manifest(
+            leaf_ids,
+            sizes,
+            order="train+val rows ascending (the leaves holding train+val rows), ties by "
+            "leaf node id",
+            removed_train_val_rows=int(removed),
+        ),
+        split={
+            "test_size": TEST_SIZE,
+            "val_size": VAL_SIZE,
+            "random_state": SPLIT_SEED,
+            "order": "test split off first; the cluster removed from train+val; validation "
+            "split off what remains",
+        },
+    )
     return ModeResult(splits, description, manifest)
 
 
@@ -519,18 +712,22 @@ SPEC = DatasetSpec(
     description="ProPublica COMPAS two-year recidivism (tabular, 2 classes, 6,172 rows)",
     input_kind="tabular",
     mode_specs=(
-        original_mode("Unchanged COMPAS data (ProPublica filter); nothing injected."),
+        original_mode(
+            "Unchanged COMPAS data (ProPublica filter); nothing injected.", study=_study_original
+        ),
         ModeSpec(
             "artificial",
             ArtificialParams,
             _artificial,
             summary="adds a feature equal to the label, flipped with probability ratio",
+            study=_study_artificial,
         ),
         ModeSpec(
             "holdout",
             HoldoutParams,
             _holdout,
             summary="removes the training rows of one decision-tree cluster",
+            study=_study_holdout,
         ),
     ),
     open=CompasSource,

@@ -4,7 +4,8 @@ parameter values they were prepared with (what ``mlvar data list`` shows).
 A study prepares a sweep per family (``mlvar data prepare cifar10 --mode holdout-dup``
 writes ten ratios of class 0); listing its scenarios one by one hides that shape, the
 families show it: ``cifar10 holdout-dup: cls 0; ratio 0.0, 0.1, ..., 0.9; seed 0`` (10
-scenarios). Reads manifests only.
+scenarios). A protocol's scenarios are a family of their own (``compas holdout (study)``,
+:mod:`mlvar.data.protocol`). Reads manifests only.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from numbers import Real
 from pathlib import Path
 from typing import Any
 
+from mlvar.data.protocol import DEFAULT_PROTOCOL, protocol_of
 from mlvar.data.registry import DATASETS
 from mlvar.data.scenario import Scenario, list_scenarios
 
@@ -26,7 +28,7 @@ VALUES_SHOWN = 10
 
 @dataclass
 class Family:
-    """The prepared scenarios of one dataset and mode.
+    """The prepared scenarios of one dataset and mode, prepared under one protocol.
 
     ``scenarios`` are ordered by their parameter values; ``params`` maps each parameter
     (in the order the mode declares them) to the distinct values prepared, sorted
@@ -37,11 +39,14 @@ class Family:
     mode: str
     scenarios: list[Scenario]
     params: dict[str, list[Any]]
+    protocol: str = DEFAULT_PROTOCOL
 
     @property
     def name(self) -> str:
-        """``<dataset> <mode>``: ``cifar10 holdout-dup``."""
-        return f"{self.dataset} {self.mode}"
+        """``<dataset> <mode>``: ``cifar10 holdout-dup``; another protocol than mlvar's in
+        brackets: ``compas holdout (study)``."""
+        suffix = "" if self.protocol == DEFAULT_PROTOCOL else f" ({self.protocol})"
+        return f"{self.dataset} {self.mode}{suffix}"
 
     @property
     def names(self) -> list[str]:
@@ -57,13 +62,16 @@ class Family:
 
 def scenario_families(data_root: str | os.PathLike, dataset: str | None = None) -> list[Family]:
     """The prepared scenarios under ``data_root`` (optionally of one dataset) by family:
-    datasets and modes in the order mlvar lists them (others after, by name)."""
-    groups: dict[tuple[str, str], list[Scenario]] = {}
+    datasets and modes in the order mlvar lists them (others after, by name), each mode's
+    mlvar family before its study family."""
+    groups: dict[tuple[str, str, str], list[Scenario]] = {}
     for scenario in list_scenarios(Path(data_root), dataset):
-        key = (str(scenario.manifest.get("dataset")), str(scenario.manifest.get("mode")))
+        manifest = scenario.manifest
+        key = (str(manifest.get("dataset")), str(manifest.get("mode")), protocol_of(manifest))
         groups.setdefault(key, []).append(scenario)
     families = []
-    for (name, mode), members in sorted(groups.items(), key=lambda item: _family_order(*item[0])):
+    ordered = sorted(groups.items(), key=lambda item: _family_order(*item[0]))
+    for (name, mode, protocol), members in ordered:
         params: dict[str, set[Any]] = {option: set() for option in _option_order(name, mode)}
         for scenario in members:
             for option, value in (scenario.manifest.get("params") or {}).items():
@@ -79,6 +87,7 @@ def scenario_families(data_root: str | os.PathLike, dataset: str | None = None) 
                 mode=mode,
                 scenarios=members,
                 params={p: sorted(v, key=_value_order) for p, v in params.items() if v},
+                protocol=protocol,
             )
         )
     return families
@@ -95,12 +104,14 @@ def values_text(values: list[Any], limit: int = VALUES_SHOWN) -> str:
     return f"{', '.join(shown[: limit - 2])}, ..., {shown[-1]} ({len(values)} values)"
 
 
-def _family_order(dataset: str, mode: str) -> tuple:
+def _family_order(dataset: str, mode: str, protocol: str) -> tuple:
     names = list(DATASETS)
+    other = protocol != DEFAULT_PROTOCOL
     if dataset not in DATASETS:
-        return (len(names), dataset, 0, mode)
+        return (len(names), dataset, 0, mode, other, protocol)
     modes = list(DATASETS[dataset].modes)
-    return (names.index(dataset), dataset, modes.index(mode) if mode in modes else len(modes), mode)
+    at = modes.index(mode) if mode in modes else len(modes)
+    return (names.index(dataset), dataset, at, mode, other, protocol)
 
 
 def _option_order(dataset: str, mode: str) -> list[str]:

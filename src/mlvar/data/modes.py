@@ -15,6 +15,15 @@ Affected evaluation samples: the target class's validation and test samples (eve
 with a target class); for the appearance modes a changed copy of the test set is written
 as split ``test_gray``, with the same ids and the same affected flags as ``test``, except
 ``augmentation-all``, where every ``test_gray`` sample is affected and no ``test`` sample is.
+
+Under the study protocol (CIFAR-10 only: the original study's ``prepare_holdout_cifar10.py``)
+the change comes first and validation is split off after it: the affected images are the
+first ``floor(a * count)`` of the class (of the whole training set for ``augmentation-all``)
+in the full training set in file order, validation is ``train_test_split(test_size=0.1,
+random_state=69)`` of the changed set (so it holds its share of the changed images, and
+none of the removed ones), and both splits keep the order that split gives them.
+Affected: the changed images in train and validation, and the class's validation and test
+samples (``augmentation-all``: the changed images only, and ``test_gray``).
 """
 
 from __future__ import annotations
@@ -37,19 +46,27 @@ STUDY_RATIOS = "0:0.9:0.1"
 APPEARANCE_MODES = ("augmentation", "augmentation-all")
 
 Change = Callable[[np.ndarray], np.ndarray]
+#: ``split(positions)``: the train and validation positions of a training set, in the order
+#: the split gives them (the study protocol's validation split).
+StudySplit = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
-def original_mode(description: str) -> ModeSpec:
-    """The ``original`` mode: the dataset's splits unchanged, described by ``description``."""
+def original_mode(
+    description: str, study: Callable[[Any, Any], ModeResult] | None = None
+) -> ModeSpec:
+    """The ``original`` mode: the dataset's splits unchanged, described by ``description``;
+    ``study`` builds it under the study protocol (None: the study had none)."""
 
     def build(source: Source, params: p.NoParams) -> ModeResult:
         return ModeResult(unchanged_splits(source.base), description)
 
-    return ModeSpec("original", p.NoParams, build, summary="nothing changed")
+    return ModeSpec("original", p.NoParams, build, summary="nothing changed", study=study)
 
 
-def unchanged_splits(base: BaseData) -> dict[str, SplitData]:
-    """Every split of ``base`` as it is: nothing affected."""
+def unchanged_splits(
+    base: BaseData, index: dict[str, np.ndarray] | None = None
+) -> dict[str, SplitData]:
+    """Every split of ``base`` (or of the positions ``index``) as it is: nothing affected."""
     return {
         s: SplitData(
             x=base.x[pos],
@@ -58,7 +75,7 @@ def unchanged_splits(base: BaseData) -> dict[str, SplitData]:
             affected=np.zeros(len(pos), bool),
             group=base.groups[pos],
         )
-        for s, pos in base.index.items()
+        for s, pos in (base.index if index is None else index).items()
     }
 
 
@@ -137,12 +154,25 @@ class EveryClassParams(p.Params):
 # --------------------------------------------------------------------------- the modes
 
 
-def class_modes(appearance: Appearance) -> tuple[ModeSpec, ...]:
-    """The four class modes of an image dataset whose source's ``base`` holds its images."""
+def class_modes(
+    appearance: Appearance, study_split: StudySplit | None = None
+) -> tuple[ModeSpec, ...]:
+    """The four class modes of an image dataset whose source's ``base`` holds its images;
+    with ``study_split`` (the study's validation split), each under the study protocol too."""
 
     def build(mode: str) -> Callable[[Source, Any], ModeResult]:
         def run(source: Source, params: Any) -> ModeResult:
             return _class_mode(source, mode, params, appearance)
+
+        return run
+
+    def study(mode: str) -> Callable[[Source, Any], ModeResult] | None:
+        if study_split is None:
+            return None
+        split = study_split
+
+        def run(source: Source, params: Any) -> ModeResult:
+            return _study_class_mode(source, mode, params, appearance, split)
 
         return run
 
@@ -154,24 +184,28 @@ def class_modes(appearance: Appearance) -> tuple[ModeSpec, ...]:
             summary="deletes the first ratio of a class's training samples",
             example="--cls 3 --ratio 0.5",
             key="cls",
+            study=study("holdout"),
         ),
         ModeSpec(
             "holdout-dup",
             DuplicateParams,
             build("holdout-dup"),
             summary="replaces them by copies of the class's other samples",
+            study=study("holdout-dup"),
         ),
         ModeSpec(
             "augmentation",
             ClassParams,
             build("augmentation"),
             summary=f"makes them {appearance.adjective}",
+            study=study("augmentation"),
         ),
         ModeSpec(
             "augmentation-all",
             EveryClassParams,
             build("augmentation-all"),
             summary=f"makes the first ratio of every class {appearance.adjective}",
+            study=study("augmentation-all"),
         ),
     )
 
@@ -320,6 +354,133 @@ def class_mode_splits(
             x=change(test.x), y=test.y, id=test.id, affected=flags, group=test.group
         )
     return splits, info, {"train": origin[keep]}
+
+
+# --------------------------------------------------------------------------- study protocol
+
+
+def _study_class_mode(
+    source: Source, mode: str, params: Any, appearance: Appearance, split: StudySplit
+) -> ModeResult:
+    """A class mode under the study protocol (see the module docstring)."""
+    base = source.base
+    cls = getattr(params, "cls", None)
+    seed = getattr(params, "seed", 0)
+    # The full training set in file order: the study changed it before any split.
+    full = np.sort(np.concatenate([base.index["train"], base.index["val"]]))
+    y_full = base.y[full]
+    every = mode == "augmentation-all"
+    targets = np.arange(len(full)) if every else np.flatnonzero(y_full == cls)
+    k = n_affected(params.ratio, len(targets))
+    chosen, remaining = targets[:k], targets[k:]
+    # Per row of the changed set: the sample it is (index into ``full``), the image it
+    # shows, and whether it was changed.
+    sample = np.arange(len(full))
+    info: dict[str, Any] = {
+        "rule": "first floor(ratio * count) of "
+        + ("all training images" if mode == "augmentation-all" else "the class's training images")
+        + " in the full training set in file order, changed before validation is split off",
+    }
+    if mode == "holdout":
+        sample = np.delete(sample, chosen)
+    shown = sample.copy()
+    changed = np.zeros(len(sample), bool)
+    if mode == "holdout-dup":
+        if k and not len(remaining):
+            raise MlvarError(
+                f"holdout-dup of class {cls} with ratio {params.ratio} leaves no sample to copy",
+                "use a ratio below 1.0 (holdout deletes the whole class)",
+            )
+        rng = np.random.default_rng(seed)
+        picks = remaining[rng.integers(0, len(remaining), size=k)] if k else chosen
+        shown[chosen] = picks
+        info["copies"] = {
+            "ids": base.ids[full[chosen]].tolist(),
+            "source_ids": base.ids[full[picks]].tolist(),
+            "draw": f"numpy.random.default_rng({seed}).integers over the remaining samples "
+            "(the study drew with random.choice, unseeded)",
+        }
+    if mode != "holdout":
+        changed[chosen] = True
+    per_class = np.bincount(y_full[chosen], minlength=len(base.class_names))
+    key = "removed_train_per_class" if mode == "holdout" else "affected_train_per_class"
+    info[key] = {str(c): int(n) for c, n in enumerate(per_class) if cls is None or c == cls}
+    train_rows, val_rows = split(np.arange(len(sample)))
+    splits: dict[str, SplitData] = {}
+    origin: dict[str, np.ndarray] = {}
+    for s, rows in (("train", train_rows), ("val", val_rows)):
+        pos, image_pos = full[sample[rows]], full[shown[rows]]
+        x = np.ascontiguousarray(base.x[image_pos])
+        flags = changed[rows].copy()
+        if mode in APPEARANCE_MODES and flags.any():
+            x[flags] = appearance.change(x[flags])
+        y = base.y[pos]
+        if s == "val" and cls is not None:
+            flags |= y == cls
+        splits[s] = SplitData(x=x, y=y, id=base.ids[pos], affected=flags, group=base.groups[pos])
+        origin[s] = image_pos
+    info["changed_in"] = {
+        s: int(changed[rows].sum()) for s, rows in (("train", train_rows), ("val", val_rows))
+    }
+    test = base.index["test"]
+    y_test = base.y[test]
+    splits["test"] = SplitData(
+        x=np.ascontiguousarray(base.x[test]),
+        y=y_test,
+        id=base.ids[test],
+        affected=np.zeros(len(test), bool) if cls is None else y_test == cls,
+        group=base.groups[test],
+    )
+    changes = mode in APPEARANCE_MODES
+    manifest: dict[str, Any] = {
+        "change": {
+            "mode": mode,
+            "target_class": cls,
+            "appearance": appearance.name if changes else None,
+            **info,
+        },
+        "split": {
+            **base.manifest["split"],
+            "of": "the changed training set",
+            "order": "as train_test_split returns it",
+        },
+    }
+    if changes:
+        test_split = splits["test"]
+        flags = np.ones(len(test), bool) if cls is None else test_split.affected.copy()
+        splits["test_gray"] = SplitData(
+            x=appearance.change(test_split.x),
+            y=test_split.y,
+            id=test_split.id,
+            affected=flags,
+            group=test_split.group,
+        )
+        manifest["test_gray"] = (
+            f"{appearance.test_gray} (an mlvar addition: the study wrote no such copy)"
+        )
+    cls_name = base.class_names[cls] if cls is not None else None
+    description = _study_description(mode, cls_name, params.ratio, appearance.adjective, seed)
+    return ModeResult(splits, description, manifest, origin)
+
+
+def _study_description(
+    mode: str, cls_name: str | None, ratio: float, change: str, seed: int
+) -> str:
+    of = "all training images" if cls_name is None else f"class {cls_name}'s training images"
+    did = {
+        "holdout": "Removed",
+        "holdout-dup": f"Replaced by copies of random remaining images of the class (seed {seed})",
+        "augmentation": f"Made {change}",
+        "augmentation-all": f"Made {change}",
+    }[mode]
+    flagged = "the changed images" if mode != "holdout" else ""
+    if cls_name is not None:
+        flagged += (" and " if flagged else "") + "the class's validation and test samples"
+    extra = f"; test_gray is the test set made {change}" if mode in APPEARANCE_MODES else ""
+    return (
+        f"{did} the first {ratio:.0%} of {of} (full training set, file order), then split off "
+        f"validation; affected rows are {flagged}{extra}."
+    )
 
 
 def group_counts(

@@ -21,6 +21,7 @@ import numpy as np
 
 from mlvar.data import sweep
 from mlvar.data.params import Option, given_options
+from mlvar.data.protocol import DEFAULT_PROTOCOL
 from mlvar.data.scenario import Scenario
 from mlvar.data.spec import DATASETS, DatasetSpec, register
 from mlvar.data.sweep import SweepProgress, SweepResult
@@ -64,8 +65,9 @@ def prepare(
     seed: int = 0,
     force: bool = False,
     cls: int | str | None = None,
+    protocol: str = DEFAULT_PROTOCOL,
 ) -> Scenario:
-    """Prepare a scenario of ``dataset`` and return it.
+    """Prepare a scenario of ``dataset`` under ``protocol`` and return it.
 
     Parameters
     ----------
@@ -78,15 +80,18 @@ def prepare(
         Mode parameters; one the mode does not take is an error.
     force
         Replace an existing scenario folder instead of refusing.
+    protocol
+        ``mlvar`` (the default) or ``study``: whose scenario rules (:mod:`mlvar.data.protocol`).
 
     Raises
     ------
     MlvarError
-        Unknown dataset or mode, bad parameters, missing raw data, or an existing scenario
-        without ``force``. Nothing is written in that case.
+        Unknown dataset, mode or protocol, bad parameters, missing raw data, or an existing
+        scenario without ``force``. Nothing is written in that case.
     """
     given = {"ratio": ratio, "cluster": cluster, "subclass": subclass, "seed": seed, "cls": cls}
-    return get_dataset(dataset).prepare(data_root, mode, given_options(given), force=force)
+    spec = get_dataset(dataset)
+    return spec.prepare(data_root, mode, given_options(given), force=force, protocol=protocol)
 
 
 def prepare_sweep(
@@ -95,6 +100,7 @@ def prepare_sweep(
     mode: str | None = None,
     force: bool = False,
     progress: SweepProgress | None = None,
+    protocol: str = DEFAULT_PROTOCOL,
     **given: Any,
 ) -> SweepResult:
     """Prepare a sweep of scenarios of ``dataset``: :func:`mlvar.data.sweep.prepare_sweep`.
@@ -107,6 +113,8 @@ def prepare_sweep(
         Rebuild members already prepared (they are skipped otherwise).
     progress
         ``progress(done, total, name)`` before each scenario is built.
+    protocol
+        ``mlvar`` (the default) or ``study``: whose scenario rules every member follows.
     **given
         The options as typed, by option name (``ratio="0:0.5:0.1"``, ``cluster="all"``,
         ``subclass="study"``, ``cls="0,3"``, ``seed="0"``), or values; None (and seed 0)
@@ -121,7 +129,13 @@ def prepare_sweep(
     """
     spec = get_dataset(dataset)
     return sweep.prepare_sweep(
-        spec, data_root, mode, given_options(given), force=force, progress=progress
+        spec,
+        data_root,
+        mode,
+        given_options(given),
+        force=force,
+        progress=progress,
+        protocol=protocol,
     )
 
 

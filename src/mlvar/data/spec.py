@@ -13,6 +13,11 @@ Preparing a scenario (:meth:`DatasetSpec.prepare`) goes the same way for every d
    sharing the source's unchanged data with every other scenario of the data root
    (:mod:`mlvar.data.arrays`).
 
+A protocol (:mod:`mlvar.data.protocol`) picks whose scenario rules a mode follows: its
+``build`` (``mlvar``, the default) or its ``study`` build (the original study's rules, where
+the study had the mode). A ``study`` scenario's name ends in ``-study`` and its manifest
+records ``"protocol": "study"``; an ``mlvar`` one is written exactly as before protocols.
+
 Nothing is written before step 4, so a bad command leaves the data root as it was.
 :mod:`mlvar.data.sweep` prepares many scenarios of one mode the same way.
 """
@@ -30,6 +35,7 @@ import numpy as np
 
 from mlvar.data.arrays import SourceRows
 from mlvar.data.params import Params, Where
+from mlvar.data.protocol import DEFAULT_PROTOCOL, check_protocol, name_suffix
 from mlvar.data.scenario import Scenario, SplitData, write_scenario
 from mlvar.errors import MlvarError, unknown_choice
 
@@ -105,10 +111,11 @@ class ModeResult:
 class ModeSpec:
     """One scenario mode, or one variant of a mode that takes different options.
 
-    ``build(source, params)`` returns a :class:`ModeResult`. Variants share ``name``; the
-    one whose ``key`` option is given is used (``digits --mode holdout`` takes ``--subclass``
-    or ``--cls``). ``summary`` says in a few words what the mode changes; ``example`` is a
-    valid set of options.
+    ``build(source, params)`` returns a :class:`ModeResult`; ``study`` is the same under the
+    original study's rules (None: the study had no such scenario). Variants share ``name``;
+    the one whose ``key`` option is given is used (``digits --mode holdout`` takes
+    ``--subclass`` or ``--cls``). ``summary`` says in a few words what the mode changes;
+    ``example`` is a valid set of options.
     """
 
     name: str
@@ -117,6 +124,14 @@ class ModeSpec:
     summary: str
     example: str = ""
     key: str | None = None
+    study: Callable[[Any, Any], ModeResult] | None = None
+
+    def builder(self, protocol: str) -> Callable[[Any, Any], ModeResult]:
+        """The build of ``protocol`` (checked by :meth:`DatasetSpec.check_protocol`)."""
+        if protocol == DEFAULT_PROTOCOL:
+            return self.build
+        assert self.study is not None, f"mode {self.name} has no {protocol} build"
+        return self.study
 
     def key_usage(self) -> str:
         """The key option as typed: ``--subclass D``."""
@@ -227,6 +242,30 @@ class DatasetSpec:
             )
         return chosen[0]
 
+    @property
+    def protocols(self) -> tuple[str, ...]:
+        """The protocols some mode of the dataset can be prepared under."""
+        studied = any(m.study is not None for m in self.mode_specs)
+        return (DEFAULT_PROTOCOL, "study") if studied else (DEFAULT_PROTOCOL,)
+
+    def check_protocol(self, variant: ModeSpec, protocol: str) -> str:
+        """``protocol`` if ``variant`` can be prepared under it; raise
+        :class:`MlvarError` if the protocol is unknown or the study had no such scenario."""
+        if check_protocol(protocol) == DEFAULT_PROTOCOL or variant.study is not None:
+            return protocol
+        if len(self.protocols) == 1:
+            raise MlvarError(
+                f"{self.name} has no {protocol} protocol: the original study prepared no "
+                f"{self.name} scenarios",
+                "prepare it under --protocol mlvar (the default)",
+            )
+        studied = [m.name for m in self.mode_specs if m.study is not None]
+        raise MlvarError(
+            f"{self.name} mode '{variant.name}' has no {protocol} protocol: the original study "
+            "had no such scenario",
+            f"--protocol {protocol} takes --mode {'|'.join(dict.fromkeys(studied))}",
+        )
+
     def where(self, mode: str) -> Where:
         """What the checks of ``mode``'s options report about."""
         return Where(self.name, mode, self.n_classes)
@@ -252,13 +291,17 @@ class DatasetSpec:
                 raise self._takes_no(mode, option)
         return variant
 
-    def check(self, mode: str | None, given: Mapping[str, Any]) -> tuple[ModeSpec, Params]:
-        """Check a mode and its options without reading data: the mode and the parameters.
+    def check(
+        self, mode: str | None, given: Mapping[str, Any], protocol: str = DEFAULT_PROTOCOL
+    ) -> tuple[ModeSpec, Params]:
+        """Check a mode, its options and the protocol without reading data: the mode and
+        the parameters.
 
         ``given`` holds the options the user gave (by option name). Raises
         :class:`MlvarError` naming the first problem.
         """
         variant = self.select(mode, given)
+        self.check_protocol(variant, protocol)
         return variant, variant.params.parse(dict(given), self.where(variant.name))
 
     def prepare(
@@ -267,34 +310,45 @@ class DatasetSpec:
         mode: str | None = None,
         given: Mapping[str, Any] | None = None,
         force: bool = False,
+        protocol: str = DEFAULT_PROTOCOL,
     ) -> Scenario:
-        """Prepare a scenario and return it.
+        """Prepare a scenario under ``protocol`` and return it.
 
         Raises
         ------
         MlvarError
-            Bad mode or options, missing raw data, or an existing scenario without
-            ``force``. Nothing is written in that case.
+            Bad mode, options or protocol, missing raw data, or an existing scenario
+            without ``force``. Nothing is written in that case.
         """
-        variant, params = self.check(mode, given or {})
+        variant, params = self.check(mode, given or {}, protocol)
         data_root = Path(data_root)
         source = self.open(data_root)
         params = params.resolve(source)
-        name = self.scenario_name(variant, params)
+        name = self.scenario_name(variant, params, protocol)
         if (data_root / name).exists() and not force:
             raise MlvarError(
                 f"scenario '{name}' already exists in {data_root}", "pass --force to rebuild it"
             )
-        return self.build(source, variant, params, force=force)
+        return self.build(source, variant, params, force=force, protocol=protocol)
 
-    def scenario_name(self, variant: ModeSpec, params: Params) -> str:
-        """``<dataset>-<mode><parameter parts>``: ``cifar10-holdout-cls0-r0.5``."""
-        return f"{self.name}-{variant.name}{params.name_parts()}"
+    def scenario_name(
+        self, variant: ModeSpec, params: Params, protocol: str = DEFAULT_PROTOCOL
+    ) -> str:
+        """``<dataset>-<mode><parameter parts><protocol suffix>``:
+        ``cifar10-holdout-cls0-r0.5``, ``cifar10-holdout-cls0-r0.5-study``."""
+        return f"{self.name}-{variant.name}{params.name_parts()}{name_suffix(protocol)}"
 
-    def build(self, source: Source, variant: ModeSpec, params: Params, force: bool) -> Scenario:
-        """Build the scenario of checked, resolved ``params`` from an open ``source`` and
-        write it into the source's data root."""
-        result = variant.build(source, params)
+    def build(
+        self,
+        source: Source,
+        variant: ModeSpec,
+        params: Params,
+        force: bool,
+        protocol: str = DEFAULT_PROTOCOL,
+    ) -> Scenario:
+        """Build the scenario of checked, resolved ``params`` from an open ``source`` under
+        ``protocol`` and write it into the source's data root."""
+        result = variant.builder(protocol)(source, params)
         manifest = {
             "dataset": self.name,
             "mode": variant.name,
@@ -303,7 +357,9 @@ class DatasetSpec:
             **source.base.manifest,
             **result.manifest,
         }
-        name = self.scenario_name(variant, params)
+        if protocol != DEFAULT_PROTOCOL:  # an mlvar manifest stays as it was before protocols
+            manifest["protocol"] = protocol
+        name = self.scenario_name(variant, params, protocol)
         return write_scenario(
             source.data_root,
             name,

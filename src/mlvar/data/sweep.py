@@ -12,7 +12,7 @@ range: no data read, no heavy library imported), every combination (``holdout-du
 ratio 1.0 is refused naming it), the names against the opened source. Then each scenario
 not already prepared (all of them with ``force``) is built and written atomically, so a
 sweep interrupted midway leaves complete scenarios only, and running it again prepares
-the rest.
+the rest. Every member is prepared under one protocol (:mod:`mlvar.data.protocol`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from mlvar.data.params import Option, Params, Where
+from mlvar.data.protocol import DEFAULT_PROTOCOL
 from mlvar.data.scenario import Scenario, open_scenario
 from mlvar.data.spec import DatasetSpec, ModeSpec, Source
 from mlvar.errors import MlvarError
@@ -48,7 +49,8 @@ class SweepResult:
     ``scenarios`` are every member of the sweep in sweep order, ``prepared`` the names this
     call wrote and ``skipped`` those already there; ``defaulted`` maps each option that was
     not given to the study's value text swept instead (``{"ratio": "0:0.9:0.1"}``);
-    ``swept`` maps each option that took several values (or was defaulted) to its values.
+    ``swept`` maps each option that took several values (or was defaulted) to its values;
+    ``protocol`` is the one every member was prepared under.
     """
 
     dataset: str
@@ -58,6 +60,7 @@ class SweepResult:
     skipped: list[str]
     defaulted: dict[str, str] = field(default_factory=dict)
     swept: dict[str, list[Any]] = field(default_factory=dict)
+    protocol: str = DEFAULT_PROTOCOL
 
     @property
     def names(self) -> list[str]:
@@ -256,9 +259,15 @@ class _Plan:
         return out
 
 
-def plan_sweep(spec: DatasetSpec, mode: str | None, given: Mapping[str, Any]) -> _Plan:
-    """Check a sweep's mode and option values without reading data."""
+def plan_sweep(
+    spec: DatasetSpec,
+    mode: str | None,
+    given: Mapping[str, Any],
+    protocol: str = DEFAULT_PROTOCOL,
+) -> _Plan:
+    """Check a sweep's mode, option values and protocol without reading data."""
     variant = spec.select(mode, given, sweep=True)
+    spec.check_protocol(variant, protocol)
     where = spec.where(variant.name)
     values: dict[str, list[Any] | Keyword] = {}
     defaulted: dict[str, str] = {}
@@ -285,8 +294,10 @@ def prepare_sweep(
     given: Mapping[str, Any] | None = None,
     force: bool = False,
     progress: SweepProgress | None = None,
+    protocol: str = DEFAULT_PROTOCOL,
 ) -> SweepResult:
-    """Prepare every scenario of a sweep of ``spec`` (see the module docstring).
+    """Prepare every scenario of a sweep of ``spec`` under ``protocol`` (see the module
+    docstring).
 
     ``given`` maps option names to what was typed (text) or to values. A sweep of one
     scenario with nothing defaulted is one ``mlvar data prepare``: an existing scenario is
@@ -296,11 +307,11 @@ def prepare_sweep(
     Raises
     ------
     MlvarError
-        Bad mode, option, value, range or combination, missing raw data, or (one scenario)
-        an existing scenario without ``force``. Nothing is written in that case.
+        Bad mode, option, value, range, combination or protocol, missing raw data, or (one
+        scenario) an existing scenario without ``force``. Nothing is written in that case.
     """
     data_root = Path(data_root)
-    plan = plan_sweep(spec, mode, given or {})
+    plan = plan_sweep(spec, mode, given or {}, protocol)
     keywords = {n: v for n, v in plan.values.items() if isinstance(v, Keyword)}
     if not keywords:
         plan.parse_all()  # combinations refused before the source is even opened
@@ -316,7 +327,7 @@ def prepare_sweep(
         plan.values[name] = _check_values(name, opt, expanded, plan.where)
     parsed = plan.parse_all()
     members = plan.each(parsed, lambda params: params.resolve(source))
-    names = [spec.scenario_name(plan.variant, params) for params in members]
+    names = [spec.scenario_name(plan.variant, params, protocol) for params in members]
     _refuse_repeats(plan, parsed, names)
     single = len(members) == 1 and not plan.defaulted
     existing = {n for n in names if (data_root / n).exists()}
@@ -331,7 +342,7 @@ def prepare_sweep(
             f"scenario '{names[0]}' already exists in {data_root}", "pass --force to rebuild it"
         )
     todo = [(n, p) for n, p in zip(names, members, strict=True) if force or n not in existing]
-    scenarios = _build(spec, plan.variant, source, todo, force, progress)
+    scenarios = _build(spec, plan.variant, source, todo, force, progress, protocol)
     result = SweepResult(
         dataset=spec.name,
         mode=plan.variant.name,
@@ -340,6 +351,7 @@ def prepare_sweep(
         skipped=[n for n in names if n not in scenarios],
         defaulted=dict(plan.defaulted),
         swept={n: [getattr(p, n) for p in members] for n in plan.swept()},
+        protocol=protocol,
     )
     return result
 
@@ -365,12 +377,13 @@ def _build(
     todo: list[tuple[str, Params]],
     force: bool,
     progress: SweepProgress | None,
+    protocol: str,
 ) -> dict[str, Scenario]:
     built = {}
     for done, (name, params) in enumerate(todo):
         if progress is not None:
             progress(done, len(todo), name)
-        built[name] = spec.build(source, variant, params, force=force)
+        built[name] = spec.build(source, variant, params, force=force, protocol=protocol)
     if progress is not None and todo:
         progress(len(todo), len(todo), "")
     return built
