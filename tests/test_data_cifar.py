@@ -283,6 +283,9 @@ def test_cifar100_holdout(
             members = expected[s][t.y_train[expected[s]] == f]
             drop.extend(members[: _floor(ratio, len(members))])
         expected[s] = np.setdiff1d(expected[s], drop)
+    expected_left = {
+        s: [i for i in expected[s] if t.y_train[i] in subs] for s in ("train", "val")
+    }
     kept_test = np.flatnonzero(np.isin(t.coarse_test, kept_coarse))
     splits = _load(scenario)
     for s in ("train", "val"):
@@ -292,7 +295,9 @@ def test_cifar100_holdout(
         np.testing.assert_array_equal(data.group, t.y_train[data.id])
         relabelled = [KEPT.index(coarse_names[c]) for c in t.coarse_train[data.id]]
         np.testing.assert_array_equal(data.y, relabelled)
-        assert not data.affected.any()
+        # the fine classes' samples left in train and val (ratio < 1) are affected too
+        np.testing.assert_array_equal(data.affected, np.isin(t.y_train[data.id], subs))
+        assert data.affected.sum() == len(expected_left[s])
     test = splits["test"]
     np.testing.assert_array_equal(test.id, 50_000 + kept_test)
     np.testing.assert_array_equal(test.x, t.x_test[kept_test])

@@ -5,8 +5,9 @@ Of CIFAR-100's 20 coarse classes the 10 of :data:`KEPT_SUPERCLASSES` are kept an
 relabelled 0-9; the other images are dropped. ``holdout`` (the default mode with
 ``--subclass``) removes the first ``floor(ratio * count)`` samples of each named fine class
 from train and from validation (each split separately, in original order; ``ratio``
-defaults to 1.0). The test split is untouched; its samples of the named fine classes are
-the affected ones. ``group`` is the fine class.
+defaults to 1.0). The test split is untouched. Affected: the named fine classes' test
+samples, and those left in train and validation when ``ratio < 1`` (so detection can be
+scored on every split that holds some, as the study did). ``group`` is the fine class.
 
 Under ``--protocol study`` (the original study's ``prepare_holdout_cifar100-cifar10.py``)
 train and validation keep the order the split gives them (shuffled), the first
@@ -242,7 +243,7 @@ def _holdout(source: Cifar100Data, params: HoldoutParams) -> ModeResult:
             x=base.x[pos],
             y=base.y[pos],
             id=base.ids[pos],
-            affected=sub_mask[pos] if s == "test" else np.zeros(len(pos), bool),
+            affected=sub_mask[pos],
             group=fine[pos],
         )
         for s, pos in index.items()
@@ -260,7 +261,8 @@ def _holdout(source: Cifar100Data, params: HoldoutParams) -> ModeResult:
     }
     description = (
         f"Removed the first {ratio:.0%} of fine class {' and '.join(sub_names)} from train "
-        f"and validation; affected rows are its test samples."
+        f"and validation; affected rows are its samples left in train and validation, and "
+        f"its test samples."
     )
     return ModeResult(splits, description, manifest)
 
