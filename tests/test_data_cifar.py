@@ -283,9 +283,7 @@ def test_cifar100_holdout(
             members = expected[s][t.y_train[expected[s]] == f]
             drop.extend(members[: _floor(ratio, len(members))])
         expected[s] = np.setdiff1d(expected[s], drop)
-    expected_left = {
-        s: [i for i in expected[s] if t.y_train[i] in subs] for s in ("train", "val")
-    }
+    expected_left = {s: [i for i in expected[s] if t.y_train[i] in subs] for s in ("train", "val")}
     kept_test = np.flatnonzero(np.isin(t.coarse_test, kept_coarse))
     splits = _load(scenario)
     for s in ("train", "val"):
