@@ -173,15 +173,9 @@ STUDY_MODELS: dict[str, ModelSpec] = {
             name="mlp",
             inputs=MODELS["mlp"].inputs,  # binary data only: a check of the scenario
             sources=MODELS["mlp"].sources,
-            defaults={
-                "epochs": 10,
-                "lr": 1e-4,
-                "batch_size": 64,
-                "hidden": 64,
-                "dropout": 0.1,
-                "weight_decay": 0.0,
-                "vary": ["init", "order", "dropout"],
-            },
+            # mlvar's (10 epochs, batch 64, no weight decay) but lr 1e-4; hidden 64 and
+            # dropout 0.1 are TrainConfig's defaults, which [train.compas] may change.
+            defaults={**MODELS["mlp"].defaults, "lr": 1e-4},
             recipe={"head": "sigmoid"},
         ),
         # main_cifar10.py / cluster_single_cifar100.py: SGD(0.1, momentum 0.9, wd 5e-4),
@@ -191,13 +185,7 @@ STUDY_MODELS: dict[str, ModelSpec] = {
             name="resnet18",
             inputs=("image",),
             sources=_IMAGE_SOURCES,
-            defaults={
-                "epochs": 150,
-                "lr": 0.1,
-                "batch_size": 128,
-                "weight_decay": 5e-4,
-                "vary": list(_IMAGE_SOURCES),
-            },
+            defaults={**MODELS["resnet18"].defaults, "epochs": 150},  # lr 0.1, batch 128, wd 5e-4
             recipe={
                 **MODELS["resnet18"].recipe,
                 "schedule": "cosine-epochs",
