@@ -24,7 +24,15 @@ from typing import Any
 from mlvar.data.protocol import DEFAULT_PROTOCOL, PROTOCOLS
 from mlvar.data.registry import DATASETS
 from mlvar.errors import MlvarError, closest
-from mlvar.recipes import MODELS, RANDOMNESS_SOURCES, models_for
+from mlvar.recipes import (
+    IMAGE_MODELS,
+    MODELS,
+    RANDOMNESS_SOURCES,
+    model_spec,
+    models_for,
+    protocol_model,
+    recipe_models,
+)
 
 ENGINES = ("batched", "loop")
 DEVICES = ("cpu", "cuda")
@@ -60,14 +68,28 @@ class TrainConfig:
     record_dynamics: bool = False  # also store train-set logits after every epoch (float16)
     checkpoint_every: int = 2  # epochs between checkpoints of image models (0: none)
     workers: int = 0  # processes training image-model runs at once on CPU (0: one per core)
+    # Whose recipe (mlvar.recipes): "mlvar" or "study". Deliberately not a dataclass field:
+    # the [train.*] tables and the fields they list stay those of before protocols (the
+    # protocol is chosen once, by --protocol or [protocol] name: train.service.
+    # train_config), and record() writes it only when it is not mlvar.
+    protocol = DEFAULT_PROTOCOL
+
+    def record(self) -> dict[str, Any]:
+        """All the fields, as run.json and job specs record them: ``protocol`` only when
+        it is not mlvar, so mlvar records are exactly what they were before protocols."""
+        data = dataclasses.asdict(self)
+        if self.protocol != DEFAULT_PROTOCOL:
+            data["protocol"] = self.protocol
+        return data
 
     def identity(self) -> dict[str, Any]:
         """The fields that define what a run computes (not where or how fast).
 
         Image models add their fixed ``recipe``; the MLP's identity is unchanged by the
-        image-only fields, so existing MLP experiments stay compatible.
+        image-only fields, so existing MLP experiments stay compatible. A recipe of
+        another protocol than mlvar adds ``protocol`` (and the study's MLP its recipe).
         """
-        data = dataclasses.asdict(self)
+        data = self.record()
         for key in (
             "engine",
             "device",
@@ -77,9 +99,10 @@ class TrainConfig:
             "workers",
         ):
             data.pop(key)
-        spec = MODELS.get(self.model)
+        spec = model_spec(self.protocol, self.model)
         if spec is not None and spec.recipe:
             data["recipe"] = dict(spec.recipe)
+        if self.model in IMAGE_MODELS:
             data.pop("hidden")
             data.pop("dropout")
         return data
@@ -94,6 +117,33 @@ def default_train(dataset: str) -> TrainConfig:
     for key, value in train.values.items():
         setattr(cfg, key, list(value) if isinstance(value, list) else value)
     return cfg
+
+
+def switch_protocol(
+    cfg: TrainConfig,
+    dataset: str,
+    protocol: str,
+    model: str | None = None,
+    keep: set[str] | frozenset = frozenset(),
+) -> None:
+    """Set ``cfg`` to the recipe of ``protocol``: under mlvar, :func:`switch_model` to
+    ``model`` when given (``cfg`` unchanged otherwise); under the study, ``model`` or the
+    study's model of ``dataset``, with the study's values (epochs, lr, batch size, ...)
+    except the fields named in ``keep``. The study's values replace those of the config
+    file: a study run is the study's recipe unless a flag says otherwise. A model the
+    protocol has no recipe for is left for :func:`validate_train` to report.
+    """
+    if protocol == DEFAULT_PROTOCOL:
+        cfg.protocol = protocol
+        if model is not None:
+            switch_model(cfg, model, keep)
+        return
+    cfg.model = model or protocol_model(protocol, dataset) or cfg.model
+    cfg.protocol = protocol
+    spec = model_spec(protocol, cfg.model)
+    for key, value in (spec.defaults if spec is not None else {}).items():
+        if key not in keep:
+            setattr(cfg, key, list(value) if isinstance(value, list) else value)
 
 
 def switch_model(cfg: TrainConfig, model: str, keep: set[str] | frozenset = frozenset()) -> None:
@@ -273,6 +323,16 @@ def validate_train(cfg: TrainConfig, where: str = "train") -> TrainConfig:
         near = closest(cfg.model, list(MODELS))
         hint = f"did you mean '{near}'?" if near else "valid: " + ", ".join(MODELS)
         raise bad("model", f"'{cfg.model}' is not a known model", hint)
+    if cfg.protocol not in PROTOCOLS:
+        raise bad(
+            "protocol", f"'{cfg.protocol}' is not a protocol", "valid: " + ", ".join(PROTOCOLS)
+        )
+    if model_spec(cfg.protocol, cfg.model) is None:
+        raise bad(
+            "model",
+            f"'{cfg.model}' has no recipe under protocol '{cfg.protocol}'",
+            f"the {cfg.protocol} protocol trains: {recipe_models(cfg.protocol)}",
+        )
     dataset = where.split(".", 1)[1] if where.startswith("train.") else ""
     if dataset in DATASETS:
         check_model_input(cfg, DATASETS[dataset].input_kind, where)
@@ -385,6 +445,11 @@ def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | Non
                 raise MlvarError(
                     f"'train.{dataset}' in {file} must be a table",
                     f"write it as [train.{dataset}]",
+                )
+            if "protocol" in table:  # a field of TrainConfig, but chosen once for all
+                raise MlvarError(
+                    f"unknown key 'train.{dataset}.protocol' in {file}",
+                    "set the protocol in [protocol] name, or pass --protocol",
                 )
             if isinstance(table.get("model"), str):  # the model's recipe, then the keys given
                 switch_model(cfg.train[dataset], table["model"], keep=set(table))
@@ -499,7 +564,7 @@ def validate_backend(cfg: Config) -> None:
 
 def check_model_input(cfg: TrainConfig, input_kind: str, where: str = "train") -> None:
     """Refuse a model that cannot read the dataset's inputs (a CNN on tabular data)."""
-    inputs = MODELS[cfg.model].inputs
+    inputs = (model_spec(cfg.protocol, cfg.model) or MODELS[cfg.model]).inputs
     if input_kind not in inputs:
         fits = models_for(input_kind)
         raise MlvarError(

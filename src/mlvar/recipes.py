@@ -10,6 +10,10 @@ the CLI lists the models in its help without importing torch.
 Units: lr per optimiser step on the batch-mean loss, weight decay as the L2 coefficient
 added to the gradient, ``translate`` and ``pad`` in pixels, ``warmup`` as a fraction of all
 steps, ``bias_lr_scale`` multiplies lr for batch-norm biases.
+
+Two protocols (:mod:`mlvar.data.protocol`) have recipes: ``mlvar`` (:data:`MODELS`, mlvar's
+own) and ``study`` (:data:`STUDY_MODELS`, the original study's exactly, for the models it
+trained; ``docs/training.md``, "The study protocol"). :func:`model_spec` looks one up.
 """
 
 from __future__ import annotations
@@ -150,6 +154,89 @@ MODELS: dict[str, ModelSpec] = {
 
 #: The models trained by the image loop (those with a recipe), in registry order.
 IMAGE_MODELS = tuple(name for name, spec in MODELS.items() if spec.recipe)
+
+#: The study's normalisation constants (kuangliu/pytorch-cifar's), for CIFAR-10 and
+#: CIFAR-100 alike: per channel, applied to ``x / 255``.
+STUDY_MEAN = (0.4914, 0.4822, 0.4465)
+STUDY_STD = (0.2023, 0.1994, 0.2010)
+
+#: The study's recipes (``--protocol study``), for the two models it trained.
+STUDY_MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        # models/simple_binary.py: Linear-ReLU-BN-Linear-ReLU-BN-Dropout(0.1)-Linear(h, 1),
+        # BCEWithLogitsLoss, Adam without weight decay, batch 64, prediction
+        # round(sigmoid). Its configurations (epochs, lr, hidden) were (10, 1e-3, 64),
+        # (10, 1e-4, 64), (1000, 1e-4, 64) and (1000, 1e-4, 128); the holdout and
+        # artificial analyses used (10, 1e-4, 64), the default here.
+        ModelSpec(
+            name="mlp",
+            inputs=MODELS["mlp"].inputs,  # binary data only: a check of the scenario
+            sources=MODELS["mlp"].sources,
+            # mlvar's (10 epochs, batch 64, no weight decay) but lr 1e-4; hidden 64 and
+            # dropout 0.1 are TrainConfig's defaults, which [train.compas] may change.
+            defaults={**MODELS["mlp"].defaults, "lr": 1e-4},
+            recipe={"head": "sigmoid"},
+        ),
+        # main_cifar10.py / cluster_single_cifar100.py: SGD(0.1, momentum 0.9, wd 5e-4),
+        # batch 128, RandomCrop(32, padding=4) (zero fill) + horizontal flip, the fixed
+        # normalisation, fp32, 150 epochs of CosineAnnealingLR(T_max=200) stepped per epoch.
+        ModelSpec(
+            name="resnet18",
+            inputs=("image",),
+            sources=_IMAGE_SOURCES,
+            defaults={**MODELS["resnet18"].defaults, "epochs": 150},  # lr 0.1, batch 128, wd 5e-4
+            recipe={
+                **MODELS["resnet18"].recipe,
+                "schedule": "cosine-epochs",
+                "t_max": 200,
+                "pad": "zero",
+                "normalise": {"mean": list(STUDY_MEAN), "std": list(STUDY_STD)},
+                "precision": "fp32",
+            },
+        ),
+    )
+}
+
+#: The model the study trained on each of its datasets (the default under ``study``).
+STUDY_DATASET_MODELS = {"compas": "mlp", "cifar10": "resnet18", "cifar100": "resnet18"}
+#: The study's run counts, the default ``--runs`` under ``study`` (CIFAR-10: 10 to 25,
+#: CIFAR-100: 25, later 100; 25 for both here). Other datasets and protocols: 10.
+STUDY_RUNS = {"compas": 100, "cifar10": 25, "cifar100": 25}
+DEFAULT_RUNS = 10
+
+RECIPES: dict[str, dict[str, ModelSpec]] = {"mlvar": MODELS, "study": STUDY_MODELS}
+
+
+def model_spec(protocol: str, model: str) -> ModelSpec | None:
+    """The recipe of ``model`` under ``protocol`` (None: that protocol has none)."""
+    return RECIPES.get(protocol, {}).get(model)
+
+
+def protocol_model(protocol: str, dataset: str) -> str | None:
+    """The model ``protocol`` trains on ``dataset`` by default (None: the config's)."""
+    return STUDY_DATASET_MODELS.get(dataset) if protocol == "study" else None
+
+
+def recipe_models(protocol: str) -> str:
+    """The models ``protocol`` has recipes for, and the study's datasets, for hints."""
+    models = RECIPES.get(protocol, {})
+    if protocol != "study":
+        return ", ".join(models)
+    on = {m: [d for d, dm in STUDY_DATASET_MODELS.items() if dm == m] for m in models}
+    return ", ".join(f"{m} ({', '.join(on[m])})" for m in models)
+
+
+def mlp_head(protocol: str, model: str) -> str:
+    """The output of ``model`` under ``protocol``: ``softmax`` (one logit per class,
+    cross-entropy) or ``sigmoid`` (the study's MLP: one logit, binary cross-entropy)."""
+    spec = model_spec(protocol, model)
+    return str(spec.recipe.get("head", "softmax")) if spec is not None else "softmax"
+
+
+def default_runs(dataset: str, protocol: str) -> int:
+    """How many runs ``mlvar train`` trains when ``--runs`` is not given."""
+    return STUDY_RUNS.get(dataset, DEFAULT_RUNS) if protocol == "study" else DEFAULT_RUNS
 
 
 def models_for(input_kind: str) -> list[str]:

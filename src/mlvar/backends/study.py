@@ -81,7 +81,7 @@ def submit_study(
     config: Config,
     dataset: str,
     scenario: str | None = None,
-    runs: int = 10,
+    runs: int | None = 10,
     backend: str = "local",
     name: str | None = None,
     overrides: dict[str, Any] | None = None,
@@ -98,7 +98,9 @@ def submit_study(
     """Submit runs ``0 .. runs-1`` of every experiment of a study that are not complete.
 
     ``scenario`` selects the scenarios as :func:`mlvar.data.selection.select_scenarios`
-    (None: every prepared scenario of the dataset); the other parameters are those of
+    (None: every prepared scenario of the dataset; of the protocol in
+    ``overrides["protocol"]``, else the config's); ``runs`` None means the protocol's
+    default run count; the other parameters are those of
     :func:`mlvar.backends.service.submit`. ``on_plan(plan)`` is called with the checked
     :class:`~mlvar.train.study.StudyPlan` before anything is written; ``progress`` gets
     ``(runs done, runs, message)`` over the whole submission, the message naming the
@@ -108,6 +110,7 @@ def submit_study(
     runs_per_job = check_runs_per_job(config, runs_per_job)
     retries = retries_for(config, retries)
     plan = plan_study(config, dataset, scenario, runs, name, overrides, force)
+    runs = plan.runs  # None: the protocol's default
     runs_root = Path(config.paths.runs_root)
     if len(plan.experiments) == 1:
         if on_plan is not None:

@@ -21,7 +21,6 @@ into the user's store (each experiment's into its own). The job reads only the p
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -62,7 +61,7 @@ def pack_spec(
         "experiment": experiment,
         "run_indices": [int(i) for i in run_indices],
         "seeds": [run_seed(cfg.base_seed, i) for i in run_indices],
-        "train": dataclasses.asdict(cfg),
+        "train": cfg.record(),
     }
 
 

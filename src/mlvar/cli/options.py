@@ -103,6 +103,15 @@ ProtocolOpt = Annotated[
     ),
 ]
 RunsOpt = Annotated[int, typer.Option(help="Number of seeded runs (run r uses seed base+r).")]
+#: ``train`` and ``submit run``: not given, the protocol's count (mlvar.recipes.default_runs).
+TrainRunsOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Number of seeded runs (run r uses seed base+r); default 10, and under "
+        "--protocol study the study's: 100 for compas, 25 for cifar10 and cifar100.",
+        show_default=False,
+    ),
+]
 NameOpt = Annotated[
     str | None,
     typer.Option(help="Experiment name (default: <scenario>-<model>).", show_default=False),

@@ -55,13 +55,14 @@ from mlvar.cli.options import (
     NameOpt,
     PackSizeOpt,
     PageSeedOpt,
+    ProtocolOpt,
     RankByOpt,
     RecordDynamicsOpt,
     RetriesOpt,
-    RunsOpt,
     ScenarioOpt,
     ShardWorkersOpt,
     SubmittedExperimentArg,
+    TrainRunsOpt,
     VaryOpt,
     training_overrides,
 )
@@ -121,7 +122,8 @@ def run(
     dataset: DatasetArg,
     backend: BackendOpt = "local",
     scenario: ScenarioOpt = None,
-    runs: RunsOpt = 10,
+    runs: TrainRunsOpt = None,
+    protocol: ProtocolOpt = None,
     name: NameOpt = None,
     model: ModelOpt = None,
     device: DeviceOpt = None,
@@ -204,6 +206,7 @@ def run(
             base_seed=base_seed,
             pack_size=pack_size,
             record_dynamics=record_dynamics,
+            protocol=protocol,
         )
         with ProgressBar(not json_out) as bar:
 
@@ -213,6 +216,8 @@ def run(
             def on_plan(plan: StudyPlan) -> None:
                 if len(plan.experiments) > 1 and not json_out:
                     console.print(plan_table(plan))
+                for note in plan.notes:  # a scenario of another protocol than the recipe's
+                    err_console.print(note, markup=False, highlight=False, soft_wrap=True)
 
             studied = study.submit_study(
                 cfg,

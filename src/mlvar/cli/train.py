@@ -31,9 +31,10 @@ from mlvar.cli.options import (
     ModelOpt,
     NameOpt,
     PackSizeOpt,
+    ProtocolOpt,
     RecordDynamicsOpt,
-    RunsOpt,
     ScenarioOpt,
+    TrainRunsOpt,
     VaryOpt,
     training_overrides,
 )
@@ -47,7 +48,8 @@ if TYPE_CHECKING:
 def train(
     dataset: DatasetArg,
     scenario: ScenarioOpt = None,
-    runs: RunsOpt = 10,
+    runs: TrainRunsOpt = None,
+    protocol: ProtocolOpt = None,
     name: NameOpt = None,
     model: ModelOpt = None,
     device: DeviceOpt = None,
@@ -95,6 +97,11 @@ def train(
       mlvar train cifar10 --scenario holdout --runs 8 --device cuda --record-dynamics
 
       mlvar train compas --scenario compas-holdout-cluster5 --runs 20 --engine loop
+
+      mlvar train compas --protocol study --scenario holdout   # the study's recipe, 100 runs
+
+    --protocol study trains the scenarios prepared under the study's protocol with the
+    study's recipe (docs/training.md, "The study protocol").
     """
     with cli_errors():
         from mlvar.train import study  # checks the request before it imports torch
@@ -112,6 +119,7 @@ def train(
             pack_size=pack_size,
             workers=workers,
             record_dynamics=record_dynamics,
+            protocol=protocol,
         )
         with ProgressBar(not json_out) as bar:
 
@@ -121,6 +129,8 @@ def train(
             def on_plan(plan: StudyPlan) -> None:
                 if len(plan.experiments) > 1 and not json_out:
                     console.print(plan_table(plan))
+                for note in plan.notes:  # a scenario of another protocol than the recipe's
+                    err_console.print(note, markup=False, highlight=False, soft_wrap=True)
 
             result = study.train_study(
                 cfg,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 from pathlib import Path
 
+from mlvar.data.protocol import protocol_of
 from mlvar.data.scenario import Scenario, list_scenarios
 from mlvar.errors import MlvarError, closest
 
@@ -17,21 +18,29 @@ from mlvar.errors import MlvarError, closest
 GLOB_CHARS = "*?["
 
 
-def select_scenarios(data_root: Path, dataset: str, scenario: str | None) -> list[Scenario]:
+def select_scenarios(
+    data_root: Path, dataset: str, scenario: str | None, protocol: str | None = None
+) -> list[Scenario]:
     """The prepared scenarios of ``dataset`` that ``scenario`` selects, in order.
 
     ``scenario`` is a comma-separated list of terms; each is a scenario folder name, a
     mode (every prepared scenario of the dataset with that mode) or a glob on folder
     names (``'cifar10-holdout-dup-*'``). ``None`` selects every prepared scenario of the
-    dataset. The result follows the terms' order (each term's matches by name), without
-    repeats. Raises :class:`MlvarError` when the dataset has no prepared scenario, the
-    value is empty, or a term selects nothing.
+    dataset. With ``protocol``, modes, globs and ``None`` select only the scenarios
+    prepared under that protocol (:func:`mlvar.data.protocol.protocol_of`); a full
+    folder name is taken as given, whatever its protocol. The result follows the terms'
+    order (each term's matches by name), without repeats. Raises :class:`MlvarError`
+    when the dataset has no prepared scenario (of the protocol), the value is empty, or
+    a term selects nothing.
     """
-    candidates = list_scenarios(data_root, dataset)
-    if not candidates:
+    every = list_scenarios(data_root, dataset)
+    candidates = [s for s in every if protocol is None or protocol_of(s.manifest) == protocol]
+    if not candidates and (scenario is None or not every):
+        of = f" of protocol '{protocol}'" if protocol is not None and every else ""
+        flag = f" --protocol {protocol}" if of else ""
         raise MlvarError(
-            f"no prepared scenario of dataset '{dataset}' in {data_root}",
-            f"run 'mlvar data prepare {dataset}' first",
+            f"no prepared scenario of dataset '{dataset}'{of} in {data_root}",
+            f"run 'mlvar data prepare {dataset}{flag}' first",
         )
     if scenario is None:
         return candidates
@@ -41,17 +50,32 @@ def select_scenarios(data_root: Path, dataset: str, scenario: str | None) -> lis
             f"--scenario {scenario!r} names no scenario",
             "give names, modes or globs, separated by commas",
         )
+    # Named in the errors when the protocol left scenarios out.
+    of = f" of protocol '{protocol}'" if len(candidates) < len(every) else ""
     chosen: dict[str, Scenario] = {}
+    by_name = {s.name: s for s in every}
     for term in filter(None, terms):
-        for found in _matches(candidates, dataset, data_root, term):
+        named = [by_name[term]] if term in by_name else None
+        for found in named or _matches(candidates, dataset, data_root, term, protocol, of):
             chosen.setdefault(found.name, found)
     return list(chosen.values())
 
 
 def _matches(
-    candidates: list[Scenario], dataset: str, data_root: Path, term: str
+    candidates: list[Scenario],
+    dataset: str,
+    data_root: Path,
+    term: str,
+    protocol: str | None = None,
+    of: str = "",
 ) -> list[Scenario]:
-    """The candidates one term selects: its folder, its mode, or its glob's matches."""
+    """The candidates one term selects: its folder, its mode, or its glob's matches
+    (``of``: the words naming the protocol that filtered them, for the errors)."""
+    if not candidates:  # the dataset has scenarios, none of the protocol
+        raise MlvarError(
+            f"no prepared '{dataset}' scenario{of} in {data_root}, so none is '{term}'",
+            f"prepare one with 'mlvar data prepare {dataset} --protocol {protocol}'",
+        )
     names = [s.name for s in candidates]
     exact = [s for s in candidates if s.name == term]
     if exact:
@@ -61,7 +85,7 @@ def _matches(
         if found:
             return found
         raise MlvarError(
-            f"--scenario '{term}' matches no prepared '{dataset}' scenario in {data_root}",
+            f"--scenario '{term}' matches no prepared '{dataset}' scenario{of} in {data_root}",
             "prepared: " + ", ".join(names),
         )
     by_mode = [s for s in candidates if s.mode == term]
@@ -69,4 +93,4 @@ def _matches(
         return by_mode
     near = closest(term, names + sorted({s.mode for s in candidates}))
     hint = f"did you mean '{near}'?" if near else "prepared: " + ", ".join(names)
-    raise MlvarError(f"no prepared '{dataset}' scenario '{term}' in {data_root}", hint)
+    raise MlvarError(f"no prepared '{dataset}' scenario '{term}'{of} in {data_root}", hint)

@@ -23,7 +23,6 @@ the run folder and its checkpoint (a failed write keeps the checkpoint to resume
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
@@ -36,6 +35,7 @@ import signal
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,10 +46,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mlvar.config import MODELS, TrainConfig
+from mlvar.config import TrainConfig
 from mlvar.data.scenario import Scenario, SplitData
 from mlvar.errors import ExitCode
 from mlvar.io import atomic_write_bytes
+from mlvar.recipes import MODELS, model_spec
 from mlvar.store import ExperimentStore, RunRecord, run_id_for
 from mlvar.train.mlp import _one_thread_per_kernel
 from mlvar.train.models import build_model, init_weights
@@ -90,13 +91,29 @@ class ImageData:
 
     @classmethod
     def build(
-        cls, splits: dict[str, SplitData], manifest: dict[str, Any], device: torch.device
+        cls,
+        splits: dict[str, SplitData],
+        manifest: dict[str, Any],
+        device: torch.device,
+        normalise: dict[str, list[float]] | None = None,
     ) -> ImageData:
+        """The data on ``device``, normalised with the training split's per-channel mean
+        and std, or with the fixed constants ``normalise`` (``{"mean": [...], "std":
+        [...]}``, per channel of ``x / max_value``: the study's recipe)."""
         max_value = float(manifest.get("input", {}).get("max_value", 255))
         train = to_nchw(splits["train"].x)
-        scaled = train.double() / max_value
-        mean = scaled.mean(dim=(0, 2, 3), keepdim=True)
-        std = scaled.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-3)
+        if normalise is not None:
+            mean = torch.tensor(normalise["mean"], dtype=torch.float32).view(1, -1, 1, 1)
+            std = torch.tensor(normalise["std"], dtype=torch.float32).view(1, -1, 1, 1)
+            if mean.shape[1] != train.shape[1]:
+                raise ValueError(
+                    f"the recipe normalises {mean.shape[1]} channels, the images have "
+                    f"{train.shape[1]}"
+                )
+        else:
+            scaled = train.double() / max_value
+            mean = scaled.mean(dim=(0, 2, 3), keepdim=True)
+            std = scaled.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-3)
         return cls(
             train_x=train.to(device),
             train_y=torch.from_numpy(splits["train"].y).to(device),
@@ -120,13 +137,18 @@ def _reflect_index(size: int, pad: int, device: torch.device) -> torch.Tensor:
 
 
 class Augmenter:
-    """Random translation (reflect padding) and horizontal flip, as batched gathers."""
+    """Random translation and horizontal flip, as batched gathers. The translation pads
+    by reflection (``pad="reflect"``, mlvar's) or with zero pixels (``"zero"``: the
+    study's ``RandomCrop(32, padding=4)``, which pads the uint8 image with 0 before
+    ``ToTensor`` and ``Normalize``)."""
 
-    def __init__(self, x: torch.Tensor, translate: int, flip: bool) -> None:
+    def __init__(self, x: torch.Tensor, translate: int, flip: bool, pad: str = "reflect") -> None:
         self.translate, self.flip = translate, flip
         _, c, h, w = x.shape
         device = x.device
-        if translate:
+        if translate and pad == "zero":
+            x = F.pad(x, (translate,) * 4, mode="constant", value=0)
+        elif translate:
             x = x[:, :, _reflect_index(h, translate, device)][
                 :, :, :, _reflect_index(w, translate, device)
             ]
@@ -203,6 +225,32 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, recipe: dict[str, Any]) -
     return SGD(groups, float(recipe["momentum"]), bool(recipe["nesterov"]))
 
 
+def epoch_lrs(recipe: dict[str, Any], lr: float, epochs: int) -> list[float] | None:
+    """The learning rate of each epoch of a recipe whose lr changes once per epoch (the
+    study's ``cosine-epochs``: ``CosineAnnealingLR(T_max)`` stepped after every epoch,
+    ``eta_min`` 0), else None (:func:`lr_factor` gives it per step).
+
+    The values follow PyTorch's recursive (chainable) form step by step, the form its
+    scheduler computes, so they equal the scheduler's to the last bit (tested), not only
+    the closed form ``lr (1 + cos(pi e / T_max)) / 2``. Past ``T_max`` they rise again,
+    as the scheduler's do.
+    """
+    if recipe["schedule"] != "cosine-epochs":
+        return None
+    t_max = int(recipe["t_max"])
+    lrs = [lr]
+    for epoch in range(1, epochs):
+        last = lrs[-1]
+        if (epoch - 1 - t_max) % (2 * t_max) == 0:
+            lrs.append(last + lr * (1 - math.cos(math.pi / t_max)) / 2)
+        else:
+            ratio = (1 + math.cos(math.pi * epoch / t_max)) / (
+                1 + math.cos(math.pi * (epoch - 1) / t_max)
+            )
+            lrs.append(ratio * last)  # PyTorch's ratio * (lr - eta_min) + eta_min, eta_min 0
+    return lrs
+
+
 def lr_factor(recipe: dict[str, Any], step: int, total: int) -> float:
     """The learning-rate multiplier before step ``step`` of ``total``."""
     t = step / max(total, 1)
@@ -228,12 +276,14 @@ def steps_per_epoch(n: int, batch_size: int) -> list[int]:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, data: ImageData, x: torch.Tensor, tta: int) -> torch.Tensor:
+def predict(
+    model: nn.Module, data: ImageData, x: torch.Tensor, tta: int, precision: str = "bf16"
+) -> torch.Tensor:
     """Eval-mode logits ``[n, C]`` (float32, CPU) with test-time augmentation: level 1 adds
     the mirror image, level 2 also the images shifted by one pixel both ways."""
     model.eval()
     out = []
-    amp = _autocast(data.device)
+    amp = _autocast(data.device, precision)
     for start in range(0, len(x), EVAL_BATCH):
         xb = data.normalise(x[start : start + EVAL_BATCH])
         with amp:
@@ -253,10 +303,33 @@ def predict(model: nn.Module, data: ImageData, x: torch.Tensor, tta: int) -> tor
     return torch.cat(out)
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
+def _autocast(device: torch.device, precision: str = "bf16"):
+    """bf16 autocast on CUDA (mlvar's recipes), none under ``precision="fp32"`` (the
+    study's) or on the CPU."""
+    if device.type == "cuda" and precision != "fp32":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
+
+
+@contextmanager
+def _full_fp32(precision: str) -> Iterator[None]:
+    """Under ``precision="fp32"``: no TF32 in CUDA matmuls and convolutions (PyTorch
+    allows TF32 convolutions by default; the study's torch 1.4 had no TF32)."""
+    if precision != "fp32":
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def recipe_of(cfg: TrainConfig) -> dict[str, Any]:
+    """The fixed recipe of ``cfg``'s image model under its protocol."""
+    spec = model_spec(cfg.protocol, cfg.model)
+    return (spec or MODELS[cfg.model]).recipe
 
 
 def _identity_hash(cfg: TrainConfig, seeds: dict[str, int]) -> str:
@@ -301,7 +374,23 @@ def train_run(
 
     ``trace(kind, value)`` (tests) sees ``("init", state_dict)`` and ``("batch", indices)``.
     """
-    recipe = MODELS[cfg.model].recipe
+    recipe = recipe_of(cfg)
+    precision = str(recipe.get("precision", "bf16"))
+    with _full_fp32(precision):
+        return _train_run(data, cfg, gen, recipe, run_dir, progress, record_dynamics, trace)
+
+
+def _train_run(
+    data: ImageData,
+    cfg: TrainConfig,
+    gen: RunGenerators,
+    recipe: dict[str, Any],
+    run_dir: Path | None,
+    progress: EpochProgress | None,
+    record_dynamics: bool,
+    trace: Callable[[str, Any], None] | None,
+) -> RunOutput:
+    precision = str(recipe.get("precision", "bf16"))
     device = data.device
     channels = data.train_x.shape[1]
     model = build_model(cfg.model, channels, data.n_classes)
@@ -315,7 +404,13 @@ def train_run(
         trace("init", {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
     opt = make_optimizer(model, cfg, recipe)
     ema = [t.clone() for t in _ema_tensors(model)] if recipe["lookahead"] else []
-    aug = Augmenter(data.train_x, int(recipe["translate"]), bool(recipe["flip"]))
+    aug = Augmenter(
+        data.train_x,
+        int(recipe["translate"]),
+        bool(recipe["flip"]),
+        str(recipe.get("pad", "reflect")),
+    )
+    per_epoch = epoch_lrs(recipe, cfg.lr, cfg.epochs)
     n = len(data.train_y)
     sizes = steps_per_epoch(n, cfg.batch_size)
     total = cfg.epochs * len(sizes)
@@ -341,7 +436,7 @@ def train_run(
             recorded = list(state["dynamics"]) if record_dynamics else []
             start_epoch, step = int(state["epoch"]), int(state["step"])
     label_smoothing = float(recipe["label_smoothing"])
-    amp = _autocast(device)
+    amp = _autocast(device, precision)
     model.train()
     for epoch in range(start_epoch, cfg.epochs):
         perm = torch.randperm(n, generator=gen.order)
@@ -361,7 +456,7 @@ def train_run(
                 )
             opt.zero_grad()
             loss.backward()
-            opt.step(cfg.lr * lr_factor(recipe, step, total))
+            opt.step(per_epoch[epoch] if per_epoch else cfg.lr * lr_factor(recipe, step, total))
             step += 1
             if ema and step % LOOKAHEAD_EVERY == 0:
                 decay = 0.95**LOOKAHEAD_EVERY * (step / total) ** 3
@@ -370,7 +465,7 @@ def train_run(
                         e.lerp_(t, 1 - decay)
                         t.copy_(e)
         if record_dynamics:
-            recorded.append(predict(model, data, data.eval_x["train"], 0).half())
+            recorded.append(predict(model, data, data.eval_x["train"], 0, precision).half())
         done = epoch + 1
         if (
             ckpt_path is not None
@@ -400,7 +495,7 @@ def train_run(
             for e, t in zip(ema, _ema_tensors(model), strict=True):
                 t.copy_(e)
     tta = int(recipe["tta"])
-    logits = {s: predict(model, data, x, tta) for s, x in data.eval_x.items()}
+    logits = {s: predict(model, data, x, tta, precision) for s, x in data.eval_x.items()}
     return RunOutput(
         logits=logits,
         dynamics=torch.stack(recorded) if record_dynamics else None,
@@ -475,7 +570,7 @@ def _train_and_write(
         "seed": run_seed(cfg.base_seed, index),
         "source_seeds": gen.seeds,
         "vary": cfg.vary,
-        "config": dataclasses.asdict(cfg),
+        "config": cfg.record(),
         "engine": "loop",
         "device": cfg.device,
         "pack_size": 1,
@@ -493,12 +588,18 @@ def _train_and_write(
 
 
 def _build_data(
-    splits: dict[str, SplitData], manifest: dict[str, Any], device: torch.device
+    splits: dict[str, SplitData],
+    manifest: dict[str, Any],
+    device: torch.device,
+    cfg: TrainConfig | None = None,
 ) -> ImageData:
+    """The device data of a training run of ``cfg`` (normalised as its recipe says; no
+    ``cfg``: with the training split's statistics)."""
+    normalise = None if cfg is None else recipe_of(cfg).get("normalise")
     # One thread here too: the normalisation statistics are reductions whose rounding
     # would otherwise depend on the thread count.
     with _one_thread_per_kernel(device):
-        return ImageData.build(splits, manifest, device)
+        return ImageData.build(splits, manifest, device, normalise)
 
 
 #: ``schedule(indices, size)`` yields the packs of at most ``size`` of ``indices`` to
@@ -556,7 +657,7 @@ def train_runs(
             )
         else:
             if data is None:
-                data = _build_data(splits, scenario.manifest, torch.device(cfg.device))
+                data = _build_data(splits, scenario.manifest, torch.device(cfg.device), cfg)
             for pos, index in enumerate(pack):
 
                 def on_epoch(done: int, _total: int, pos: int = pos, index: int = index) -> None:
@@ -630,7 +731,7 @@ def _worker(
 
     run_id: str | None = None
     try:
-        data = _build_data(splits, manifest, torch.device(cfg.device))
+        data = _build_data(splits, manifest, torch.device(cfg.device), cfg)
         while (index := tasks.get()) is not None:
             orphaned()
             run_id = run_id_for(index)
@@ -711,7 +812,7 @@ def _train_in_workers(
         index = tasks.get()
         for proc in procs.values():
             proc.start()
-        data = _build_data(splits, manifest, torch.device(cfg.device))
+        data = _build_data(splits, manifest, torch.device(cfg.device), cfg)
         while index is not None:
 
             def on_epoch(done: int, _total: int, run_id: str = run_id_for(index)) -> None:

@@ -1,6 +1,10 @@
 """The MLP of the original study, trained by two engines with identical per-seed semantics.
 
-Architecture: Linear-ReLU-BN-Linear-ReLU-BN-Dropout-Linear, Adam, cross-entropy.
+Architecture: Linear-ReLU-BN-Linear-ReLU-BN-Dropout-Linear, Adam. The head (``mlvar.recipes``)
+is ``softmax`` (mlvar: one logit per class, cross-entropy) or ``sigmoid`` (the study's: one
+logit ``z``, binary cross-entropy, prediction ``round(sigmoid(z))``); a sigmoid head's
+outputs are returned as the two-class logits ``[0, z]`` (:func:`two_class_logits`), whose
+softmax is the sigmoid, so the analysis reads them as any other logits.
 
 * ``loop`` trains one ``torch.nn`` model at a time: the reference implementation.
 * ``batched`` trains a pack of seeds as one set of stacked tensors (``[S, in, out]``
@@ -12,7 +16,9 @@ Both engines draw a run's initial weights, epoch permutations and dropout masks 
 run's own generators, in the same order, so run ``r`` starts from the same weights and
 sees the same batches whichever engine trains it and whichever runs share its pack. On
 the CPU both engines also compute with the same kernels in the same order, so they give
-bit-identical logits (tested), and a run's logits do not depend on its pack.
+bit-identical logits (tested), and a run's logits do not depend on its pack. (The sigmoid
+head's one-wide output layer is the exception: its matmuls take another BLAS path batched
+than alone, so the engines agree to ~1e-6 there, not bit for bit.)
 
 Threads (CPU): both engines run every kernel on one intra-op thread. The results then do
 not depend on the machine's core count (batch norm's CPU kernel splits its sums across
@@ -39,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlvar.config import TrainConfig
+from mlvar.recipes import mlp_head
 from mlvar.train.optim import Adam
 from mlvar.train.seeding import RunGenerators
 
@@ -132,6 +139,25 @@ def _one_thread_per_kernel(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def head_of(cfg: TrainConfig) -> str:
+    """The head of ``cfg``'s MLP under its protocol: ``softmax`` or ``sigmoid``."""
+    return mlp_head(cfg.protocol, cfg.model)
+
+
+def two_class_logits(z: torch.Tensor) -> torch.Tensor:
+    """A sigmoid head's outputs ``[..., 1]`` as per-class logits ``[..., 2]``: ``[0, z]``.
+
+    ``softmax([0, z])[1] = sigmoid(z)``, and ``argmax`` picks class 1 exactly when
+    ``round(sigmoid(z))`` (float32, round half to even, as the study's ``np.round``) is 1:
+    where the two disagree (``0 < z`` so small that the float32 sigmoid is exactly 0.5,
+    which rounds to 0) ``z`` is stored as 0, a tie that ``argmax`` gives to class 0.
+    """
+    z = z[..., 0]
+    agree = torch.round(torch.sigmoid(z)) == (z > 0)
+    z = torch.where(agree, z, torch.zeros_like(z))
+    return torch.stack([torch.zeros_like(z), z], dim=-1)
+
+
 def _adam(params, cfg: TrainConfig) -> Adam:
     # The same optimiser in both engines: the same kernels, so the same rounding per
     # element (Adam is element-wise, so one flat tensor updates exactly as its pieces would).
@@ -141,13 +167,13 @@ def _adam(params, cfg: TrainConfig) -> Adam:
 class MLP(nn.Module):
     """The study's MLP as an ordinary ``nn.Module`` (used by the ``loop`` engine)."""
 
-    def __init__(self, n_features: int, hidden: int, n_classes: int) -> None:
+    def __init__(self, n_features: int, hidden: int, n_classes: int, outputs: int = 0) -> None:
         super().__init__()
         self.fc1 = nn.Linear(n_features, hidden)
         self.bn1 = nn.BatchNorm1d(hidden, eps=BN_EPS, momentum=BN_MOMENTUM)
         self.fc2 = nn.Linear(hidden, hidden)
         self.bn2 = nn.BatchNorm1d(hidden, eps=BN_EPS, momentum=BN_MOMENTUM)
-        self.fc3 = nn.Linear(hidden, n_classes)
+        self.fc3 = nn.Linear(hidden, outputs or n_classes)  # outputs=1: a sigmoid head
 
     def load_init(self, params: list[torch.Tensor]) -> None:
         with torch.no_grad():
@@ -167,8 +193,28 @@ class MLP(nn.Module):
         return self.fc3(h)
 
 
+class TwoClassLogits(nn.Module):
+    """A sigmoid-head :class:`MLP` seen as a two-class model: ``[0, z]`` per sample."""
+
+    def __init__(self, mlp: MLP) -> None:
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.mlp(x)
+        return torch.cat([torch.zeros_like(z), z], dim=-1)
+
+
+def _outputs(data: TrainData, cfg: TrainConfig) -> int:
+    return 1 if head_of(cfg) == "sigmoid" else data.n_classes
+
+
 def _dims(data: TrainData, cfg: TrainConfig) -> list[int]:
-    return [data.x.shape[1], cfg.hidden, cfg.hidden, data.n_classes]
+    return [data.x.shape[1], cfg.hidden, cfg.hidden, _outputs(data, cfg)]
+
+
+def _class_logits(out: torch.Tensor, head: str) -> torch.Tensor:
+    return two_class_logits(out) if head == "sigmoid" else out
 
 
 def train_loop(
@@ -193,12 +239,17 @@ def train_loop(
     n = len(data.y)
     results = []
     total = cfg.epochs * len(gens)
+    head = head_of(cfg)
+    # The study's loss: BCEWithLogitsLoss on [B, 1] outputs and float targets.
+    targets = data.y.float().unsqueeze(1) if head == "sigmoid" else data.y
+    loss_of = F.binary_cross_entropy_with_logits if head == "sigmoid" else F.cross_entropy
     with _one_thread_per_kernel(device):
         for pos, g in enumerate(gens):
             init = init_params(g.init, _dims(data, cfg))
             if trace:
                 trace("init", pos, init)
-            model = MLP(data.x.shape[1], cfg.hidden, data.n_classes).to(device)
+            model = MLP(data.x.shape[1], cfg.hidden, data.n_classes, _outputs(data, cfg))
+            model = model.to(device)
             model.load_init(init)
             opt = _adam(model.parameters(), cfg)
             model.train()
@@ -216,20 +267,22 @@ def train_loop(
                         trace("batch", pos, (epoch, step, order[start : start + size]))
                     mask = keep_d[start : start + size] if cfg.dropout else None
                     start += size
-                    loss = F.cross_entropy(model(data.x[idx], mask), data.y[idx])
+                    loss = loss_of(model(data.x[idx], mask), targets[idx])
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
                 if dynamics is not None:
                     model.eval()
                     with torch.no_grad():
-                        recorded.append(model(dynamics).float().cpu())
+                        recorded.append(_class_logits(model(dynamics).float().cpu(), head))
                     model.train()
                 if progress:
                     progress(pos * cfg.epochs + epoch + 1, total)
             model.eval()
             with torch.no_grad():
-                results.append({k: model(x).float().cpu() for k, x in eval_x.items()})
+                results.append(
+                    {k: _class_logits(model(x).float().cpu(), head) for k, x in eval_x.items()}
+                )
             if dynamics is not None:
                 results[-1]["dynamics"] = torch.stack(recorded)
             if weights:
@@ -264,8 +317,11 @@ class _Pack:
     reused from step to step.
     """
 
-    def __init__(self, inits: list[list[torch.Tensor]], device: torch.device) -> None:
+    def __init__(
+        self, inits: list[list[torch.Tensor]], device: torch.device, head: str = "softmax"
+    ) -> None:
         s, hidden = len(inits), inits[0][0].shape[-1]
+        self.head = head
         stacked = [torch.stack(ps) for ps in zip(*inits, strict=True)]
         w1, b1, w2, b2, w3, b3 = stacked
         ones, zeros = torch.ones(s, hidden), torch.zeros(s, hidden)
@@ -325,10 +381,16 @@ class _Pack:
         y2 = y2.view(b, s, h).transpose(0, 1)
         logits = torch.baddbmm(b3.unsqueeze(1), y2, w3t.transpose(1, 2))  # [S, B, C]
 
-        # Cross-entropy, mean over the batch: the kernels and constants autograd uses for
-        # F.cross_entropy (nll_loss puts -1/B at the target, then log_softmax's backward).
-        log_p = torch.log_softmax(logits, -1)
-        dlogits = torch._log_softmax_backward_data(onehot * (-1.0 / b), log_p, -1, log_p.dtype)
+        if self.head == "sigmoid":
+            # Binary cross-entropy with logits, mean over the batch (``onehot`` holds the
+            # float targets [S, B, 1]): autograd's (sigmoid(z) - y) * 1, divided by B.
+            dlogits = torch.sigmoid(logits).sub_(onehot).div_(b)
+        else:
+            # Cross-entropy, mean over the batch: the kernels and constants autograd uses
+            # for F.cross_entropy (nll_loss puts -1/B at the target, then log_softmax's
+            # backward).
+            log_p = torch.log_softmax(logits, -1)
+            dlogits = torch._log_softmax_backward_data(onehot * (-1.0 / b), log_p, -1, log_p.dtype)
 
         # Backward, layer 3.
         torch.bmm(dlogits.transpose(1, 2), y2, out=gw3t)
@@ -530,9 +592,13 @@ class _Job:
         data, cfg, gens = self.data, self.cfg, self.gens
         device = data.x.device
         n, s = len(data.y), len(runs)
-        model = _Pack([self.inits[r] for r in runs], device)
+        head = head_of(cfg)
+        model = _Pack([self.inits[r] for r in runs], device, head)
         opt = _adam(model.parameters(), cfg)
-        onehot_all = F.one_hot(data.y, data.n_classes).float()
+        if head == "sigmoid":  # the float targets of binary cross-entropy, [n, 1]
+            onehot_all = data.y.float().unsqueeze(1)
+        else:
+            onehot_all = F.one_hot(data.y, data.n_classes).float()
         # One epoch's keep-masks as [n, S, H], the layout _Pack wants.
         keep = torch.empty((n, s, cfg.hidden) if cfg.dropout else (0,), dtype=torch.bool)
         scale = dropout_threshold(cfg.dropout)[1]
@@ -566,9 +632,11 @@ class _Job:
                 model.train_step(x_epoch[:, rows], onehot_epoch[:, rows], mask)
                 opt.step()
             if self.dynamics is not None:
-                recorded.append(model.predict(self.dynamics).float().cpu())
+                recorded.append(_class_logits(model.predict(self.dynamics).float().cpu(), head))
             emit("epoch", s)
-        out = {k: model.predict(x).float().cpu() for k, x in self.eval_x.items()}
+        out = {
+            k: _class_logits(model.predict(x).float().cpu(), head) for k, x in self.eval_x.items()
+        }
         if self.dynamics is not None:
             out["dynamics"] = torch.stack(recorded, dim=1)  # [S, E, m, C]
         if self.weights:

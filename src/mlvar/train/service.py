@@ -21,10 +21,12 @@ from typing import Any
 import numpy as np
 
 from mlvar import __version__
-from mlvar.config import Config, TrainConfig, check_model_input, switch_model, validate_train
+from mlvar.config import Config, TrainConfig, check_model_input, switch_protocol, validate_train
+from mlvar.data.protocol import DEFAULT_PROTOCOL, check_protocol, protocol_of
 from mlvar.data.registry import DATASETS
 from mlvar.data.scenario import Scenario, SplitData, resolve_scenario
 from mlvar.errors import MlvarError, unknown_choice
+from mlvar.recipes import mlp_head
 from mlvar.store import (
     ExperimentStore,
     RunClaims,
@@ -129,9 +131,34 @@ def _packages() -> dict[str, str]:
     }
 
 
+def protocol_record(scenario: Scenario, cfg: TrainConfig) -> dict[str, str]:
+    """What a run records of the protocols: the recipe's (``protocol``) and the
+    scenario's (``scenario_protocol``); empty when both are mlvar, so such runs record
+    exactly what they did before protocols existed."""
+    recipe, prepared = cfg.protocol, protocol_of(scenario.manifest)
+    if recipe == prepared == DEFAULT_PROTOCOL:
+        return {}
+    return {"protocol": recipe, "scenario_protocol": prepared}
+
+
+def protocol_note(scenario: Scenario, cfg: TrainConfig) -> str | None:
+    """One line when the recipe's protocol is not the scenario's (allowed, and recorded)."""
+    recipe, prepared = cfg.protocol, protocol_of(scenario.manifest)
+    if recipe == prepared:
+        return None
+    return (
+        f"note: scenario '{scenario.name}' was prepared under protocol '{prepared}' and is "
+        f"trained with the '{recipe}' recipe (recorded in its experiment)"
+    )
+
+
 def experiment_meta(name: str, scenario: Scenario, cfg: TrainConfig) -> dict[str, Any]:
-    """The ``experiment.json`` content of an mlvar-trained experiment."""
-    return {
+    """The ``experiment.json`` content of an mlvar-trained experiment.
+
+    When the recipe or the scenario is not mlvar's, it records both protocols: the
+    recipe's as ``protocol``, the scenario's as ``scenario.protocol``.
+    """
+    meta: dict[str, Any] = {
         "name": name,
         "dataset": scenario.dataset,
         "scenario": {
@@ -147,6 +174,11 @@ def experiment_meta(name: str, scenario: Scenario, cfg: TrainConfig) -> dict[str
         "input": scenario.manifest.get("input", {}),
         "created_by": f"mlvar {__version__}",
     }
+    recorded = protocol_record(scenario, cfg)
+    if recorded:
+        meta["protocol"] = recorded["protocol"]
+        meta["scenario"]["protocol"] = recorded["scenario_protocol"]
+    return meta
 
 
 def check_same_experiment(existing: dict[str, Any], wanted: dict[str, Any], name: str) -> None:
@@ -165,18 +197,30 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def protocol_for(config: Config, overrides: dict[str, Any] | None = None) -> str:
+    """The protocol of a training request: ``overrides["protocol"]`` (``--protocol``),
+    else the config's ``[protocol] name``; raises :class:`MlvarError` if unknown."""
+    return check_protocol((overrides or {}).get("protocol") or config.protocol.name)
+
+
 def train_config(
     config: Config, dataset: str, runs: int, overrides: dict[str, Any] | None = None
 ) -> TrainConfig:
-    """The checked training config of ``dataset`` with ``overrides`` applied (no disk)."""
+    """The checked training config of ``dataset`` with ``overrides`` applied (no disk).
+
+    ``overrides["protocol"]`` (else the config's ``[protocol] name``) chooses the recipe:
+    under ``study``, the study's model and values for the dataset
+    (:func:`mlvar.config.switch_protocol`), then the other overrides.
+    """
     if dataset not in DATASETS:
         raise unknown_choice("dataset", dataset, DATASETS)
+    protocol = protocol_for(config, overrides)
     if runs < 1:
         raise MlvarError(f"--runs must be at least 1, got {runs}", "e.g. --runs 20")
     cfg = config.train_for(dataset)
-    given = {k: v for k, v in (overrides or {}).items() if v is not None}
-    if "model" in given:  # another model brings its own recipe defaults (epochs, lr, ...)
-        switch_model(cfg, given["model"], keep=set(given))
+    given = {k: v for k, v in (overrides or {}).items() if v is not None and k != "protocol"}
+    # Another model (or protocol) brings its own recipe defaults (epochs, lr, ...).
+    switch_protocol(cfg, dataset, protocol, given.get("model"), keep=set(given))
     for key, value in given.items():
         setattr(cfg, key, list(value) if key == "vary" else value)
     validate_train(cfg, f"train.{dataset}")
@@ -189,11 +233,22 @@ def train_config(
 
 def experiment_for(found: Scenario, cfg: TrainConfig, name: str | None = None) -> str:
     """The experiment of ``found`` trained with ``cfg``: ``name``, else
-    ``<scenario>-<model>``; refuses a model that cannot read the scenario's inputs."""
-    check_model_input(
-        cfg, found.manifest.get("input", {}).get("kind", "tabular"), f"train.{found.dataset}"
-    )
-    return check_experiment_name(name if name is not None else f"{found.name}-{cfg.model}")
+    ``<scenario>-<model>``, and ``-<protocol>`` after it when the recipe's protocol is
+    not the scenario's (a study scenario's name ends in ``-study`` already); refuses a
+    model that cannot read the scenario's inputs or classes."""
+    where = f"train.{found.dataset}"
+    check_model_input(cfg, found.manifest.get("input", {}).get("kind", "tabular"), where)
+    if mlp_head(cfg.protocol, cfg.model) == "sigmoid" and len(found.class_names) != 2:
+        raise MlvarError(
+            f"{where}: the {cfg.protocol} protocol's MLP has one output (a sigmoid for two "
+            f"classes), but scenario '{found.name}' has {len(found.class_names)} classes",
+            "train it under --protocol mlvar",
+        )
+    if name is None:
+        name = f"{found.name}-{cfg.model}"
+        if cfg.protocol != protocol_of(found.manifest):
+            name += f"-{cfg.protocol}"
+    return check_experiment_name(name)
 
 
 def prepare_training(
@@ -322,7 +377,11 @@ def _train_claimed(
     splits = {s: found.load(s) for s in found.splits}
     if cfg.model != "mlp":
         started_all = time.perf_counter()
-        extra = {"code_version": _code_version(), "packages": _packages()}
+        extra = {
+            "code_version": _code_version(),
+            "packages": _packages(),
+            **protocol_record(found, cfg),
+        }
         # On the CPU several runs may train at once in worker processes (cfg.workers):
         # they are yielded as they finish, and listed here in run order.
         for run_id, acc in images.train_runs(
@@ -378,7 +437,7 @@ def _train_claimed(
                 "seed": run_seed(cfg.base_seed, index),
                 "source_seeds": gen.seeds,
                 "vary": cfg.vary,
-                "config": dataclasses.asdict(cfg),
+                "config": cfg.record(),
                 "engine": cfg.engine,
                 "device": cfg.device,
                 "pack_size": len(indices),
@@ -389,6 +448,7 @@ def _train_claimed(
                 "metrics": {f"{s}_accuracy": a for s, a in acc.items()},
                 "code_version": code_version,
                 "packages": packages,
+                **protocol_record(found, cfg),
             }
             record = store.write_run(
                 run_id_for(index),

@@ -22,6 +22,7 @@ from mlvar.config import Config, TrainConfig
 from mlvar.data.scenario import Scenario
 from mlvar.data.selection import select_scenarios
 from mlvar.errors import MlvarError
+from mlvar.recipes import default_runs
 from mlvar.store import ExperimentStore, list_experiments, run_id_for
 from mlvar.train.service import (
     Progress,
@@ -29,6 +30,8 @@ from mlvar.train.service import (
     check_same_experiment,
     experiment_for,
     experiment_meta,
+    protocol_for,
+    protocol_note,
     train,
     train_config,
 )
@@ -60,12 +63,15 @@ class PlannedExperiment:
 @dataclass
 class StudyPlan:
     """What a study will train: the dataset, its resolved training config and, per
-    selected scenario (in order), the experiment."""
+    selected scenario (in order), the experiment; the runs asked for each, and the notes
+    to show (a scenario of another protocol than the recipe's)."""
 
     dataset: str
     cfg: TrainConfig
     scenarios: list[Scenario]
     experiments: list[PlannedExperiment]
+    runs: int = 10
+    notes: list[str] = field(default_factory=list)
 
     @property
     def runs_to_train(self) -> int:
@@ -99,19 +105,24 @@ def plan_study(
     config: Config,
     dataset: str,
     scenario: str | None = None,
-    runs: int = 10,
+    runs: int | None = 10,
     name: str | None = None,
     overrides: dict[str, Any] | None = None,
     force: bool = False,
 ) -> StudyPlan:
     """Check a study request and count what is finished, writing nothing.
 
-    Raises :class:`MlvarError` for bad input (unknown dataset, a bad option, a
-    ``--scenario`` term that selects nothing, no prepared scenario, ``name`` for more than
-    one scenario, an existing experiment set up otherwise unless ``force``).
+    ``overrides["protocol"]`` (else the config's ``[protocol] name``) chooses the recipe
+    and the scenarios a mode, a glob or no ``scenario`` selects (those prepared under it);
+    ``runs`` None means the protocol's default (:func:`mlvar.recipes.default_runs`).
+    Raises :class:`MlvarError` for bad input (unknown dataset or protocol, a bad option,
+    a ``--scenario`` term that selects nothing, no prepared scenario, ``name`` for more
+    than one scenario, an existing experiment set up otherwise unless ``force``).
     """
+    if runs is None:
+        runs = default_runs(dataset, protocol_for(config, overrides))
     cfg = train_config(config, dataset, runs, overrides)
-    found = select_scenarios(Path(config.paths.data_root), dataset, scenario)
+    found = select_scenarios(Path(config.paths.data_root), dataset, scenario, cfg.protocol)
     if name is not None and len(found) > 1:
         raise MlvarError(
             f"--name names one experiment, but the selection has {len(found)} scenarios",
@@ -129,7 +140,8 @@ def plan_study(
             done = {r.run_id for r in store.runs()}
             finished = sum(run_id_for(i) in done for i in range(runs))
         planned.append(PlannedExperiment(scen.name, exp, runs, finished))
-    return StudyPlan(dataset, cfg, found, planned)
+    notes = [n for n in (protocol_note(scen, cfg) for scen in found) if n]
+    return StudyPlan(dataset, cfg, found, planned, runs, notes)
 
 
 @dataclass
@@ -173,7 +185,7 @@ def train_study(
     config: Config,
     dataset: str,
     scenario: str | None = None,
-    runs: int = 10,
+    runs: int | None = 10,
     name: str | None = None,
     overrides: dict[str, Any] | None = None,
     force: bool = False,
@@ -184,8 +196,11 @@ def train_study(
 
     Parameters
     ----------
-    config, dataset, runs, overrides, force
-        As :func:`mlvar.train.service.train`, for every experiment.
+    config, dataset, overrides, force
+        As :func:`mlvar.train.service.train`, for every experiment (``overrides`` may
+        hold ``protocol``: :func:`plan_study`).
+    runs
+        Runs per experiment; None: the protocol's default.
     scenario
         What to train (:func:`mlvar.data.selection.select_scenarios`): names, modes or
         globs, comma-separated; None: every prepared scenario of the dataset.
@@ -216,7 +231,7 @@ def train_study(
                 config,
                 dataset,
                 planned.scenario,
-                runs,
+                plan.runs,
                 planned.experiment,
                 overrides,
                 force,

@@ -60,11 +60,13 @@ def build_trained(model_name: str, channels: int, n_classes: int, run: RunRecord
 
 def build_mlp(store: ExperimentStore, n_features: int, run: RunRecord) -> nn.Module:
     """The study's MLP of ``store`` (its hidden units and classes) with ``run``'s weights,
-    in eval mode."""
-    from mlvar.train.mlp import MLP
+    in eval mode; a sigmoid head's as :class:`~mlvar.train.mlp.TwoClassLogits`."""
+    from mlvar.train.mlp import MLP, TwoClassLogits
 
-    hidden = int((store.meta.get("train") or {}).get("hidden", 0))
-    model = MLP(n_features, hidden, len(store.class_names))
+    train = store.meta.get("train") or {}
+    hidden = int(train.get("hidden", 0))
+    sigmoid = (train.get("recipe") or {}).get("head") == "sigmoid"  # the study's MLP
+    model = MLP(n_features, hidden, len(store.class_names), 1 if sigmoid else 0)
     try:
         model.load_state_dict(load_weights(run))
     except RuntimeError as exc:
@@ -74,7 +76,7 @@ def build_mlp(store: ExperimentStore, n_features: int, run: RunRecord) -> nn.Mod
             f"{hidden} hidden units: {first}",
             "retrain that run",
         ) from None
-    return model.eval()
+    return (TwoClassLogits(model) if sigmoid else model).eval()
 
 
 def conv_layers(model: nn.Module) -> list[str]:
