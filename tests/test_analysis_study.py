@@ -169,3 +169,56 @@ def test_study_accuracy_is_missing_until_computed(tmp_path: Path) -> None:
     store.write_run("run-0099", {"test": logits}, {"seed": 9, "config": {"synthetic": True}})
     service.rank(store, "test")  # detection current again, accuracy not
     assert study(tmp_path).table["stale"].all()
+
+
+def _set_protocols(store: ExperimentStore, recipe: str | None, data: str | None) -> None:
+    """Record in ``experiment.json`` what training under a protocol records."""
+    file = store.root / "experiment.json"
+    meta = json.loads(file.read_text())
+    if recipe is not None:
+        meta["protocol"] = recipe
+    if data is not None:
+        meta["scenario"]["protocol"] = data
+    file.write_text(json.dumps(meta))
+
+
+def test_study_refuses_mixed_protocols_unless_allowed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlvar.analysis.study import experiment_protocol
+
+    assert experiment_protocol({"scenario": {}}) == "mlvar"
+    assert experiment_protocol({"protocol": "study", "scenario": {"protocol": "study"}}) == "study"
+    assert (
+        experiment_protocol({"protocol": "mlvar", "scenario": {"protocol": "study"}})
+        == "study data, mlvar recipe"
+    )
+    _experiments(tmp_path / "runs")
+    runs = tmp_path / "runs"
+    _set_protocols(ExperimentStore.open(runs, "e-r0.8"), "study", "study")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLVAR_CONFIG", raising=False)
+    monkeypatch.setenv("MLVAR_RUNS_ROOT", str(runs))
+    before = sorted(p.relative_to(runs) for p in runs.rglob("*"))
+    runner = CliRunner()
+    out = runner.invoke(app, ["analyze", "rank", "--merge", "--compute-missing"])
+    assert out.exit_code == 2, out.stdout
+    (line,) = out.stderr.strip().splitlines()
+    assert "different protocols" in line and "--allow-mixed" in line
+    assert "mlvar (2: clean, e-r0.3)" in line and "study (1: e-r0.8)" in line
+    assert sorted(p.relative_to(runs) for p in runs.rglob("*")) == before  # nothing computed
+    out = runner.invoke(
+        app, ["analyze", "rank", "--merge", "--compute-missing", "--allow-mixed", "--json"]
+    )
+    assert out.exit_code == 0, out.stderr
+    table = pd.read_csv(runs / "study.csv")
+    assert table.groupby("experiment")["protocol"].first().to_dict() == {
+        "e-r0.3": "mlvar",
+        "e-r0.8": "study",
+    }
+    # one protocol (whichever): no refusal, and an mlvar-only table keeps its columns
+    _set_protocols(ExperimentStore.open(runs, "e-r0.8"), "mlvar", "mlvar")
+    assert "protocol" not in study(runs).table.columns
+    for name in ("e-r0.3", "e-r0.8", "clean"):
+        _set_protocols(ExperimentStore.open(runs, name), "study", "study")
+    assert set(study(runs).table["protocol"]) == {"study"}

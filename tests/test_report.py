@@ -585,3 +585,30 @@ def test_roc_points_equal_sklearn(seed: int) -> None:
     got_fpr, got_tpr = roc_points(score, affected)
     np.testing.assert_array_equal(got_fpr, fpr)
     np.testing.assert_array_equal(got_tpr, tpr)
+
+
+def test_study_pages_put_another_protocol_in_a_family_of_its_own(tmp_path: Path) -> None:
+    from mlvar.analysis.study import study
+    from mlvar.report.study import _study_page, families
+
+    names = make_sweep(tmp_path / "runs", ratios=(0.1, 0.3), clusters=())
+    make_store(
+        tmp_path / "runs",
+        "art-r0.5-study",
+        scenario={"name": "s-study", "mode": "artificial", "params": {"ratio": 0.5}},
+        seed=7,
+    )
+    file = tmp_path / "runs" / "art-r0.5-study" / "experiment.json"
+    meta = json.loads(file.read_text())
+    meta["protocol"] = meta["scenario"]["protocol"] = "study"
+    file.write_text(json.dumps(meta))
+    table = study(tmp_path / "runs", compute_missing=True, allow_mixed=True).table
+    got = {(f.dataset, f.mode, f.slug): f.experiments for f in families(table)}
+    assert got == {
+        ("synthetic", "artificial", "synthetic-artificial"): names,
+        ("synthetic", "artificial (study)", "synthetic-artificial_study"): ["art-r0.5-study"],
+    }
+    # the site's study pages show mixed protocols (each in its family) rather than refuse
+    page = _study_page(tmp_path / "runs", "test", "gconf_mean", compute_missing=False)
+    assert page.n_experiments == 3 and page.families == 2
+    assert "_families/synthetic-artificial_study.html" in page.files

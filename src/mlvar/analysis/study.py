@@ -45,6 +45,7 @@ import pyarrow.parquet as pq
 from mlvar.analysis.conventions import ALL_SPLITS, RANKS_MID, check_ranks
 from mlvar.analysis.metrics import ALL_METRICS, BASELINES
 from mlvar.analysis.service import DEFAULT_RANK_BY, accuracy, analysis_dir, rank, write_table
+from mlvar.data.protocol import DEFAULT_PROTOCOL
 from mlvar.errors import MlvarError
 from mlvar.store import ExperimentStore, list_experiments
 
@@ -289,12 +290,40 @@ def _split_rows(
     return _experiment_rows(store, split), computed, ""
 
 
+def experiment_protocol(meta: dict[str, Any]) -> str:
+    """The protocol an experiment follows, from its ``experiment.json``: ``"mlvar"``,
+    ``"study"``, or for a scenario of one protocol trained with the other's recipe
+    ``"<scenario's> data, <recipe's> recipe"`` (absent records mean mlvar)."""
+    recipe = str(meta.get("protocol", DEFAULT_PROTOCOL))
+    data = str((meta.get("scenario") or {}).get("protocol", DEFAULT_PROTOCOL))
+    return recipe if recipe == data else f"{data} data, {recipe} recipe"
+
+
+def _check_one_protocol(protocols: dict[str, str], allow_mixed: bool) -> None:
+    """Refuse a study table over experiments of different protocols, unless allowed."""
+    groups: dict[str, list[str]] = {}
+    for name, protocol in protocols.items():
+        groups.setdefault(protocol, []).append(name)
+    if len(groups) < 2 or allow_mixed:
+        return
+    parts = []
+    for protocol, names in sorted(groups.items()):
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        parts.append(f"{protocol} ({len(names)}: {shown})")
+    raise MlvarError(
+        "the experiments follow different protocols: " + "; ".join(parts),
+        "their numbers are not comparable; keep one protocol's experiments under the runs "
+        "root, or pass --allow-mixed to build one table anyway (a column 'protocol' says which)",
+    )
+
+
 def study(
     runs_root: Path,
     split: str = "test",
     compute_missing: bool = False,
     write: bool = True,
     ranks: str = RANKS_MID,
+    allow_mixed: bool = False,
 ) -> StudyResult:
     """Collect the detection results of every experiment under ``runs_root``.
 
@@ -302,7 +331,10 @@ def study(
     samples (some, not all; skipped and computed experiments are then named
     ``"<experiment> (<split>)"``). ``ranks``: the rank convention of the table; results
     stored under the other one are skipped, or recomputed with ``compute_missing``. A
-    table under ``"study"`` ends with a column ``ranks``.
+    table under ``"study"`` ends with a column ``ranks``. Experiments of different
+    protocols (:func:`experiment_protocol`) are refused before anything is computed or
+    written, unless ``allow_mixed``; a table with any experiment not of the ``mlvar``
+    protocol has a column ``protocol``.
     """
     check_ranks(ranks)
     runs_root = Path(runs_root)
@@ -316,8 +348,15 @@ def study(
     skipped: dict[str, str] = {}
     computed: list[str] = []
     every = split == ALL_SPLITS
-    for name in names:
-        store = ExperimentStore.open(runs_root, name)
+    stores = [ExperimentStore.open(runs_root, name) for name in names]
+    protocols = {
+        store.name: experiment_protocol(store.meta)
+        for store in stores
+        if every or split in store.meta.get("splits", [])
+    }
+    _check_one_protocol(protocols, allow_mixed)
+    for store in stores:
+        name = store.name
         if every:
             chosen = [s for s in store.meta.get("splits", []) if _has_affected(store, s)]
             if not chosen:
@@ -354,6 +393,8 @@ def study(
     table = table[[*_FIXED[:6], *param_cols, "params", *_FIXED[6:]]].rename(columns=rename)
     if ranks != RANKS_MID:  # a non-default convention is recorded
         table["ranks"] = ranks
+    if set(protocols.values()) != {DEFAULT_PROTOCOL}:  # so is a protocol other than mlvar's
+        table["protocol"] = table["experiment"].map(protocols)
     files: list[str] = []
     if write:
         files = write_table(table, runs_root / "study")

@@ -47,6 +47,7 @@ from mlvar.cli.options import (
     MixedOpt,
     PageSeedOpt,
     RankByOpt,
+    RankMixedOpt,
     SplitOpt,
 )
 from mlvar.errors import MlvarError
@@ -213,7 +214,7 @@ def rank(
     split: SplitOpt = "test",
     by: RankByOpt = DEFAULT_RANK_BY,
     top: Annotated[int, typer.Option(min=0, help="Rows of the ranking to print.")] = 20,
-    allow_mixed: MixedOpt = False,
+    allow_mixed: RankMixedOpt = False,
     shard: Annotated[
         str | None,
         typer.Option(
@@ -313,6 +314,7 @@ def rank(
                 split,
                 compute_missing=compute_missing,
                 ranks=ranks or RANKS_MID,
+                allow_mixed=allow_mixed,
             )
         else:
             store = ExperimentStore.open(cfg.paths.runs_root, experiment)

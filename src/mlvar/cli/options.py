@@ -201,6 +201,15 @@ MixedOpt = Annotated[
     bool,
     typer.Option("--allow-mixed", help="Analyse runs trained with different configs together."),
 ]
+#: ``mlvar analyze rank --allow-mixed``: also the study table's mixing of protocols.
+RankMixedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-mixed",
+        help="Analyse runs trained with different configs together; with --merge alone, "
+        "build one study table of experiments of different protocols.",
+    ),
+]
 RankByOpt = Annotated[str, typer.Option(help=f"Metric to rank by: {ALL_METRIC_NAMES}.")]
 #: ``mlvar submit analyze --by``: the ranking its merge writes.
 MergedByOpt = Annotated[

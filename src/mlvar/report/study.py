@@ -43,6 +43,7 @@ from mlvar import __version__
 from mlvar.analysis.metrics import BASELINES, METRICS
 from mlvar.analysis.service import DEFAULT_RANK_BY
 from mlvar.analysis.study import matched_baseline, study
+from mlvar.data.protocol import DEFAULT_PROTOCOL
 from mlvar.errors import MlvarError, unknown_choice
 from mlvar.io import atomic_write_bytes, staging_dir
 from mlvar.report import plots, study_plots
@@ -131,11 +132,16 @@ def _slug(dataset: str, mode: str, taken: set[str]) -> str:
 
 
 def families(table: pd.DataFrame) -> list[Family]:
-    """The experiments of a study table by family (dataset + mode), in table order, each
+    """The experiments of a study table by family (dataset + mode, and the protocol where
+    it is not mlvar's), in table order, each
     split into groups of one model with the parameters they vary in."""
     params = param_columns(table)
     out, taken = [], set()
-    keys = [table["dataset"].map(_text), table["mode"].map(_text)]
+    modes = table["mode"].map(_text)
+    if "protocol" in table:  # experiments of another protocol are a family of their own
+        other = table["protocol"].map(_text) != DEFAULT_PROTOCOL
+        modes = modes.where(~other, modes + " (" + table["protocol"].map(_text) + ")")
+    keys = [table["dataset"].map(_text), modes]
     for (dataset, mode), rows in table.groupby(keys, sort=False):
         per_exp = rows.drop_duplicates("experiment")
         present = [p for p in params if per_exp[p].notna().any()]
@@ -400,7 +406,8 @@ def _study_page(
 ) -> _Page:
     """The study pages' files; ``links``: experiment -> href of its report (relative to
     the study folder)."""
-    result = study(runs_root, split, compute_missing=compute_missing, write=False)
+    # The site shows every experiment; protocols stay apart as families of their own.
+    result = study(runs_root, split, compute_missing=compute_missing, write=False, allow_mixed=True)
     table = result.table
     per = result.per_experiment(by)
     per_index = per.set_index("experiment")
