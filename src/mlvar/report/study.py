@@ -18,6 +18,12 @@ experiment's report in ``<reports_root>/<experiment>/`` and the study pages besi
                             summaries; a boxplot and the AUROC of every metric
     _families/<family>-*.png          their figures
 
+A holdout family whose experiments vary ``subclass`` and ``ratio`` also shows the study's
+accuracy analyses (:mod:`mlvar.analysis.study_accuracy`): the scatter of its subclasses'
+held-out accuracy at ratio 0 against the drop at ratio 1 coloured by KMeans group
+(``<family>-subclasses.png``) and per group the Pearson correlations of validation with
+held-out test accuracy; where the sweep cannot be grouped, the line saying what is missing.
+
 (``_families`` cannot be an experiment's name: those start with a letter or a digit.)
 Everything comes from the study table (:mod:`mlvar.analysis.study`). Within a family,
 experiments of one model form a group; each parameter the group's experiments vary in
@@ -43,6 +49,7 @@ from mlvar import __version__
 from mlvar.analysis.metrics import BASELINES, METRICS
 from mlvar.analysis.service import DEFAULT_RANK_BY
 from mlvar.analysis.study import matched_baseline, study
+from mlvar.analysis.study_accuracy import HOLDOUT_MODE, subclass_accuracy
 from mlvar.errors import MlvarError, unknown_choice
 from mlvar.io import atomic_write_bytes, staging_dir
 from mlvar.report import plots, study_plots
@@ -306,6 +313,52 @@ def _parameter_plots(
     return blocks
 
 
+_CORRELATION_CELLS = (
+    "centre_acc_ratio0",
+    "centre_drop",
+    "r_val_mean",
+    "p_val_mean",
+    "r_val_std",
+    "p_val_std",
+)
+
+
+def _subclass_section(
+    family: Family, runs_root: Path, files: dict[str, bytes]
+) -> dict[str, Any] | None:
+    """The study's accuracy analyses of a holdout family whose experiments vary a subclass
+    and a ratio (:mod:`mlvar.analysis.study_accuracy`, computed without writing): the
+    scatter of its KMeans groups into ``files`` and the correlation table; where the
+    sweep cannot be grouped, the one line saying what is missing. None for other
+    families."""
+    if family.mode != HOLDOUT_MODE or not {"subclass", "ratio"} <= set(family.params):
+        return None
+    try:
+        result = subclass_accuracy(runs_root, family.dataset, write=False)
+    except MlvarError as exc:
+        return {"missing": f"{exc.message} ({exc.hint})" if exc.hint else exc.message}
+    image = f"{family.slug}-subclasses.png"
+    files[f"{FAMILIES_DIR}/{image}"] = study_plots.subclass_scatter(
+        result.subclasses,
+        f"{family.dataset}: {len(result.subclasses)} subclasses in {result.n_groups} groups",
+    )
+    return {
+        "missing": None,
+        "image": image,
+        "n_groups": result.n_groups,
+        "notes": result.notes,
+        "groups": [
+            {
+                "group": r["group"],
+                "subclasses": r["subclasses"],
+                "n": r["n_experiments"],
+                "cells": [fmt(_num(r[k])) for k in _CORRELATION_CELLS],
+            }
+            for r in result.correlations.to_dict(orient="records")
+        ],
+    }
+
+
 def _family_page(
     family: Family,
     table: pd.DataFrame,
@@ -315,10 +368,12 @@ def _family_page(
     by: str,
     links: dict[str, str] | None,
     files: dict[str, bytes],
+    runs_root: Path,
 ) -> dict[str, Any]:
     """Draw a family's figures into ``files`` and return its page's context."""
     rows = table[table["experiment"].isin(family.experiments)]
     blocks = _parameter_plots(family, experiments, metrics, by, files)
+    subclass_groups = _subclass_section(family, runs_root, files)
     box = None
     if len(family.experiments) > 1:
         box = f"{family.slug}-box.png"
@@ -373,6 +428,7 @@ def _family_page(
         "varied": ", ".join(family.varied),
         "rows": table_rows,
         "plots": blocks,
+        "subclass_groups": subclass_groups,
         "no_plot": "; ".join(notes) or "no scenario parameter varies",
         "box": box,
         "metrics": metrics,
@@ -422,7 +478,9 @@ def _study_page(
     contexts = []
     for f in fams:
         contexts.append(
-            _family_page(f, table, per_index, experiments, metrics, by, links, family_pages)
+            _family_page(
+                f, table, per_index, experiments, metrics, by, links, family_pages, runs_root
+            )
         )
         overview = []
         for g in f.groups:
