@@ -171,9 +171,14 @@ def test_missing_subclasses_are_named_in_one_line(
     assert "lonely (no ratio 1)" in line and "--groups" in line
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # nothing written
 
+    # an experiment still without finished runs is left out with a note
+    unfinished = _holdout(root, "later", 0.5, 79)
+    for run in unfinished.runs():
+        (run.path / "run.json").unlink()
     out = runner.invoke(app, ["analyze", "subclasses", "--groups", "2"])
     assert out.exit_code == 0, out.output
     assert "lonely" in out.stdout and (root / "study-subclasses.csv").is_file()
+    assert f"{unfinished.name}: left out" in out.stdout
     assert set(pd.read_csv(root / "study-subclasses.csv")["group"]) == {0, 1}
 
     # a second series of the same subclasses needs choosing

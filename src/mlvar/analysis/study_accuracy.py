@@ -252,12 +252,17 @@ def subclass_accuracy(
         if TEST_SPLIT not in splits:
             notes.append(f"{e['experiment']}: no {TEST_SPLIT} split, left out")
             continue
-        test = _per_run(store, TEST_SPLIT, write)
+        try:
+            test = _per_run(store, TEST_SPLIT, write)
+            val = _per_run(store, VAL_SPLIT, write) if VAL_SPLIT in splits else None
+        except MlvarError as exc:  # e.g. no finished runs yet
+            notes.append(f"{e['experiment']}: left out ({exc.message})")
+            continue
         heldout_mean, heldout_std = _mean_std(test["acc_affected"])
         other_mean, _ = _mean_std(test["acc_unaffected"])
         val_mean = val_std = float("nan")
-        if VAL_SPLIT in splits:
-            val_mean, val_std = _mean_std(_per_run(store, VAL_SPLIT, write)["accuracy"])
+        if val is not None:
+            val_mean, val_std = _mean_std(val["accuracy"])
         else:
             notes.append(f"{e['experiment']}: no {VAL_SPLIT} split (no validation accuracy)")
         rows.append(
@@ -271,12 +276,12 @@ def subclass_accuracy(
                 "other_acc_mean": other_mean,
             }
         )
+    why = missing_ratios(rows, n_groups)
+    if why:  # some experiments were left out
+        raise MlvarError(f"{why} ({'; '.join(notes)})", "train the missing scenarios")
     points = pd.DataFrame(rows).sort_values(["subclass", "ratio"], kind="stable")
     points = points.reset_index(drop=True)
     subclasses = _subclass_table(points, dataset)
-    why = missing_ratios(points.to_dict(orient="records"), n_groups)
-    if why:  # experiments without a test split were left out
-        raise MlvarError(why, "train the missing scenarios with a test split")
     labels, centres = group_subclasses(
         subclasses[["acc_ratio0", "drop"]].to_numpy(dtype=np.float64), n_groups
     )
