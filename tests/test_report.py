@@ -603,7 +603,7 @@ def test_study_pages_put_another_protocol_in_a_family_of_its_own(tmp_path: Path)
     meta["protocol"] = meta["scenario"]["protocol"] = "study"
     file.write_text(json.dumps(meta))
     table = study(tmp_path / "runs", compute_missing=True, allow_mixed=True).table
-    got = {(f.dataset, f.mode, f.slug): f.experiments for f in families(table)}
+    got = {(f.dataset, f.label, f.slug): f.experiments for f in families(table)}
     assert got == {
         ("synthetic", "artificial", "synthetic-artificial"): names,
         ("synthetic", "artificial (study)", "synthetic-artificial_study"): ["art-r0.5-study"],

@@ -1,5 +1,6 @@
 """``mlvar analyze``: accuracy across seeds, per-sample metrics and detection, sharded
-analysis and the study table, AUROC against the number of runs, importing predictions.
+analysis and the study table, the study's accuracy analyses of a holdout sweep, AUROC
+against the number of runs, importing predictions.
 
 A thin shell: every computation lives in :mod:`mlvar.analysis`.
 """
@@ -356,6 +357,101 @@ def rank(
             f"(run shard {result.run_shard[0]}/{result.run_shard[1]})"
         )
         console.print(f"wrote {result.path}", style="dim")
+
+
+def _print_subclasses(result) -> None:
+    subclasses = result.subclasses.sort_values(["group", "subclass"], kind="stable")
+    console.print(
+        table(
+            f"{result.dataset}: held-out test accuracy per subclass (mean over runs) at ratio "
+            f"0 and its drop at ratio 1, {result.n_groups} KMeans groups",
+            ["group", "subclass", "ratios", "acc ratio 0", "acc ratio 1", "drop"],
+            [
+                [
+                    r["group"],
+                    r["subclass"],
+                    r["n_ratios"],
+                    r["acc_ratio0"],
+                    r["acc_ratio1"],
+                    r["drop"],
+                ]
+                for r in subclasses.to_dict(orient="records")
+            ],
+        )
+    )
+    console.print(
+        table(
+            "per group, over its experiments (every ratio): Pearson r (p) of the mean and of "
+            "the std of validation accuracy against held-out test accuracy",
+            ["group", "subclasses", "experiments", "r (mean)", "p (mean)", "r (std)", "p (std)"],
+            [
+                [
+                    r["group"],
+                    r["subclasses"],
+                    r["n_experiments"],
+                    r["r_val_mean"],
+                    r["p_val_mean"],
+                    r["r_val_std"],
+                    r["p_val_std"],
+                ]
+                for r in result.correlations.to_dict(orient="records")
+            ],
+        )
+    )
+    for note in result.notes:
+        console.print(f"note: {note}", style="dim", markup=False)
+    for f in result.files:
+        console.print(f"wrote {f}", style="dim")
+
+
+@app.command("subclasses")
+def subclasses(
+    dataset: Annotated[
+        str, typer.Option(help="Dataset of the holdout sweep (the study: cifar100).")
+    ] = "cifar100",
+    groups: Annotated[
+        int,
+        typer.Option(
+            "--groups",
+            min=1,
+            help="KMeans groups of subclasses (the study: 10); fewer lets a partial sweep "
+            "be grouped.",
+        ),
+    ] = 10,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Only the experiments of this model.", show_default=False),
+    ] = None,
+    protocol: Annotated[
+        str | None,
+        typer.Option(
+            help="Only the experiments of this protocol (mlvar or study).", show_default=False
+        ),
+    ] = None,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """The study's accuracy analyses over a holdout sweep (one experiment per subclass and ratio).
+
+    Per subclass: the mean held-out test accuracy at ratio 0 and its drop at ratio 1,
+    grouped by KMeans(10 groups, random_state 42); per group: Pearson r and p of the mean
+    and of the std of validation accuracy against held-out test accuracy over its
+    experiments. Writes <runs_root>/study-subclasses.* and study-correlations.*. Exits 2
+    naming the missing subclasses where fewer than --groups have both ratio 0 and 1.
+
+    Example: mlvar analyze subclasses --dataset cifar100
+    """
+    with cli_errors(), warnings_to_stderr():
+        cfg = get_config(config)
+        from mlvar.analysis.study_accuracy import subclass_accuracy
+
+        result = subclass_accuracy(
+            cfg.paths.runs_root, dataset, groups, model=model, protocol=protocol
+        )
+    if json_out:
+        print_json(result.to_dict())
+        return
+    _print_subclasses(result)
 
 
 @app.command("curve", no_args_is_help=True)

@@ -18,6 +18,12 @@ experiment's report in ``<reports_root>/<experiment>/`` and the study pages besi
                             summaries; a boxplot and the AUROC of every metric
     _families/<family>-*.png          their figures
 
+A holdout family whose experiments vary ``subclass`` and ``ratio`` also shows the study's
+accuracy analyses (:mod:`mlvar.analysis.study_accuracy`): the scatter of its subclasses'
+held-out accuracy at ratio 0 against the drop at ratio 1 coloured by KMeans group
+(``<family>-subclasses.png``) and per group the Pearson correlations of validation with
+held-out test accuracy; where the sweep cannot be grouped, the line saying what is missing.
+
 (``_families`` cannot be an experiment's name: those start with a letter or a digit.)
 Everything comes from the study table (:mod:`mlvar.analysis.study`). Within a family,
 experiments of one model form a group; each parameter the group's experiments vary in
@@ -43,6 +49,7 @@ from mlvar import __version__
 from mlvar.analysis.metrics import BASELINES, METRICS
 from mlvar.analysis.service import DEFAULT_RANK_BY
 from mlvar.analysis.study import matched_baseline, study
+from mlvar.analysis.study_accuracy import HOLDOUT_MODE, subclass_accuracy
 from mlvar.data.protocol import DEFAULT_PROTOCOL
 from mlvar.errors import MlvarError, unknown_choice
 from mlvar.io import atomic_write_bytes, staging_dir
@@ -108,10 +115,16 @@ class Family:
     experiments: list[str]
     params: list[str]  # scenario parameters any of them has
     groups: list[Group] = field(default_factory=list)
+    protocol: str = DEFAULT_PROTOCOL  # the protocol its experiments follow
+
+    @property
+    def label(self) -> str:
+        """The mode, and the protocol where it is not mlvar's: ``holdout (study)``."""
+        return self.mode if self.protocol == DEFAULT_PROTOCOL else f"{self.mode} ({self.protocol})"
 
     @property
     def title(self) -> str:
-        return f"{self.dataset} / {self.mode}"
+        return f"{self.dataset} / {self.label}"
 
     @property
     def varied(self) -> list[str]:
@@ -137,17 +150,18 @@ def families(table: pd.DataFrame) -> list[Family]:
     split into groups of one model with the parameters they vary in."""
     params = param_columns(table)
     out, taken = [], set()
-    modes = table["mode"].map(_text)
-    if "protocol" in table:  # experiments of another protocol are a family of their own
-        other = table["protocol"].map(_text) != DEFAULT_PROTOCOL
-        modes = modes.where(~other, modes + " (" + table["protocol"].map(_text) + ")")
-    keys = [table["dataset"].map(_text), modes]
-    for (dataset, mode), rows in table.groupby(keys, sort=False):
+    # experiments of another protocol than mlvar's are a family of their own
+    protocols = (
+        table["protocol"].map(_text)
+        if "protocol" in table
+        else pd.Series(DEFAULT_PROTOCOL, index=table.index)
+    )
+    keys = [table["dataset"].map(_text), table["mode"].map(_text), protocols]
+    for (dataset, mode, protocol), rows in table.groupby(keys, sort=False):
         per_exp = rows.drop_duplicates("experiment")
         present = [p for p in params if per_exp[p].notna().any()]
-        family = Family(
-            dataset, mode, _slug(dataset, mode, taken), list(per_exp["experiment"]), present
-        )
+        family = Family(dataset, mode, "", list(per_exp["experiment"]), present, protocol=protocol)
+        family.slug = _slug(dataset, family.label, taken)
         for model, g in rows.groupby(rows["model"].map(_text), sort=False):
             exps = list(dict.fromkeys(g["experiment"]))
             one = g.drop_duplicates("experiment")
@@ -159,7 +173,7 @@ def families(table: pd.DataFrame) -> list[Family]:
                 note = "one experiment only"
             elif not varying:
                 note = "the experiments differ in no scenario parameter"
-            title = f"{dataset} / {mode} / {model}"
+            title = f"{family.title} / {model}"
             family.groups.append(Group(title, model, exps, varying, note, g))
         out.append(family)
     return out
@@ -312,6 +326,52 @@ def _parameter_plots(
     return blocks
 
 
+_CORRELATION_CELLS = (
+    "centre_acc_ratio0",
+    "centre_drop",
+    "r_val_mean",
+    "p_val_mean",
+    "r_val_std",
+    "p_val_std",
+)
+
+
+def _subclass_section(
+    family: Family, runs_root: Path, files: dict[str, bytes]
+) -> dict[str, Any] | None:
+    """The study's accuracy analyses of a holdout family whose experiments vary a subclass
+    and a ratio (:mod:`mlvar.analysis.study_accuracy`, computed without writing): the
+    scatter of its KMeans groups into ``files`` and the correlation table; where the
+    sweep cannot be grouped, the one line saying what is missing. None for other
+    families."""
+    if family.mode != HOLDOUT_MODE or not {"subclass", "ratio"} <= set(family.params):
+        return None
+    try:
+        result = subclass_accuracy(runs_root, family.dataset, protocol=family.protocol, write=False)
+    except MlvarError as exc:
+        return {"missing": f"{exc.message} ({exc.hint})" if exc.hint else exc.message}
+    image = f"{family.slug}-subclasses.png"
+    files[f"{FAMILIES_DIR}/{image}"] = study_plots.subclass_scatter(
+        result.subclasses,
+        f"{family.dataset}: {len(result.subclasses)} subclasses in {result.n_groups} groups",
+    )
+    return {
+        "missing": None,
+        "image": image,
+        "n_groups": result.n_groups,
+        "notes": result.notes,
+        "groups": [
+            {
+                "group": r["group"],
+                "subclasses": r["subclasses"],
+                "n": r["n_experiments"],
+                "cells": [fmt(_num(r[k])) for k in _CORRELATION_CELLS],
+            }
+            for r in result.correlations.to_dict(orient="records")
+        ],
+    }
+
+
 def _family_page(
     family: Family,
     table: pd.DataFrame,
@@ -321,10 +381,12 @@ def _family_page(
     by: str,
     links: dict[str, str] | None,
     files: dict[str, bytes],
+    runs_root: Path,
 ) -> dict[str, Any]:
     """Draw a family's figures into ``files`` and return its page's context."""
     rows = table[table["experiment"].isin(family.experiments)]
     blocks = _parameter_plots(family, experiments, metrics, by, files)
+    subclass_groups = _subclass_section(family, runs_root, files)
     box = None
     if len(family.experiments) > 1:
         box = f"{family.slug}-box.png"
@@ -373,12 +435,13 @@ def _family_page(
         "title": f"mlvar study: {family.title}",
         "root": "../",
         "dataset": family.dataset,
-        "mode": family.mode,
+        "mode": family.label,
         "n": len(family.experiments),
         "params": family.params,
         "varied": ", ".join(family.varied),
         "rows": table_rows,
         "plots": blocks,
+        "subclass_groups": subclass_groups,
         "no_plot": "; ".join(notes) or "no scenario parameter varies",
         "box": box,
         "metrics": metrics,
@@ -429,7 +492,9 @@ def _study_page(
     contexts = []
     for f in fams:
         contexts.append(
-            _family_page(f, table, per_index, experiments, metrics, by, links, family_pages)
+            _family_page(
+                f, table, per_index, experiments, metrics, by, links, family_pages, runs_root
+            )
         )
         overview = []
         for g in f.groups:

@@ -7,7 +7,9 @@
   against the parameter, mean with one-std bars;
 * :func:`rank_panels`: the normalised rank summaries of the affected samples against the
   parameter, one line per metric;
-* :func:`auroc_box`: AUROC of each metric (and of the single models) over experiments.
+* :func:`auroc_box`: AUROC of each metric (and of the single models) over experiments;
+* :func:`subclass_scatter`: the study's KMeans groups of subclasses (held-out accuracy at
+  ratio 0 against its drop at ratio 1), from :mod:`mlvar.analysis.study_accuracy`.
 
 Where several experiments share a parameter value (they differ in another parameter),
 a point is their mean; the captions in the pages say what the bars are.
@@ -293,5 +295,52 @@ def auroc_box(
         ax.set_yticks(positions, [_short(label, 34) for _, label in labels], fontsize=8)
     ax.set_xlabel("AUROC")
     ax.set_title(_short(title, 90), fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def subclass_scatter(subclasses: pd.DataFrame, title: str) -> bytes:
+    """The study's grouping of subclasses: held-out accuracy at ratio 0 (x) against its
+    drop at ratio 1 (y), one colour per KMeans group, each point labelled with its
+    subclass (``subclasses``: rows of ``study-subclasses``); the legend lists each group's
+    subclasses."""
+    plt = _plt()
+    n_groups = int(subclasses["group"].max()) + 1 if len(subclasses) else 0
+    cmap = plt.get_cmap("tab10" if n_groups <= 10 else "tab20")
+    fig, ax = plt.subplots(figsize=(8.5, 6.0))
+    for group in range(n_groups):
+        one = subclasses[subclasses["group"] == group]
+        if one.empty:
+            continue
+        names = " ".join(one["subclass"].astype(str))
+        ax.scatter(
+            one["acc_ratio0"],
+            one["drop"],
+            s=22,
+            alpha=0.8,
+            color=cmap(group % cmap.N),
+            label=_short(f"{group}: {names}", 70),
+        )
+        for x, y, name in zip(one["acc_ratio0"], one["drop"], one["subclass"], strict=True):
+            # Data text is drawn verbatim (no mathtext, so no escaping), clipped to the axes.
+            ax.annotate(
+                str(name)[:24],
+                (x, y),
+                xytext=(3, 3),
+                textcoords="offset points",
+                fontsize=6,
+                parse_math=False,
+                annotation_clip=True,
+            )
+    ax.set_xlabel("held-out test accuracy at ratio 0 (mean over runs)")
+    ax.set_ylabel("its drop at ratio 1 (accuracy at 0 minus at 1)")
+    ax.set_title(_short(title, 90), fontsize=10)
+    ax.legend(
+        frameon=False,
+        fontsize=6,
+        title="group: subclasses",
+        bbox_to_anchor=(1.02, 1),
+        loc="upper left",
+    )
     fig.tight_layout()
     return _png(fig)
