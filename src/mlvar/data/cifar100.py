@@ -221,6 +221,21 @@ def _held_out_names(source: Cifar100Data, subs: list[int]) -> tuple[list[str], l
     return [source.fine_names[f] for f in subs], sorted(superclasses)
 
 
+def _holdout_splits(
+    base: BaseData, index: dict[str, np.ndarray], subs: list[int]
+) -> dict[str, SplitData]:
+    """The splits at ``index`` (positions into ``base``), with the samples of the fine
+    classes ``subs`` affected wherever they are left."""
+    fine = base.groups
+    sub_mask = np.isin(fine, subs)
+    return {
+        s: SplitData(
+            x=base.x[pos], y=base.y[pos], id=base.ids[pos], affected=sub_mask[pos], group=fine[pos]
+        )
+        for s, pos in index.items()
+    }
+
+
 def _holdout(source: Cifar100Data, params: HoldoutParams) -> ModeResult:
     base = source.base
     fine, ratio, fine_names = base.groups, params.ratio, source.fine_names
@@ -237,17 +252,7 @@ def _holdout(source: Cifar100Data, params: HoldoutParams) -> ModeResult:
             removed[s][fine_names[f]] = int(k)
             drop.append(members[:k])
         index[s] = np.delete(pos, np.concatenate(drop))
-    sub_mask = np.isin(fine, subs)
-    splits = {
-        s: SplitData(
-            x=base.x[pos],
-            y=base.y[pos],
-            id=base.ids[pos],
-            affected=sub_mask[pos],
-            group=fine[pos],
-        )
-        for s, pos in index.items()
-    }
+    splits = _holdout_splits(base, index, subs)
     sub_names, superclasses = _held_out_names(source, subs)
     manifest = {
         "holdout": {
@@ -298,13 +303,7 @@ def _study_holdout(source: Cifar100Data, params: HoldoutParams) -> ModeResult:
         k = n_affected(ratio, len(members))
         removed[s] = int(k)
         index[s] = np.delete(pos, members[:k])
-    sub_mask = np.isin(fine, subs)
-    splits = {
-        s: SplitData(
-            x=base.x[pos], y=base.y[pos], id=base.ids[pos], affected=sub_mask[pos], group=fine[pos]
-        )
-        for s, pos in index.items()
-    }
+    splits = _holdout_splits(base, index, subs)
     sub_names, superclasses = _held_out_names(source, subs)
     manifest = {
         "holdout": {
