@@ -364,3 +364,37 @@ def test_resnet18_study_training_steps_with_the_epoch_lrs(monkeypatch: pytest.Mo
     assert seen == [lrs[0]] * 2 + [lrs[1]] * 2 + [lrs[2]] * 2
     recorded = json.loads(json.dumps(cfg.record()))
     assert recorded["protocol"] == "study"
+
+
+def test_saliency_normalises_images_as_the_runs_recipe(tmp_path: Path) -> None:
+    """GradCAM feeds each model its inputs normalised as it was trained: the study
+    ResNet-18's fixed constants, else the training split's statistics."""
+    from types import SimpleNamespace
+
+    from mlvar.analysis.saliency.compute import recipe_normalise, training_norm
+    from mlvar.store import RunRecord
+
+    study_run = RunRecord("run-0000", tmp_path, {"config": {"protocol": "study"}})
+    mlvar_run = RunRecord("run-0000", tmp_path, {"config": {"model": "resnet18"}})
+    fixed = recipe_normalise(study_run, "resnet18")
+    assert fixed == {"mean": list(STUDY_MEAN), "std": list(STUDY_STD)}
+    assert recipe_normalise(mlvar_run, "resnet18") is None
+    assert recipe_normalise(study_run, "mlp") is None  # the study's MLP reads features
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (20, 4, 4, 3), dtype=np.uint8)
+    train = SplitData(x, np.zeros(20, np.int64), np.arange(20), np.zeros(20, bool), -np.ones(20))
+    scenario = SimpleNamespace(
+        load=lambda split: train,
+        manifest={"class_names": ["a", "b"], "input": {"kind": "image", "max_value": 255}},
+    )
+    nchw = images.to_nchw(x)
+    got = training_norm(scenario, fixed).normalise(nchw).numpy()
+    mean = np.asarray(STUDY_MEAN, np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(STUDY_STD, np.float32).reshape(1, 3, 1, 1)
+    np.testing.assert_allclose(got, (nchw.numpy() / 255 - mean) / std, rtol=1e-6, atol=1e-6)
+    own = training_norm(scenario).normalise(nchw).numpy()  # the split's statistics
+    scaled = nchw.numpy().astype(np.float64) / 255
+    expected = (scaled - scaled.mean(axis=(0, 2, 3), keepdims=True)) / scaled.std(
+        axis=(0, 2, 3), ddof=1, keepdims=True
+    )
+    np.testing.assert_allclose(own, expected, rtol=1e-5, atol=1e-5)

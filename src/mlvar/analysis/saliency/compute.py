@@ -119,14 +119,31 @@ def mlp_inputs(x_raw: np.ndarray, manifest: dict[str, Any]) -> np.ndarray:
     return input_features(np.asarray(x_raw), manifest)
 
 
-def training_norm(scenario: Any) -> Any:
-    """The image normalisation of training: an ``ImageData`` of the train split, whose
-    statistics are computed as training does (one thread per kernel)."""
+def recipe_normalise(run: RunRecord, model_name: str) -> dict[str, list[float]] | None:
+    """The fixed normalisation constants the run's recipe trained with (the study's
+    ResNet-18: ``{"mean": [...], "std": [...]}``), or None where training normalised with
+    the training split's statistics. The protocol is the one run.json's config records."""
+    from mlvar.data.protocol import DEFAULT_PROTOCOL
+    from mlvar.recipes import MODELS, model_spec
+
+    protocol = (run.meta.get("config") or {}).get("protocol", DEFAULT_PROTOCOL)
+    spec = model_spec(protocol, model_name) or MODELS.get(model_name)
+    return None if spec is None else spec.recipe.get("normalise")
+
+
+def training_norm(scenario: Any, normalise: dict[str, list[float]] | None = None) -> Any:
+    """The image normalisation of training: an ``ImageData`` of the train split, with the
+    recipe's fixed constants ``normalise``, or else with statistics computed as training
+    computes them (one thread per kernel)."""
     import torch
 
     from mlvar.train import images
 
     train = scenario.load("train")
+    if normalise is not None:
+        return images.ImageData.build(
+            {"train": train}, scenario.manifest, torch.device("cpu"), normalise
+        )
     return images._build_data({"train": train}, scenario.manifest, torch.device("cpu"))
 
 
@@ -193,7 +210,8 @@ def _gradcam_of_runs(
 
     from mlvar.train.images import to_nchw
 
-    x = training_norm(scenario).normalise(to_nchw(x_raw))
+    # Every run of an experiment shares its recipe (its identity), so the first one says.
+    x = training_norm(scenario, recipe_normalise(runs[0], model_name)).normalise(to_nchw(x_raw))
     n_classes = len(scenario.class_names)
     channels = int(x.shape[1])
     # Build every model (checks weights and the layer) before computing anything.
