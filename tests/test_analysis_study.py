@@ -204,7 +204,7 @@ def test_study_refuses_mixed_protocols_unless_allowed(
     out = runner.invoke(app, ["analyze", "rank", "--merge", "--compute-missing"])
     assert out.exit_code == 2, out.stdout
     (line,) = out.stderr.strip().splitlines()
-    assert "different protocols" in line and "--allow-mixed" in line
+    assert "different protocols" in line and "--allow-mixed" in line and "--protocol" in line
     assert "mlvar (2: clean, e-r0.3)" in line and "study (1: e-r0.8)" in line
     assert sorted(p.relative_to(runs) for p in runs.rglob("*")) == before  # nothing computed
     out = runner.invoke(
@@ -216,9 +216,29 @@ def test_study_refuses_mixed_protocols_unless_allowed(
         "e-r0.3": "mlvar",
         "e-r0.8": "study",
     }
+    # --protocol: one protocol's table, the others skipped and named
+    out = runner.invoke(app, ["analyze", "rank", "--merge", "--protocol", "study", "--json"])
+    assert out.exit_code == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert {r["experiment"] for r in info["rows"]} == {"e-r0.8"}
+    assert info["skipped"]["e-r0.3"] == "protocol 'mlvar'"
+    assert {r["protocol"] for r in info["rows"]} == {"study"}
+    out = runner.invoke(app, ["analyze", "rank", "--merge", "--protocol", "mlvar", "--json"])
+    assert out.exit_code == 0, out.stderr
+    assert {r["experiment"] for r in json.loads(out.stdout)["rows"]} == {"e-r0.3"}
+    for args, words in [
+        (["--merge", "--protocol", "stduy"], ["unknown protocol 'stduy'", "did you mean"]),
+        (["e-r0.3", "--protocol", "study"], ["--protocol applies only to --merge"]),
+    ]:
+        out = runner.invoke(app, ["analyze", "rank", *args])
+        assert out.exit_code == 2, (args, out.stdout)
+        (line,) = out.stderr.strip().splitlines()
+        assert all(w in line for w in words), line
     # one protocol (whichever): no refusal, and an mlvar-only table keeps its columns
     _set_protocols(ExperimentStore.open(runs, "e-r0.8"), "mlvar", "mlvar")
     assert "protocol" not in study(runs).table.columns
     for name in ("e-r0.3", "e-r0.8", "clean"):
         _set_protocols(ExperimentStore.open(runs, name), "study", "study")
     assert set(study(runs).table["protocol"]) == {"study"}
+    with pytest.raises(MlvarError, match="no experiment .* follows protocol 'mlvar'"):
+        study(runs, protocol="mlvar")

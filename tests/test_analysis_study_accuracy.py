@@ -193,8 +193,14 @@ def test_bad_options(tmp_path: Path) -> None:
     _sweep(tmp_path, 2)
     with pytest.raises(MlvarError, match="unknown protocol"):
         subclass_accuracy(tmp_path, protocol="nope")
-    with pytest.raises(MlvarError, match="no digits holdout experiments"):
+    with pytest.raises(MlvarError, match="no digits holdout experiments") as exc:
         subclass_accuracy(tmp_path, dataset="digits")
+    assert "mlvar data prepare digits --subclass all" in exc.value.hint
+    with pytest.raises(MlvarError, match="no compas holdout experiments") as exc:
+        subclass_accuracy(tmp_path, dataset="compas")  # compas holds out clusters
+    assert exc.value.hint == (
+        "'compas' has no subclass holdout; the analyses read one of digits, cifar100 (--dataset)"
+    )
 
 
 def test_study_site_draws_the_groups_and_escapes_names(

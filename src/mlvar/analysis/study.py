@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 from mlvar.analysis.conventions import ALL_SPLITS, RANKS_MID, check_ranks
 from mlvar.analysis.metrics import ALL_METRICS, BASELINES
 from mlvar.analysis.service import DEFAULT_RANK_BY, accuracy, analysis_dir, rank, write_table
-from mlvar.data.protocol import DEFAULT_PROTOCOL
+from mlvar.data.protocol import DEFAULT_PROTOCOL, check_protocol
 from mlvar.errors import MlvarError
 from mlvar.store import ExperimentStore, list_experiments
 
@@ -312,8 +312,9 @@ def _check_one_protocol(protocols: dict[str, str], allow_mixed: bool) -> None:
         parts.append(f"{protocol} ({len(names)}: {shown})")
     raise MlvarError(
         "the experiments follow different protocols: " + "; ".join(parts),
-        "their numbers are not comparable; keep one protocol's experiments under the runs "
-        "root, or pass --allow-mixed to build one table anyway (a column 'protocol' says which)",
+        "their numbers are not comparable: pass --protocol mlvar or --protocol study for "
+        "one protocol's table, or --allow-mixed for one table anyway (a column 'protocol' "
+        "says which)",
     )
 
 
@@ -324,6 +325,7 @@ def study(
     write: bool = True,
     ranks: str = RANKS_MID,
     allow_mixed: bool = False,
+    protocol: str | None = None,
 ) -> StudyResult:
     """Collect the detection results of every experiment under ``runs_root``.
 
@@ -333,10 +335,13 @@ def study(
     stored under the other one are skipped, or recomputed with ``compute_missing``. A
     table under ``"study"`` ends with a column ``ranks``. Experiments of different
     protocols (:func:`experiment_protocol`) are refused before anything is computed or
-    written, unless ``allow_mixed``; a table with any experiment not of the ``mlvar``
+    written, unless ``allow_mixed``; ``protocol`` keeps only the experiments of that
+    protocol (the others are skipped). A table with any experiment not of the ``mlvar``
     protocol has a column ``protocol``.
     """
     check_ranks(ranks)
+    if protocol is not None:
+        check_protocol(protocol)
     runs_root = Path(runs_root)
     names = list_experiments(runs_root)
     if not names:
@@ -349,6 +354,17 @@ def study(
     computed: list[str] = []
     every = split == ALL_SPLITS
     stores = [ExperimentStore.open(runs_root, name) for name in names]
+    if protocol is not None:
+        for store in stores:
+            made = experiment_protocol(store.meta)
+            if made != protocol:
+                skipped[store.name] = f"protocol '{made}'"
+        stores = [s for s in stores if s.name not in skipped]
+        if not stores:
+            raise MlvarError(
+                f"no experiment in {runs_root} follows protocol '{protocol}'",
+                "train some with 'mlvar train DATASET --protocol " + protocol + "'",
+            )
     protocols = {
         store.name: experiment_protocol(store.meta)
         for store in stores

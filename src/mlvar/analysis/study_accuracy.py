@@ -157,12 +157,35 @@ def holdout_experiments(
             }
         )
     if not found:
+        holdouts = subclass_holdout_datasets()
+        if dataset in holdouts:
+            hint = (
+                f"prepare and train a sweep, e.g. 'mlvar data prepare {dataset} --subclass all "
+                f"--ratio 0:1:0.1' and 'mlvar train {dataset} --scenario holdout'"
+            )
+        else:
+            hint = (
+                f"'{dataset}' has no subclass holdout; the analyses read one of "
+                + ", ".join(holdouts)
+                + " (--dataset)"
+            )
         raise MlvarError(
-            f"no {dataset} holdout experiments with a subclass and a ratio in {runs_root}",
-            f"prepare and train a sweep, e.g. 'mlvar data prepare {dataset} --subclass all "
-            "--ratio 0:1:0.1' and 'mlvar train' on each scenario",
+            f"no {dataset} holdout experiments with a subclass and a ratio in {runs_root}", hint
         )
     return found
+
+
+def subclass_holdout_datasets() -> list[str]:
+    """The datasets whose ``holdout`` mode takes ``--subclass`` and ``--ratio``."""
+    from mlvar.data.registry import DATASETS
+
+    return [
+        name
+        for name, spec in DATASETS.items()
+        if any(
+            {"subclass", "ratio"} <= set(m.params.options()) for m in spec.variants(HOLDOUT_MODE)
+        )
+    ]
 
 
 def missing_ratios(found: list[dict[str, Any]], n_groups: int) -> str | None:

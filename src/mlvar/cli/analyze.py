@@ -260,6 +260,15 @@ def rank(
             show_default=False,
         ),
     ] = None,
+    protocol: Annotated[
+        str | None,
+        typer.Option(
+            "--protocol",
+            help="With --merge alone: the study table of the experiments of one protocol "
+            "(mlvar or study); the others are skipped.",
+            show_default=False,
+        ),
+    ] = None,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -299,6 +308,15 @@ def rank(
                 "--compute-missing applies only to --merge without an experiment",
                 "use 'mlvar analyze rank --merge --compute-missing'",
             )
+        if protocol is not None:
+            from mlvar.data.protocol import check_protocol
+
+            check_protocol(protocol)
+            if not (merge and experiment is None):
+                raise MlvarError(
+                    "--protocol applies only to --merge without an experiment",
+                    "use 'mlvar analyze rank --merge --protocol " + protocol + "'",
+                )
         if experiment is None and not merge:
             raise MlvarError(
                 "missing argument EXPERIMENT",
@@ -316,6 +334,7 @@ def rank(
                 compute_missing=compute_missing,
                 ranks=ranks or RANKS_MID,
                 allow_mixed=allow_mixed,
+                protocol=protocol,
             )
         else:
             store = ExperimentStore.open(cfg.paths.runs_root, experiment)
