@@ -71,6 +71,19 @@ def test_select_scenarios_by_name_mode_glob_and_list(tmp_path: Path) -> None:
         select_scenarios(root, "compas", None)
 
 
+def test_select_scenarios_orders_numbers_by_value(tmp_path: Path) -> None:
+    clusters = [f"compas-holdout-cluster{k}" for k in (0, 1, 2, 9, 10, 11)]
+    ratios = [f"compas-artificial-r{r}" for r in ("0.05", "0.1", "0.5", "0.55")]
+    root = _fake_root(
+        tmp_path,
+        {n: ("compas", "holdout") for n in clusters}
+        | {n: ("compas", "artificial") for n in ratios},
+    )
+    assert [s.name for s in select_scenarios(root, "compas", "holdout")] == clusters
+    assert [s.name for s in select_scenarios(root, "compas", "compas-*-r*")] == ratios
+    assert [s.name for s in select_scenarios(root, "compas", None)] == ratios + clusters
+
+
 def test_study_packs_fill_jobs_and_keep_single_experiments_as_before() -> None:
     pending = {"a": list(range(10)), "b": [0, 1, 2], "c": [3, 4, 5, 6, 7]}
     jobs = study_packs(pending, 4)

@@ -8,6 +8,7 @@ returns, one experiment each; the single-scenario commands (``analyze``, ``repor
 from __future__ import annotations
 
 import fnmatch
+import re
 from pathlib import Path
 
 from mlvar.data.protocol import protocol_of
@@ -16,6 +17,19 @@ from mlvar.errors import MlvarError, closest
 
 #: Characters that make a ``--scenario`` term a glob (fnmatch on folder names).
 GLOB_CHARS = "*?["
+
+
+def natural_key(name: str) -> list[tuple[int, float, str]]:
+    """Sort key that orders the numbers in a name by value: ``cluster2`` before
+    ``cluster10``, ``r0.5`` before ``r0.55``."""
+    return [
+        (0, float(part), "") if i % 2 else (1, 0.0, part)
+        for i, part in enumerate(_NUMBER.split(name))
+        if part
+    ]
+
+
+_NUMBER = re.compile(r"(\d+(?:\.\d+)?)")
 
 
 def select_scenarios(
@@ -29,11 +43,12 @@ def select_scenarios(
     dataset. With ``protocol``, modes, globs and ``None`` select only the scenarios
     prepared under that protocol (:func:`mlvar.data.protocol.protocol_of`); a full
     folder name is taken as given, whatever its protocol. The result follows the terms'
-    order (each term's matches by name), without repeats. Raises :class:`MlvarError`
+    order (each term's matches by name, numbers by value: ``cluster2`` before
+    ``cluster10``), without repeats. Raises :class:`MlvarError`
     when the dataset has no prepared scenario (of the protocol), the value is empty, or
     a term selects nothing.
     """
-    every = list_scenarios(data_root, dataset)
+    every = sorted(list_scenarios(data_root, dataset), key=lambda s: natural_key(s.name))
     candidates = [s for s in every if protocol is None or protocol_of(s.manifest) == protocol]
     if not candidates and (scenario is None or not every):
         of = f" of protocol '{protocol}'" if protocol is not None and every else ""
