@@ -612,3 +612,18 @@ def test_study_pages_put_another_protocol_in_a_family_of_its_own(tmp_path: Path)
     page = _study_page(tmp_path / "runs", "test", "gconf_mean", compute_missing=False)
     assert page.n_experiments == 3 and page.families == 2
     assert "_families/synthetic-artificial_study.html" in page.files
+
+
+def test_report_keeps_the_rank_convention_the_analysis_was_written_with(tmp_path: Path) -> None:
+    from mlvar.analysis import service
+
+    store = make_store(tmp_path / "runs")
+    rank_json = store.root / "analysis" / "rank-test.json"
+    build_report(store, tmp_path / "report-mid", top=2)
+    assert "ranks" not in json.loads(rank_json.read_text())  # the default, as before
+    study_ranks = service.rank(store, "test", ranks="study").detection
+    build_report(store, tmp_path / "report", top=2)
+    assert json.loads(rank_json.read_text())["ranks"] == "study"
+    detection = pd.read_parquet(store.root / "analysis" / "detection-test.parquet")
+    assert set(detection["ranks"]) == {"study"}
+    pd.testing.assert_frame_equal(detection, study_ranks.reset_index(drop=True), check_dtype=False)

@@ -21,6 +21,7 @@ import numpy as np
 
 from mlvar.analysis import curve as curves
 from mlvar.analysis import service
+from mlvar.analysis.conventions import RANKS_MID
 from mlvar.analysis.metrics import RunValues, reduce_runs
 from mlvar.analysis.partial import Partial
 from mlvar.errors import MlvarError
@@ -47,8 +48,12 @@ def scan_experiment(
     chunk: int | None = None,
     write: bool = True,
     write_curve: bool = False,
+    ranks: str = RANKS_MID,
 ) -> ExperimentScan:
     """Accuracy, ranking and runs curve of ``split`` (see the module doc).
+
+    ``ranks``: the rank convention of the detection's rank summaries (as
+    ``mlvar analyze rank --ranks``).
 
     ``write``: write accuracy and ranking to ``analysis/`` (as ``mlvar analyze accuracy``
     and ``mlvar analyze rank`` do); ``write_curve``: also the curve. The curve is left out
@@ -64,7 +69,7 @@ def scan_experiment(
     affected = preds.affected
     note = "" if affected.any() and not affected.all() else "nothing to detect"
     if preds.has_dynamics:
-        done = _apart(store, split, by, curve_subsets, curve_seed, chunk, write, write_curve)
+        done = _apart(store, split, by, curve_subsets, curve_seed, chunk, write, write_curve, ranks)
         done.predictions = preds
         return done
     plan = curves.curve_plan(len(preds.runs), curve_subsets, curve_seed) if not note else []
@@ -92,7 +97,7 @@ def scan_experiment(
     accuracy = service.accuracy_of(preds, pred, write)
     run_ids = [r.run_id for r in preds.runs]
     ranked = service.assemble(
-        store, preds.samples, split, run_ids, by, computed, write, preds.skipped
+        store, preds.samples, split, run_ids, by, computed, write, preds.skipped, ranks=ranks
     )
     if note:
         return ExperimentScan(accuracy, ranked, None, note, preds)
@@ -114,9 +119,10 @@ def _apart(
     chunk: int | None,
     write: bool,
     write_curve: bool,
+    ranks: str = RANKS_MID,
 ) -> ExperimentScan:
     accuracy = service.accuracy(store, split, chunk=chunk, write=write)
-    ranked = service.rank(store, split, by, chunk=chunk, write=write)
+    ranked = service.rank(store, split, by, chunk=chunk, write=write, ranks=ranks)
     if ranked.detection is None:
         return ExperimentScan(accuracy, ranked, None, "nothing to detect")
     result = curves.runs_curve(

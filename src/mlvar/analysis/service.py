@@ -423,6 +423,14 @@ def compute(
     return Computed.collect(preds.partials(runs, size=chunk, dynamics=dynamics), preds.labels)
 
 
+def stored_ranks(store: ExperimentStore, split: str) -> str:
+    """The rank convention of the stored detection results of ``split`` (from
+    ``rank-<split>.json``; ``mid`` when it records none or there are none)."""
+    info_file = analysis_dir(store) / f"rank-{split}.json"
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    return str(info.get("ranks", RANKS_MID))
+
+
 def assemble(
     store: ExperimentStore,
     samples: pd.DataFrame,

@@ -44,7 +44,14 @@ import pyarrow.parquet as pq
 
 from mlvar.analysis.conventions import ALL_SPLITS, RANKS_MID, check_ranks
 from mlvar.analysis.metrics import ALL_METRICS, BASELINES
-from mlvar.analysis.service import DEFAULT_RANK_BY, accuracy, analysis_dir, rank, write_table
+from mlvar.analysis.service import (
+    DEFAULT_RANK_BY,
+    accuracy,
+    analysis_dir,
+    rank,
+    stored_ranks,
+    write_table,
+)
 from mlvar.data.protocol import DEFAULT_PROTOCOL, check_protocol
 from mlvar.errors import MlvarError
 from mlvar.store import ExperimentStore, list_experiments
@@ -242,14 +249,6 @@ def _experiment_rows(store: ExperimentStore, split: str) -> list[dict[str, Any]]
     return rows
 
 
-def _ranks_made(store: ExperimentStore, split: str) -> str:
-    """The rank convention of the stored detection results of ``split`` (from
-    ``rank-<split>.json``; ``mid`` when it records none)."""
-    info_file = analysis_dir(store) / f"rank-{split}.json"
-    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
-    return str(info.get("ranks", RANKS_MID))
-
-
 def _has_affected(store: ExperimentStore, split: str) -> bool:
     """Whether ``split`` marks some of its samples affected, not all."""
     affected = store.samples(split)["affected"].to_numpy()
@@ -263,7 +262,7 @@ def _split_rows(
     ``rerun`` is the command that computes them."""
     out = analysis_dir(store)
     have = (out / f"detection-{split}.parquet").is_file()
-    made = _ranks_made(store, split) if have else ranks
+    made = stored_ranks(store, split) if have else ranks
     rerun += f" --ranks {ranks}" if ranks != RANKS_MID or made != ranks else ""
     computed = False
     if not have or made != ranks:

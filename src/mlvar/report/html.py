@@ -397,9 +397,11 @@ def build_report(
         raise MlvarError(f"--top must be at least 1, got {top}", "use e.g. 50")
     out_dir = Path(out_dir)
     _check_out(out_dir)
-    # Accuracy and ranking are written to analysis/ as the analyze commands write them;
-    # the curve is computed afresh from the same scan of the logits.
-    scan = scan_experiment(store, split, by, curve_subsets)
+    # Accuracy and ranking are written to analysis/ as the analyze commands write them
+    # (under the rank convention they were last written with, so a report does not undo
+    # 'analyze rank --ranks study'); the curve is computed afresh from the same scan.
+    ranks = analysis.stored_ranks(store, split)
+    scan = scan_experiment(store, split, by, curve_subsets, ranks=ranks)
     acc, ranked = scan.accuracy, scan.ranked
     ranking = ranked.ranking
     class_names = store.class_names
