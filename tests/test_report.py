@@ -627,3 +627,19 @@ def test_report_keeps_the_rank_convention_the_analysis_was_written_with(tmp_path
     detection = pd.read_parquet(store.root / "analysis" / "detection-test.parquet")
     assert set(detection["ranks"]) == {"study"}
     pd.testing.assert_frame_equal(detection, study_ranks.reset_index(drop=True), check_dtype=False)
+
+
+def test_study_pages_follow_the_experiments_rank_convention(tmp_path: Path) -> None:
+    from mlvar.analysis import service
+    from mlvar.report.study import _study_page
+
+    runs = tmp_path / "runs"
+    names = make_sweep(runs, ratios=(0.1, 0.3), clusters=())
+    for name in names:  # every experiment analysed under the study's ranks only
+        service.rank(ExperimentStore.open(runs, name), "test", ranks="study")
+    page = _study_page(runs, "test", "gconf_mean", compute_missing=False)
+    assert page.n_experiments == 2 and page.skipped == {}
+    service.rank(ExperimentStore.open(runs, names[0]), "test")  # one under the default
+    page = _study_page(runs, "test", "gconf_mean", compute_missing=False)
+    assert page.n_experiments == 1
+    assert "made under --ranks study" in page.skipped[names[1]]

@@ -46,8 +46,9 @@ import numpy as np
 import pandas as pd
 
 from mlvar import __version__
+from mlvar.analysis.conventions import RANKS_MID, RANKS_STUDY
 from mlvar.analysis.metrics import BASELINES, METRICS
-from mlvar.analysis.service import DEFAULT_RANK_BY
+from mlvar.analysis.service import DEFAULT_RANK_BY, analysis_dir, stored_ranks
 from mlvar.analysis.study import matched_baseline, study
 from mlvar.analysis.study_accuracy import HOLDOUT_MODE, subclass_accuracy
 from mlvar.data.protocol import DEFAULT_PROTOCOL
@@ -460,6 +461,18 @@ def _family_page(
     }
 
 
+def _site_ranks(runs_root: Path, split: str) -> str:
+    """The rank convention of the site's study table: ``study`` when every experiment's
+    stored detection results were made under it, else the default (those made under the
+    other convention are then listed as skipped, with the command that remakes them)."""
+    made = set()
+    for name in list_experiments(runs_root):
+        store = ExperimentStore.open(runs_root, name)
+        if (analysis_dir(store) / f"detection-{split}.parquet").is_file():
+            made.add(stored_ranks(store, split))
+    return RANKS_STUDY if made == {RANKS_STUDY} else RANKS_MID
+
+
 def _study_page(
     runs_root: Path,
     split: str,
@@ -470,7 +483,14 @@ def _study_page(
     """The study pages' files; ``links``: experiment -> href of its report (relative to
     the study folder)."""
     # The site shows every experiment; protocols stay apart as families of their own.
-    result = study(runs_root, split, compute_missing=compute_missing, write=False, allow_mixed=True)
+    result = study(
+        runs_root,
+        split,
+        compute_missing=compute_missing,
+        write=False,
+        ranks=_site_ranks(runs_root, split),
+        allow_mixed=True,
+    )
     table = result.table
     per = result.per_experiment(by)
     per_index = per.set_index("experiment")
