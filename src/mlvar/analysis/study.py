@@ -353,22 +353,16 @@ def study(
     computed: list[str] = []
     every = split == ALL_SPLITS
     stores = [ExperimentStore.open(runs_root, name) for name in names]
+    made = {store.name: experiment_protocol(store.meta) for store in stores}
     if protocol is not None:
-        for store in stores:
-            made = experiment_protocol(store.meta)
-            if made != protocol:
-                skipped[store.name] = f"protocol '{made}'"
+        skipped.update({n: f"protocol '{p}'" for n, p in made.items() if p != protocol})
         stores = [s for s in stores if s.name not in skipped]
         if not stores:
             raise MlvarError(
                 f"no experiment in {runs_root} follows protocol '{protocol}'",
                 "train some with 'mlvar train DATASET --protocol " + protocol + "'",
             )
-    protocols = {
-        store.name: experiment_protocol(store.meta)
-        for store in stores
-        if every or split in store.meta.get("splits", [])
-    }
+    protocols = {s.name: made[s.name] for s in stores if every or split in s.meta.get("splits", [])}
     _check_one_protocol(protocols, allow_mixed)
     for store in stores:
         name = store.name
