@@ -37,7 +37,7 @@ import hashlib
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,7 @@ from mlvar.store import (
     run_id_for,
 )
 from mlvar.train.seeding import RunGenerators
+from mlvar.train.service import TrainResult
 from mlvar.train.trained import WEIGHTS_FILE, load_weights
 
 #: Mixed into every generator seed of a continued run (``SeedSequence([seed, source's
@@ -72,15 +73,12 @@ Trace = Callable[[str, str, Any], None]
 
 
 @dataclass
-class ContinueResult:
-    """What :func:`continue_runs` did: runs trained now and those already finished."""
+class ContinueResult(TrainResult):
+    """What :func:`continue_runs` did (a :class:`~mlvar.train.service.TrainResult` of the
+    set's store: runs trained now, those already finished, their accuracies), and the
+    continuation's length in ``epochs``."""
 
-    path: Path
-    epochs: int
-    trained: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    accuracy: dict[str, dict[str, float]] = field(default_factory=dict)  # run -> split -> acc
-    wall_time_s: float = 0.0
+    epochs: int = 0
 
 
 @dataclass(frozen=True)
@@ -363,7 +361,7 @@ def continue_runs(
             )
     plan = plan_continuation(cfg, None if epochs is None else int(epochs), from_scratch)
     splits = {s: _split_data(source, scenario, s) for s in source.splits}
-    train_split = scenario.load("train")
+    train_split = splits["train"] if "train" in splits else scenario.load("train")
     n_classes = len(source.class_names)
     _check_pool(pool, train_split, n_classes)
 
@@ -406,7 +404,13 @@ def continue_runs(
         progress=progress,
         trace=trace,
     )
-    result = ContinueResult(target.root, plan.epochs)
+    result = ContinueResult(
+        target.name,
+        target.root,
+        device=cfg.device,
+        engine=cfg.engine if cfg.model == "mlp" else "loop",
+        epochs=plan.epochs,
+    )
     started = time.perf_counter()
     job.run(list(run_ids), result)
     result.wall_time_s = time.perf_counter() - started
@@ -490,6 +494,7 @@ class _Job:
                 else:
                     self._mlp(pending, claims, result)
             result.skipped += claims.finished
+            result.cleaned = list(claims.cleaned)
 
     # ---------------------------------------------------------------- shared pieces
 
