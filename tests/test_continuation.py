@@ -120,6 +120,12 @@ def test_mlp_starts_from_the_saved_weights(trained: dict, tmp_path: Path, engine
     assert sorted(starts) == RUNS
     for run_id in RUNS:
         assert _same_state(starts[run_id], _weights(trained["stores"][engine], run_id))
+    # Zero epochs evaluate the loaded weights: the source run's logits, bit for bit.
+    _continue(trained, engine, tmp_path / "e0", _none(), epochs=0)
+    e0 = ExperimentStore.open(tmp_path, "e0")
+    for run_id in RUNS:
+        for split, logits in _logits(trained["stores"][engine], run_id).items():
+            assert np.array_equal(logits, _logits(e0, run_id)[split])
 
 
 def test_cnn_starts_from_the_saved_weights_and_resumes_identically(
@@ -130,6 +136,10 @@ def test_cnn_starts_from_the_saved_weights_and_resumes_identically(
     log = _Log()
     whole = _continue(trained, "cnn", tmp_path / "whole", added, trace=log.append_3, epochs=2)
     assert _same_state(_starts(log)["run-0000"], _weights(store, "run-0000"))
+    _continue(trained, "cnn", tmp_path / "e0", added, epochs=0)
+    e0 = ExperimentStore.open(tmp_path, "e0")
+    for split, logits in _logits(store, "run-0000").items():
+        assert np.array_equal(logits, _logits(e0, "run-0000")[split])
     # The train split + 20 rows in batches of 64, in both epochs: all of them once each.
     n_train = len(trained["scenario"].load("train"))
     batches = [p for e, _, p in log if e == "batch"]
