@@ -25,6 +25,7 @@ from mlvar.train.continuation import (
     ContinueGenerators,
     added_sha256,
     continue_runs,
+    experiment_plan,
     plan_continuation,
 )
 from mlvar.train.mlp import ENGINES, TrainData, _one_thread_per_kernel
@@ -279,6 +280,7 @@ def test_the_set_store_and_its_records(trained: dict, tmp_path: Path, tree_listi
     result = _continue(trained, "batched", target, some, set_meta=set_meta)
     store = ExperimentStore.open(target.parent, target.name)
     assert store.meta["retrain"] == set_meta and store.splits == source.splits
+    assert experiment_plan(source).record().items() <= store.meta["continuation"].items()
     assert store.meta["train"] == source.meta["train"]
     assert store.meta["continuation"]["schedule"] == "constant"
     assert store.meta["continuation"]["optimizer"] == "fresh"
