@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from test_report import EVIL, PNG, make_store
 from typer.testing import CliRunner
 
 from mlvar.analysis.retrain_summary_io import load_summary, summary_stats
 from mlvar.cli import app
 from mlvar.errors import MlvarError
+from test_report import EVIL, PNG, make_store
 
 STRATEGIES = (("random", False), ("maxconf_std", False), (EVIL, False), ("gconf_mean", True))
 BUDGETS = (0.0, 0.1, 0.5)
@@ -35,7 +35,8 @@ def summary_rows(seed: int) -> pd.DataFrame:
         for budget in BUDGETS:
             for r in range(RUNS):
                 gain = np.zeros(3) if budget == 0 else np.round(rng.normal(0.01, 0.02, 3), 6)
-                n_added = round(budget * POOL_SIZE) - (strategy == EVIL and budget == 0.5 and r == 2)
+                short = strategy == EVIL and budget == 0.5 and r == 2
+                n_added = round(budget * POOL_SIZE) - short
                 acc = base[r] + gain
                 rows.append(
                     {
@@ -171,7 +172,7 @@ def test_study_site_gathers_retraining(site: dict) -> None:
         seen.add((name, raw, budget))
     assert len(seen) == len(rows)  # every experiment x strategy x budget once
     assert "exp-r0.7" not in page  # no summary: not on the page
-    assert f'<a href="exp-r0.5/index.html#retraining">exp-r0.5</a>' in page
+    assert '<a href="exp-r0.5/index.html#retraining">exp-r0.5</a>' in page
     images = re.findall(r'<img class="plot" src="([^"]+)"', page)
     assert images == ["retrain_0.png"] and (root / "retrain_0.png").read_bytes()[:8] == PNG
     assert "one panel per ratio" in page
