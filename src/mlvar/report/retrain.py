@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from mlvar.analysis.retrain_summary_io import (
+    ACCURACY_COLUMNS,
     GAIN_COLUMNS,
     STATS,
     load_summary,
@@ -45,6 +46,18 @@ def n_added_text(low: int, high: int) -> str:
     return str(low) if low == high else f"{low}–{high}"
 
 
+def _row(r: dict[str, Any]) -> dict[str, Any]:
+    """What every table row of a strategy and budget shows (a row of ``summary_stats``)."""
+    return {
+        "pool": r["pool"],
+        "strategy": r["strategy"],
+        "oracle": r["oracle"],
+        "budget": budget_text(r["budget"]),
+        "n_added": n_added_text(r["n_added_min"], r["n_added_max"]),
+        "n_runs": r["n_runs"],
+    }
+
+
 # ------------------------------------------------------------------ the experiment's section
 
 
@@ -67,21 +80,14 @@ def section(summary: pd.DataFrame, experiment: str, fmt: Formatter) -> Section:
     figure (accuracy and gain against the budget; bands one std over runs). ``fmt``: the
     report's number format (:func:`mlvar.report.html.fmt`)."""
     stats = summary_stats(summary)
-    rows = []
-    for r in stats.to_dict(orient="records"):
-        cells = [fmt(r[f"{g}_{s}"]) for g in GAIN_COLUMNS for s in STATS]
-        rows.append(
-            {
-                "pool": r["pool"],
-                "strategy": r["strategy"],
-                "oracle": r["oracle"],
-                "budget": budget_text(r["budget"]),
-                "n_added": n_added_text(r["n_added_min"], r["n_added_max"]),
-                "n_runs": r["n_runs"],
-                "acc": [fmt(r[f"{a}_mean"]) for a in ("acc", "acc_affected", "acc_unaffected")],
-                "cells": cells,
-            }
-        )
+    rows = [
+        _row(r)
+        | {
+            "acc": [fmt(r[f"{a}_mean"]) for a in ACCURACY_COLUMNS],
+            "cells": [fmt(r[f"{g}_{s}"]) for g in GAIN_COLUMNS for s in STATS],
+        }
+        for r in stats.to_dict(orient="records")
+    ]
     strategies = stats.drop_duplicates("strategy")
     figures = {
         SECTION_FIGURE: retrain_plots.against_budget(
@@ -211,18 +217,13 @@ def study_retrain(
         e = r["experiment"]
         p = params_of.loc[e]
         table_rows.append(
-            {
+            _row(r)
+            | {
                 "experiment": e,
                 "link": f"{links[e]}#retraining" if links and e in links else None,
                 "family": f"{p['dataset']} / {p['mode']}",
                 "model": p["model"],
                 "params": params_text[e],
-                "pool": r["pool"],
-                "strategy": r["strategy"],
-                "oracle": r["oracle"],
-                "budget": budget_text(r["budget"]),
-                "n_added": n_added_text(r["n_added_min"], r["n_added_max"]),
-                "n_runs": r["n_runs"],
                 "cells": [fmt(r[f"{g}_mean"]) for g in GAIN_COLUMNS],
             }
         )
