@@ -46,13 +46,13 @@ def summary_path(experiment_dir: Path) -> Path:
 
 def load_summary(experiment_dir: Path) -> pd.DataFrame | None:
     """The retraining summary of the experiment folder ``experiment_dir``, or None when
-    it has none.
+    it has none (no file, or one without rows: no budget-0 run had finished).
 
     Raises
     ------
     MlvarError
-        The file is unreadable, lacks a column, has no rows or a column of the wrong
-        kind (one line naming it).
+        The file is unreadable, lacks a column or has a column of the wrong kind (one
+        line naming it).
     """
     path = summary_path(experiment_dir)
     if not path.is_file():
@@ -68,8 +68,8 @@ def load_summary(experiment_dir: Path) -> pd.DataFrame | None:
         raise MlvarError(
             f"retraining summary {path} lacks the column(s) {', '.join(missing)}", hint
         )
-    if table.empty:
-        raise MlvarError(f"retraining summary {path} has no rows", hint)
+    if table.empty:  # written before any budget-0 run finished: nothing to show yet
+        return None
     for col in _NUMERIC:
         if not pd.api.types.is_numeric_dtype(table[col]) or pd.api.types.is_bool_dtype(table[col]):
             raise MlvarError(
