@@ -26,6 +26,27 @@ from mlvar.recipes import IMAGE_MODELS
 __all__ = ["IMAGE_MODELS", "build_model", "init_weights"]
 
 
+def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
+    """``[N, C, H, W] -> [N, C]``: the mean over the positions. The same bits as
+    ``adaptive_avg_pool2d(x, 1)`` on the CPU, but its backward is deterministic on CUDA,
+    where ``adaptive_avg_pool2d``'s raises under deterministic algorithms."""
+    return x.mean(dim=(2, 3))
+
+
+def global_max_pool(x: torch.Tensor) -> torch.Tensor:
+    """``[N, C, H, W] -> [N, C]``: the maximum over the positions, its gradient to the
+    first maximal one, as ``adaptive_max_pool2d(x, 1)`` (whose CUDA backward raises
+    under deterministic algorithms); this backward is a deterministic scatter."""
+    return x.flatten(2).max(dim=2).values
+
+
+class GlobalAvgPool(nn.Module):
+    """:func:`global_avg_pool` as a layer (no parameters)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return global_avg_pool(x)
+
+
 def conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
     return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.GELU()]
 
@@ -40,8 +61,7 @@ class SmallCNN(nn.Module):
             *conv_bn(width, 2 * width),
             nn.MaxPool2d(2),
             *conv_bn(2 * width, 4 * width),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
+            GlobalAvgPool(),
         )
         self.head = nn.Linear(4 * width, n_classes)
 
@@ -108,8 +128,7 @@ class AirbenchNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.gelu(self.whiten(x))
         x = self.groups(x)
-        x = F.adaptive_max_pool2d(x, 1).flatten(1)
-        return self.head(x) * self.scale
+        return self.head(global_max_pool(x)) * self.scale
 
 
 class _BasicBlock(nn.Module):
@@ -148,7 +167,7 @@ class ResNet18(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layers(F.relu(self.bn1(self.conv1(x))))
-        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+        return self.head(global_avg_pool(x))
 
 
 def build_model(name: str, channels: int, n_classes: int) -> nn.Module:

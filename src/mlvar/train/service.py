@@ -35,6 +35,7 @@ from mlvar.store import (
     list_experiments,
     run_id_for,
 )
+from mlvar.train import determinism
 
 #: ``progress(done, total, message)`` in units of run-epochs.
 Progress = Callable[[int, int, str], None]
@@ -228,6 +229,7 @@ def train_config(
         raise MlvarError(
             "--device cuda was asked for, but CUDA is not available here", "use --device cpu"
         )
+    determinism.check_environment(determinism.settings_for(cfg.device, cfg.vary))
     return cfg
 
 
@@ -332,8 +334,10 @@ def train(
 
     # Other processes may train this experiment at once: every run is claimed first
     # (store.RunClaims); one they hold is waited for, one they finish counts as skipped.
-    with RunClaims(store, keep=resumable) as claims:
-        _train_claimed(store, found, cfg, claims, wanted, result, progress)
+    # On CUDA: deterministic kernels unless --vary impl (train/determinism.py).
+    settings = determinism.settings_for(cfg.device, cfg.vary)
+    with RunClaims(store, keep=resumable) as claims, determinism.applied(settings) as kernels:
+        _train_claimed(store, found, cfg, claims, wanted, result, progress, kernels)
     result.trained.sort()  # a run waited for may be trained after later ones
     result.accuracy = dict(sorted(result.accuracy.items()))
     result.skipped = sorted(result.skipped + claims.finished)
@@ -349,8 +353,10 @@ def _train_claimed(
     wanted: Sequence[int],
     result: TrainResult,
     progress: Progress | None,
+    kernels: dict[str, Any],
 ) -> None:
-    """Train the runs ``wanted`` of ``store`` that are not finished, as ``claims`` allows."""
+    """Train the runs ``wanted`` of ``store`` that are not finished, as ``claims`` allows;
+    ``kernels`` is the ``run.json`` record of the kernel settings in effect."""
     import torch
 
     from mlvar.train import images
@@ -380,6 +386,7 @@ def _train_claimed(
         extra = {
             "code_version": _code_version(),
             "packages": _packages(),
+            "determinism": kernels,
             **protocol_record(found, cfg),
         }
         # On the CPU several runs may train at once in worker processes (cfg.workers):
@@ -448,6 +455,7 @@ def _train_claimed(
                 "metrics": {f"{s}_accuracy": a for s, a in acc.items()},
                 "code_version": code_version,
                 "packages": packages,
+                "determinism": kernels,
                 **protocol_record(found, cfg),
             }
             record = store.write_run(
