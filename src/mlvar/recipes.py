@@ -102,7 +102,15 @@ MODELS: dict[str, ModelSpec] = {
             },
         ),
         # airbench94's hyperparameters (lr 11.5, wd 0.0153 on a summed loss at batch 1024,
-        # momentum 0.85) converted to PyTorch SGD on the batch-mean loss.
+        # momentum 0.85) converted to PyTorch SGD on the batch-mean loss: lr 11.5 * 1024 /
+        # (1024 * (1 + 1 / (1 - 0.85))) = 1.5, wd 0.0153 / 11.5 = 0.00133. Its lr is per
+        # 1024 examples (lr_batch): --batch-size b without --lr trains at 1.5 * b / 1024,
+        # the same step per example; the L2 coefficient wd stays, so the decay per step
+        # (lr x wd) scales with b as airbench's does. Also airbench94's: dirac (identity)
+        # init of each conv's first input-channel filters with zero conv biases, the
+        # alternating flip, the whitening bias trained for the first 3 epochs only, the
+        # triangular lr from 0.2 to 1 (23% warm-up) down to 0.07, the last partial batch
+        # dropped.
         ModelSpec(
             name="airbench",
             inputs=("image",),
@@ -121,12 +129,17 @@ MODELS: dict[str, ModelSpec] = {
                 "label_smoothing": 0.2,
                 "schedule": "triangle",
                 "warmup": 0.23,
+                "final_lr": 0.07,
                 "bias_lr_scale": 64.0,
                 "lookahead": True,
-                "flip": True,
+                "flip": "alternating",
                 "translate": 2,
                 "tta": 2,
                 "whiten": True,
+                "whiten_bias_epochs": 3,
+                "init": "dirac",
+                "drop_last": True,
+                "lr_batch": 1024,
             },
         ),
         ModelSpec(
@@ -212,6 +225,13 @@ STUDY_RUNS = {"compas": 100, "cifar10": 25, "cifar100": 25}
 DEFAULT_RUNS = 10
 
 RECIPES: dict[str, dict[str, ModelSpec]] = {"mlvar": MODELS, "study": STUDY_MODELS}
+
+
+def batch_scaled_lr(spec: ModelSpec | None, lr: float, batch_size: int) -> float:
+    """``lr`` for ``batch_size`` when the recipe's lr is per ``lr_batch`` examples
+    (airbench: 1024): ``lr * batch_size / lr_batch``; unchanged for other recipes."""
+    per = spec.recipe.get("lr_batch") if spec is not None else None
+    return lr * batch_size / per if per else lr
 
 
 def model_spec(protocol: str, model: str) -> ModelSpec | None:

@@ -111,6 +111,17 @@ class AirbenchNet(nn.Module):
         self.scale = 1 / 9
 
     @torch.no_grad()
+    def init_identity(self) -> None:
+        """airbench94's conv init after the default one: every conv's first ``c_in``
+        filters pass their input channel through (``nn.init.dirac_``; a square conv is the
+        identity), and conv biases (the whitening conv's) start at zero."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.dirac_(module.weight[: module.in_channels])
+                if module.bias is not None:
+                    module.bias.zero_()
+
+    @torch.no_grad()
     def init_whitening(self, x: torch.Tensor, eps: float = 5e-4) -> None:
         """Set the first conv to the ZCA-like whitening of the 2x2 patches of ``x`` ([N, C, H, W],
         normalised): the eigenvectors of their covariance scaled by 1/sqrt(eigenvalue + eps),
@@ -183,7 +194,8 @@ def build_model(name: str, channels: int, n_classes: int) -> nn.Module:
 
 @torch.no_grad()
 def init_weights(model: nn.Module, gen: torch.Generator) -> None:
-    """PyTorch's default initialisation, drawn from ``gen`` in module order."""
+    """PyTorch's default initialisation, drawn from ``gen`` in module order; then
+    :meth:`AirbenchNet.init_identity` for airbench (its draws are the same)."""
     for module in model.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=gen)
@@ -193,3 +205,5 @@ def init_weights(model: nn.Module, gen: torch.Generator) -> None:
                 nn.init.uniform_(module.bias, -bound, bound, generator=gen)
         elif isinstance(module, nn.BatchNorm2d):
             module.reset_parameters()
+    if isinstance(model, AirbenchNet):
+        model.init_identity()

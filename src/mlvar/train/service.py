@@ -26,7 +26,7 @@ from mlvar.data.protocol import DEFAULT_PROTOCOL, check_protocol, protocol_of
 from mlvar.data.registry import DATASETS
 from mlvar.data.scenario import Scenario, SplitData, resolve_scenario
 from mlvar.errors import MlvarError, unknown_choice
-from mlvar.recipes import mlp_head
+from mlvar.recipes import batch_scaled_lr, mlp_head, model_spec
 from mlvar.store import (
     ExperimentStore,
     RunClaims,
@@ -224,6 +224,8 @@ def train_config(
     switch_protocol(cfg, dataset, protocol, given.get("model"), keep=set(given))
     for key, value in given.items():
         setattr(cfg, key, list(value) if key == "vary" else value)
+    if "batch_size" in given and "lr" not in given:  # airbench's lr is per 1024 examples
+        cfg.lr = batch_scaled_lr(model_spec(cfg.protocol, cfg.model), cfg.lr, cfg.batch_size)
     validate_train(cfg, f"train.{dataset}")
     if cfg.device == "cuda" and not _cuda_available():
         raise MlvarError(
