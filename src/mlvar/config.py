@@ -184,7 +184,7 @@ class RayConfig:
     address: str = ""  # cluster address ("host:6379" or "ray://host:10001"); "": local
     num_cpus: int = 0  # CPUs of a local Ray instance (0: all); ignored with an address
     cpus_per_run: float = 1.0  # CPUs reserved per task (a pack of runs)
-    gpus_per_run: float = 1.0  # GPUs per run on CUDA (fractions share a GPU); x runs per task
+    gpus_per_run: float = 1.0  # GPUs per task (one pack, one GPU) on CUDA; fractions share one
     connect_timeout_s: float = 30.0  # seconds to wait for the address to answer
 
 
@@ -196,7 +196,7 @@ class SlurmConfig:
     partition: str = ""  # partition the jobs run in (required, also for --dry-run)
     time_limit_min: int = 60  # wall-clock limit per job, minutes (sbatch --time)
     cpus_per_job: int = 1  # CPUs per job (sbatch --cpus-per-task)
-    gpus_per_job: int = 0  # GPUs per job, on one node (sbatch --gpus-per-node)
+    gpus_per_job: int = 0  # GPUs per CUDA job (sbatch --gpus-per-node): 1, a pack uses one
     mem_gb: float = 0.0  # memory per job, GB (sbatch --mem); 0: the partition's default
     account: str = ""  # account charged (sbatch --account); "": the user's default
     qos: str = ""  # quality of service (sbatch --qos); "": the default

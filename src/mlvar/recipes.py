@@ -23,7 +23,12 @@ from typing import Any
 
 #: Sources of randomness in training that can follow the run seed (``--vary``). New sources
 #: are appended: a source's position fixes its generator stream (see ``train/seeding.py``).
-RANDOMNESS_SOURCES = ("init", "order", "dropout", "aug")
+#: ``impl`` is the non-determinism of CUDA kernels: it draws no seed, and varying it
+#: allows non-deterministic kernels (``train/determinism.py``); no model varies it by
+#: default.
+RANDOMNESS_SOURCES = ("init", "order", "dropout", "aug", "impl")
+#: The sources that draw from a seeded generator (all but ``impl``).
+SEEDED_SOURCES = tuple(s for s in RANDOMNESS_SOURCES if s != "impl")
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,8 @@ class ModelSpec:
     continuation: dict[str, Any] = field(default_factory=dict)
 
 
-_IMAGE_SOURCES = ("init", "order", "aug")
+_IMAGE_SOURCES = ("init", "order", "aug", "impl")
+_IMAGE_VARY = ["init", "order", "aug"]  # the default: every seeded source an image model draws
 
 # Continuation (docs/training.md, "Continuing a run"). The study continued its ResNet-18 50
 # epochs after 150, a third as long as it had trained: every model continues for a third
@@ -79,7 +85,7 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec(
             name="mlp",
             inputs=("tabular", "image"),
-            sources=("init", "order", "dropout"),
+            sources=("init", "order", "dropout", "impl"),
             defaults={
                 "epochs": 10,
                 "lr": 1e-3,
@@ -98,7 +104,7 @@ MODELS: dict[str, ModelSpec] = {
                 "lr": 0.1,
                 "batch_size": 64,
                 "weight_decay": 5e-4,
-                "vary": list(_IMAGE_SOURCES),
+                "vary": list(_IMAGE_VARY),
             },
             recipe={
                 "optimizer": "sgd",
@@ -117,7 +123,15 @@ MODELS: dict[str, ModelSpec] = {
             continuation=_RESTART,
         ),
         # airbench94's hyperparameters (lr 11.5, wd 0.0153 on a summed loss at batch 1024,
-        # momentum 0.85) converted to PyTorch SGD on the batch-mean loss.
+        # momentum 0.85) converted to PyTorch SGD on the batch-mean loss: lr 11.5 * 1024 /
+        # (1024 * (1 + 1 / (1 - 0.85))) = 1.5, wd 0.0153 / 11.5 = 0.00133. Its lr is per
+        # 1024 examples (lr_batch): --batch-size b without --lr trains at 1.5 * b / 1024,
+        # the same step per example; the L2 coefficient wd stays, so the decay per step
+        # (lr x wd) scales with b as airbench's does. Also airbench94's: dirac (identity)
+        # init of each conv's first input-channel filters with zero conv biases, the
+        # alternating flip, the whitening bias trained for the first 3 epochs only, the
+        # triangular lr from 0.2 to 1 (23% warm-up) down to 0.07, the last partial batch
+        # dropped.
         ModelSpec(
             name="airbench",
             inputs=("image",),
@@ -127,7 +141,7 @@ MODELS: dict[str, ModelSpec] = {
                 "lr": 1.5,
                 "batch_size": 1024,
                 "weight_decay": 0.00133,
-                "vary": list(_IMAGE_SOURCES),
+                "vary": list(_IMAGE_VARY),
             },
             recipe={
                 "optimizer": "sgd",
@@ -136,12 +150,17 @@ MODELS: dict[str, ModelSpec] = {
                 "label_smoothing": 0.2,
                 "schedule": "triangle",
                 "warmup": 0.23,
+                "final_lr": 0.07,
                 "bias_lr_scale": 64.0,
                 "lookahead": True,
-                "flip": True,
+                "flip": "alternating",
                 "translate": 2,
                 "tta": 2,
                 "whiten": True,
+                "whiten_bias_epochs": 3,
+                "init": "dirac",
+                "drop_last": True,
+                "lr_batch": 1024,
             },
             continuation=_RESTART,
         ),
@@ -154,7 +173,7 @@ MODELS: dict[str, ModelSpec] = {
                 "lr": 0.1,
                 "batch_size": 128,
                 "weight_decay": 5e-4,
-                "vary": list(_IMAGE_SOURCES),
+                "vary": list(_IMAGE_VARY),
             },
             recipe={
                 "optimizer": "sgd",
@@ -232,6 +251,13 @@ STUDY_RUNS = {"compas": 100, "cifar10": 25, "cifar100": 25}
 DEFAULT_RUNS = 10
 
 RECIPES: dict[str, dict[str, ModelSpec]] = {"mlvar": MODELS, "study": STUDY_MODELS}
+
+
+def batch_scaled_lr(spec: ModelSpec | None, lr: float, batch_size: int) -> float:
+    """``lr`` for ``batch_size`` when the recipe's lr is per ``lr_batch`` examples
+    (airbench: 1024): ``lr * batch_size / lr_batch``; unchanged for other recipes."""
+    per = spec.recipe.get("lr_batch") if spec is not None else None
+    return lr * batch_size / per if per else lr
 
 
 def model_spec(protocol: str, model: str) -> ModelSpec | None:

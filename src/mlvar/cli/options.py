@@ -139,8 +139,9 @@ VaryOpt = Annotated[
     str | None,
     typer.Option(
         help="Comma-separated randomness sources that follow the run seed: "
-        f"{', '.join(RANDOMNESS_SOURCES)} (those the model draws; default all); the others "
-        "stay fixed. 'none' fixes all.",
+        f"{', '.join(RANDOMNESS_SOURCES)} (those the model draws; default all but impl); "
+        "the others stay fixed. 'none' fixes all. impl allows non-deterministic CUDA "
+        "kernels (no effect on the CPU).",
         show_default=False,
     ),
 ]

@@ -163,10 +163,28 @@ class Augmenter:
     """Random translation and horizontal flip, as batched gathers. The translation pads
     by reflection (``pad="reflect"``, mlvar's) or with zero pixels (``"zero"``: the
     study's ``RandomCrop(32, padding=4)``, which pads the uint8 image with 0 before
-    ``ToTensor`` and ``Normalize``)."""
+    ``ToTensor`` and ``Normalize``).
 
-    def __init__(self, x: torch.Tensor, translate: int, flip: bool, pad: str = "reflect") -> None:
+    ``flip``: ``True`` flips each image with probability 1/2 in every epoch;
+    ``"alternating"`` (airbench's) flips a random half, drawn once from ``gen`` here,
+    in even epochs and the other half in odd ones, so every image is seen both ways
+    every two epochs. (Drawn at construction, before a checkpoint restores ``gen``, so a
+    resumed run has the same half.)"""
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        translate: int,
+        flip: bool | str,
+        pad: str = "reflect",
+        gen: torch.Generator | None = None,
+    ) -> None:
         self.translate, self.flip = translate, flip
+        self.base_flip: torch.Tensor | None = None
+        if flip == "alternating":
+            if gen is None:
+                raise ValueError("alternating flips need the run's aug generator")
+            self.base_flip = torch.randint(0, 2, (len(x),), generator=gen)
         _, c, h, w = x.shape
         device = x.device
         if translate and pad == "zero":
@@ -180,14 +198,17 @@ class Augmenter:
         self.cols = torch.arange(w, device=device)
         self.channels = torch.arange(c, device=device)
 
-    def draw(self, gen: torch.Generator, n: int) -> torch.Tensor:
-        """One epoch's draws ``[n, 3]`` (dy, dx, flip) from the run's ``aug`` generator."""
+    def draw(self, gen: torch.Generator, n: int, epoch: int = 0) -> torch.Tensor:
+        """Epoch ``epoch``'s draws ``[n, 3]`` (dy, dx, flip) from the run's ``aug``
+        generator."""
         draws = torch.zeros(n, 3, dtype=torch.int64)
         if self.translate:
             draws[:, :2] = torch.randint(0, 2 * self.translate + 1, (n, 2), generator=gen)
         else:
             draws[:, :2] = 0
-        if self.flip:
+        if self.base_flip is not None:
+            draws[:, 2] = self.base_flip ^ (epoch % 2)
+        elif self.flip:
             draws[:, 2] = torch.randint(0, 2, (n,), generator=gen)
         return draws
 
@@ -275,25 +296,45 @@ def epoch_lrs(recipe: dict[str, Any], lr: float, epochs: int) -> list[float] | N
 
 
 def lr_factor(recipe: dict[str, Any], step: int, total: int) -> float:
-    """The learning-rate multiplier before step ``step`` of ``total``."""
-    t = step / max(total, 1)
+    """The learning-rate multiplier of step ``step`` (from 0) of ``total``.
+
+    ``cosine``: ``(1 + cos(pi step / total)) / 2``. ``triangle`` (airbench94's): from 0.2
+    up to 1 over the first ``int(total * warmup)`` steps, then linearly down to
+    ``final_lr`` (0.07 for airbench), the value step ``total`` would have, so the last
+    step trains at a little more than it.
+    """
     if recipe["schedule"] == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * t))
-    warm = float(recipe["warmup"])  # triangle: 0.2 -> 1 over the warm-up, then 1 -> 0
-    if t < warm:
-        return 0.2 + 0.8 * t / warm
-    return max(0.0, (1 - t) / (1 - warm))
+        return 0.5 * (1 + math.cos(math.pi * step / max(total, 1)))
+    warm = int(total * float(recipe["warmup"]))
+    final = float(recipe.get("final_lr", 0.0))
+    if step < warm:
+        return 0.2 + 0.8 * step / warm
+    return 1.0 - (1.0 - final) * (step - warm) / max(total - warm, 1)
+
+
+def whitening_bias_trains(recipe: dict[str, Any], epoch: int) -> bool:
+    """Whether the whitening conv's bias takes optimiser steps in epoch ``epoch`` (from
+    0): in the first ``whiten_bias_epochs`` (airbench: 3), then it is frozen."""
+    return epoch < int(recipe.get("whiten_bias_epochs", 1 << 30))
+
+
+def _train_whitening_bias(model: nn.Module, recipe: dict[str, Any], epoch: int) -> None:
+    # A bias without a gradient takes no SGD step (nor weight decay), as in airbench; the
+    # lookahead still averages it, as airbench's does.
+    whiten = getattr(model, "whiten", None)
+    if whiten is not None and whiten.bias is not None:
+        whiten.bias.requires_grad_(whitening_bias_trains(recipe, epoch))
 
 
 def _ema_tensors(model: nn.Module) -> list[torch.Tensor]:
     return [t for t in model.state_dict().values() if t.dtype.is_floating_point]
 
 
-def steps_per_epoch(n: int, batch_size: int) -> list[int]:
-    """Batch sizes of one epoch: full batches, and the remainder unless it is a single
-    sample (batch norm cannot normalise one)."""
+def steps_per_epoch(n: int, batch_size: int, drop_last: bool = False) -> list[int]:
+    """Batch sizes of one epoch: full batches, and the remainder unless ``drop_last``
+    (airbench's recipe) or it is a single sample (batch norm cannot normalise one)."""
     sizes = [batch_size] * (n // batch_size)
-    if n % batch_size >= 2:
+    if not drop_last and n % batch_size >= 2:
         sizes.append(n % batch_size)
     return sizes
 
@@ -460,8 +501,9 @@ def _train_run(
     aug = Augmenter(
         data.train_x,
         int(recipe["translate"]),
-        bool(recipe["flip"]),
+        recipe["flip"],
         str(recipe.get("pad", "reflect")),
+        gen.aug,
     )
     offset = 0 if start is None else start.schedule_offset
     per_epoch = epoch_lrs(recipe, cfg.lr, offset + cfg.epochs)
@@ -470,7 +512,7 @@ def _train_run(
     elif offset:
         raise ValueError(f"schedule {recipe['schedule']!r} has no epoch offset")
     n = len(data.train_y)
-    sizes = steps_per_epoch(n, cfg.batch_size)
+    sizes = steps_per_epoch(n, cfg.batch_size, bool(recipe.get("drop_last", False)))
     total = cfg.epochs * len(sizes)
     recorded: list[torch.Tensor] = []
     start_epoch, step = 0, 0
@@ -497,8 +539,9 @@ def _train_run(
     amp = _autocast(device, precision)
     model.train()
     for epoch in range(start_epoch, cfg.epochs):
+        _train_whitening_bias(model, recipe, epoch)
         perm = torch.randperm(n, generator=gen.order)
-        draws = aug.draw(gen.aug, n)
+        draws = aug.draw(gen.aug, n, epoch)
         perm_d = perm.to(device, non_blocking=True)
         draws_d = draws.to(device, non_blocking=True)
         pos = 0
