@@ -49,7 +49,7 @@ from mlvar.config import TrainConfig
 from mlvar.data.protocol import DEFAULT_PROTOCOL
 from mlvar.data.scenario import Scenario, SplitData
 from mlvar.errors import MlvarError
-from mlvar.recipes import RANDOMNESS_SOURCES, continuation_of, model_spec
+from mlvar.recipes import RANDOMNESS_SOURCES, SEEDED_SOURCES, continuation_of, model_spec
 from mlvar.store import (
     ExperimentStore,
     RunClaims,
@@ -151,7 +151,7 @@ class ContinueGenerators(RunGenerators):
     continuation's streams."""
 
     def __init__(self, source_seeds: Mapping[str, int]) -> None:  # noqa: D107
-        self.seeds = {s: int(source_seeds[s]) for s in RANDOMNESS_SOURCES}
+        self.seeds = {s: int(source_seeds[s]) for s in SEEDED_SOURCES}
         self.init = continue_generator(self.seeds["init"], "init")
         self.order = continue_generator(self.seeds["order"], "order")
         self.dropout = continue_generator(self.seeds["dropout"], "dropout")
