@@ -342,3 +342,30 @@ def test_eight_seeds_rank_aurocs_match_the_stored_logits(root: Path, tmp_path: P
     assert detection.loc["gconf_std", "auroc"] == pytest.approx(
         roc_auc_score(affected, gconf.std(axis=0)), abs=1e-12
     )
+
+
+def test_a_worker_with_the_scenarios_only_trains_with_plain_defaults(tmp_path: Path) -> None:
+    from mlvar.config import default_train
+
+    # A backend uploads prepared scenarios, not user/<name>/: the job's spec carries the
+    # training config, so a name known by its scenarios gets the plain defaults.
+    (tmp_path / "bc-original").mkdir()
+    (tmp_path / "bc-original" / "manifest.json").write_text('{"dataset": "bc"}')
+    assert default_train("bc", tmp_path).model == "mlp"
+    with pytest.raises(MlvarError, match="unknown dataset 'wine'"):
+        default_train("wine", tmp_path)
+
+
+def test_demo_on_a_table_file(tables: Path, tmp_path: Path) -> None:
+    from mlvar.demo import demo_name, run_data_demo
+
+    cfg = Config(paths=PathsConfig(tmp_path / "data", tmp_path / "runs", tmp_path / "reports"))
+    source = tmp_path / "Breast Cancer.csv"
+    source.write_bytes((tables / "bc.csv").read_bytes())
+    assert demo_name(source) == "breast_cancer"
+    assert demo_name(Path("compas.csv")) == "compas_data"
+    result = run_data_demo(cfg, source, {"label": "target", "where": WHERE}, runs=2)
+    assert result.scenario == f"breast_cancer-holdout-w{table.where_tag(WHERE)}-r1.0"
+    assert result.report.is_file()
+    assert result.ranking.detection is not None
+    assert result.accuracy.n_runs == 2
