@@ -396,3 +396,36 @@ def test_demo_on_a_table_file(cfg: Config, tables: Path, monkeypatch: pytest.Mon
     assert result.report == cfg.paths.reports_root / result.experiment / "index.html"
     assert result.accuracy.n_runs == 8
     assert result.ranking.detection is not None
+
+
+def test_tsv_and_parquet_read_as_the_csv(root: Path, tables: Path, tmp_path: Path) -> None:
+    frame = _wine_frame()
+    frame.to_csv(tmp_path / "wine.tsv", sep="\t", index=False)
+    frame.to_parquet(tmp_path / "wine.parquet", index=False)
+    csv = json.loads((root / "user" / "wine" / "source.json").read_text())
+    for fmt in ("tsv", "parquet"):
+        info = registry.fetch(
+            tmp_path / "data", "table", source=tmp_path / f"wine.{fmt}", name=f"w{fmt}",
+            label="target",
+        )  # fmt: skip
+        recorded = json.loads(Path(info["path"], "source.json").read_text())
+        assert recorded["format"] == fmt and recorded["rows"] == 178
+        assert recorded["features"] == csv["features"]
+        assert recorded["categorical"] == ["note"] and recorded["classes"] == csv["classes"]
+    with pytest.raises(MlvarError, match="not a known table format"):
+        (tmp_path / "wine.xlsx").write_bytes(b"x")
+        registry.fetch(tmp_path / "data", "table", source=tmp_path / "wine.xlsx", name="x",
+                       label="target")  # fmt: skip
+
+
+def test_a_train_table_of_mlvar_toml_sets_a_user_dataset(root: Path, tmp_path: Path) -> None:
+    from mlvar.config import load_config
+
+    toml = tmp_path / "mlvar.toml"
+    toml.write_text(f'[paths]\ndata_root = "{root}"\n[train.bc]\nepochs = 3\n')
+    cfg = load_config(toml, env={})
+    assert cfg.train_for("bc").epochs == 3 and cfg.train_for("bc").model == "mlp"
+    assert cfg.train_for("wine").epochs == 10  # not in the file: the kind's defaults
+    toml.write_text(f'[paths]\ndata_root = "{root}"\n[train.bcc]\nepochs = 3\n')
+    with pytest.raises(MlvarError, match="bcc"):
+        load_config(toml, env={})
