@@ -112,7 +112,8 @@ def read_table(path: Path, fmt: str, label: str) -> pa.Table:
             table = csv.read_csv(
                 path,
                 parse_options=csv.ParseOptions(delimiter="\t" if fmt == "tsv" else ","),
-                # Empty cells and the usual spellings of a missing value read as missing.
+                # Empty cells and pyarrow's spellings of a missing value (NA, N/A, NaN,
+                # null, ...) read as missing, in text columns too.
                 convert_options=csv.ConvertOptions(strings_can_be_null=True),
             )
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, ValueError) as exc:
