@@ -22,7 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from mlvar.data.protocol import DEFAULT_PROTOCOL, PROTOCOLS
-from mlvar.data.registry import DATASETS
+from mlvar.data.registry import DATASETS, get_dataset
+from mlvar.data.scenario import list_scenarios
+from mlvar.data.spec import TrainDefaults
+from mlvar.data.user import read_info
 from mlvar.errors import MlvarError, closest
 from mlvar.recipes import (
     IMAGE_MODELS,
@@ -108,10 +111,18 @@ class TrainConfig:
         return data
 
 
-def default_train(dataset: str) -> TrainConfig:
-    """The built-in training config of a registered dataset: its spec's default model with
-    that model's defaults, and the values the dataset sets on top of them."""
-    train = DATASETS[dataset].train
+def default_train(dataset: str, data_root: str | os.PathLike | None = None) -> TrainConfig:
+    """The built-in training config of a dataset (a user dataset's of ``data_root``): its
+    spec's default model with that model's defaults, and the values the dataset sets on
+    top of them. A name known only by its prepared scenarios (a user dataset on a worker
+    that got the scenarios but not ``user/<name>/``) gets the plain defaults: a job's
+    spec carries its whole training config anyway."""
+    try:
+        train = get_dataset(dataset, data_root).train
+    except MlvarError:
+        if data_root is None or not list_scenarios(Path(data_root), dataset):
+            raise
+        train = TrainDefaults()
     cfg = TrainConfig()
     switch_model(cfg, train.model)
     for key, value in train.values.items():
@@ -248,7 +259,10 @@ class Config:
     source: Path | None = None  # the config file that was read, if any
 
     def train_for(self, dataset: str) -> TrainConfig:
-        """Return a copy of the training config of ``dataset``."""
+        """Return a copy of the training config of ``dataset`` (a user dataset of the data
+        root: its kind's defaults)."""
+        if dataset not in self.train:
+            return default_train(dataset, self.paths.data_root)
         return dataclasses.replace(self.train[dataset], vary=list(self.train[dataset].vary))
 
 
@@ -439,6 +453,15 @@ def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | Non
         train = data.get("train", {})
         if not isinstance(train, dict):
             raise MlvarError(f"'train' in {file} must be a table", "write it as [train.compas]")
+        # [train.<name>] of a user dataset fetched into the data root (the environment's
+        # when it sets one) starts from its kind's defaults.
+        data_root = (
+            Path(env["MLVAR_DATA_ROOT"]).expanduser() if env.get("MLVAR_DATA_ROOT") else None
+        )
+        data_root = data_root or cfg.paths.data_root
+        for dataset in train:
+            if dataset not in cfg.train and read_info(data_root, str(dataset)) is not None:
+                cfg.train[dataset] = default_train(dataset, data_root)
         _check_keys(train, list(cfg.train), "train.", file)
         for dataset, table in train.items():
             if not isinstance(table, dict):

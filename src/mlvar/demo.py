@@ -1,4 +1,5 @@
-"""The whole pipeline on scikit-learn's digits, offline: ``mlvar demo``.
+"""The whole pipeline on scikit-learn's digits, offline: ``mlvar demo``; on your own data:
+``mlvar demo --data PATH`` (:func:`run_data_demo`).
 
 Importing it loads nothing heavy (the CLI shows :data:`DEMO_RUNS` in its help): the
 pipeline's modules are imported by :func:`run_demo`.
@@ -6,6 +7,7 @@ pipeline's modules are imported by :func:`run_demo`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,28 @@ DEMO_SALIENCY_SEEDS = 16
 
 #: ``step(message)`` before each stage; ``progress(done, total, message)`` during training.
 Step = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class DataDemo:
+    """How ``mlvar demo --data PATH`` runs on a user kind: which of the demo's options
+    go to ``mlvar data fetch`` (``fetch``), and ``scenario(options)``: the mode and the
+    options of the scenario it prepares."""
+
+    fetch: tuple[str, ...]
+    scenario: Callable[[dict[str, Any]], tuple[str, dict[str, Any]]]
+
+
+def _table_scenario(options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A table's demo: the subgroup ``--where`` held out, else decision-tree cluster 0."""
+    if options.get("where"):
+        return "holdout", {"where": options["where"]}
+    return "cluster", {"cluster": 0}
+
+
+#: Per user kind (:data:`mlvar.data.registry.USER_KINDS`): ``--data PATH`` is a table
+#: when it is a file, an image folder (kind ``imagefolder``) when it is a folder.
+DATA_DEMOS: dict[str, DataDemo] = {"table": DataDemo(("label",), _table_scenario)}
 
 
 @dataclass
@@ -109,3 +133,76 @@ def run_demo(
         store, Path(config.paths.reports_root) / trained.experiment, top=DEMO_TOP, data_root=root
     )
     return DemoResult(scenario.name, trained.experiment, report.path, acc, ranking, maps)
+
+
+def demo_name(path: Path) -> str:
+    """The dataset name ``mlvar demo --data PATH`` records ``path`` under: its stem in
+    lower case, other characters than letters, digits and ``_`` as ``_`` (a leading digit
+    gets ``d``), ``_data`` appended where that is a built-in name or kind."""
+    from mlvar.data.registry import DATASETS, USER_KINDS
+
+    stem = re.sub(r"[^a-z0-9_]", "_", path.stem.lower())[:35] or "data"
+    stem = stem if stem[0].isalpha() else f"d{stem}"
+    return f"{stem}_data" if stem in DATASETS or stem in USER_KINDS else stem
+
+
+def run_data_demo(
+    config: Config,
+    data: str | Path,
+    options: dict[str, Any],
+    runs: int = DEMO_RUNS,
+    step: Step | None = None,
+    progress: training.Progress | None = None,
+) -> DemoResult:
+    """The pipeline on the user's data ``data`` (a table file or an image folder): record
+    it under :func:`demo_name`, prepare the kind's demo scenario (:data:`DATA_DEMOS`),
+    train ``runs`` seeds with the dataset's default model, analyse, write the report.
+
+    ``options`` are the demo's (``label``, ``where``; None: not given). Re-running reuses
+    the recorded data, the prepared scenario and the finished runs.
+    """
+    from mlvar.analysis import service as analysis
+    from mlvar.data import registry
+    from mlvar.data.scenario import open_scenario
+    from mlvar.errors import MlvarError
+    from mlvar.report.html import build_report
+    from mlvar.store import ExperimentStore
+    from mlvar.train import service as training
+
+    say = step or (lambda _msg: None)
+    root = Path(config.paths.data_root)
+    data = Path(data).expanduser()
+    if not data.exists():
+        raise MlvarError(f"--data {data} not found", "pass a table file or an image folder")
+    kind = "imagefolder" if data.is_dir() else "table"
+    if kind not in registry.USER_KINDS or kind not in DATA_DEMOS:
+        raise MlvarError(f"--data {data} is a folder: image folders are not supported here",
+                         "pass a CSV, TSV or parquet file")  # fmt: skip
+    demo = DATA_DEMOS[kind]
+    name = demo_name(data)
+    given = {key: value for key, value in options.items() if value is not None}
+    say(f"recording {data} as {kind} '{name}'")
+    registry.fetch(root, kind, source=data, name=name,
+                   **{key: value for key, value in given.items() if key in demo.fetch})  # fmt: skip
+    spec = registry.get_dataset(name, root)
+    mode, scenario_options = demo.scenario(given)
+    variant, params = spec.check(mode, scenario_options)
+    source = spec.open(root)
+    params = params.resolve(source)
+    scenario_name = spec.scenario_name(variant, params)
+    say(f"preparing scenario {scenario_name}")
+    if (root / scenario_name / "manifest.json").is_file():
+        scenario = open_scenario(root, scenario_name)
+    else:
+        scenario = spec.build(source, variant, params, force=False)
+    say(f"training {runs} seeds")
+    trained = training.train(config, name, scenario=scenario.name, runs=runs, progress=progress)
+    store = ExperimentStore.open(config.paths.runs_root, trained.experiment)
+    say("analysing")
+    acc = analysis.accuracy(store, "test")
+    ranking = analysis.rank(store, "test")
+    say("writing the report")
+    report = build_report(
+        store, Path(config.paths.reports_root) / trained.experiment, top=DEMO_TOP, data_root=root
+    )
+    return DemoResult(scenario.name, trained.experiment, report.path, acc, ranking)

@@ -21,11 +21,17 @@ from typing import Any
 import numpy as np
 
 from mlvar import __version__
-from mlvar.config import Config, TrainConfig, check_model_input, switch_protocol, validate_train
+from mlvar.config import (
+    Config,
+    TrainConfig,
+    check_model_input,
+    default_train,
+    switch_protocol,
+    validate_train,
+)
 from mlvar.data.protocol import DEFAULT_PROTOCOL, check_protocol, protocol_of
-from mlvar.data.registry import DATASETS
 from mlvar.data.scenario import Scenario, SplitData, resolve_scenario
-from mlvar.errors import MlvarError, unknown_choice
+from mlvar.errors import MlvarError
 from mlvar.recipes import batch_scaled_lr, mlp_head, model_spec
 from mlvar.store import (
     ExperimentStore,
@@ -213,8 +219,7 @@ def train_config(
     under ``study``, the study's model and values for the dataset
     (:func:`mlvar.config.switch_protocol`), then the other overrides.
     """
-    if dataset not in DATASETS:
-        raise unknown_choice("dataset", dataset, DATASETS)
+    default_train(dataset, config.paths.data_root)  # a known dataset, else refused
     protocol = protocol_for(config, overrides)
     if runs < 1:
         raise MlvarError(f"--runs must be at least 1, got {runs}", "e.g. --runs 20")
