@@ -77,15 +77,16 @@ def _entropy(p: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 def expected_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, tuple[np.ndarray, bool]]:
-    """Every registry metric as (values [N], higher is suspicious), written out here."""
-    p = _softmax(logits)  # [R, N, C]
-    idx = np.arange(N)
+    """Every registry metric as (values [n], higher is suspicious), written out here."""
+    p = _softmax(logits)  # [R, n, C]
+    n_runs, n, n_classes = p.shape
+    idx = np.arange(n)
     gconf = p[:, idx, labels]
     maxconf = p.max(axis=2)
     gap = maxconf - gconf
     grank = (p > gconf[:, :, None]).sum(axis=2).astype(float)
     preds = p.argmax(axis=2)
-    votes = np.stack([(preds == c).sum(axis=0) for c in range(C)], axis=1)  # [N, C]
+    votes = np.stack([(preds == c).sum(axis=0) for c in range(n_classes)], axis=1)  # [n, C]
     mean_p = p.mean(axis=0)
     pe = _entropy(mean_p)
     ee = _entropy(p).mean(axis=0)
@@ -101,9 +102,9 @@ def expected_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, tuple[
         "grank_mean": (grank.mean(axis=0), True),
         "grank_std": (grank.std(axis=0), True),
         "n_distinct_pred": ((votes > 0).sum(axis=1).astype(float), True),
-        "vote_entropy": (_entropy(votes / R), True),
-        "disagreement": (1 - agree / (R * (R - 1) / 2), True),
-        "variation_ratio": (1 - votes.max(axis=1) / R, True),
+        "vote_entropy": (_entropy(votes / n_runs), True),
+        "disagreement": (1 - agree / (n_runs * (n_runs - 1) / 2), True),
+        "variation_ratio": (1 - votes.max(axis=1) / n_runs, True),
         "predictive_entropy": (pe, True),
         "expected_entropy": (ee, True),
         "mutual_information": (np.maximum(pe - ee, 0), True),
@@ -117,21 +118,22 @@ def top_order(score: np.ndarray) -> np.ndarray:
 
 
 def expected_orders(logits: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
-    """Every non-random strategy's [R, N] order, computed independently."""
+    """Every non-random strategy's [R, n] order, computed independently."""
+    n_runs, n = logits.shape[:2]
     metrics = expected_metrics(logits, labels)
     out = {}
     for name, (values, higher) in metrics.items():
         order = top_order(values if higher else -values)
-        out[name] = np.repeat(order[None], R, axis=0)
+        out[name] = np.repeat(order[None], n_runs, axis=0)
     p = _softmax(logits)
     maxconf = p.max(axis=2)
-    gconf = p[:, np.arange(N), labels]
+    gconf = p[:, np.arange(n), labels]
     out["neg_maxconf"] = np.stack([top_order(-m) for m in maxconf])
     out["neg_gconf"] = np.stack([top_order(-g) for g in gconf])
     std = np.round(maxconf.std(axis=0), TIE)
     mean = np.round(maxconf.mean(axis=0), TIE)
     geo = np.sqrt(rankdata(-std, method="average") * rankdata(mean, method="average"))
-    out["std_avg_conf"] = np.repeat(top_order(-geo)[None], R, axis=0)
+    out["std_avg_conf"] = np.repeat(top_order(-geo)[None], n_runs, axis=0)
     return out
 
 

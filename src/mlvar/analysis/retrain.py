@@ -149,7 +149,7 @@ def summary_table(
 def _rows(
     acc: pd.DataFrame, base: pd.DataFrame, info: dict[str, Any], budget: float, k: int
 ) -> pd.DataFrame:
-    joined = acc.join(base, rsuffix="_b0", how="left")
+    joined = acc.join(base.add_suffix("_b0"), how="left")
     out = pd.DataFrame(
         {
             "strategy": info["strategy"],

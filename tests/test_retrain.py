@@ -1,0 +1,374 @@
+"""``mlvar retrain`` end to end on digits (holdout of digit 3, 3 MLP runs of 2 epochs, the
+pool their ``val`` split): the samples each set adds equal the top-k computed here from the
+stored pool logits; budget 0 adds nothing; the summary's accuracies and gains equal those
+recomputed from each continued run's stored test logits minus the same run's budget-0
+ones; a second call skips everything and gives the same summary; ``analyze retrain``'s
+statistics; and each bad input is one line, exit code 2, nothing written.
+
+The continuation is :func:`mlvar.train.continuation.continue_runs` when that module exists.
+Until it lands (it is built beside this one), a stand-in that writes each set as a run store
+in the contract's layout (the source run's logits, shifted by seeded noise) takes its place,
+in these tests only; every check here reads what is stored, so it holds for either.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mlvar.analysis.acquisition import budget_k, set_name
+from mlvar.analysis.retrain import SUMMARY_COLUMNS, gain_stats, versus_random
+from mlvar.config import Config
+from mlvar.data.registry import prepare
+from mlvar.retrain import plan_retrain, retrain
+from mlvar.store import SAMPLE_COLUMNS, ExperimentStore, read_run
+from mlvar.train.service import train
+from test_acquisition import expected_orders
+from test_cli_errors import fails_cleanly, ok, use_root
+
+EXPERIMENT = "digits-holdout-sub3-r1.0-mlp"
+POOL = "val"
+STRATEGIES = "random,maxconf_std,neg_maxconf,std_avg_conf,gconf_mean"
+BUDGETS = "0.2,1.0"
+HAS_CONTINUATION = importlib.util.find_spec("mlvar.train.continuation") is not None
+
+
+def config_for(root: Path) -> Config:
+    cfg = Config()
+    cfg.paths.data_root = root / "data"
+    cfg.paths.runs_root = root / "runs"
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def trained_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """digits holdout of digit 3 and 3 MLP runs of 2 epochs (never changed: copy it)."""
+    root = tmp_path_factory.mktemp("retrain-trained")
+    prepare(root / "data", "digits", mode="holdout", subclass=3)
+    train(config_for(root), "digits", runs=3, overrides={"epochs": 2})
+    return root
+
+
+# ---------------------------------------------------------------- the continuation
+
+
+def stand_in_continue_runs(
+    source: ExperimentStore,
+    target_root: Path,
+    set_meta: dict[str, Any],
+    scenario: Any,
+    pool: Any,
+    added: dict[str, np.ndarray],
+    run_ids: list[str],
+    epochs: int | None = None,
+    from_scratch: bool = False,
+    device: str = "cpu",
+    progress: Any = None,
+) -> types.SimpleNamespace:
+    """The contract's continuation, as far as the stored layout goes (tests only)."""
+    target_root = Path(target_root)
+    if (target_root / "experiment.json").is_file():
+        store = ExperimentStore.open(target_root.parent, target_root.name)
+        assert store.meta["retrain"] == set_meta
+    else:
+        samples = {
+            s: {c: source.samples(s)[c].to_numpy() for c in SAMPLE_COLUMNS} for s in source.splits
+        }
+        meta = dict(source.meta, retrain=set_meta)
+        store = ExperimentStore.create(target_root.parent, target_root.name, meta, samples)
+    runs = {r.run_id: r for r in source.runs()}
+    trained, skipped = [], []
+    for run_id in run_ids:
+        if read_run(store.run_dir(run_id)) is not None:
+            skipped.append(run_id)
+            continue
+        src = runs[run_id]
+        rng = np.random.default_rng([len(added[run_id]), int(src.seed)])
+        logits = {}
+        for split in source.splits:
+            x = np.asarray(src.load_logits(split), dtype=np.float32)
+            logits[split] = x + rng.normal(0, 1.0, size=x.shape).astype(np.float32)
+        store.write_run(run_id, logits, {"seed": src.seed, "n_added": len(added[run_id])})
+        trained.append(run_id)
+    return types.SimpleNamespace(trained=trained, skipped=skipped, epochs=epochs or 1)
+
+
+def install_continuation(mp: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Record every continue_runs call (set, added) and pass it on; the stand-in where
+    mlvar.train.continuation does not exist yet."""
+    calls: list[dict[str, Any]] = []
+    if HAS_CONTINUATION:
+        module = importlib.import_module("mlvar.train.continuation")
+        target = module.continue_runs
+    else:
+        module = types.ModuleType("mlvar.train.continuation")
+        mp.setitem(sys.modules, "mlvar.train.continuation", module)
+        target = stand_in_continue_runs
+
+    def spy(source, target_root, set_meta, scenario, pool, added, run_ids, **kw):
+        calls.append({"set": Path(target_root).name, "meta": set_meta, "added": dict(added)})
+        return target(source, target_root, set_meta, scenario, pool, added, run_ids, **kw)
+
+    mp.setattr(module, "continue_runs", spy, raising=False)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def retrained(trained_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """One retraining of a copy of the trained root; a second identical call after it."""
+    root = tmp_path_factory.mktemp("retrained") / "w"
+    shutil.copytree(trained_root, root)
+    cfg = config_for(root)
+    with pytest.MonkeyPatch.context() as mp:
+        calls = install_continuation(mp)
+        first = retrain(
+            EXPERIMENT, cfg, pool=POOL, strategies=STRATEGIES, budgets=BUDGETS, epochs=1
+        )
+        n_calls = len(calls)
+        again = retrain(
+            EXPERIMENT, cfg, pool=POOL, strategies=STRATEGIES, budgets=BUDGETS, epochs=1
+        )
+        yield {
+            "root": root,
+            "cfg": cfg,
+            "first": first,
+            "again": again,
+            "calls": calls[:n_calls],
+            "store": ExperimentStore.open(cfg.paths.runs_root, EXPERIMENT),
+        }
+
+
+# ---------------------------------------------------------------- selection
+
+
+def stored_pool(store: ExperimentStore) -> tuple[np.ndarray, np.ndarray, list[str], list[int]]:
+    runs = store.runs()
+    logits = np.stack([np.asarray(r.load_logits(POOL)) for r in runs])
+    labels = store.samples(POOL)["label"].to_numpy()
+    return logits, labels, [r.run_id for r in runs], [r.seed for r in runs]
+
+
+def test_selected_are_the_top_k_of_the_stored_pool(retrained: dict) -> None:
+    store = retrained["store"]
+    logits, labels, run_ids, seeds = stored_pool(store)
+    ids = store.samples(POOL)["sample_id"].to_numpy()
+    want = expected_orders(logits, labels)
+    selected = pd.read_parquet(store.root / "retrain" / "selected.parquet")
+    assert list(selected.columns) == ["strategy", "budget", "run_id", "sample_id", "position"]
+    assert sorted(selected["budget"].unique()) == [0.2, 1.0]  # budget 0 adds nothing
+    n = len(ids)
+    for strategy in STRATEGIES.split(","):
+        for budget in (0.2, 1.0):
+            k = budget_k(budget, n)
+            for r, run_id in enumerate(run_ids):
+                rows = selected[
+                    (selected["strategy"] == strategy)
+                    & (selected["budget"] == budget)
+                    & (selected["run_id"] == run_id)
+                ]
+                if strategy == "random":
+                    from mlvar.analysis.acquisition import RANDOM_TAG
+
+                    rng = np.random.default_rng(np.random.SeedSequence([RANDOM_TAG, seeds[r]]))
+                    order = rng.permutation(n)
+                else:
+                    order = want[strategy][r]
+                assert rows["sample_id"].tolist() == ids[order[:k]].tolist(), (strategy, budget)
+    # what each continuation was asked to add is that selection; b0 adds nothing
+    for call in retrained["calls"]:
+        if call["set"] == "b0":
+            assert all(len(v) == 0 for v in call["added"].values())
+            assert call["meta"]["budget"] == 0.0
+            continue
+        meta = call["meta"]
+        for run_id, positions in call["added"].items():
+            rows = selected[
+                (selected["strategy"] == meta["strategy"])
+                & (selected["budget"] == meta["budget"])
+                & (selected["run_id"] == run_id)
+            ]
+            assert positions.tolist() == rows["position"].tolist()
+    assert [c["set"] for c in retrained["calls"]][0] == "b0"
+    assert len(retrained["calls"]) == 1 + 5 * 2
+
+
+def test_random_differs_across_runs_and_oracle_flagged(retrained: dict) -> None:
+    selected = pd.read_parquet(retrained["store"].root / "retrain" / "selected.parquet")
+    rnd = selected[(selected["strategy"] == "random") & (selected["budget"] == 0.2)]
+    sets = {tuple(sorted(g["sample_id"])) for _, g in rnd.groupby("run_id")}
+    assert len(sets) == 3
+    summary = retrained["first"].summary
+    assert summary[summary["strategy"] == "gconf_mean"]["oracle"].all()
+    assert not summary[summary["strategy"] != "gconf_mean"]["oracle"].any()
+
+
+# ---------------------------------------------------------------- summary
+
+
+def test_gains_equal_accuracy_minus_budget_zero_from_stored_logits(retrained: dict) -> None:
+    store = retrained["store"]
+    folder = store.root / "retrain"
+    summary = pd.read_parquet(folder / "summary.parquet")
+    assert list(summary.columns) == list(SUMMARY_COLUMNS)
+    pd.testing.assert_frame_equal(
+        pd.read_csv(folder / "summary.csv"), summary, check_dtype=False, check_exact=False
+    )
+    test = store.samples("test")
+    labels, affected = test["label"].to_numpy(), test["affected"].to_numpy()
+    assert affected.any() and (~affected).any()
+
+    def accs(set_: str, run_id: str) -> np.ndarray:
+        logits = np.load(folder / set_ / "runs" / run_id / "test.logits.npy")
+        ok_ = logits.argmax(axis=1) == labels
+        return np.array([ok_.mean(), ok_[affected].mean(), ok_[~affected].mean()])
+
+    n_pool = store.n_samples(POOL)
+    strategies = STRATEGIES.split(",")
+    assert len(summary) == len(strategies) * 3 * 3  # strategies x budgets (0 too) x runs
+    for row in summary.to_dict(orient="records"):
+        acc = accs(set_name(row["strategy"], row["budget"]), row["run_id"])
+        base = accs("b0", row["run_id"])
+        got = [row["acc"], row["acc_affected"], row["acc_unaffected"]]
+        np.testing.assert_allclose(got, acc, rtol=0, atol=1e-12)
+        gains = [row["gain"], row["gain_affected"], row["gain_unaffected"]]
+        np.testing.assert_allclose(gains, acc - base, rtol=0, atol=1e-12)
+        assert row["n_added"] == budget_k(row["budget"], n_pool)
+        assert row["pool"] == POOL
+        assert row["seed"] == int(row["run_id"][-4:])  # run r has seed 0 + r
+        if row["budget"] == 0:
+            assert gains == [0.0, 0.0, 0.0]
+
+
+def test_second_call_skips_everything_and_gives_the_same_summary(retrained: dict) -> None:
+    first, again = retrained["first"], retrained["again"]
+    assert all(s["skipped"] == first.runs and not s["trained"] for s in again.sets)
+    assert all(sorted(s["trained"]) == first.runs for s in first.sets)
+    pd.testing.assert_frame_equal(first.summary, again.summary)
+
+
+def test_analyze_retrain_statistics(
+    retrained: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "w"
+    shutil.copytree(retrained["root"], root)
+    use_root(root, monkeypatch)
+    stats = json.loads(ok("analyze", "retrain", EXPERIMENT, "--json").stdout)
+    summary = retrained["first"].summary
+    gains = {(g["strategy"], g["budget"]): g for g in stats["gains"]}
+    assert len(gains) == 5 * 3
+    for (strategy, budget), group in summary.groupby(["strategy", "budget"]):
+        g = gains[(strategy, budget)]
+        for col in ("gain", "gain_affected", "gain_unaffected"):
+            v = group[col].to_numpy()
+            assert g[f"{col}_mean"] == pytest.approx(v.mean(), abs=1e-12)
+            assert g[f"{col}_std"] == pytest.approx(v.std(ddof=1), abs=1e-12)
+            assert g[f"{col}_median"] == pytest.approx(np.median(v), abs=1e-12)
+            assert (g[f"{col}_min"], g[f"{col}_max"]) == (v.min(), v.max())
+    versus = {(v["strategy"], v["budget"]): v for v in stats["versus_random"]}
+    assert set(versus) == {(s, b) for s in STRATEGIES.split(",")[1:] for b in (0.2, 1.0)}
+    rnd = summary[summary["strategy"] == "random"].set_index(["budget", "run_id"])
+    for (strategy, budget), v in versus.items():
+        mine = summary[(summary["strategy"] == strategy) & (summary["budget"] == budget)]
+        diff = mine.set_index(["budget", "run_id"])["gain"] - rnd["gain"].loc[[budget]]
+        assert v["n_runs"] == 3
+        assert v["gain_diff"] == pytest.approx(diff.mean(), abs=1e-12)
+        assert v["gain_ci_low"] <= v["gain_diff"] <= v["gain_ci_high"]
+    assert stats == json.loads(ok("analyze", "retrain", EXPERIMENT, "--json").stdout)
+    assert gain_stats(summary).shape[0] == 15 and versus_random(summary).shape[0] == 8
+    table = ok("analyze", "retrain", EXPERIMENT).stdout
+    assert "against random" in table and "gconf_mean (oracle)" in table
+
+
+def test_cli_retrain_skips_finished_sets(
+    retrained: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "w"
+    shutil.copytree(retrained["root"], root)
+    use_root(root, monkeypatch)
+    install_continuation(monkeypatch)
+    args = ("retrain", EXPERIMENT, "--pool", POOL, "--by", "std_conf,random", "--budget", "0.2")
+    out = json.loads(ok(*args, "--epochs", "1", "--json").stdout)
+    assert out["strategies"] == ["maxconf_std", "random"]  # the alias as what it stands for
+    assert out["budgets"] == [0.0, 0.2]
+    assert [s["set"] for s in out["sets"]] == ["b0", "maxconf_std-b0.2", "random-b0.2"]
+    assert all(not s["trained"] for s in out["sets"])
+    text = ok(*args, "--epochs", "1").stdout
+    assert "maxconf_std" in text and "gain" in text
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.fixture
+def work(trained_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "w"
+    shutil.copytree(trained_root, root)
+    return use_root(root, monkeypatch)
+
+
+def _retrain(*extra: str) -> tuple[str, ...]:
+    return ("retrain", EXPERIMENT, "--pool", POOL, "--epochs", "1", *extra)
+
+
+def test_bad_pool_budget_strategy(work: Path, tree_listing) -> None:
+    line = fails_cleanly(
+        work, tree_listing, "retrain", EXPERIMENT, "--pool", "nosuch", words=("'nosuch'",)
+    )
+    assert "train, val, test" in line and "analyze predict" in line
+    fails_cleanly(work, tree_listing, *_retrain("--budget", "0.1,1.5"), words=("outside [0, 1]",))
+    fails_cleanly(
+        work,
+        tree_listing,
+        *_retrain("--by", "random,maxconf_sdt"),
+        words=("unknown strategy 'maxconf_sdt'", "did you mean 'maxconf_std'"),
+    )
+    fails_cleanly(work, tree_listing, *_retrain("--runs", "run-0009"), words=("run-0009",))
+    fails_cleanly(work, tree_listing, "analyze", "retrain", EXPERIMENT, words=("no retraining",))
+
+
+def test_label_aware_strategy_on_unlabelled_pool(work: Path, tree_listing) -> None:
+    file = work / "runs" / EXPERIMENT / "samples" / f"{POOL}.parquet"
+    table = pq.read_table(file).to_pandas()
+    table["label"] = -1
+    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), file)
+    fails_cleanly(
+        work,
+        tree_listing,
+        *_retrain("--by", "random,gconf_mean"),
+        words=("missing labels", "gconf_mean", "label-free"),
+    )
+
+
+def test_experiment_without_saved_weights(work: Path, tree_listing) -> None:
+    for run in (work / "runs" / EXPERIMENT / "runs").iterdir():
+        meta = json.loads((run / "run.json").read_text())
+        del meta["arrays"]["model.pt"]
+        (run / "run.json").write_text(json.dumps(meta))
+        (run / "model.pt").unlink()
+    fails_cleanly(
+        work, tree_listing, *_retrain(), words=("without saved weights", "run-0000", "model.pt")
+    )
+
+
+def test_plan_checks_an_existing_set_of_another_identity(retrained: dict, tmp_path: Path) -> None:
+    root = tmp_path / "w"
+    shutil.copytree(retrained["root"], root)
+    from mlvar.errors import MlvarError
+
+    with pytest.raises(MlvarError, match="made with another epochs") as err:
+        plan_retrain(EXPERIMENT, config_for(root), POOL, "random", "0.2", epochs=3)
+    assert "remove" in err.value.hint
+    plan = plan_retrain(EXPERIMENT, config_for(root), POOL, "random", "0.2", epochs=1)
+    assert [s.name for s in plan.sets] == ["b0", "random-b0.2"]
