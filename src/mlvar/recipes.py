@@ -43,6 +43,15 @@ class ModelSpec:
     recipe
         Fixed training details recorded in the experiment identity; empty for the MLP,
         whose identity predates recipes.
+    continuation
+        How a trained run of this model continues (``mlvar.train.continuation``): not part
+        of the experiment identity (each retraining set records what it used). Keys:
+        ``fraction`` (the continuation's length as a fraction of the run's training epochs,
+        rounded, at least 1; ``--epochs`` overrides), ``schedule`` (``constant``: the
+        recipe's lr, as the MLP's Adam; ``tail``: the original per-epoch schedule carried on
+        from the run's last epoch; ``restart``: the recipe's own schedule over the
+        continuation's steps with its peak lr times ``lr_scale``). Empty:
+        :data:`DEFAULT_CONTINUATION`.
     """
 
     name: str
@@ -50,9 +59,19 @@ class ModelSpec:
     sources: tuple[str, ...]
     defaults: dict[str, Any]
     recipe: dict[str, Any] = field(default_factory=dict)
+    continuation: dict[str, Any] = field(default_factory=dict)
 
 
 _IMAGE_SOURCES = ("init", "order", "aug")
+
+# Continuation (docs/training.md, "Continuing a run"). The study continued its ResNet-18 50
+# epochs after 150, a third as long as it had trained: every model continues for a third
+# of its training epochs. mlvar's image schedules end at lr 0, so a continuation restarts
+# its schedule at a tenth of the peak (a fine-tuning lr); the MLP's Adam has no schedule.
+_CONSTANT = {"fraction": 1 / 3, "schedule": "constant"}
+_RESTART = {"fraction": 1 / 3, "schedule": "restart", "lr_scale": 0.1}
+#: The continuation of a model whose spec sets none.
+DEFAULT_CONTINUATION = _RESTART
 
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
@@ -68,6 +87,7 @@ MODELS: dict[str, ModelSpec] = {
                 "weight_decay": 0.0,
                 "vary": ["init", "order", "dropout"],
             },
+            continuation=_CONSTANT,
         ),
         ModelSpec(
             name="cnn",
@@ -94,6 +114,7 @@ MODELS: dict[str, ModelSpec] = {
                 "tta": 0,
                 "whiten": False,
             },
+            continuation=_RESTART,
         ),
         # airbench94's hyperparameters (lr 11.5, wd 0.0153 on a summed loss at batch 1024,
         # momentum 0.85) converted to PyTorch SGD on the batch-mean loss.
@@ -122,6 +143,7 @@ MODELS: dict[str, ModelSpec] = {
                 "tta": 2,
                 "whiten": True,
             },
+            continuation=_RESTART,
         ),
         ModelSpec(
             name="resnet18",
@@ -148,6 +170,7 @@ MODELS: dict[str, ModelSpec] = {
                 "tta": 0,
                 "whiten": False,
             },
+            continuation=_RESTART,
         ),
     )
 }
@@ -177,6 +200,7 @@ STUDY_MODELS: dict[str, ModelSpec] = {
             # dropout 0.1 are TrainConfig's defaults, which [train.compas] may change.
             defaults={**MODELS["mlp"].defaults, "lr": 1e-4},
             recipe={"head": "sigmoid"},
+            continuation=_CONSTANT,
         ),
         # main_cifar10.py / cluster_single_cifar100.py: SGD(0.1, momentum 0.9, wd 5e-4),
         # batch 128, RandomCrop(32, padding=4) (zero fill) + horizontal flip, the fixed
@@ -194,6 +218,8 @@ STUDY_MODELS: dict[str, ModelSpec] = {
                 "normalise": {"mean": list(STUDY_MEAN), "std": list(STUDY_STD)},
                 "precision": "fp32",
             },
+            # The study's retraining: from epoch 150 to 200 on the same T_max=200 cosine.
+            continuation={"fraction": 1 / 3, "schedule": "tail"},
         ),
     )
 }
@@ -216,6 +242,13 @@ def model_spec(protocol: str, model: str) -> ModelSpec | None:
 def protocol_model(protocol: str, dataset: str) -> str | None:
     """The model ``protocol`` trains on ``dataset`` by default (None: the config's)."""
     return STUDY_DATASET_MODELS.get(dataset) if protocol == "study" else None
+
+
+def continuation_of(protocol: str, model: str) -> dict[str, Any]:
+    """How a run of ``model`` trained under ``protocol`` continues (``ModelSpec.continuation``;
+    :data:`DEFAULT_CONTINUATION` for a model that sets none)."""
+    spec = model_spec(protocol, model) or MODELS.get(model)
+    return dict((spec.continuation if spec is not None else None) or DEFAULT_CONTINUATION)
 
 
 def recipe_models(protocol: str) -> str:

@@ -96,27 +96,27 @@ class ImageData:
         manifest: dict[str, Any],
         device: torch.device,
         normalise: dict[str, list[float]] | None = None,
+        train: SplitData | None = None,
+        stats: SplitData | None = None,
     ) -> ImageData:
         """The data on ``device``, normalised with the training split's per-channel mean
         and std, or with the fixed constants ``normalise`` (``{"mean": [...], "std":
-        [...]}``, per channel of ``x / max_value``: the study's recipe)."""
+        [...]}``, per channel of ``x / max_value``: the study's recipe).
+
+        ``train`` (default ``splits["train"]``) is what the run trains on, ``stats``
+        (default ``train``) whose statistics normalise every split: a continued run trains
+        on more samples than its scenario's train split but keeps the normalisation its
+        weights were trained with (``mlvar.train.continuation``). ``eval_x`` holds every
+        split of ``splits``.
+        """
         max_value = float(manifest.get("input", {}).get("max_value", 255))
-        train = to_nchw(splits["train"].x)
-        if normalise is not None:
-            mean = torch.tensor(normalise["mean"], dtype=torch.float32).view(1, -1, 1, 1)
-            std = torch.tensor(normalise["std"], dtype=torch.float32).view(1, -1, 1, 1)
-            if mean.shape[1] != train.shape[1]:
-                raise ValueError(
-                    f"the recipe normalises {mean.shape[1]} channels, the images have "
-                    f"{train.shape[1]}"
-                )
-        else:
-            scaled = train.double() / max_value
-            mean = scaled.mean(dim=(0, 2, 3), keepdim=True)
-            std = scaled.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-3)
+        train = splits["train"] if train is None else train
+        train_x = to_nchw(train.x)
+        stats_x = train_x if stats is None else to_nchw(stats.x)
+        mean, std = channel_stats(stats_x, max_value, normalise)
         return cls(
-            train_x=train.to(device),
-            train_y=torch.from_numpy(splits["train"].y).to(device),
+            train_x=train_x.to(device),
+            train_y=torch.from_numpy(train.y).to(device),
             eval_x={s: to_nchw(d.x).to(device) for s, d in splits.items()},
             n_classes=len(manifest["class_names"]),
             max_value=max_value,
@@ -129,6 +129,24 @@ class ImageData:
         if x.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         return x
+
+
+def channel_stats(
+    x: torch.Tensor, max_value: float, normalise: dict[str, list[float]] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel mean and std ``[1, C, 1, 1]`` of the uint8 images ``x / max_value``
+    (float64), or the recipe's fixed constants ``normalise`` (float32)."""
+    if normalise is not None:
+        mean = torch.tensor(normalise["mean"], dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(normalise["std"], dtype=torch.float32).view(1, -1, 1, 1)
+        if mean.shape[1] != x.shape[1]:
+            raise ValueError(
+                f"the recipe normalises {mean.shape[1]} channels, the images have {x.shape[1]}"
+            )
+        return mean, std
+    scaled = x.double() / max_value
+    mean = scaled.mean(dim=(0, 2, 3), keepdim=True)
+    return mean, scaled.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-3)
 
 
 def _reflect_index(size: int, pad: int, device: torch.device) -> torch.Tensor:
@@ -332,8 +350,13 @@ def recipe_of(cfg: TrainConfig) -> dict[str, Any]:
     return (spec or MODELS[cfg.model]).recipe
 
 
-def _identity_hash(cfg: TrainConfig, seeds: dict[str, int]) -> str:
-    text = json.dumps({"train": cfg.identity(), "seeds": seeds}, sort_keys=True)
+def _identity_hash(
+    cfg: TrainConfig, seeds: dict[str, int], extra: dict[str, Any] | None = None
+) -> str:
+    what: dict[str, Any] = {"train": cfg.identity(), "seeds": seeds}
+    if extra is not None:  # a continuation: its source weights, added samples, schedule
+        what["continue"] = extra
+    text = json.dumps(what, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -369,15 +392,35 @@ def train_run(
     progress: EpochProgress | None = None,
     record_dynamics: bool = False,
     trace: Callable[[str, Any], None] | None = None,
+    start: Start | None = None,
 ) -> RunOutput:
     """Train one image model; checkpoint to and resume from ``run_dir`` when given.
 
-    ``trace(kind, value)`` (tests) sees ``("init", state_dict)`` and ``("batch", indices)``.
+    ``start`` continues a trained model instead of initialising one (:class:`Start`).
+    ``trace(kind, value)`` (tests) sees ``("init", state_dict)`` (the weights the first
+    step starts from) and ``("batch", indices)``.
     """
     recipe = recipe_of(cfg)
     precision = str(recipe.get("precision", "bf16"))
     with _full_fp32(precision):
-        return _train_run(data, cfg, gen, recipe, run_dir, progress, record_dynamics, trace)
+        return _train_run(data, cfg, gen, recipe, run_dir, progress, record_dynamics, trace, start)
+
+
+@dataclass
+class Start:
+    """Where a continued run starts (``mlvar.train.continuation``).
+
+    ``state_dict``: the trained weights (for airbench including its frozen whitening, which
+    is not recomputed; None: initialised from the ``init`` generator as in training, for a
+    retraining from scratch); ``schedule_offset``: the epoch of a per-epoch schedule
+    (``cosine-epochs``) the continuation starts at, so that its epochs take that
+    schedule's learning rates from there on (0 for per-step schedules); ``identity``:
+    what makes the continuation what it is, part of its checkpoints' identity.
+    """
+
+    state_dict: dict[str, torch.Tensor] | None
+    schedule_offset: int = 0
+    identity: dict[str, Any] | None = None
 
 
 def _train_run(
@@ -389,15 +432,20 @@ def _train_run(
     progress: EpochProgress | None,
     record_dynamics: bool,
     trace: Callable[[str, Any], None] | None,
+    start: Start | None = None,
 ) -> RunOutput:
     precision = str(recipe.get("precision", "bf16"))
     device = data.device
     channels = data.train_x.shape[1]
     model = build_model(cfg.model, channels, data.n_classes)
-    init_weights(model, gen.init)
-    model.to(device)
-    if hasattr(model, "init_whitening"):
-        model.init_whitening(data.normalise(data.train_x[:5000]))
+    if start is not None and start.state_dict is not None:
+        model.load_state_dict(start.state_dict)
+        model.to(device)
+    else:
+        init_weights(model, gen.init)
+        model.to(device)
+        if hasattr(model, "init_whitening"):
+            model.init_whitening(data.normalise(data.train_x[:5000]))
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     if trace:
@@ -410,13 +458,18 @@ def _train_run(
         bool(recipe["flip"]),
         str(recipe.get("pad", "reflect")),
     )
-    per_epoch = epoch_lrs(recipe, cfg.lr, cfg.epochs)
+    offset = 0 if start is None else start.schedule_offset
+    per_epoch = epoch_lrs(recipe, cfg.lr, offset + cfg.epochs)
+    if per_epoch is not None:
+        per_epoch = per_epoch[offset:]
+    elif offset:
+        raise ValueError(f"schedule {recipe['schedule']!r} has no epoch offset")
     n = len(data.train_y)
     sizes = steps_per_epoch(n, cfg.batch_size)
     total = cfg.epochs * len(sizes)
     recorded: list[torch.Tensor] = []
     start_epoch, step = 0, 0
-    identity = _identity_hash(cfg, gen.seeds)
+    identity = _identity_hash(cfg, gen.seeds, None if start is None else start.identity)
     ckpt_path = None if run_dir is None else run_dir / CHECKPOINT_FILE
     if ckpt_path is not None:
         state = load_checkpoint(ckpt_path)
@@ -592,14 +645,17 @@ def _build_data(
     manifest: dict[str, Any],
     device: torch.device,
     cfg: TrainConfig | None = None,
+    train: SplitData | None = None,
+    stats: SplitData | None = None,
 ) -> ImageData:
     """The device data of a training run of ``cfg`` (normalised as its recipe says; no
-    ``cfg``: with the training split's statistics)."""
+    ``cfg``: with the training split's statistics); ``train`` and ``stats`` as in
+    :meth:`ImageData.build`."""
     normalise = None if cfg is None else recipe_of(cfg).get("normalise")
     # One thread here too: the normalisation statistics are reductions whose rounding
     # would otherwise depend on the thread count.
     with _one_thread_per_kernel(device):
-        return ImageData.build(splits, manifest, device, normalise)
+        return ImageData.build(splits, manifest, device, normalise, train, stats)
 
 
 #: ``schedule(indices, size)`` yields the packs of at most ``size`` of ``indices`` to
