@@ -5,19 +5,14 @@ recomputed from each continued run's stored test logits minus the same run's bud
 ones; a second call skips everything and gives the same summary; ``analyze retrain``'s
 statistics; and each bad input is one line, exit code 2, nothing written.
 
-The continuation is :func:`mlvar.train.continuation.continue_runs` when that module exists.
-Until it lands (it is built beside this one), a stand-in that writes each set as a run store
-in the contract's layout (the source run's logits, shifted by seeded noise) takes its place,
-in these tests only; every check here reads what is stored, so it holds for either.
+The continuation is the real :func:`mlvar.train.continuation.continue_runs` (1 epoch),
+wrapped to record what each set was asked to add.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
-import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,7 +28,8 @@ from mlvar.analysis.retrain import SUMMARY_COLUMNS, gain_stats, versus_random
 from mlvar.config import Config
 from mlvar.data.registry import prepare
 from mlvar.retrain import plan_retrain, retrain
-from mlvar.store import SAMPLE_COLUMNS, ExperimentStore, read_run
+from mlvar.store import ExperimentStore
+from mlvar.train import continuation
 from mlvar.train.service import train
 from test_acquisition import expected_orders
 from test_cli_errors import fails_cleanly, ok, use_root
@@ -42,7 +38,6 @@ EXPERIMENT = "digits-holdout-sub3-r1.0-mlp"
 POOL = "val"
 STRATEGIES = "random,maxconf_std,neg_maxconf,std_avg_conf,gconf_mean"
 BUDGETS = "0.2,1.0"
-HAS_CONTINUATION = importlib.util.find_spec("mlvar.train.continuation") is not None
 
 
 def config_for(root: Path) -> Config:
@@ -64,64 +59,16 @@ def trained_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # ---------------------------------------------------------------- the continuation
 
 
-def stand_in_continue_runs(
-    source: ExperimentStore,
-    target_root: Path,
-    set_meta: dict[str, Any],
-    scenario: Any,
-    pool: Any,
-    added: dict[str, np.ndarray],
-    run_ids: list[str],
-    epochs: int | None = None,
-    from_scratch: bool = False,
-    device: str = "cpu",
-    progress: Any = None,
-) -> types.SimpleNamespace:
-    """The contract's continuation, as far as the stored layout goes (tests only)."""
-    target_root = Path(target_root)
-    if (target_root / "experiment.json").is_file():
-        store = ExperimentStore.open(target_root.parent, target_root.name)
-        assert store.meta["retrain"] == set_meta
-    else:
-        samples = {
-            s: {c: source.samples(s)[c].to_numpy() for c in SAMPLE_COLUMNS} for s in source.splits
-        }
-        meta = dict(source.meta, retrain=set_meta)
-        store = ExperimentStore.create(target_root.parent, target_root.name, meta, samples)
-    runs = {r.run_id: r for r in source.runs()}
-    trained, skipped = [], []
-    for run_id in run_ids:
-        if read_run(store.run_dir(run_id)) is not None:
-            skipped.append(run_id)
-            continue
-        src = runs[run_id]
-        rng = np.random.default_rng([len(added[run_id]), int(src.seed)])
-        logits = {}
-        for split in source.splits:
-            x = np.asarray(src.load_logits(split), dtype=np.float32)
-            logits[split] = x + rng.normal(0, 1.0, size=x.shape).astype(np.float32)
-        store.write_run(run_id, logits, {"seed": src.seed, "n_added": len(added[run_id])})
-        trained.append(run_id)
-    return types.SimpleNamespace(trained=trained, skipped=skipped, epochs=epochs or 1)
-
-
 def install_continuation(mp: pytest.MonkeyPatch) -> list[dict[str, Any]]:
-    """Record every continue_runs call (set, added) and pass it on; the stand-in where
-    mlvar.train.continuation does not exist yet."""
+    """Record every continue_runs call (set, identity, added) and pass it on."""
     calls: list[dict[str, Any]] = []
-    if HAS_CONTINUATION:
-        module = importlib.import_module("mlvar.train.continuation")
-        target = module.continue_runs
-    else:
-        module = types.ModuleType("mlvar.train.continuation")
-        mp.setitem(sys.modules, "mlvar.train.continuation", module)
-        target = stand_in_continue_runs
+    target = continuation.continue_runs
 
     def spy(source, target_root, set_meta, scenario, pool, added, run_ids, **kw):
         calls.append({"set": Path(target_root).name, "meta": set_meta, "added": dict(added)})
         return target(source, target_root, set_meta, scenario, pool, added, run_ids, **kw)
 
-    mp.setattr(module, "continue_runs", spy, raising=False)
+    mp.setattr(continuation, "continue_runs", spy)
     return calls
 
 
@@ -297,13 +244,16 @@ def test_cli_retrain_skips_finished_sets(
     root = tmp_path / "w"
     shutil.copytree(retrained["root"], root)
     use_root(root, monkeypatch)
-    install_continuation(monkeypatch)
     args = ("retrain", EXPERIMENT, "--pool", POOL, "--by", "std_conf,random", "--budget", "0.2")
     out = json.loads(ok(*args, "--epochs", "1", "--json").stdout)
     assert out["strategies"] == ["maxconf_std", "random"]  # the alias as what it stands for
     assert out["budgets"] == [0.0, 0.2]
     assert [s["set"] for s in out["sets"]] == ["b0", "maxconf_std-b0.2", "random-b0.2"]
     assert all(not s["trained"] for s in out["sets"])
+    # the gains of the strategies asked for first, in that order; earlier sets after them
+    order = [g["strategy"] for g in out["gains"]]
+    assert order[:6] == ["maxconf_std"] * 3 + ["random"] * 3
+    assert sorted(set(order[6:])) == ["gconf_mean", "neg_maxconf", "std_avg_conf"]
     text = ok(*args, "--epochs", "1").stdout
     assert "maxconf_std" in text and "gain" in text
 
@@ -367,7 +317,7 @@ def test_plan_checks_an_existing_set_of_another_identity(retrained: dict, tmp_pa
     shutil.copytree(retrained["root"], root)
     from mlvar.errors import MlvarError
 
-    with pytest.raises(MlvarError, match="made with another epochs") as err:
+    with pytest.raises(MlvarError, match="made with another epochs .epochs 1, asked 3.") as err:
         plan_retrain(EXPERIMENT, config_for(root), POOL, "random", "0.2", epochs=3)
     assert "remove" in err.value.hint
     plan = plan_retrain(EXPERIMENT, config_for(root), POOL, "random", "0.2", epochs=1)

@@ -42,7 +42,7 @@ from mlvar.analysis.retrain import (
     write_summary,
 )
 from mlvar.config import Config
-from mlvar.data.scenario import Scenario, SplitData, experiment_scenario, open_scenario
+from mlvar.data.scenario import Scenario, SplitData, experiment_scenario
 from mlvar.errors import MlvarError, unknown_choice
 from mlvar.store import ExperimentStore, RunRecord, parquet_bytes
 
@@ -224,24 +224,19 @@ def choose_runs(
 
 
 def pool_source(data_root: Path, store: ExperimentStore, pool: str) -> tuple[Scenario, SplitData]:
-    """The experiment's scenario and the pool's data (x, y, id, affected): its own split,
-    or the external split ``experiment.json["external_splits"][pool]`` names (added by
-    ``mlvar analyze predict``), checked against the stored sample ids."""
+    """The experiment's scenario and the pool's data (x, y, id, affected): a split of that
+    scenario, or one ``mlvar analyze predict`` added from another scenario
+    (:func:`mlvar.data.scenario.split_source`), checked against the stored sample ids."""
     scenario = experiment_scenario(data_root, store.name, store.meta)
-    external = (store.meta.get("external_splits") or {}).get(pool)
-    if external:
-        source = open_scenario(data_root, external["scenario"])
-        expected = external.get("manifest_sha256")
-        if expected and source.manifest_sha256 != expected:
-            raise MlvarError(
-                f"the prepared scenario '{source.name}' is not the one pool '{pool}' of "
-                f"'{store.name}' was predicted on (its manifest changed)",
-                "prepare that scenario again, or predict the pool again with 'mlvar analyze "
-                "predict'",
-            )
-        data = source.load(external.get("split", "val"))
-    else:
+    external = store.meta.get("external_splits") or {}
+    if pool in scenario.splits and pool not in external:
         data = scenario.load(pool)
+    else:
+        # Only 'mlvar analyze predict' adds splits the scenario lacks; it brings this.
+        from mlvar.data.scenario import split_source
+
+        source, name = split_source(data_root, store.name, store.meta, pool)
+        data = source.load(name)
     ids = store.samples(pool)["sample_id"].to_numpy()
     if len(data.id) != len(ids) or not np.array_equal(data.id, ids):
         raise MlvarError(
@@ -297,9 +292,10 @@ def _check_existing(root: Path, sets: Sequence[RetrainSet]) -> None:
             continue  # the continuation reports a corrupt set
         keys = sorted(k for k in set(old) | set(s.meta) if old.get(k) != s.meta.get(k))
         if keys:
+            diffs = "; ".join(f"{k} {old.get(k)!r}, asked {s.meta.get(k)!r}" for k in keys)
             raise MlvarError(
                 f"retraining set '{s.name}' of '{s.meta['source']}' was made with another "
-                f"{', '.join(keys)}",
+                f"{', '.join(keys)} ({diffs})",
                 f"remove {root / s.name} to redo it, or ask for what it was made with",
             )
 
@@ -405,6 +401,20 @@ def _with_placeholder_labels(preds: Predictions) -> Predictions:
 
 
 # ---------------------------------------------------------------- the work
+
+
+def _in_order(gains: pd.DataFrame, strategies: Sequence[str]) -> pd.DataFrame:
+    """``gains`` with the strategies asked for first, in that order (the others, from
+    earlier calls, after them by name), budgets ascending."""
+    if gains.empty:
+        return gains
+    rank = {name: i for i, name in enumerate(strategies)}
+    key = [
+        (rank.get(s, len(rank)), s, b)
+        for s, b in zip(gains["strategy"], gains["budget"], strict=True)
+    ]
+    order = sorted(range(len(key)), key=key.__getitem__)
+    return gains.iloc[order].reset_index(drop=True)
 
 
 def _write_selected(plan: RetrainPlan) -> str:
@@ -530,7 +540,7 @@ def retrain(
         run_ids,
         done_sets,
         summary,
-        gain_stats(summary),
+        _in_order(gain_stats(summary), [s.name for s in plan.strategies]),
         files,
         time.perf_counter() - started,
     )
