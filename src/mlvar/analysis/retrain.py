@@ -281,16 +281,22 @@ class RetrainStats:
         return {
             "experiment": self.experiment,
             "bootstrap": {"resamples": self.n_boot, "level": self.level, "seed": BOOTSTRAP_SEED},
-            "gains": _records(self.gains),
-            "versus_random": _records(self.versus_random),
+            "gains": json_records(self.gains),
+            "versus_random": json_records(self.versus_random),
         }
 
 
-def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
-    return [
-        {k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}
-        for r in df.to_dict(orient="records")
-    ]
+def json_records(df: pd.DataFrame | None) -> list[dict[str, Any]]:
+    """The rows of ``df`` as JSON-ready dicts: NaN becomes None, numpy scalars Python's."""
+    if df is None:
+        return []
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float | np.floating) and np.isnan(v):
+            return None
+        return v.item() if isinstance(v, np.generic) else v
+
+    return [{k: clean(v) for k, v in r.items()} for r in df.to_dict(orient="records")]
 
 
 def retrain_stats(store: ExperimentStore) -> RetrainStats:

@@ -38,6 +38,7 @@ from mlvar.analysis.retrain import (
     SELECTED_COLUMNS,
     SELECTED_FILE,
     gain_stats,
+    json_records,
     retrain_dir,
     write_summary,
 )
@@ -135,14 +136,6 @@ class RetrainResult:
     wall_time_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        def records(df: pd.DataFrame | None) -> list[dict[str, Any]]:
-            if df is None:
-                return []
-            return [
-                {k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}
-                for r in df.to_dict(orient="records")
-            ]
-
         return {
             "experiment": self.experiment,
             "pool": self.pool,
@@ -151,8 +144,8 @@ class RetrainResult:
             "budgets": self.budgets,
             "runs": self.runs,
             "sets": self.sets,
-            "gains": records(self.gains),
-            "summary": records(self.summary),
+            "gains": json_records(self.gains),
+            "summary": json_records(self.summary),
             "files": self.files,
             "wall_time_s": self.wall_time_s,
         }
@@ -372,7 +365,8 @@ def plan_retrain(
             meta = _set_meta(store, pool, strategy, budget, k, epochs, from_scratch, digest)
             sets.append(RetrainSet(name, strategy, budget, k, added, meta))
     _check_existing(retrain_dir(store), sets)
-    dev = device or config.train_for(store.meta.get("dataset", "digits")).device
+    dataset = store.meta.get("dataset")
+    dev = device or (config.train_for(dataset).device if dataset in config.train else "cpu")
     return RetrainPlan(
         store,
         pool,
