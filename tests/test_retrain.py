@@ -322,3 +322,24 @@ def test_plan_checks_an_existing_set_of_another_identity(retrained: dict, tmp_pa
     assert "remove" in err.value.hint
     plan = plan_retrain(EXPERIMENT, config_for(root), POOL, "random", "0.2", epochs=1)
     assert [s.name for s in plan.sets] == ["b0", "random-b0.2"]
+
+
+def test_interrupted_retraining_rerun_ends_identical(retrained: dict, tmp_path: Path) -> None:
+    """What a kill leaves (a set never started, a set with a run missing, no summary) is
+    completed by running it again, to the same summary and the same stored logits."""
+    root = tmp_path / "w"
+    shutil.copytree(retrained["root"], root)
+    folder = root / "runs" / EXPERIMENT / "retrain"
+    shutil.rmtree(folder / "random-b1.0")
+    shutil.rmtree(folder / "maxconf_std-b0.2" / "runs" / "run-0001")
+    for name in ("summary.parquet", "summary.csv"):
+        (folder / name).unlink()
+    cfg = config_for(root)
+    result = retrain(EXPERIMENT, cfg, pool=POOL, strategies=STRATEGIES, budgets=BUDGETS, epochs=1)
+    trained = {s["set"]: s["trained"] for s in result.sets if s["trained"]}
+    assert trained == {"maxconf_std-b0.2": ["run-0001"], "random-b1.0": retrained["first"].runs}
+    pd.testing.assert_frame_equal(result.summary, retrained["first"].summary)
+    before = retrained["root"] / "runs" / EXPERIMENT / "retrain"
+    for set_, run_id in (("random-b1.0", "run-0002"), ("maxconf_std-b0.2", "run-0001")):
+        rel = Path(set_) / "runs" / run_id / "test.logits.npy"
+        np.testing.assert_array_equal(np.load(folder / rel), np.load(before / rel))
