@@ -25,6 +25,7 @@ from mlvar.train.continuation import (
     ContinueGenerators,
     added_sha256,
     continue_runs,
+    experiment_plan,
     plan_continuation,
 )
 from mlvar.train.mlp import ENGINES, TrainData, _one_thread_per_kernel
@@ -120,6 +121,12 @@ def test_mlp_starts_from_the_saved_weights(trained: dict, tmp_path: Path, engine
     assert sorted(starts) == RUNS
     for run_id in RUNS:
         assert _same_state(starts[run_id], _weights(trained["stores"][engine], run_id))
+    # Zero epochs evaluate the loaded weights: the source run's logits, bit for bit.
+    _continue(trained, engine, tmp_path / "e0", _none(), epochs=0)
+    e0 = ExperimentStore.open(tmp_path, "e0")
+    for run_id in RUNS:
+        for split, logits in _logits(trained["stores"][engine], run_id).items():
+            assert np.array_equal(logits, _logits(e0, run_id)[split])
 
 
 def test_cnn_starts_from_the_saved_weights_and_resumes_identically(
@@ -130,6 +137,10 @@ def test_cnn_starts_from_the_saved_weights_and_resumes_identically(
     log = _Log()
     whole = _continue(trained, "cnn", tmp_path / "whole", added, trace=log.append_3, epochs=2)
     assert _same_state(_starts(log)["run-0000"], _weights(store, "run-0000"))
+    _continue(trained, "cnn", tmp_path / "e0", added, epochs=0)
+    e0 = ExperimentStore.open(tmp_path, "e0")
+    for split, logits in _logits(store, "run-0000").items():
+        assert np.array_equal(logits, _logits(e0, "run-0000")[split])
     # The train split + 20 rows in batches of 64, in both epochs: all of them once each.
     n_train = len(trained["scenario"].load("train"))
     batches = [p for e, _, p in log if e == "batch"]
@@ -269,6 +280,7 @@ def test_the_set_store_and_its_records(trained: dict, tmp_path: Path, tree_listi
     result = _continue(trained, "batched", target, some, set_meta=set_meta)
     store = ExperimentStore.open(target.parent, target.name)
     assert store.meta["retrain"] == set_meta and store.splits == source.splits
+    assert experiment_plan(source).record().items() <= store.meta["continuation"].items()
     assert store.meta["train"] == source.meta["train"]
     assert store.meta["continuation"]["schedule"] == "constant"
     assert store.meta["continuation"]["optimizer"] == "fresh"

@@ -124,6 +124,17 @@ def plan_continuation(cfg: TrainConfig, epochs: int | None, from_scratch: bool) 
     raise ValueError(f"unknown continuation schedule {schedule!r}")
 
 
+def experiment_plan(
+    source: ExperimentStore, epochs: int | None = None, from_scratch: bool = False
+) -> Plan:
+    """The continuation :func:`continue_runs` would run on ``source`` (its first run's
+    config), without training: e.g. to show or record the epochs before starting."""
+    runs = source.runs()
+    if not runs:
+        raise MlvarError(f"experiment '{source.name}' has no finished runs", "train it first")
+    return plan_continuation(run_config(runs[0], "cpu"), epochs, from_scratch)
+
+
 def continue_generator(seed: int, source: str) -> torch.Generator:
     """The CPU generator of ``source`` in a continuation of a run whose ``source`` seed is
     ``seed``: like training's (``seeding.make_generator``), with :data:`CONTINUE_TAG`."""

@@ -19,6 +19,11 @@ run writes its logits for every split, optionally ``train.dynamics.npy``, and ``
 (the final ``state_dict``, load with ``torch.load(path, weights_only=True)``), then
 ``run.json`` listing them all with their sha256, in a temporary folder that then replaces
 the run folder and its checkpoint (a failed write keeps the checkpoint to resume from).
+
+A continuation (``mlvar.train.continuation``) passes :class:`Start` to :func:`train_run`:
+the run then starts from given weights, at an epoch offset of a per-epoch schedule, and
+trains on the rows ``ImageData.train_x`` holds (train split plus pool rows) while every
+split is normalised with the train split's statistics.
 """
 
 from __future__ import annotations
