@@ -322,6 +322,9 @@ def test_plan_checks_an_existing_set_of_another_identity(retrained: dict, tmp_pa
     assert "remove" in err.value.hint
     plan = plan_retrain(EXPERIMENT, config_for(root), POOL, "random", "0.2", epochs=1)
     assert [s.name for s in plan.sets] == ["b0", "random-b0.2"]
+    # no --epochs: the recipe's length (a third of 2 epochs, rounded: 1), the same sets
+    plan = plan_retrain(EXPERIMENT, config_for(root), POOL, "random", "0.2")
+    assert plan.epochs == 1 and plan.sets[1].meta["epochs"] == 1
 
 
 def test_interrupted_retraining_rerun_ends_identical(retrained: dict, tmp_path: Path) -> None:

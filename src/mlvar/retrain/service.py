@@ -334,6 +334,11 @@ def plan_retrain(
     preds = load_predictions(store, pool)
     to_run = choose_runs(store, preds.runs, runs)
     scenario, data = pool_source(Path(config.paths.data_root), store, pool)
+    # torch: the request is checked. Sets record the epochs the continuation runs, so an
+    # --epochs equal to the recipe's length finds the sets made without it.
+    from mlvar.train.continuation import experiment_plan
+
+    epochs = experiment_plan(store, epochs, from_scratch).epochs
     if missing:  # label-free strategies only: the labels are never read
         preds = _with_placeholder_labels(preds)
     orders = pool_orders(preds, chosen)
@@ -481,7 +486,7 @@ def retrain(
     plan = plan_retrain(
         experiment, config, pool, strategies, budgets, epochs, from_scratch, runs, device
     )
-    from mlvar.train.continuation import continue_runs  # torch: the request is checked
+    from mlvar.train.continuation import continue_runs
 
     files = [_write_selected(plan)]
     run_ids = [r.run_id for r in plan.runs]
