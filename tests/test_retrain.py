@@ -325,6 +325,12 @@ def test_plan_checks_an_existing_set_of_another_identity(retrained: dict, tmp_pa
     # no --epochs: the recipe's length (a third of 2 epochs, rounded: 1), the same sets
     plan = plan_retrain(EXPERIMENT, config_for(root), POOL, "random", "0.2")
     assert plan.epochs == 1 and plan.sets[1].meta["epochs"] == 1
+    # --runs N: the first N runs continue; shared orders still read every run's logits
+    plan = plan_retrain(EXPERIMENT, config_for(root), POOL, "maxconf_std", "0.2", 1, runs=2)
+    assert [r.run_id for r in plan.runs] == ["run-0000", "run-0001"]
+    assert len(plan.all_runs) == 3 and sorted(plan.sets[0].added) == ["run-0000", "run-0001"]
+    full = plan_retrain(EXPERIMENT, config_for(root), POOL, "maxconf_std", "0.2", 1)
+    assert plan.sets[1].meta == full.sets[1].meta  # the same selection, the same set
 
 
 def test_interrupted_retraining_rerun_ends_identical(retrained: dict, tmp_path: Path) -> None:
