@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from mlvar.analysis.retrain_summary_io import load_summary, summary_stats
+from mlvar.analysis.retrain import read_summary, summary_stats
 from mlvar.cli import app
 from mlvar.errors import MlvarError
 from test_report import EVIL, PNG, make_store
@@ -197,24 +197,24 @@ def test_malformed_summary_is_one_line_exit_2(tmp_path: Path, monkeypatch) -> No
     assert not (tmp_path / "reports").exists() and not (store.root / "analysis").exists()
 
 
-def test_load_summary_checks_the_file(tmp_path: Path) -> None:
-    assert load_summary(tmp_path) is None  # no retrain/summary.parquet
+def test_read_summary_checks_the_file(tmp_path: Path) -> None:
+    assert read_summary(tmp_path) is None  # no retrain/summary.parquet
     table = summary_rows(1)
     (tmp_path / "retrain").mkdir()
     (tmp_path / "retrain" / "summary.parquet").write_bytes(b"not parquet")
     with pytest.raises(MlvarError, match="unreadable"):
-        load_summary(tmp_path)
+        read_summary(tmp_path)
     for bad, what in (
         (table.assign(gain="x"), "column gain is not numeric"),
         (table.assign(oracle="yes"), "column oracle is not true/false"),
     ):
         write_summary(tmp_path, bad)
         with pytest.raises(MlvarError, match=what):
-            load_summary(tmp_path)
+            read_summary(tmp_path)
     write_summary(tmp_path, pd.DataFrame(columns=list(table.columns)))  # no run finished yet
-    assert load_summary(tmp_path) is None
+    assert read_summary(tmp_path) is None
     # no held-out samples in the test split: their accuracy and gain are NaN, shown as –
     write_summary(tmp_path, table.assign(acc_affected=np.nan, gain_affected=np.nan))
-    stats = summary_stats(load_summary(tmp_path))
+    stats = summary_stats(read_summary(tmp_path))
     assert stats["gain_affected_mean"].isna().all() and stats["gain_mean"].notna().all()
     assert len(stats) == len(STRATEGIES) * len(BUDGETS)

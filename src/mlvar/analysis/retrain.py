@@ -56,6 +56,9 @@ SELECTED_COLUMNS: tuple[str, ...] = ("strategy", "budget", "run_id", "sample_id"
 
 GAINS: tuple[str, ...] = ("gain", "gain_affected", "gain_unaffected")
 STATS: tuple[str, ...] = ("mean", "std", "min", "max", "median")
+"""The statistics over runs of each gain (std with ddof 1: NaN for one run)."""
+ACCURACIES: tuple[str, ...] = ("acc", "acc_affected", "acc_unaffected")
+_NUMERIC = ("budget", "n_added", *ACCURACIES, *GAINS)
 
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_LEVEL = 0.95
@@ -179,8 +182,16 @@ def write_summary(
 
 
 def load_summary(store: ExperimentStore) -> pd.DataFrame:
-    """``retrain/summary.parquet`` of ``store``; :class:`MlvarError` when absent."""
-    return _load(store, f"{SUMMARY_STEM}.parquet")
+    """``retrain/summary.parquet`` of ``store``, checked (:func:`read_summary`);
+    :class:`MlvarError` when there is none."""
+    table = read_summary(store.root)
+    if table is None:
+        raise MlvarError(
+            f"experiment '{store.name}' has no retraining results "
+            f"({summary_path(store.root)} is missing or empty)",
+            f"run 'mlvar retrain {store.name}' first",
+        )
+    return table
 
 
 def load_selected(store: ExperimentStore) -> pd.DataFrame:
@@ -199,32 +210,10 @@ def _load(store: ExperimentStore, name: str) -> pd.DataFrame:
 
 
 def gain_stats(summary: pd.DataFrame) -> pd.DataFrame:
-    """Per strategy and budget: ``n_runs``, ``n_added``, ``oracle``, the mean ``acc`` and
-    the mean, std (ddof 1; NaN for one run), min, max and median over runs of each gain
-    (``gain_mean``, ``gain_affected_std``, ...). NaN gains (no ``b0`` run) are left out."""
-    rows = []
-    for (strategy, budget), group in summary.groupby(["strategy", "budget"], sort=True):
-        row: dict[str, Any] = {
-            "strategy": strategy,
-            "budget": float(budget),
-            "n_added": int(group["n_added"].iloc[0]),
-            "n_runs": int(len(group)),
-            "oracle": bool(group["oracle"].iloc[0]),
-            "acc_mean": float(group["acc"].mean()),
-        }
-        for gain in GAINS:
-            v = group[gain].to_numpy(dtype=np.float64)
-            v = v[~np.isnan(v)]
-            nan = float("nan")
-            row |= {
-                f"{gain}_mean": float(v.mean()) if v.size else nan,
-                f"{gain}_std": float(v.std(ddof=1)) if v.size > 1 else nan,
-                f"{gain}_min": float(v.min()) if v.size else nan,
-                f"{gain}_max": float(v.max()) if v.size else nan,
-                f"{gain}_median": float(np.median(v)) if v.size else nan,
-            }
-        rows.append(row)
-    return pd.DataFrame(rows)
+    """:func:`summary_stats` with ``n_added``: the number of samples each run added (the
+    same for every run of a strategy and budget, since k depends on the pool's size)."""
+    stats = summary_stats(summary)
+    return stats.assign(n_added=stats["n_added_max"])
 
 
 def versus_random(
@@ -264,6 +253,102 @@ def versus_random(
             row[f"{gain}_ci_high"] = s["ci_high"]
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def summary_path(experiment_dir: Path) -> Path:
+    """Where an experiment's retraining summary lies."""
+    return Path(experiment_dir) / RETRAIN_DIR / f"{SUMMARY_STEM}.parquet"
+
+
+def read_summary(experiment_dir: Path) -> pd.DataFrame | None:
+    """The retraining summary of the experiment folder ``experiment_dir``, or None when
+    it has none (no file, or one without rows: no budget-0 run had finished).
+
+    Raises
+    ------
+    MlvarError
+        The file is unreadable, lacks a column or has a column of the wrong kind (one
+        line naming it).
+    """
+    path = summary_path(experiment_dir)
+    if not path.is_file():
+        return None
+    hint = f"rerun 'mlvar retrain {Path(experiment_dir).name}' to rewrite it"
+    try:
+        table = pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises several kinds for a damaged file
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MlvarError(f"retraining summary {path} is unreadable: {first}", hint) from exc
+    missing = [c for c in SUMMARY_COLUMNS if c not in table.columns]
+    if missing:
+        raise MlvarError(
+            f"retraining summary {path} lacks the column(s) {', '.join(missing)}", hint
+        )
+    if table.empty:  # written before any budget-0 run finished: nothing to show yet
+        return None
+    for col in _NUMERIC:
+        if not pd.api.types.is_numeric_dtype(table[col]) or pd.api.types.is_bool_dtype(table[col]):
+            raise MlvarError(
+                f"retraining summary {path}: column {col} is not numeric ({table[col].dtype})",
+                hint,
+            )
+    for col in ("budget", "n_added"):
+        if table[col].isna().any():
+            raise MlvarError(f"retraining summary {path}: column {col} has missing values", hint)
+    if table["oracle"].isna().any() or not pd.api.types.is_bool_dtype(table["oracle"]):
+        raise MlvarError(
+            f"retraining summary {path}: column oracle is not true/false ({table['oracle'].dtype})",
+            hint,
+        )
+    table = table.copy()
+    for col in ("strategy", "run_id", "pool"):
+        table[col] = table[col].astype(str)
+    return table
+
+
+def summary_stats(summary: pd.DataFrame) -> pd.DataFrame:
+    """Per pool, strategy and budget (strategies in order of first appearance, budgets
+    ascending): ``oracle``, ``n_runs``, ``n_added_min`` / ``n_added_max`` over runs, the
+    mean and std (ddof 1) over runs of each accuracy (``acc_mean``, ``acc_std``, ...)
+    and ``mean``, ``std`` (ddof 1), ``min``, ``max``, ``median`` of each gain
+    (``gain_mean``, ``gain_affected_std``, ...)."""
+    order = {s: i for i, s in enumerate(dict.fromkeys(summary["strategy"]))}
+    pools = {p: i for i, p in enumerate(dict.fromkeys(summary["pool"]))}
+    rows = []
+    for (pool, strategy, budget), g in summary.groupby(["pool", "strategy", "budget"], sort=False):
+        row = {
+            "pool": pool,
+            "strategy": strategy,
+            "budget": float(budget),
+            "oracle": bool(g["oracle"].any()),
+            "n_runs": len(g),
+            "n_added_min": int(g["n_added"].min()),
+            "n_added_max": int(g["n_added"].max()),
+        }
+        for col in ACCURACIES:
+            v = g[col].to_numpy(dtype=np.float64)
+            row[f"{col}_mean"] = _nan_stat(np.nanmean, v)
+            row[f"{col}_std"] = _nan_stat(lambda a: np.nanstd(a, ddof=1), v, 2)
+        for col in GAINS:
+            v = g[col].to_numpy(dtype=np.float64)
+            row[f"{col}_mean"] = _nan_stat(np.nanmean, v)
+            row[f"{col}_std"] = _nan_stat(lambda a: np.nanstd(a, ddof=1), v, 2)
+            row[f"{col}_min"] = _nan_stat(np.nanmin, v)
+            row[f"{col}_max"] = _nan_stat(np.nanmax, v)
+            row[f"{col}_median"] = _nan_stat(np.nanmedian, v)
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    key = [out["pool"].map(pools), out["strategy"].map(order), out["budget"]]
+    out = out.assign(_p=key[0], _s=key[1]).sort_values(["_p", "_s", "budget"], kind="stable")
+    return out.drop(columns=["_p", "_s"]).reset_index(drop=True)
+
+
+def _nan_stat(fn, values: np.ndarray, need: int = 1) -> float:
+    """``fn`` over the non-NaN values, NaN when fewer than ``need`` (e.g. no held-out
+    samples in the test split: ``acc_affected`` is NaN in every row)."""
+    if np.count_nonzero(~np.isnan(values)) < need:
+        return float("nan")
+    return float(fn(values))
 
 
 @dataclass

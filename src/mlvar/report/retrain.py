@@ -16,11 +16,11 @@ from typing import Any
 
 import pandas as pd
 
-from mlvar.analysis.retrain_summary_io import (
-    ACCURACY_COLUMNS,
-    GAIN_COLUMNS,
+from mlvar.analysis.retrain import (
+    ACCURACIES,
+    GAINS,
     STATS,
-    load_summary,
+    read_summary,
     summary_stats,
 )
 from mlvar.analysis.study import experiment_protocol
@@ -71,7 +71,7 @@ class Section:
 
 def load(store: ExperimentStore) -> pd.DataFrame | None:
     """The experiment's retraining summary (None without one; MlvarError if malformed)."""
-    return load_summary(store.root)
+    return read_summary(store.root)
 
 
 def section(summary: pd.DataFrame, experiment: str, fmt: Formatter) -> Section:
@@ -83,8 +83,8 @@ def section(summary: pd.DataFrame, experiment: str, fmt: Formatter) -> Section:
     rows = [
         _row(r)
         | {
-            "acc": [fmt(r[f"{a}_mean"]) for a in ACCURACY_COLUMNS],
-            "cells": [fmt(r[f"{g}_{s}"]) for g in GAIN_COLUMNS for s in STATS],
+            "acc": [fmt(r[f"{a}_mean"]) for a in ACCURACIES],
+            "cells": [fmt(r[f"{g}_{s}"]) for g in GAINS for s in STATS],
         }
         for r in stats.to_dict(orient="records")
     ]
@@ -102,7 +102,7 @@ def section(summary: pd.DataFrame, experiment: str, fmt: Formatter) -> Section:
             for s, o in zip(strategies["strategy"], strategies["oracle"], strict=True)
         ],
         "stats": list(STATS),
-        "gains": [GAIN_TITLES[g] for g in GAIN_COLUMNS],
+        "gains": [GAIN_TITLES[g] for g in GAINS],
         "rows": rows,
         "several_pools": stats["pool"].nunique() > 1,
     }
@@ -224,7 +224,7 @@ def study_retrain(
                 "family": f"{p['dataset']} / {p['mode']}",
                 "model": p["model"],
                 "params": params_text[e],
-                "cells": [fmt(r[f"{g}_mean"]) for g in GAIN_COLUMNS],
+                "cells": [fmt(r[f"{g}_mean"]) for g in GAINS],
             }
         )
     described = stats.assign(
@@ -237,7 +237,7 @@ def study_retrain(
         [
             *("experiment", "dataset", "mode", "model", "params", "pool", "strategy"),
             *("oracle", "budget", "n_runs", "n_added_min", "n_added_max"),
-            *(f"{g}_{s}" for g in GAIN_COLUMNS for s in ("mean", "std")),
+            *(f"{g}_{s}" for g in GAINS for s in ("mean", "std")),
         ]
     ]
     html = env.get_template("study_retrain.html").render(
