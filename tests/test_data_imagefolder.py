@@ -1,0 +1,316 @@
+"""imagefolder: scikit-learn's digits written to a folder of PNGs (class = digit // 2,
+group = digit), fetched and prepared; every mode checked against code written here."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+from mlvar.data import imagefolder
+from mlvar.data.sweep import prepare_sweep
+from mlvar.errors import MlvarError
+
+N = 1797
+NAME = "mydigits"
+
+
+def _rgb(img: np.ndarray) -> np.ndarray:
+    """A digit (0-16) as a colour image whose grayscale differs from each channel."""
+    v = (img * 15).astype(np.uint8)
+    return np.stack([v, 255 - v, (v // 2 + 40).astype(np.uint8)], axis=-1)
+
+
+def _class_folder(digit: int) -> str:
+    return f"{digit // 2 * 2}-{digit // 2 * 2 + 1}"
+
+
+@pytest.fixture(scope="module")
+def digits_folder(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The digits as root/<coarse class>/<digit>/<index>.png (RGB), with hidden files the
+    reader must skip, and the reference: each id's load_digits index, label and group."""
+    bunch = load_digits()
+    root = tmp_path_factory.mktemp("imgf") / "digits"
+    for i, (img, digit) in enumerate(zip(bunch.images, bunch.target, strict=True)):
+        folder = root / _class_folder(int(digit)) / str(digit)
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(_rgb(img), "RGB").save(folder / f"{i:04d}.png")
+    (root / ".DS_Store").write_bytes(b"\0\1junk")
+    (root / "0-1" / ".DS_Store").write_bytes(b"junk")
+    (root / "2-3" / "3" / "._0003.png").write_bytes(b"AppleDouble junk")
+    # The id order written independently: by class folder, group folder, file name.
+    order = np.array(sorted(range(N), key=lambda i: (bunch.target[i], i)))
+    target = bunch.target[order]
+    labels = target // 2
+    rest, test = train_test_split(np.arange(N), test_size=0.3, stratify=labels, random_state=69)
+    train, val = train_test_split(rest, test_size=0.1, stratify=labels[rest], random_state=69)
+    return {
+        "root": root,
+        "index_of_id": order,
+        "digit": target,
+        "label": labels,
+        "images": np.stack([_rgb(bunch.images[i]) for i in order]),
+        "split": {"train": train, "val": val, "test": test},
+    }
+
+
+@pytest.fixture(scope="module")
+def fetched(digits_folder: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    data_root = tmp_path_factory.mktemp("imgf-data")
+    info = imagefolder.fetch_imagefolder(digits_folder["root"], NAME, data_root, None, "rgb")
+    spec = imagefolder.user_spec(NAME, info, data_root)
+    return {"root": data_root, "info": info, "spec": spec}
+
+
+def _load(scenario) -> dict:
+    return {s: scenario.load(s) for s in scenario.splits}
+
+
+def _first(pos: np.ndarray, member: np.ndarray, ratio: float) -> np.ndarray:
+    """``pos`` without the first floor(ratio * count) of its members (in split order)."""
+    members = np.flatnonzero(member[pos])
+    k = math.floor(ratio * len(members) + 1e-9)
+    return np.delete(pos, members[:k])
+
+
+def test_fetch_records_the_folder(fetched: dict, digits_folder: dict) -> None:
+    info = fetched["info"]
+    assert info["rows"] == N and info["layout"] == "class/group/file"
+    assert info["classes"] == ["0-1", "2-3", "4-5", "6-7", "8-9"]
+    assert info["groups"] == [[d // 2, str(d)] for d in range(10)]
+    assert info["shape"] == [8, 8, 3] and info["color"] == "rgb"
+    # The sha256 over the relative paths in id order and the file bytes, recomputed here.
+    digest = hashlib.sha256()
+    target = load_digits().target
+    for i in digits_folder["index_of_id"]:
+        rel = f"{_class_folder(int(target[i]))}/{target[i]}/{i:04d}.png"
+        data = (digits_folder["root"] / rel).read_bytes()
+        digest.update(rel.encode() + b"\0" + len(data).to_bytes(8, "big") + data)
+    assert info["sha256"] == digest.hexdigest()
+
+
+def test_original_is_the_folder_split_stratified(fetched: dict, digits_folder: dict) -> None:
+    scenario = fetched["spec"].prepare(fetched["root"], "original")
+    assert scenario.name == f"{NAME}-original"
+    assert scenario.manifest["input"] == {"kind": "image", "shape": [8, 8, 3], "max_value": 255}
+    assert scenario.manifest["group_names"] == [str(d) for d in range(10)]
+    splits = _load(scenario)
+    labels = digits_folder["label"]
+    for s, data in splits.items():
+        ids = digits_folder["split"][s]
+        np.testing.assert_array_equal(data.id, ids)
+        np.testing.assert_array_equal(data.y, labels[ids])
+        np.testing.assert_array_equal(data.group, digits_folder["digit"][ids])
+        np.testing.assert_array_equal(data.x, digits_folder["images"][ids])
+        assert not data.affected.any()
+    # Stratified: every split holds each class in the proportion of the whole folder.
+    whole = np.bincount(labels) / N
+    for s in ("train", "test"):
+        share = np.bincount(splits[s].y, minlength=5) / len(splits[s])
+        np.testing.assert_allclose(share, whole, atol=0.01)
+
+
+@pytest.mark.parametrize(("group", "ratio"), [("3", 1.0), ("3", 0.5), ("8-9/8", 0.25)])
+def test_group_holdout(fetched: dict, digits_folder: dict, group: str, ratio: float) -> None:
+    spec = fetched["spec"]
+    given = {"group": group} if ratio == 1.0 else {"group": group, "ratio": ratio}
+    scenario = spec.prepare(fetched["root"], None, given)  # --group implies holdout
+    digit = int(group.split("/")[-1])
+    assert scenario.name == f"{NAME}-holdout-g{digit}-r{ratio}"
+    assert scenario.manifest["params"] == {"group": str(digit), "ratio": ratio}
+    assert scenario.splits == ["train", "val", "test", "full_val"]
+    splits = _load(scenario)
+    member = digits_folder["digit"] == digit
+    ref = digits_folder["split"]
+    for s in ("train", "val"):
+        kept = _first(ref[s], member, ratio)
+        np.testing.assert_array_equal(splits[s].id, kept)
+        np.testing.assert_array_equal(splits[s].y, digits_folder["label"][kept])
+        assert not splits[s].affected.any()
+    for s, ids in (("test", ref["test"]), ("full_val", ref["val"])):
+        np.testing.assert_array_equal(splits[s].id, ids)
+        np.testing.assert_array_equal(splits[s].affected, member[ids])
+        np.testing.assert_array_equal(splits[s].x, digits_folder["images"][ids])
+    counts = scenario.manifest["group_counts"]["test"][str(digit)]
+    assert counts == {"total": int(member[ref["test"]].sum()), "affected": counts["total"]}
+
+
+def test_class_holdout_and_duplicates(fetched: dict, digits_folder: dict) -> None:
+    spec, labels, ref = fetched["spec"], digits_folder["label"], digits_folder["split"]
+    scenario = spec.prepare(fetched["root"], "holdout", {"cls": 1, "ratio": 0.5})
+    assert scenario.name == f"{NAME}-holdout-cls1-r0.5"
+    splits = _load(scenario)
+    np.testing.assert_array_equal(splits["train"].id, _first(ref["train"], labels == 1, 0.5))
+    for s in ("val", "test"):
+        np.testing.assert_array_equal(splits[s].affected, labels[ref[s]] == 1)
+
+    dup = _load(spec.prepare(fetched["root"], "holdout-dup", {"cls": 2, "ratio": 0.5}))
+    train = dup["train"]
+    members = np.flatnonzero(labels[ref["train"]] == 2)
+    k = math.floor(0.5 * len(members))
+    np.testing.assert_array_equal(train.id, ref["train"])  # same samples, same order
+    np.testing.assert_array_equal(np.flatnonzero(train.affected), members[:k])
+    # Each copy shows the image of a remaining (unaffected) sample of the class.
+    remaining = {train.x[i].tobytes() for i in members[k:]}
+    assert all(train.x[i].tobytes() in remaining for i in members[:k])
+
+
+def _gray3(x: np.ndarray) -> np.ndarray:
+    """3-channel grayscale as PIL computes it, image by image."""
+    out = [np.asarray(Image.fromarray(img, "RGB").convert("L")) for img in x]
+    return np.repeat(np.stack(out)[..., None], 3, axis=-1)
+
+
+def test_augmentation_modes_grayscale(fetched: dict, digits_folder: dict) -> None:
+    spec, labels, ref, images = (
+        fetched["spec"],
+        digits_folder["label"],
+        digits_folder["split"],
+        digits_folder["images"],
+    )
+    splits = _load(spec.prepare(fetched["root"], "augmentation", {"cls": 1, "ratio": 0.5}))
+    train = splits["train"]
+    members = np.flatnonzero(labels[ref["train"]] == 1)
+    changed = members[: math.floor(0.5 * len(members))]
+    np.testing.assert_array_equal(np.flatnonzero(train.affected), changed)
+    expected = images[ref["train"]].copy()
+    expected[changed] = _gray3(expected[changed])
+    np.testing.assert_array_equal(train.x, expected)
+    np.testing.assert_array_equal(splits["test_gray"].x, _gray3(images[ref["test"]]))
+    np.testing.assert_array_equal(splits["test_gray"].affected, labels[ref["test"]] == 1)
+
+    every = _load(spec.prepare(fetched["root"], "augmentation-all", {"ratio": 0.3}))
+    n_changed = sum(math.floor(0.3 * c) for c in np.bincount(labels[ref["train"]]))
+    assert int(every["train"].affected.sum()) == n_changed
+    assert every["test_gray"].affected.all() and not every["test"].affected.any()
+
+
+def test_sweeps_of_group_ratio_and_class(fetched: dict) -> None:
+    spec, root = fetched["spec"], fetched["root"]
+    result = prepare_sweep(spec, root, "holdout", {"group": "1,3", "ratio": "0.5:1:0.5"})
+    assert result.names == [f"{NAME}-holdout-g{g}-r{r}" for g in (1, 3) for r in (0.5, 1.0)]
+    every = prepare_sweep(spec, root, "holdout", {"group": "all", "ratio": "0"})
+    assert every.names == [f"{NAME}-holdout-g{g}-r0.0" for g in range(10)]
+    classes = prepare_sweep(spec, root, "augmentation", {"cls": "all", "ratio": "0.1"})
+    assert classes.names == [f"{NAME}-augmentation-cls{c}-r0.1" for c in range(5)]
+
+
+def test_prepare_is_byte_identical(fetched: dict, digits_folder: dict, tmp_path: Path) -> None:
+    info = imagefolder.fetch_imagefolder(digits_folder["root"], NAME, tmp_path, None, "rgb")
+    assert info == fetched["info"]
+    again = imagefolder.user_spec(NAME, info, tmp_path).prepare(tmp_path, None, {"group": "3"})
+    first = fetched["root"] / again.name
+    for file in sorted(again.path.iterdir()):
+        assert file.read_bytes() == (first / file.name).read_bytes(), file.name
+    for ref in again.arrays:
+        assert ref.path(tmp_path).read_bytes() == ref.path(fetched["root"]).read_bytes()
+
+
+# --------------------------------------------------------------------------- small folders
+
+
+def _write(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+def _tiny(root: Path, n: int = 10, size: int = 8) -> Path:
+    """Two classes of ``n`` gray images each: root/a/<i>.png, root/b/<i>.png."""
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        for i in range(n):
+            _write(root / cls / f"{i}.png", rng.integers(0, 256, (size, size), dtype=np.uint8))
+    return root
+
+
+def test_size_and_gray_and_flat_layout(tmp_path: Path) -> None:
+    src = _tiny(tmp_path / "src")
+    wide = _write(src / "b" / "wide.png", np.full((6, 20), 200, np.uint8))
+    info = imagefolder.fetch_imagefolder(src, "tiny", tmp_path / "data", 16, "gray")
+    assert info["shape"] == [16, 16, 1] and info["layout"] == "class/file"
+    assert info["groups"] == [] and info["resample"] == "bicubic"
+    spec = imagefolder.user_spec("tiny", info, tmp_path / "data")
+    data = spec.prepare(tmp_path / "data", "original")
+    x = np.concatenate([data.load(s).x for s in data.splits])
+    ids = np.concatenate([data.load(s).id for s in data.splits])
+    names = [f"{c}/{i}.png" for c in "ab" for i in range(10)] + ["b/wide.png"]
+    wide_id = sorted(names, key=lambda r: tuple(r.split("/"))).index("b/wide.png")
+    expected = np.asarray(Image.open(wide).resize((16, 16), Image.Resampling.BICUBIC))
+    np.testing.assert_array_equal(x[ids == wide_id][0, ..., 0], expected)
+    # Without groups holdout is the class holdout (no --cls needed to choose it).
+    assert (
+        spec.prepare(tmp_path / "data", "holdout", {"ratio": 0.5}).name == "tiny-holdout-cls0-r0.5"
+    )
+    with pytest.raises(MlvarError, match="takes no --group"):
+        spec.prepare(tmp_path / "data", "holdout", {"group": "x"})
+
+
+def _refused(src: Path, data_root: Path, match: str, size: int | None = None) -> None:
+    with pytest.raises(MlvarError, match=match):
+        imagefolder.fetch_imagefolder(src, "bad", data_root, size, "rgb")
+    assert not data_root.exists() or not any(data_root.iterdir())
+
+
+def test_bad_folders_are_refused_naming_the_file(tmp_path: Path) -> None:
+    data_root = tmp_path / "data"
+    one = tmp_path / "one"
+    _write(one / "a" / "0.png", np.zeros((8, 8), np.uint8))
+    _refused(one, data_root, "only class 'a'")
+    _refused(tmp_path / "missing", data_root, "does not exist")
+
+    mixed = _tiny(tmp_path / "mixed")
+    _write(mixed / "b" / "big.png", np.zeros((9, 8), np.uint8))
+    _refused(mixed, data_root, r"a/0.png is 8x8 but b/big.png is 8x9")
+
+    corrupt = _tiny(tmp_path / "corrupt")
+    png = (corrupt / "a" / "1.png").read_bytes()
+    (corrupt / "a" / "1.png").write_bytes(png[: len(png) // 2])
+    _refused(corrupt, data_root, "a/1.png is corrupt or truncated")
+
+    text = _tiny(tmp_path / "text")
+    (text / "b" / "notes.txt").write_text("not an image")
+    _refused(text, data_root, "b/notes.txt is not an image")
+
+    gif = _tiny(tmp_path / "gif")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(gif / "a" / "g.gif")
+    _refused(gif, data_root, "a/g.gif is a GIF image")
+
+    depth = _tiny(tmp_path / "depth")
+    _write(depth / "c" / "g" / "0.png", np.zeros((8, 8), np.uint8))
+    _refused(depth, data_root, "class folder c holds group folders, unlike the other")
+
+
+def test_symlink_out_of_the_folder_and_bombs(tmp_path: Path, monkeypatch) -> None:
+    data_root = tmp_path / "data"
+    outside = _write(tmp_path / "elsewhere" / "x.png", np.zeros((8, 8), np.uint8))
+    linked = _tiny(tmp_path / "linked")
+    os.symlink(outside, linked / "a" / "escape.png")
+    _refused(linked, data_root, "a/escape.png is a symlink to .* outside the image folder")
+    # A symlink inside the folder is followed.
+    inside = _tiny(tmp_path / "inside")
+    os.symlink(inside / "a" / "0.png", inside / "b" / "link.png")
+    assert imagefolder.fetch_imagefolder(inside, "ok", tmp_path / "ok", None, "gray")["rows"] == 21
+
+    bomb = _tiny(tmp_path / "bomb")
+    monkeypatch.setattr(imagefolder, "MAX_PIXELS", 100)
+    _write(bomb / "b" / "huge.png", np.zeros((11, 10), np.uint8))
+    _refused(bomb, data_root, "b/huge.png has 10x11 pixels, over the limit of 100")
+
+
+def test_unknown_group_names_the_nearest(fetched: dict) -> None:
+    spec, root = fetched["spec"], fetched["root"]
+    before = sorted(p.name for p in root.iterdir())
+    with pytest.raises(MlvarError, match="unknown group '33'") as exc:
+        spec.prepare(root, "holdout", {"group": "33"})
+    assert "3" in exc.value.hint
+    with pytest.raises(MlvarError, match="unknown group"):
+        prepare_sweep(spec, root, "holdout", {"group": "3,77"})
+    assert sorted(p.name for p in root.iterdir()) == before
