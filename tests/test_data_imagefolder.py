@@ -314,3 +314,53 @@ def test_unknown_group_names_the_nearest(fetched: dict) -> None:
     with pytest.raises(MlvarError, match="unknown group"):
         prepare_sweep(spec, root, "holdout", {"group": "3,77"})
     assert sorted(p.name for p in root.iterdir()) == before
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_group_holdout_end_to_end_auroc_matches_sklearn(
+    fetched: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    from mlvar.analysis import service as analysis
+    from mlvar.config import Config, PathsConfig
+    from mlvar.data.spec import DATASETS
+    from mlvar.store import ExperimentStore
+    from mlvar.train.service import train
+
+    monkeypatch.setitem(DATASETS, NAME, fetched["spec"])
+    root = fetched["root"]
+    scenario = fetched["spec"].prepare(root, None, {"group": "3"}, force=True)
+    cfg = Config(paths=PathsConfig(root, tmp_path / "runs", tmp_path / "reports"))
+    over = {"model": "cnn", "epochs": 1, "batch_size": 128, "workers": 1}
+    result = train(cfg, NAME, scenario=scenario.name, runs=8, overrides=over)
+    store = ExperimentStore.open(cfg.paths.runs_root, result.experiment)
+    ranking = analysis.rank(store, "test")
+    samples = store.samples("test")
+    affected = samples["affected"].to_numpy()
+    assert affected.sum() == scenario.manifest["counts"]["test"]["affected"] > 0
+    logits = np.stack([run.load_logits("test") for run in store.runs()]).astype(np.float64)
+    probs = np.exp(logits - logits.max(axis=2, keepdims=True))
+    probs /= probs.sum(axis=2, keepdims=True)
+    label = samples["label"].to_numpy()
+    gconf = probs[:, np.arange(len(label)), label]
+    maxconf = probs.max(axis=2)
+    scores = {  # each metric's suspicion written here: low mean confidence, high spread
+        "gconf_mean": -gconf.mean(axis=0),
+        "gconf_std": gconf.std(axis=0),
+        "n_correct": -(probs.argmax(axis=2) == label).sum(axis=0),
+        "maxconf_mean": -maxconf.mean(axis=0),
+        "maxconf_std": maxconf.std(axis=0),
+    }
+    # Label-aware metrics are ranked within the held-out group's class (docs/metrics.md),
+    # label-free ones over the whole split.
+    in_class = label == 1
+    detection = ranking.detection.set_index("metric")
+    for metric, score in scores.items():
+        aware = metric.startswith("gconf") or metric == "n_correct"
+        rows = in_class if aware else np.ones(len(label), bool)
+        assert detection.loc[metric, "scope"] == ("class 1" if aware else "split"), metric
+        expected = roc_auc_score(affected[rows], score[rows])
+        assert detection.loc[metric, "auroc"] == pytest.approx(expected, abs=1e-9), metric
