@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mlvar.data.protocol import DEFAULT_PROTOCOL, PROTOCOLS
-from mlvar.data.registry import DATASETS
+from mlvar.data.registry import DATASETS, get_dataset
 from mlvar.errors import MlvarError, closest
 from mlvar.recipes import (
     IMAGE_MODELS,
@@ -108,10 +108,11 @@ class TrainConfig:
         return data
 
 
-def default_train(dataset: str) -> TrainConfig:
-    """The built-in training config of a registered dataset: its spec's default model with
-    that model's defaults, and the values the dataset sets on top of them."""
-    train = DATASETS[dataset].train
+def default_train(dataset: str, data_root: str | os.PathLike | None = None) -> TrainConfig:
+    """The built-in training config of a dataset (a user dataset's of ``data_root``): its
+    spec's default model with that model's defaults, and the values the dataset sets on
+    top of them."""
+    train = get_dataset(dataset, data_root).train
     cfg = TrainConfig()
     switch_model(cfg, train.model)
     for key, value in train.values.items():
@@ -248,7 +249,10 @@ class Config:
     source: Path | None = None  # the config file that was read, if any
 
     def train_for(self, dataset: str) -> TrainConfig:
-        """Return a copy of the training config of ``dataset``."""
+        """Return a copy of the training config of ``dataset`` (a user dataset of the data
+        root: its kind's defaults)."""
+        if dataset not in self.train:
+            return default_train(dataset, self.paths.data_root)
         return dataclasses.replace(self.train[dataset], vary=list(self.train[dataset].vary))
 
 

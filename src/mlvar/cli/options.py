@@ -47,7 +47,7 @@ DatasetArg = Annotated[str, typer.Argument(help=f"Dataset: {DATASET_NAMES}.", sh
 def mode_help() -> str:
     """``compas: original, artificial, holdout. ...`` from the dataset specs."""
     parts = []
-    for name, spec in registry.DATASETS.items():
+    for name, spec in [*registry.DATASETS.items(), *registry.kind_specs().items()]:
         implied = "".join(
             f" ({mode} is the default with --{option})"
             for option, mode in spec.implied_modes.items()

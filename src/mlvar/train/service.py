@@ -23,9 +23,9 @@ import numpy as np
 from mlvar import __version__
 from mlvar.config import Config, TrainConfig, check_model_input, switch_protocol, validate_train
 from mlvar.data.protocol import DEFAULT_PROTOCOL, check_protocol, protocol_of
-from mlvar.data.registry import DATASETS
+from mlvar.data.registry import get_dataset
 from mlvar.data.scenario import Scenario, SplitData, resolve_scenario
-from mlvar.errors import MlvarError, unknown_choice
+from mlvar.errors import MlvarError
 from mlvar.recipes import mlp_head
 from mlvar.store import (
     ExperimentStore,
@@ -212,8 +212,7 @@ def train_config(
     under ``study``, the study's model and values for the dataset
     (:func:`mlvar.config.switch_protocol`), then the other overrides.
     """
-    if dataset not in DATASETS:
-        raise unknown_choice("dataset", dataset, DATASETS)
+    get_dataset(dataset, config.paths.data_root)  # a built-in or user dataset, else refused
     protocol = protocol_for(config, overrides)
     if runs < 1:
         raise MlvarError(f"--runs must be at least 1, got {runs}", "e.g. --runs 20")
