@@ -1,5 +1,6 @@
 """imagefolder: scikit-learn's digits written to a folder of PNGs (class = digit // 2,
-group = digit), fetched and prepared; every mode checked against code written here."""
+group = digit), fetched and prepared; every mode checked against code written here; bad
+folders refused through the CLI (one line, exit 2, nothing written)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from mlvar.data import imagefolder
+from mlvar.data import imagefolder, registry
 from mlvar.data.sweep import prepare_sweep
 from mlvar.errors import MlvarError
+from test_cli_errors import fails_cleanly, invoke, use_root
 
 N = 1797
 NAME = "mydigits"
@@ -64,8 +66,9 @@ def digits_folder(tmp_path_factory: pytest.TempPathFactory) -> dict:
 @pytest.fixture(scope="module")
 def fetched(digits_folder: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     data_root = tmp_path_factory.mktemp("imgf-data")
-    info = imagefolder.fetch_imagefolder(digits_folder["root"], NAME, data_root, None, "rgb")
-    spec = imagefolder.user_spec(NAME, info, data_root)
+    info = imagefolder.fetch_imagefolder(digits_folder["root"], NAME, data_root)
+    assert info.pop("action") == "recorded"
+    spec = registry.get_dataset(NAME, data_root)  # resolved through source.json
     return {"root": data_root, "info": info, "spec": spec}
 
 
@@ -85,7 +88,15 @@ def test_fetch_records_the_folder(fetched: dict, digits_folder: dict) -> None:
     assert info["rows"] == N and info["layout"] == "class/group/file"
     assert info["classes"] == ["0-1", "2-3", "4-5", "6-7", "8-9"]
     assert info["groups"] == [[d // 2, str(d)] for d in range(10)]
-    assert info["shape"] == [8, 8, 3] and info["color"] == "rgb"
+    assert info["shape"] == [8, 8, 3]
+    split = {"test_fraction": 0.3, "val_fraction": 0.1, "seed": 69}
+    assert info["options"] == {"size": None, "color": "rgb", "split": split}
+    folder = fetched["root"] / "user" / NAME
+    stored = np.load(folder / "images.npy", allow_pickle=False)
+    np.testing.assert_array_equal(stored, digits_folder["images"])  # hidden files skipped
+    # Fetching the same folder with the same options again writes nothing.
+    again = imagefolder.fetch_imagefolder(digits_folder["root"], NAME, fetched["root"])
+    assert again.pop("action") == "unchanged" and again == info
     # The sha256 over the relative paths in id order and the file bytes, recomputed here.
     digest = hashlib.sha256()
     target = load_digits().target
@@ -203,10 +214,10 @@ def test_sweeps_of_group_ratio_and_class(fetched: dict) -> None:
 
 
 def test_prepare_is_byte_identical(fetched: dict, digits_folder: dict, tmp_path: Path) -> None:
-    info = imagefolder.fetch_imagefolder(digits_folder["root"], NAME, tmp_path, None, "rgb")
-    assert info == fetched["info"]
-    again = imagefolder.user_spec(NAME, info, tmp_path).prepare(tmp_path, None, {"group": "3"})
-    first = fetched["root"] / again.name
+    info = imagefolder.fetch_imagefolder(digits_folder["root"], NAME, tmp_path)
+    assert info.pop("action") == "recorded" and info == fetched["info"]
+    again = registry.prepare_sweep(tmp_path, NAME, group="3").scenarios[0]
+    first = fetched["spec"].prepare(fetched["root"], None, {"group": "3"}, force=True).path
     for file in sorted(again.path.iterdir()):
         assert file.read_bytes() == (first / file.name).read_bytes(), file.name
     for ref in again.arrays:
@@ -231,14 +242,15 @@ def _tiny(root: Path, n: int = 10, size: int = 8) -> Path:
     return root
 
 
-def test_size_and_gray_and_flat_layout(tmp_path: Path) -> None:
+def test_size_and_gray_and_flat_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = _tiny(tmp_path / "src")
     wide = _write(src / "b" / "wide.png", np.full((6, 20), 200, np.uint8))
-    info = imagefolder.fetch_imagefolder(src, "tiny", tmp_path / "data", 16, "gray")
-    assert info["shape"] == [16, 16, 1] and info["layout"] == "class/file"
-    assert info["groups"] == [] and info["resample"] == "bicubic"
-    spec = imagefolder.user_spec("tiny", info, tmp_path / "data")
-    data = spec.prepare(tmp_path / "data", "original")
+    use_root(tmp_path, monkeypatch)
+    args = ("data", "fetch", "imagefolder", "--source", src, "--name", "tiny", "--json")
+    fetched = invoke(*args, "--size", "16", "--color", "gray")
+    assert fetched.exit_code == 0, fetched.stderr
+    assert '"shape": "16x16x1"' in fetched.stdout and '"layout": "class/file"' in fetched.stdout
+    data = registry.prepare_sweep(tmp_path / "data", "tiny", "original").scenarios[0]
     x = np.concatenate([data.load(s).x for s in data.splits])
     ids = np.concatenate([data.load(s).id for s in data.splits])
     names = [f"{c}/{i}.png" for c in "ab" for i in range(10)] + ["b/wide.png"]
@@ -246,6 +258,7 @@ def test_size_and_gray_and_flat_layout(tmp_path: Path) -> None:
     expected = np.asarray(Image.open(wide).resize((16, 16), Image.Resampling.BICUBIC))
     np.testing.assert_array_equal(x[ids == wide_id][0, ..., 0], expected)
     # Without groups holdout is the class holdout (no --cls needed to choose it).
+    spec = registry.get_dataset("tiny", tmp_path / "data")
     assert (
         spec.prepare(tmp_path / "data", "holdout", {"ratio": 0.5}).name == "tiny-holdout-cls0-r0.5"
     )
@@ -253,56 +266,66 @@ def test_size_and_gray_and_flat_layout(tmp_path: Path) -> None:
         spec.prepare(tmp_path / "data", "holdout", {"group": "x"})
 
 
-def _refused(src: Path, data_root: Path, match: str, size: int | None = None) -> None:
-    with pytest.raises(MlvarError, match=match):
-        imagefolder.fetch_imagefolder(src, "bad", data_root, size, "rgb")
-    assert not data_root.exists() or not any(data_root.iterdir())
+def test_bad_folders_are_refused_naming_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tree_listing
+) -> None:
+    root = use_root(tmp_path, monkeypatch)
 
+    def refused(src: Path, *words: str, options: tuple = ()) -> None:
+        args = ("data", "fetch", "imagefolder", "--source", src, "--name", "bad", *options)
+        fails_cleanly(root, tree_listing, *args, words=words)
+        assert not (root / "data").exists()
 
-def test_bad_folders_are_refused_naming_the_file(tmp_path: Path) -> None:
-    data_root = tmp_path / "data"
-    one = tmp_path / "one"
+    one = root / "one"
     _write(one / "a" / "0.png", np.zeros((8, 8), np.uint8))
-    _refused(one, data_root, "only class 'a'")
-    _refused(tmp_path / "missing", data_root, "does not exist")
+    refused(one, "only class 'a'", "at least two")
+    refused(root / "missing", "does not exist")
+    refused(_tiny(root / "ok"), "--size 0", options=("--size", "0"))
+    refused(_tiny(root / "ok"), "--color", "rgb or --color gray", options=("--color", "cmyk"))
 
-    mixed = _tiny(tmp_path / "mixed")
+    mixed = _tiny(root / "mixed")
     _write(mixed / "b" / "big.png", np.zeros((9, 8), np.uint8))
-    _refused(mixed, data_root, r"a/0.png is 8x8 but b/big.png is 8x9")
+    refused(mixed, "a/0.png is 8x8 but b/big.png is 8x9", "--size")
 
-    corrupt = _tiny(tmp_path / "corrupt")
+    corrupt = _tiny(root / "corrupt")
     png = (corrupt / "a" / "1.png").read_bytes()
     (corrupt / "a" / "1.png").write_bytes(png[: len(png) // 2])
-    _refused(corrupt, data_root, "a/1.png is corrupt or truncated")
+    refused(corrupt, "a/1.png is corrupt or truncated")
 
-    text = _tiny(tmp_path / "text")
+    text = _tiny(root / "text")
     (text / "b" / "notes.txt").write_text("not an image")
-    _refused(text, data_root, "b/notes.txt is not an image")
+    refused(text, "b/notes.txt is not an image")
 
-    gif = _tiny(tmp_path / "gif")
+    gif = _tiny(root / "gif")
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(gif / "a" / "g.gif")
-    _refused(gif, data_root, "a/g.gif is a GIF image")
+    refused(gif, "a/g.gif is a GIF image", "PNG")
 
-    depth = _tiny(tmp_path / "depth")
+    depth = _tiny(root / "depth")
     _write(depth / "c" / "g" / "0.png", np.zeros((8, 8), np.uint8))
-    _refused(depth, data_root, "class folder c holds group folders, unlike the other")
+    refused(depth, "class folder c holds group folders, unlike the other")
 
+    small = _tiny(root / "small")
+    _write(small / "c" / "0.png", np.zeros((8, 8), np.uint8))
+    refused(small, "has 1 rows, too few to stratify")
 
-def test_symlink_out_of_the_folder_and_bombs(tmp_path: Path, monkeypatch) -> None:
-    data_root = tmp_path / "data"
-    outside = _write(tmp_path / "elsewhere" / "x.png", np.zeros((8, 8), np.uint8))
-    linked = _tiny(tmp_path / "linked")
+    outside = _write(root / "elsewhere" / "x.png", np.zeros((8, 8), np.uint8))
+    linked = _tiny(root / "linked")
     os.symlink(outside, linked / "a" / "escape.png")
-    _refused(linked, data_root, "a/escape.png is a symlink to .* outside the image folder")
-    # A symlink inside the folder is followed.
-    inside = _tiny(tmp_path / "inside")
-    os.symlink(inside / "a" / "0.png", inside / "b" / "link.png")
-    assert imagefolder.fetch_imagefolder(inside, "ok", tmp_path / "ok", None, "gray")["rows"] == 21
+    refused(linked, "a/escape.png is a symlink to", "outside the image folder")
 
-    bomb = _tiny(tmp_path / "bomb")
+    bomb = _tiny(root / "bomb")
     monkeypatch.setattr(imagefolder, "MAX_PIXELS", 100)
     _write(bomb / "b" / "huge.png", np.zeros((11, 10), np.uint8))
-    _refused(bomb, data_root, "b/huge.png has 10x11 pixels, over the limit of 100")
+    refused(bomb, "b/huge.png has 10x11 pixels, over the limit of 100")
+
+
+def test_symlink_inside_the_folder_is_followed(tmp_path: Path) -> None:
+    inside = _tiny(tmp_path / "inside")
+    os.symlink(inside / "a" / "0.png", inside / "b" / "link.png")
+    info = imagefolder.fetch_imagefolder(inside, "ok", tmp_path / "data", color="gray")
+    assert info["rows"] == 21
+    stored = np.load(tmp_path / "data" / "user" / "ok" / "images.npy")
+    np.testing.assert_array_equal(stored[0], stored[-1])  # a/0.png and b/link.png
 
 
 def test_unknown_group_names_the_nearest(fetched: dict) -> None:
@@ -319,20 +342,16 @@ def test_unknown_group_names_the_nearest(fetched: dict) -> None:
 # --------------------------------------------------------------------------- end to end
 
 
-def test_group_holdout_end_to_end_auroc_matches_sklearn(
-    fetched: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_group_holdout_end_to_end_auroc_matches_sklearn(fetched: dict, tmp_path: Path) -> None:
     from sklearn.metrics import roc_auc_score
 
     from mlvar.analysis import service as analysis
     from mlvar.config import Config, PathsConfig
-    from mlvar.data.spec import DATASETS
     from mlvar.store import ExperimentStore
     from mlvar.train.service import train
 
-    monkeypatch.setitem(DATASETS, NAME, fetched["spec"])
     root = fetched["root"]
-    scenario = fetched["spec"].prepare(root, None, {"group": "3"}, force=True)
+    scenario = registry.prepare_sweep(root, NAME, group="3", force=True).scenarios[0]
     cfg = Config(paths=PathsConfig(root, tmp_path / "runs", tmp_path / "reports"))
     over = {"model": "cnn", "epochs": 1, "batch_size": 128, "workers": 1}
     result = train(cfg, NAME, scenario=scenario.name, runs=8, overrides=over)

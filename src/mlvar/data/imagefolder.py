@@ -7,14 +7,16 @@ folder names (class index = position), groups the sorted ``(class, group)`` pair
 ids are global over those pairs, numbered in that order), and sample ids the position of
 each file in that sorted order (class, group, file name).
 
-:func:`fetch_imagefolder` reads the folder once, safely (PIL's decompression-bomb limit with
-its warning an error, ``verify()`` then a full decode, every unreadable, corrupt or
-non-image file refused by name, symlinks out of the folder refused), normalises every
-image to one size and colour, and stores the decoded uint8 NHWC array, the labels, groups
-and relative paths as shared arrays of the data root (:mod:`mlvar.data.arrays`); the dict
-it returns is what ``source.json`` records. :func:`user_spec` turns that record into the
-dataset's :class:`~mlvar.data.spec.DatasetSpec`, so preparing reads nothing but the data
-root (offline, byte-identical).
+:func:`fetch_imagefolder` (``mlvar data fetch imagefolder --source DIR --name NAME``)
+reads the folder safely (PIL's decompression-bomb limit with its warning an error,
+``verify()`` then a full decode, every unreadable, corrupt or non-image file refused by
+name, symlinks out of the folder refused), normalises every image to one size and colour,
+and records the user dataset (:mod:`mlvar.data.user`) in ``<data_root>/user/<NAME>/``: the
+decoded uint8 NHWC array ``images.npy``, ``files.json`` (each image's relative path, class
+and group) and ``source.json``. :func:`user_spec` turns that record into the dataset's
+:class:`~mlvar.data.spec.DatasetSpec`; preparing reads nothing but the data root (offline,
+byte-identical), and the images array is hard-linked into the shared arrays that scenarios
+read (:mod:`mlvar.data.arrays`), as CIFAR's fetched arrays are.
 
 Modes: ``original``; ``holdout --group G [--ratio a]`` (the first ``floor(a * count)`` of
 the group's train and validation samples removed, each split separately in split order;
@@ -31,8 +33,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import io
+import json
 import os
 import re
 import stat
@@ -45,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from mlvar.data import params as p
-from mlvar.data.arrays import ArrayRef, open_array, store_array
+from mlvar.data.arrays import file_sha256
 from mlvar.data.cifar10 import GRAYSCALE
 from mlvar.data.modes import (
     Appearance,
@@ -58,8 +62,11 @@ from mlvar.data.modes import (
 from mlvar.data.scenario import SplitData
 from mlvar.data.spec import BaseData, DatasetSpec, ModeResult, ModeSpec, Source, TrainDefaults
 from mlvar.errors import MlvarError
+from mlvar.io import atomic_write_bytes, dumps_json, sha256_file
 
 KIND = "imagefolder"
+IMAGES_FILE = "images.npy"
+INDEX_FILE = "files.json"
 COLORS = ("rgb", "gray")
 #: Image formats read (PIL's format names), decided by the file's content, not its name.
 FORMATS = ("PNG", "JPEG")
@@ -71,8 +78,8 @@ RESAMPLE = "bicubic"
 #: Names skipped wherever they appear: anything starting with "." (.DS_Store, ._AppleDouble,
 #: .ipynb_checkpoints, .git) and these operating-system files.
 IGNORED_NAMES = frozenset({"Thumbs.db", "desktop.ini", "__MACOSX"})
-TEST_SIZE = 0.3
-VAL_SIZE = 0.1
+TEST_FRACTION = 0.3
+VAL_FRACTION = 0.1
 SPLIT_SEED = 69
 MAX_VALUE = 255
 
@@ -300,13 +307,26 @@ def _read_file(root: Path, rel: str) -> bytes:
         ) from None
 
 
-def read_images(
-    listing: Listing, color: str, size: int | None, progress: Progress | None = None
-) -> tuple[np.ndarray, str]:
-    """Every image of ``listing`` decoded (uint8 ``[n, H, W, C]``) and the folder's sha256.
+def folder_digest(listing: Listing) -> str:
+    """The sha256 of an image folder: over its files in id order, for each its relative
+    path (UTF-8), a NUL byte, its length as 8 bytes big-endian, then its bytes."""
+    digest = hashlib.sha256()
+    for rel in listing.paths:
+        data = _read_file(listing.root, rel)
+        digest.update(rel.encode("utf-8") + b"\0" + len(data).to_bytes(8, "big"))
+        digest.update(data)
+    return digest.hexdigest()
 
-    The sha256 runs over the files in id order: for each, its relative path (UTF-8), a NUL
-    byte, its length as 8 bytes big-endian, and its bytes.
+
+def read_images(
+    listing: Listing,
+    color: str,
+    size: int | None,
+    out: Path,
+    progress: Progress | None = None,
+) -> np.ndarray:
+    """Decode every image of ``listing`` into the ``.npy`` file ``out`` (uint8
+    ``[n, H, W, C]``, memory-mapped as it is written) and return it.
 
     Raises
     ------
@@ -314,17 +334,13 @@ def read_images(
         A file that cannot be read (named); without ``size``, two files of different sizes
         (both named).
     """
-    digest = hashlib.sha256()
     n = len(listing.paths)
     x: np.ndarray | None = None
     first = ""
     for i, rel in enumerate(listing.paths):
-        data = _read_file(listing.root, rel)
-        digest.update(rel.encode("utf-8") + b"\0" + len(data).to_bytes(8, "big"))
-        digest.update(data)
-        image = read_image(data, rel, color, size)
+        image = read_image(_read_file(listing.root, rel), rel, color, size)
         if x is None:
-            x = np.empty((n, *image.shape), dtype=np.uint8)
+            x = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8, shape=(n, *image.shape))
             first = rel
         elif image.shape != x.shape[1:]:
             raise MlvarError(
@@ -335,117 +351,166 @@ def read_images(
         if progress is not None:
             progress(i + 1, n)
     assert x is not None  # a listing holds at least two classes of at least one image
-    return x, digest.hexdigest()
+    x.flush()
+    return x
 
 
 def _wh(shape: tuple[int, ...]) -> str:
     return f"{shape[1]}x{shape[0]}"
 
 
-# --------------------------------------------------------------------------- the split
-
-
-def split_index(
-    labels: np.ndarray, classes: list[str], test_size: float, val_size: float, seed: int
-) -> dict[str, np.ndarray]:
-    """Positions of train, val and test: ``train_test_split`` stratified on the class, test
-    first, validation a fraction of the rest, both with ``random_state=seed``.
-
-    Raises
-    ------
-    MlvarError
-        A class with too few images to be in every split (named).
-    """
-    from sklearn.model_selection import train_test_split
-
-    counts = np.bincount(labels, minlength=len(classes))
-    positions = np.arange(len(labels))
-    try:
-        rest, test = train_test_split(
-            positions, test_size=test_size, stratify=labels, random_state=seed
-        )
-        train, val = train_test_split(
-            rest, test_size=val_size, stratify=labels[rest], random_state=seed
-        )
-    except ValueError as exc:
-        c = int(np.argmin(counts))
-        raise MlvarError(
-            f"class {classes[c]} has {counts[c]} image(s), too few to split stratified into "
-            f"train, val and test ({exc})",
-            "add images to it, or remove the class folder",
-        ) from None
-    return {"train": np.asarray(train), "val": np.asarray(val), "test": np.asarray(test)}
-
-
-def _check_fraction(value: float, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
-        raise MlvarError(f"{what} {value!r} is not a fraction in (0, 1)", f"e.g. {what} 0.3")
-    return float(value)
-
-
 # --------------------------------------------------------------------------- fetching
 
 
-def fetch_imagefolder(
-    source: Path,
-    name: str,
-    data_root: Path,
+def fetch_options(
     size: int | None = None,
-    color: str = "rgb",
+    color: str | None = None,
+    test_fraction: float | None = None,
+    val_fraction: float | None = None,
+    split_seed: int | None = None,
+) -> dict[str, Any]:
+    """The fetch options, checked and with their defaults: what ``source.json`` records as
+    ``options`` (fetching with the same bytes and options again is a no-op)."""
+    color = "rgb" if color is None else color
+    if color not in COLORS:
+        raise MlvarError(f"unknown --color '{color}'", "use --color rgb or --color gray")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise MlvarError(f"--size {size!r} is not a positive number of pixels", "e.g. --size 32")
+    split = {"test_fraction": TEST_FRACTION, "val_fraction": VAL_FRACTION, "seed": SPLIT_SEED}
+    for key, value in (("test_fraction", test_fraction), ("val_fraction", val_fraction)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
+            option = key.replace("_", "-")
+            raise MlvarError(f"--{option} {value!r} is not a fraction in (0, 1)", "e.g. 0.2")
+        split[key] = float(value)
+    if split_seed is not None:
+        if isinstance(split_seed, bool) or not isinstance(split_seed, int) or split_seed < 0:
+            raise MlvarError(
+                f"--split-seed must be a non-negative integer, got {split_seed!r}", "e.g. 69"
+            )
+        split["seed"] = int(split_seed)
+    return {"size": size, "color": color, "split": split}
+
+
+def fetch_imagefolder(
+    source: str | os.PathLike,
+    name: str,
+    data_root: str | os.PathLike,
+    size: int | None = None,
+    color: str | None = None,
     *,
-    test_size: float = TEST_SIZE,
-    val_size: float = VAL_SIZE,
-    split_seed: int = SPLIT_SEED,
+    test_fraction: float | None = None,
+    val_fraction: float | None = None,
+    split_seed: int | None = None,
+    force: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Read the image folder ``source`` and store it in ``data_root`` as user dataset
-    ``name``; return what ``source.json`` records (:func:`user_spec` reads it back).
+    """Read the image folder ``source`` and record it as user dataset ``name`` in
+    ``<data_root>/user/<name>/`` (:mod:`mlvar.data.user`): ``images.npy`` (the decoded
+    uint8 ``[n, H, W, C]`` images in id order), ``files.json`` (each image's relative path,
+    class and group) and ``source.json``.
 
-    Every check runs before anything is written: the layout, every file, the sizes and the
-    split. Then the images (uint8 ``[n, H, W, C]``), labels, groups and relative paths are
-    stored as shared arrays (content-addressed: fetching the same folder again writes
-    nothing new).
+    Returns what ``source.json`` records, with ``action``: ``recorded``, ``replaced``, or
+    ``unchanged`` when the same files were fetched with the same options before (nothing
+    is decoded then).
 
     Raises
     ------
     MlvarError
         A bad layout, option or file (see :func:`list_folder`, :func:`read_image`,
-        :func:`read_images`, :func:`split_index`). Nothing is written in that case.
+        :func:`read_images`), a class too small to split, or a name already holding other
+        files or options without ``force``. Nothing is written in that case.
     """
-    if color not in COLORS:
-        raise MlvarError(f"unknown --color '{color}'", "use --color rgb or --color gray")
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-        raise MlvarError(f"--size {size!r} is not a positive number of pixels", "e.g. --size 32")
-    test_size = _check_fraction(test_size, "--test-size")
-    val_size = _check_fraction(val_size, "--val-size")
+    from mlvar.data import table, user
+
+    options = fetch_options(size, color, test_fraction, val_fraction, split_seed)
     listing = list_folder(source)
-    x, digest = read_images(listing, color, size, progress)
-    split_index(listing.labels, listing.classes, test_size, val_size, split_seed)  # refuse early
-    data_root = Path(data_root)
-    what = f"{KIND} {name}"
-    refs = {
-        "x": store_array(data_root, x, f"{what}: the images in id order"),
-        "y": store_array(data_root, listing.labels, f"{what}: the class of each image"),
-        "group": store_array(data_root, listing.group_ids, f"{what}: the group of each image"),
-        "path": store_array(
-            data_root, np.asarray(listing.paths, dtype=str), f"{what}: each image's file"
-        ),
-    }
+    digest = folder_digest(listing)
+    same = user.same_fetch(data_root, name, digest, options)
+    if same is not None:
+        return {**same, "action": "unchanged"}
+    user.refuse_replacing(data_root, name, digest, force)
+    table.split_index(listing.labels, options["split"])  # a class too small is refused now
+    existed = user.user_dir(data_root, name).exists()
+    with user.recording(data_root, name, force) as tmp:
+        x = read_images(listing, options["color"], options["size"], tmp / IMAGES_FILE, progress)
+        index = {
+            "paths": listing.paths,
+            "labels": listing.labels.tolist(),
+            "groups": listing.group_ids.tolist(),
+        }
+        atomic_write_bytes(tmp / INDEX_FILE, dumps_json(index).encode())
+        info = {
+            "kind": KIND,
+            "name": name,
+            "file": listing.root.name,
+            "path": str(listing.root),
+            "sha256": digest,
+            "format": "/".join(FORMATS),
+            "rows": len(listing.paths),
+            "layout": listing.layout,
+            "classes": listing.classes,
+            "groups": [[c, g] for c, g in listing.groups],
+            "shape": list(x.shape[1:]),
+            "resample": RESAMPLE if options["size"] is not None else None,
+            "stored": {
+                IMAGES_FILE: sha256_file(tmp / IMAGES_FILE),
+                INDEX_FILE: sha256_file(tmp / INDEX_FILE),
+            },
+            "options": options,
+        }
+        del x  # the memory map is closed before the folder is renamed
+        user.write_info(tmp, info)
+    return {**info, "action": "replaced" if existed else "recorded"}
+
+
+def _fetch(
+    data_root: str | os.PathLike,
+    source: str | os.PathLike | None = None,
+    verify: bool = True,
+    progress: Progress | None = None,
+    *,
+    name: str,
+    force: bool = False,
+    size: int | None = None,
+    color: str | None = None,
+    test_fraction: float | None = None,
+    val_fraction: float | None = None,
+    split_seed: int | None = None,
+) -> dict[str, Any]:
+    """The spec's fetch (``mlvar data fetch imagefolder --source DIR --name NAME``):
+    :func:`fetch_imagefolder`, summarised for the CLI's table. ``verify`` is taken for the
+    common fetch signature: a user's folder has no published checksum."""
+    if source is None:
+        raise MlvarError(f"{KIND} needs --source DIR", "the folder of your images by class")
+    info = fetch_imagefolder(
+        source,
+        name,
+        data_root,
+        size,
+        color,
+        test_fraction=test_fraction,
+        val_fraction=val_fraction,
+        split_seed=split_seed,
+        force=force,
+        progress=progress,
+    )
+    from mlvar.data import user
+
+    h, w, c = info["shape"]
     return {
+        "dataset": name,
         "kind": KIND,
-        "name": name,
-        "path": str(listing.root),
-        "sha256": digest,
-        "rows": len(listing.paths),
-        "layout": listing.layout,
-        "classes": listing.classes,
-        "groups": [[c, g] for c, g in listing.groups],
-        "color": color,
-        "size": size,
-        "resample": RESAMPLE if size is not None else None,
-        "shape": list(x.shape[1:]),
-        "split": {"test_size": test_size, "val_size": val_size, "random_state": split_seed},
-        "arrays": {key: ref.manifest() for key, ref in refs.items()},
+        "path": str(user.user_dir(data_root, name)),
+        "source": info["path"],
+        "sha256": info["sha256"],
+        "rows": info["rows"],
+        "layout": info["layout"],
+        "classes": ", ".join(info["classes"]),
+        "groups": len(info["groups"]),
+        "shape": f"{h}x{w}x{c}",
+        "action": info["action"],
     }
 
 
@@ -453,36 +518,40 @@ def fetch_imagefolder(
 
 
 class ImageFolderSource(Source):
-    """A fetched image folder: its record at once, its arrays (memory-mapped from the shared
-    folder, checked against their sha256) on first use."""
+    """A fetched image folder: its record at once, its files (checked against their
+    sha256, the images memory-mapped) on first use."""
 
     def __init__(self, data_root: Path, name: str, info: dict[str, Any]) -> None:
+        from mlvar.data import user
+
         super().__init__(data_root)
         self.name = name
         self.info = info
+        self.folder = user.user_dir(data_root, name)
         self.classes: list[str] = list(info["classes"])
         self.groups: list[tuple[int, str]] = [(int(c), str(g)) for c, g in info["groups"]]
         self.group_names = group_names(self.classes, self.groups)
 
-    def _array(self, key: str) -> np.ndarray:
-        ref = ArrayRef.from_manifest(self.info["arrays"][key])
-        try:
-            return open_array(self.data_root, ref, self.name)
-        except MlvarError as exc:
+    def _file(self, file: str) -> Path:
+        path = self.folder / file
+        if not path.is_file() or file_sha256(path) != self.info["stored"][file]:
+            state = "is missing" if not path.is_file() else "is not the file fetched"
             raise MlvarError(
-                f"user dataset '{self.name}': {exc.message}",
+                f"{path} of user dataset '{self.name}' {state}",
                 f"fetch it again: mlvar data fetch {KIND} --source {self.info['path']} "
                 f"--name {self.name} --force",
-            ) from None
+            )
+        return path
 
     def load(self) -> BaseData:
-        x = self._array("x")
-        y = np.asarray(self._array("y"), dtype=np.int64)
-        groups = np.asarray(self._array("group"), dtype=np.int64)
-        split = self.info["split"]
-        index = split_index(
-            y, self.classes, split["test_size"], split["val_size"], split["random_state"]
-        )
+        from mlvar.data import table
+
+        x = np.load(self._file(IMAGES_FILE), mmap_mode="r", allow_pickle=False)
+        index = json.loads(self._file(INDEX_FILE).read_text(encoding="utf-8"))
+        y = np.asarray(index["labels"], dtype=np.int64)
+        groups = np.asarray(index["groups"], dtype=np.int64)
+        split = self.info["options"]["split"]
+        options = self.info["options"]
         manifest = {
             "source": {
                 "name": self.name,
@@ -490,8 +559,8 @@ class ImageFolderSource(Source):
                 "path": self.info["path"],
                 "sha256": self.info["sha256"],
                 "layout": self.info["layout"],
-                "color": self.info["color"],
-                "size": self.info["size"],
+                "color": options["color"],
+                "size": options["size"],
                 "resample": self.info["resample"],
             },
             "class_names": self.classes,
@@ -505,7 +574,7 @@ class ImageFolderSource(Source):
             y=y,
             ids=np.arange(len(y), dtype=np.int64),
             groups=groups,
-            index=index,
+            index=table.split_index(y, split),
             class_names=self.classes,
             manifest=manifest,
         )
@@ -660,36 +729,15 @@ INVERSION = Appearance(
 )
 
 
-def _refetch(name: str, info: dict[str, Any]) -> Callable[..., dict[str, Any]]:
-    """The spec's ``fetch``: the record as it is (the folder is fetched by
-    ``mlvar data fetch imagefolder``); a ``--source`` is refused with that command."""
-
-    def fetch(
-        data_root: str | os.PathLike,
-        source: str | os.PathLike | None = None,
-        verify: bool = True,
-        progress: Progress | None = None,
-    ) -> dict[str, Any]:
-        if source is not None:
-            raise MlvarError(
-                f"'{name}' is a user dataset: fetch a folder under its name with "
-                f"'mlvar data fetch {KIND} --source PATH --name {name} --force'",
-                "mlvar data fetch <dataset> --source is for built-in datasets",
-            )
-        return {**info, "action": f"nothing to fetch: recorded from {info['path']}"}
-
-    return fetch
-
-
-def user_spec(name: str, info: dict[str, Any], data_root: Path) -> DatasetSpec:
+def user_spec(name: str, info: dict[str, Any], folder: Path) -> DatasetSpec:
     """The :class:`DatasetSpec` of the fetched image folder ``name`` from its ``source.json``
-    record ``info`` (what :func:`fetch_imagefolder` returned)."""
-    classes = list(info["classes"])
-    has_groups = bool(info["groups"])
-    appearance = GRAYSCALE if info["color"] == "rgb" else INVERSION
-    modes: list[ModeSpec] = [
-        original_mode(f"Your images of {info['path']}, unchanged; nothing injected.")
-    ]
+    record ``info`` (:func:`fetch_imagefolder`; only ``kind`` and ``name`` while it is being
+    fetched, or for help texts). ``folder`` is its ``<data_root>/user/<name>/``."""
+    classes = info.get("classes")
+    fetched = classes is not None
+    has_groups = bool(info.get("groups")) or not fetched
+    color = (info.get("options") or {}).get("color", "rgb")
+    modes: list[ModeSpec] = [original_mode(f"Your images of {name}, unchanged; nothing injected.")]
     if has_groups:
         modes.append(
             ModeSpec(
@@ -701,20 +749,22 @@ def user_spec(name: str, info: dict[str, Any], data_root: Path) -> DatasetSpec:
                 key="group",
             )
         )
-    modes += class_modes(appearance)
-    h, w, c = info["shape"]
-    n_groups = len(info["groups"])
-    described = f", {n_groups} groups" if has_groups else ""
+    modes += class_modes(GRAYSCALE if color == "rgb" else INVERSION)
+    if fetched:
+        h, w, _ = info["shape"]
+        groups = f", {len(info['groups'])} groups" if info["groups"] else ""
+        about = f"{info['rows']:,} {w}x{h} {color} images, {len(classes)} classes{groups}"
+    else:
+        about = "not fetched yet"
     return DatasetSpec(
         name=name,
-        description=f"your image folder {info['path']} ({info['rows']:,} {w}x{h} "
-        f"{info['color']} images, {len(classes)} classes{described})",
+        description=f"your image folder {name} ({about})",
         input_kind="image",
         mode_specs=tuple(modes),
-        open=lambda root: ImageFolderSource(root, name, info),
-        fetch=_refetch(name, info),
+        open=lambda data_root: ImageFolderSource(Path(data_root), name, info),
+        fetch=functools.partial(_fetch, name=name),
         needs_fetch=True,
         train=TrainDefaults("cnn"),
-        n_classes=len(classes),
+        n_classes=len(classes) if fetched else None,
         implied_modes={"group": "holdout"} if has_groups else {},
     )
