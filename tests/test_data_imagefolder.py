@@ -342,24 +342,38 @@ def test_unknown_group_names_the_nearest(fetched: dict) -> None:
 # --------------------------------------------------------------------------- end to end
 
 
-def test_group_holdout_end_to_end_auroc_matches_sklearn(fetched: dict, tmp_path: Path) -> None:
+def test_demo_on_the_folder_auroc_matches_sklearn(
+    fetched: dict, digits_folder: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``mlvar demo --data``'s pipeline on the image folder: its first group (digit 0) held
+    out, 8 CNN seeds; the detection AUROCs of the ranking recomputed from the stored logits."""
     from sklearn.metrics import roc_auc_score
 
-    from mlvar.analysis import service as analysis
-    from mlvar.config import Config, PathsConfig
+    from mlvar import demo
+    from mlvar.config import Config, PathsConfig, default_train
     from mlvar.store import ExperimentStore
-    from mlvar.train.service import train
+
+    # GradCAM and report pages of a few samples under two seeds keep the test cheap.
+    monkeypatch.setattr(demo, "DEMO_TOP", 3)
+    monkeypatch.setattr(demo, "DEMO_SALIENCY_SEEDS", 2)
 
     root = fetched["root"]
-    scenario = registry.prepare_sweep(root, NAME, group="3", force=True).scenarios[0]
     cfg = Config(paths=PathsConfig(root, tmp_path / "runs", tmp_path / "reports"))
-    over = {"model": "cnn", "epochs": 1, "batch_size": 128, "workers": 1}
-    result = train(cfg, NAME, scenario=scenario.name, runs=8, overrides=over)
+    cfg.train[NAME] = default_train(NAME, root)
+    cfg.train[NAME].epochs, cfg.train[NAME].batch_size, cfg.train[NAME].workers = 1, 128, 1
+    steps: list[str] = []
+    result = demo.run_demo(cfg, runs=8, step=steps.append, data=digits_folder["root"], name=NAME)
+    assert steps[0] == f"fetching {digits_folder['root']} as imagefolder '{NAME}'"
+    assert result.scenario == f"{NAME}-holdout-g0-r1.0" and result.affected == "held-out group 0"
+    assert result.report.is_file() and result.saliency is not None
+    assert len(result.saliency.samples) == 6 and result.saliency.n_seeds == 2  # top 3, 3 others
     store = ExperimentStore.open(cfg.paths.runs_root, result.experiment)
-    ranking = analysis.rank(store, "test")
+    assert store.meta["train"]["model"] == "cnn" and len(store.runs()) == 8
     samples = store.samples("test")
     affected = samples["affected"].to_numpy()
-    assert affected.sum() == scenario.manifest["counts"]["test"]["affected"] > 0
+    np.testing.assert_array_equal(
+        affected, digits_folder["digit"][samples["sample_id"].to_numpy()] == 0
+    )
     logits = np.stack([run.load_logits("test") for run in store.runs()]).astype(np.float64)
     probs = np.exp(logits - logits.max(axis=2, keepdims=True))
     probs /= probs.sum(axis=2, keepdims=True)
@@ -375,11 +389,31 @@ def test_group_holdout_end_to_end_auroc_matches_sklearn(fetched: dict, tmp_path:
     }
     # Label-aware metrics are ranked within the held-out group's class (docs/metrics.md),
     # label-free ones over the whole split.
-    in_class = label == 1
-    detection = ranking.detection.set_index("metric")
+    in_class = label == 0
+    detection = result.ranking.detection.set_index("metric")
     for metric, score in scores.items():
         aware = metric.startswith("gconf") or metric == "n_correct"
         rows = in_class if aware else np.ones(len(label), bool)
-        assert detection.loc[metric, "scope"] == ("class 1" if aware else "split"), metric
+        assert detection.loc[metric, "scope"] == ("class 0" if aware else "split"), metric
         expected = roc_auc_score(affected[rows], score[rows])
         assert detection.loc[metric, "auroc"] == pytest.approx(expected, abs=1e-9), metric
+
+
+def test_demo_dispatch_and_names(tmp_path: Path) -> None:
+    from mlvar.demo import data_kind, demo_name, run_demo
+
+    (tmp_path / "My Photos").mkdir()
+    (tmp_path / "2024-scans.csv").write_text("a,b\n1,2\n")
+    assert data_kind(tmp_path / "My Photos") == "imagefolder"
+    assert data_kind(tmp_path / "2024-scans.csv") == "table"
+    assert demo_name(tmp_path / "My Photos") == "my_photos"
+    assert demo_name(tmp_path / "2024-scans.csv") == "d_2024_scans"
+    assert demo_name(tmp_path / "digits", ["digits"]) == "digits_data"
+    with pytest.raises(MlvarError, match="does not exist"):
+        data_kind(tmp_path / "nothing")
+    from mlvar.config import Config, PathsConfig
+
+    cfg = Config(paths=PathsConfig(tmp_path / "data", tmp_path / "runs", tmp_path / "reports"))
+    with pytest.raises(MlvarError, match="--size is for imagefolder data"):
+        run_demo(cfg, data=tmp_path / "2024-scans.csv", fetch_options={"size": 8})
+    assert not (tmp_path / "data").exists()
