@@ -39,7 +39,7 @@ def digits_folder(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The digits as root/<coarse class>/<digit>/<index>.png (RGB), with hidden files the
     reader must skip, and the reference: each id's load_digits index, label and group."""
     bunch = load_digits()
-    root = tmp_path_factory.mktemp("imgf") / "digits"
+    root = tmp_path_factory.mktemp("imgf") / NAME  # as mlvar demo --data names it
     for i, (img, digit) in enumerate(zip(bunch.images, bunch.target, strict=True)):
         folder = root / _class_folder(int(digit)) / str(digit)
         folder.mkdir(parents=True, exist_ok=True)
@@ -362,9 +362,9 @@ def test_demo_on_the_folder_auroc_matches_sklearn(
     cfg.train[NAME] = default_train(NAME, root)
     cfg.train[NAME].epochs, cfg.train[NAME].batch_size, cfg.train[NAME].workers = 1, 128, 1
     steps: list[str] = []
-    result = demo.run_demo(cfg, runs=8, step=steps.append, data=digits_folder["root"], name=NAME)
-    assert steps[0] == f"fetching {digits_folder['root']} as imagefolder '{NAME}'"
-    assert result.scenario == f"{NAME}-holdout-g0-r1.0" and result.affected == "held-out group 0"
+    result = demo.run_data_demo(cfg, digits_folder["root"], {}, runs=8, step=steps.append)
+    assert steps[0] == f"recording {digits_folder['root']} as imagefolder '{NAME}'"
+    assert result.scenario == f"{NAME}-holdout-g0-r1.0"
     assert result.report.is_file() and result.saliency is not None
     assert len(result.saliency.samples) == 6 and result.saliency.n_seeds == 2  # top 3, 3 others
     store = ExperimentStore.open(cfg.paths.runs_root, result.experiment)
@@ -399,21 +399,19 @@ def test_demo_on_the_folder_auroc_matches_sklearn(
         assert detection.loc[metric, "auroc"] == pytest.approx(expected, abs=1e-9), metric
 
 
-def test_demo_dispatch_and_names(tmp_path: Path) -> None:
-    from mlvar.demo import data_kind, demo_name, run_demo
-
-    (tmp_path / "My Photos").mkdir()
-    (tmp_path / "2024-scans.csv").write_text("a,b\n1,2\n")
-    assert data_kind(tmp_path / "My Photos") == "imagefolder"
-    assert data_kind(tmp_path / "2024-scans.csv") == "table"
-    assert demo_name(tmp_path / "My Photos") == "my_photos"
-    assert demo_name(tmp_path / "2024-scans.csv") == "d_2024_scans"
-    assert demo_name(tmp_path / "digits", ["digits"]) == "digits_data"
-    with pytest.raises(MlvarError, match="does not exist"):
-        data_kind(tmp_path / "nothing")
+def test_demo_refuses_what_the_kind_does_not_take(tmp_path: Path) -> None:
     from mlvar.config import Config, PathsConfig
+    from mlvar.demo import demo_name, run_data_demo
 
+    folder = _tiny(tmp_path / "My Photos")
+    table = tmp_path / "scans.csv"
+    table.write_text("a,b\n1,2\n")
+    assert demo_name(folder) == "my_photos"
     cfg = Config(paths=PathsConfig(tmp_path / "data", tmp_path / "runs", tmp_path / "reports"))
     with pytest.raises(MlvarError, match="--size is for imagefolder data"):
-        run_demo(cfg, data=tmp_path / "2024-scans.csv", fetch_options={"size": 8})
-    assert not (tmp_path / "data").exists()
+        run_data_demo(cfg, table, {"size": 8})
+    with pytest.raises(MlvarError, match="--where is for table data"):
+        run_data_demo(cfg, folder, {"where": "a > 1"})
+    with pytest.raises(MlvarError, match="takes no --group"):
+        run_data_demo(cfg, folder, {"group": "x"})  # no groups: only --cls holds out
+    assert not (tmp_path / "runs").exists()

@@ -23,6 +23,8 @@ from typing import Any
 
 from mlvar.data.protocol import DEFAULT_PROTOCOL, PROTOCOLS
 from mlvar.data.registry import DATASETS, get_dataset
+from mlvar.data.scenario import list_scenarios
+from mlvar.data.spec import TrainDefaults
 from mlvar.errors import MlvarError, closest
 from mlvar.recipes import (
     IMAGE_MODELS,
@@ -111,8 +113,15 @@ class TrainConfig:
 def default_train(dataset: str, data_root: str | os.PathLike | None = None) -> TrainConfig:
     """The built-in training config of a dataset (a user dataset's of ``data_root``): its
     spec's default model with that model's defaults, and the values the dataset sets on
-    top of them."""
-    train = get_dataset(dataset, data_root).train
+    top of them. A name known only by its prepared scenarios (a user dataset on a worker
+    that got the scenarios but not ``user/<name>/``) gets the plain defaults: a job's
+    spec carries its whole training config anyway."""
+    try:
+        train = get_dataset(dataset, data_root).train
+    except MlvarError:
+        if data_root is None or not list_scenarios(Path(data_root), dataset):
+            raise
+        train = TrainDefaults()
     cfg = TrainConfig()
     switch_model(cfg, train.model)
     for key, value in train.values.items():

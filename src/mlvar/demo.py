@@ -1,13 +1,6 @@
-"""The whole pipeline on scikit-learn's digits, offline: ``mlvar demo``; or on your own
-data: ``mlvar demo --data PATH``.
-
-``--data`` dispatches on what PATH is (:func:`data_kind`): a folder is an image folder
-(user kind ``imagefolder``), a file a table (``table``). The data is fetched as a user
-dataset under a name derived from PATH (:func:`demo_name`, or ``--name``), one scenario is
-prepared (:data:`USER_DEMOS`: an image folder's first group held out, or ``original``
-when it has no groups; a table's smallest tree-leaf cluster held out), and it is trained,
-analysed and reported like the digits demo. Re-running reuses the fetch, the scenario and
-the finished runs.
+"""The whole pipeline on scikit-learn's digits, offline: ``mlvar demo``; on your own data:
+``mlvar demo --data PATH`` (:func:`run_data_demo`): a table file, or a folder of images
+(its first group held out, GradCAM in the report).
 
 Importing it loads nothing heavy (the CLI shows :data:`DEMO_RUNS` in its help): the
 pipeline's modules are imported by :func:`run_demo`.
@@ -16,18 +9,15 @@ pipeline's modules are imported by :func:`run_demo`.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-from mlvar.errors import MlvarError
 
 if TYPE_CHECKING:
     from mlvar.analysis import service as analysis
     from mlvar.analysis.saliency import SaliencyResult
     from mlvar.config import Config
-    from mlvar.data.scenario import Scenario
     from mlvar.data.spec import DatasetSpec
     from mlvar.train import service as training
 
@@ -47,6 +37,48 @@ DEMO_SALIENCY_SEEDS = 16
 Step = Callable[[str], None]
 
 
+@dataclass(frozen=True)
+class DataDemo:
+    """How ``mlvar demo --data PATH`` runs on a user kind: which of the demo's options
+    go to ``mlvar data fetch`` (``fetch``), ``scenario(options, spec, data_root)``: the
+    mode and the options of the scenario it prepares (``spec``: the fetched dataset's),
+    the demo's options ``scenario`` reads (``options``; any other given is refused), and
+    whether the report gets GradCAM maps (``saliency``: image kinds)."""
+
+    fetch: tuple[str, ...]
+    scenario: Callable[[dict[str, Any], DatasetSpec, Path], tuple[str, dict[str, Any]]]
+    options: tuple[str, ...] = ()
+    saliency: bool = False
+
+
+def _table_scenario(
+    options: dict[str, Any], spec: DatasetSpec, data_root: Path
+) -> tuple[str, dict[str, Any]]:
+    """A table's demo: the subgroup ``--where`` held out, else decision-tree cluster 0."""
+    if options.get("where"):
+        return "holdout", {"where": options["where"]}
+    return "cluster", {"cluster": 0}
+
+
+def _imagefolder_scenario(
+    options: dict[str, Any], spec: DatasetSpec, data_root: Path
+) -> tuple[str, dict[str, Any]]:
+    """An image folder's demo: the group ``--group`` held out, else the first group (of the
+    sorted class/group folders); ``original`` for a folder without groups."""
+    if options.get("group"):
+        return "holdout", {"group": options["group"]}
+    groups = spec.open(data_root).group_names  # its record only: no image is read
+    return ("holdout", {"group": groups[0]}) if groups else ("original", {})
+
+
+#: Per user kind (:data:`mlvar.data.registry.USER_KINDS`): ``--data PATH`` is a table
+#: when it is a file, an image folder (kind ``imagefolder``) when it is a folder.
+DATA_DEMOS: dict[str, DataDemo] = {
+    "table": DataDemo(("label",), _table_scenario, options=("where",)),
+    "imagefolder": DataDemo(("size",), _imagefolder_scenario, options=("group",), saliency=True),
+}
+
+
 @dataclass
 class DemoResult:
     scenario: str
@@ -55,9 +87,6 @@ class DemoResult:
     accuracy: analysis.AccuracyResult
     ranking: analysis.RankResult
     saliency: SaliencyResult | None = None
-    #: What the affected test samples are, for the summary line ("the held-out 3s").
-    affected: str = "held-out 3s"
-    dataset: str = "digits"
 
     def best_detection(self, n: int = 5) -> list[dict[str, Any]]:
         """The ``n`` metrics that best find the held-out digit, highest AUROC first: their
@@ -69,7 +98,6 @@ class DemoResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "dataset": self.dataset,
             "scenario": self.scenario,
             "experiment": self.experiment,
             "report": str(self.report),
@@ -79,142 +107,16 @@ class DemoResult:
         }
 
 
-# --------------------------------------------------------------------------- your own data
-
-
-@dataclass(frozen=True)
-class UserDemo:
-    """How ``mlvar demo --data`` runs on one user kind: the model it trains, whether GradCAM
-    applies, and ``scenario(spec, data_root)``: the mode, options and a description of the
-    affected samples of the scenario it prepares (from the fetched dataset's spec)."""
-
-    model: str
-    images: bool
-    scenario: Callable[[Any, Path], tuple[str, dict[str, Any], str]]
-    #: The demo's options this kind's fetch takes (``--size``, ``--label``), by name.
-    fetch_options: tuple[str, ...] = field(default_factory=tuple)
-
-
-def _imagefolder_scenario(spec: DatasetSpec, root: Path) -> tuple[str, dict[str, Any], str]:
-    """The first group held out (of the sorted (class, group) folders), else ``original``."""
-    source = spec.open(root)  # the record only: nothing is read until ``base``
-    if source.group_names:
-        group = source.group_names[0]
-        return "holdout", {"group": group}, f"held-out group {group}"
-    return "original", {}, "affected samples (none: the folder has no groups)"
-
-
-def _table_scenario(spec: DatasetSpec, root: Path) -> tuple[str, dict[str, Any], str]:
-    """The smallest tree-leaf cluster held out (COMPAS's holdout, on any table)."""
-    return "cluster", {"cluster": 0}, "held-out cluster 0"
-
-
-#: The hook of ``mlvar demo --data``: user kind -> how its demo runs. A kind without an
-#: entry cannot be demonstrated.
-USER_DEMOS: dict[str, UserDemo] = {
-    "imagefolder": UserDemo("cnn", True, _imagefolder_scenario, ("size",)),
-    "table": UserDemo("mlp", False, _table_scenario, ("label",)),
-}
-
-
-def data_kind(path: Path) -> str:
-    """The user kind of ``path``: ``imagefolder`` for a folder, ``table`` for a file.
-
-    Raises
-    ------
-    MlvarError
-        ``path`` does not exist, or is neither a file nor a folder.
-    """
-    path = Path(path).expanduser()
-    if path.is_dir():
-        return "imagefolder"
-    if path.is_file():
-        return "table"
-    if not path.exists():
-        raise MlvarError(f"--data {path} does not exist", "give a folder of images or a table file")
-    raise MlvarError(f"--data {path} is neither a file nor a folder", "give a folder or a file")
-
-
-def demo_name(path: Path, taken: Collection[str] = ()) -> str:
-    """The dataset name ``mlvar demo --data`` fetches ``path`` under: its stem in lower case,
-    each run of other characters than letters and digits made one ``_``, prefixed ``d_``
-    when it does not start with a letter, at most 35 characters, and ``_data`` appended
-    when that is one of ``taken`` (the built-in datasets and kinds): ``My Photos`` ->
-    ``my_photos``, ``2024-scans`` -> ``d_2024_scans``, ``digits`` -> ``digits_data``."""
-    stem = Path(path).expanduser().resolve().stem.lower()
-    name = re.sub(r"[^a-z0-9]+", "_", stem).strip("_") or "data"
-    if not name[0].isalpha():
-        name = f"d_{name}"
-    name = name[:35].rstrip("_")
-    return f"{name}_data" if name in taken else name
-
-
-def _user_scenario(
-    root: Path,
-    data: Path,
-    name: str | None,
-    fetch_options: dict[str, Any],
-    say: Step,
-) -> tuple[DatasetSpec, UserDemo, Scenario, str]:
-    """Fetch ``data`` as a user dataset and prepare its demo scenario (or reuse them)."""
-    from mlvar.data import registry
-
-    kind = data_kind(data)
-    demo = USER_DEMOS[kind]
-    given = {k: v for k, v in fetch_options.items() if v is not None}
-    for option in given:
-        if option not in demo.fetch_options:
-            raise MlvarError(
-                f"mlvar demo --{option} is for "
-                + ", ".join(k for k, d in USER_DEMOS.items() if option in d.fetch_options)
-                + f" data, but {data} is read as {kind}",
-                f"drop --{option}",
-            )
-    name = name or demo_name(data, [*registry.DATASETS, *registry.USER_KINDS])
-    say(f"fetching {data} as {kind} '{name}'")
-    registry.fetch(root, kind, source=data, name=name, **given)
-    spec = registry.get_dataset(name, root)
-    mode, options, affected = demo.scenario(spec, root)
-    return spec, demo, _prepared(root, spec, mode, options, say), affected
-
-
-def _prepared(
-    root: Path, spec: DatasetSpec, mode: str, options: dict[str, Any], say: Step
-) -> Scenario:
-    """The scenario of ``mode`` and ``options``: opened when prepared before, else prepared."""
-    from mlvar.data.scenario import open_scenario
-
-    variant, params = spec.check(mode, options)
-    name = spec.scenario_name(variant, params.resolve(spec.open(root)))
-    say(f"preparing scenario {name}")
-    if (root / name / "manifest.json").is_file():
-        return open_scenario(root, name)
-    return spec.prepare(root, mode, options)
-
-
 def run_demo(
     config: Config,
     runs: int = DEMO_RUNS,
     step: Step | None = None,
     progress: training.Progress | None = None,
-    data: str | Path | None = None,
-    name: str | None = None,
-    fetch_options: dict[str, Any] | None = None,
 ) -> DemoResult:
-    """Prepare digits with digit 3 held out (or, with ``data``, fetch your folder of images
-    or table as user dataset ``name`` and prepare its demo scenario), train ``runs`` seeds
-    of the small CNN (a table: the MLP), analyse, compute GradCAM of the top-ranked samples
-    across seeds (images only), write the report.
+    """Prepare digits with digit 3 held out, train ``runs`` seeds of the small CNN, analyse,
+    compute GradCAM of the top-ranked samples across seeds, write the report.
 
-    ``fetch_options`` are the kind's fetch options the demo passes on (an image folder's
-    ``size``, a table's ``label``); None values are not given. Re-running reuses the fetch,
-    the prepared scenario and the finished runs.
-
-    Raises
-    ------
-    MlvarError
-        ``data`` is missing or cannot be fetched or prepared (as ``mlvar data fetch`` and
-        ``mlvar data prepare`` would refuse it), or an option its kind does not take.
+    Re-running reuses the prepared scenario and the finished runs.
     """
     from mlvar.analysis import service as analysis
     from mlvar.data import registry
@@ -225,42 +127,123 @@ def run_demo(
 
     say = step or (lambda _msg: None)
     root = Path(config.paths.data_root)
-    if data is None:
-        dataset, model, images, affected = "digits", DEMO_MODEL, True, "held-out 3s"
-        name = f"digits-holdout-sub{DEMO_SUBCLASS}-r1.0"
-        say(f"preparing scenario {name}")
-        if (root / name / "manifest.json").is_file():
-            from mlvar.data.scenario import open_scenario
+    name = f"digits-holdout-sub{DEMO_SUBCLASS}-r1.0"
+    say(f"preparing scenario {name}")
+    if (root / name / "manifest.json").is_file():
+        from mlvar.data.scenario import open_scenario
 
-            scenario = open_scenario(root, name)
-        else:
-            scenario = registry.prepare(root, "digits", mode="holdout", subclass=DEMO_SUBCLASS)
+        scenario = open_scenario(root, name)
     else:
-        spec, demo, scenario, affected = _user_scenario(
-            root, Path(data).expanduser(), name, fetch_options or {}, say
-        )
-        dataset, model, images = spec.name, demo.model, demo.images
+        scenario = registry.prepare(root, "digits", mode="holdout", subclass=DEMO_SUBCLASS)
     say(f"training {runs} seeds")
     trained = training.train(
         config,
-        dataset,
+        "digits",
         scenario=scenario.name,
         runs=runs,
-        overrides={"model": model},
+        overrides={"model": DEMO_MODEL},
         progress=progress,
     )
     store = ExperimentStore.open(config.paths.runs_root, trained.experiment)
     say("analysing")
     acc = analysis.accuracy(store, "test")
     ranking = analysis.rank(store, "test")
+    say("computing GradCAM across seeds")
+    maps = saliency(store, root, "test", top=DEMO_TOP, seeds=min(runs, DEMO_SALIENCY_SEEDS))
+    say("writing the report")
+    report = build_report(
+        store, Path(config.paths.reports_root) / trained.experiment, top=DEMO_TOP, data_root=root
+    )
+    return DemoResult(scenario.name, trained.experiment, report.path, acc, ranking, maps)
+
+
+def demo_name(path: Path) -> str:
+    """The dataset name ``mlvar demo --data PATH`` records ``path`` under: its stem in
+    lower case, other characters than letters, digits and ``_`` as ``_`` (a leading digit
+    gets ``d``), ``_data`` appended where that is a built-in name or kind."""
+    from mlvar.data.registry import DATASETS, USER_KINDS
+
+    stem = re.sub(r"[^a-z0-9_]", "_", path.stem.lower())[:35] or "data"
+    stem = stem if stem[0].isalpha() else f"d{stem}"
+    return f"{stem}_data" if stem in DATASETS or stem in USER_KINDS else stem
+
+
+def run_data_demo(
+    config: Config,
+    data: str | Path,
+    options: dict[str, Any],
+    runs: int = DEMO_RUNS,
+    step: Step | None = None,
+    progress: training.Progress | None = None,
+) -> DemoResult:
+    """The pipeline on the user's data ``data`` (a table file or an image folder): record
+    it under :func:`demo_name`, prepare the kind's demo scenario (:data:`DATA_DEMOS`),
+    train ``runs`` seeds with the dataset's default model (an image folder: the small
+    CNN), analyse, compute GradCAM across seeds (images), write the report.
+
+    ``options`` are the demo's (``label``, ``where``, ``size``, ``group``; None: not
+    given). Re-running reuses the recorded data, the prepared scenario and the finished
+    runs.
+
+    Raises
+    ------
+    MlvarError
+        ``data`` is missing, an option its kind does not take, or what ``mlvar data fetch``
+        and ``mlvar data prepare`` refuse.
+    """
+    from mlvar.analysis import service as analysis
+    from mlvar.data import registry
+    from mlvar.data.scenario import open_scenario
+    from mlvar.errors import MlvarError
+    from mlvar.report.html import build_report
+    from mlvar.store import ExperimentStore
+    from mlvar.train import service as training
+
+    say = step or (lambda _msg: None)
+    root = Path(config.paths.data_root)
+    data = Path(data).expanduser()
+    if not data.exists():
+        raise MlvarError(f"--data {data} not found", "pass a table file or an image folder")
+    kind = "imagefolder" if data.is_dir() else "table"
+    demo = DATA_DEMOS[kind]
+    name = demo_name(data)
+    given = {key: value for key, value in options.items() if value is not None}
+    for key in given:
+        if key not in (*demo.fetch, *demo.options):
+            takers = [k for k, d in DATA_DEMOS.items() if key in (*d.fetch, *d.options)]
+            raise MlvarError(
+                f"mlvar demo --{key} is for {' or '.join(takers) or 'no'} data, but {data} "
+                f"is read as {kind}",
+                f"drop --{key}",
+            )
+    say(f"recording {data} as {kind} '{name}'")
+    registry.fetch(root, kind, source=data, name=name,
+                   **{key: value for key, value in given.items() if key in demo.fetch})  # fmt: skip
+    spec = registry.get_dataset(name, root)
+    mode, scenario_options = demo.scenario(given, spec, root)
+    variant, params = spec.check(mode, scenario_options)
+    source = spec.open(root)
+    params = params.resolve(source)
+    scenario_name = spec.scenario_name(variant, params)
+    say(f"preparing scenario {scenario_name}")
+    if (root / scenario_name / "manifest.json").is_file():
+        scenario = open_scenario(root, scenario_name)
+    else:
+        scenario = spec.build(source, variant, params, force=False)
+    say(f"training {runs} seeds")
+    trained = training.train(config, name, scenario=scenario.name, runs=runs, progress=progress)
+    store = ExperimentStore.open(config.paths.runs_root, trained.experiment)
+    say("analysing")
+    acc = analysis.accuracy(store, "test")
+    ranking = analysis.rank(store, "test")
     maps = None
-    if images:
+    if demo.saliency:
+        from mlvar.saliency import saliency
+
         say("computing GradCAM across seeds")
         maps = saliency(store, root, "test", top=DEMO_TOP, seeds=min(runs, DEMO_SALIENCY_SEEDS))
     say("writing the report")
     report = build_report(
         store, Path(config.paths.reports_root) / trained.experiment, top=DEMO_TOP, data_root=root
     )
-    return DemoResult(
-        scenario.name, trained.experiment, report.path, acc, ranking, maps, affected, dataset
-    )
+    return DemoResult(scenario.name, trained.experiment, report.path, acc, ranking, maps)

@@ -4,7 +4,8 @@ table").
 ``mlvar data fetch table --source FILE --name NAME --label COL [--features COLS] [--id COL]
 [--test-fraction F] [--val-fraction F] [--split-seed S]`` reads the file with pyarrow,
 checks everything below, and records it in ``<data_root>/user/<NAME>/`` as
-``table.parquet`` (every column, types as read) beside ``source.json``
+``table.arrow`` (every column, types as read; an uncompressed Arrow IPC file, read
+memory-mapped) beside ``source.json``
 (:mod:`mlvar.data.user`). The label, features, id and split are the dataset's: recorded at
 fetch, the same for every scenario of the name.
 
@@ -73,7 +74,7 @@ if TYPE_CHECKING:
 KIND = "table"
 #: File suffix -> format read.
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".parquet": "parquet", ".pq": "parquet"}
-STORED_FILE = "table.parquet"
+STORED_FILE = "table.arrow"
 #: A categorical column with more distinct values (missing counted as one) is refused.
 MAX_CATEGORIES = 100
 MISSING = "<missing>"
@@ -353,10 +354,14 @@ def fetch_table(
             "options": options,
             **checked,
         }
-        import pyarrow.parquet as pq
+        import pyarrow as pa
 
         with user.recording(data_root, name, force) as tmp:
-            pq.write_table(table, tmp / STORED_FILE)
+            with (
+                pa.OSFile(str(tmp / STORED_FILE), "wb") as sink,
+                pa.ipc.new_file(sink, table.schema) as writer,
+            ):
+                writer.write_table(table)
             user.write_info(tmp, info)
         action = "replaced" if existed else "recorded"
     return {
@@ -387,9 +392,9 @@ class TableSource(Source):
             raise MlvarError(f"table '{name}' is not fetched in {data_root}", _fetch_hint(name))
 
     def _read(self, columns: list[str]) -> pa.Table:
-        import pyarrow.parquet as pq
+        import pyarrow as pa
 
-        return pq.read_table(self.path, columns=columns)
+        return pa.ipc.open_file(pa.memory_map(str(self.path))).read_all().select(columns)
 
     def load(self) -> BaseData:
         info = self.info
@@ -404,7 +409,7 @@ class TableSource(Source):
             else np.arange(n, dtype=np.int64)
         )
         index = split_index(y, options["split"])
-        x, x_raw, feature_names, manifest = _encode(
+        x, feature_names, manifest = _encode(
             table, features, set(info["categorical"]), index["train"]
         )
         manifest = {
@@ -436,7 +441,7 @@ class TableSource(Source):
             index=index,
             class_names=class_names,
             manifest=manifest,
-            extra={"x_raw": x_raw, "feature_names": feature_names},
+            extra={"feature_names": feature_names},
         )
 
     def subgroup(self, where: str) -> np.ndarray:
@@ -447,6 +452,17 @@ class TableSource(Source):
         return cache[where]
 
     @cached_property
+    def x_raw(self) -> np.ndarray:
+        """The features unstandardised (missing numbers imputed): what the clustering tree
+        is fitted on, encoded again when asked for (only ``cluster`` needs it)."""
+        info = self.info
+        table = self._read(info["features"])
+        x, _, _ = _encode(
+            table, info["features"], set(info["categorical"]), self.base.index["train"], False
+        )
+        return x
+
+    @cached_property
     def min_samples_leaf(self) -> int:
         share, of = LEAF_SHARE
         return max(1, round(len(self.base.y) * share / of))
@@ -455,7 +471,7 @@ class TableSource(Source):
     def clusters(self) -> tuple[np.ndarray, np.ndarray]:
         """Every row's cluster and the clusters' leaf ids (numbered as COMPAS's)."""
         base = self.base
-        leaves = tabular.tree_leaves(base.extra["x_raw"], base.y, self.min_samples_leaf)
+        leaves = tabular.tree_leaves(self.x_raw, base.y, self.min_samples_leaf)
         return tabular.number_leaves(leaves, np.unique(leaves), base.index["train"])
 
     @property
@@ -464,15 +480,20 @@ class TableSource(Source):
 
 
 def _encode(
-    table: pa.Table, features: list[str], categorical: set[str], train: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, list[str], dict[str, Any]]:
-    """The features as float32 matrices, standardised and not (one-hot categories in place,
-    missing numbers imputed), their names and the manifest's rules and statistics."""
+    table: pa.Table,
+    features: list[str],
+    categorical: set[str],
+    train: np.ndarray,
+    standardise: bool = True,
+) -> tuple[np.ndarray, list[str], dict[str, Any]]:
+    """The features as a float32 matrix (one-hot categories in place, missing numbers
+    imputed, numbers standardised unless ``standardise`` is False), their names and the
+    manifest's rules and statistics."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     n = table.num_rows
-    plans: list[tuple[str, Any]] = []
+    plans: list[tuple[np.ndarray, int] | None] = []
     names: list[str] = []
     for name in features:
         column = table.column(name)
@@ -483,23 +504,22 @@ def _encode(
             order = np.argsort(dictionary, kind="stable")
             rank = np.empty(len(order), dtype=np.int64)
             rank[order] = np.arange(len(order))
-            codes = rank[encoded.indices.to_numpy(zero_copy_only=False)]
-            plans.append(("categorical", (codes, len(order))))
+            plans.append((rank[encoded.indices.to_numpy(zero_copy_only=False)], len(order)))
             names += [f"{name}={dictionary[k]}" for k in order]
         else:
-            plans.append(("numeric", name))
+            plans.append(None)
             names.append(name)
-    x = np.empty((n, len(names)), dtype=np.float32)
-    x_raw = np.empty((n, len(names)), dtype=np.float32)
+    # Filled column by column: in column-major order each column is one contiguous write;
+    # the rows are made contiguous once at the end (what scenarios store and index).
+    x = np.empty((n, len(names)), dtype=np.float32, order="F")
     stats: dict[str, list] = {"columns": [], "mean": [], "std": []}
     imputed: dict[str, dict[str, Any]] = {}
     at = 0
-    for name, (kind, what) in zip(features, plans, strict=True):
-        if kind == "categorical":
-            codes, width = what
+    for name, plan in zip(features, plans, strict=True):
+        if plan is not None:
+            codes, width = plan
             for k in range(width):
-                x_raw[:, at + k] = codes == k
-            x[:, at : at + width] = x_raw[:, at : at + width]
+                x[:, at + k] = codes == k
             at += width
             continue
         values = pc.cast(table.column(name), pa.float64()).to_numpy(zero_copy_only=False)
@@ -514,11 +534,11 @@ def _encode(
             median = float(np.median(train_values))
             values = np.where(gaps, median, values)
             imputed[name] = {"missing": int(gaps.sum()), "median": median}
-        mean = float(values[train].mean())
-        std = float(values[train].std())
+        train_values = values[train]
+        mean = float(train_values.mean())
+        std = float(train_values.std())
         std = std if std > 0 else 1.0  # a constant column stays constant rather than NaN
-        x_raw[:, at] = values
-        x[:, at] = (values - mean) / std
+        x[:, at] = (values - mean) / std if standardise else values
         stats["columns"].append(name)
         stats["mean"].append(mean)
         stats["std"].append(std)
@@ -536,7 +556,7 @@ def _encode(
             "imputed": imputed,
         },
     }
-    return x, x_raw, names, manifest
+    return np.ascontiguousarray(x), names, manifest
 
 
 def _evaluate_where(source: TableSource, where: str) -> np.ndarray:

@@ -21,9 +21,15 @@ from typing import Any
 import numpy as np
 
 from mlvar import __version__
-from mlvar.config import Config, TrainConfig, check_model_input, switch_protocol, validate_train
+from mlvar.config import (
+    Config,
+    TrainConfig,
+    check_model_input,
+    default_train,
+    switch_protocol,
+    validate_train,
+)
 from mlvar.data.protocol import DEFAULT_PROTOCOL, check_protocol, protocol_of
-from mlvar.data.registry import get_dataset
 from mlvar.data.scenario import Scenario, SplitData, resolve_scenario
 from mlvar.errors import MlvarError
 from mlvar.recipes import mlp_head
@@ -212,7 +218,7 @@ def train_config(
     under ``study``, the study's model and values for the dataset
     (:func:`mlvar.config.switch_protocol`), then the other overrides.
     """
-    get_dataset(dataset, config.paths.data_root)  # a built-in or user dataset, else refused
+    default_train(dataset, config.paths.data_root)  # a known dataset, else refused
     protocol = protocol_for(config, overrides)
     if runs < 1:
         raise MlvarError(f"--runs must be at least 1, got {runs}", "e.g. --runs 20")
