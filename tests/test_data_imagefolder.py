@@ -245,6 +245,9 @@ def _tiny(root: Path, n: int = 10, size: int = 8) -> Path:
 def test_size_and_gray_and_flat_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = _tiny(tmp_path / "src")
     wide = _write(src / "b" / "wide.png", np.full((6, 20), 200, np.uint8))
+    photo = src / "a" / "photo.jpg"  # JPEG too, in colour: read gray
+    gradient = np.linspace(0, 255, 12 * 10 * 3).reshape(12, 10, 3).astype(np.uint8)
+    Image.fromarray(gradient, "RGB").save(photo, quality=90)
     use_root(tmp_path, monkeypatch)
     args = ("data", "fetch", "imagefolder", "--source", src, "--name", "tiny", "--json")
     fetched = invoke(*args, "--size", "16", "--color", "gray")
@@ -253,10 +256,20 @@ def test_size_and_gray_and_flat_layout(tmp_path: Path, monkeypatch: pytest.Monke
     data = registry.prepare_sweep(tmp_path / "data", "tiny", "original").scenarios[0]
     x = np.concatenate([data.load(s).x for s in data.splits])
     ids = np.concatenate([data.load(s).id for s in data.splits])
-    names = [f"{c}/{i}.png" for c in "ab" for i in range(10)] + ["b/wide.png"]
-    wide_id = sorted(names, key=lambda r: tuple(r.split("/"))).index("b/wide.png")
-    expected = np.asarray(Image.open(wide).resize((16, 16), Image.Resampling.BICUBIC))
-    np.testing.assert_array_equal(x[ids == wide_id][0, ..., 0], expected)
+    names = [f"{c}/{i}.png" for c in "ab" for i in range(10)] + ["b/wide.png", "a/photo.jpg"]
+    order = sorted(names, key=lambda r: tuple(r.split("/")))
+    for file, path in (("b/wide.png", wide), ("a/photo.jpg", photo)):
+        image = Image.open(path).convert("L").resize((16, 16), Image.Resampling.BICUBIC)
+        np.testing.assert_array_equal(x[ids == order.index(file)][0, ..., 0], np.asarray(image))
+    # A gray folder's appearance change is inversion 255 - x (it cannot be made gray).
+    inverted = registry.prepare_sweep(tmp_path / "data", "tiny", "augmentation", ratio="1")
+    train = inverted.scenarios[0].load("train")
+    original = data.load("train")
+    np.testing.assert_array_equal(train.id, original.id)
+    changed = original.y == 0
+    np.testing.assert_array_equal(train.affected, changed)
+    np.testing.assert_array_equal(train.x[changed], 255 - original.x[changed])
+    np.testing.assert_array_equal(train.x[~changed], original.x[~changed])
     # Without groups holdout is the class holdout (no --cls needed to choose it).
     spec = registry.get_dataset("tiny", tmp_path / "data")
     assert (
@@ -328,15 +341,25 @@ def test_symlink_inside_the_folder_is_followed(tmp_path: Path) -> None:
     np.testing.assert_array_equal(stored[0], stored[-1])  # a/0.png and b/link.png
 
 
-def test_unknown_group_names_the_nearest(fetched: dict) -> None:
-    spec, root = fetched["spec"], fetched["root"]
-    before = sorted(p.name for p in root.iterdir())
-    with pytest.raises(MlvarError, match="unknown group '33'") as exc:
-        spec.prepare(root, "holdout", {"group": "33"})
-    assert "3" in exc.value.hint
-    with pytest.raises(MlvarError, match="unknown group"):
-        prepare_sweep(spec, root, "holdout", {"group": "3,77"})
-    assert sorted(p.name for p in root.iterdir()) == before
+def test_unknown_group_names_the_nearest(
+    fetched: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tree_listing
+) -> None:
+    root = fetched["root"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLVAR_DATA_ROOT", str(root))
+    prepare = ("data", "prepare", NAME, "--group")
+    fails_cleanly(
+        root, tree_listing, *prepare, "33", words=("unknown group '33'", "close names: 3")
+    )
+    fails_cleanly(root, tree_listing, *prepare, "3,77", words=("cannot prepare --group 77",))
+    fails_cleanly(root, tree_listing, *prepare, "3", "--cls", "1", words=("--group with --cls",))
+    with pytest.raises(MlvarError, match="is in several classes"):
+        groups = [(0, "x"), (1, "x")]
+        source = imagefolder.ImageFolderSource(
+            root, "twins", {"classes": ["a", "b"], "groups": groups, "layout": "class/group/file"}
+        )
+        source.find_group("x")
+    assert source.group_names == ["a/x", "b/x"] and source.find_group("b/x") == 1
 
 
 # --------------------------------------------------------------------------- end to end
