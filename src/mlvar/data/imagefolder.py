@@ -125,6 +125,12 @@ def _entries(folder: Path, root: Path) -> list[Path]:
         if ignored(name):
             continue
         path = folder / name
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise MlvarError(
+                f"{ascii(str(path))} has a name that is not UTF-8", "rename it"
+            ) from None
         if path.is_symlink():
             target = path.resolve()
             if not target.is_relative_to(root):
