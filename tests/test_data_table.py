@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -321,15 +322,23 @@ def test_bad_where_is_one_line_and_writes_nothing(cli_root: Path, tree_listing: 
 # --------------------------------------------------------------------------- end to end
 
 
-def test_eight_seeds_rank_aurocs_match_the_stored_logits(root: Path, tmp_path: Path) -> None:
-    cfg = Config(paths=PathsConfig(root, tmp_path / "runs", tmp_path / "reports"))
+@pytest.fixture(scope="module")
+def cfg(root: Path, tmp_path_factory: pytest.TempPathFactory) -> Config:
+    runs = tmp_path_factory.mktemp("table-runs")
+    return Config(paths=PathsConfig(root, runs / "runs", runs / "reports"))
+
+
+def test_eight_seeds_rank_aurocs_match_the_stored_logits(cfg: Config) -> None:
     name = f"bc-holdout-w{table.where_tag(WHERE)}-r1.0"
-    done = train_study(cfg, "bc", scenario=name, runs=8, overrides={"epochs": 2})
+    if not (cfg.paths.data_root / name).exists():
+        registry.prepare_sweep(cfg.paths.data_root, "bc", "holdout", where=WHERE)
+    done = train_study(cfg, "bc", scenario=name, runs=8)
     assert not done.failed
     store = ExperimentStore.open(cfg.paths.runs_root, next(iter(done.results)))
     result = analysis.rank(store, "test", write=False)
     samples = store.samples("test")
     logits = np.stack([run.load_logits("test") for run in store.runs()])
+    assert logits.shape[0] == 8
     probs = softmax(logits.astype(np.float64))
     labels = samples["label"].to_numpy()
     gconf = probs[:, np.arange(len(labels)), labels]
@@ -356,16 +365,67 @@ def test_a_worker_with_the_scenarios_only_trains_with_plain_defaults(tmp_path: P
         default_train("wine", tmp_path)
 
 
-def test_demo_on_a_table_file(tables: Path, tmp_path: Path) -> None:
+def test_demo_on_a_table_file(cfg: Config, tables: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mlvar.demo import demo_name, run_data_demo
+    from mlvar.report import html
 
-    cfg = Config(paths=PathsConfig(tmp_path / "data", tmp_path / "runs", tmp_path / "reports"))
-    source = tmp_path / "Breast Cancer.csv"
-    source.write_bytes((tables / "bc.csv").read_bytes())
-    assert demo_name(source) == "breast_cancer"
+    # The report is the digits demo's (tests/test_pipeline.py builds one); its plots cost
+    # seconds, so here it only records what it was asked for.
+    asked = []
+
+    def report(store, out, top, data_root):
+        asked.append((store.name, out, top, data_root))
+        return SimpleNamespace(path=out / "index.html")
+
+    monkeypatch.setattr(html, "build_report", report)
+
+    assert demo_name(Path("Breast Cancer.csv")) == "breast_cancer"
     assert demo_name(Path("compas.csv")) == "compas_data"
-    result = run_data_demo(cfg, source, {"label": "target", "where": WHERE}, runs=2)
-    assert result.scenario == f"breast_cancer-holdout-w{table.where_tag(WHERE)}-r1.0"
-    assert result.report.is_file()
+    assert demo_name(tables / "bc.csv") == "bc"
+    steps: list[str] = []
+    # bc.csv is recorded as "bc" already, with that subgroup prepared and 8 seeds trained
+    # (the test above): the demo reuses them and analyses and reports.
+    options = {"label": "target", "where": WHERE}
+    result = run_data_demo(cfg, tables / "bc.csv", options, runs=8, step=steps.append)
+    assert steps[0] == f"recording {tables / 'bc.csv'} as table 'bc'"
+    assert result.scenario == f"bc-holdout-w{table.where_tag(WHERE)}-r1.0"
+    assert result.experiment == f"{result.scenario}-mlp"
+    assert asked == [
+        (result.experiment, cfg.paths.reports_root / result.experiment, 20, cfg.paths.data_root)
+    ]
+    assert result.report == cfg.paths.reports_root / result.experiment / "index.html"
+    assert result.accuracy.n_runs == 8
     assert result.ranking.detection is not None
-    assert result.accuracy.n_runs == 2
+
+
+def test_tsv_and_parquet_read_as_the_csv(root: Path, tables: Path, tmp_path: Path) -> None:
+    frame = _wine_frame()
+    frame.to_csv(tmp_path / "wine.tsv", sep="\t", index=False)
+    frame.to_parquet(tmp_path / "wine.parquet", index=False)
+    csv = json.loads((root / "user" / "wine" / "source.json").read_text())
+    for fmt in ("tsv", "parquet"):
+        info = registry.fetch(
+            tmp_path / "data", "table", source=tmp_path / f"wine.{fmt}", name=f"w{fmt}",
+            label="target",
+        )  # fmt: skip
+        recorded = json.loads(Path(info["path"], "source.json").read_text())
+        assert recorded["format"] == fmt and recorded["rows"] == 178
+        assert recorded["features"] == csv["features"]
+        assert recorded["categorical"] == ["note"] and recorded["classes"] == csv["classes"]
+    with pytest.raises(MlvarError, match="not a known table format"):
+        (tmp_path / "wine.xlsx").write_bytes(b"x")
+        registry.fetch(tmp_path / "data", "table", source=tmp_path / "wine.xlsx", name="x",
+                       label="target")  # fmt: skip
+
+
+def test_a_train_table_of_mlvar_toml_sets_a_user_dataset(root: Path, tmp_path: Path) -> None:
+    from mlvar.config import load_config
+
+    toml = tmp_path / "mlvar.toml"
+    toml.write_text(f'[paths]\ndata_root = "{root}"\n[train.bc]\nepochs = 3\n')
+    cfg = load_config(toml, env={})
+    assert cfg.train_for("bc").epochs == 3 and cfg.train_for("bc").model == "mlp"
+    assert cfg.train_for("wine").epochs == 10  # not in the file: the kind's defaults
+    toml.write_text(f'[paths]\ndata_root = "{root}"\n[train.bcc]\nepochs = 3\n')
+    with pytest.raises(MlvarError, match="bcc"):
+        load_config(toml, env={})

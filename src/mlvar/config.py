@@ -25,6 +25,7 @@ from mlvar.data.protocol import DEFAULT_PROTOCOL, PROTOCOLS
 from mlvar.data.registry import DATASETS, get_dataset
 from mlvar.data.scenario import list_scenarios
 from mlvar.data.spec import TrainDefaults
+from mlvar.data.user import read_info
 from mlvar.errors import MlvarError, closest
 from mlvar.recipes import (
     IMAGE_MODELS,
@@ -452,6 +453,15 @@ def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | Non
         train = data.get("train", {})
         if not isinstance(train, dict):
             raise MlvarError(f"'train' in {file} must be a table", "write it as [train.compas]")
+        # [train.<name>] of a user dataset fetched into the data root (the environment's
+        # when it sets one) starts from its kind's defaults.
+        data_root = (
+            Path(env["MLVAR_DATA_ROOT"]).expanduser() if env.get("MLVAR_DATA_ROOT") else None
+        )
+        data_root = data_root or cfg.paths.data_root
+        for dataset in train:
+            if dataset not in cfg.train and read_info(data_root, str(dataset)) is not None:
+                cfg.train[dataset] = default_train(dataset, data_root)
         _check_keys(train, list(cfg.train), "train.", file)
         for dataset, table in train.items():
             if not isinstance(table, dict):

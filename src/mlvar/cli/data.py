@@ -29,6 +29,7 @@ from mlvar.cli.options import (
     RatioOpt,
     SubclassOpt,
 )
+from mlvar.data import registry
 from mlvar.data.protocol import DEFAULT_PROTOCOL
 
 if TYPE_CHECKING:  # the data services (numpy) load inside the commands
@@ -41,6 +42,10 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
+
+# The registry is loaded for every command's help already (mlvar.cli.options).
+FETCHED = ", ".join(name for name, spec in registry.DATASETS.items() if spec.needs_fetch)
+USER_KIND_NAMES = ", ".join(registry.USER_KINDS)
 
 #: ``mlvar data fetch`` options of the user kinds (docs/datasets.md, "Your own table"):
 #: given ones reach the kind's fetch by name; a kind that takes none of them refuses it.
@@ -114,8 +119,7 @@ def fetch(
     dataset: Annotated[
         str,
         typer.Argument(
-            help="Dataset (compas, cifar10, cifar100), or the kind of your own data: table, "
-            "imagefolder.",
+            help=f"Dataset ({FETCHED}), or the kind of your own data: {USER_KIND_NAMES}.",
             show_default=False,
         ),
     ],
@@ -173,8 +177,6 @@ def fetch(
       mlvar data fetch imagefolder --source ~/photos --name photos --size 32
     """
     with cli_errors():
-        from mlvar.data import registry
-
         cfg = get_config(config)
         with ProgressBar(not json_out) as bar:
 
@@ -270,8 +272,6 @@ def prepare(
       mlvar data prepare photos --mode holdout --group indoor,night --ratio 0.5,1
     """
     with cli_errors():
-        from mlvar.data import registry
-
         cfg = get_config(config)
         with ProgressBar(not json_out) as bar:
 
@@ -378,7 +378,6 @@ def info(
       mlvar data info cifar10-augmentation-cls0-r0.5 --sheet sheet.png
     """
     with cli_errors():
-        from mlvar.data import registry
         from mlvar.data.scenario import open_scenario
 
         cfg = get_config(config)

@@ -433,13 +433,13 @@ def fetch_imagefolder(
     options = fetch_options(size, color, test_fraction, val_fraction, split_seed)
     listing = list_folder(source)
     digest = folder_digest(listing)
-    same = user.same_fetch(data_root, name, digest, options)
+    same = user.same_fetch(data_root, name, digest, options, IMAGES_FILE)
     if same is not None:
         return {**same, "action": "unchanged"}
-    user.refuse_replacing(data_root, name, digest, force)
+    user.refuse_replacing(data_root, name, digest, options, force)
     table.split_index(listing.labels, options["split"])  # a class too small is refused now
     existed = user.user_dir(data_root, name).exists()
-    with user.recording(data_root, name, force) as tmp:
+    with user.recording(data_root, name) as tmp:
         x = read_images(listing, options["color"], options["size"], tmp / IMAGES_FILE, progress)
         index = {
             "paths": listing.paths,
@@ -460,7 +460,8 @@ def fetch_imagefolder(
             "groups": [[c, g] for c, g in listing.groups],
             "shape": list(x.shape[1:]),
             "resample": RESAMPLE if options["size"] is not None else None,
-            "stored": {
+            "stored": IMAGES_FILE,
+            "checksums": {
                 IMAGES_FILE: sha256_file(tmp / IMAGES_FILE),
                 INDEX_FILE: sha256_file(tmp / INDEX_FILE),
             },
@@ -540,7 +541,7 @@ class ImageFolderSource(Source):
 
     def _file(self, file: str) -> Path:
         path = self.folder / file
-        if not path.is_file() or file_sha256(path) != self.info["stored"][file]:
+        if not path.is_file() or file_sha256(path) != self.info["checksums"][file]:
             state = "is missing" if not path.is_file() else "is not the file fetched"
             raise MlvarError(
                 f"{path} of user dataset '{self.name}' {state}",

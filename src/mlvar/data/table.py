@@ -112,7 +112,8 @@ def read_table(path: Path, fmt: str, label: str) -> pa.Table:
             table = csv.read_csv(
                 path,
                 parse_options=csv.ParseOptions(delimiter="\t" if fmt == "tsv" else ","),
-                # Empty cells and the usual spellings of a missing value read as missing.
+                # Empty cells and pyarrow's spellings of a missing value (NA, N/A, NaN,
+                # null, ...) read as missing, in text columns too.
                 convert_options=csv.ConvertOptions(strings_can_be_null=True),
             )
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, ValueError) as exc:
@@ -337,12 +338,12 @@ def fetch_table(
     digest = sha256_file(path)
     folder = user.user_dir(data_root, name)
     existed = folder.exists()
-    info = user.same_fetch(data_root, name, digest, options)
+    info = user.same_fetch(data_root, name, digest, options, STORED_FILE)
     action = "unchanged"
     if info is None:
         table = read_table(path, fmt, str(path))
         checked = _check_table(table, options, str(path))
-        user.refuse_replacing(data_root, name, digest, force)
+        user.refuse_replacing(data_root, name, digest, options, force)
         info = {
             "kind": KIND,
             "name": name,
@@ -356,7 +357,7 @@ def fetch_table(
         }
         import pyarrow as pa
 
-        with user.recording(data_root, name, force) as tmp:
+        with user.recording(data_root, name) as tmp:
             with (
                 pa.OSFile(str(tmp / STORED_FILE), "wb") as sink,
                 pa.ipc.new_file(sink, table.schema) as writer,

@@ -94,21 +94,28 @@ def user_names(data_root: str | os.PathLike) -> list[str]:
 
 
 def same_fetch(
-    data_root: str | os.PathLike, name: str, sha256: str, options: dict[str, Any]
+    data_root: str | os.PathLike, name: str, sha256: str, options: dict[str, Any], stored: str
 ) -> dict[str, Any] | None:
     """The recorded info when ``name`` was fetched from the same bytes with the same
-    options (fetching again is a no-op), else None."""
+    options and its copy ``stored`` is there (fetching again is a no-op), else None."""
     info = read_info(data_root, name)
-    if info is not None and info.get("sha256") == sha256 and info.get("options") == options:
+    same = info is not None and _same(info, sha256, options)
+    if same and info.get("stored") == stored and (user_dir(data_root, name) / stored).is_file():
         return info
     return None
 
 
-def refuse_replacing(data_root: str | os.PathLike, name: str, sha256: str, force: bool) -> None:
-    """Raise :class:`MlvarError` when ``name`` is recorded (from other bytes or options)
-    and ``force`` is not given."""
+def _same(info: dict[str, Any], sha256: str, options: dict[str, Any]) -> bool:
+    return info.get("sha256") == sha256 and info.get("options") == options
+
+
+def refuse_replacing(
+    data_root: str | os.PathLike, name: str, sha256: str, options: dict[str, Any], force: bool
+) -> None:
+    """Raise :class:`MlvarError` when ``name`` is recorded from other bytes or options
+    and ``force`` is not given (a record of the same ones is rewritten freely)."""
     info = read_info(data_root, name)
-    if info is None or force:
+    if info is None or force or _same(info, sha256, options):
         return
     what = "other bytes" if info.get("sha256") != sha256 else "other options"
     raise MlvarError(
@@ -119,16 +126,17 @@ def refuse_replacing(data_root: str | os.PathLike, name: str, sha256: str, force
 
 
 @contextlib.contextmanager
-def recording(data_root: str | os.PathLike, name: str, force: bool) -> Iterator[Path]:
+def recording(data_root: str | os.PathLike, name: str) -> Iterator[Path]:
     """A staging folder for user dataset ``name``: the caller writes the kind's files and
-    :func:`write_info` into it; on success it replaces ``<data_root>/user/<name>``
-    (atomically, the old folder only once the new one is complete), on failure nothing is
-    left (folders this call created included)."""
+    :func:`write_info` into it (having called :func:`refuse_replacing`); on success it
+    becomes ``<data_root>/user/<name>``, replacing a folder there atomically (the old one
+    removed only once the new one is complete); on failure nothing is left (folders this
+    call created included)."""
     final = user_dir(data_root, name)
     created = [p for p in (Path(data_root), user_root(data_root)) if not p.exists()]
     final.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with staging_dir(final, replace=force or final.exists()) as tmp:
+        with staging_dir(final, replace=final.exists()) as tmp:
             yield tmp
     except BaseException:
         for folder in reversed(created):
