@@ -1,5 +1,6 @@
 """The whole pipeline on scikit-learn's digits, offline: ``mlvar demo``; on your own data:
-``mlvar demo --data PATH`` (:func:`run_data_demo`).
+``mlvar demo --data PATH`` (:func:`run_data_demo`): a table file, or a folder of images
+(its first group held out, GradCAM in the report).
 
 Importing it loads nothing heavy (the CLI shows :data:`DEMO_RUNS` in its help): the
 pipeline's modules are imported by :func:`run_demo`.
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
     from mlvar.analysis import service as analysis
     from mlvar.analysis.saliency import SaliencyResult
     from mlvar.config import Config
+    from mlvar.data.spec import DatasetSpec
     from mlvar.train import service as training
 
 DEMO_SUBCLASS = 3  # the held-out digit: coarse class "2-3" keeps only its 2s in training
@@ -38,23 +40,43 @@ Step = Callable[[str], None]
 @dataclass(frozen=True)
 class DataDemo:
     """How ``mlvar demo --data PATH`` runs on a user kind: which of the demo's options
-    go to ``mlvar data fetch`` (``fetch``), and ``scenario(options)``: the mode and the
-    options of the scenario it prepares."""
+    go to ``mlvar data fetch`` (``fetch``), ``scenario(options, spec, data_root)``: the
+    mode and the options of the scenario it prepares (``spec``: the fetched dataset's),
+    the demo's options ``scenario`` reads (``options``; any other given is refused), and
+    whether the report gets GradCAM maps (``saliency``: image kinds)."""
 
     fetch: tuple[str, ...]
-    scenario: Callable[[dict[str, Any]], tuple[str, dict[str, Any]]]
+    scenario: Callable[[dict[str, Any], DatasetSpec, Path], tuple[str, dict[str, Any]]]
+    options: tuple[str, ...] = ()
+    saliency: bool = False
 
 
-def _table_scenario(options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+def _table_scenario(
+    options: dict[str, Any], spec: DatasetSpec, data_root: Path
+) -> tuple[str, dict[str, Any]]:
     """A table's demo: the subgroup ``--where`` held out, else decision-tree cluster 0."""
     if options.get("where"):
         return "holdout", {"where": options["where"]}
     return "cluster", {"cluster": 0}
 
 
+def _imagefolder_scenario(
+    options: dict[str, Any], spec: DatasetSpec, data_root: Path
+) -> tuple[str, dict[str, Any]]:
+    """An image folder's demo: the group ``--group`` held out, else the first group (of the
+    sorted class/group folders); ``original`` for a folder without groups."""
+    if options.get("group"):
+        return "holdout", {"group": options["group"]}
+    groups = spec.open(data_root).group_names  # its record only: no image is read
+    return ("holdout", {"group": groups[0]}) if groups else ("original", {})
+
+
 #: Per user kind (:data:`mlvar.data.registry.USER_KINDS`): ``--data PATH`` is a table
 #: when it is a file, an image folder (kind ``imagefolder``) when it is a folder.
-DATA_DEMOS: dict[str, DataDemo] = {"table": DataDemo(("label",), _table_scenario)}
+DATA_DEMOS: dict[str, DataDemo] = {
+    "table": DataDemo(("label",), _table_scenario, options=("where",)),
+    "imagefolder": DataDemo(("size",), _imagefolder_scenario, options=("group",), saliency=True),
+}
 
 
 @dataclass
@@ -156,10 +178,18 @@ def run_data_demo(
 ) -> DemoResult:
     """The pipeline on the user's data ``data`` (a table file or an image folder): record
     it under :func:`demo_name`, prepare the kind's demo scenario (:data:`DATA_DEMOS`),
-    train ``runs`` seeds with the dataset's default model, analyse, write the report.
+    train ``runs`` seeds with the dataset's default model (an image folder: the small
+    CNN), analyse, compute GradCAM across seeds (images), write the report.
 
-    ``options`` are the demo's (``label``, ``where``; None: not given). Re-running reuses
-    the recorded data, the prepared scenario and the finished runs.
+    ``options`` are the demo's (``label``, ``where``, ``size``, ``group``; None: not
+    given). Re-running reuses the recorded data, the prepared scenario and the finished
+    runs.
+
+    Raises
+    ------
+    MlvarError
+        ``data`` is missing, an option its kind does not take, or what ``mlvar data fetch``
+        and ``mlvar data prepare`` refuse.
     """
     from mlvar.analysis import service as analysis
     from mlvar.data import registry
@@ -175,17 +205,22 @@ def run_data_demo(
     if not data.exists():
         raise MlvarError(f"--data {data} not found", "pass a table file or an image folder")
     kind = "imagefolder" if data.is_dir() else "table"
-    if kind not in registry.USER_KINDS or kind not in DATA_DEMOS:
-        raise MlvarError(f"--data {data} is a folder: image folders are not supported here",
-                         "pass a CSV, TSV or parquet file")  # fmt: skip
     demo = DATA_DEMOS[kind]
     name = demo_name(data)
     given = {key: value for key, value in options.items() if value is not None}
+    for key in given:
+        if key not in (*demo.fetch, *demo.options):
+            takers = [k for k, d in DATA_DEMOS.items() if key in (*d.fetch, *d.options)]
+            raise MlvarError(
+                f"mlvar demo --{key} is for {' or '.join(takers) or 'no'} data, but {data} "
+                f"is read as {kind}",
+                f"drop --{key}",
+            )
     say(f"recording {data} as {kind} '{name}'")
     registry.fetch(root, kind, source=data, name=name,
                    **{key: value for key, value in given.items() if key in demo.fetch})  # fmt: skip
     spec = registry.get_dataset(name, root)
-    mode, scenario_options = demo.scenario(given)
+    mode, scenario_options = demo.scenario(given, spec, root)
     variant, params = spec.check(mode, scenario_options)
     source = spec.open(root)
     params = params.resolve(source)
@@ -201,8 +236,14 @@ def run_data_demo(
     say("analysing")
     acc = analysis.accuracy(store, "test")
     ranking = analysis.rank(store, "test")
+    maps = None
+    if demo.saliency:
+        from mlvar.saliency import saliency
+
+        say("computing GradCAM across seeds")
+        maps = saliency(store, root, "test", top=DEMO_TOP, seeds=min(runs, DEMO_SALIENCY_SEEDS))
     say("writing the report")
     report = build_report(
         store, Path(config.paths.reports_root) / trained.experiment, top=DEMO_TOP, data_root=root
     )
-    return DemoResult(scenario.name, trained.experiment, report.path, acc, ranking)
+    return DemoResult(scenario.name, trained.experiment, report.path, acc, ranking, maps)

@@ -21,6 +21,7 @@ from mlvar.cli.options import (
     ClsOpt,
     ClusterOpt,
     ConfigOpt,
+    GroupOpt,
     JsonOpt,
     ModeOpt,
     PrepareSeedOpt,
@@ -77,20 +78,39 @@ IdOpt = Annotated[
 ]
 TestFractionOpt = Annotated[
     float | None,
-    typer.Option(help="table: fraction of rows in test (default 0.165).", show_default=False),
+    typer.Option(
+        help="table/imagefolder: fraction of rows in test (default 0.165 / 0.3).",
+        show_default=False,
+    ),
 ]
 ValFractionOpt = Annotated[
     float | None,
     typer.Option(
-        help="table: fraction of the other rows in validation (default 0.125).",
+        help="table/imagefolder: fraction of the other rows in validation (default 0.125 / 0.1).",
         show_default=False,
     ),
 ]
 SplitSeedOpt = Annotated[
     int | None,
     typer.Option(
-        help="table: random_state of the stratified split (default 69).", show_default=False
+        help="table/imagefolder: random_state of the stratified split (default 69).",
+        show_default=False,
     ),
+]
+
+
+SizeOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="imagefolder: resize every image to N x N pixels (bicubic); without it all "
+        "images must be one size.",
+        metavar="N",
+        show_default=False,
+    ),
+]
+ColorOpt = Annotated[
+    str | None,
+    typer.Option(help="imagefolder: rgb (default) or gray.", show_default=False),
 ]
 
 
@@ -108,7 +128,8 @@ def fetch(
         typer.Option(
             help="Use this local copy instead of downloading: compas: the CSV; cifar10/cifar100: "
             "the .tar.gz archive or its extracted folder (torchvision's layout too); table: "
-            "your CSV, TSV or parquet file (required).",
+            "your CSV, TSV or parquet file (required); imagefolder: your folder of images, "
+            "<class>/<file> or <class>/<group>/<file> (required).",
             show_default=False,
         ),
     ] = None,
@@ -119,6 +140,8 @@ def fetch(
     test_fraction: TestFractionOpt = None,
     val_fraction: ValFractionOpt = None,
     split_seed: SplitSeedOpt = None,
+    size: SizeOpt = None,
+    color: ColorOpt = None,
     no_verify: Annotated[
         bool,
         typer.Option("--no-verify", help="Skip the checksum (for subsampled or modified copies)."),
@@ -126,7 +149,8 @@ def fetch(
     force: Annotated[
         bool,
         typer.Option(
-            "--force", help="table: replace a dataset of that --name fetched from other bytes."
+            "--force",
+            help="table/imagefolder: replace a dataset of that --name fetched from other bytes.",
         ),
     ] = False,
     config: ConfigOpt = None,
@@ -149,6 +173,8 @@ def fetch(
       mlvar data fetch cifar100 --source ~/torchvision-data
 
       mlvar data fetch table --source patients.csv --name patients --label outcome
+
+      mlvar data fetch imagefolder --source ~/photos --name photos --size 32
     """
     with cli_errors():
         cfg = get_config(config)
@@ -171,6 +197,8 @@ def fetch(
                 test_fraction=test_fraction,
                 val_fraction=val_fraction,
                 split_seed=split_seed,
+                size=size,
+                color=color,
             )
     if info.get("warning"):
         err_console.print(f"Warning: {info['warning']}", markup=False, highlight=False)
@@ -195,6 +223,7 @@ def prepare(
     cluster: ClusterOpt = None,
     subclass: SubclassOpt = None,
     cls: ClsOpt = None,
+    group: GroupOpt = None,
     where: Annotated[
         str | None,
         typer.Option(
@@ -239,6 +268,8 @@ def prepare(
       mlvar data prepare patients --mode holdout --where "age > 80" --ratio 0.5,1
 
       mlvar data prepare patients --mode cluster --cluster all
+
+      mlvar data prepare photos --mode holdout --group indoor,night --ratio 0.5,1
     """
     with cli_errors():
         cfg = get_config(config)
@@ -258,6 +289,7 @@ def prepare(
                 cluster=cluster,
                 subclass=subclass,
                 cls=cls,
+                group=group,
                 where=where,
                 seed=seed,
                 protocol=cfg.protocol.name if protocol is None else protocol,

@@ -1,7 +1,8 @@
-"""``mlvar demo``: the whole pipeline on digits, offline."""
+"""``mlvar demo``: the whole pipeline on digits, offline, or on your own data (``--data``)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -26,7 +27,8 @@ def demo(
         Path | None,
         typer.Option(
             help="Your own data instead of digits: a CSV, TSV or parquet table (with --label), "
-            "recorded under its file name.",
+            "or a folder of images (<class>/<file> or <class>/<group>/<file>), recorded under "
+            "its file or folder name.",
             show_default=False,
         ),
     ] = None,
@@ -41,6 +43,23 @@ def demo(
             show_default=False,
         ),
     ] = None,
+    group: Annotated[
+        str | None,
+        typer.Option(
+            help="--data folder: the group folder to hold out (default: the first, in sorted "
+            "class/group order).",
+            show_default=False,
+        ),
+    ] = None,
+    size: Annotated[
+        int | None,
+        typer.Option(
+            help="--data folder: resize every image to N x N pixels (needed when their sizes "
+            "differ).",
+            metavar="N",
+            show_default=False,
+        ),
+    ] = None,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -50,7 +69,10 @@ def demo(
     seeds, ranks test samples by variance metrics, scores which metric finds the held-out
     3s, and writes the HTML report. Paths come from the config (default ./mlvar-work/).
     With --data, the same on your table: recorded (mlvar data fetch table), the --where
-    subgroup held out (or decision-tree cluster 0), the MLP trained.
+    subgroup held out (or decision-tree cluster 0), the MLP trained; or on your folder of
+    images: recorded (mlvar data fetch imagefolder), the --group folder held out (or the
+    first group; a folder without groups is used as it is), the small CNN trained, GradCAM
+    in the report.
 
     Examples:
 
@@ -59,8 +81,12 @@ def demo(
       mlvar demo --runs 32 --json
 
       mlvar demo --data patients.csv --label outcome --where "age > 80"
+
+      mlvar demo --data ~/photos --size 32
     """
     with cli_errors():
+        from rich.markup import escape
+
         from mlvar.demo import run_data_demo, run_demo
         from mlvar.io import check_writable
 
@@ -71,7 +97,8 @@ def demo(
 
             def step(message: str) -> None:
                 if not json_out:
-                    err_console.print(f"[bold]mlvar demo[/]: {message}")
+                    # A user's path or group name is text, not markup.
+                    err_console.print(f"[bold]mlvar demo[/]: {escape(message)}")
 
             def on_progress(done: int, total: int, message: str) -> None:
                 bar.update(f"epochs ({message})", done, total)
@@ -79,7 +106,7 @@ def demo(
             if data is None:
                 result = run_demo(cfg, runs=runs, step=step, progress=on_progress)
             else:
-                options = {"label": label, "where": where}
+                options = {"label": label, "where": where, "group": group, "size": size}
                 result = run_data_demo(
                     cfg, data, options, runs=runs, step=step, progress=on_progress
                 )
@@ -91,7 +118,7 @@ def demo(
     console.print(
         f"Test accuracy over {result.accuracy.n_runs} seeds: "
         f"{s['accuracy']['mean']:.4f} ± {s['accuracy']['std'] or 0:.4f} (std); "
-        f"{held_out}: {s['acc_affected']['mean']:.4f}, others: {s['acc_unaffected']['mean']:.4f}"
+        f"{held_out}: {_mean(s['acc_affected'])}, others: {_mean(s['acc_unaffected'])}"
     )
     best = result.best_detection(5)
     if best:
@@ -107,3 +134,9 @@ def demo(
             )
         )
     console.print(f"Report: [bold]{result.report}[/]")
+
+
+def _mean(stat: dict) -> str:
+    """A mean accuracy, or n/a where no test sample is in the group (nothing affected)."""
+    mean = stat.get("mean")
+    return "n/a" if mean is None or math.isnan(mean) else f"{mean:.4f}"

@@ -73,6 +73,7 @@ RatioOpt = Annotated[str | None, _sweep_option("ratio")]
 ClusterOpt = Annotated[str | None, _sweep_option("cluster")]
 SubclassOpt = Annotated[str | None, _sweep_option("subclass")]
 ClsOpt = Annotated[str | None, _sweep_option("cls", "--cls")]
+GroupOpt = Annotated[str | None, _sweep_option("group")]
 PrepareSeedOpt = Annotated[str, _sweep_option("seed", default="0")]
 
 # ---------------------------------------------------------------- training: train, submit

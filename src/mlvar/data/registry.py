@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from mlvar.data import sweep, table, user
+from mlvar.data import imagefolder, sweep, table, user
 from mlvar.data.params import Option, given_options
 from mlvar.data.protocol import DEFAULT_PROTOCOL
 from mlvar.data.scenario import Scenario
@@ -43,7 +43,10 @@ for _module in BUILTIN:
 #: folder)`` builds the spec of a user dataset of the kind from its ``source.json``
 #: (:mod:`mlvar.data.user`); the spec's ``fetch`` takes the kind's fetch options as
 #: keyword arguments.
-USER_KINDS: dict[str, Callable[[str, dict, Path], DatasetSpec]] = {"table": table.user_spec}
+USER_KINDS: dict[str, Callable[[str, dict, Path], DatasetSpec]] = {
+    "table": table.user_spec,
+    "imagefolder": imagefolder.user_spec,
+}
 
 __all__ = [
     "BUILTIN",
