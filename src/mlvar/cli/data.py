@@ -27,6 +27,8 @@ from mlvar.cli.options import (
     ProtocolOpt,
     RatioOpt,
     SubclassOpt,
+    ToOpt,
+    WhereOpt,
 )
 from mlvar.data.protocol import DEFAULT_PROTOCOL
 
@@ -102,6 +104,8 @@ def prepare(
     cluster: ClusterOpt = None,
     subclass: SubclassOpt = None,
     cls: ClsOpt = None,
+    to: ToOpt = None,
+    where: WhereOpt = None,
     seed: PrepareSeedOpt = "0",
     protocol: ProtocolOpt = None,
     force: Annotated[
@@ -134,6 +138,8 @@ def prepare(
       mlvar data prepare digits --mode augmentation --cls 3,5 --ratio 0.5,1
 
       mlvar data prepare compas --mode holdout --cluster all --protocol study
+
+      mlvar data prepare digits --mode label-noise --cls 2 --ratio 0.1 [--to 5]
     """
     with cli_errors():
         from mlvar.data import registry
@@ -155,6 +161,8 @@ def prepare(
                 cluster=cluster,
                 subclass=subclass,
                 cls=cls,
+                to=to,
+                where=None if where is None else [where],  # one query, commas and all
                 seed=seed,
                 protocol=cfg.protocol.name if protocol is None else protocol,
             )

@@ -174,6 +174,8 @@ def experiment_meta(name: str, scenario: Scenario, cfg: TrainConfig) -> dict[str
         "input": scenario.manifest.get("input", {}),
         "created_by": f"mlvar {__version__}",
     }
+    if scenario.manifest.get("detect_split"):  # label noise: the flaw is in train
+        meta["scenario"]["detect_split"] = scenario.manifest["detect_split"]
     recorded = protocol_record(scenario, cfg)
     if recorded:
         meta["protocol"] = recorded["protocol"]
