@@ -53,7 +53,7 @@ from mlvar.io import atomic_write_bytes
 from mlvar.recipes import MODELS, model_spec
 from mlvar.store import ExperimentStore, RunRecord, run_id_for
 from mlvar.train.mlp import _one_thread_per_kernel
-from mlvar.train.models import build_model, init_weights
+from mlvar.train.models import make_network
 from mlvar.train.seeding import RunGenerators, run_seed
 from mlvar.train.trained import WEIGHTS_FILE
 
@@ -392,9 +392,7 @@ def _train_run(
 ) -> RunOutput:
     precision = str(recipe.get("precision", "bf16"))
     device = data.device
-    channels = data.train_x.shape[1]
-    model = build_model(cfg.model, channels, data.n_classes)
-    init_weights(model, gen.init)
+    model = make_network(cfg.model, tuple(data.train_x.shape[1:]), data.n_classes, gen.init)
     model.to(device)
     if hasattr(model, "init_whitening"):
         model.init_whitening(data.normalise(data.train_x[:5000]))
