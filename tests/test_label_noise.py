@@ -141,7 +141,8 @@ def test_compas_where_flips_rows_of_the_query(compas_root: Path) -> None:
     clean = registry.prepare(compas_root, "compas").load("train")
     std = made.manifest["standardisation"]
     col = made.manifest["feature_names"].index("age")
-    age = clean.x[:, col] * std["std"][std["columns"].index("age")] + std["mean"][0]
+    k = std["columns"].index("age")
+    age = clean.x[:, col] * std["std"][k] + std["mean"][k]
     eligible = np.flatnonzero(np.round(age, 3) < 25)
     chosen, new = expected_flips(clean.y[eligible], 0.5, 0, None, None, 2)
     flipped = made.load("train")

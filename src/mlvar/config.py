@@ -78,7 +78,7 @@ class TrainConfig:
     # A custom model (``model`` is ``package.module:factory``): what train.custom.describe
     # found (factory, sha256 of its module's source, input kind), set by train.service;
     # not a field either, for the same reason.
-    custom: dict[str, Any] | None = None
+    custom = None  # dict[str, Any] | None
 
     def record(self) -> dict[str, Any]:
         """All the fields, as run.json and job specs record them: ``protocol`` only when

@@ -130,9 +130,10 @@ NameOpt = Annotated[
 ModelOpt = Annotated[
     str | None,
     typer.Option(
-        help=f"Model: {', '.join(MODELS)} (default from config: {_default_models()}). Another "
-        "model brings its own recipe (epochs, lr, batch size, weight decay, vary) unless those "
-        "are given too.",
+        help=f"Model: {', '.join(MODELS)} (default from config: {_default_models()}), or "
+        "your own network as package.module:factory (docs/training.md, 'Your own model'). "
+        "Another model brings its own recipe (epochs, lr, batch size, weight decay, vary) "
+        "unless those are given too.",
         show_default=False,
     ),
 ]

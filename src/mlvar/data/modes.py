@@ -28,6 +28,7 @@ samples (``augmentation-all``: the changed images only, and ``test_gray``).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -535,8 +536,6 @@ def _check_query(value: Any, where: p.Where) -> str:
 
 def _query_tag(expr: str) -> str:
     """``--where`` in scenario names: the first 8 hex digits of the query's sha256."""
-    import hashlib
-
     return hashlib.sha256(expr.encode()).hexdigest()[:8]
 
 
