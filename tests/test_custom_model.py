@@ -30,7 +30,7 @@ from mlvar.train.models import make_network
 from mlvar.train.seeding import make_generator
 from mlvar.train.service import check_same_experiment, experiment_meta, prepare_training, train
 from mlvar.train.trained import build_trained, target_layer
-from tiny_images import N_CLASSES, SIZE, tiny_config, tiny_split
+from tiny_images import N_CLASSES, SIZE, tiny_config, tiny_manifest, tiny_split
 
 runner = CliRunner()
 Listing = Callable[[Path], list[tuple[str, int]]]
@@ -51,15 +51,8 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ``table`` (6 features, 2 classes) with 2 runs of the tabular factory."""
     root = tmp_path_factory.mktemp("custom")
     rng = np.random.default_rng(0)
-    image = {
-        "dataset": "digits",
-        "mode": "holdout",
-        "params": {},
-        "class_names": ["a", "b", "c"],
-        "input": {"kind": "image", "shape": [SIZE, SIZE, 1], "max_value": 16},
-    }
     splits = {"train": tiny_split(rng, 60, 0), "test": tiny_split(rng, 30, 1000)}
-    write_scenario(root / "data", "tiny", image, splits)
+    write_scenario(root / "data", "tiny", tiny_manifest(), splits)
     table = {
         "dataset": "compas",
         "mode": "original",
@@ -168,14 +161,7 @@ def test_a_changed_source_is_another_experiment(
     monkeypatch.syspath_prepend(str(tmp_path))
     root = tmp_path / "w"
     rng = np.random.default_rng(0)
-    manifest = {
-        "dataset": "digits",
-        "mode": "holdout",
-        "params": {},
-        "class_names": ["a", "b", "c"],
-        "input": {"kind": "image", "shape": [SIZE, SIZE, 1], "max_value": 16},
-    }
-    write_scenario(root / "data", "tiny", manifest, {"train": tiny_split(rng, 9, 0)})
+    write_scenario(root / "data", "tiny", tiny_manifest(), {"train": tiny_split(rng, 9, 0)})
     cfg = Config(paths=PathsConfig(root / "data", root / "runs", root / "reports"))
     over = {"model": "mymodels:tiny_cnn"}
     found, first, name = prepare_training(cfg, "digits", "tiny", 1, overrides=over)

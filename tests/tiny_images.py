@@ -35,6 +35,17 @@ def tiny_split(rng: np.random.Generator, n: int, offset: int) -> SplitData:
     )
 
 
+def tiny_manifest() -> dict:
+    """The manifest of scenario ``tiny`` (a digits holdout, as far as mlvar can tell)."""
+    return {
+        "dataset": "digits",
+        "mode": "holdout",
+        "params": {},
+        "class_names": ["a", "b", "c"],
+        "input": {"kind": "image", "shape": [SIZE, SIZE, 1], "max_value": 16},
+    }
+
+
 def tiny_config(root: Path) -> Config:
     return Config(paths=PathsConfig(root / "data", root / "runs", root / "reports"))
 
@@ -43,15 +54,8 @@ def build_tiny_experiments(root: Path) -> Path:
     """Prepare scenario ``tiny`` under ``root/data`` and train ``tiny-cnn`` (3 runs) and
     ``tiny-mlp`` (2 runs) under ``root/runs``; returns ``root``."""
     rng = np.random.default_rng(0)
-    manifest = {
-        "dataset": "digits",
-        "mode": "holdout",
-        "params": {},
-        "class_names": ["a", "b", "c"],
-        "input": {"kind": "image", "shape": [SIZE, SIZE, 1], "max_value": 16},
-    }
     splits = {"train": tiny_split(rng, 60, 0), "test": tiny_split(rng, 30, 1000)}
-    write_scenario(root / "data", "tiny", manifest, splits)
+    write_scenario(root / "data", "tiny", tiny_manifest(), splits)
     cfg = tiny_config(root)
     over = {"epochs": 2, "batch_size": 16, "workers": 1}
     train(cfg, "digits", scenario="tiny", runs=3, overrides={"model": "cnn", **over})
