@@ -124,6 +124,7 @@ def test_usage_and_hints_come_from_the_parameters() -> None:
     compas = registry.get_dataset("compas")
     assert compas.usage() == (
         "--mode original | --mode artificial --ratio A [--seed S] | --mode holdout --cluster K"
+        " | --mode label-noise [--cls C] [--to C] --ratio A [--seed S] [--where EXPR]"
     )
     with pytest.raises(MlvarError) as err:
         registry.prepare("/nonexistent", "compas", subclass=3)
@@ -131,7 +132,7 @@ def test_usage_and_hints_come_from_the_parameters() -> None:
     assert err.value.hint == "valid options for compas: " + compas.usage()
     with pytest.raises(MlvarError) as err:
         registry.prepare("/nonexistent", "compas", ratio=0.3)
-    assert err.value.hint == "only --mode artificial does"
+    assert err.value.hint == "only --mode artificial|label-noise do"
     digits = registry.get_dataset("digits")
     assert "--mode holdout --subclass D [--ratio A] | --mode holdout --cls C --ratio A" in (
         digits.usage()

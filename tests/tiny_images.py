@@ -35,6 +35,17 @@ def tiny_split(rng: np.random.Generator, n: int, offset: int) -> SplitData:
     )
 
 
+def tiny_manifest() -> dict:
+    """The manifest of scenario ``tiny`` (a digits holdout, as far as mlvar can tell)."""
+    return {
+        "dataset": "digits",
+        "mode": "holdout",
+        "params": {},
+        "class_names": ["a", "b", "c"],
+        "input": {"kind": "image", "shape": [SIZE, SIZE, 1], "max_value": 16},
+    }
+
+
 def tiny_config(root: Path) -> Config:
     return Config(paths=PathsConfig(root / "data", root / "runs", root / "reports"))
 
@@ -42,15 +53,8 @@ def tiny_config(root: Path) -> Config:
 def write_tiny_scenario(data_root: Path, name: str = "tiny") -> None:
     """Write the tiny scenario (dataset ``digits``: 60 train, 30 test images) as ``name``."""
     rng = np.random.default_rng(0)
-    manifest = {
-        "dataset": "digits",
-        "mode": "holdout",
-        "params": {},
-        "class_names": ["a", "b", "c"],
-        "input": {"kind": "image", "shape": [SIZE, SIZE, 1], "max_value": 16},
-    }
     splits = {"train": tiny_split(rng, 60, 0), "test": tiny_split(rng, 30, 1000)}
-    write_scenario(data_root, name, manifest, splits)
+    write_scenario(data_root, name, tiny_manifest(), splits)
 
 
 def build_tiny_experiments(root: Path) -> Path:

@@ -31,6 +31,8 @@ from mlvar.recipes import (
     IMAGE_MODELS,
     MODELS,
     RANDOMNESS_SOURCES,
+    custom_spec,
+    is_custom,
     model_spec,
     models_for,
     protocol_model,
@@ -76,13 +78,20 @@ class TrainConfig:
     # protocol is chosen once, by --protocol or [protocol] name: train.service.
     # train_config), and record() writes it only when it is not mlvar.
     protocol = DEFAULT_PROTOCOL
+    # A custom model (``model`` is ``package.module:factory``): what train.custom.describe
+    # found (factory, sha256 of its module's source, input kind), set by train.service;
+    # not a field either, for the same reason.
+    custom = None  # dict[str, Any] | None
 
     def record(self) -> dict[str, Any]:
         """All the fields, as run.json and job specs record them: ``protocol`` only when
-        it is not mlvar, so mlvar records are exactly what they were before protocols."""
+        it is not mlvar, so mlvar records are exactly what they were before protocols;
+        ``custom_model`` (factory and source sha256) for a custom model."""
         data = dataclasses.asdict(self)
         if self.protocol != DEFAULT_PROTOCOL:
             data["protocol"] = self.protocol
+        if self.custom is not None:
+            data["custom_model"] = dict(self.custom)
         return data
 
     def identity(self) -> dict[str, Any]:
@@ -103,9 +112,11 @@ class TrainConfig:
         ):
             data.pop(key)
         spec = model_spec(self.protocol, self.model)
+        if self.custom is not None:
+            spec = custom_spec(self.model, str(self.custom.get("input_kind", "image")))
         if spec is not None and spec.recipe:
             data["recipe"] = dict(spec.recipe)
-        if self.model in IMAGE_MODELS:
+        if self.model in IMAGE_MODELS or is_custom(self.model):
             data.pop("hidden")
             data.pop("dropout")
         return data
@@ -147,7 +158,7 @@ def switch_protocol(
     if protocol == DEFAULT_PROTOCOL:
         cfg.protocol = protocol
         if model is not None:
-            switch_model(cfg, model, keep)
+            switch_model(cfg, model, keep, DATASETS[dataset].input_kind)
         return
     cfg.model = model or protocol_model(protocol, dataset) or cfg.model
     cfg.protocol = protocol
@@ -157,18 +168,25 @@ def switch_protocol(
             setattr(cfg, key, list(value) if isinstance(value, list) else value)
 
 
-def switch_model(cfg: TrainConfig, model: str, keep: set[str] | frozenset = frozenset()) -> None:
+def switch_model(
+    cfg: TrainConfig,
+    model: str,
+    keep: set[str] | frozenset = frozenset(),
+    input_kind: str = "image",
+) -> None:
     """Set ``cfg.model`` and that model's default epochs, lr, batch size, weight decay and
-    vary, except the fields named in ``keep`` (given explicitly by the user).
+    vary, except the fields named in ``keep`` (given explicitly by the user); a custom
+    model takes the recipe of ``input_kind`` (:func:`mlvar.recipes.custom_spec`).
 
     A no-op when ``model`` is already the configured one, so ``mlvar.toml`` values stay.
     An unknown name is left for :func:`validate_train` to report.
     """
-    if model == cfg.model or model not in MODELS:
+    if model == cfg.model or not (model in MODELS or is_custom(model)):
         cfg.model = model
         return
     cfg.model = model
-    for key, value in MODELS[model].defaults.items():
+    spec = custom_spec(model, input_kind) if is_custom(model) else MODELS[model]
+    for key, value in spec.defaults.items():
         if key not in keep:
             setattr(cfg, key, list(value) if isinstance(value, list) else value)
 
@@ -333,9 +351,10 @@ def validate_train(cfg: TrainConfig, where: str = "train") -> TrainConfig:
         raise bad(
             "workers", f"must be >= 0, got {cfg.workers}", "0: one per core, 1: one run at a time"
         )
-    if cfg.model not in MODELS:
+    if cfg.model not in MODELS and not is_custom(cfg.model):
         near = closest(cfg.model, list(MODELS))
         hint = f"did you mean '{near}'?" if near else "valid: " + ", ".join(MODELS)
+        hint += " (or your own network as package.module:factory)"
         raise bad("model", f"'{cfg.model}' is not a known model", hint)
     if cfg.protocol not in PROTOCOLS:
         raise bad(
@@ -359,7 +378,11 @@ def validate_train(cfg: TrainConfig, where: str = "train") -> TrainConfig:
             near = closest(value, valid)
             hint = f"did you mean '{near}'?" if near else "valid: " + ", ".join(valid)
             raise bad(key, f"'{value}' is not one of {', '.join(valid)}", hint)
-    sources = MODELS[cfg.model].sources
+    if is_custom(cfg.model):
+        kind = DATASETS[dataset].input_kind if dataset in DATASETS else "image"
+        sources = custom_spec(cfg.model, kind).sources
+    else:
+        sources = MODELS[cfg.model].sources
     for source in cfg.vary:
         if source not in RANDOMNESS_SOURCES:
             near = closest(source, sources)
@@ -475,7 +498,8 @@ def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | Non
                     "set the protocol in [protocol] name, or pass --protocol",
                 )
             if isinstance(table.get("model"), str):  # the model's recipe, then the keys given
-                switch_model(cfg.train[dataset], table["model"], keep=set(table))
+                kind = DATASETS[dataset].input_kind
+                switch_model(cfg.train[dataset], table["model"], set(table), kind)
             _apply_table(cfg.train[dataset], table, f"train.{dataset}.", file)
             validate_train(cfg.train[dataset], f"train.{dataset}")
     if file is not None:

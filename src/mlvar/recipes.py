@@ -260,8 +260,34 @@ def batch_scaled_lr(spec: ModelSpec | None, lr: float, batch_size: int) -> float
     return lr * batch_size / per if per else lr
 
 
+#: ``--model package.module:factory``: a user's network (docs/training.md, "Your own model").
+#: Its name holds this separator; registry names never do.
+CUSTOM_SEPARATOR = ":"
+#: The custom tabular loop's fixed recipe: the MLP's optimiser, a plain ``torch`` loop.
+CUSTOM_TABULAR_RECIPE = {"optimizer": "adam", "loop": "plain"}
+
+
+def is_custom(model: str) -> bool:
+    """Whether ``model`` names a user's factory (``package.module:factory``)."""
+    return CUSTOM_SEPARATOR in str(model)
+
+
+def custom_spec(model: str, input_kind: str = "image") -> ModelSpec:
+    """The recipe of the custom model ``model`` on ``input_kind`` inputs: on images the
+    cnn's (its defaults and fixed recipe; randomness init, order, aug), on tables the MLP's
+    defaults (Adam, lr, batch size, epochs) in a plain training loop (init, order, and
+    dropout: torch's CPU generator during training)."""
+    base = MODELS["cnn"] if input_kind == "image" else MODELS["mlp"]
+    recipe = dict(base.recipe) if input_kind == "image" else dict(CUSTOM_TABULAR_RECIPE)
+    return ModelSpec(model, ("image", "tabular"), base.sources, dict(base.defaults), recipe)
+
+
 def model_spec(protocol: str, model: str) -> ModelSpec | None:
-    """The recipe of ``model`` under ``protocol`` (None: that protocol has none)."""
+    """The recipe of ``model`` under ``protocol`` (None: that protocol has none); a custom
+    model's image recipe under mlvar (:func:`custom_spec` gives the tabular one; the study
+    protocol has none)."""
+    if is_custom(model):
+        return custom_spec(model) if protocol == "mlvar" else None
     return RECIPES.get(protocol, {}).get(model)
 
 

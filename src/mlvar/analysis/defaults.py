@@ -16,3 +16,15 @@ SALIENCY_TOP_DEFAULT = 10
 SALIENCY_SEEDS_DEFAULT = 8
 #: Saliency: samples per GradCAM batch.
 SALIENCY_BATCH_DEFAULT = 64
+
+#: The split analysed when ``--split`` is not given and the scenario names no other.
+DEFAULT_SPLIT = "test"
+
+
+def detect_split(meta: dict) -> str:
+    """The split whose affected samples an experiment's scenario marks as its flaw: the
+    ``detect_split`` its ``experiment.json`` records of the scenario (``train`` for label
+    noise), else ``test``."""
+    scenario = meta.get("scenario") if isinstance(meta, dict) else None
+    split = (scenario or {}).get("detect_split") if isinstance(scenario, dict) else None
+    return str(split) if split else DEFAULT_SPLIT

@@ -24,9 +24,11 @@ from mlvar.analysis.conventions import (
 )
 from mlvar.analysis.defaults import (
     DEFAULT_RANK_BY,
+    DEFAULT_SPLIT,
     SALIENCY_BATCH_DEFAULT,
     SALIENCY_SEEDS_DEFAULT,
     SALIENCY_TOP_DEFAULT,
+    detect_split,
 )
 from mlvar.cli.common import (
     ProgressBar,
@@ -40,6 +42,7 @@ from mlvar.cli.common import (
 from mlvar.cli.options import (
     CamBatchOpt,
     ConfigOpt,
+    DetectSplitOpt,
     ExperimentArg,
     ExplainSeedsOpt,
     ExplainTopOpt,
@@ -212,7 +215,7 @@ def rank(
             show_default=False,
         ),
     ] = None,
-    split: SplitOpt = "test",
+    split: DetectSplitOpt = None,
     by: RankByOpt = DEFAULT_RANK_BY,
     top: Annotated[int, typer.Option(min=0, help="Rows of the ranking to print.")] = 20,
     allow_mixed: RankMixedOpt = False,
@@ -292,6 +295,8 @@ def rank(
         check_by(by)
         if ranks is not None:
             check_ranks(ranks)
+        if split is None and experiment is None:
+            split = DEFAULT_SPLIT
         if split == ALL_SPLITS and not (merge and experiment is None):
             raise MlvarError(
                 f"--split {ALL_SPLITS} applies only to the study table (--merge without an "
@@ -338,6 +343,7 @@ def rank(
             )
         else:
             store = ExperimentStore.open(cfg.paths.runs_root, experiment)
+            split = split or detect_split(store.meta)
             # pandas: once the experiment is found
             from mlvar.analysis import service
             from mlvar.analysis.shards import merge_shards, write_shard
@@ -476,7 +482,7 @@ def subclasses(
 @app.command("curve", no_args_is_help=True)
 def curve(
     experiment: ExperimentArg,
-    split: SplitOpt = "test",
+    split: DetectSplitOpt = None,
     subsets: Annotated[
         int, typer.Option(min=1, help="Random subsets of runs per size (all when fewer exist).")
     ] = 5,
@@ -515,6 +521,7 @@ def curve(
         step = check_design(design, step)
         cfg = get_config(config)
         store = ExperimentStore.open(cfg.paths.runs_root, experiment)
+        split = split or detect_split(store.meta)
         from mlvar.analysis.curve import runs_curve  # pandas: once the experiment is found
 
         result = runs_curve(
@@ -553,7 +560,7 @@ def curve(
 @app.command("saliency", no_args_is_help=True)
 def saliency_(
     experiment: ExperimentArg,
-    split: SplitOpt = "test",
+    split: DetectSplitOpt = None,
     top: ExplainTopOpt = SALIENCY_TOP_DEFAULT,
     seeds: ExplainSeedsOpt = SALIENCY_SEEDS_DEFAULT,
     by: RankByOpt = DEFAULT_RANK_BY,
@@ -614,6 +621,7 @@ def saliency_(
         check_by(by)
         cfg = get_config(config)
         store = ExperimentStore.open(cfg.paths.runs_root, experiment)
+        split = split or detect_split(store.meta)
         shard = parse_shard(run_shard, "--run-shard") if run_shard is not None else None
         # pandas (and torch, to load the models): once the request is checked
         from mlvar.analysis.saliency import saliency_shard

@@ -28,6 +28,8 @@ from mlvar.cli.options import (
     ProtocolOpt,
     RatioOpt,
     SubclassOpt,
+    ToOpt,
+    WhereOpt,
 )
 from mlvar.data import registry
 from mlvar.data.protocol import DEFAULT_PROTOCOL
@@ -224,14 +226,8 @@ def prepare(
     subclass: SubclassOpt = None,
     cls: ClsOpt = None,
     group: GroupOpt = None,
-    where: Annotated[
-        str | None,
-        typer.Option(
-            help="Your table's holdout: the subgroup, a pandas expression over its columns "
-            "(one value; commas belong to it).",
-            show_default=False,
-        ),
-    ] = None,
+    to: ToOpt = None,
+    where: WhereOpt = None,
     seed: PrepareSeedOpt = "0",
     protocol: ProtocolOpt = None,
     force: Annotated[
@@ -270,6 +266,8 @@ def prepare(
       mlvar data prepare patients --mode cluster --cluster all
 
       mlvar data prepare photos --mode holdout --group indoor,night --ratio 0.5,1
+
+      mlvar data prepare digits --mode label-noise --cls 2 --ratio 0.1 [--to 5]
     """
     with cli_errors():
         cfg = get_config(config)
@@ -290,6 +288,7 @@ def prepare(
                 subclass=subclass,
                 cls=cls,
                 group=group,
+                to=to,
                 where=where,
                 seed=seed,
                 protocol=cfg.protocol.name if protocol is None else protocol,

@@ -75,6 +75,17 @@ SubclassOpt = Annotated[str | None, _sweep_option("subclass")]
 ClsOpt = Annotated[str | None, _sweep_option("cls", "--cls")]
 GroupOpt = Annotated[str | None, _sweep_option("group")]
 PrepareSeedOpt = Annotated[str, _sweep_option("seed", default="0")]
+ToOpt = Annotated[str | None, _sweep_option("to", "--to")]
+#: A pandas query: one value, never a list (a query may hold commas).
+WhereOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--where",
+        help=registry.option_help("where") + " One query (commas belong to it).",
+        metavar="EXPR",
+        show_default=False,
+    ),
+]
 
 # ---------------------------------------------------------------- training: train, submit
 
@@ -120,9 +131,10 @@ NameOpt = Annotated[
 ModelOpt = Annotated[
     str | None,
     typer.Option(
-        help=f"Model: {', '.join(MODELS)} (default from config: {_default_models()}). Another "
-        "model brings its own recipe (epochs, lr, batch size, weight decay, vary) unless those "
-        "are given too.",
+        help=f"Model: {', '.join(MODELS)} (default from config: {_default_models()}), or "
+        "your own network as package.module:factory (docs/training.md, 'Your own model'). "
+        "Another model brings its own recipe (epochs, lr, batch size, weight decay, vary) "
+        "unless those are given too.",
         show_default=False,
     ),
 ]
@@ -199,6 +211,17 @@ ExperimentArg = Annotated[
     str, typer.Argument(help="Experiment name (a folder of the runs root).", show_default=False)
 ]
 SplitOpt = Annotated[str, typer.Option(help="Split to analyse.")]
+#: ``--split`` of the commands that score the scenario's flaw: not given, the split its
+#: affected samples are in (:func:`mlvar.analysis.defaults.detect_split`).
+DetectSplitOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--split",
+        help="Split to analyse (default: where the scenario's affected samples are: train "
+        "for label noise, else test).",
+        show_default=False,
+    ),
+]
 MixedOpt = Annotated[
     bool,
     typer.Option("--allow-mixed", help="Analyse runs trained with different configs together."),

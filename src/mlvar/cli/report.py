@@ -7,9 +7,9 @@ from typing import Annotated
 
 import typer
 
-from mlvar.analysis.defaults import DEFAULT_RANK_BY
+from mlvar.analysis.defaults import DEFAULT_RANK_BY, DEFAULT_SPLIT, detect_split
 from mlvar.cli.common import ProgressBar, cli_errors, console, get_config, print_json
-from mlvar.cli.options import ConfigOpt, JsonOpt, ReportByOpt
+from mlvar.cli.options import ConfigOpt, DetectSplitOpt, JsonOpt, ReportByOpt
 from mlvar.errors import MlvarError
 from mlvar.report.defaults import TOP_DEFAULT
 
@@ -40,7 +40,7 @@ def html(
             show_default=False,
         ),
     ] = None,
-    split: Annotated[str, typer.Option(help="Split to report on.")] = "test",
+    split: DetectSplitOpt = None,
     top: Annotated[
         int,
         typer.Option(
@@ -75,6 +75,7 @@ def html(
 
         cfg = get_config(config)
         check_writable(out or cfg.paths.reports_root)  # before the analysis it may write
+        site_split = split or DEFAULT_SPLIT
         if study:
             if experiment is not None:
                 raise MlvarError(
@@ -86,7 +87,7 @@ def html(
             result = build_study_report(
                 cfg.paths.runs_root,
                 out or Path(cfg.paths.reports_root) / "study",
-                split,
+                site_split,
                 by,
                 compute_missing,
             )
@@ -98,7 +99,7 @@ def html(
                     cfg.paths.runs_root,
                     out or Path(cfg.paths.reports_root),
                     Path(cfg.paths.data_root),
-                    split,
+                    site_split,
                     by,
                     top,
                     progress=lambda done, total, name: bar.update("reports", done, total),
@@ -118,6 +119,7 @@ def html(
             from mlvar.store import ExperimentStore
 
             store = ExperimentStore.open(cfg.paths.runs_root, experiment)
+            split = split or detect_split(store.meta)
             if out is None and experiment == "study":
                 # <reports_root>/study is the study report's folder: neither may replace
                 # the other without being asked.

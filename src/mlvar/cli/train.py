@@ -94,6 +94,8 @@ def train(
 
       mlvar train digits --runs 16 --model cnn      # the small CNN, with augmentation
 
+      mlvar train digits --runs 8 --model mymodels:small_cnn   # your own network
+
       mlvar train cifar10 --scenario holdout --runs 8 --device cuda --record-dynamics
 
       mlvar train compas --scenario compas-holdout-cluster5 --runs 20 --engine loop

@@ -19,6 +19,7 @@ from mlvar.data.modes import (
     Appearance,
     class_modes,
     grayscale,
+    label_noise_mode,
     original_mode,
     unchanged_splits,
 )
@@ -92,6 +93,7 @@ SPEC = DatasetSpec(
     mode_specs=(
         original_mode("Unchanged data; nothing injected.", study=_study_original),
         *class_modes(GRAYSCALE, study_split=_study_split),
+        label_noise_mode(),
     ),
     open=Cifar10Data,
     fetch=fetch,

@@ -28,7 +28,13 @@ from typing import Any
 import numpy as np
 
 from mlvar.data import params as p
-from mlvar.data.modes import group_counts, n_affected, original_mode, unchanged_splits
+from mlvar.data.modes import (
+    group_counts,
+    label_noise_mode,
+    n_affected,
+    original_mode,
+    unchanged_splits,
+)
 from mlvar.data.scenario import SplitData
 from mlvar.data.spec import (
     BaseData,
@@ -341,6 +347,7 @@ SPEC = DatasetSpec(
             summary="holds out fine classes of their superclasses",
             study=_study_holdout,
         ),
+        label_noise_mode(),
     ),
     open=Cifar100Data,
     fetch=fetch,

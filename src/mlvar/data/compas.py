@@ -35,7 +35,7 @@ import numpy as np
 
 from mlvar.data import params as p
 from mlvar.data import tabular
-from mlvar.data.modes import original_mode
+from mlvar.data.modes import label_noise_mode, original_mode
 from mlvar.data.scenario import Scenario, SplitData
 from mlvar.data.spec import (
     BaseData,
@@ -614,6 +614,13 @@ def _study_holdout(source: CompasSource, params: HoldoutParams) -> ModeResult:
 # --------------------------------------------------------------------------- the spec
 
 
+def _raw_frame(base: BaseData) -> pd.DataFrame:
+    """The unstandardised one-hot features by source position: what ``--where`` queries."""
+    import pandas as pd
+
+    return pd.DataFrame(base.extra["x_raw"], columns=base.extra["feature_names"])
+
+
 SPEC = DatasetSpec(
     name="compas",
     description="ProPublica COMPAS two-year recidivism (tabular, 2 classes, 6,172 rows)",
@@ -636,6 +643,7 @@ SPEC = DatasetSpec(
             summary="removes the training rows of one decision-tree cluster",
             study=_study_holdout,
         ),
+        label_noise_mode(frame=lambda source: _raw_frame(source.base)),
     ),
     open=CompasSource,
     fetch=fetch_compas,

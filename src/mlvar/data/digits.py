@@ -24,7 +24,14 @@ from typing import Any
 import numpy as np
 
 from mlvar.data import params as p
-from mlvar.data.modes import Appearance, class_modes, group_counts, inverter, original_mode
+from mlvar.data.modes import (
+    Appearance,
+    class_modes,
+    group_counts,
+    inverter,
+    label_noise_mode,
+    original_mode,
+)
 from mlvar.data.scenario import Scenario, SplitData
 from mlvar.data.spec import (
     BaseData,
@@ -221,6 +228,7 @@ SPEC = DatasetSpec(
             key="subclass",
         ),
         *class_modes(INVERSION),
+        label_noise_mode(),
     ),
     open=DigitsSource,
     fetch=fetch_digits,

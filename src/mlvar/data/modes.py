@@ -28,6 +28,7 @@ samples (``augmentation-all``: the changed images only, and ``test_gray``).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -497,3 +498,213 @@ def group_counts(
             for g in groups
         }
     return out
+
+
+# --------------------------------------------------------------------------- label noise
+#
+# ``label-noise --ratio a [--cls c | --where EXPR] [--to t] [--seed s]``, a mode of every
+# dataset (docs/datasets.md, "Label noise"). The eligible rows are the training rows (in
+# split order) of class c (``--cls``), or matching the pandas query EXPR on the dataset's
+# raw columns (``--where``, tables only), else every training row; with ``--to t`` the rows
+# already labelled t are not eligible. Of the n eligible rows exactly floor(a * n) are
+# flipped, drawn by ``rng = numpy.random.default_rng(seed)``: ``rng.permutation(n)[:k]``,
+# sorted, picks them (positions into the eligible rows); each gets label t, or (uniform
+# noise) ``(y + rng.integers(1, n_classes, size=k)) % n_classes`` drawn next from the same
+# rng: uniformly one of the other classes. The flipped training rows are the affected ones;
+# validation and test keep their labels and have no affected row. The images or features
+# are untouched. The detection target is the train split (``detect_split`` in the manifest).
+
+LABEL_NOISE = "label-noise"
+#: The manifest key naming the split whose affected samples a scenario's analysis scores
+#: (absent: the test split).
+DETECT_SPLIT_KEY = "detect_split"
+
+#: ``frame(source)``: a table's raw columns as a pandas DataFrame, row i = source position i
+#: (what ``--where`` queries).
+Frame = Callable[[Source], Any]
+
+
+def _check_query(value: Any, where: p.Where) -> str:
+    text = str(value).strip() if isinstance(value, str) else ""
+    if not text:
+        raise MlvarError(
+            f"{where.dataset} --where must be a pandas query, got {value!r}",
+            'e.g. --where "age < 30"',
+        )
+    return text
+
+
+def _query_tag(expr: str) -> str:
+    """``--where`` in scenario names: the first 8 hex digits of the query's sha256."""
+    return hashlib.sha256(expr.encode()).hexdigest()[:8]
+
+
+@dataclass(frozen=True)
+class LabelNoiseParams(p.Params):
+    """``label-noise``: the class whose labels are flipped (default: every class), the
+    class they are flipped to (default: uniformly another), the fraction and the seed."""
+
+    cls: int | None = p.class_index(
+        help="flip labels of this class only (default: of every class)", default=None, optional=True
+    )
+    to: int | None = p.class_index(
+        help="flip them to this class (class-conditional noise; default: uniformly to another "
+        "class)",
+        default=None,
+        optional=True,
+        flag="to",
+    )
+    ratio: float = p.ratio(help="fraction of the eligible training labels flipped, in [0, 1]")
+    seed: int = p.seed(help="seed of the draw of the flipped rows and their new labels")
+
+    def validate(self, where: p.Where) -> None:
+        if self.cls is not None and self.cls == self.to:
+            raise MlvarError(
+                f"{where.dataset} label-noise --cls {self.cls} --to {self.to} flips nothing",
+                "give --to another class than --cls",
+            )
+
+
+@dataclass(frozen=True)
+class TableLabelNoiseParams(LabelNoiseParams):
+    """``label-noise`` of a table: as :class:`LabelNoiseParams`, and ``--where``."""
+
+    where: str | None = p.option(
+        metavar="EXPR",
+        check=_check_query,
+        help="flip labels of the training rows matching this pandas query only (tables)",
+        tag="where",
+        omit=None,
+        fmt=_query_tag,
+        lists=False,  # one query: its commas belong to it
+    )
+
+    def validate(self, where: p.Where) -> None:
+        super().validate(where)
+        if self.cls is not None and self.where is not None:
+            raise MlvarError(
+                f"{where.dataset} label-noise takes --cls or --where, not both",
+                'add the class to the query, e.g. --where "label == 1 and age < 30"',
+            )
+
+
+def label_noise_mode(frame: Frame | None = None) -> ModeSpec:
+    """The ``label-noise`` mode of a dataset; ``frame`` (tables) gives the raw columns
+    ``--where`` queries (None: the mode takes no ``--where``)."""
+
+    def build(source: Source, params: Any) -> ModeResult:
+        return _label_noise(source, params, frame)
+
+    return ModeSpec(
+        LABEL_NOISE,
+        TableLabelNoiseParams if frame is not None else LabelNoiseParams,
+        build,
+        summary="flips a seeded fraction of the training labels (the train split is the target)",
+        example="--cls 2 --ratio 0.1",
+    )
+
+
+def flip_labels(
+    y: np.ndarray, eligible: np.ndarray, ratio: float, n_classes: int, to: int | None, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The positions (into ``y``) flipped and their new labels, by the rule of the block
+    comment above: ``floor(ratio * len(eligible))`` of the ``eligible`` positions."""
+    rng = np.random.default_rng(seed)
+    k = n_affected(ratio, len(eligible))
+    chosen = np.sort(eligible[rng.permutation(len(eligible))[:k]])
+    if to is not None:
+        new = np.full(k, to, dtype=np.int64)
+    else:
+        new = (y[chosen] + rng.integers(1, n_classes, size=k)) % n_classes
+    return chosen, new.astype(np.int64)
+
+
+def _where_rows(source: Source, frame: Frame, expr: str, train_pos: np.ndarray) -> np.ndarray:
+    """The training rows (positions into the train split) matching the query ``expr``."""
+    rows = frame(source).iloc[train_pos].reset_index(drop=True)
+    try:
+        matched = rows.query(expr, engine="python")
+    except Exception as exc:  # noqa: BLE001 - pandas raises many types for a bad query
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise MlvarError(
+            f"--where '{expr}' is not a valid query of the columns: {first}",
+            "columns: " + ", ".join(map(str, rows.columns)),
+        ) from None
+    if not isinstance(matched, type(rows)):
+        raise MlvarError(f"--where '{expr}' does not select rows", 'e.g. --where "age < 30"')
+    hits = matched.index.to_numpy(np.int64)
+    if not len(hits):
+        raise MlvarError(
+            f"--where '{expr}' matches no training row", "check the query against the columns"
+        )
+    if len(hits) == len(rows):
+        raise MlvarError(
+            f"--where '{expr}' matches every training row",
+            "leave out --where to flip labels among all training rows",
+        )
+    return hits
+
+
+def _label_noise(source: Source, params: Any, frame: Frame | None) -> ModeResult:
+    base = source.base
+    n_classes = len(base.class_names)
+    splits = unchanged_splits(base)
+    train = splits["train"]
+    y = train.y
+    expr = getattr(params, "where", None)
+    if params.cls is not None:
+        eligible = np.flatnonzero(y == params.cls)
+        of = f"class {base.class_names[params.cls]}"
+    elif expr is not None:
+        assert frame is not None
+        eligible = _where_rows(source, frame, expr, base.index["train"])
+        of = f"the training rows matching {expr!r}"
+    else:
+        eligible = np.arange(len(y))
+        of = "every class"
+    if params.to is not None:
+        eligible = eligible[y[eligible] != params.to]
+    chosen, new = flip_labels(y, eligible, params.ratio, n_classes, params.to, params.seed)
+    old = y[chosen]
+    y_noisy = y.copy()
+    y_noisy[chosen] = new
+    affected = np.zeros(len(y), bool)
+    affected[chosen] = True
+    splits["train"] = SplitData(
+        x=train.x, y=y_noisy, id=train.id, affected=affected, group=train.group
+    )
+    pairs = {}
+    for a, b in zip(old.tolist(), new.tolist(), strict=True):
+        pairs[f"{a}->{b}"] = pairs.get(f"{a}->{b}", 0) + 1
+    to_text = f"class {base.class_names[params.to]}" if params.to is not None else "another class"
+    noise = {
+        "ratio": params.ratio,
+        "seed": params.seed,
+        "cls": params.cls,
+        "to": params.to,
+        "where": expr,
+        "rule": "floor(ratio * n) of the n eligible training rows (of the class, or matching "
+        "--where, else all; without those already of --to), flipped to --to or uniformly "
+        "to another class",
+        "draw": f"rng = numpy.random.default_rng({params.seed}); rows: "
+        "sorted(eligible[rng.permutation(n)[:k]]); "
+        + (
+            f"labels: {params.to}"
+            if params.to is not None
+            else "labels: (y + rng.integers(1, n_classes, size=k)) % n_classes"
+        ),
+        "eligible": int(len(eligible)),
+        "flipped": int(len(chosen)),
+        "counts": dict(sorted(pairs.items())),
+        "ids": train.id[chosen].tolist(),
+        "from": old.tolist(),
+        "new": new.tolist(),
+    }
+    description = (
+        f"Flipped {params.ratio:.0%} of the training labels of {of} "
+        f"({len(chosen)} of {len(eligible)}) to {to_text} (seed {params.seed}); affected rows "
+        "are the flipped training samples (detect them on the train split); validation and "
+        "test keep their labels."
+    )
+    manifest = {"label_noise": noise, DETECT_SPLIT_KEY: "train"}
+    return ModeResult(splits, description, manifest)

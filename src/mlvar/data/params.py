@@ -268,17 +268,21 @@ def _all_classes(source: Any, where: Where) -> list[int]:
     return list(range(n))
 
 
-def class_index(*, help: str, default: int | None = 0) -> Any:
+def class_index(
+    *, help: str, default: int | None = 0, optional: bool = False, flag: str = "cls"
+) -> Any:
     """A class index 0..n-1 (``--cls C``, ``--cls all`` sweeps every class), ``-cls<c>`` in
-    names."""
+    names. Required when ``default`` is None unless ``optional`` (then None means not
+    given, and no name part); ``flag`` is the option's name and name tag (``--to C``)."""
     return option(
         metavar="C",
         check=_check_class,
         help=help,
-        required=default is None,
+        required=default is None and not optional,
         default=default,
-        missing_hint="e.g. --cls 0",
-        tag="cls",
+        missing_hint=f"e.g. --{flag} 0",
+        tag=flag,
+        omit=None if optional else (),
         keywords={"all": _all_classes},
     )
 

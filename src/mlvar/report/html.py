@@ -374,6 +374,25 @@ def _saliency_note(strips: SaliencyIndex | None, n_pages: int, split: str) -> st
 # ------------------------------------------------------------------ the report
 
 
+def detect_note(scenario: dict[str, Any], split: str) -> str:
+    """The summary's line on where the scenario's flaw is ("" for a test-split flaw): label
+    noise marks training samples, so the detection target is the train split."""
+    target = scenario.get("detect_split")
+    if not target or target == "test":
+        return ""
+    if split == target:
+        return (
+            f"The affected samples are {target} samples (label noise: their labels were "
+            f"flipped); this report scores their detection on the {target} split, as "
+            f"'mlvar analyze rank' does by default."
+        )
+    return (
+        f"The affected samples of this scenario are {target} samples (label noise); this "
+        f"report analyses the {split} split, where none is affected: write it with "
+        f"--split {target} to score their detection."
+    )
+
+
 def build_report(
     store: ExperimentStore,
     out_dir: Path,
@@ -440,6 +459,7 @@ def build_report(
         "params": scenario.get("params") or {},
         "train": meta.get("train", {}),
         "split": split,
+        "detect_note": detect_note(scenario, split),
         "n_runs": acc.n_runs,
         "n_samples": len(ranking),
         "n_affected": n_affected,

@@ -58,7 +58,7 @@ from mlvar.io import atomic_write_bytes
 from mlvar.recipes import MODELS, model_spec
 from mlvar.store import ExperimentStore, RunRecord, run_id_for
 from mlvar.train.mlp import _one_thread_per_kernel
-from mlvar.train.models import build_model, init_weights
+from mlvar.train.models import make_network
 from mlvar.train.seeding import RunGenerators, run_seed
 from mlvar.train.trained import WEIGHTS_FILE
 
@@ -482,13 +482,11 @@ def _train_run(
 ) -> RunOutput:
     precision = str(recipe.get("precision", "bf16"))
     device = data.device
-    channels = data.train_x.shape[1]
-    model = build_model(cfg.model, channels, data.n_classes)
-    if start is not None and start.state_dict is not None:
+    model = make_network(cfg.model, tuple(data.train_x.shape[1:]), data.n_classes, gen.init)
+    if start is not None and start.state_dict is not None:  # a continuation: its weights
         model.load_state_dict(start.state_dict)
         model.to(device)
     else:
-        init_weights(model, gen.init)
         model.to(device)
         if hasattr(model, "init_whitening"):
             model.init_whitening(data.normalise(data.train_x[:5000]))

@@ -11,6 +11,10 @@
 Weights are initialised by :func:`init_weights` from the run's ``init`` generator only, in
 module order, with PyTorch's default rules (Kaiming-uniform with a = sqrt(5), biases
 uniform in +-1/sqrt(fan_in)), so a run's initial weights depend on its init seed alone.
+
+A user's network (``package.module:factory``, :mod:`mlvar.train.custom`) is built by its
+factory, which initialises it with torch's generator seeded from the run's init generator
+(:func:`make_network`).
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mlvar.recipes import IMAGE_MODELS
+from mlvar.recipes import IMAGE_MODELS, is_custom
+from mlvar.train import custom
 
-__all__ = ["IMAGE_MODELS", "build_model", "init_weights"]
+__all__ = ["IMAGE_MODELS", "build_model", "init_weights", "make_network"]
 
 
 def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
@@ -181,8 +186,16 @@ class ResNet18(nn.Module):
         return self.head(global_avg_pool(x))
 
 
-def build_model(name: str, channels: int, n_classes: int) -> nn.Module:
-    """An uninitialised network of the registry (call :func:`init_weights` next)."""
+def build_model(name: str, channels: int | tuple[int, ...], n_classes: int) -> nn.Module:
+    """An uninitialised network of the registry (call :func:`init_weights` next), for
+    inputs of ``channels`` channels or of shape ``(C, H, W)``; a custom model (its
+    factory's initialisation, seed 0) needs the shape."""
+    if is_custom(name):
+        if isinstance(channels, int):
+            raise TypeError(f"custom model '{name}' needs the input shape, not a channel count")
+        return custom.build(name, channels, n_classes, 0)
+    if not isinstance(channels, int):
+        channels = int(channels[0])
     if name == "cnn":
         return SmallCNN(channels, n_classes)
     if name == "airbench":
@@ -190,6 +203,19 @@ def build_model(name: str, channels: int, n_classes: int) -> nn.Module:
     if name == "resnet18":
         return ResNet18(channels, n_classes)
     raise KeyError(f"no image model '{name}'")
+
+
+def make_network(
+    name: str, input_shape: tuple[int, ...], n_classes: int, gen: torch.Generator
+) -> nn.Module:
+    """A run's initial network: a registry network with :func:`init_weights` from the init
+    generator ``gen``, or a custom one built by its factory with torch's generator seeded
+    from ``gen`` (:func:`mlvar.train.custom.build`)."""
+    if is_custom(name):
+        return custom.build(name, input_shape, n_classes, custom.init_seed(gen))
+    model = build_model(name, int(input_shape[0]), n_classes)
+    init_weights(model, gen)
+    return model
 
 
 @torch.no_grad()

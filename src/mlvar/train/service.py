@@ -32,7 +32,7 @@ from mlvar.config import (
 from mlvar.data.protocol import DEFAULT_PROTOCOL, check_protocol, protocol_of
 from mlvar.data.scenario import Scenario, SplitData, resolve_scenario
 from mlvar.errors import MlvarError
-from mlvar.recipes import batch_scaled_lr, mlp_head, model_spec
+from mlvar.recipes import batch_scaled_lr, is_custom, mlp_head, model_spec
 from mlvar.store import (
     ExperimentStore,
     RunClaims,
@@ -181,6 +181,8 @@ def experiment_meta(name: str, scenario: Scenario, cfg: TrainConfig) -> dict[str
         "input": scenario.manifest.get("input", {}),
         "created_by": f"mlvar {__version__}",
     }
+    if scenario.manifest.get("detect_split"):  # label noise: the flaw is in train
+        meta["scenario"]["detect_split"] = scenario.manifest["detect_split"]
     recorded = protocol_record(scenario, cfg)
     if recorded:
         meta["protocol"] = recorded["protocol"]
@@ -224,7 +226,13 @@ def train_config(
     if runs < 1:
         raise MlvarError(f"--runs must be at least 1, got {runs}", "e.g. --runs 20")
     cfg = config.train_for(dataset)
-    given = {k: v for k, v in (overrides or {}).items() if v is not None and k != "protocol"}
+    # protocol: chosen above; custom_model: what a job spec's record says of a custom
+    # model, found again from its factory (prepare_training) and checked by identity.
+    given = {
+        k: v
+        for k, v in (overrides or {}).items()
+        if v is not None and k not in ("protocol", "custom_model")
+    }
     # Another model (or protocol) brings its own recipe defaults (epochs, lr, ...).
     switch_protocol(cfg, dataset, protocol, given.get("model"), keep=set(given))
     for key, value in given.items():
@@ -242,7 +250,8 @@ def train_config(
 
 def experiment_for(found: Scenario, cfg: TrainConfig, name: str | None = None) -> str:
     """The experiment of ``found`` trained with ``cfg``: ``name``, else
-    ``<scenario>-<model>``, and ``-<protocol>`` after it when the recipe's protocol is
+    ``<scenario>-<model>`` (a custom model's ``package.module:factory`` written
+    ``package.module.factory``), and ``-<protocol>`` after it when the recipe's protocol is
     not the scenario's (a study scenario's name ends in ``-study`` already); refuses a
     model that cannot read the scenario's inputs or classes."""
     where = f"train.{found.dataset}"
@@ -253,8 +262,8 @@ def experiment_for(found: Scenario, cfg: TrainConfig, name: str | None = None) -
             f"classes), but scenario '{found.name}' has {len(found.class_names)} classes",
             "train it under --protocol mlvar",
         )
-    if name is None:
-        name = f"{found.name}-{cfg.model}"
+    if name is None:  # a custom model by its import path: pkg.mod:f as pkg.mod.f
+        name = f"{found.name}-{cfg.model.replace(':', '.')}"
         if cfg.protocol != protocol_of(found.manifest):
             name += f"-{cfg.protocol}"
     return check_experiment_name(name)
@@ -274,7 +283,27 @@ def prepare_training(
     """
     cfg = train_config(config, dataset, runs, overrides)
     found = resolve_scenario(config.paths.data_root, dataset, scenario)
-    return found, cfg, experiment_for(found, cfg, name)
+    exp_name = experiment_for(found, cfg, name)
+    if is_custom(cfg.model):  # torch and the user's module: only for a custom model
+        from mlvar.train import custom
+
+        kind = found.manifest.get("input", {}).get("kind", "tabular")
+        n_classes = len(found.class_names)
+        cfg.custom = custom.check(cfg.model, input_shape(found), n_classes, kind)
+    return found, cfg, exp_name
+
+
+def input_shape(scenario: Scenario) -> tuple[int, ...]:
+    """The shape of one model input of ``scenario``: ``(C, H, W)`` for images (the
+    manifest's ``input.shape`` is ``H, W, C``), ``(F,)`` for tables; read from the train
+    split where the manifest does not say."""
+    info = scenario.manifest.get("input", {})
+    if info.get("kind") == "image":
+        shape = info.get("shape") or list(scenario.load("train").x.shape[1:])
+        h, w, *c = (int(n) for n in shape)
+        return (c[0] if c else 1, h, w)
+    n = info.get("n_features") or scenario.load("train").x.shape[1]
+    return (int(n),)
 
 
 def train(
@@ -388,7 +417,8 @@ def _train_claimed(
 
     claims.on_wait = on_wait
     splits = {s: found.load(s) for s in found.splits}
-    if cfg.model != "mlp":
+    tabular_custom = is_custom(cfg.model) and (cfg.custom or {}).get("input_kind") != "image"
+    if cfg.model != "mlp" and not tabular_custom:
         started_all = time.perf_counter()
         extra = {
             "code_version": _code_version(),
@@ -418,6 +448,12 @@ def _train_claimed(
     }
     engine = ENGINES[cfg.engine]
     pack = cfg.pack_size if cfg.engine == "batched" else 1
+    engine_name = cfg.engine
+    if tabular_custom:  # a user's network: the plain loop of train.tabular, one at a time
+        from mlvar.train import tabular
+
+        engine, pack, engine_name = tabular.train_loop, 1, tabular.ENGINE
+        result.engine = engine_name
     code_version, packages = _code_version(), _packages()
     started_all = time.perf_counter()
     for indices in claims.packs(pending, pack):
@@ -452,7 +488,7 @@ def _train_claimed(
                 "source_seeds": gen.seeds,
                 "vary": cfg.vary,
                 "config": cfg.record(),
-                "engine": cfg.engine,
+                "engine": engine_name,
                 "device": cfg.device,
                 "pack_size": len(indices),
                 "started_at": started_at,

@@ -42,8 +42,13 @@ def load_weights(run: RunRecord) -> dict[str, torch.Tensor]:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
-def build_trained(model_name: str, channels: int, n_classes: int, run: RunRecord) -> nn.Module:
-    """The registry network ``model_name`` with ``run``'s weights, in eval mode."""
+def build_trained(
+    model_name: str, channels: int | tuple[int, ...], n_classes: int, run: RunRecord
+) -> nn.Module:
+    """The registry network ``model_name`` (for ``channels`` channels, or inputs of shape
+    ``(C, H, W)``), or the custom one its factory builds (``package.module:factory``: it
+    needs the shape), with ``run``'s weights (``torch.load(weights_only=True)``), in eval
+    mode."""
     from mlvar.train.models import build_model
 
     model = build_model(model_name, channels, n_classes)
@@ -53,7 +58,7 @@ def build_trained(model_name: str, channels: int, n_classes: int, run: RunRecord
         first = str(exc).strip().splitlines()[0]
         raise MlvarError(
             f"the weights of run {run.run_id} do not fit a {model_name} network: {first}",
-            "retrain that run",
+            "retrain that run (or restore the factory's source it was trained with)",
         ) from None
     return model.eval()
 

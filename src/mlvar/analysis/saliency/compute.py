@@ -157,8 +157,8 @@ def resolve_layer(plan: SaliencyPlan, layer: str | None = None) -> tuple[str, st
     from mlvar.train.images import to_nchw
     from mlvar.train.models import build_model
 
-    channels = int(to_nchw(plan.x_raw[:1]).shape[1])
-    model = build_model(plan.model_name, channels, len(plan.scenario.class_names))
+    shape = tuple(int(n) for n in to_nchw(plan.x_raw[:1]).shape[1:])  # (C, H, W)
+    model = build_model(plan.model_name, shape, len(plan.scenario.class_names))
     return GRADCAM, target_layer(model, layer)[0]
 
 
@@ -213,9 +213,9 @@ def _gradcam_of_runs(
     # Every run of an experiment shares its recipe (its identity), so the first one says.
     x = training_norm(scenario, recipe_normalise(runs[0], model_name)).normalise(to_nchw(x_raw))
     n_classes = len(scenario.class_names)
-    channels = int(x.shape[1])
+    shape = tuple(int(n) for n in x.shape[1:])  # (C, H, W): custom models need it all
     # Build every model (checks weights and the layer) before computing anything.
-    models = [build_trained(model_name, channels, n_classes, r) for r in runs]
+    models = [build_trained(model_name, shape, n_classes, r) for r in runs]
     layer_name, _ = target_layer(models[0], layer)
     n, (h, w) = len(x), tuple(int(v) for v in x.shape[2:])
     maps = np.empty((n, len(runs), 2, h, w), dtype=np.float32)

@@ -131,8 +131,10 @@ def plan_saliency(
         raise MlvarError(f"--seeds must be at least 1, got {seeds}", "use e.g. 8")
     if batch_size < 1:
         raise MlvarError(f"--batch-size must be at least 1, got {batch_size}", "use e.g. 64")
+    from mlvar.recipes import is_custom
+
     model_name = str(store.meta.get("model", "?"))
-    if model_name not in (*IMAGE_MODELS, "mlp"):
+    if model_name not in (*IMAGE_MODELS, "mlp") and not is_custom(model_name):
         raise MlvarError(
             f"experiment '{store.name}' has model '{model_name}', which mlvar cannot load",
             "saliency needs runs trained by mlvar: mlp, " + ", ".join(IMAGE_MODELS),
@@ -164,6 +166,12 @@ def plan_saliency(
     positions = position_of.get_indexer(ids)
     x_raw, scenario = scenario_rows(store, data_root, split, ids)
     kind = input_kind(scenario)
+    if is_custom(model_name) and kind != "image":
+        raise MlvarError(
+            f"experiment '{store.name}' has the custom model {model_name} on {kind} inputs: "
+            "mlvar explains custom models with GradCAM, which needs images",
+            "train a custom model on an image dataset to get GradCAM maps",
+        )
     if model_name != "mlp" and kind != "image":
         raise MlvarError(
             f"scenario '{scenario.name}' holds {kind} inputs: GradCAM needs images",
