@@ -29,6 +29,7 @@ from mlvar.train.continuation import (
     plan_continuation,
 )
 from mlvar.train.mlp import ENGINES, TrainData, _one_thread_per_kernel
+from mlvar.train.models import build_model
 from mlvar.train.seeding import RunGenerators, make_generator
 from mlvar.train.service import features, train
 
@@ -384,7 +385,7 @@ def test_resnet18_continues_on_the_tail_of_its_cosine(monkeypatch: pytest.Monkey
     data = images.ImageData.build(
         {"train": split}, manifest, torch.device("cpu"), recipe["normalise"]
     )
-    model = images.build_model("resnet18", 3, 2)
+    model = build_model("resnet18", 3, 2)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     seen: list = []
     lrs: list[float] = []
