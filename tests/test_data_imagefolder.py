@@ -203,6 +203,28 @@ def test_augmentation_modes_grayscale(fetched: dict, digits_folder: dict) -> Non
     assert every["test_gray"].affected.all() and not every["test"].affected.any()
 
 
+def test_label_noise_to_a_class(fetched: dict, digits_folder: dict) -> None:
+    # docs/datasets.md "Label noise": floor(a * n) of class c's n training images, drawn
+    # by default_rng(seed).permutation, relabelled --to t; pixels, val and test unchanged.
+    spec = fetched["spec"]
+    scenario = spec.prepare(fetched["root"], "label-noise", {"cls": 1, "to": 4, "ratio": 0.2})
+    ids = digits_folder["split"]["train"]
+    y = digits_folder["label"][ids]
+    eligible = np.flatnonzero(y == 1)
+    k = math.floor(0.2 * len(eligible))
+    chosen = np.sort(eligible[np.random.default_rng(0).permutation(len(eligible))[:k]])
+    expected = y.copy()
+    expected[chosen] = 4
+    train = scenario.load("train")
+    np.testing.assert_array_equal(train.y, expected)
+    np.testing.assert_array_equal(np.flatnonzero(train.affected), chosen)
+    np.testing.assert_array_equal(train.x, digits_folder["images"][ids])
+    for s in ("val", "test"):
+        data = scenario.load(s)
+        np.testing.assert_array_equal(data.y, digits_folder["label"][digits_folder["split"][s]])
+        assert not data.affected.any()
+
+
 def test_sweeps_of_group_ratio_and_class(fetched: dict) -> None:
     spec, root = fetched["spec"], fetched["root"]
     result = prepare_sweep(spec, root, "holdout", {"group": "1,3", "ratio": "0.5:1:0.5"})

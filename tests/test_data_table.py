@@ -193,6 +193,37 @@ def test_holdout_removes_the_first_ratio_of_the_subgroup(root: Path) -> None:
     assert not result.scenarios[1].load("train").affected.any()
 
 
+def test_label_noise_where_flips_the_documented_draw_of_matching_training_rows(
+    root: Path,
+) -> None:
+    # The rule of docs/datasets.md "Label noise", recomputed here: floor(a * n) of the n
+    # training rows the query matches, chosen by default_rng(seed).permutation, each
+    # moved uniformly to another class by the same generator; val and test untouched.
+    frame = _bc_frame()
+    y = frame["target"].to_numpy()
+    index = _split(y)
+    (scenario,) = registry.prepare_sweep(
+        root, "bc", mode="label-noise", where=WHERE, ratio="0.3"
+    ).scenarios
+    train_pos = index["train"]
+    eligible = np.flatnonzero((frame["size_group"].to_numpy() == "large")[train_pos])
+    rng = np.random.default_rng(0)
+    k = int(np.floor(0.3 * len(eligible)))
+    chosen = np.sort(eligible[rng.permutation(len(eligible))[:k]])
+    new = (y[train_pos][chosen] + rng.integers(1, 2, size=k)) % 2
+    train = scenario.load("train")
+    np.testing.assert_array_equal(train.id, train_pos)
+    expected = y[train_pos].copy()
+    expected[chosen] = new
+    np.testing.assert_array_equal(train.y, expected)
+    np.testing.assert_array_equal(np.flatnonzero(train.affected), chosen)
+    for split in ("val", "test"):
+        data = scenario.load(split)
+        np.testing.assert_array_equal(data.y, y[index[split]])
+        assert not data.affected.any()
+    assert k > 0 and scenario.manifest["detect_split"] == "train"
+
+
 def test_artificial_feature_as_compas(root: Path) -> None:
     scenario = registry.prepare(root, "bc", mode="artificial", ratio=0.2, seed=3)
     rng = np.random.default_rng(3)

@@ -56,6 +56,7 @@ from mlvar.data.modes import (
     class_modes,
     group_counts,
     inverter,
+    label_noise_mode,
     n_affected,
     original_mode,
 )
@@ -757,6 +758,7 @@ def user_spec(name: str, info: dict[str, Any], folder: Path) -> DatasetSpec:
             )
         )
     modes += class_modes(GRAYSCALE if color == "rgb" else INVERSION)
+    modes.append(label_noise_mode())
     if fetched:
         h, w, _ = info["shape"]
         groups = f", {len(info['groups'])} groups" if info["groups"] else ""

@@ -62,7 +62,7 @@ import numpy as np
 
 from mlvar.data import params as p
 from mlvar.data import tabular, user
-from mlvar.data.modes import group_counts, n_affected, original_mode
+from mlvar.data.modes import group_counts, label_noise_mode, n_affected, original_mode
 from mlvar.data.scenario import SplitData
 from mlvar.data.spec import BaseData, DatasetSpec, ModeResult, ModeSpec, Source, TrainDefaults
 from mlvar.errors import MlvarError, closest
@@ -719,6 +719,12 @@ def _cluster(source: TableSource, params: ClusterParams) -> ModeResult:
     )
 
 
+def _raw_frame(source: TableSource) -> Any:
+    """Every column of the table as fetched (row i = source position i): what
+    ``label-noise --where`` queries."""
+    return source._read([c["name"] for c in source.info["columns"]]).to_pandas()
+
+
 #: The modes of every table, in the order the CLI lists them (a mode written for every
 #: dataset is added here).
 MODE_SPECS: tuple[ModeSpec, ...] = (
@@ -744,6 +750,7 @@ MODE_SPECS: tuple[ModeSpec, ...] = (
         summary="removes the training rows of one decision-tree cluster",
         example="--cluster 0",
     ),
+    label_noise_mode(frame=_raw_frame),
 )
 
 
