@@ -117,6 +117,21 @@ def test_cifar10_study_full_val(tmp_path: Path, tiny_cifar10) -> None:
     assert "full_val" not in aug.splits  # nothing held out
 
 
+@pytest.mark.parametrize("protocol", ["mlvar", "study"])
+def test_cifar100_full_val(tmp_path: Path, tiny_cifar100, protocol: str) -> None:
+    root = tmp_path / "data"
+    registry.fetch(root, "cifar100", source=tiny_cifar100.archive, verify=False)
+    held = registry.prepare(root, "cifar100", subclass="baby", ratio=1.0, protocol=protocol)
+    zero = registry.prepare(root, "cifar100", subclass="baby", ratio=0.0, protocol=protocol)
+    full, val0 = held.load("full_val"), zero.load("val")
+    np.testing.assert_array_equal(full.id, val0.id)  # in the protocol's order too
+    np.testing.assert_array_equal(full.x, val0.x)
+    fine = np.asarray(tiny_cifar100.y_train)[full.id]  # the archive's fine labels, by id
+    names = list(held.manifest["fine_class_names"])
+    np.testing.assert_array_equal(full.affected, fine == names.index("baby"))
+    assert full.affected.any() and not held.load("val").affected.any()
+
+
 # ------------------------------------------------------------------------------ predict
 
 

@@ -868,7 +868,10 @@ def predict(
         cfg = get_config(config)
         store = ExperimentStore.open(cfg.paths.runs_root, experiment)
         data_root = Path(cfg.paths.data_root)
-        chosen = device or "cpu"
+        from mlvar.data.registry import DATASETS
+
+        dataset = str(store.meta.get("dataset", ""))
+        chosen = device or (cfg.train_for(dataset).device if dataset in DATASETS else "cpu")
         if chosen not in ("cpu", "cuda"):
             raise MlvarError(f"--device {chosen!r} is not cpu or cuda", "use --device cpu")
         plan_predict(store, data_root, on, as_name)  # every check before torch loads

@@ -270,6 +270,13 @@ def predict_split(
     refused before anything is written.
     """
     plan = plan_predict(store, data_root, on, as_name)
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise MlvarError(
+                "--device cuda was asked for, but CUDA is not available here", "use --device cpu"
+            )
     data, name = plan.data, plan.name
     result = PredictResult(
         store.name,
