@@ -263,3 +263,19 @@ def test_bad_input_is_one_line_and_writes_nothing(
     assert pattern in out.output and "Traceback" not in out.output
     assert len(out.output.strip().splitlines()) <= 2  # the error and its hint
     assert _listing(root) == before
+
+
+def test_scenario_prepared_again_with_the_same_training_split(root: Path) -> None:
+    """An experiment whose scenario was prepared again since (its manifest changed, as a
+    newer mlvar adding full_val changes it) predicts, when the training split is the
+    runs' one; another training split is refused."""
+    file = root / "data" / SUB3 / "manifest.json"
+    manifest = json.loads(file.read_text())
+    file.write_text(json.dumps({**manifest, "note": "prepared again"}))
+    store = ExperimentStore.open(root / "runs", f"{SUB3}-cnn")
+    assert predict_split(store, root / "data", RATIO0).added == ["run-0000"]
+    shutil.rmtree(root / "data" / SUB3)
+    registry.prepare(root / "data", "digits", mode="holdout", subclass=3, ratio=0.5)
+    (root / "data" / "digits-holdout-sub3-r0.5").rename(root / "data" / SUB3)
+    with pytest.raises(MlvarError, match="manifest changed"):
+        predict_split(store, root / "data", RATIO0, as_name="other")

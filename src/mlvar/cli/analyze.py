@@ -863,7 +863,7 @@ def predict(
     """
     with cli_errors(), warnings_to_stderr():
         from mlvar.store import ExperimentStore
-        from mlvar.train.predict import plan_predict, predict_split
+        from mlvar.train.predict import predict_split
 
         cfg = get_config(config)
         store = ExperimentStore.open(cfg.paths.runs_root, experiment)
@@ -874,7 +874,6 @@ def predict(
         chosen = device or (cfg.train_for(dataset).device if dataset in DATASETS else "cpu")
         if chosen not in ("cpu", "cuda"):
             raise MlvarError(f"--device {chosen!r} is not cpu or cuda", "use --device cpu")
-        plan_predict(store, data_root, on, as_name)  # every check before torch loads
         with ProgressBar(not json_out) as bar:
             result = predict_split(
                 store,

@@ -146,6 +146,35 @@ def _check_clash(plan: PredictPlan) -> None:
         )
 
 
+def training_scenario(store: ExperimentStore, data_root: Path) -> Scenario:
+    """The experiment's own prepared scenario (its inputs; its training split normalises
+    images): :func:`~mlvar.data.scenario.experiment_scenario`, or, when the scenario was
+    prepared again since (a newer mlvar added ``full_val``, so its manifest changed), the
+    one of that name whose training split is still the runs' (the ids, labels, affected
+    flags and groups of ``samples/train.parquet``)."""
+    info = store.meta.get("scenario") or {}
+    try:
+        again = open_scenario(data_root, str(info.get("name") or ""))
+    except MlvarError:
+        again = None
+    if (
+        again is not None
+        and again.manifest_sha256 != info.get("manifest_sha256")
+        and "train" in store.splits
+        and "train" in again.splits
+    ):
+        again.check_storage()
+        train, table = again.load("train"), store.samples("train")
+        columns = {"sample_id": train.id, "label": train.y, "affected": train.affected}
+        columns["group"] = train.group
+        if all(
+            len(table) == len(v) and np.array_equal(table[c].to_numpy(), v)
+            for c, v in columns.items()
+        ):
+            return again
+    return experiment_scenario(data_root, store.name, store.meta)  # or its one-line error
+
+
 def plan_predict(
     store: ExperimentStore, data_root: Path, on: str, as_name: str | None = None
 ) -> PredictPlan:
@@ -157,7 +186,7 @@ def plan_predict(
     an experiment without complete runs, and runs to fill that saved no ``model.pt``.
     """
     scenario_name, split = parse_target(on)
-    own = experiment_scenario(Path(data_root), store.name, store.meta)
+    own = training_scenario(store, Path(data_root))
     target = open_scenario(Path(data_root), scenario_name)
     if split not in target.splits:
         raise MlvarError(
