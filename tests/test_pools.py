@@ -274,6 +274,16 @@ def test_scenario_prepared_again_with_the_same_training_split(root: Path) -> Non
     file.write_text(json.dumps({**manifest, "note": "prepared again"}))
     store = ExperimentStore.open(root / "runs", f"{SUB3}-cnn")
     assert predict_split(store, root / "data", RATIO0).added == ["run-0000"]
+    # Its own split under a new name is that scenario's data now: recorded as external.
+    predict_split(store, root / "data", f"{SUB3}:full_val", as_name="pool")
+    store = ExperimentStore.open(root / "runs", store.name)
+    assert (
+        store.meta["external_splits"]["pool"]["manifest_sha256"]
+        != (store.meta["scenario"]["manifest_sha256"])
+    )
+    assert split_source(root / "data", store.name, store.meta, "pool")[0].name == SUB3
+    with pytest.raises(MlvarError, match="has a split 'full_val' already"):
+        predict_split(store, root / "data", f"{SUB3}:full_val")
     shutil.rmtree(root / "data" / SUB3)
     registry.prepare(root / "data", "digits", mode="holdout", subclass=3, ratio=0.5)
     (root / "data" / "digits-holdout-sub3-r0.5").rename(root / "data" / SUB3)

@@ -54,8 +54,12 @@ class PredictPlan:
 
     @property
     def external(self) -> bool:
-        """Whether the stored split is not one of the experiment's own scenario."""
-        return not (self.scenario.name == self.own.name and self.split == self.name)
+        """Whether the stored split is not one of the experiment's own scenario under its
+        own name (that scenario as the runs were trained on it: a scenario prepared
+        again since is another scenario's data, recorded in ``external_splits``)."""
+        trained_on = (self.store.meta.get("scenario") or {}).get("manifest_sha256")
+        own = self.scenario.name == self.own.name and (self.scenario.manifest_sha256 == trained_on)
+        return not (own and self.split == self.name)
 
     def source(self) -> dict[str, str]:
         """The ``external_splits`` entry of the stored split."""
