@@ -1,8 +1,10 @@
 """``mlvar analyze``: accuracy across seeds, per-sample metrics and detection, sharded
 analysis and the study table, the study's accuracy analyses of a holdout sweep, AUROC
-against the number of runs, importing predictions.
+against the number of runs, importing predictions, evaluating saved models on another
+split (``predict``, in :mod:`mlvar.train.predict`: it loads the models).
 
-A thin shell: every computation lives in :mod:`mlvar.analysis`.
+A thin shell: every computation lives in :mod:`mlvar.analysis` (predict's in
+:mod:`mlvar.train.predict`).
 """
 
 from __future__ import annotations
