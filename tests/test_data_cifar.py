@@ -117,13 +117,19 @@ def test_cifar10_modes(
     assert scenario.name == expected_name
     splits = _load(scenario)
     appearance = mode.startswith("augmentation")
-    assert set(splits) == {"train", "val", "test"} | ({"test_gray"} if appearance else set())
+    pool = set() if appearance else {"full_val"}  # holdout modes: validation before the change
+    assert set(splits) == {"train", "val", "test"} | ({"test_gray"} if appearance else pool)
 
     # Validation is fixed before anything is changed, and never changes.
     train_ids, val_ids = _ref_split(np.arange(len(t.y_train)))
     val = splits["val"]
     np.testing.assert_array_equal(val.id, val_ids)
     np.testing.assert_array_equal(val.x, t.x_train[val_ids])
+    if pool:  # so the full validation split is validation itself
+        full = splits["full_val"]
+        np.testing.assert_array_equal(full.id, val_ids)
+        np.testing.assert_array_equal(full.x, t.x_train[val_ids])
+        np.testing.assert_array_equal(full.affected, t.y_train[val_ids] == cls)
     # Test untouched (same images, ids, order); affected = the target class.
     test = splits["test"]
     np.testing.assert_array_equal(test.x, t.x_test)

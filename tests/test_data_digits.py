@@ -64,6 +64,10 @@ def test_holdout_counts_match_reference(root: Path, ref: dict, subclass: int, ra
     assert scenario.manifest["params"] == {"subclass": subclass, "ratio": ratio}
     splits = _load(scenario)
     target = ref["target"]
+    assert scenario.splits == ["train", "val", "test", "full_val"]
+    full = splits.pop("full_val")  # validation before the holdout (tests/test_pools.py)
+    np.testing.assert_array_equal(full.id, ref["index"]["val"])
+    np.testing.assert_array_equal(full.affected, target[full.id] == subclass)
     for s, data in splits.items():
         idx = ref["index"][s]
         members = idx[target[idx] == subclass]
@@ -95,7 +99,8 @@ def test_preparing_twice_gives_identical_bytes(tmp_path: Path) -> None:
     for kwargs in ({}, {"subclass": 5, "ratio": 0.5}):
         first = registry.prepare(tmp_path, "digits", **kwargs)
         files = {p.name: p.read_bytes() for p in sorted(first.path.iterdir())}
-        assert set(files) == {"manifest.json", "train.npz", "val.npz", "test.npz"}
+        pool = {"full_val.npz"} if kwargs else set()  # holdout scenarios write full_val
+        assert set(files) == {"manifest.json", "train.npz", "val.npz", "test.npz"} | pool
         with pytest.raises(MlvarError, match="already exists"):
             registry.prepare(tmp_path, "digits", **kwargs)
         second = registry.prepare(tmp_path, "digits", force=True, **kwargs)
@@ -192,9 +197,10 @@ def test_class_modes_match_reference(
         ]
     )
     appearance = mode.startswith("augmentation")
-    assert set(splits) == {"train", "val", "test"} | ({"test_gray"} if appearance else set())
-    for s in ("val", "test"):
-        data, idx = splits[s], ref["index"][s]
+    pool = set() if appearance else {"full_val"}  # holdout modes: validation before the change
+    assert set(splits) == {"train", "val", "test"} | ({"test_gray"} if appearance else pool)
+    for s in ("val", "test", *pool):
+        data, idx = splits[s], ref["index"]["val" if s == "full_val" else s]
         np.testing.assert_array_equal(data.id, idx)
         np.testing.assert_array_equal(data.x[..., 0], images[idx])
         expected = np.zeros(len(idx), bool) if mode == "augmentation-all" else target[idx] == cls

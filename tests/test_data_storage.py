@@ -116,7 +116,10 @@ def test_fetched_arrays_are_linked_not_copied(tmp_path: Path, tiny_cifar10: Tiny
     stored = {os.stat(a.path(root)).st_ino for a in scenario.arrays}
     assert stored == raw  # the source costs no disk of its own
     assert sorted(scenario.files()) == sorted(
-        [f"{scenario.name}/{f}" for f in ("manifest.json", "train.npz", "val.npz", "test.npz")]
+        [
+            f"{scenario.name}/{f}"
+            for f in ("manifest.json", "train.npz", "val.npz", "test.npz", "full_val.npz")
+        ]
         + [f"shared/{a.sha256}.npy" for a in scenario.arrays]
     )
     # The folder itself holds indices, not images.

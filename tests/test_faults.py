@@ -387,9 +387,9 @@ def test_a_failed_write_names_the_final_path_and_leaves_no_folder(
 ) -> None:
     use_roots(monkeypatch, tmp_path, data=digits_data, runs=tmp_path / "runs")
     assert invoke("train", "digits", "--runs", "1", "--epochs", "1").exit_code == 0
-    # run-0001: its logits of three splits and model.pt are written (each file and its
-    # folder fsynced), then run.json fails.
-    monkeypatch.setattr(mlvar.io, "os", _FullAfter(8))
+    # run-0001: its logits of four splits (train, val, test, full_val) and model.pt are
+    # written (each file and its folder fsynced), then run.json fails.
+    monkeypatch.setattr(mlvar.io, "os", _FullAfter(10))
     result = invoke("train", "digits", "--runs", "2", "--epochs", "1")
     runs_dir = tmp_path / "runs" / EXPERIMENT / "runs"
     one_line_error(

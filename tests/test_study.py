@@ -353,6 +353,6 @@ def test_aml_dry_run_of_a_sweep_mounts_each_scenario_of_a_shared_job(tmp_path: P
         (e, f"run-{i:04d}", split)
         for e, idx in [(exps[0], [0, 1, 2]), (exps[1], [0])]
         for i in idx
-        for split in ("train", "val", "test")
+        for split in ("train", "val", "test", "full_val")  # holdout scenarios: full_val too
     )
     assert all(np.array_equal(got[k], want[k]) for k in got)

@@ -71,6 +71,8 @@ WAIT_POLL_S = 1.0
 CLAIMING_POLL_S = 0.02
 """Seconds between two tries for the experiment's claiming lease (held for milliseconds)."""
 CLAIMING_LEASE = "claiming.lock"
+EXPERIMENT_LEASE = "experiment.lock"
+"""The lease a writer holds while it rewrites ``experiment.json`` (adds a split)."""
 """The lease a writer holds while it claims one pack of runs (see :meth:`RunClaims.packs`)."""
 """Seconds between two looks at the runs another process holds."""
 
@@ -395,6 +397,67 @@ class ExperimentStore:
             shutil.rmtree(old, ignore_errors=True)
         _fsync_dir(final.parent)
         return True
+
+    @contextlib.contextmanager
+    def holding(self, run_id: str | None = None) -> Iterator[None]:
+        """Hold the lease of run ``run_id`` (None: of ``experiment.json``) for the block,
+        waiting (polling) while another process holds it; a stale lease is broken."""
+        lease = self.lease(run_id) if run_id else Lease(self.root / LOCKS_DIR / EXPERIMENT_LEASE)
+        while not lease.acquire():
+            time.sleep(WAIT_POLL_S if run_id else CLAIMING_POLL_S)
+        try:
+            yield
+        finally:
+            lease.release()
+
+    def add_split(
+        self, split: str, samples: dict[str, np.ndarray], meta_updates: dict[str, Any]
+    ) -> None:
+        """Add the split ``split`` to the experiment: ``samples/<split>.parquet`` (columns
+        :data:`SAMPLE_COLUMNS`), then ``experiment.json`` with ``split`` in ``splits`` and
+        ``meta_updates`` merged into its dict-valued keys (``external_splits``), each file
+        atomically, under the experiment's lease (:meth:`holding`). A split the
+        experiment has already is left as it is (the caller checks it holds the same
+        data). :attr:`meta` is re-read first, so splits other processes added stay.
+        """
+        with self.holding():
+            self.meta = json.loads((self.root / "experiment.json").read_text())
+            if split in self.splits:
+                return
+            table = _samples_table(*(samples[c] for c in SAMPLE_COLUMNS))
+            atomic_write_bytes(self.root / "samples" / f"{split}.parquet", parquet_bytes(table))
+            meta = dict(self.meta, splits=[*self.splits, split])
+            for key, entries in meta_updates.items():
+                meta[key] = {**(meta.get(key) or {}), **entries}
+            atomic_write_json(self.root / "experiment.json", meta)
+            self.meta = meta
+
+    def add_run_logits(
+        self, run_id: str, split: str, logits: np.ndarray, metrics: dict[str, float]
+    ) -> RunRecord:
+        """Add ``<split>.logits.npy`` to the complete run ``run_id`` (the caller holds its
+        lease: :meth:`holding`): the array is written atomically, then ``run.json`` is
+        rewritten atomically listing it (sha256, shape, dtype) and ``metrics``. Until
+        ``run.json`` is replaced the run is what it was, so a kill in between leaves an
+        unlisted file that the next call replaces. Raises :class:`FileExistsError` when
+        the run lists that array already, ValueError when the shape does not fit."""
+        path = self.run_dir(run_id)
+        record = read_run(path)
+        if record is None:
+            raise ValueError(f"run {run_id} of {self.name} is not complete")
+        name = f"{split}.logits.npy"
+        if name in record.meta.get("arrays", {}):
+            raise FileExistsError(errno.EEXIST, f"run {run_id} has {name} already", str(path))
+        expected = (self.n_samples(split), len(self.class_names))
+        if logits.shape != expected:
+            raise ValueError(f"{split} logits have shape {logits.shape}, expected {expected}")
+        digest = atomic_save_npy(path / name, logits)
+        info = {"sha256": digest, "shape": list(logits.shape), "dtype": str(logits.dtype)}
+        meta = dict(record.meta)
+        meta["arrays"] = {**meta.get("arrays", {}), name: info}
+        meta["metrics"] = {**meta.get("metrics", {}), **metrics}
+        atomic_write_json(path / "run.json", meta)
+        return RunRecord(run_id, path, meta)
 
     def n_samples(self, split: str) -> int:
         """Number of samples of ``split`` (read from the parquet footer)."""

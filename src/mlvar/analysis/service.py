@@ -260,6 +260,17 @@ def load_predictions(store: ExperimentStore, split: str, allow_mixed: bool = Fal
             "analyse them separately, or pass --allow-mixed",
         )
     n_classes = len(store.class_names)
+    lacking = [r.run_id for r in runs if f"{split}.logits.npy" not in r.meta.get("arrays", {})]
+    if lacking:  # runs trained after 'analyze predict' added the split
+        shown = ", ".join(lacking[:5]) + (
+            f" and {len(lacking) - 5} more" if len(lacking) > 5 else ""
+        )
+        source = (store.meta.get("external_splits") or {}).get(split) or {}
+        on = f"{source.get('scenario', 'SCENARIO')}:{source.get('split', split)}"
+        raise MlvarError(
+            f"runs {shown} of '{store.name}' have no {split} logits",
+            f"add them with 'mlvar analyze predict {store.name} --on {on} --as {split}'",
+        )
     for run in runs:
         check_logits_shape(store, run, split, len(samples))
         arrays = run.meta.get("arrays", {})

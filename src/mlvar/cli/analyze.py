@@ -1,8 +1,10 @@
 """``mlvar analyze``: accuracy across seeds, per-sample metrics and detection, sharded
 analysis and the study table, the study's accuracy analyses of a holdout sweep, AUROC
-against the number of runs, importing predictions.
+against the number of runs, importing predictions, evaluating saved models on another
+split (``predict``, in :mod:`mlvar.train.predict`: it loads the models).
 
-A thin shell: every computation lives in :mod:`mlvar.analysis`.
+A thin shell: every computation lives in :mod:`mlvar.analysis` (predict's in
+:mod:`mlvar.train.predict`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from mlvar.cli.options import (
     CamBatchOpt,
     ConfigOpt,
     DetectSplitOpt,
+    DeviceOpt,
     ExperimentArg,
     ExplainSeedsOpt,
     ExplainTopOpt,
@@ -906,3 +909,84 @@ def retrain_(
         )
     else:
         console.print("no strategy to compare with random at the same budget", style="dim")
+
+
+# ---------------------------------------------------------------- analyze predict
+
+
+@app.command("predict", no_args_is_help=True)
+def predict(
+    experiment: ExperimentArg,
+    on: Annotated[
+        str,
+        typer.Option(
+            "--on",
+            help="SCENARIO[:SPLIT]: a prepared scenario and its split (default val) to "
+            "evaluate every run's saved model on.",
+            show_default=False,
+        ),
+    ],
+    as_name: Annotated[
+        str | None,
+        typer.Option(
+            "--as",
+            help="Name of the stored split (default: SPLIT for the experiment's own "
+            "scenario, else SPLIT@SCENARIO).",
+            show_default=False,
+        ),
+    ] = None,
+    device: DeviceOpt = None,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Evaluate every run's saved model on a split of a prepared scenario and add it.
+
+    Each complete run gets <NAME>.logits.npy (its sha256 in run.json), computed as training
+    computed its own splits (same inputs, normalisation, test-time augmentation); the
+    experiment gains samples/<NAME>.parquet and NAME in experiment.json 'splits' (another
+    scenario's data also in 'external_splits'). Runs that have the split are skipped, so
+    running it again after 'mlvar train' added runs fills those. Every analysis then takes
+    --split NAME; 'mlvar retrain --pool NAME' uses it as a pool.
+
+    Example: mlvar analyze predict digits-holdout-sub3-r1.0-cnn --on digits-holdout-sub3-r0.0
+    """
+    with cli_errors(), warnings_to_stderr():
+        from mlvar.store import ExperimentStore
+        from mlvar.train.predict import predict_split
+
+        cfg = get_config(config)
+        store = ExperimentStore.open(cfg.paths.runs_root, experiment)
+        data_root = Path(cfg.paths.data_root)
+        from mlvar.data.registry import DATASETS
+
+        dataset = str(store.meta.get("dataset", ""))
+        chosen = device or (cfg.train_for(dataset).device if dataset in DATASETS else "cpu")
+        if chosen not in ("cpu", "cuda"):
+            raise MlvarError(f"--device {chosen!r} is not cpu or cuda", "use --device cpu")
+        with ProgressBar(not json_out) as bar:
+            result = predict_split(
+                store,
+                data_root,
+                on,
+                as_name,
+                device=chosen,
+                progress=lambda done, total: bar.update("predict (runs)", done, total),
+            )
+    if json_out:
+        print_json(result.to_dict())
+        return
+    accs = list(result.accuracy.values())
+    line = (
+        f"{experiment}: split '{result.split}' ({result.n_samples} samples of "
+        f"{result.scenario}:{result.source_split}, {result.n_affected} affected): "
+        f"{len(result.added)} runs predicted, {len(result.skipped)} had it"
+    )
+    if accs:
+        mean = sum(accs) / len(accs)
+        line += f"; accuracy mean {mean:.4f} (min {min(accs):.4f}, max {max(accs):.4f})"
+    console.print(line, markup=False)
+    console.print(
+        f"analyse it with: mlvar analyze rank {experiment} --split {result.split}",
+        style="dim",
+        markup=False,
+    )

@@ -8,6 +8,8 @@ from train and from validation (each split separately, in original order; ``rati
 defaults to 1.0). The test split is untouched. Affected: the named fine classes' test
 samples, and those left in train and validation when ``ratio < 1`` (so detection can be
 scored on every split that holds some, as the study did). ``group`` is the fine class.
+``full_val`` is the validation split before anything was held out (the val split of ratio
+0, under either protocol), the named fine classes' samples affected.
 
 Under ``--protocol study`` (the original study's ``prepare_holdout_cifar100-cifar10.py``)
 train and validation keep the order the split gives them (shuffled), the first
@@ -29,6 +31,7 @@ import numpy as np
 
 from mlvar.data import params as p
 from mlvar.data.modes import (
+    FULL_VAL,
     group_counts,
     label_noise_mode,
     n_affected,
@@ -246,7 +249,8 @@ def _holdout(source: Cifar100Data, params: HoldoutParams) -> ModeResult:
     base = source.base
     fine, ratio, fine_names = base.groups, params.ratio, source.fine_names
     subs = parse_subclasses(params.subclass, source.meta)
-    index = dict(base.index)
+    # The full validation split: val before anything was held out.
+    index = {**base.index, FULL_VAL: base.index["val"]}
     removed: dict[str, dict[str, int]] = {}
     for s in ("train", "val"):
         pos = index[s]
@@ -300,7 +304,7 @@ def _study_holdout(source: Cifar100Data, params: HoldoutParams) -> ModeResult:
     base = source.base
     fine, ratio, fine_names = base.groups, params.ratio, source.fine_names
     subs = parse_subclasses(params.subclass, source.meta)
-    index = _study_index(base)
+    index = {**_study_index(base), FULL_VAL: base.extra["study_index"]["val"]}
     removed: dict[str, int] = {}
     for s in ("train", "val"):
         pos = index[s]

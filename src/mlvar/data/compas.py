@@ -8,12 +8,15 @@ Scenarios (docs/design.md section 4):
   at test time). Affected: rows where the feature disagrees with the label.
 - ``holdout``: clusters are the leaves of a depth-limited decision tree; the training rows
   of one cluster are removed. Affected: the validation and test rows of that cluster.
+  ``full_val`` (the validation split before anything was held out) is the val split itself.
 
 Under ``--protocol study`` (the original study's ``prepare_holdout_compas.py`` and
 ``main_*_compas.py``; docs/fidelity.md): every feature column is standardised with the
 scenario's own training statistics; ``holdout`` orders the clusters by their train+val rows,
 removes the cluster from train+val before validation is split off (so validation never
-holds it) and flags its test rows; ``artificial`` and ``original`` are mlvar's construction,
+holds it) and flags its test rows (``full_val`` is the validation split of the split with
+nothing removed, the cluster's rows affected, scaled with the scenario's own training
+statistics as every split); ``artificial`` and ``original`` are mlvar's construction,
 standardised the study's way.
 
 pandas and scikit-learn are imported where the data is read, so registering the dataset
@@ -35,7 +38,7 @@ import numpy as np
 
 from mlvar.data import params as p
 from mlvar.data import tabular
-from mlvar.data.modes import label_noise_mode, original_mode
+from mlvar.data.modes import FULL_VAL, label_noise_mode, original_mode
 from mlvar.data.scenario import Scenario, SplitData
 from mlvar.data.spec import (
     BaseData,
@@ -574,13 +577,17 @@ def _study_holdout(source: CompasSource, params: HoldoutParams) -> ModeResult:
     # The cluster leaves train+val first (in the split's order); validation is split off
     # what remains, so it never holds the cluster.
     train, val = _split_val(rest[group_all[rest] != k])
-    index = {"train": train, "val": val, "test": test}
+    # The full validation split: the val of the split with nothing removed (it holds the
+    # cluster's rows), scaled like every split with this scenario's training statistics.
+    _, full_val = _split_val(rest)
+    index = {"train": train, "val": val, "test": test, FULL_VAL: full_val}
     splits, manifest = _study_splits(
         base, index, _raw_columns(base, index), list(base.extra["feature_names"])
     )
     for s, pos in index.items():
         splits[s].group = group_all[pos]
     splits["test"].affected = splits["test"].group == k
+    splits[FULL_VAL].affected = splits[FULL_VAL].group == k
     sizes = {
         s: [int((group_all[pos] == c).sum()) for c in range(n_clusters)]
         for s, pos in (("train+val", rest), ("test", test))

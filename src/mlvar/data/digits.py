@@ -6,7 +6,8 @@ Scenarios (docs/design.md section 4):
 - ``holdout --subclass d --ratio a``: labels become the 5 coarse classes ``digit // 2``
   (mirroring CIFAR-100 superclasses); the first ``floor(a * count)`` samples of digit ``d``
   are removed from train and from validation (each split separately, in split order). Test
-  is untouched; its samples of digit ``d`` are the affected ones.
+  is untouched; its samples of digit ``d`` are the affected ones. ``full_val`` is the
+  validation split before the removal (the val split of ratio 0), digit ``d`` affected.
 - ``holdout --cls c``, ``holdout-dup``, ``augmentation``, ``augmentation-all`` (``--ratio a``):
   the CIFAR-10 class modes on the 10 digits (:mod:`mlvar.data.modes`), with colour inversion
   ``16 - x`` as the appearance change; ``test_gray`` holds the inverted test set.
@@ -25,6 +26,7 @@ import numpy as np
 
 from mlvar.data import params as p
 from mlvar.data.modes import (
+    FULL_VAL,
     Appearance,
     class_modes,
     group_counts,
@@ -185,6 +187,16 @@ def _subclass_holdout(source: DigitsSource, params: SubclassParams) -> ModeResul
         )
         for s, idx in index.items()
     }
+    # The pool of retraining: validation before anything was held out (the val split of
+    # ratio 0), the digit's samples affected.
+    full = base.index["val"]
+    splits[FULL_VAL] = SplitData(
+        x=base.x[full],
+        y=digits[full] // 2,
+        id=base.ids[full],
+        affected=digits[full] == subclass,
+        group=digits[full],
+    )
     manifest = {
         "class_names": coarse_class_names(),
         "group_counts": group_counts(splits, [subclass], {subclass: str(subclass)}),

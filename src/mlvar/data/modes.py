@@ -24,6 +24,13 @@ random_state=69)`` of the changed set (so it holds its share of the changed imag
 none of the removed ones), and both splits keep the order that split gives them.
 Affected: the changed images in train and validation, and the class's validation and test
 samples (``augmentation-all``: the changed images only, and ``test_gray``).
+
+``holdout`` and ``holdout-dup`` also write ``full_val``: the validation split as it was
+before anything was held out, i.e. the val split of the same scenario at ratio 0, with the
+target class's samples affected. Under the mlvar protocol validation is split off before
+the change, so ``full_val`` holds the same rows as ``val``; under the study protocol it is
+the study split of the unchanged full training set, so it holds the removed images (and
+the originals of those ``holdout-dup`` replaced) that ``val`` lacks.
 """
 
 from __future__ import annotations
@@ -42,6 +49,11 @@ from mlvar.data.spec import BaseData, ModeResult, ModeSpec, Source
 from mlvar.errors import MlvarError
 
 CLASS_MODES = ("holdout", "holdout-dup", "augmentation", "augmentation-all")
+#: The class modes that hold samples out (and so write :data:`FULL_VAL`).
+HOLDOUT_MODES = ("holdout", "holdout-dup")
+#: The split of every holdout scenario that holds the validation split as it was before
+#: anything was held out (the pool of retraining), the held-out group's samples affected.
+FULL_VAL = "full_val"
 #: The ratios the study swept in the class modes when ``--ratio`` is not given.
 STUDY_RATIOS = "0:0.9:0.1"
 APPEARANCE_MODES = ("augmentation", "augmentation-all")
@@ -354,6 +366,13 @@ def class_mode_splits(
         splits["test_gray"] = SplitData(
             x=change(test.x), y=test.y, id=test.id, affected=flags, group=test.group
         )
+    if mode in HOLDOUT_MODES:
+        # Validation was split off before the change and is unchanged: the full
+        # validation split is the val split itself (the class's samples affected).
+        val = splits["val"]
+        splits[FULL_VAL] = SplitData(
+            x=val.x, y=val.y, id=val.id, affected=val.affected.copy(), group=val.group
+        )
     return splits, info, {"train": origin[keep]}
 
 
@@ -459,6 +478,20 @@ def _study_class_mode(
         manifest["test_gray"] = (
             f"{appearance.test_gray} (an mlvar addition: the study wrote no such copy)"
         )
+    if mode in HOLDOUT_MODES:
+        # Validation of the unchanged full training set (the val split of ratio 0: the
+        # same split of as many rows), the class's samples affected.
+        _, full_rows = split(np.arange(len(full)))
+        pos = full[full_rows]
+        y = base.y[pos]
+        splits[FULL_VAL] = SplitData(
+            x=np.ascontiguousarray(base.x[pos]),
+            y=y,
+            id=base.ids[pos],
+            affected=y == cls,
+            group=base.groups[pos],
+        )
+        origin[FULL_VAL] = pos
     cls_name = base.class_names[cls] if cls is not None else None
     description = _study_description(mode, cls_name, params.ratio, appearance.adjective, seed)
     return ModeResult(splits, description, manifest, origin)

@@ -419,3 +419,43 @@ def resolve_scenario(data_root: Path, dataset: str, scenario: str | None) -> Sce
         )
     )
     raise MlvarError(f"no prepared '{dataset}' scenario '{scenario}' in {data_root}", hint)
+
+
+def split_source(
+    data_root: Path, experiment: str, meta: dict[str, Any], split: str
+) -> tuple[Scenario, str]:
+    """The prepared scenario and split whose data (``x``, ``y``, ``id``, ``affected``) the
+    stored split ``split`` of an experiment holds.
+
+    ``meta`` is the experiment's ``experiment.json``. A split ``mlvar analyze predict``
+    added (listed in ``meta["external_splits"]``) comes from the scenario recorded there,
+    checked by its manifest sha256; any other split is the experiment's own scenario's
+    (:func:`experiment_scenario`). Raises :class:`MlvarError` when the experiment has no
+    such split, or its scenario is missing or changed.
+    """
+    splits = list(meta.get("splits", []))
+    if split not in splits:
+        raise MlvarError(
+            f"experiment '{experiment}' has no split '{split}'",
+            "valid: " + ", ".join(splits) + "; add one with 'mlvar analyze predict'",
+        )
+    external = (meta.get("external_splits") or {}).get(split)
+    if not external:
+        return experiment_scenario(data_root, experiment, meta), split
+    name = str(external.get("scenario", ""))
+    try:
+        scenario = open_scenario(Path(data_root), name)
+    except MlvarError:
+        raise MlvarError(
+            f"the prepared scenario '{name}' is not in the data root {data_root} "
+            f"(split '{split}' of experiment '{experiment}' was predicted on it)",
+            "prepare it again with 'mlvar data prepare', or point data_root at it",
+        ) from None
+    if scenario.manifest_sha256 != external.get("manifest_sha256"):
+        raise MlvarError(
+            f"the prepared scenario '{name}' in {data_root} is not the one split '{split}' "
+            f"of experiment '{experiment}' was predicted on (its manifest changed)",
+            "prepare the scenario the split was predicted on",
+        )
+    scenario.check_storage()
+    return scenario, str(external["split"])

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from mlvar.data import params as p
-from mlvar.data.modes import unchanged_splits
+from mlvar.data.modes import FULL_VAL, unchanged_splits
 from mlvar.data.scenario import SplitData
 from mlvar.data.spec import BaseData, ModeResult
 
@@ -151,6 +151,11 @@ def cluster_holdout(
         id=train.id[keep],
         affected=train.affected[keep],
         group=train.group[keep],
+    )
+    # Only training rows were removed: the full validation split is the val split itself.
+    val = splits["val"]
+    splits[FULL_VAL] = SplitData(
+        x=val.x, y=val.y, id=val.id, affected=val.affected.copy(), group=val.group
     )
     description = (
         f"Removed the {sizes['train'][k]} training rows of decision-tree cluster "
