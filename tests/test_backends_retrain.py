@@ -4,7 +4,8 @@ On digits (holdout of digit 3, 3 MLP runs of 2 epochs, pool ``val``, 1 continuat
 epoch), with ``random`` and ``maxconf_std`` at budget 0.5: every continued run the local
 backend (in process) and Ray land equals bit for bit (logits of
 every split, ``model.pt``, ``continued_from``) what ``mlvar retrain`` writes in process,
-and so do ``selected.parquet`` and the summary; resubmitting submits nothing; a failing
+and so do ``selected.parquet`` and the summary; resubmitting submits nothing; ``submit
+download`` of an asynchronous backend writes the summary; a failing
 job is named with its runs and exits 3, and a later submission completes only what
 failed; the Azure ML dry run's jobs load with the SDK's ``load_job`` and, run offline
 (the worker on their shipped inputs only) and landed, give the same runs; the Slurm dry
@@ -23,6 +24,8 @@ import pandas as pd
 import pytest
 
 from golden_files import compare
+from mlvar.backends import service
+from mlvar.backends.local import LocalBackend
 from mlvar.backends.retrain_jobs import RETRAIN
 from mlvar.backends.retrain_submit import submit_retrain
 from mlvar.config import AmlConfig, Config, SlurmConfig
@@ -95,6 +98,7 @@ def test_local_jobs_equal_retrain_and_resubmitting_submits_nothing(
     trained_root: Path,  # noqa: F811
     reference: Path,
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     cfg = copy_of(trained_root, tmp_path)
     res = submit_retrain(cfg, EXPERIMENT, **REQUEST, backend="local", runs_per_job=2)
@@ -118,6 +122,14 @@ def test_local_jobs_equal_retrain_and_resubmitting_submits_nothing(
     assert_same_tables(root, reference)
     subs = list((Path(cfg.paths.runs_root) / EXPERIMENT / "submissions").glob("*.json"))
     assert len(subs) == 1  # nothing submitted the second time
+
+    # An asynchronous backend's 'submit download' writes the summary once all is complete.
+    (root / "summary.parquet").unlink()
+    monkeypatch.setattr(LocalBackend, "synchronous", False)
+    got = service.download(cfg, EXPERIMENT, sub.id)
+    assert len(got.skipped) == 9 and got.merged == str(root / "summary.parquet")
+    assert_same_tables(root, reference)
+    assert service.download(cfg, EXPERIMENT, sub.id).merged == ""  # once
 
 
 def test_a_failing_job_is_named_with_its_runs_and_exits_3(
@@ -226,22 +238,24 @@ def test_aml_dry_run_jobs_load_and_run_offline_from_their_inputs(
         inputs = out / "inputs" / group
         shipped = sorted(p.name for p in (inputs / "runs" / "run-0001").iterdir())
         assert shipped == ["model.pt", "run.json"]  # the job's runs' weights, nothing else
-        spec = out / "code" / "specs" / f"{name}.json"
-        scenario = Path(cfg.paths.data_root) / json.loads(spec.read_text())["scenario"]
-        args = [str(spec), "--experiment-dir", str(inputs), "--scenario-dir", str(scenario)]
-        assert main([*args, "--out", str(outputs / name)]) == 0
+    # The job that adds pool samples, run here from its shipped inputs only.
+    name = names[1]
+    spec_file = out / "code" / "specs" / f"{name}.json"
+    spec = json.loads(spec_file.read_text())
+    scenario = Path(cfg.paths.data_root) / spec["scenario"]
+    args = [str(spec_file), "--experiment-dir", str(inputs), "--scenario-dir", str(scenario)]
+    assert main([*args, "--out", str(outputs / name)]) == 0
     # The outputs land through the kind into the sets' stores, created as at submit.
     land = copy_of(trained_root, tmp_path / "land")
     store = ExperimentStore.open(Path(land.paths.runs_root), EXPERIMENT)
     _, pool = pool_source(Path(land.paths.data_root), store, POOL)
-    for name in names:
-        spec = json.loads((out / "code" / "specs" / f"{name}.json").read_text())
-        target = store.root / "retrain" / spec["set"]
-        open_target_store(store, target, spec["set_meta"], pool, spec["epochs"])
-        got = RETRAIN.land(outputs / name, store, spec)
-        assert got.imported == [f"{spec['set']}/run-000{i}" for i in range(3)] and not got.rejected
-        assert RETRAIN.remaining(store, spec) is None
-    assert_same_sets(store.root / "retrain", reference, ["b0", "maxconf_std-b0.5"])
+    target = store.root / "retrain" / spec["set"]
+    assert RETRAIN.remaining(store, spec) == spec
+    open_target_store(store, target, spec["set_meta"], pool, spec["epochs"])
+    got = RETRAIN.land(outputs / name, store, spec)
+    assert got.imported == [f"maxconf_std-b0.5/run-000{i}" for i in range(3)] and not got.rejected
+    assert RETRAIN.remaining(store, spec) is None
+    assert_same_sets(store.root / "retrain", reference, ["maxconf_std-b0.5"])
 
 
 def test_slurm_dry_run_script_matches_golden(
