@@ -244,7 +244,8 @@ def test_aml_dry_run_jobs_load_and_run_offline_from_their_inputs(
     spec = json.loads(spec_file.read_text())
     scenario = Path(cfg.paths.data_root) / spec["scenario"]
     args = [str(spec_file), "--experiment-dir", str(inputs), "--scenario-dir", str(scenario)]
-    assert main([*args, "--out", str(outputs / name)]) == 0
+    # where 'ml_client.jobs.download' puts the output named runs
+    assert main([*args, "--out", str(outputs / name / "named-outputs" / "runs")]) == 0
     # The outputs land through the kind into the sets' stores, created as at submit.
     land = copy_of(trained_root, tmp_path / "land")
     store = ExperimentStore.open(Path(land.paths.runs_root), EXPERIMENT)

@@ -286,8 +286,10 @@ class RetrainKind(JobKind):
 
     def land(self, out: Path, store: ExperimentStore, spec: dict[str, Any]) -> ImportResult:
         name = spec["set"]
-        folder = Path(out) / name
-        if not (folder / "experiment.json").is_file():
+        # OUT/<set>/, wherever a backend's download put OUT (Azure ML: under named-outputs/)
+        found = [p.parent for p in sorted(Path(out).rglob("experiment.json"))]
+        folder = next((f for f in found if f.name == name), None)
+        if folder is None:
             return ImportResult()
         root = set_root(store, name)
         if name not in list_experiments(root.parent):
