@@ -1,6 +1,6 @@
 """``mlvar submit``: train the runs of one experiment per selected scenario (a study), or
-compute an experiment's sharded analysis or saliency, on a backend (local, Ray, Azure ML,
-Slurm).
+compute an experiment's sharded analysis or saliency, or its retraining continuations, on
+a backend (local, Ray, Azure ML, Slurm).
 
 ``mlvar submit DATASET ...`` is ``mlvar submit run DATASET ...``: the group routes any
 first argument that is not a sub-command to ``run``.
@@ -90,8 +90,8 @@ app = typer.Typer(
     rich_markup_mode="rich",
     help=(
         "Train the runs of one experiment per selected scenario, or compute an "
-        "experiment's sharded analysis (analyze rank) or saliency (analyze saliency), on "
-        f"a backend: {BACKENDS_HELP[:-1]}; then check "
+        "experiment's sharded analysis (analyze rank) or saliency (analyze saliency), or "
+        f"its retraining (retrain), on a backend: {BACKENDS_HELP[:-1]}; then check "
         "and fetch them.\n\n"
         "Examples:\n\n"
         "  mlvar submit digits --runs 16 --backend local\n\n"
@@ -426,7 +426,8 @@ def download(
     match their sha256 land, each atomically; complete runs already there are never
     overwritten. Shards land in analysis/shards/<split>/ (saliency shards in
     analysis/saliency-shards/<split>/) under the same rules, and a submission whose shards
-    are all present is merged.
+    are all present is merged; continued runs of 'submit retrain' land in
+    retrain/<set>/, and the summary is written once every job is complete.
 
     Examples:
 
