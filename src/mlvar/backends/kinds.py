@@ -1,4 +1,4 @@
-"""The registry of job kinds (``train``, ``analysis``, ``saliency``), and what needs
+"""The registry of job kinds (``train``, ``analysis``, ``saliency``, ``retrain``), and what needs
 them all: finding a spec's kind, and landing shard folders of any kind found on disk.
 
 A new kind is a :class:`mlvar.backends.kind.JobKind` subclass in a module of its own,
@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mlvar.backends.kind import JobKind
+from mlvar.backends.retrain_jobs import RETRAIN
 from mlvar.backends.saliency_jobs import SALIENCY
 from mlvar.backends.shard_jobs import ANALYSIS
 from mlvar.backends.shard_kind import ShardKind
@@ -21,7 +22,7 @@ from mlvar.errors import MlvarError, unknown_choice
 from mlvar.io import read_meta
 from mlvar.store import ExperimentStore
 
-KINDS: dict[str, JobKind] = {kind.name: kind for kind in (TRAIN, ANALYSIS, SALIENCY)}
+KINDS: dict[str, JobKind] = {kind.name: kind for kind in (TRAIN, ANALYSIS, SALIENCY, RETRAIN)}
 SHARD_KINDS: tuple[ShardKind, ...] = (SALIENCY, ANALYSIS)  # most specific first
 
 

@@ -32,6 +32,7 @@ from mlvar.backends.backend import Backend, JobBatch, SubmitProgress
 from mlvar.backends.kind import JobKind
 from mlvar.backends.kinds import find_shard_folders, import_shards
 from mlvar.backends.registry import get_backend
+from mlvar.backends.retrain_jobs import write_retrain_summary
 from mlvar.backends.saliency_jobs import plan_saliency_jobs
 from mlvar.backends.shard_jobs import plan_shards
 from mlvar.backends.shard_kind import present_shards
@@ -247,9 +248,16 @@ def _merge_saliency(store: ExperimentStore, sub: Submission, data_root: Path) ->
     return Merged(merged, str(merged.path))
 
 
+def _merge_retrain(store: ExperimentStore, sub: Submission, data_root: Path) -> Merged:
+    """``retrain/summary.*`` rewritten from the stored sets (``mlvar submit retrain``)."""
+    opts = sub.options
+    table, files = write_retrain_summary(store.root, opts.get("strategies", []), opts["pool"])
+    return Merged(table, files[0])
+
+
 #: How the landed outputs of a complete submission are combined, by job kind (kinds
 #: not listed need nothing: training runs are the result).
-MERGES = {"analysis": _merge_analysis, "saliency": _merge_saliency}
+MERGES = {"analysis": _merge_analysis, "saliency": _merge_saliency, "retrain": _merge_retrain}
 
 
 def _merge(store: ExperimentStore, sub: Submission, data_root: Path) -> Merged | None:

@@ -16,6 +16,10 @@ the sha256 of every file).
 :mod:`mlvar.backends.saliency_jobs`): the same, reading the prepared scenario too, into
 ``OUT/r<j>of<m>/``.
 
+``retrain`` (one retraining set x a pack of runs, :mod:`mlvar.backends.retrain_jobs`):
+continue the runs of an experiment folder from their weights into ``OUT/<set>/`` (a run
+store), reading the prepared scenario.
+
 Usage::
 
     python -m mlvar.backends.worker SPEC.json --runs-root OUT --data-root DATA
@@ -23,6 +27,8 @@ Usage::
         [--array-file FILE ...]
     python -m mlvar.backends.worker SHARD.json --experiment-dir EXP --out OUT
     python -m mlvar.backends.worker SALIENCY.json --experiment-dir EXP --out OUT \\
+        (--data-root DATA | --scenario-dir DIR)
+    python -m mlvar.backends.worker RETRAIN.json --experiment-dir EXP --out OUT \\
         (--data-root DATA | --scenario-dir DIR)
 
 ``--scenario-dir`` names the prepared scenario folder itself (an Azure ML input mount;
@@ -53,15 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("spec", type=Path, help="the job's JSON spec (a pack or a shard)")
     parser.add_argument("--runs-root", type=Path, help="train: output runs root")
     parser.add_argument(
-        "--data-root", type=Path, help="train, saliency: a data root holding the scenario"
+        "--data-root", type=Path, help="train, saliency, retrain: a data root holding the scenario"
     )
     parser.add_argument(
         "--scenario-dir",
         type=Path,
         action="append",
         default=[],
-        help="train, saliency: the prepared scenario folder itself (a study's job: one per "
-        "scenario, in the order of its spec's parts)",
+        help="train, saliency, retrain: the prepared scenario folder itself (a study's job: "
+        "one per scenario, in the order of its spec's parts)",
     )
     parser.add_argument(
         "--array-file",
@@ -71,10 +77,14 @@ def main(argv: list[str] | None = None) -> int:
         help="with --scenario-dir: a shared array the scenario reads (repeated)",
     )
     parser.add_argument(
-        "--experiment-dir", type=Path, help="analysis, saliency: the experiment folder to read"
+        "--experiment-dir",
+        type=Path,
+        help="analysis, saliency, retrain: the experiment folder to read",
     )
     parser.add_argument(
-        "--out", type=Path, help="analysis, saliency: output folder (gets <shard>/)"
+        "--out",
+        type=Path,
+        help="analysis, saliency, retrain: output folder (gets <shard>/ or <set>/)",
     )
     args = parser.parse_args(argv)
     try:

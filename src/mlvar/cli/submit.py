@@ -1,6 +1,6 @@
 """``mlvar submit``: train the runs of one experiment per selected scenario (a study), or
-compute an experiment's sharded analysis or saliency, on a backend (local, Ray, Azure ML,
-Slurm).
+compute an experiment's sharded analysis or saliency, or its retraining continuations, on
+a backend (local, Ray, Azure ML, Slurm).
 
 ``mlvar submit DATASET ...`` is ``mlvar submit run DATASET ...``: the group routes any
 first argument that is not a sub-command to ``run``.
@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from typer.core import TyperGroup
 
+from mlvar.analysis.acquisition import DEFAULT_BUDGETS, DEFAULT_STRATEGIES, format_budget
 from mlvar.analysis.defaults import (
     DEFAULT_RANK_BY,
     SALIENCY_BATCH_DEFAULT,
@@ -89,8 +90,8 @@ app = typer.Typer(
     rich_markup_mode="rich",
     help=(
         "Train the runs of one experiment per selected scenario, or compute an "
-        "experiment's sharded analysis (analyze rank) or saliency (analyze saliency), on "
-        f"a backend: {BACKENDS_HELP[:-1]}; then check "
+        "experiment's sharded analysis (analyze rank) or saliency (analyze saliency), or "
+        f"its retraining (retrain), on a backend: {BACKENDS_HELP[:-1]}; then check "
         "and fetch them.\n\n"
         "Examples:\n\n"
         "  mlvar submit digits --runs 16 --backend local\n\n"
@@ -99,6 +100,8 @@ app = typer.Typer(
         "  mlvar submit cifar100 --runs 50 --backend slurm --device cuda\n\n"
         "  mlvar submit analyze EXPERIMENT --shards 4 --run-shards 2 --backend ray\n\n"
         "  mlvar submit saliency EXPERIMENT --run-shards 4 --backend ray\n\n"
+        "  mlvar submit retrain EXPERIMENT --pool full_val --by random,maxconf_std --budget 0.1 "
+        "--backend ray\n\n"
         "  mlvar submit status EXPERIMENT\n\n"
         "  mlvar submit download EXPERIMENT"
     ),
@@ -319,6 +322,20 @@ def _print_submission(sub: Submission) -> None:
             ]
             for j in sub.jobs
         ]
+    elif sub.kind == "retrain":
+        title = f"retrain submission {sub.id} ({sub.backend}, pool {sub.split}): {sub.state}"
+        columns = ["job", "set", "runs", "state", "attempts", "ref"]
+        rows = [
+            [
+                j.name,
+                j.shard.get("set", "-"),
+                j.shard.get("runs", "-"),
+                j.state,
+                j.attempts,
+                j.ref or "-",
+            ]
+            for j in sub.jobs
+        ]
     elif sub.kind == "analysis":
         title = f"analysis submission {sub.id} ({sub.backend}, {sub.split}): {sub.state}"
         columns = ["shard", "samples", "runs", "state", "attempts", "ref"]
@@ -409,7 +426,8 @@ def download(
     match their sha256 land, each atomically; complete runs already there are never
     overwritten. Shards land in analysis/shards/<split>/ (saliency shards in
     analysis/saliency-shards/<split>/) under the same rules, and a submission whose shards
-    are all present is merged.
+    are all present is merged; continued runs of 'submit retrain' land in
+    retrain/<set>/, and the summary is written once every job is complete.
 
     Examples:
 
@@ -433,8 +451,10 @@ def download(
         console.print(f"  rejected {name}: {why}", markup=False, highlight=False)
     if res.ranking:
         console.print(f"Merged the shards: ranking in {res.ranking}")
-    elif res.merged:
+    elif res.merged and res.kind == "shards":
         console.print(f"Merged the saliency shards into {res.merged}")
+    elif res.merged:
+        console.print(f"Wrote the retraining summary {res.merged}")
 
 
 @app.command("analyze", no_args_is_help=True)
@@ -660,6 +680,171 @@ def saliency(
             f"samples under {merged.n_seeds} runs) into {merged.path}"
         )
     _after_shards(result, experiment)
+
+
+@app.command("retrain", no_args_is_help=True)
+def retrain(
+    experiment: SubmittedExperimentArg,
+    pool: Annotated[
+        str,
+        typer.Option(help="The split whose samples are acquired (as 'mlvar retrain --pool')."),
+    ] = "full_val",
+    by: Annotated[
+        str,
+        typer.Option(
+            "--by", help="Strategies, comma-separated (as 'mlvar retrain --by'; see its --help)."
+        ),
+    ] = ",".join(DEFAULT_STRATEGIES),
+    budget: Annotated[
+        str,
+        typer.Option(
+            "--budget",
+            help="Fractions of the pool to add (as 'mlvar retrain --budget'); budget 0 is "
+            "always run.",
+        ),
+    ] = ",".join(format_budget(b) for b in DEFAULT_BUDGETS),
+    epochs: Annotated[
+        int | None,
+        typer.Option(
+            help="Continuation epochs (default: the recipe's continuation length).",
+            show_default=False,
+        ),
+    ] = None,
+    from_scratch: Annotated[
+        bool,
+        typer.Option(
+            "--from-scratch", help="Retrain each run from its seed instead of its weights."
+        ),
+    ] = False,
+    runs: Annotated[
+        str | None,
+        typer.Option(
+            help="Runs to continue: N (the first N by run id) or run ids, comma-separated "
+            "(default: all).",
+            show_default=False,
+        ),
+    ] = None,
+    device: DeviceOpt = None,
+    backend: BackendOpt = "local",
+    runs_per_job: Annotated[
+        int | None,
+        typer.Option(
+            help="Runs of one set per job (default \\[submit] runs_per_job).", show_default=False
+        ),
+    ] = None,
+    retries: RetriesOpt = None,
+    workers: ShardWorkersOpt = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Write the jobs (aml: YAML validated with load_job, the inputs and the "
+            "scenario's data asset; slurm: the sbatch script) and specs to --out; submit "
+            "nothing.",
+        ),
+    ] = False,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder of --dry-run (default ./mlvar-jobs/<experiment>-retrain).",
+            show_default=False,
+        ),
+    ] = None,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Run the continuations of 'mlvar retrain' as jobs on a backend: one job per
+    retraining set (b0, <strategy>-b<budget>) x pack of --runs-per-job runs.
+
+    The request is checked exactly as 'mlvar retrain' checks it. Each job continues its
+    runs from their saved weights with the pool samples its set adds; the continued runs
+    land in <experiment>/retrain/<set>/ only when complete and sha256-verified. Runs
+    already there are not resubmitted. selected.parquet is written at submit; once every
+    job is complete, summary.{parquet,csv} is written from the stored sets (aml and slurm
+    jobs run remotely: 'mlvar submit download' lands the runs and writes it).
+
+    Examples:
+
+      mlvar submit retrain digits-holdout-sub3-r1.0-cnn --by random,maxconf_std --budget 0.1,0.5
+
+      mlvar submit retrain EXPERIMENT --backend ray --runs-per-job 4
+
+      mlvar submit retrain EXPERIMENT --backend aml --dry-run --out jobs/
+    """
+    with cli_errors(), warnings_to_stderr():
+        from mlvar.analysis.acquisition import parse_budgets, parse_strategies
+        from mlvar.cli.retrain import parse_runs
+
+        strategies = parse_strategies(by)
+        budgets = parse_budgets(budget)
+        chosen_runs = parse_runs(runs)
+        cfg = get_config(config)
+        service = _service_for(backend, "retrain_submit")
+        with ProgressBar(not json_out) as bar:
+
+            def on_progress(done: int, total: int, message: str) -> None:
+                bar.update(f"retrain runs ({message})", done, total)
+
+            result = service.submit_retrain(
+                cfg,
+                experiment,
+                pool=pool,
+                strategies=[s.name for s in strategies],
+                budgets=budgets,
+                epochs=epochs,
+                from_scratch=from_scratch,
+                runs=chosen_runs,
+                device=device,
+                backend=backend,
+                runs_per_job=runs_per_job,
+                retries=retries,
+                workers=workers,
+                dry_run=dry_run,
+                out=out,
+                progress=on_progress,
+            )
+    if json_out:
+        print_json(result.to_dict())
+    elif result.dry_run_dir is not None:
+        n = len(result.submission.jobs) if result.submission else 0
+        runs_n = sum(map(len, result.pending.values()))
+        console.print(
+            f"Dry run: {n} retrain job(s) for {runs_n} run(s) in {len(result.pending)} set(s) "
+            f"of {result.experiment} written to {result.dry_run_dir}{_dry_run_note(backend)}"
+        )
+        return
+    else:
+        _print_retrain_outcome(result)
+    sub = result.submission
+    if sub is not None and sub.state == "failed":
+        raise typer.Exit(ExitCode.JOB_FAILED)
+
+
+def _print_retrain_outcome(result: Any) -> None:
+    sub = result.submission
+    done = sum(map(len, result.skipped.values()))
+    if sub is None:
+        console.print(
+            f"Nothing to submit: all {done} run(s) of {len(result.sets)} set(s) are complete."
+        )
+    else:
+        _print_submission(sub)
+        if done:
+            console.print(f"Skipped {done} complete run(s).")
+        if result.wall_time_s:
+            console.print(f"Took {result.wall_time_s:.1f} s.")
+    console.print(f"Retraining: {result.path}")
+    if result.summary is not None:
+        console.print(
+            f"Wrote the summary of {len(result.summary)} row(s); statistics: "
+            f"mlvar analyze retrain {result.experiment}",
+            markup=False,
+        )
+    elif sub is not None and not result.synchronous:
+        console.print(
+            f"Follow the jobs: mlvar submit status {result.experiment}; then "
+            f"'mlvar submit download {result.experiment}' lands the runs and writes the summary"
+        )
 
 
 def _print_shard_outcome(result: Any, n: int) -> None:

@@ -253,6 +253,55 @@ def _open_target(
     return store
 
 
+def _target_meta(
+    source: ExperimentStore,
+    name: str,
+    set_meta: dict[str, Any],
+    plan: Plan,
+    from_scratch: bool,
+    pool: SplitData,
+) -> dict[str, Any]:
+    """The ``experiment.json`` of a set's store (the source's identity, the set's and the
+    continuation's)."""
+    wanted = {k: v for k, v in source.meta.items() if k not in ("store_format", "splits")}
+    wanted["name"] = name
+    wanted["retrain"] = set_meta
+    wanted["continuation"] = {
+        "source_experiment": source.name,
+        "from_scratch": bool(from_scratch),
+        **plan.record(),
+        "optimizer": "fresh",
+        "generators": "original" if from_scratch else "continue",
+        "pool": {"n": len(pool), "ids_sha256": added_sha256(pool.id)},
+    }
+    return wanted
+
+
+def _source_samples(source: ExperimentStore) -> dict[str, dict[str, np.ndarray]]:
+    samples = {}
+    for split in source.splits:
+        table = source.samples(split)
+        samples[split] = {c: table[c].to_numpy() for c in table.columns}
+    return samples
+
+
+def open_target_store(
+    source: ExperimentStore,
+    target_root: Path,
+    set_meta: dict[str, Any],
+    pool: SplitData,
+    epochs: int | None = None,
+    from_scratch: bool = False,
+) -> ExperimentStore:
+    """The set's store at ``target_root``, created (or checked: a one-line error naming
+    what differs) exactly as :func:`continue_runs` makes it, continuing nothing: where
+    the runs a worker continued elsewhere land (``mlvar submit retrain``)."""
+    plan = experiment_plan(source, None if epochs is None else int(epochs), from_scratch)
+    target_root = Path(target_root)
+    wanted = _target_meta(source, target_root.name, set_meta, plan, from_scratch, pool)
+    return _open_target(target_root, wanted, _source_samples(source))
+
+
 def _check_request(
     source: ExperimentStore,
     run_ids: Sequence[str],
@@ -376,21 +425,7 @@ def continue_runs(
     n_classes = len(source.class_names)
     _check_pool(pool, train_split, n_classes)
 
-    wanted = {k: v for k, v in source.meta.items() if k not in ("store_format", "splits")}
-    wanted["name"] = Path(target_root).name
-    wanted["retrain"] = set_meta
-    wanted["continuation"] = {
-        "source_experiment": source.name,
-        "from_scratch": bool(from_scratch),
-        **plan.record(),
-        "optimizer": "fresh",
-        "generators": "original" if from_scratch else "continue",
-        "pool": {"n": len(pool), "ids_sha256": added_sha256(pool.id)},
-    }
-    samples = {}
-    for split in source.splits:
-        table = source.samples(split)
-        samples[split] = {c: table[c].to_numpy() for c in table.columns}
+    wanted = _target_meta(source, Path(target_root).name, set_meta, plan, from_scratch, pool)
     # Complete runs that continued something else are refused before anything is written.
     target_root = Path(target_root)
     if target_root.name in list_experiments(target_root.parent):
@@ -398,7 +433,7 @@ def continue_runs(
         for record in existing.runs():
             if record.run_id in positions:
                 _check_finished(record, runs[record.run_id], positions[record.run_id])
-    target = _open_target(target_root, wanted, samples)
+    target = _open_target(target_root, wanted, _source_samples(source))
 
     job = _Job(
         source=source,
