@@ -21,6 +21,16 @@ _SHARED_COMPAS = Path(__file__).resolve().parents[2] / "shared/data/compas-score
 
 
 @pytest.fixture(scope="session")
+def ray_instance():
+    """One local Ray instance for every Ray test of the session (starting one costs many
+    seconds); skipped where Ray is not installed."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
 def compas_csv() -> Path:
     """Path of the real COMPAS CSV (shared copy, else ``$MLVAR_COMPAS_CSV``)."""
     if _SHARED_COMPAS.is_file():

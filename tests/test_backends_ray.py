@@ -18,13 +18,6 @@ from mlvar.store import ExperimentStore
 ray = pytest.importorskip("ray")
 
 
-@pytest.fixture(scope="module")
-def ray_instance():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning")
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_ray_runs_equal_local_runs(ray_instance, tmp_path: Path) -> None:
     prepare(tmp_path / "data", "digits", mode="holdout", subclass=3)

@@ -166,14 +166,6 @@ def test_a_failing_job_is_named_with_its_runs_and_exits_3(
 # ---------------------------------------------------------------- Ray
 
 
-@pytest.fixture(scope="module")
-def ray_instance():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning")
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_ray_tasks_equal_retrain(
     ray_instance,

@@ -308,14 +308,6 @@ def test_download_from_a_folder_of_saliency_shards(root: Path, reference: dict) 
 # ---------------------------------------------------------------- Ray
 
 
-@pytest.fixture(scope="module")
-def ray_instance():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning")
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_ray_shards_give_the_same_bytes(
     ray_instance, root: Path, reference: dict, monkeypatch: pytest.MonkeyPatch
