@@ -150,3 +150,57 @@ def test_whitening_bias_trains_for_the_first_3_epochs(tmp_path: Path) -> None:
     assert not torch.equal(momentum[0], momentum[1]) and not torch.equal(momentum[1], momentum[2])
     assert torch.equal(momentum[2], momentum[3])  # epoch 4 (index 3): no step on the bias
     assert math.isfinite(float(momentum[3].sum()))
+
+
+# ---------------------------------------------------------------- TTA of the train split
+
+
+def test_train_tta_is_recorded_and_identified_only_where_it_changes_logits() -> None:
+    def cfg(model: str, **over):
+        return train_config(Config(), "digits", 1, {"model": model, **over})
+
+    base = cfg("airbench")
+    assert base.train_tta is True
+    assert "train_tta" not in base.record() and "train_tta" not in base.identity()
+    off = cfg("airbench", train_tta=False)
+    assert off.record()["train_tta"] is False and off.identity()["train_tta"] is False
+    assert off.identity() != base.identity()  # a different experiment, as a recipe change
+    cnn = cfg("cnn", train_tta=False)  # no TTA in its recipe: nothing changes
+    assert cnn.record()["train_tta"] is False and "train_tta" not in cnn.identity()
+    assert cnn.identity() == cfg("cnn").identity()
+    assert [images.split_tta(RECIPE, off, s) for s in ("train", "val", "test")] == [0, 2, 2]
+    assert [images.split_tta(RECIPE, base, s) for s in ("train", "test")] == [2, 2]
+
+
+def test_no_train_tta_flag() -> None:
+    from mlvar.cli.options import training_overrides
+
+    assert training_overrides(no_train_tta=True)["train_tta"] is False
+    assert training_overrides(no_train_tta=False)["train_tta"] is None  # the config's
+    assert "train_tta" not in training_overrides(epochs=None)
+
+
+def test_skipping_train_tta_changes_only_the_train_logits(tmp_path: Path) -> None:
+    from mlvar.data.scenario import open_scenario
+    from mlvar.store import ExperimentStore
+
+    write_tiny_scenario(tmp_path / "data")
+    cfg = Config(paths=PathsConfig(tmp_path / "data", tmp_path / "runs", tmp_path / "rep"))
+    over = {"model": "airbench", "epochs": 2, "batch_size": 24, "lr": 0.2, "workers": 1}
+    train(cfg, "digits", "tiny", runs=1, overrides=over, name="with")
+    train(cfg, "digits", "tiny", runs=1, overrides={**over, "train_tta": False}, name="without")
+    runs = {n: ExperimentStore.open(tmp_path / "runs", n).runs()[0] for n in ("with", "without")}
+    logits = {n: {s: r.load_logits(s) for s in ("train", "test")} for n, r in runs.items()}
+    assert (logits["with"]["test"] == logits["without"]["test"]).all()  # same weights, TTA
+    assert not (logits["with"]["train"] == logits["without"]["train"]).all()
+    assert runs["without"].meta["config"]["train_tta"] is False
+    # the train logits are one plain eval-mode pass of the stored weights
+    scenario = open_scenario(tmp_path / "data", "tiny")
+    splits = {s: scenario.load(s) for s in scenario.splits}
+    net = build_model("airbench", 1, 3)
+    net.load_state_dict(torch.load(runs["without"].path / "model.pt", weights_only=True))
+    net.eval()
+    data = images._build_data(splits, scenario.manifest, torch.device("cpu"))
+    with torch.no_grad():
+        plain = net(data.normalise(data.eval_x["train"])).numpy()
+    assert plain == pytest.approx(logits["without"]["train"], abs=1e-5)
