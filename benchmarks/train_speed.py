@@ -29,19 +29,19 @@ CUDA, the prepared script for a lent H100/H200 (issue 16; under about 8 minutes)
 writes full-size synthetic CIFAR-10 (50,000 train and 10,000 test 32x32x3 images: class
 patterns plus noise, learnable, made in about a second) as a scenario, then trains
 through ``mlvar.train.service.train`` (what ``mlvar train`` runs), each row in its own
-child process: airbench (full recipe, 10 epochs) one seed at a time (``--single-seeds``,
-3) and in ``fused`` packs of 8, 16, 32 and 64 seeds; resnet18 at 2 epochs one at a time
-and in packs of 4, 8 and 16. Per row: the child's start-up, its warm-up (one epoch of
-the same pack, not counted), the timed training (loading, training, TTA evaluation,
-writing the runs), seconds per seed, images per second, peak GPU memory
-(``torch.cuda.max_memory_allocated``) and the speed-up over one at a time. Then the
-fused engine's per-seed test logits against one at a time after a few steps
+child process: airbench (full recipe, 10 epochs) one seed at a time (3 seeds;
+``--single-seeds``) and in ``fused`` packs of 8, 16, 32 and 64 seeds; resnet18 at 2
+epochs one seed at a time and in packs of 4, 8 and 16. Per row: the child's start-up,
+its warm-up (one epoch of the same pack, not counted), the timed training (loading,
+training, TTA evaluation, writing the runs), seconds per seed, images per second, peak
+GPU memory (``torch.cuda.max_memory_allocated``) and the speed-up over one at a time.
+Then the fused engine's per-seed test logits against one at a time after a few steps
 (``np.allclose``, ``--rtol``/``--atol``). One table is printed and written as JSON
 (``--out``). Rows that would overrun their share of ``--budget-s`` (420 s) are skipped
-with a note, and so are the fused rows where the fused engine is not built. Kernels
-are deterministic (mlvar's default on CUDA); ``--vary-impl`` allows the others.
+with a note, and so are the fused rows where the fused engine is not built. Kernels are
+deterministic (mlvar's default on CUDA); ``--vary-impl`` allows the others.
 
-The same script on the CPU, end to end on a few hundred images (1 epoch, packs of 2)::
+The same script on the CPU, end to end on 128 16x16 images (1 epoch, packs of 2)::
 
     python benchmarks/train_speed.py --device cpu --tiny --out /tmp/train_speed_tiny.json
 """
@@ -262,7 +262,9 @@ CUDA_PACKS = {"airbench": (8, 16, 32, 64), "resnet18": (4, 8, 16)}
 #: Epochs per model: the full airbench recipe; resnet18 at 2 epochs.
 CUDA_EPOCHS = {"airbench": 10, "resnet18": 2}
 #: Each part's share of ``--budget-s``: airbench rows, resnet18 rows, the logits check.
-BUDGET_SHARES = {"airbench": 0.6, "resnet18": 0.3, "check": 0.1}
+BUDGET_SHARES = {"airbench": 0.55, "resnet18": 0.33, "check": 0.12}
+#: Seeds of the one-at-a-time rows (``--single-seeds`` sets both).
+SINGLE_SEEDS = {"airbench": 3, "resnet18": 1}
 CLASSES = 10
 
 
@@ -463,7 +465,7 @@ def cuda_model_rows(model: str, args: argparse.Namespace, root: Path, engines: d
     }
     n = args.n_train
     rows = []
-    single = args.single_seeds
+    single = args.single_seeds or SINGLE_SEEDS[model]
     spec = {**base, "tag": f"{model}-single", "engine": engines["single"], "seeds": single}
     out = _spawn(spec, budget)
     rows.append(_row(model, engines["single"] or "default", 1, single, epochs, n, out))
@@ -535,7 +537,7 @@ def main_cuda(args: argparse.Namespace) -> None:
                 "tag": "check",
                 "mode": "check",
             }
-            check = _spawn(spec, args.budget_s * BUDGET_SHARES["check"] + 60)
+            check = _spawn(spec, args.budget_s * BUDGET_SHARES["check"] + 20)
     info = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -613,7 +615,12 @@ def main() -> None:
     parser.add_argument(
         "--budget-s", type=float, default=None, help="device script: seconds (420; tiny 1800)"
     )
-    parser.add_argument("--single-seeds", type=int, default=3, help="one-at-a-time seeds")
+    parser.add_argument(
+        "--single-seeds",
+        type=int,
+        default=None,
+        help="one-at-a-time seeds (airbench 3, resnet18 1)",
+    )
     parser.add_argument("--vary-impl", action="store_true", help="non-deterministic kernels")
     parser.add_argument("--rtol", type=float, default=1e-2, help="logits check (bf16 on CUDA)")
     parser.add_argument("--atol", type=float, default=5e-2, help="logits check")
