@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from mlvar.config import Config, PathsConfig
 from mlvar.recipes import MODELS
@@ -186,7 +187,7 @@ def test_skipping_train_tta_changes_only_the_train_logits(tmp_path: Path) -> Non
 
     write_tiny_scenario(tmp_path / "data")
     cfg = Config(paths=PathsConfig(tmp_path / "data", tmp_path / "runs", tmp_path / "rep"))
-    over = {"model": "airbench", "epochs": 2, "batch_size": 24, "lr": 0.2, "workers": 1}
+    over = {"model": "airbench", "epochs": 1, "batch_size": 24, "lr": 0.2, "workers": 1}
     train(cfg, "digits", "tiny", runs=1, overrides=over, name="with")
     train(cfg, "digits", "tiny", runs=1, overrides={**over, "train_tta": False}, name="without")
     runs = {n: ExperimentStore.open(tmp_path / "runs", n).runs()[0] for n in ("with", "without")}
@@ -204,3 +205,36 @@ def test_skipping_train_tta_changes_only_the_train_logits(tmp_path: Path) -> Non
     with torch.no_grad():
         plain = net(data.normalise(data.eval_x["train"])).numpy()
     assert plain == pytest.approx(logits["without"]["train"], abs=1e-5)
+
+
+def test_tta_levels_as_airbench94_defines_them() -> None:
+    """Level 1: the mean over the mirror; level 2: half that, half the mean of the same
+    over the image translated one pixel diagonally each way (reflect padding)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(5))
+    x = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+    data = images.ImageData(
+        train_x=x,
+        train_y=torch.zeros(6, dtype=torch.int64),
+        eval_x={},
+        n_classes=5,
+        max_value=255.0,
+        mean=torch.full((1, 3, 1, 1), 0.5),
+        std=torch.full((1, 3, 1, 1), 0.25),
+    )
+    xn = (x.float() / 255 - 0.5) / 0.25
+    net(xn)  # materialise the lazy layer
+    net.eval()
+    with torch.no_grad():
+
+        def mirror(inputs: torch.Tensor) -> torch.Tensor:
+            return 0.5 * net(inputs) + 0.5 * net(inputs.flip(-1))
+
+        padded = F.pad(xn, (1, 1, 1, 1), mode="reflect")
+        shifted = [padded[:, :, :8, :8], padded[:, :, 2:, 2:]]
+        level2 = 0.5 * mirror(xn) + 0.5 * torch.stack([mirror(s) for s in shifted]).mean(0)
+        expected = {0: net(xn), 1: mirror(xn), 2: level2}
+    for level, want in expected.items():
+        got = images.predict(net, data, x, level)
+        assert torch.allclose(got, want, atol=1e-5), level
+    assert net.training  # predict puts the model back in training mode
