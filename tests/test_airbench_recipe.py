@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from mlvar.config import Config, PathsConfig
 from mlvar.recipes import MODELS
@@ -150,3 +151,90 @@ def test_whitening_bias_trains_for_the_first_3_epochs(tmp_path: Path) -> None:
     assert not torch.equal(momentum[0], momentum[1]) and not torch.equal(momentum[1], momentum[2])
     assert torch.equal(momentum[2], momentum[3])  # epoch 4 (index 3): no step on the bias
     assert math.isfinite(float(momentum[3].sum()))
+
+
+# ---------------------------------------------------------------- TTA of the train split
+
+
+def test_train_tta_is_recorded_and_identified_only_where_it_changes_logits() -> None:
+    def cfg(model: str, **over):
+        return train_config(Config(), "digits", 1, {"model": model, **over})
+
+    base = cfg("airbench")
+    assert base.train_tta is True
+    assert "train_tta" not in base.record() and "train_tta" not in base.identity()
+    off = cfg("airbench", train_tta=False)
+    assert off.record()["train_tta"] is False and off.identity()["train_tta"] is False
+    assert off.identity() != base.identity()  # a different experiment, as a recipe change
+    cnn = cfg("cnn", train_tta=False)  # no TTA in its recipe: nothing changes
+    assert cnn.record()["train_tta"] is False and "train_tta" not in cnn.identity()
+    assert cnn.identity() == cfg("cnn").identity()
+    assert [images.split_tta(RECIPE, off, s) for s in ("train", "val", "test")] == [0, 2, 2]
+    assert [images.split_tta(RECIPE, base, s) for s in ("train", "test")] == [2, 2]
+
+
+def test_no_train_tta_flag() -> None:
+    from mlvar.cli.options import training_overrides
+
+    assert training_overrides(no_train_tta=True)["train_tta"] is False
+    assert training_overrides(no_train_tta=False)["train_tta"] is None  # the config's
+    assert "train_tta" not in training_overrides(epochs=None)
+
+
+def test_skipping_train_tta_changes_only_the_train_logits(tmp_path: Path) -> None:
+    from mlvar.data.scenario import open_scenario
+    from mlvar.store import ExperimentStore
+
+    write_tiny_scenario(tmp_path / "data")
+    cfg = Config(paths=PathsConfig(tmp_path / "data", tmp_path / "runs", tmp_path / "rep"))
+    over = {"model": "airbench", "epochs": 1, "batch_size": 24, "lr": 0.2, "workers": 1}
+    train(cfg, "digits", "tiny", runs=1, overrides=over, name="with")
+    train(cfg, "digits", "tiny", runs=1, overrides={**over, "train_tta": False}, name="without")
+    runs = {n: ExperimentStore.open(tmp_path / "runs", n).runs()[0] for n in ("with", "without")}
+    logits = {n: {s: r.load_logits(s) for s in ("train", "test")} for n, r in runs.items()}
+    assert (logits["with"]["test"] == logits["without"]["test"]).all()  # same weights, TTA
+    assert not (logits["with"]["train"] == logits["without"]["train"]).all()
+    assert runs["without"].meta["config"]["train_tta"] is False
+    # the train logits are one plain eval-mode pass of the stored weights
+    scenario = open_scenario(tmp_path / "data", "tiny")
+    splits = {s: scenario.load(s) for s in scenario.splits}
+    net = build_model("airbench", 1, 3)
+    net.load_state_dict(torch.load(runs["without"].path / "model.pt", weights_only=True))
+    net.eval()
+    data = images._build_data(splits, scenario.manifest, torch.device("cpu"))
+    with torch.no_grad():
+        plain = net(data.normalise(data.eval_x["train"])).numpy()
+    assert plain == pytest.approx(logits["without"]["train"], abs=1e-5)
+
+
+def test_tta_levels_as_airbench94_defines_them() -> None:
+    """Level 1: the mean over the mirror; level 2: half that, half the mean of the same
+    over the image translated one pixel diagonally each way (reflect padding)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(5))
+    x = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+    data = images.ImageData(
+        train_x=x,
+        train_y=torch.zeros(6, dtype=torch.int64),
+        eval_x={},
+        n_classes=5,
+        max_value=255.0,
+        mean=torch.full((1, 3, 1, 1), 0.5),
+        std=torch.full((1, 3, 1, 1), 0.25),
+    )
+    xn = (x.float() / 255 - 0.5) / 0.25
+    net(xn)  # materialise the lazy layer
+    net.eval()
+    with torch.no_grad():
+
+        def mirror(inputs: torch.Tensor) -> torch.Tensor:
+            return 0.5 * net(inputs) + 0.5 * net(inputs.flip(-1))
+
+        padded = F.pad(xn, (1, 1, 1, 1), mode="reflect")
+        shifted = [padded[:, :, :8, :8], padded[:, :, 2:, 2:]]
+        level2 = 0.5 * mirror(xn) + 0.5 * torch.stack([mirror(s) for s in shifted]).mean(0)
+        expected = {0: net(xn), 1: mirror(xn), 2: level2}
+    for level, want in expected.items():
+        got = images.predict(net, data, x, level)
+        assert torch.allclose(got, want, atol=1e-5), level
+    assert net.training  # predict puts the model back in training mode

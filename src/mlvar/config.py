@@ -73,6 +73,10 @@ class TrainConfig:
     record_dynamics: bool = False  # also store train-set logits after every epoch (float16)
     checkpoint_every: int = 2  # epochs between checkpoints of image models (0: none)
     workers: int = 0  # processes training image-model runs at once on CPU (0: one per core)
+    # Image recipes with test-time augmentation (airbench): also apply it to the train
+    # split's logits (False: the train split is evaluated plainly, one forward pass; the
+    # other splits keep it). Recorded, and part of the identity, only when False.
+    train_tta: bool = True
     # Whose recipe (mlvar.recipes): "mlvar" or "study". Deliberately not a dataclass field:
     # the [train.*] tables and the fields they list stay those of before protocols (the
     # protocol is chosen once, by --protocol or [protocol] name: train.service.
@@ -92,6 +96,8 @@ class TrainConfig:
             data["protocol"] = self.protocol
         if self.custom is not None:
             data["custom_model"] = dict(self.custom)
+        if self.train_tta:  # the default: records stay what they were before the option
+            data.pop("train_tta")
         return data
 
     def identity(self) -> dict[str, Any]:
@@ -100,6 +106,8 @@ class TrainConfig:
         Image models add their fixed ``recipe``; the MLP's identity is unchanged by the
         image-only fields, so existing MLP experiments stay compatible. A recipe of
         another protocol than mlvar adds ``protocol`` (and the study's MLP its recipe).
+        ``train_tta`` False is kept only where it changes the train split's logits (an
+        image recipe with test-time augmentation).
         """
         data = self.record()
         for key in (
@@ -119,6 +127,8 @@ class TrainConfig:
         if self.model in IMAGE_MODELS or is_custom(self.model):
             data.pop("hidden")
             data.pop("dropout")
+        if "train_tta" in data and not (spec is not None and int(spec.recipe.get("tta", 0))):
+            data.pop("train_tta")
         return data
 
 

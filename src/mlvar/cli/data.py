@@ -229,6 +229,16 @@ def prepare(
     to: ToOpt = None,
     where: WhereOpt = None,
     seed: PrepareSeedOpt = "0",
+    val_fraction: Annotated[
+        str | None,
+        typer.Option(
+            "--val-fraction",
+            help="cifar10, digits (original and the class modes): the validation share of the "
+            "training images, 0.1 (default) or 0: no val split, train on every training image "
+            "(airbench's 50,000; names end in -val0).",
+            show_default=False,
+        ),
+    ] = None,
     protocol: ProtocolOpt = None,
     force: Annotated[
         bool,
@@ -258,6 +268,8 @@ def prepare(
       mlvar data prepare cifar100 --subclass study
 
       mlvar data prepare digits --mode augmentation --cls 3,5 --ratio 0.5,1
+
+      mlvar data prepare cifar10 --val-fraction 0     # cifar10-original-val0: all 50,000
 
       mlvar data prepare compas --mode holdout --cluster all --protocol study
 
@@ -291,6 +303,7 @@ def prepare(
                 to=to,
                 where=where,
                 seed=seed,
+                val_fraction=val_fraction,
                 protocol=cfg.protocol.name if protocol is None else protocol,
             )
         if len(result.scenarios) == 1 and not result.defaulted:

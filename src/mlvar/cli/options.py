@@ -179,6 +179,14 @@ RecordDynamicsOpt = Annotated[
         help="Also store train-set logits after every epoch (for Data Maps and forgetting events).",
     ),
 ]
+NoTrainTtaOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-train-tta",
+        help="Image recipes with test-time augmentation (airbench): evaluate the train split "
+        "with one plain pass (the other splits keep it); part of the experiment identity.",
+    ),
+]
 ForceOpt = Annotated[
     bool, typer.Option("--force", help="Delete an existing experiment of this name first.")
 ]
@@ -200,6 +208,8 @@ def training_overrides(**options: object) -> dict[str, object]:
     out = dict(options)
     out["vary"] = _parse_vary(out.get("vary"))  # type: ignore[arg-type]
     out["record_dynamics"] = out.get("record_dynamics") or None
+    if "no_train_tta" in out:  # the flag only turns it off; not given: the config's
+        out["train_tta"] = False if out.pop("no_train_tta") else None
     return out
 
 

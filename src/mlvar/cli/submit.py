@@ -54,6 +54,7 @@ from mlvar.cli.options import (
     MergedByOpt,
     ModelOpt,
     NameOpt,
+    NoTrainTtaOpt,
     PackSizeOpt,
     PageSeedOpt,
     ProtocolOpt,
@@ -138,6 +139,7 @@ def run(
     base_seed: BaseSeedOpt = None,
     pack_size: PackSizeOpt = None,
     record_dynamics: RecordDynamicsOpt = False,
+    no_train_tta: NoTrainTtaOpt = False,
     force: ForceOpt = False,
     runs_per_job: Annotated[
         int | None,
@@ -209,6 +211,7 @@ def run(
             base_seed=base_seed,
             pack_size=pack_size,
             record_dynamics=record_dynamics,
+            no_train_tta=no_train_tta,
             protocol=protocol,
         )
         with ProgressBar(not json_out) as bar:

@@ -30,6 +30,7 @@ from mlvar.cli.options import (
     LrOpt,
     ModelOpt,
     NameOpt,
+    NoTrainTtaOpt,
     PackSizeOpt,
     ProtocolOpt,
     RecordDynamicsOpt,
@@ -70,6 +71,7 @@ def train(
         ),
     ] = None,
     record_dynamics: RecordDynamicsOpt = False,
+    no_train_tta: NoTrainTtaOpt = False,
     force: ForceOpt = False,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
@@ -121,6 +123,7 @@ def train(
             pack_size=pack_size,
             workers=workers,
             record_dynamics=record_dynamics,
+            no_train_tta=no_train_tta,
             protocol=protocol,
         )
         with ProgressBar(not json_out) as bar:

@@ -2,8 +2,10 @@
 :mod:`mlvar.data.modes`, with 3-channel grayscale as the appearance change.
 
 Built from the arrays :mod:`mlvar.data.cifar` fetched into ``<data_root>/raw/cifar10/``.
-Validation is 10% of the training images (not stratified), split before any change; the
-test split is the official test batch. Under ``--protocol study`` the change comes first and
+Validation is 10% of the training images (not stratified), split before any change, or
+none with ``--val-fraction 0`` (``original`` and the class modes: train is then all 50,000
+training images, as airbench94 trains); the test split is the official test batch. Under
+``--protocol study`` the change comes first and
 validation is split off the changed set (:mod:`mlvar.data.modes`).
 """
 
@@ -91,7 +93,9 @@ SPEC = DatasetSpec(
     description="CIFAR-10 (32x32 colour images, 10 classes, 50,000 + 10,000)",
     input_kind="image",
     mode_specs=(
-        original_mode("Unchanged data; nothing injected.", study=_study_original),
+        original_mode(
+            "Unchanged data; nothing injected.", study=_study_original, val_fraction=True
+        ),
         *class_modes(GRAYSCALE, study_split=_study_split),
         label_noise_mode(),
     ),

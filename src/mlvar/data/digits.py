@@ -11,6 +11,9 @@ Scenarios (docs/design.md section 4):
 - ``holdout --cls c``, ``holdout-dup``, ``augmentation``, ``augmentation-all`` (``--ratio a``):
   the CIFAR-10 class modes on the 10 digits (:mod:`mlvar.data.modes`), with colour inversion
   ``16 - x`` as the appearance change; ``test_gray`` holds the inverted test set.
+
+``original`` and the class modes take ``--val-fraction 0``: no validation split, its samples
+in train (in source order).
 """
 
 from __future__ import annotations
@@ -230,7 +233,9 @@ SPEC = DatasetSpec(
     description="scikit-learn digits (8x8 gray images, 1,797 samples; ships offline)",
     input_kind="image",
     mode_specs=(
-        original_mode("Unchanged scikit-learn digits with 10 classes; nothing injected."),
+        original_mode(
+            "Unchanged scikit-learn digits with 10 classes; nothing injected.", val_fraction=True
+        ),
         ModeSpec(
             "holdout",
             SubclassParams,

@@ -57,6 +57,9 @@ FULL_VAL = "full_val"
 #: The ratios the study swept in the class modes when ``--ratio`` is not given.
 STUDY_RATIOS = "0:0.9:0.1"
 APPEARANCE_MODES = ("augmentation", "augmentation-all")
+#: The validation share of the training images of the datasets whose modes take
+#: ``--val-fraction`` (CIFAR-10 and digits: 10%); 0 is the other value.
+VAL_FRACTION = 0.1
 
 Change = Callable[[np.ndarray], np.ndarray]
 #: ``split(positions)``: the train and validation positions of a training set, in the order
@@ -64,16 +67,48 @@ Change = Callable[[np.ndarray], np.ndarray]
 StudySplit = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
+@dataclass(frozen=True)
+class SplitParams(p.Params):
+    """``original`` of a dataset whose validation split can be left out."""
+
+    val_fraction: float = p.val_fraction(VAL_FRACTION)
+
+
 def original_mode(
-    description: str, study: Callable[[Any, Any], ModeResult] | None = None
+    description: str,
+    study: Callable[[Any, Any], ModeResult] | None = None,
+    val_fraction: bool = False,
 ) -> ModeSpec:
     """The ``original`` mode: the dataset's splits unchanged, described by ``description``;
-    ``study`` builds it under the study protocol (None: the study had none)."""
+    ``study`` builds it under the study protocol (None: the study had none); with
+    ``val_fraction`` it takes ``--val-fraction`` (:func:`split_index`)."""
 
-    def build(source: Source, params: p.NoParams) -> ModeResult:
-        return ModeResult(unchanged_splits(source.base), description)
+    def build(source: Source, params: p.Params) -> ModeResult:
+        index, manifest = split_index(source.base, params)
+        text = description
+        if "val" not in index:
+            text += " No validation split: every training image is in train."
+        return ModeResult(unchanged_splits(source.base, index), text, manifest)
 
-    return ModeSpec("original", p.NoParams, build, summary="nothing changed", study=study)
+    params = SplitParams if val_fraction else p.NoParams
+    return ModeSpec("original", params, build, summary="nothing changed", study=study)
+
+
+def split_index(base: BaseData, params: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The split positions of a scenario of ``params``, and its manifest entries: the
+    source's (``base.index``, nothing added), or under ``val_fraction`` 0 no ``val``
+    split and a ``train`` split of every training image (train and validation positions
+    together, in source order), the manifest's ``split`` saying so (``val_size`` 0)."""
+    if getattr(params, "val_fraction", VAL_FRACTION) != 0:
+        return base.index, {}
+    index = {s: pos for s, pos in base.index.items() if s != "val"}
+    index["train"] = np.sort(np.concatenate([base.index["train"], base.index["val"]]))
+    split = {
+        **base.manifest.get("split", {}),
+        "val_size": 0.0,
+        "train": "every training image, in source order (no validation split)",
+    }
+    return index, {"split": split}
 
 
 def unchanged_splits(
@@ -139,6 +174,7 @@ class ClassParams(p.Params):
     ratio: float = p.ratio(
         help="fraction of the class's training samples affected, in [0, 1]", study=STUDY_RATIOS
     )
+    val_fraction: float = p.val_fraction(VAL_FRACTION)
 
 
 @dataclass(frozen=True)
@@ -162,6 +198,7 @@ class EveryClassParams(p.Params):
     ratio: float = p.ratio(
         help="fraction of every class's training samples changed, in [0, 1]", study=STUDY_RATIOS
     )
+    val_fraction: float = p.val_fraction(VAL_FRACTION)
 
 
 # --------------------------------------------------------------------------- the modes
@@ -227,12 +264,13 @@ def _class_mode(source: Source, mode: str, params: Any, appearance: Appearance) 
     base = source.base
     cls = getattr(params, "cls", None)
     seed = getattr(params, "seed", 0)
+    index, split_manifest = split_index(base, params)
     splits, info, origin = class_mode_splits(
         base.x,
         base.y,
         base.ids,
         base.groups,
-        base.index,
+        index,
         mode,
         cls,
         params.ratio,
@@ -247,12 +285,15 @@ def _class_mode(source: Source, mode: str, params: Any, appearance: Appearance) 
             "target_class": cls,
             "appearance": appearance.name if changed else None,
             **info,
-        }
+        },
+        **split_manifest,
     }
     if changed:
         manifest["test_gray"] = appearance.test_gray
     cls_name = base.class_names[cls] if cls is not None else None
     description = class_mode_description(mode, cls_name, params.ratio, appearance.adjective, seed)
+    if "val" not in index:
+        description += " No validation split: every training image is in train."
     return ModeResult(splits, description, manifest, origin)
 
 
@@ -302,7 +343,8 @@ def class_mode_splits(
     other samples' images).
 
     ``images``/``labels``/``ids``/``groups`` are indexed by source position (``images`` may
-    be a memory map); ``index`` maps ``train``, ``val``, ``test`` to positions in split order.
+    be a memory map); ``index`` maps ``train``, ``val``, ``test`` to positions in split order
+    (no ``val``: a scenario without a validation split).
     """
     assert mode in CLASS_MODES
     train_pos = index["train"]
@@ -354,6 +396,8 @@ def class_mode_splits(
         )
     }
     for s in ("val", "test"):
+        if s not in index:
+            continue
         pos = index[s]
         y = labels[pos]
         flags = np.zeros(len(pos), bool) if mode == "augmentation-all" else y == cls

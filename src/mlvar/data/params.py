@@ -41,6 +41,11 @@ class Where:
     n_classes: int | None = None
 
 
+def flag(name: str) -> str:
+    """How option ``name`` is typed: ``--val-fraction`` for ``val_fraction``."""
+    return "--" + name.replace("_", "-")
+
+
 Check = Callable[[Any, Where], Any]
 #: ``expand(source, where)``: the values a keyword stands for, from the opened source.
 Expand = Callable[[Any, Where], list[Any]]
@@ -60,6 +65,9 @@ class Option:
     the function that lists its values once the source is open; ``study`` is the value
     text swept when this required option is not given (the study's own sweep); ``lists``
     False: a typed value is one value even with commas in it (``--where "x in [1, 2]"``).
+    ``manifest_default`` False: the manifest's ``params`` leave the option out at its
+    default (an option added after scenarios were prepared: theirs keep their manifest,
+    and so their identity).
     """
 
     metavar: str
@@ -76,6 +84,7 @@ class Option:
     keywords: Mapping[str, Expand] = field(default_factory=dict)
     study: str | None = None
     lists: bool = True
+    manifest_default: bool = True
 
 
 def option(**kwargs: Any) -> Any:
@@ -111,7 +120,7 @@ class Params:
                 continue
             if opt.required:
                 raise MlvarError(
-                    f"{where.dataset} mode '{where.mode}' needs --{name}", opt.missing_hint
+                    f"{where.dataset} mode '{where.mode}' needs {flag(name)}", opt.missing_hint
                 )
             values[name] = opt.default
         params = cls(**values)
@@ -124,7 +133,7 @@ class Params:
         show as required even though they have a default)."""
         parts = []
         for name, opt in cls.options().items():
-            text = f"--{name} {opt.metavar}"
+            text = f"{flag(name)} {opt.metavar}"
             parts.append(text if opt.required or name in required else f"[{text}]")
         return " ".join(parts)
 
@@ -139,8 +148,14 @@ class Params:
         return self
 
     def manifest(self) -> dict[str, Any]:
-        """The manifest's ``params``: every field."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """The manifest's ``params``: every field (but one at its default whose option
+        says ``manifest_default`` False)."""
+        options = self.options()
+        return {
+            name: getattr(self, name)
+            for name, opt in options.items()
+            if opt.manifest_default or getattr(self, name) != opt.default
+        }
 
     def name_parts(self) -> str:
         """This mode's part of the scenario name: ``-<tag><value>`` per tagged field."""
@@ -304,7 +319,7 @@ def integer(
         number = as_int(value)
         if number is None:
             raise MlvarError(
-                f"{name} must be an integer, got {value!r}", f"e.g. --{name} {example}"
+                f"{name} must be an integer, got {value!r}", f"e.g. {flag(name)} {example}"
             )
         return number
 
@@ -313,8 +328,37 @@ def integer(
         check=check,
         help=help,
         required=True,
-        missing_hint=f"e.g. --{name} {example}",
+        missing_hint=f"e.g. {flag(name)} {example}",
         tag=tag,
         keywords=dict(keywords or {}),
         study=study,
+    )
+
+
+def val_fraction(default: float) -> Any:
+    """The validation share of the training images (``--val-fraction F``): ``default``
+    (the dataset's split) or 0 (no validation split: training on every training image,
+    as airbench94's CIFAR-10 runs do); ``-val0`` in names, left out of names and
+    manifests at the default."""
+
+    def check(value: Any, where: Where) -> float:
+        number = None if isinstance(value, bool) or not isinstance(value, numbers.Real) else value
+        if number is None or float(number) not in (0.0, default):
+            raise MlvarError(
+                f"{where.dataset} --val-fraction must be 0 or {default:g}, got {value!r}",
+                f"0 trains on every training image (no val split); {default:g} is the default",
+            )
+        return float(number)
+
+    return option(
+        metavar="F",
+        check=check,
+        help=f"validation share of the training images: {default:g} (default) or 0 (no val "
+        "split, train on all)",
+        default=default,
+        tag="val",
+        omit=default,
+        fmt=lambda v: f"{v:g}",
+        from_text=ratio_from_text,
+        manifest_default=False,
     )

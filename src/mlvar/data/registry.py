@@ -105,6 +105,7 @@ def prepare(
     force: bool = False,
     cls: int | str | None = None,
     protocol: str = DEFAULT_PROTOCOL,
+    val_fraction: float | None = None,
 ) -> Scenario:
     """Prepare a scenario of ``dataset`` under ``protocol`` and return it.
 
@@ -115,7 +116,7 @@ def prepare(
     dataset, mode
         Which dataset and scenario mode; ``mode`` defaults to ``original`` (digits and
         cifar100: ``holdout`` when ``subclass`` is given).
-    ratio, cluster, subclass, seed, cls
+    ratio, cluster, subclass, seed, cls, val_fraction
         Mode parameters; one the mode does not take is an error.
     force
         Replace an existing scenario folder instead of refusing.
@@ -129,6 +130,7 @@ def prepare(
         scenario without ``force``. Nothing is written in that case.
     """
     given = {"ratio": ratio, "cluster": cluster, "subclass": subclass, "seed": seed, "cls": cls}
+    given["val_fraction"] = val_fraction
     spec = get_dataset(dataset, data_root)
     return spec.prepare(data_root, mode, given_options(given), force=force, protocol=protocol)
 

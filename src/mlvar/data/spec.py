@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from mlvar.data.arrays import SourceRows
-from mlvar.data.params import Params, Where
+from mlvar.data.params import Params, Where, flag
 from mlvar.data.protocol import DEFAULT_PROTOCOL, check_protocol, name_suffix
 from mlvar.data.scenario import Scenario, SplitData, write_scenario
 from mlvar.errors import MlvarError, unknown_choice
@@ -221,7 +221,7 @@ class DatasetSpec:
             hint = f"only --mode {'|'.join(takers)} " + ("does" if len(takers) == 1 else "do")
         else:
             hint = f"valid options for {self.name}: {self.usage()}"
-        return MlvarError(f"{self.name} mode '{mode}' takes no --{option}", hint)
+        return MlvarError(f"{self.name} mode '{mode}' takes no {flag(option)}", hint)
 
     def _variant(self, mode: str, given: Mapping[str, Any], sweep: bool) -> ModeSpec:
         variants = self.variants(mode)
@@ -266,6 +266,20 @@ class DatasetSpec:
             f"--protocol {protocol} takes --mode {'|'.join(dict.fromkeys(studied))}",
         )
 
+    def check_val_fraction(self, variant: ModeSpec, fractions: list[Any], protocol: str) -> None:
+        """Refuse a ``--val-fraction`` other than the default under a protocol other than
+        mlvar's (the study's split is the study's), before any data is read."""
+        option = variant.params.options().get("val_fraction")
+        if option is None or protocol == DEFAULT_PROTOCOL:
+            return
+        for fraction in fractions:
+            if fraction != option.default:
+                raise MlvarError(
+                    f"--val-fraction {fraction:g} is not the {protocol} protocol's split (it "
+                    "splits validation off as the study did)",
+                    f"prepare it under --protocol {DEFAULT_PROTOCOL}",
+                )
+
     def where(self, mode: str) -> Where:
         """What the checks of ``mode``'s options report about."""
         return Where(self.name, mode, self.n_classes)
@@ -302,7 +316,9 @@ class DatasetSpec:
         """
         variant = self.select(mode, given)
         self.check_protocol(variant, protocol)
-        return variant, variant.params.parse(dict(given), self.where(variant.name))
+        params = variant.params.parse(dict(given), self.where(variant.name))
+        self.check_val_fraction(variant, [getattr(params, "val_fraction", None)], protocol)
+        return variant, params
 
     def prepare(
         self,

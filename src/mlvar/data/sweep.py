@@ -25,7 +25,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from mlvar.data.params import Option, Params, Where
+from mlvar.data.params import Option, Params, Where, flag
 from mlvar.data.protocol import DEFAULT_PROTOCOL
 from mlvar.data.scenario import Scenario, open_scenario
 from mlvar.data.spec import DatasetSpec, ModeSpec, Source
@@ -70,8 +70,8 @@ class SweepResult:
         """One line on the study sweep prepared for options not given ("" when none)."""
         if not self.defaulted:
             return ""
-        given = " ".join(f"--{k} {v}" for k, v in self.defaulted.items())
-        missing = ", ".join(f"--{k}" for k in self.defaulted)
+        given = " ".join(f"{flag(k)} {v}" for k, v in self.defaulted.items())
+        missing = ", ".join(f"{flag(k)}" for k in self.defaulted)
         n = len(self.scenarios)
         return (
             f"no {missing} given: the study's sweep of {self.dataset} {self.mode}, {given} "
@@ -83,13 +83,14 @@ class SweepResult:
         ``existing``), the swept options' values, and per split its ``total`` and
         ``affected`` sample counts (``<split>`` and ``<split> affected``)."""
         out = []
-        for s in self.scenarios:
+        for i, s in enumerate(self.scenarios):
             row: dict[str, Any] = {
                 "name": s.name,
                 "status": "prepared" if s.name in self.prepared else "existing",
             }
             params = s.manifest.get("params", {})
-            row.update({name: params.get(name) for name in self.swept})
+            # A value the manifest leaves out at its default (--val-fraction): the member's.
+            row.update({name: params.get(name, v[i]) for name, v in self.swept.items()})
             # In the scenario's split order: a manifest read back has its keys sorted.
             counts = s.manifest.get("counts") or {}
             for split in (split for split in s.splits if split in counts):
@@ -105,8 +106,8 @@ class SweepResult:
 def _syntax_hint(name: str, opt: Option) -> str:
     forms = ["separate values by single commas"]
     if opt.ranges:
-        forms.append(f"give a range start:stop:step such as --{name} 0:0.5:0.1")
-    forms += [f"give --{name} {word}" for word in opt.keywords]
+        forms.append(f"give a range start:stop:step such as {flag(name)} 0:0.5:0.1")
+    forms += [f"give {flag(name)} {word}" for word in opt.keywords]
     return ", or ".join(forms)
 
 
@@ -119,20 +120,22 @@ def expand_range(name: str, text: str) -> list[float]:
     MlvarError
         Not three numbers, a step that is not positive, or a stop below the start.
     """
-    hint = f"e.g. --{name} 0:0.5:0.1 (start:stop:step, stop included)"
+    hint = f"e.g. {flag(name)} 0:0.5:0.1 (start:stop:step, stop included)"
     parts = text.split(":")
     if len(parts) != 3:
-        raise MlvarError(f"--{name} range '{text}' is not start:stop:step", hint)
+        raise MlvarError(f"{flag(name)} range '{text}' is not start:stop:step", hint)
     try:
         start, stop, step = (Decimal(part.strip()) for part in parts)
     except InvalidOperation:
-        raise MlvarError(f"--{name} range '{text}' has a part that is not a number", hint) from None
+        raise MlvarError(
+            f"{flag(name)} range '{text}' has a part that is not a number", hint
+        ) from None
     if not all(d.is_finite() for d in (start, stop, step)):
-        raise MlvarError(f"--{name} range '{text}' has a part that is not a number", hint)
+        raise MlvarError(f"{flag(name)} range '{text}' has a part that is not a number", hint)
     if step <= 0:
-        raise MlvarError(f"--{name} range '{text}' needs a positive step", hint)
+        raise MlvarError(f"{flag(name)} range '{text}' needs a positive step", hint)
     if stop < start:
-        raise MlvarError(f"--{name} range '{text}' is empty: its stop is below its start", hint)
+        raise MlvarError(f"{flag(name)} range '{text}' is empty: its stop is below its start", hint)
     count = int((stop - start) // step) + 1
     return [float(start + i * step) for i in range(count)]
 
@@ -149,7 +152,7 @@ def parse_values(name: str, opt: Option, given: Any) -> list[Any] | Keyword:
     """
     if isinstance(given, list | tuple):
         if not given:
-            raise MlvarError(f"--{name} is an empty list", _syntax_hint(name, opt))
+            raise MlvarError(f"{flag(name)} is an empty list", _syntax_hint(name, opt))
         return list(given)
     if not isinstance(given, str):
         return [given]
@@ -160,15 +163,15 @@ def parse_values(name: str, opt: Option, given: Any) -> list[Any] | Keyword:
         return [opt.from_text(text)]
     items = [item.strip() for item in text.split(",")]
     if not any(items):
-        raise MlvarError(f"--{name} '{given}' names no value", _syntax_hint(name, opt))
+        raise MlvarError(f"{flag(name)} '{given}' names no value", _syntax_hint(name, opt))
     if not all(items):
-        raise MlvarError(f"--{name} '{given}' has an empty list item", _syntax_hint(name, opt))
+        raise MlvarError(f"{flag(name)} '{given}' has an empty list item", _syntax_hint(name, opt))
     values: list[Any] = []
     for item in items:
         if item in opt.keywords:
             raise MlvarError(
-                f"--{name} '{given}' lists the keyword '{item}' with other values",
-                f"give --{name} {item} alone",
+                f"{flag(name)} '{given}' lists the keyword '{item}' with other values",
+                f"give {flag(name)} {item} alone",
             )
         if opt.ranges and ":" in item:
             values += expand_range(name, item)
@@ -186,12 +189,14 @@ def _check_values(name: str, opt: Option, values: Sequence[Any], where: Where) -
         except MlvarError as exc:
             if len(values) > 1 or not isinstance(value, str) or not opt.keywords:
                 raise
-            words = " or ".join(f"--{name} {w}" for w in opt.keywords)
+            words = " or ".join(f"{flag(name)} {w}" for w in opt.keywords)
             raise MlvarError(
                 exc.message, f"{exc.hint}, or {words}" if exc.hint else words
             ) from None
         if canonical in out:
-            raise MlvarError(f"--{name} lists {opt.fmt(canonical)} twice", "give each value once")
+            raise MlvarError(
+                f"{flag(name)} lists {opt.fmt(canonical)} twice", "give each value once"
+            )
         out.append(canonical)
     return out
 
@@ -229,7 +234,7 @@ class _Plan:
 
     def label(self, combo: Mapping[str, Any]) -> str:
         swept = self.swept()
-        return " ".join(f"--{n} {self.options[n].fmt(combo[n])}" for n in swept if n in combo)
+        return " ".join(f"{flag(n)} {self.options[n].fmt(combo[n])}" for n in swept if n in combo)
 
     def parse_all(self) -> list[Params]:
         """Every combination's parameters (missing required options and cross-field checks
@@ -283,6 +288,7 @@ def plan_sweep(
             continue
         if not isinstance(values[name], Keyword):
             values[name] = _check_values(name, opt, values[name], where)  # type: ignore[arg-type]
+    spec.check_val_fraction(variant, list(values.get("val_fraction", [])), protocol)
     return _Plan(spec, variant, where, values, defaulted)
 
 
@@ -323,8 +329,8 @@ def prepare_sweep(
         expanded = opt.keywords[keyword.word](source, plan.where)
         if not expanded:
             raise MlvarError(
-                f"--{name} {keyword.word} names no value in this {spec.name} data",
-                f"give --{name} values instead",
+                f"{flag(name)} {keyword.word} names no value in this {spec.name} data",
+                f"give {flag(name)} values instead",
             )
         plan.values[name] = _check_values(name, opt, expanded, plan.where)
     parsed = plan.parse_all()

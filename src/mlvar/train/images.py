@@ -367,6 +367,16 @@ def predict(
     return torch.cat(out)
 
 
+def split_tta(recipe: dict[str, Any], cfg: TrainConfig, split: str) -> int:
+    """The test-time augmentation level of ``split``'s final logits: the recipe's
+    ``tta`` on every split, except the train split under ``cfg.train_tta`` False (0:
+    one plain forward pass; it costs the most there, and only the train-split metrics
+    read it)."""
+    if split == "train" and not cfg.train_tta:
+        return 0
+    return int(recipe["tta"])
+
+
 def _autocast(device: torch.device, precision: str = "bf16"):
     """bf16 autocast on CUDA (mlvar's recipes), none under ``precision="fp32"`` (the
     study's) or on the CPU."""
@@ -593,8 +603,10 @@ def _train_run(
         with torch.no_grad():
             for e, t in zip(ema, _ema_tensors(model), strict=True):
                 t.copy_(e)
-    tta = int(recipe["tta"])
-    logits = {s: predict(model, data, x, tta, precision) for s, x in data.eval_x.items()}
+    logits = {
+        s: predict(model, data, x, split_tta(recipe, cfg, s), precision)
+        for s, x in data.eval_x.items()
+    }
     return RunOutput(
         logits=logits,
         dynamics=torch.stack(recorded) if record_dynamics else None,
