@@ -410,7 +410,7 @@ def class_mode_splits(
         splits["test_gray"] = SplitData(
             x=change(test.x), y=test.y, id=test.id, affected=flags, group=test.group
         )
-    if mode in HOLDOUT_MODES:
+    if mode in HOLDOUT_MODES and "val" in splits:  # --val-fraction 0: no val, no pool
         # Validation was split off before the change and is unchanged: the full
         # validation split is the val split itself (the class's samples affected).
         val = splits["val"]
