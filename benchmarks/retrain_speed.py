@@ -116,9 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  train the runs:        {t_train:8.1f} s")
     print(f"  retrain (continue):    {t_cont:8.1f} s  ({table['continue_epochs']} epochs a run)")
     print(f"  retrain --from-scratch:{t_scratch:8.1f} s  ({table['scratch_epochs']} epochs a run)")
-    print(
-        f"  continue / scratch:    {ratio:8.3f}  (target <= 0.5: {'met' if ratio <= 0.5 else 'missed'})"
-    )
+    verdict = "met" if ratio <= 0.5 else "missed"
+    print(f"  continue / scratch:    {ratio:8.3f}  (target <= 0.5: {verdict})")
     print("  mean gain at budget 0.1 (held-out, other):")
     c, s = _gains_at(cont, 0.1), _gains_at(scratch, 0.1)
     for strategy in c:
