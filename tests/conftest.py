@@ -97,6 +97,23 @@ def no_mlvar_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+@pytest.fixture
+def fast_deterministic_flag(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, bool]]:
+    """``torch.use_deterministic_algorithms`` without its import of torch._inductor's
+    config (many seconds, for Inductor's own flag, which mlvar does not use): the same
+    flag set, every call recorded as ``(mode, warn_only)``."""
+    import torch
+
+    calls: list[tuple[bool, bool]] = []
+
+    def use(mode: bool, *, warn_only: bool = False) -> None:
+        calls.append((mode, warn_only))
+        torch._C._set_deterministic_algorithms(mode, warn_only=warn_only)
+
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", use)
+    return calls
+
+
 # ---------------------------------------------------------------- tiny CIFAR archives
 #
 # Archives in the exact CIFAR formats (python: pickled dicts written the way Python 2 wrote

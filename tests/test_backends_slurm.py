@@ -292,7 +292,10 @@ def _script(out: Path, runs: Path) -> str:
 def test_sbatch_script_of_a_job_array_matches_golden(
     data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A CUDA submission: one GPU per array task, the cuBLAS setting exported."""
     monkeypatch.delenv("MLVAR_WORKER_FAULT", raising=False)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr("mlvar.train.service._cuda_available", lambda: True)
     cfg = slurm_config(
         data_root,
         tmp_path / "runs",
@@ -314,7 +317,7 @@ def test_sbatch_script_of_a_job_array_matches_golden(
         "digits",
         runs=5,
         backend="slurm",
-        overrides=OVER,
+        overrides={**OVER, "device": "cuda"},
         dry_run=True,
         out=out,
         runs_per_job=2,

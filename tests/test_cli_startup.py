@@ -109,6 +109,8 @@ ERRORS: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     (("analyze", "curve", "exp", "--step", "10"), ("--step applies only to --design prefix",)),
     (("analyze", "curve", "exp", "--design", "prefix", "--step", "0"), ("--step must be",)),
     (("analyze", "metrics", "--nosuch"), ("No such option: --nosuch",)),
+    (("retrain", "exp", "--by", "maxconf_sdt"), ("unknown strategy", "maxconf_std")),
+    (("retrain", "exp", "--budget", "0.1,1.5"), ("outside [0, 1]",)),
     (("report", "html", "../x"), ("unknown experiment '../x'",)),
     (("report", "html", "--study", "exp"), ("takes no experiment name",)),
 ]

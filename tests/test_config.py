@@ -100,8 +100,10 @@ def test_defaults_match_the_design(no_mlvar_env: Path) -> None:
     assert cfg.paths.reports_root == Path("mlvar-work/reports")
     compas = cfg.train_for("compas")
     assert (compas.epochs, compas.lr, compas.batch_size, compas.hidden) == (10, 1e-3, 64, 64)
-    assert compas.dropout == 0.1 and compas.vary == list(MODELS["mlp"].sources)
-    assert set(RANDOMNESS_SOURCES) == {"init", "order", "dropout", "aug"}
+    # every seeded source the MLP draws; impl (non-deterministic kernels) only when asked
+    assert compas.dropout == 0.1 and compas.vary == ["init", "order", "dropout"]
+    assert MODELS["mlp"].sources == ("init", "order", "dropout", "impl")
+    assert set(RANDOMNESS_SOURCES) == {"init", "order", "dropout", "aug", "impl"}
     assert cfg.train_for("digits").epochs == registry.get_dataset("digits").train.values["epochs"]
 
 

@@ -141,8 +141,9 @@ def test_usage_and_hints_come_from_the_parameters() -> None:
     assert err.value.message == "digits mode 'holdout' needs --subclass D or --cls C"
     assert err.value.hint.startswith("e.g. --subclass 3")
     help_text = registry.option_help("seed")
-    assert "compas artificial: seed of the label flips." in help_text
-    assert "digits/cifar10 holdout-dup: seed of the copies' draw." in help_text
+    # user kinds share built-in modes, so their help names them too
+    assert "compas/table artificial: seed of the label flips." in help_text
+    assert "digits/cifar10/imagefolder holdout-dup: seed of the copies' draw." in help_text
 
 
 # ---------------------------------------------------------------- a new dataset

@@ -39,9 +39,8 @@ def tiny_config(root: Path) -> Config:
     return Config(paths=PathsConfig(root / "data", root / "runs", root / "reports"))
 
 
-def build_tiny_experiments(root: Path) -> Path:
-    """Prepare scenario ``tiny`` under ``root/data`` and train ``tiny-cnn`` (3 runs) and
-    ``tiny-mlp`` (2 runs) under ``root/runs``; returns ``root``."""
+def write_tiny_scenario(data_root: Path, name: str = "tiny") -> None:
+    """Write the tiny scenario (dataset ``digits``: 60 train, 30 test images) as ``name``."""
     rng = np.random.default_rng(0)
     manifest = {
         "dataset": "digits",
@@ -51,7 +50,13 @@ def build_tiny_experiments(root: Path) -> Path:
         "input": {"kind": "image", "shape": [SIZE, SIZE, 1], "max_value": 16},
     }
     splits = {"train": tiny_split(rng, 60, 0), "test": tiny_split(rng, 30, 1000)}
-    write_scenario(root / "data", "tiny", manifest, splits)
+    write_scenario(data_root, name, manifest, splits)
+
+
+def build_tiny_experiments(root: Path) -> Path:
+    """Prepare scenario ``tiny`` under ``root/data`` and train ``tiny-cnn`` (3 runs) and
+    ``tiny-mlp`` (2 runs) under ``root/runs``; returns ``root``."""
+    write_tiny_scenario(root / "data")
     cfg = tiny_config(root)
     over = {"epochs": 2, "batch_size": 16, "workers": 1}
     train(cfg, "digits", scenario="tiny", runs=3, overrides={"model": "cnn", **over})

@@ -22,7 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from mlvar.data.protocol import DEFAULT_PROTOCOL, PROTOCOLS
-from mlvar.data.registry import DATASETS
+from mlvar.data.registry import DATASETS, get_dataset
+from mlvar.data.scenario import list_scenarios
+from mlvar.data.spec import TrainDefaults
+from mlvar.data.user import read_info
 from mlvar.errors import MlvarError, closest
 from mlvar.recipes import (
     IMAGE_MODELS,
@@ -108,10 +111,18 @@ class TrainConfig:
         return data
 
 
-def default_train(dataset: str) -> TrainConfig:
-    """The built-in training config of a registered dataset: its spec's default model with
-    that model's defaults, and the values the dataset sets on top of them."""
-    train = DATASETS[dataset].train
+def default_train(dataset: str, data_root: str | os.PathLike | None = None) -> TrainConfig:
+    """The built-in training config of a dataset (a user dataset's of ``data_root``): its
+    spec's default model with that model's defaults, and the values the dataset sets on
+    top of them. A name known only by its prepared scenarios (a user dataset on a worker
+    that got the scenarios but not ``user/<name>/``) gets the plain defaults: a job's
+    spec carries its whole training config anyway."""
+    try:
+        train = get_dataset(dataset, data_root).train
+    except MlvarError:
+        if data_root is None or not list_scenarios(Path(data_root), dataset):
+            raise
+        train = TrainDefaults()
     cfg = TrainConfig()
     switch_model(cfg, train.model)
     for key, value in train.values.items():
@@ -184,7 +195,7 @@ class RayConfig:
     address: str = ""  # cluster address ("host:6379" or "ray://host:10001"); "": local
     num_cpus: int = 0  # CPUs of a local Ray instance (0: all); ignored with an address
     cpus_per_run: float = 1.0  # CPUs reserved per task (a pack of runs)
-    gpus_per_run: float = 1.0  # GPUs per run on CUDA (fractions share a GPU); x runs per task
+    gpus_per_run: float = 1.0  # GPUs per task (one pack, one GPU) on CUDA; fractions share one
     connect_timeout_s: float = 30.0  # seconds to wait for the address to answer
 
 
@@ -196,7 +207,7 @@ class SlurmConfig:
     partition: str = ""  # partition the jobs run in (required, also for --dry-run)
     time_limit_min: int = 60  # wall-clock limit per job, minutes (sbatch --time)
     cpus_per_job: int = 1  # CPUs per job (sbatch --cpus-per-task)
-    gpus_per_job: int = 0  # GPUs per job, on one node (sbatch --gpus-per-node)
+    gpus_per_job: int = 0  # GPUs per CUDA job (sbatch --gpus-per-node): 1, a pack uses one
     mem_gb: float = 0.0  # memory per job, GB (sbatch --mem); 0: the partition's default
     account: str = ""  # account charged (sbatch --account); "": the user's default
     qos: str = ""  # quality of service (sbatch --qos); "": the default
@@ -248,7 +259,10 @@ class Config:
     source: Path | None = None  # the config file that was read, if any
 
     def train_for(self, dataset: str) -> TrainConfig:
-        """Return a copy of the training config of ``dataset``."""
+        """Return a copy of the training config of ``dataset`` (a user dataset of the data
+        root: its kind's defaults)."""
+        if dataset not in self.train:
+            return default_train(dataset, self.paths.data_root)
         return dataclasses.replace(self.train[dataset], vary=list(self.train[dataset].vary))
 
 
@@ -439,6 +453,15 @@ def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | Non
         train = data.get("train", {})
         if not isinstance(train, dict):
             raise MlvarError(f"'train' in {file} must be a table", "write it as [train.compas]")
+        # [train.<name>] of a user dataset fetched into the data root (the environment's
+        # when it sets one) starts from its kind's defaults.
+        data_root = (
+            Path(env["MLVAR_DATA_ROOT"]).expanduser() if env.get("MLVAR_DATA_ROOT") else None
+        )
+        data_root = data_root or cfg.paths.data_root
+        for dataset in train:
+            if dataset not in cfg.train and read_info(data_root, str(dataset)) is not None:
+                cfg.train[dataset] = default_train(dataset, data_root)
         _check_keys(train, list(cfg.train), "train.", file)
         for dataset, table in train.items():
             if not isinstance(table, dict):

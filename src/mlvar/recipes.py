@@ -23,7 +23,12 @@ from typing import Any
 
 #: Sources of randomness in training that can follow the run seed (``--vary``). New sources
 #: are appended: a source's position fixes its generator stream (see ``train/seeding.py``).
-RANDOMNESS_SOURCES = ("init", "order", "dropout", "aug")
+#: ``impl`` is the non-determinism of CUDA kernels: it draws no seed, and varying it
+#: allows non-deterministic kernels (``train/determinism.py``); no model varies it by
+#: default.
+RANDOMNESS_SOURCES = ("init", "order", "dropout", "aug", "impl")
+#: The sources that draw from a seeded generator (all but ``impl``).
+SEEDED_SOURCES = tuple(s for s in RANDOMNESS_SOURCES if s != "impl")
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,15 @@ class ModelSpec:
     recipe
         Fixed training details recorded in the experiment identity; empty for the MLP,
         whose identity predates recipes.
+    continuation
+        How a trained run of this model continues (``mlvar.train.continuation``): not part
+        of the experiment identity (each retraining set records what it used). Keys:
+        ``fraction`` (the continuation's length as a fraction of the run's training epochs,
+        rounded, at least 1; ``--epochs`` overrides), ``schedule`` (``constant``: the
+        recipe's lr, as the MLP's Adam; ``tail``: the original per-epoch schedule carried on
+        from the run's last epoch; ``restart``: the recipe's own schedule over the
+        continuation's steps with its peak lr times ``lr_scale``). Empty:
+        :data:`DEFAULT_CONTINUATION`.
     """
 
     name: str
@@ -50,9 +64,20 @@ class ModelSpec:
     sources: tuple[str, ...]
     defaults: dict[str, Any]
     recipe: dict[str, Any] = field(default_factory=dict)
+    continuation: dict[str, Any] = field(default_factory=dict)
 
 
-_IMAGE_SOURCES = ("init", "order", "aug")
+_IMAGE_SOURCES = ("init", "order", "aug", "impl")
+_IMAGE_VARY = ["init", "order", "aug"]  # the default: every seeded source an image model draws
+
+# Continuation (docs/training.md, "Continuing a run"). The study continued its ResNet-18 50
+# epochs after 150, a third as long as it had trained: every model continues for a third
+# of its training epochs. mlvar's image schedules end at lr 0, so a continuation restarts
+# its schedule at a tenth of the peak (a fine-tuning lr); the MLP's Adam has no schedule.
+_CONSTANT = {"fraction": 1 / 3, "schedule": "constant"}
+_RESTART = {"fraction": 1 / 3, "schedule": "restart", "lr_scale": 0.1}
+#: The continuation of a model whose spec sets none.
+DEFAULT_CONTINUATION = _RESTART
 
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
@@ -60,7 +85,7 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec(
             name="mlp",
             inputs=("tabular", "image"),
-            sources=("init", "order", "dropout"),
+            sources=("init", "order", "dropout", "impl"),
             defaults={
                 "epochs": 10,
                 "lr": 1e-3,
@@ -68,6 +93,7 @@ MODELS: dict[str, ModelSpec] = {
                 "weight_decay": 0.0,
                 "vary": ["init", "order", "dropout"],
             },
+            continuation=_CONSTANT,
         ),
         ModelSpec(
             name="cnn",
@@ -78,7 +104,7 @@ MODELS: dict[str, ModelSpec] = {
                 "lr": 0.1,
                 "batch_size": 64,
                 "weight_decay": 5e-4,
-                "vary": list(_IMAGE_SOURCES),
+                "vary": list(_IMAGE_VARY),
             },
             recipe={
                 "optimizer": "sgd",
@@ -94,9 +120,18 @@ MODELS: dict[str, ModelSpec] = {
                 "tta": 0,
                 "whiten": False,
             },
+            continuation=_RESTART,
         ),
         # airbench94's hyperparameters (lr 11.5, wd 0.0153 on a summed loss at batch 1024,
-        # momentum 0.85) converted to PyTorch SGD on the batch-mean loss.
+        # momentum 0.85) converted to PyTorch SGD on the batch-mean loss: lr 11.5 * 1024 /
+        # (1024 * (1 + 1 / (1 - 0.85))) = 1.5, wd 0.0153 / 11.5 = 0.00133. Its lr is per
+        # 1024 examples (lr_batch): --batch-size b without --lr trains at 1.5 * b / 1024,
+        # the same step per example; the L2 coefficient wd stays, so the decay per step
+        # (lr x wd) scales with b as airbench's does. Also airbench94's: dirac (identity)
+        # init of each conv's first input-channel filters with zero conv biases, the
+        # alternating flip, the whitening bias trained for the first 3 epochs only, the
+        # triangular lr from 0.2 to 1 (23% warm-up) down to 0.07, the last partial batch
+        # dropped.
         ModelSpec(
             name="airbench",
             inputs=("image",),
@@ -106,7 +141,7 @@ MODELS: dict[str, ModelSpec] = {
                 "lr": 1.5,
                 "batch_size": 1024,
                 "weight_decay": 0.00133,
-                "vary": list(_IMAGE_SOURCES),
+                "vary": list(_IMAGE_VARY),
             },
             recipe={
                 "optimizer": "sgd",
@@ -115,13 +150,19 @@ MODELS: dict[str, ModelSpec] = {
                 "label_smoothing": 0.2,
                 "schedule": "triangle",
                 "warmup": 0.23,
+                "final_lr": 0.07,
                 "bias_lr_scale": 64.0,
                 "lookahead": True,
-                "flip": True,
+                "flip": "alternating",
                 "translate": 2,
                 "tta": 2,
                 "whiten": True,
+                "whiten_bias_epochs": 3,
+                "init": "dirac",
+                "drop_last": True,
+                "lr_batch": 1024,
             },
+            continuation=_RESTART,
         ),
         ModelSpec(
             name="resnet18",
@@ -132,7 +173,7 @@ MODELS: dict[str, ModelSpec] = {
                 "lr": 0.1,
                 "batch_size": 128,
                 "weight_decay": 5e-4,
-                "vary": list(_IMAGE_SOURCES),
+                "vary": list(_IMAGE_VARY),
             },
             recipe={
                 "optimizer": "sgd",
@@ -148,6 +189,7 @@ MODELS: dict[str, ModelSpec] = {
                 "tta": 0,
                 "whiten": False,
             },
+            continuation=_RESTART,
         ),
     )
 }
@@ -177,6 +219,7 @@ STUDY_MODELS: dict[str, ModelSpec] = {
             # dropout 0.1 are TrainConfig's defaults, which [train.compas] may change.
             defaults={**MODELS["mlp"].defaults, "lr": 1e-4},
             recipe={"head": "sigmoid"},
+            continuation=_CONSTANT,
         ),
         # main_cifar10.py / cluster_single_cifar100.py: SGD(0.1, momentum 0.9, wd 5e-4),
         # batch 128, RandomCrop(32, padding=4) (zero fill) + horizontal flip, the fixed
@@ -194,6 +237,8 @@ STUDY_MODELS: dict[str, ModelSpec] = {
                 "normalise": {"mean": list(STUDY_MEAN), "std": list(STUDY_STD)},
                 "precision": "fp32",
             },
+            # The study's retraining: from epoch 150 to 200 on the same T_max=200 cosine.
+            continuation={"fraction": 1 / 3, "schedule": "tail"},
         ),
     )
 }
@@ -208,6 +253,13 @@ DEFAULT_RUNS = 10
 RECIPES: dict[str, dict[str, ModelSpec]] = {"mlvar": MODELS, "study": STUDY_MODELS}
 
 
+def batch_scaled_lr(spec: ModelSpec | None, lr: float, batch_size: int) -> float:
+    """``lr`` for ``batch_size`` when the recipe's lr is per ``lr_batch`` examples
+    (airbench: 1024): ``lr * batch_size / lr_batch``; unchanged for other recipes."""
+    per = spec.recipe.get("lr_batch") if spec is not None else None
+    return lr * batch_size / per if per else lr
+
+
 def model_spec(protocol: str, model: str) -> ModelSpec | None:
     """The recipe of ``model`` under ``protocol`` (None: that protocol has none)."""
     return RECIPES.get(protocol, {}).get(model)
@@ -216,6 +268,13 @@ def model_spec(protocol: str, model: str) -> ModelSpec | None:
 def protocol_model(protocol: str, dataset: str) -> str | None:
     """The model ``protocol`` trains on ``dataset`` by default (None: the config's)."""
     return STUDY_DATASET_MODELS.get(dataset) if protocol == "study" else None
+
+
+def continuation_of(protocol: str, model: str) -> dict[str, Any]:
+    """How a run of ``model`` trained under ``protocol`` continues (``ModelSpec.continuation``;
+    :data:`DEFAULT_CONTINUATION` for a model that sets none)."""
+    spec = model_spec(protocol, model) or MODELS.get(model)
+    return dict((spec.continuation if spec is not None else None) or DEFAULT_CONTINUATION)
 
 
 def recipe_models(protocol: str) -> str:

@@ -215,6 +215,11 @@ class Backend:
         """Refuse, with one line, what would make the submission fail: a missing extra
         or setting, a cluster that does not answer. Writes nothing."""
 
+    def plan_notes(self, device: str, workers: int | None) -> list[str]:
+        """Lines to show with the plan of a submission computing on ``device`` with
+        ``--workers`` ``workers`` (the local backend: how its workers share the GPUs)."""
+        return []
+
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
         """Around :meth:`submit`, :meth:`refresh` and :meth:`download`: connect and

@@ -78,7 +78,8 @@ class JobKind:
         return str(spec["job"])
 
     def units(self, spec: dict[str, Any]) -> int:
-        """Work units of a job (runs trained; 1 for a shard): progress and GPU requests."""
+        """Work units of a job (runs trained; 1 for a shard), for progress. (A job asks for
+        the GPUs of one pack whatever its units: :mod:`mlvar.backends.gpus`.)"""
         return 1
 
     def describe(self, sub: Submission, spec: dict[str, Any]) -> JobText:

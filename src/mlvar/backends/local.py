@@ -2,7 +2,9 @@
 
 On CPU the default is in process: the batched engine already spreads one pack over every
 core, so extra processes only compete for them (see docs/clusters.md for the numbers).
-On CUDA the default is one worker process per GPU (``CUDA_VISIBLE_DEVICES`` pins each).
+On CUDA the default is one worker process per GPU (``CUDA_VISIBLE_DEVICES`` pins each);
+with more workers (``--workers``) than GPUs, worker slot ``k`` gets GPU ``k % n``
+(:mod:`mlvar.backends.gpus`), and the plan says how they share them.
 A worker process reads the store (and the prepared scenario in the data root) directly
 and writes into a folder of its own under ``submissions/<id>/work/``; only its complete,
 verified output is then moved into the store, so a killed worker never leaves a partial
@@ -21,6 +23,7 @@ import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
+from mlvar.backends import gpus
 from mlvar.backends.backend import (
     Attempt,
     Backend,
@@ -34,15 +37,26 @@ from mlvar.backends.kind import remove_empty, worker_command
 from mlvar.backends.spec import Job
 from mlvar.errors import ExitCode, MlvarError
 from mlvar.io import atomic_write_json
+from mlvar.train.determinism import cuda_env
 
 
 def default_workers(device: str) -> int:
     """0 (in process) on CPU; one process per visible GPU on CUDA."""
     if device == "cuda":
-        import torch
-
-        return max(1, torch.cuda.device_count())
+        return max(1, gpus.gpu_count())
     return 0
+
+
+def worker_env(device: str, gpu: str | None = None) -> dict[str, str]:
+    """The environment of a worker process: this process's, and on CUDA pinned to
+    ``gpu`` (its slot's, :func:`mlvar.backends.gpus.slot_gpus`) with the settings
+    deterministic CUDA kernels need before CUDA starts."""
+    env = dict(os.environ)
+    if device == "cuda":
+        env.update(cuda_env(env))
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu
+    return env
 
 
 class LocalBackend(Backend):
@@ -52,10 +66,21 @@ class LocalBackend(Backend):
     summary = "local (in process or worker processes)"
     synchronous = True
 
+    def workers_for(self, device: str, workers: int | None) -> int:
+        """The worker processes of a batch: ``workers`` (``--workers``), else ``[submit]
+        local_workers``, whose 0 means :func:`default_workers`; 0 is in process."""
+        if workers is not None:
+            return workers
+        return self.config.submit.local_workers or default_workers(device)
+
+    def plan_notes(self, device: str, workers: int | None) -> list[str]:
+        if device != "cuda":
+            return []
+        note = gpus.sharing_note(self.workers_for(device, workers), gpus.visible_gpus())
+        return [note] if note else []
+
     def submit(self, batch: JobBatch, progress: SubmitProgress | None = None) -> None:
-        workers = self.config.submit.local_workers if batch.workers is None else batch.workers
-        if workers == 0 and batch.workers is None:
-            workers = default_workers(batch.device)
+        workers = self.workers_for(batch.device, batch.workers)
         if workers <= 0:
             self._in_process(batch, progress)
         else:
@@ -87,11 +112,12 @@ class LocalBackend(Backend):
         for slot in range(workers):
             slots.put(slot)
         running: dict[Future[Attempt], Job] = {}
+        devices = gpus.slot_gpus(workers, gpus.visible_gpus()) if batch.device == "cuda" else []
 
         def one(job: Job, spec: dict[str, Any]) -> Attempt:
             slot = slots.get()
             try:
-                return self._attempt_in_worker(batch, job, spec, slot, workers)
+                return self._attempt_in_worker(batch, job, spec, slot, workers, devices)
             finally:
                 slots.put(slot)
 
@@ -108,7 +134,13 @@ class LocalBackend(Backend):
             drive(batch, launch, next_ended, progress)
 
     def _attempt_in_worker(
-        self, batch: JobBatch, job: Job, spec: dict[str, Any], slot: int, workers: int
+        self,
+        batch: JobBatch,
+        job: Job,
+        spec: dict[str, Any],
+        slot: int,
+        workers: int,
+        devices: list[str],
     ) -> Attempt:
         assert batch.store is not None
         attempt = f"{job.name}-a{spec['attempt']}"
@@ -116,10 +148,8 @@ class LocalBackend(Backend):
         atomic_write_json(spec_file, spec)
         out, log_file = batch.base / "work" / attempt, batch.base / "logs" / f"{attempt}.log"
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ)
-        if batch.device == "cuda":
-            env["CUDA_VISIBLE_DEVICES"] = str(slot)
-        else:  # share the cores instead of oversubscribing them
+        env = worker_env(batch.device, devices[slot] if devices else None)
+        if batch.device != "cuda":  # share the cores instead of oversubscribing them
             threads = str(max(1, (os.cpu_count() or 1) // workers))
             env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
         cmd = worker_command(
@@ -131,6 +161,9 @@ class LocalBackend(Backend):
             python=sys.executable,
         )
         with open(log_file, "wb") as fh:
+            if devices:  # which GPU, for whoever reads the log of a slow or failed job
+                fh.write(f"mlvar: worker slot {slot} on GPU {devices[slot]}\n".encode())
+                fh.flush()
             code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
         error = "" if code == ExitCode.OK else f"worker exited with code {code}"
         return Attempt(spec, out, error, tail_file(log_file), fatal=code == ExitCode.BAD_INPUT)

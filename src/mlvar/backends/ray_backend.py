@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from mlvar.backends import faults
+from mlvar.backends import faults, gpus
 from mlvar.backends.backend import (
     Attempt,
     Backend,
@@ -42,6 +42,7 @@ from mlvar.backends.spec import Job
 from mlvar.config import RayConfig
 from mlvar.data.scenario import Scenario
 from mlvar.errors import MlvarError
+from mlvar.train.determinism import cuda_env
 
 
 def require_ray() -> Any:
@@ -140,9 +141,29 @@ def _task(
         return {"files": files, "error": error, "log_tail": log, "fatal": fatal}
 
 
+def task_options(cfg: RayConfig, device: str) -> dict[str, Any]:
+    """The ``ray.remote`` options of every task: ``num_cpus = cpus_per_run`` and, on
+    CUDA, ``num_gpus = gpus_per_run``, the GPUs of one job whatever its number of runs
+    (:func:`mlvar.backends.gpus.job_gpus`), with the environment deterministic CUDA
+    kernels need (:func:`mlvar.train.determinism.cuda_env`); the testing hook's
+    variables (:func:`mlvar.backends.faults.task_env`) too, for workers already running.
+    """
+    options: dict[str, Any] = {
+        "num_cpus": cfg.cpus_per_run,
+        "num_gpus": gpus.job_gpus(device, cfg.gpus_per_run, "backend.ray.gpus_per_run"),
+        "max_retries": 0,
+    }
+    env = faults.task_env()
+    if device == "cuda":
+        env.update(cuda_env())
+    if env:
+        options["runtime_env"] = {"env_vars": env}
+    return options
+
+
 class RayBackend(Backend):
     """One Ray task per job (``num_cpus = cpus_per_run``; on CUDA ``num_gpus =
-    gpus_per_run`` per run of the job)."""
+    gpus_per_run``, the GPUs of one pack: its runs train on one device)."""
 
     name = "ray"
     summary = "ray (a local instance or a cluster)"
@@ -153,6 +174,7 @@ class RayBackend(Backend):
         return self.config.backend.ray
 
     def check(self, dry_run: bool, device: str = "cpu") -> None:
+        gpus.job_gpus(device, self.cfg.gpus_per_run, "backend.ray.gpus_per_run")
         require_ray()
 
     @contextlib.contextmanager
@@ -175,7 +197,7 @@ class RayBackend(Backend):
 
         inputs: dict[str, dict[str, Any]] = {}  # job -> {relative path: object ref}
         scenario_refs: dict[str, dict[str, Any] | None] = {}  # job -> the same, its scenarios
-        env = faults.task_env()  # the testing hook, for workers already running
+        options = task_options(self.cfg, batch.device)
         in_flight: dict[Any, tuple[Job, dict[str, Any]]] = {}
 
         def launch(job: Job, spec: dict[str, Any]) -> None:
@@ -186,14 +208,6 @@ class RayBackend(Backend):
                 scenario_refs[job.name] = {
                     rel: put(src) for s in scenarios for rel, src in scenario_files(s).items()
                 } or None
-            gpus = self.cfg.gpus_per_run * kind.units(spec) if batch.device == "cuda" else 0
-            options: dict[str, Any] = {
-                "num_cpus": self.cfg.cpus_per_run,
-                "num_gpus": gpus,
-                "max_retries": 0,
-            }
-            if env:
-                options["runtime_env"] = {"env_vars": env}
             ref = ray.remote(**options)(_task).remote(
                 spec, inputs[job.name], scenario_refs[job.name]
             )

@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mlvar.backends import faults
+from mlvar.backends import faults, gpus
 from mlvar.backends.backend import (
     Attempt,
     Backend,
@@ -53,8 +53,10 @@ from mlvar.config import SlurmConfig
 from mlvar.errors import MlvarError, unknown_choice
 from mlvar.io import atomic_write_json, atomic_write_text
 from mlvar.store import ExperimentStore
+from mlvar.train.determinism import cuda_env
 
 REQUIRED = ("partition",)
+GPUS_KEY = "backend.slurm.gpus_per_job"
 TIMEOUT_S = 30.0  # for squeue, scontrol and sacct calls
 #: squeue states of a job that has not started (again) yet; any other listed one runs.
 WAITING = ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED", "CONFIGURING")
@@ -94,8 +96,16 @@ def _mem(gb: float) -> str:
     return f"{int(gb)}GB" if gb == int(gb) else f"{int(gb * 1024)}MB"
 
 
-def sbatch_parameters(cfg: SlurmConfig, job_name: str) -> dict[str, Any]:
-    """The parameters of :class:`submitit.SlurmExecutor` for ``[backend.slurm]``."""
+def spec_device(spec: dict[str, Any]) -> str:
+    """Where a job computes: its training config's ``device`` (shards: the CPU)."""
+    return str(spec.get("train", {}).get("device", "cpu"))
+
+
+def sbatch_parameters(cfg: SlurmConfig, job_name: str, device: str = "cpu") -> dict[str, Any]:
+    """The parameters of :class:`submitit.SlurmExecutor` for ``[backend.slurm]`` and jobs
+    computing on ``device``: on CUDA each array task (one job, one pack of runs) asks for
+    ``gpus_per_job`` GPUs, the one its pack trains on (:func:`mlvar.backends.gpus.job_gpus`),
+    with the environment deterministic CUDA kernels need; on the CPU for none."""
     params: dict[str, Any] = {
         "job_name": job_name,
         "partition": cfg.partition,
@@ -104,14 +114,15 @@ def sbatch_parameters(cfg: SlurmConfig, job_name: str) -> dict[str, Any]:
         "wckey": None,  # submitit's default tags every job "submitit"
     }
     optional = {
-        "gpus_per_node": cfg.gpus_per_job or None,
+        "gpus_per_node": gpus.job_gpus(device, cfg.gpus_per_job, GPUS_KEY) or None,
         "mem": _mem(cfg.mem_gb) if cfg.mem_gb else None,
         "account": cfg.account or None,
         "qos": cfg.qos or None,
         "array_parallelism": cfg.array_parallelism or None,
     }
     params.update({k: v for k, v in optional.items() if v is not None})
-    setup = list(cfg.setup) + [f"export {k}={shlex.quote(v)}" for k, v in faults.task_env().items()]
+    env = {**(cuda_env() if device == "cuda" else {}), **faults.task_env()}
+    setup = list(cfg.setup) + [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
     if setup:
         params["setup"] = setup
     extra = parse_extra(cfg.extra_sbatch)
@@ -249,11 +260,7 @@ class SlurmBackend(Backend):
                 "set them in mlvar.toml (see docs/clusters.md)",
             )
         parse_extra(self.cfg.extra_sbatch)
-        if device == "cuda" and self.cfg.gpus_per_job < 1:
-            raise MlvarError(
-                "--device cuda on Slurm needs [backend.slurm] gpus_per_job >= 1",
-                "set gpus_per_job = 1 (or train with --device cpu)",
-            )
+        gpus.job_gpus(device, self.cfg.gpus_per_job, GPUS_KEY)
         require("submitit", "slurm")
         if dry_run:
             return
@@ -295,7 +302,7 @@ class SlurmBackend(Backend):
         files = write_specs(batch.sub, batch.specs, out)
         folder = self.folder(batch.sub)
         n = len(batch.sub.jobs)
-        params = sbatch_parameters(self.cfg, self._job_name(batch.sub))
+        params = sbatch_parameters(self.cfg, self._job_name(batch.sub), batch.device)
         text = _make_sbatch_string(
             command=self._command(folder),
             folder=folder,
@@ -332,7 +339,8 @@ class SlurmBackend(Backend):
         executor = submitit.SlurmExecutor(
             folder=folder, max_num_timeout=self.cfg.max_requeues, python=self.cfg.python or None
         )
-        executor.update_parameters(**sbatch_parameters(self.cfg, self._job_name(sub)))
+        device = "cuda" if any(spec_device(spec) == "cuda" for _, spec in todo) else "cpu"
+        executor.update_parameters(**sbatch_parameters(self.cfg, self._job_name(sub), device))
         err = io.StringIO()
         try:
             with contextlib.redirect_stderr(err):  # submitit echoes sbatch's stderr

@@ -110,6 +110,7 @@ def submit_study(
     runs_per_job = check_runs_per_job(config, runs_per_job)
     retries = retries_for(config, retries)
     plan = plan_study(config, dataset, scenario, runs, name, overrides, force)
+    plan.notes += be.plan_notes(plan.cfg.device, workers)
     runs = plan.runs  # None: the protocol's default
     runs_root = Path(config.paths.runs_root)
     if len(plan.experiments) == 1:

@@ -45,6 +45,7 @@ COMMANDS: dict[str, dict[str, Any] | None] = {
     "data": None,
     "submit": None,
     "analyze": None,
+    "retrain": {"no_args_is_help": True},
     "report": None,
 }
 

@@ -120,25 +120,28 @@ def _one_line(message: str, hint: str) -> None:
 def warnings_to_stderr() -> Iterator[None]:
     """Print each warning raised inside (e.g. a run skipped for a sha256 mismatch) as one
     ``Warning: ...`` line on stderr, once, before any error message."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             yield
-        finally:
-            seen = set()
-            for w in caught:
-                text = str(w.message)
-                if not issubclass(w.category, UserWarning):
-                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-                elif text not in seen:
-                    seen.add(text)
-                    err_console.print(
-                        f"Warning: {text}",
-                        style="yellow",
-                        markup=False,
-                        highlight=False,
-                        soft_wrap=True,
-                    )
+    finally:
+        # Replayed after the recording context: inside it, showing a warning would append
+        # it to the very list being read, without end.
+        seen = set()
+        for w in caught:
+            text = str(w.message)
+            if not issubclass(w.category, UserWarning):
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+            elif text not in seen:
+                seen.add(text)
+                err_console.print(
+                    f"Warning: {text}",
+                    style="yellow",
+                    markup=False,
+                    highlight=False,
+                    soft_wrap=True,
+                )
 
 
 def get_config(path: Path | None) -> Config:

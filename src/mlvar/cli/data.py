@@ -17,10 +17,11 @@ from mlvar.cli.common import (
     table,
 )
 from mlvar.cli.options import (
+    DATASET_NAMES,
     ClsOpt,
     ClusterOpt,
     ConfigOpt,
-    DatasetArg,
+    GroupOpt,
     JsonOpt,
     ModeOpt,
     PrepareSeedOpt,
@@ -28,6 +29,7 @@ from mlvar.cli.options import (
     RatioOpt,
     SubclassOpt,
 )
+from mlvar.data import registry
 from mlvar.data.protocol import DEFAULT_PROTOCOL
 
 if TYPE_CHECKING:  # the data services (numpy) load inside the commands
@@ -41,27 +43,124 @@ app = typer.Typer(
 )
 
 
+# The registry is loaded for every command's help already (mlvar.cli.options).
+FETCHED = ", ".join(name for name, spec in registry.DATASETS.items() if spec.needs_fetch)
+USER_KIND_NAMES = ", ".join(registry.USER_KINDS)
+
+#: ``mlvar data fetch`` options of the user kinds (docs/datasets.md, "Your own table"):
+#: given ones reach the kind's fetch by name; a kind that takes none of them refuses it.
+NameOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="table/imagefolder: the name to record your data under (then: mlvar data "
+        "prepare NAME).",
+        show_default=False,
+    ),
+]
+LabelOpt = Annotated[
+    str | None, typer.Option(help="table: the label column (required).", show_default=False)
+]
+FeaturesOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="table: the feature columns, comma-separated (default: every column but the "
+        "label and the id).",
+        show_default=False,
+    ),
+]
+IdOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--id",
+        help="table: a column of unique integer ids (default: the row number).",
+        show_default=False,
+    ),
+]
+TestFractionOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="table/imagefolder: fraction of rows in test (default 0.165 / 0.3).",
+        show_default=False,
+    ),
+]
+ValFractionOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="table/imagefolder: fraction of the other rows in validation (default 0.125 / 0.1).",
+        show_default=False,
+    ),
+]
+SplitSeedOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="table/imagefolder: random_state of the stratified split (default 69).",
+        show_default=False,
+    ),
+]
+
+
+SizeOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="imagefolder: resize every image to N x N pixels (bicubic); without it all "
+        "images must be one size.",
+        metavar="N",
+        show_default=False,
+    ),
+]
+ColorOpt = Annotated[
+    str | None,
+    typer.Option(help="imagefolder: rgb (default) or gray.", show_default=False),
+]
+
+
 @app.command("fetch", no_args_is_help=True)
 def fetch(
-    dataset: DatasetArg,
+    dataset: Annotated[
+        str,
+        typer.Argument(
+            help=f"Dataset ({FETCHED}), or the kind of your own data: {USER_KIND_NAMES}.",
+            show_default=False,
+        ),
+    ],
     source: Annotated[
         Path | None,
         typer.Option(
             help="Use this local copy instead of downloading: compas: the CSV; cifar10/cifar100: "
-            "the .tar.gz archive or its extracted folder (torchvision's layout too).",
+            "the .tar.gz archive or its extracted folder (torchvision's layout too); table: "
+            "your CSV, TSV or parquet file (required); imagefolder: your folder of images, "
+            "<class>/<file> or <class>/<group>/<file> (required).",
             show_default=False,
         ),
     ] = None,
+    name: NameOpt = None,
+    label: LabelOpt = None,
+    features: FeaturesOpt = None,
+    id_column: IdOpt = None,
+    test_fraction: TestFractionOpt = None,
+    val_fraction: ValFractionOpt = None,
+    split_seed: SplitSeedOpt = None,
+    size: SizeOpt = None,
+    color: ColorOpt = None,
     no_verify: Annotated[
         bool,
         typer.Option("--no-verify", help="Skip the checksum (for subsampled or modified copies)."),
     ] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="table/imagefolder: replace a dataset of that --name fetched from other bytes.",
+        ),
+    ] = False,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Download a dataset's source file and verify its checksum.
+    """Download a dataset's source file and verify its checksum, or record your own data
+    under a name.
 
-    An interrupted CIFAR download resumes when the command is run again.
+    An interrupted CIFAR download resumes when the command is run again. Your own table is
+    recorded in the data root (its sha256 kept); fetching the same file again is a no-op.
 
     Examples:
 
@@ -72,10 +171,12 @@ def fetch(
       mlvar data fetch cifar10
 
       mlvar data fetch cifar100 --source ~/torchvision-data
+
+      mlvar data fetch table --source patients.csv --name patients --label outcome
+
+      mlvar data fetch imagefolder --source ~/photos --name photos --size 32
     """
     with cli_errors():
-        from mlvar.data import registry
-
         cfg = get_config(config)
         with ProgressBar(not json_out) as bar:
 
@@ -83,7 +184,21 @@ def fetch(
                 bar.update(f"fetching {dataset}", done, total)
 
             info = registry.fetch(
-                cfg.paths.data_root, dataset, source=source, verify=not no_verify, progress=on_bytes
+                cfg.paths.data_root,
+                dataset,
+                source=source,
+                verify=not no_verify,
+                progress=on_bytes,
+                name=name,
+                force=force,
+                label=label,
+                features=features,
+                id=id_column,
+                test_fraction=test_fraction,
+                val_fraction=val_fraction,
+                split_seed=split_seed,
+                size=size,
+                color=color,
             )
     if info.get("warning"):
         err_console.print(f"Warning: {info['warning']}", markup=False, highlight=False)
@@ -91,17 +206,32 @@ def fetch(
         print_json(info)
         return
     rows = [[k, v] for k, v in info.items() if k != "warning"]
-    console.print(table(f"fetched {dataset}", ["field", "value"], rows))
+    console.print(table(f"fetched {info.get('dataset', dataset)}", ["field", "value"], rows))
 
 
 @app.command("prepare", no_args_is_help=True)
 def prepare(
-    dataset: DatasetArg,
+    dataset: Annotated[
+        str,
+        typer.Argument(
+            help=f"Dataset: {DATASET_NAMES}, or the name you fetched your own data under.",
+            show_default=False,
+        ),
+    ],
     mode: ModeOpt = None,
     ratio: RatioOpt = None,
     cluster: ClusterOpt = None,
     subclass: SubclassOpt = None,
     cls: ClsOpt = None,
+    group: GroupOpt = None,
+    where: Annotated[
+        str | None,
+        typer.Option(
+            help="Your table's holdout: the subgroup, a pandas expression over its columns "
+            "(one value; commas belong to it).",
+            show_default=False,
+        ),
+    ] = None,
     seed: PrepareSeedOpt = "0",
     protocol: ProtocolOpt = None,
     force: Annotated[
@@ -134,10 +264,14 @@ def prepare(
       mlvar data prepare digits --mode augmentation --cls 3,5 --ratio 0.5,1
 
       mlvar data prepare compas --mode holdout --cluster all --protocol study
+
+      mlvar data prepare patients --mode holdout --where "age > 80" --ratio 0.5,1
+
+      mlvar data prepare patients --mode cluster --cluster all
+
+      mlvar data prepare photos --mode holdout --group indoor,night --ratio 0.5,1
     """
     with cli_errors():
-        from mlvar.data import registry
-
         cfg = get_config(config)
         with ProgressBar(not json_out) as bar:
 
@@ -155,6 +289,8 @@ def prepare(
                 cluster=cluster,
                 subclass=subclass,
                 cls=cls,
+                group=group,
+                where=where,
                 seed=seed,
                 protocol=cfg.protocol.name if protocol is None else protocol,
             )
@@ -242,7 +378,6 @@ def info(
       mlvar data info cifar10-augmentation-cls0-r0.5 --sheet sheet.png
     """
     with cli_errors():
-        from mlvar.data import registry
         from mlvar.data.scenario import open_scenario
 
         cfg = get_config(config)

@@ -47,7 +47,7 @@ DatasetArg = Annotated[str, typer.Argument(help=f"Dataset: {DATASET_NAMES}.", sh
 def mode_help() -> str:
     """``compas: original, artificial, holdout. ...`` from the dataset specs."""
     parts = []
-    for name, spec in registry.DATASETS.items():
+    for name, spec in [*registry.DATASETS.items(), *registry.kind_specs().items()]:
         implied = "".join(
             f" ({mode} is the default with --{option})"
             for option, mode in spec.implied_modes.items()
@@ -73,6 +73,7 @@ RatioOpt = Annotated[str | None, _sweep_option("ratio")]
 ClusterOpt = Annotated[str | None, _sweep_option("cluster")]
 SubclassOpt = Annotated[str | None, _sweep_option("subclass")]
 ClsOpt = Annotated[str | None, _sweep_option("cls", "--cls")]
+GroupOpt = Annotated[str | None, _sweep_option("group")]
 PrepareSeedOpt = Annotated[str, _sweep_option("seed", default="0")]
 
 # ---------------------------------------------------------------- training: train, submit
@@ -139,8 +140,9 @@ VaryOpt = Annotated[
     str | None,
     typer.Option(
         help="Comma-separated randomness sources that follow the run seed: "
-        f"{', '.join(RANDOMNESS_SOURCES)} (those the model draws; default all); the others "
-        "stay fixed. 'none' fixes all.",
+        f"{', '.join(RANDOMNESS_SOURCES)} (those the model draws; default all but impl); "
+        "the others stay fixed. 'none' fixes all. impl allows non-deterministic CUDA "
+        "kernels (no effect on the CPU).",
         show_default=False,
     ),
 ]

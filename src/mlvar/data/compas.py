@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mlvar.data import params as p
-from mlvar.data.modes import original_mode, unchanged_splits
+from mlvar.data import tabular
+from mlvar.data.modes import original_mode
 from mlvar.data.scenario import Scenario, SplitData
 from mlvar.data.spec import (
     BaseData,
@@ -100,8 +101,7 @@ TEST_SIZE = 0.165
 VAL_SIZE = 0.125
 SPLIT_SEED = 69
 TREE_MIN_SAMPLES_LEAF = 300
-TREE_RANDOM_STATE = 0
-ARTIFICIAL_TEST_FLIP = 0.5
+TREE_FIT_ON = "all filtered rows, unstandardised features, two_year_recid"
 #: The flip probabilities the study swept when ``--ratio`` is not given.
 STUDY_RATIOS = "0:0.5:0.1"
 
@@ -416,45 +416,20 @@ class CompasSource(Source):
 
 
 @dataclass(frozen=True)
-class ArtificialParams(p.Params):
+class ArtificialParams(tabular.ArtificialParams):
     ratio: float = p.ratio(
         0.0,
         0.5,
         help="label-flip probability of the added feature, in [0, 0.5]",
         study=STUDY_RATIOS,
     )
-    seed: int = p.seed(help="seed of the label flips")
 
 
 def _artificial(source: CompasSource, params: ArtificialParams) -> ModeResult:
     base = source.base
-    splits = unchanged_splits(base)
-    ratio = params.ratio
-    # Draw order is fixed (train, val, test), so a seed gives the same feature everywhere.
-    rng = np.random.default_rng(params.seed)
-    flip_p = {"train": ratio, "val": ratio, "test": ARTIFICIAL_TEST_FLIP}
-    feature_names = [*base.extra["feature_names"], "artificial"]
-    for s in ("train", "val", "test"):
-        data = splits[s]
-        flips = rng.random(len(data)) < flip_p[s]
-        feature = np.where(flips, 1 - data.y, data.y)
-        data.x = np.concatenate([data.x, feature[:, None].astype(np.float32)], axis=1)
-        data.affected = feature != data.y
-    description = (
-        f"Added a binary feature 'artificial' equal to the label flipped with probability "
-        f"{ratio} in train and validation and 0.5 in test; affected rows are those where it "
-        f"disagrees with the label."
+    return tabular.artificial_result(
+        base, params.ratio, params.seed, list(base.extra["feature_names"])
     )
-    manifest = {
-        "feature_names": feature_names,
-        "input": {"kind": "tabular", "n_features": len(feature_names)},
-        "artificial": {
-            "feature": "artificial",
-            "flip_probability": flip_p,
-            "rng": "numpy.random.default_rng(seed).random(n) < p, drawn for train, val, test",
-        },
-    }
-    return ModeResult(splits, description, manifest)
 
 
 # --------------------------------------------------------------------------- holdout
@@ -484,95 +459,25 @@ class HoldoutParams(p.Params):
 
 def _leaves(base: BaseData) -> np.ndarray:
     """Every row's leaf of the tree fitted on all rows (unstandardised features)."""
-    from sklearn.tree import DecisionTreeClassifier
-
-    tree = DecisionTreeClassifier(
-        random_state=TREE_RANDOM_STATE, min_samples_leaf=TREE_MIN_SAMPLES_LEAF
-    )
-    tree.fit(base.extra["x_raw"], base.y)
-    return tree.apply(base.extra["x_raw"])
-
-
-def _number_leaves(
-    leaves: np.ndarray, leaf_ids: np.ndarray, counted: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Every row's cluster and the clusters' leaf ids, ``leaf_ids`` numbered by their rows
-    among the positions ``counted``, ascending, ties by leaf node id (-1: a row whose leaf
-    is not among ``leaf_ids``)."""
-    counts = np.array([(leaves[counted] == leaf).sum() for leaf in leaf_ids])
-    # lexsort: the last key is the primary one.
-    leaf_ids = leaf_ids[np.lexsort((leaf_ids, counts))]
-    cluster_of_leaf = {int(leaf): k for k, leaf in enumerate(leaf_ids)}
-    group = np.array([cluster_of_leaf.get(int(leaf), -1) for leaf in leaves], dtype=np.int64)
-    return group, leaf_ids
+    return tabular.tree_leaves(base.extra["x_raw"], base.y, TREE_MIN_SAMPLES_LEAF)
 
 
 def _clusters(base: BaseData, leaves: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every row's cluster and the clusters' leaf ids, numbered by training rows ascending."""
-    return _number_leaves(leaves, np.unique(leaves), base.index["train"])
+    return tabular.number_leaves(leaves, np.unique(leaves), base.index["train"])
 
 
 def _study_clusters(base: BaseData, leaves: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The study's clusters: the leaves holding train+val rows, numbered by their train+val
     rows ascending (a stable sort of the leaf ids, so ties by leaf id)."""
     rest, _ = _rest_test(len(leaves))
-    return _number_leaves(leaves, np.unique(leaves[rest]), rest)
-
-
-def _clusters_manifest(
-    leaf_ids: np.ndarray, sizes: dict[str, list[int]], order: str, **removed: int
-) -> dict[str, Any]:
-    """The manifest's ``clusters``: the tree, the leaves in cluster order, their sizes."""
-    return {
-        "n_clusters": len(leaf_ids),
-        "leaf_ids": [int(leaf) for leaf in leaf_ids],
-        "sizes": sizes,
-        "tree": {
-            "class": "sklearn.tree.DecisionTreeClassifier",
-            "random_state": TREE_RANDOM_STATE,
-            "min_samples_leaf": TREE_MIN_SAMPLES_LEAF,
-            "fit_on": "all filtered rows, unstandardised features, two_year_recid",
-        },
-        "order": order,
-        **removed,
-    }
+    return tabular.number_leaves(leaves, np.unique(leaves[rest]), rest)
 
 
 def _holdout(source: CompasSource, params: HoldoutParams) -> ModeResult:
-    base = source.base
-    k = params.cluster
-    group_all, leaf_ids = source.clusters
-    n_clusters = len(leaf_ids)
-    sizes = {
-        s: [int((group_all[idx] == c).sum()) for c in range(n_clusters)]
-        for s, idx in base.index.items()
-    }
-    splits = unchanged_splits(base)
-    for s, idx in base.index.items():
-        splits[s].group = group_all[idx]
-        splits[s].affected = splits[s].group == k
-    train = splits["train"]
-    keep = train.group != k
-    splits["train"] = SplitData(
-        x=train.x[keep],
-        y=train.y[keep],
-        id=train.id[keep],
-        affected=train.affected[keep],
-        group=train.group[keep],
+    return tabular.cluster_holdout(
+        source.base, source.clusters, params.cluster, TREE_MIN_SAMPLES_LEAF, TREE_FIT_ON
     )
-    description = (
-        f"Removed the {sizes['train'][k]} training rows of decision-tree cluster "
-        f"{k} (of {n_clusters}); affected rows are its validation and test rows."
-    )
-    manifest = {
-        "clusters": _clusters_manifest(
-            leaf_ids,
-            sizes,
-            order="training rows ascending, ties by leaf node id",
-            removed_train_rows=int(sizes["train"][k]),
-        )
-    }
-    return ModeResult(splits, description, manifest)
 
 
 # --------------------------------------------------------------------------- study protocol
@@ -686,11 +591,13 @@ def _study_holdout(source: CompasSource, params: HoldoutParams) -> ModeResult:
         f"the study's order) before splitting off validation; affected rows are its test rows."
     )
     manifest.update(
-        clusters=_clusters_manifest(
+        clusters=tabular.clusters_manifest(
             leaf_ids,
             sizes,
             order="train+val rows ascending (the leaves holding train+val rows), ties by "
             "leaf node id",
+            min_samples_leaf=TREE_MIN_SAMPLES_LEAF,
+            fit_on=TREE_FIT_ON,
             removed_train_val_rows=int(removed),
         ),
         split={

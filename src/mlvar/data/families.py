@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from mlvar.data.protocol import DEFAULT_PROTOCOL, protocol_of
-from mlvar.data.registry import DATASETS
+from mlvar.data.registry import DATASETS, get_dataset
 from mlvar.data.scenario import Scenario, list_scenarios
+from mlvar.data.spec import DatasetSpec
+from mlvar.errors import MlvarError
 
 #: Values of one parameter listed in full up to this many (evenly spaced numbers are
 #: always shortened to ``first, second, ..., last``).
@@ -70,9 +72,11 @@ def scenario_families(data_root: str | os.PathLike, dataset: str | None = None) 
         key = (str(manifest.get("dataset")), str(manifest.get("mode")), protocol_of(manifest))
         groups.setdefault(key, []).append(scenario)
     families = []
-    ordered = sorted(groups.items(), key=lambda item: _family_order(*item[0]))
+    specs = {name: _spec(name, data_root) for name, _, _ in groups}
+    ordered = sorted(groups.items(), key=lambda item: _family_order(*item[0], specs[item[0][0]]))
     for (name, mode, protocol), members in ordered:
-        params: dict[str, set[Any]] = {option: set() for option in _option_order(name, mode)}
+        options = _option_order(specs[name], mode)
+        params: dict[str, set[Any]] = {option: set() for option in options}
         for scenario in members:
             for option, value in (scenario.manifest.get("params") or {}).items():
                 values = params.setdefault(option, set())
@@ -104,20 +108,30 @@ def values_text(values: list[Any], limit: int = VALUES_SHOWN) -> str:
     return f"{', '.join(shown[: limit - 2])}, ..., {shown[-1]} ({len(values)} values)"
 
 
-def _family_order(dataset: str, mode: str, protocol: str) -> tuple:
+def _spec(dataset: str, data_root: str | os.PathLike) -> DatasetSpec | None:
+    """The spec of a built-in or user dataset (None for one mlvar does not know)."""
+    try:
+        return get_dataset(dataset, data_root)
+    except MlvarError:
+        return None
+
+
+def _family_order(dataset: str, mode: str, protocol: str, spec: DatasetSpec | None) -> tuple:
+    """Built-in datasets in registry order, then the others (user datasets) by name; modes
+    in the order the dataset lists them."""
     names = list(DATASETS)
     other = protocol != DEFAULT_PROTOCOL
-    if dataset not in DATASETS:
-        return (len(names), dataset, 0, mode, other, protocol)
-    modes = list(DATASETS[dataset].modes)
+    first = names.index(dataset) if dataset in DATASETS else len(names)
+    if spec is None:
+        return (first, dataset, 0, mode, other, protocol)
+    modes = list(spec.modes)
     at = modes.index(mode) if mode in modes else len(modes)
-    return (names.index(dataset), dataset, at, mode, other, protocol)
+    return (first, dataset, at, mode, other, protocol)
 
 
-def _option_order(dataset: str, mode: str) -> list[str]:
+def _option_order(spec: DatasetSpec | None, mode: str) -> list[str]:
     """The options of a mode in the order its parameters declare them (a manifest read
     back has its keys sorted)."""
-    spec = DATASETS.get(dataset)
     variants = spec.variants(mode) if spec is not None else []
     return list(dict.fromkeys(name for v in variants for name in v.params.options()))
 

@@ -58,7 +58,8 @@ class Option:
     Sweeps (:mod:`mlvar.data.sweep`): ``from_text`` turns one typed value into what
     ``check`` takes; ``ranges`` allows ``start:stop:step``; ``keywords`` maps a word to
     the function that lists its values once the source is open; ``study`` is the value
-    text swept when this required option is not given (the study's own sweep).
+    text swept when this required option is not given (the study's own sweep); ``lists``
+    False: a typed value is one value even with commas in it (``--where "x in [1, 2]"``).
     """
 
     metavar: str
@@ -74,6 +75,7 @@ class Option:
     ranges: bool = False
     keywords: Mapping[str, Expand] = field(default_factory=dict)
     study: str | None = None
+    lists: bool = True
 
 
 def option(**kwargs: Any) -> Any:

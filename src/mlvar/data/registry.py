@@ -6,6 +6,10 @@ specs in that order (the order the CLI lists them). :func:`mlvar.data.spec.regis
 any other dataset. Importing this module loads neither pandas, scikit-learn, torch nor
 matplotlib: they are imported where data is read or drawn.
 
+User datasets (:mod:`mlvar.data.user`) are the names a user fetched with a *user kind*
+(:data:`USER_KINDS`): :func:`get_dataset` resolves a name given a data root, built-in
+names first.
+
 Every check on the user's input happens before anything is written, so a bad command
 leaves the data root as it was.
 """
@@ -13,19 +17,21 @@ leaves the data root as it was.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mlvar.data import sweep
+from mlvar.data import imagefolder, sweep, table, user
 from mlvar.data.params import Option, given_options
 from mlvar.data.protocol import DEFAULT_PROTOCOL
 from mlvar.data.scenario import Scenario
 from mlvar.data.spec import DATASETS, DatasetSpec, register
 from mlvar.data.sweep import SweepProgress, SweepResult
-from mlvar.errors import unknown_choice
+from mlvar.errors import MlvarError, unknown_choice
 
 #: The dataset modules of mlvar (``mlvar.data.<name>``), each defining ``SPEC``.
 BUILTIN = ("compas", "digits", "cifar10", "cifar100")
@@ -33,9 +39,19 @@ BUILTIN = ("compas", "digits", "cifar10", "cifar100")
 for _module in BUILTIN:
     register(importlib.import_module(f"mlvar.data.{_module}").SPEC)
 
+#: User kinds: ``mlvar data fetch KIND --source PATH --name NAME``. ``factory(name, info,
+#: folder)`` builds the spec of a user dataset of the kind from its ``source.json``
+#: (:mod:`mlvar.data.user`); the spec's ``fetch`` takes the kind's fetch options as
+#: keyword arguments.
+USER_KINDS: dict[str, Callable[[str, dict, Path], DatasetSpec]] = {
+    "table": table.user_spec,
+    "imagefolder": imagefolder.user_spec,
+}
+
 __all__ = [
     "BUILTIN",
     "DATASETS",
+    "USER_KINDS",
     "DatasetSpec",
     "fetch",
     "get_dataset",
@@ -48,11 +64,34 @@ __all__ = [
 ]
 
 
-def get_dataset(dataset: str) -> DatasetSpec:
-    """Return the spec of ``dataset`` or raise :class:`MlvarError` naming the valid ones."""
-    if dataset not in DATASETS:
-        raise unknown_choice("dataset", str(dataset), DATASETS)
-    return DATASETS[dataset]
+def get_dataset(dataset: str, data_root: str | os.PathLike | None = None) -> DatasetSpec:
+    """Return the spec of ``dataset``: a built-in one, else the user dataset of that name
+    fetched into ``data_root``; raise :class:`MlvarError` naming the valid ones."""
+    if dataset in DATASETS:
+        return DATASETS[dataset]
+    info = user.read_info(data_root, dataset) if data_root is not None else None
+    if info is None:
+        names = [*DATASETS, *(user.user_names(data_root) if data_root is not None else [])]
+        if dataset in USER_KINDS:
+            raise MlvarError(
+                f"{dataset} is a kind of dataset, not a dataset",
+                f"fetch your file first: mlvar data fetch {dataset} --source PATH --name NAME; "
+                "then use NAME",
+            )
+        raise unknown_choice("dataset", str(dataset), names)
+    factory = USER_KINDS.get(info["kind"])
+    if factory is None:
+        raise MlvarError(
+            f"user dataset '{dataset}' is of kind '{info['kind']}', which this mlvar lacks",
+            "kinds: " + ", ".join(USER_KINDS),
+        )
+    return factory(dataset, info, user.user_dir(data_root, dataset))
+
+
+def kind_specs() -> dict[str, DatasetSpec]:
+    """One spec per user kind, named after the kind (for help texts: their modes and
+    options)."""
+    return {kind: factory(kind, {"kind": kind}, Path()) for kind, factory in USER_KINDS.items()}
 
 
 def prepare(
@@ -90,7 +129,7 @@ def prepare(
         scenario without ``force``. Nothing is written in that case.
     """
     given = {"ratio": ratio, "cluster": cluster, "subclass": subclass, "seed": seed, "cls": cls}
-    spec = get_dataset(dataset)
+    spec = get_dataset(dataset, data_root)
     return spec.prepare(data_root, mode, given_options(given), force=force, protocol=protocol)
 
 
@@ -127,7 +166,7 @@ def prepare_sweep(
         cannot be prepared (naming it); missing raw data; or, for a single scenario given
         in full, an existing one without ``force``. Nothing is written in that case.
     """
-    spec = get_dataset(dataset)
+    spec = get_dataset(dataset, data_root)
     return sweep.prepare_sweep(
         spec,
         data_root,
@@ -146,7 +185,7 @@ def sweep_help(option: str) -> str:
     Omitted: compas artificial: 0:0.5:0.1; cifar10/digits holdout, ...: 0:0.9:0.1.``"""
     forms = ["a comma-separated list"]
     studies: dict[str, dict[str, list[str]]] = {}
-    for spec in DATASETS.values():
+    for spec in [*DATASETS.values(), *kind_specs().values()]:
         for m in spec.mode_specs:
             opt = m.params.options().get(option)
             if opt is None:
@@ -183,22 +222,51 @@ def fetch(
     source: str | os.PathLike | None = None,
     verify: bool = True,
     progress: Callable[[int, int | None], None] | None = None,
+    name: str | None = None,
+    force: bool = False,
+    **options: Any,
 ) -> dict[str, Any]:
-    """Fetch a dataset's raw files into ``data_root`` (download or copy ``source``).
+    """Fetch a dataset's raw files into ``data_root`` (download or copy ``source``), or
+    record ``source`` as the user dataset ``name`` of the user kind ``dataset``.
 
     Returns an info dict (``dataset``, ``path``, ``sha256``, ``rows``, ``verified``, ...).
     Datasets that ship with a library need no fetch; their info says so and nothing is
-    written.
+    written. ``options`` (None: not given) are a user kind's own (``label``, ...);
+    ``force`` replaces a user dataset fetched from other bytes.
     """
-    spec = get_dataset(dataset)
-    return spec.fetch(data_root, source=source, verify=verify, progress=progress)
+    given = {key: value for key, value in options.items() if value is not None}
+    if dataset not in USER_KINDS:
+        spec = get_dataset(dataset)
+        extra = [f"--{key.replace('_', '-')}" for key in given]
+        extra += ["--name"] * (name is not None) + ["--force"] * force
+        if extra:
+            raise MlvarError(
+                f"{dataset} takes no {extra[0]}",
+                f"{extra[0]} is for your own data: mlvar data fetch {'|'.join(USER_KINDS)}",
+            )
+        return spec.fetch(data_root, source=source, verify=verify, progress=progress)
+    if name is None:
+        raise MlvarError(f"{dataset} needs --name NAME", "the name you will prepare it under")
+    user.check_name(name, [*DATASETS, *USER_KINDS])
+    spec = USER_KINDS[dataset](
+        name, {"kind": dataset, "name": name}, user.user_dir(data_root, name)
+    )
+    taken = inspect.signature(spec.fetch).parameters
+    for key in given:
+        if key not in taken:
+            raise MlvarError(
+                f"{dataset} takes no --{key.replace('_', '-')}", "see mlvar data fetch --help"
+            )
+    return spec.fetch(
+        data_root, source=source, verify=verify, progress=progress, force=force, **given
+    )
 
 
 def option_help(option: str) -> str:
     """The ``--<option>`` help of ``mlvar data prepare``, from every mode that takes it:
     ``compas artificial: label-flip probability ... . cifar10/digits holdout, ...: ...``."""
     by_help: dict[str, dict[str, list[str]]] = {}
-    for spec in DATASETS.values():
+    for spec in [*DATASETS.values(), *kind_specs().values()]:
         for m in spec.mode_specs:
             opt: Option | None = m.params.options().get(option)
             if opt is None:

@@ -156,6 +156,8 @@ def parse_values(name: str, opt: Option, given: Any) -> list[Any] | Keyword:
     text = given.strip()
     if text in opt.keywords:
         return Keyword(text)
+    if not opt.lists:
+        return [opt.from_text(text)]
     items = [item.strip() for item in text.split(",")]
     if not any(items):
         raise MlvarError(f"--{name} '{given}' names no value", _syntax_hint(name, opt))

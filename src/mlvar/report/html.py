@@ -3,7 +3,9 @@
 Layout of ``<reports_root>/<experiment>/``::
 
     index.html            experiment, accuracy spread, detection, ROC curves, AUROC vs
-                          number of runs, confidence scatter, the ranking table
+                          number of runs, confidence scatter, retraining (when
+                          retrain/summary.parquet exists: mlvar.report.retrain), the
+                          ranking table
     style.css             the one stylesheet (the ranking table's script is inline)
     ranking-data.js       the whole ranking for the table's script (mlvar.report.ranking):
                           index.html stays small however many samples there are
@@ -46,6 +48,7 @@ from mlvar.analysis.selection import choose_samples
 from mlvar.errors import MlvarError, unknown_choice
 from mlvar.io import atomic_write_bytes, atomic_write_text, staging_dir
 from mlvar.report import classes, plots
+from mlvar.report import retrain as retrain_section
 from mlvar.report.defaults import TOP_DEFAULT
 from mlvar.report.ranking import (
     DATA_FILE,
@@ -397,6 +400,7 @@ def build_report(
         raise MlvarError(f"--top must be at least 1, got {top}", "use e.g. 50")
     out_dir = Path(out_dir)
     _check_out(out_dir)
+    retrain_summary = retrain_section.load(store)  # a malformed one stops before any write
     # Accuracy and ranking are written to analysis/ as the analyze commands write them
     # (under the rank convention they were last written with, so a report does not undo
     # 'analyze rank --ranks study'); the curve is computed afresh from the same scan.
@@ -497,6 +501,11 @@ def build_report(
         if {"gconf_mean", "gconf_std"} <= set(ranking.columns)
         else None,
     }
+    context["retrain"] = None
+    if retrain_summary is not None:
+        retrained = retrain_section.section(retrain_summary, store.name, fmt)
+        context["retrain"] = retrained.context
+        figures.update(retrained.figures)
     context["figures"] = {k: v is not None for k, v in figures.items()}
     env = environment()
     html = env.get_template("index.html").render(**context)

@@ -10,6 +10,9 @@ experiment's report in ``<reports_root>/<experiment>/`` and the study pages besi
                             AUROC of every metric against each parameter it varies and its
                             experiments (folded beyond 12), each linking to its report
     study.csv               the study table (one row per experiment and metric)
+    retrain.html, retrain.csv, retrain_<k>.png   retraining across the experiments that
+                            have retrain/summary.parquet (mlvar.report.retrain), linked
+                            from the index
     auroc_box.png, auroc_vs_<k>.png   the index's figures
     _families/<family>.html one page per family: its experiments with their parameters,
                             accuracy and single-model AUROC; for each parameter it varies,
@@ -56,6 +59,7 @@ from mlvar.errors import MlvarError, unknown_choice
 from mlvar.io import atomic_write_bytes, staging_dir
 from mlvar.report import plots, study_plots
 from mlvar.report.html import TOP_DEFAULT, _check_out, environment, fmt, stylesheet
+from mlvar.report.retrain import study_retrain
 from mlvar.store import ExperimentStore, list_experiments
 
 IGNORED_PARAMS = ("seed",)
@@ -563,6 +567,8 @@ def _study_page(
         )
     files: dict[str, bytes] = {"style.css": stylesheet().encode(), **figures}
     files.update(family_pages)
+    retrain = study_retrain(runs_root, links, env, common, families, fmt)
+    files.update(retrain.files)
     for i, (f, context) in enumerate(zip(fams, contexts, strict=True)):
         nav = {
             "prev": {"title": fams[i - 1].title, "page": f"{fams[i - 1].slug}.html"}
@@ -584,6 +590,7 @@ def _study_page(
         "box": "auroc_box.png" if "auroc_box.png" in figures else None,
         "skipped": result.skipped,
         "computed": result.computed,
+        "retrain": retrain.index,
         "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
     html = env.get_template("study.html").render(**context)

@@ -19,6 +19,11 @@ run writes its logits for every split, optionally ``train.dynamics.npy``, and ``
 (the final ``state_dict``, load with ``torch.load(path, weights_only=True)``), then
 ``run.json`` listing them all with their sha256, in a temporary folder that then replaces
 the run folder and its checkpoint (a failed write keeps the checkpoint to resume from).
+
+A continuation (``mlvar.train.continuation``) passes :class:`Start` to :func:`train_run`:
+the run then starts from given weights, at an epoch offset of a per-epoch schedule, and
+trains on the rows ``ImageData.train_x`` holds (train split plus pool rows) while every
+split is normalised with the train split's statistics.
 """
 
 from __future__ import annotations
@@ -96,27 +101,27 @@ class ImageData:
         manifest: dict[str, Any],
         device: torch.device,
         normalise: dict[str, list[float]] | None = None,
+        train: SplitData | None = None,
+        stats: SplitData | None = None,
     ) -> ImageData:
         """The data on ``device``, normalised with the training split's per-channel mean
         and std, or with the fixed constants ``normalise`` (``{"mean": [...], "std":
-        [...]}``, per channel of ``x / max_value``: the study's recipe)."""
+        [...]}``, per channel of ``x / max_value``: the study's recipe).
+
+        ``train`` (default ``splits["train"]``) is what the run trains on, ``stats``
+        (default ``train``) whose statistics normalise every split: a continued run trains
+        on more samples than its scenario's train split but keeps the normalisation its
+        weights were trained with (``mlvar.train.continuation``). ``eval_x`` holds every
+        split of ``splits``.
+        """
         max_value = float(manifest.get("input", {}).get("max_value", 255))
-        train = to_nchw(splits["train"].x)
-        if normalise is not None:
-            mean = torch.tensor(normalise["mean"], dtype=torch.float32).view(1, -1, 1, 1)
-            std = torch.tensor(normalise["std"], dtype=torch.float32).view(1, -1, 1, 1)
-            if mean.shape[1] != train.shape[1]:
-                raise ValueError(
-                    f"the recipe normalises {mean.shape[1]} channels, the images have "
-                    f"{train.shape[1]}"
-                )
-        else:
-            scaled = train.double() / max_value
-            mean = scaled.mean(dim=(0, 2, 3), keepdim=True)
-            std = scaled.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-3)
+        train = splits["train"] if train is None else train
+        train_x = to_nchw(train.x)
+        stats_x = train_x if stats is None else to_nchw(stats.x)
+        mean, std = channel_stats(stats_x, max_value, normalise)
         return cls(
-            train_x=train.to(device),
-            train_y=torch.from_numpy(splits["train"].y).to(device),
+            train_x=train_x.to(device),
+            train_y=torch.from_numpy(train.y).to(device),
             eval_x={s: to_nchw(d.x).to(device) for s, d in splits.items()},
             n_classes=len(manifest["class_names"]),
             max_value=max_value,
@@ -131,6 +136,24 @@ class ImageData:
         return x
 
 
+def channel_stats(
+    x: torch.Tensor, max_value: float, normalise: dict[str, list[float]] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel mean and std ``[1, C, 1, 1]`` of the uint8 images ``x / max_value``
+    (float64), or the recipe's fixed constants ``normalise`` (float32)."""
+    if normalise is not None:
+        mean = torch.tensor(normalise["mean"], dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(normalise["std"], dtype=torch.float32).view(1, -1, 1, 1)
+        if mean.shape[1] != x.shape[1]:
+            raise ValueError(
+                f"the recipe normalises {mean.shape[1]} channels, the images have {x.shape[1]}"
+            )
+        return mean, std
+    scaled = x.double() / max_value
+    mean = scaled.mean(dim=(0, 2, 3), keepdim=True)
+    return mean, scaled.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-3)
+
+
 def _reflect_index(size: int, pad: int, device: torch.device) -> torch.Tensor:
     idx = torch.arange(-pad, size + pad, device=device).abs()
     return torch.where(idx >= size, 2 * (size - 1) - idx, idx)
@@ -140,10 +163,28 @@ class Augmenter:
     """Random translation and horizontal flip, as batched gathers. The translation pads
     by reflection (``pad="reflect"``, mlvar's) or with zero pixels (``"zero"``: the
     study's ``RandomCrop(32, padding=4)``, which pads the uint8 image with 0 before
-    ``ToTensor`` and ``Normalize``)."""
+    ``ToTensor`` and ``Normalize``).
 
-    def __init__(self, x: torch.Tensor, translate: int, flip: bool, pad: str = "reflect") -> None:
+    ``flip``: ``True`` flips each image with probability 1/2 in every epoch;
+    ``"alternating"`` (airbench's) flips a random half, drawn once from ``gen`` here,
+    in even epochs and the other half in odd ones, so every image is seen both ways
+    every two epochs. (Drawn at construction, before a checkpoint restores ``gen``, so a
+    resumed run has the same half.)"""
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        translate: int,
+        flip: bool | str,
+        pad: str = "reflect",
+        gen: torch.Generator | None = None,
+    ) -> None:
         self.translate, self.flip = translate, flip
+        self.base_flip: torch.Tensor | None = None
+        if flip == "alternating":
+            if gen is None:
+                raise ValueError("alternating flips need the run's aug generator")
+            self.base_flip = torch.randint(0, 2, (len(x),), generator=gen)
         _, c, h, w = x.shape
         device = x.device
         if translate and pad == "zero":
@@ -157,14 +198,17 @@ class Augmenter:
         self.cols = torch.arange(w, device=device)
         self.channels = torch.arange(c, device=device)
 
-    def draw(self, gen: torch.Generator, n: int) -> torch.Tensor:
-        """One epoch's draws ``[n, 3]`` (dy, dx, flip) from the run's ``aug`` generator."""
+    def draw(self, gen: torch.Generator, n: int, epoch: int = 0) -> torch.Tensor:
+        """Epoch ``epoch``'s draws ``[n, 3]`` (dy, dx, flip) from the run's ``aug``
+        generator."""
         draws = torch.zeros(n, 3, dtype=torch.int64)
         if self.translate:
             draws[:, :2] = torch.randint(0, 2 * self.translate + 1, (n, 2), generator=gen)
         else:
             draws[:, :2] = 0
-        if self.flip:
+        if self.base_flip is not None:
+            draws[:, 2] = self.base_flip ^ (epoch % 2)
+        elif self.flip:
             draws[:, 2] = torch.randint(0, 2, (n,), generator=gen)
         return draws
 
@@ -252,25 +296,45 @@ def epoch_lrs(recipe: dict[str, Any], lr: float, epochs: int) -> list[float] | N
 
 
 def lr_factor(recipe: dict[str, Any], step: int, total: int) -> float:
-    """The learning-rate multiplier before step ``step`` of ``total``."""
-    t = step / max(total, 1)
+    """The learning-rate multiplier of step ``step`` (from 0) of ``total``.
+
+    ``cosine``: ``(1 + cos(pi step / total)) / 2``. ``triangle`` (airbench94's): from 0.2
+    up to 1 over the first ``int(total * warmup)`` steps, then linearly down to
+    ``final_lr`` (0.07 for airbench), the value step ``total`` would have, so the last
+    step trains at a little more than it.
+    """
     if recipe["schedule"] == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * t))
-    warm = float(recipe["warmup"])  # triangle: 0.2 -> 1 over the warm-up, then 1 -> 0
-    if t < warm:
-        return 0.2 + 0.8 * t / warm
-    return max(0.0, (1 - t) / (1 - warm))
+        return 0.5 * (1 + math.cos(math.pi * step / max(total, 1)))
+    warm = int(total * float(recipe["warmup"]))
+    final = float(recipe.get("final_lr", 0.0))
+    if step < warm:
+        return 0.2 + 0.8 * step / warm
+    return 1.0 - (1.0 - final) * (step - warm) / max(total - warm, 1)
+
+
+def whitening_bias_trains(recipe: dict[str, Any], epoch: int) -> bool:
+    """Whether the whitening conv's bias takes optimiser steps in epoch ``epoch`` (from
+    0): in the first ``whiten_bias_epochs`` (airbench: 3), then it is frozen."""
+    return epoch < int(recipe.get("whiten_bias_epochs", 1 << 30))
+
+
+def _train_whitening_bias(model: nn.Module, recipe: dict[str, Any], epoch: int) -> None:
+    # A bias without a gradient takes no SGD step (nor weight decay), as in airbench; the
+    # lookahead still averages it, as airbench's does.
+    whiten = getattr(model, "whiten", None)
+    if whiten is not None and whiten.bias is not None:
+        whiten.bias.requires_grad_(whitening_bias_trains(recipe, epoch))
 
 
 def _ema_tensors(model: nn.Module) -> list[torch.Tensor]:
     return [t for t in model.state_dict().values() if t.dtype.is_floating_point]
 
 
-def steps_per_epoch(n: int, batch_size: int) -> list[int]:
-    """Batch sizes of one epoch: full batches, and the remainder unless it is a single
-    sample (batch norm cannot normalise one)."""
+def steps_per_epoch(n: int, batch_size: int, drop_last: bool = False) -> list[int]:
+    """Batch sizes of one epoch: full batches, and the remainder unless ``drop_last``
+    (airbench's recipe) or it is a single sample (batch norm cannot normalise one)."""
     sizes = [batch_size] * (n // batch_size)
-    if n % batch_size >= 2:
+    if not drop_last and n % batch_size >= 2:
         sizes.append(n % batch_size)
     return sizes
 
@@ -332,8 +396,13 @@ def recipe_of(cfg: TrainConfig) -> dict[str, Any]:
     return (spec or MODELS[cfg.model]).recipe
 
 
-def _identity_hash(cfg: TrainConfig, seeds: dict[str, int]) -> str:
-    text = json.dumps({"train": cfg.identity(), "seeds": seeds}, sort_keys=True)
+def _identity_hash(
+    cfg: TrainConfig, seeds: dict[str, int], extra: dict[str, Any] | None = None
+) -> str:
+    what: dict[str, Any] = {"train": cfg.identity(), "seeds": seeds}
+    if extra is not None:  # a continuation: its source weights, added samples, schedule
+        what["continue"] = extra
+    text = json.dumps(what, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -369,15 +438,35 @@ def train_run(
     progress: EpochProgress | None = None,
     record_dynamics: bool = False,
     trace: Callable[[str, Any], None] | None = None,
+    start: Start | None = None,
 ) -> RunOutput:
     """Train one image model; checkpoint to and resume from ``run_dir`` when given.
 
-    ``trace(kind, value)`` (tests) sees ``("init", state_dict)`` and ``("batch", indices)``.
+    ``start`` continues a trained model instead of initialising one (:class:`Start`).
+    ``trace(kind, value)`` (tests) sees ``("init", state_dict)`` (the weights the first
+    step starts from) and ``("batch", indices)``.
     """
     recipe = recipe_of(cfg)
     precision = str(recipe.get("precision", "bf16"))
     with _full_fp32(precision):
-        return _train_run(data, cfg, gen, recipe, run_dir, progress, record_dynamics, trace)
+        return _train_run(data, cfg, gen, recipe, run_dir, progress, record_dynamics, trace, start)
+
+
+@dataclass
+class Start:
+    """Where a continued run starts (``mlvar.train.continuation``).
+
+    ``state_dict``: the trained weights (for airbench including its frozen whitening, which
+    is not recomputed; None: initialised from the ``init`` generator as in training, for a
+    retraining from scratch); ``schedule_offset``: the epoch of a per-epoch schedule
+    (``cosine-epochs``) the continuation starts at, so that its epochs take that
+    schedule's learning rates from there on (0 for per-step schedules); ``identity``:
+    what makes the continuation what it is, part of its checkpoints' identity.
+    """
+
+    state_dict: dict[str, torch.Tensor] | None
+    schedule_offset: int = 0
+    identity: dict[str, Any] | None = None
 
 
 def _train_run(
@@ -389,15 +478,20 @@ def _train_run(
     progress: EpochProgress | None,
     record_dynamics: bool,
     trace: Callable[[str, Any], None] | None,
+    start: Start | None = None,
 ) -> RunOutput:
     precision = str(recipe.get("precision", "bf16"))
     device = data.device
     channels = data.train_x.shape[1]
     model = build_model(cfg.model, channels, data.n_classes)
-    init_weights(model, gen.init)
-    model.to(device)
-    if hasattr(model, "init_whitening"):
-        model.init_whitening(data.normalise(data.train_x[:5000]))
+    if start is not None and start.state_dict is not None:
+        model.load_state_dict(start.state_dict)
+        model.to(device)
+    else:
+        init_weights(model, gen.init)
+        model.to(device)
+        if hasattr(model, "init_whitening"):
+            model.init_whitening(data.normalise(data.train_x[:5000]))
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     if trace:
@@ -407,16 +501,22 @@ def _train_run(
     aug = Augmenter(
         data.train_x,
         int(recipe["translate"]),
-        bool(recipe["flip"]),
+        recipe["flip"],
         str(recipe.get("pad", "reflect")),
+        gen.aug,
     )
-    per_epoch = epoch_lrs(recipe, cfg.lr, cfg.epochs)
+    offset = 0 if start is None else start.schedule_offset
+    per_epoch = epoch_lrs(recipe, cfg.lr, offset + cfg.epochs)
+    if per_epoch is not None:
+        per_epoch = per_epoch[offset:]
+    elif offset:
+        raise ValueError(f"schedule {recipe['schedule']!r} has no epoch offset")
     n = len(data.train_y)
-    sizes = steps_per_epoch(n, cfg.batch_size)
+    sizes = steps_per_epoch(n, cfg.batch_size, bool(recipe.get("drop_last", False)))
     total = cfg.epochs * len(sizes)
     recorded: list[torch.Tensor] = []
     start_epoch, step = 0, 0
-    identity = _identity_hash(cfg, gen.seeds)
+    identity = _identity_hash(cfg, gen.seeds, None if start is None else start.identity)
     ckpt_path = None if run_dir is None else run_dir / CHECKPOINT_FILE
     if ckpt_path is not None:
         state = load_checkpoint(ckpt_path)
@@ -439,8 +539,9 @@ def _train_run(
     amp = _autocast(device, precision)
     model.train()
     for epoch in range(start_epoch, cfg.epochs):
+        _train_whitening_bias(model, recipe, epoch)
         perm = torch.randperm(n, generator=gen.order)
-        draws = aug.draw(gen.aug, n)
+        draws = aug.draw(gen.aug, n, epoch)
         perm_d = perm.to(device, non_blocking=True)
         draws_d = draws.to(device, non_blocking=True)
         pos = 0
@@ -592,14 +693,17 @@ def _build_data(
     manifest: dict[str, Any],
     device: torch.device,
     cfg: TrainConfig | None = None,
+    train: SplitData | None = None,
+    stats: SplitData | None = None,
 ) -> ImageData:
     """The device data of a training run of ``cfg`` (normalised as its recipe says; no
-    ``cfg``: with the training split's statistics)."""
+    ``cfg``: with the training split's statistics); ``train`` and ``stats`` as in
+    :meth:`ImageData.build`."""
     normalise = None if cfg is None else recipe_of(cfg).get("normalise")
     # One thread here too: the normalisation statistics are reductions whose rounding
     # would otherwise depend on the thread count.
     with _one_thread_per_kernel(device):
-        return ImageData.build(splits, manifest, device, normalise)
+        return ImageData.build(splits, manifest, device, normalise, train, stats)
 
 
 #: ``schedule(indices, size)`` yields the packs of at most ``size`` of ``indices`` to

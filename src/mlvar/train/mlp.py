@@ -226,6 +226,8 @@ def train_loop(
     trace: Trace | None = None,
     dynamics: torch.Tensor | None = None,
     weights: bool = False,
+    starts: list[dict[str, torch.Tensor]] | None = None,
+    rows: list[torch.Tensor] | None = None,
 ) -> list[dict[str, Any]]:
     """Train one model per entry of ``gens``, one after the other.
 
@@ -234,9 +236,16 @@ def train_loop(
     holds ``"dynamics"``: eval-mode logits of those inputs after every epoch, ``[E, m, C]``.
     Recording reads the model only; it changes nothing in training. With ``weights``, it
     holds ``"state_dict"``: the trained :class:`MLP`'s ``state_dict`` (CPU tensors).
+
+    Continuation (``mlvar.train.continuation``): ``starts`` gives each run's initial
+    :class:`MLP` ``state_dict`` (batch-norm statistics included) instead of drawing it
+    from its ``init`` generator, and ``trace("start", pos, state_dict)`` then reports the
+    weights the first step starts from; ``rows`` gives each run's training set as indices
+    of ``data``'s rows (CPU int64; default all of them, in order): an epoch permutes
+    ``len(rows[pos])`` positions and trains on those rows, exactly as it would on the
+    data ``data.x[rows[pos]]``.
     """
     device = data.x.device
-    n = len(data.y)
     results = []
     total = cfg.epochs * len(gens)
     head = head_of(cfg)
@@ -245,18 +254,26 @@ def train_loop(
     loss_of = F.binary_cross_entropy_with_logits if head == "sigmoid" else F.cross_entropy
     with _one_thread_per_kernel(device):
         for pos, g in enumerate(gens):
-            init = init_params(g.init, _dims(data, cfg))
-            if trace:
-                trace("init", pos, init)
+            n = len(data.y) if rows is None else len(rows[pos])
             model = MLP(data.x.shape[1], cfg.hidden, data.n_classes, _outputs(data, cfg))
             model = model.to(device)
-            model.load_init(init)
+            if starts is None:
+                init = init_params(g.init, _dims(data, cfg))
+                if trace:
+                    trace("init", pos, init)
+                model.load_init(init)
+            else:
+                model.load_state_dict(starts[pos])
+                if trace:
+                    trace("start", pos, _state_copy(model))
             opt = _adam(model.parameters(), cfg)
             model.train()
             keep = torch.empty(n, cfg.hidden, dtype=torch.bool)
             recorded = []
             for epoch in range(cfg.epochs):
                 order, sizes = epoch_order(g.order, n, cfg.batch_size)
+                if rows is not None:
+                    order = rows[pos][order]
                 if cfg.dropout:
                     fill_dropout_keep(g.dropout, keep, cfg.dropout)
                 order_d, keep_d = order.to(device), _scaled_keep(keep, cfg.dropout, device)
@@ -286,10 +303,34 @@ def train_loop(
             if dynamics is not None:
                 results[-1]["dynamics"] = torch.stack(recorded)
             if weights:
-                results[-1]["state_dict"] = {
-                    k: v.detach().cpu().clone() for k, v in model.state_dict().items()
-                }
+                results[-1]["state_dict"] = _state_copy(model)
     return results
+
+
+def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _stacked_states(
+    states: list[dict[str, torch.Tensor]],
+) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]], list[int]]:
+    """:class:`MLP` state dicts as :class:`_Pack`'s stacked parameters (its order and
+    layouts), running statistics ``[S * H]`` and per-seed ``num_batches_tracked``."""
+
+    def stack(key: str, transpose: bool = False) -> torch.Tensor:
+        return torch.stack([st[key].T if transpose else st[key] for st in states]).float()
+
+    tensors = []
+    for k in (1, 2):
+        tensors += [stack(f"fc{k}.weight", True), stack(f"fc{k}.bias")]
+        tensors += [stack(f"bn{k}.weight"), stack(f"bn{k}.bias")]
+    tensors += [stack("fc3.weight"), stack("fc3.bias")]  # [S, C, H]: W3 stored transposed
+    running = [
+        (stack(f"bn{k}.running_mean").reshape(-1), stack(f"bn{k}.running_var").reshape(-1))
+        for k in (1, 2)
+    ]
+    tracked = [int(st["bn1.num_batches_tracked"]) for st in states]
+    return tensors, running, tracked
 
 
 class _Pack:
@@ -318,14 +359,27 @@ class _Pack:
     """
 
     def __init__(
-        self, inits: list[list[torch.Tensor]], device: torch.device, head: str = "softmax"
+        self,
+        inits: list[list[torch.Tensor]],
+        device: torch.device,
+        head: str = "softmax",
+        states: list[dict[str, torch.Tensor]] | None = None,
     ) -> None:
-        s, hidden = len(inits), inits[0][0].shape[-1]
+        """Seeds from initial weights ``inits`` (:func:`init_params`), or, with ``states``
+        (``inits`` then ignored), from trained :class:`MLP` state dicts: the inverse of
+        :meth:`state_dicts`."""
+        if states is not None:
+            tensors, running, tracked = _stacked_states(states)
+            s, hidden = len(states), tensors[0].shape[-1]
+        else:
+            s, hidden = len(inits), inits[0][0].shape[-1]
+            stacked = [torch.stack(ps) for ps in zip(*inits, strict=True)]
+            w1, b1, w2, b2, w3, b3 = stacked
+            ones, zeros = torch.ones(s, hidden), torch.zeros(s, hidden)
+            tensors = [w1, b1, ones, zeros, w2, b2, ones, zeros, w3.transpose(1, 2), b3]
+            running = [(torch.zeros(s * hidden), torch.ones(s * hidden)) for _ in range(2)]
+            tracked = [0] * s
         self.head = head
-        stacked = [torch.stack(ps) for ps in zip(*inits, strict=True)]
-        w1, b1, w2, b2, w3, b3 = stacked
-        ones, zeros = torch.ones(s, hidden), torch.zeros(s, hidden)
-        tensors = [w1, b1, ones, zeros, w2, b2, ones, zeros, w3.transpose(1, 2), b3]
         self.flat = torch.cat([t.reshape(-1) for t in tensors]).to(device)
         self.flat.grad = torch.zeros_like(self.flat)
         self.params, self.grads, start = [], [], 0
@@ -334,12 +388,10 @@ class _Pack:
             self.params.append(self.flat[start : start + size].view(t.shape))
             self.grads.append(self.flat.grad[start : start + size].view(t.shape))
             start += size
-        self.running = [
-            (torch.zeros(s * hidden, device=device), torch.ones(s * hidden, device=device))
-            for _ in range(2)
-        ]
+        self.running = [(m.to(device), v.to(device)) for m, v in running]
         self.s, self.hidden = s, hidden
-        self.steps = 0  # training steps taken (batch norm's num_batches_tracked)
+        self.steps = 0  # training steps taken here (batch norm's num_batches_tracked)
+        self.tracked = tracked  # each seed's num_batches_tracked before them
         self._buffers: dict[int, list[torch.Tensor]] = {}
 
     def parameters(self) -> list[torch.Tensor]:
@@ -419,9 +471,9 @@ class _Pack:
             (m.detach().cpu().view(self.s, -1), v.detach().cpu().view(self.s, -1))
             for m, v in self.running
         )
-        tracked = torch.tensor(self.steps, dtype=torch.int64)
         out = []
         for i in range(self.s):
+            tracked = torch.tensor(self.tracked[i] + self.steps, dtype=torch.int64)
             state = {}
             for k, w, b in ((1, w1, b1), (2, w2, b2)):
                 gamma, beta, rm, rv = (g1, be1, rm1, rv1) if k == 1 else (g2, be2, rm2, rv2)
@@ -485,19 +537,26 @@ def train_batched(
     trace: Trace | None = None,
     dynamics: torch.Tensor | None = None,
     weights: bool = False,
+    starts: list[dict[str, torch.Tensor]] | None = None,
+    rows: list[torch.Tensor] | None = None,
 ) -> list[dict[str, Any]]:
     """Train one model per entry of ``gens`` together as stacked tensors.
 
-    Same contract as :func:`train_loop`. On the CPU the pack is cut into slices of at least
+    Same contract as :func:`train_loop` (``rows`` must all have one length: the runs of a
+    pack share their batch sizes). On the CPU the pack is cut into slices of at least
     :data:`MIN_SEEDS_PER_WORKER` seeds, trained in parallel threads (one per core at most);
     the callbacks are still made in the calling thread.
     """
     device = data.x.device
     s = len(gens)
-    inits = [init_params(g.init, _dims(data, cfg)) for g in gens]
-    if trace:
-        for pos, init in enumerate(inits):
-            trace("init", pos, init)
+    if rows is not None and len({len(r) for r in rows}) > 1:
+        raise ValueError("the runs of a pack must train on equally many rows")
+    inits: list[list[torch.Tensor]] = []
+    if starts is None:
+        inits = [init_params(g.init, _dims(data, cfg)) for g in gens]
+        if trace:
+            for pos, init in enumerate(inits):
+                trace("init", pos, init)
     workers = _cpu_workers(s) if device.type == "cpu" else 1
     bounds = [round(i * s / workers) for i in range(workers + 1)]
     slices = [range(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
@@ -521,6 +580,8 @@ def train_batched(
         tracing=trace is not None,
         dynamics=dynamics,
         weights=weights,
+        starts=starts,
+        rows=rows,
     )
     with _one_thread_per_kernel(device):
         if workers == 1:
@@ -551,6 +612,8 @@ class _Job:
     tracing: bool
     dynamics: torch.Tensor | None = None  # inputs evaluated after every epoch
     weights: bool = False  # also return each run's state_dict
+    starts: list[dict[str, torch.Tensor]] | None = None  # trained weights to continue
+    rows: list[torch.Tensor] | None = None  # each run's training rows of data
     stop: threading.Event = field(default_factory=threading.Event)
 
     def train_in_threads(self, slices: list[range], dispatch: Callable[..., None]) -> list:
@@ -587,13 +650,20 @@ class _Job:
         with ``weights``, ``"state_dict"``: a list of ``S`` state dicts).
 
         Calls ``emit("epoch", len(runs))`` after every epoch and, when tracing,
-        ``emit("batch", run, (epoch, step, indices))`` for every batch of every run.
+        ``emit("batch", run, (epoch, step, indices))`` for every batch of every run (and
+        ``emit("start", run, state_dict)`` before the first, when continuing).
         """
-        data, cfg, gens = self.data, self.cfg, self.gens
+        data, cfg, gens, run_rows = self.data, self.cfg, self.gens, self.rows
         device = data.x.device
-        n, s = len(data.y), len(runs)
+        n, s = (len(data.y) if run_rows is None else len(run_rows[runs[0]])), len(runs)
         head = head_of(cfg)
-        model = _Pack([self.inits[r] for r in runs], device, head)
+        if self.starts is None:
+            model = _Pack([self.inits[r] for r in runs], device, head)
+        else:
+            model = _Pack([], device, head, states=[self.starts[r] for r in runs])
+            if self.tracing:
+                for r, state in zip(runs, model.state_dicts(), strict=True):
+                    emit("start", r, state)
         opt = _adam(model.parameters(), cfg)
         if head == "sigmoid":  # the float targets of binary cross-entropy, [n, 1]
             onehot_all = data.y.float().unsqueeze(1)
@@ -610,7 +680,7 @@ class _Job:
             # Every run permutes the same n samples, so all runs have the same batch sizes.
             for i, r in enumerate(runs):
                 perm, sizes = epoch_order(gens[r].order, n, cfg.batch_size)
-                order[i, : len(perm)] = perm
+                order[i, : len(perm)] = perm if run_rows is None else run_rows[r][perm]
                 if cfg.dropout:
                     fill_dropout_keep(gens[r].dropout, keep[:, i], cfg.dropout)
             # One gather per epoch, not two per step: each step's batch is then a view.

@@ -26,6 +26,27 @@ from mlvar.recipes import IMAGE_MODELS
 __all__ = ["IMAGE_MODELS", "build_model", "init_weights"]
 
 
+def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
+    """``[N, C, H, W] -> [N, C]``: the mean over the positions. The same bits as
+    ``adaptive_avg_pool2d(x, 1)`` on the CPU, but its backward is deterministic on CUDA,
+    where ``adaptive_avg_pool2d``'s raises under deterministic algorithms."""
+    return x.mean(dim=(2, 3))
+
+
+def global_max_pool(x: torch.Tensor) -> torch.Tensor:
+    """``[N, C, H, W] -> [N, C]``: the maximum over the positions, its gradient to the
+    first maximal one, as ``adaptive_max_pool2d(x, 1)`` (whose CUDA backward raises
+    under deterministic algorithms); this backward is a deterministic scatter."""
+    return x.flatten(2).max(dim=2).values
+
+
+class GlobalAvgPool(nn.Module):
+    """:func:`global_avg_pool` as a layer (no parameters)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return global_avg_pool(x)
+
+
 def conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
     return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.GELU()]
 
@@ -40,8 +61,7 @@ class SmallCNN(nn.Module):
             *conv_bn(width, 2 * width),
             nn.MaxPool2d(2),
             *conv_bn(2 * width, 4 * width),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
+            GlobalAvgPool(),
         )
         self.head = nn.Linear(4 * width, n_classes)
 
@@ -91,6 +111,17 @@ class AirbenchNet(nn.Module):
         self.scale = 1 / 9
 
     @torch.no_grad()
+    def init_identity(self) -> None:
+        """airbench94's conv init after the default one: every conv's first ``c_in``
+        filters pass their input channel through (``nn.init.dirac_``; a square conv is the
+        identity), and conv biases (the whitening conv's) start at zero."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.dirac_(module.weight[: module.in_channels])
+                if module.bias is not None:
+                    module.bias.zero_()
+
+    @torch.no_grad()
     def init_whitening(self, x: torch.Tensor, eps: float = 5e-4) -> None:
         """Set the first conv to the ZCA-like whitening of the 2x2 patches of ``x`` ([N, C, H, W],
         normalised): the eigenvectors of their covariance scaled by 1/sqrt(eigenvalue + eps),
@@ -108,8 +139,7 @@ class AirbenchNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.gelu(self.whiten(x))
         x = self.groups(x)
-        x = F.adaptive_max_pool2d(x, 1).flatten(1)
-        return self.head(x) * self.scale
+        return self.head(global_max_pool(x)) * self.scale
 
 
 class _BasicBlock(nn.Module):
@@ -148,7 +178,7 @@ class ResNet18(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layers(F.relu(self.bn1(self.conv1(x))))
-        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+        return self.head(global_avg_pool(x))
 
 
 def build_model(name: str, channels: int, n_classes: int) -> nn.Module:
@@ -164,7 +194,8 @@ def build_model(name: str, channels: int, n_classes: int) -> nn.Module:
 
 @torch.no_grad()
 def init_weights(model: nn.Module, gen: torch.Generator) -> None:
-    """PyTorch's default initialisation, drawn from ``gen`` in module order."""
+    """PyTorch's default initialisation, drawn from ``gen`` in module order; then
+    :meth:`AirbenchNet.init_identity` for airbench (its draws are the same)."""
     for module in model.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=gen)
@@ -174,3 +205,5 @@ def init_weights(model: nn.Module, gen: torch.Generator) -> None:
                 nn.init.uniform_(module.bias, -bound, bound, generator=gen)
         elif isinstance(module, nn.BatchNorm2d):
             module.reset_parameters()
+    if isinstance(model, AirbenchNet):
+        model.init_identity()

@@ -4,7 +4,8 @@ Run ``r`` of an experiment has seed ``base_seed + r``. Each source of randomness
 initialisation, data order, dropout, augmentation) gets its own generator, derived from
 that seed when the source is in ``vary`` and from ``base_seed`` otherwise. Fixing a source
 across runs therefore removes exactly that source of variance, and a run's randomness
-never depends on which other runs are trained beside it.
+never depends on which other runs are trained beside it. The source ``impl`` (CUDA
+kernels' non-determinism) draws no seed: :mod:`mlvar.train.determinism` handles it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mlvar.config import RANDOMNESS_SOURCES
+from mlvar.recipes import RANDOMNESS_SOURCES, SEEDED_SOURCES
 
 # Distinct stream ids so that, say, the init and order generators of one seed are unrelated.
 _SOURCE_STREAM = {name: i + 1 for i, name in enumerate(RANDOMNESS_SOURCES)}
@@ -24,9 +25,9 @@ def run_seed(base_seed: int, run_index: int) -> int:
 
 
 def source_seeds(base_seed: int, run_index: int, vary: list[str]) -> dict[str, int]:
-    """The seed each randomness source uses in run ``run_index``."""
+    """The seed each seeded randomness source uses in run ``run_index``."""
     seed = run_seed(base_seed, run_index)
-    return {s: (seed if s in vary else base_seed) for s in RANDOMNESS_SOURCES}
+    return {s: (seed if s in vary else base_seed) for s in SEEDED_SOURCES}
 
 
 def make_generator(seed: int, source: str) -> torch.Generator:

@@ -21,12 +21,18 @@ from typing import Any
 import numpy as np
 
 from mlvar import __version__
-from mlvar.config import Config, TrainConfig, check_model_input, switch_protocol, validate_train
+from mlvar.config import (
+    Config,
+    TrainConfig,
+    check_model_input,
+    default_train,
+    switch_protocol,
+    validate_train,
+)
 from mlvar.data.protocol import DEFAULT_PROTOCOL, check_protocol, protocol_of
-from mlvar.data.registry import DATASETS
 from mlvar.data.scenario import Scenario, SplitData, resolve_scenario
-from mlvar.errors import MlvarError, unknown_choice
-from mlvar.recipes import mlp_head
+from mlvar.errors import MlvarError
+from mlvar.recipes import batch_scaled_lr, mlp_head, model_spec
 from mlvar.store import (
     ExperimentStore,
     RunClaims,
@@ -35,6 +41,7 @@ from mlvar.store import (
     list_experiments,
     run_id_for,
 )
+from mlvar.train import determinism
 
 #: ``progress(done, total, message)`` in units of run-epochs.
 Progress = Callable[[int, int, str], None]
@@ -212,8 +219,7 @@ def train_config(
     under ``study``, the study's model and values for the dataset
     (:func:`mlvar.config.switch_protocol`), then the other overrides.
     """
-    if dataset not in DATASETS:
-        raise unknown_choice("dataset", dataset, DATASETS)
+    default_train(dataset, config.paths.data_root)  # a known dataset, else refused
     protocol = protocol_for(config, overrides)
     if runs < 1:
         raise MlvarError(f"--runs must be at least 1, got {runs}", "e.g. --runs 20")
@@ -223,11 +229,14 @@ def train_config(
     switch_protocol(cfg, dataset, protocol, given.get("model"), keep=set(given))
     for key, value in given.items():
         setattr(cfg, key, list(value) if key == "vary" else value)
+    if "batch_size" in given and "lr" not in given:  # airbench's lr is per 1024 examples
+        cfg.lr = batch_scaled_lr(model_spec(cfg.protocol, cfg.model), cfg.lr, cfg.batch_size)
     validate_train(cfg, f"train.{dataset}")
     if cfg.device == "cuda" and not _cuda_available():
         raise MlvarError(
             "--device cuda was asked for, but CUDA is not available here", "use --device cpu"
         )
+    determinism.check_environment(determinism.settings_for(cfg.device, cfg.vary))
     return cfg
 
 
@@ -332,8 +341,10 @@ def train(
 
     # Other processes may train this experiment at once: every run is claimed first
     # (store.RunClaims); one they hold is waited for, one they finish counts as skipped.
-    with RunClaims(store, keep=resumable) as claims:
-        _train_claimed(store, found, cfg, claims, wanted, result, progress)
+    # On CUDA: deterministic kernels unless --vary impl (train/determinism.py).
+    settings = determinism.settings_for(cfg.device, cfg.vary)
+    with RunClaims(store, keep=resumable) as claims, determinism.applied(settings) as kernels:
+        _train_claimed(store, found, cfg, claims, wanted, result, progress, kernels)
     result.trained.sort()  # a run waited for may be trained after later ones
     result.accuracy = dict(sorted(result.accuracy.items()))
     result.skipped = sorted(result.skipped + claims.finished)
@@ -349,8 +360,10 @@ def _train_claimed(
     wanted: Sequence[int],
     result: TrainResult,
     progress: Progress | None,
+    kernels: dict[str, Any],
 ) -> None:
-    """Train the runs ``wanted`` of ``store`` that are not finished, as ``claims`` allows."""
+    """Train the runs ``wanted`` of ``store`` that are not finished, as ``claims`` allows;
+    ``kernels`` is the ``run.json`` record of the kernel settings in effect."""
     import torch
 
     from mlvar.train import images
@@ -380,6 +393,7 @@ def _train_claimed(
         extra = {
             "code_version": _code_version(),
             "packages": _packages(),
+            "determinism": kernels,
             **protocol_record(found, cfg),
         }
         # On the CPU several runs may train at once in worker processes (cfg.workers):
@@ -448,6 +462,7 @@ def _train_claimed(
                 "metrics": {f"{s}_accuracy": a for s, a in acc.items()},
                 "code_version": code_version,
                 "packages": packages,
+                "determinism": kernels,
                 **protocol_record(found, cfg),
             }
             record = store.write_run(

@@ -24,6 +24,7 @@ from mlvar.data.selection import select_scenarios
 from mlvar.errors import MlvarError
 from mlvar.recipes import default_runs
 from mlvar.store import ExperimentStore, list_experiments, run_id_for
+from mlvar.train import determinism
 from mlvar.train.service import (
     Progress,
     TrainResult,
@@ -141,6 +142,7 @@ def plan_study(
             finished = sum(run_id_for(i) in done for i in range(runs))
         planned.append(PlannedExperiment(scen.name, exp, runs, finished))
     notes = [n for n in (protocol_note(scen, cfg) for scen in found) if n]
+    notes += filter(None, [determinism.impl_note(cfg.device, cfg.vary)])
     return StudyPlan(dataset, cfg, found, planned, runs, notes)
 
 

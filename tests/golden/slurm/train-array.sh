@@ -21,6 +21,7 @@
 # setup
 module load cuda/12.1
 source /shared/venvs/mlvar/bin/activate
+export CUBLAS_WORKSPACE_CONFIG=:4096:8
 
 # command
 export SUBMITIT_EXECUTOR=slurm
