@@ -15,6 +15,28 @@ import pytest
 
 from cifar_format import py2_pickle
 
+# pytest-xdist's workers inherit COLUMNS=80 and LINES=24 from execnet, which makes rich
+# wrap the wide tables that tests parse; a serial run has neither, so neither do workers.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _var in ("COLUMNS", "LINES"):
+        os.environ.pop(_var, None)
+
+# Under pytest-xdist (the README's test command runs two workers), each worker would
+# start its own Slurm cluster or Ray instance: the tests that use one run in one worker.
+_SHARED_SERVICES = {"slurm_cluster": "slurm", "slurm": "slurm", "ray_instance": "ray"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        group = next((g for f, g in _SHARED_SERVICES.items() if f in names), None)
+        if group is None and item.nodeid.startswith("tests/test_backends_ray.py"):
+            group = "ray"
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
 # The real ProPublica file lives in the shared folder beside the repository
 # (docs/design.md section 4).
 _SHARED_COMPAS = Path(__file__).resolve().parents[2] / "shared/data/compas-scores-two-years.csv"
