@@ -66,10 +66,11 @@ MAX_AUTO_PACK = 64
 #: the free device memory, on the CPU a fixed budget (bytes).
 CUDA_MEMORY_FRACTION = 0.8
 CPU_ACTIVATION_BUDGET = 2 << 30
-#: Training keeps about this many bytes per element of the layers' outputs per seed
-#: (saved inputs of the backward, BN and GELU intermediates, gradients): calibrated so
-#: that airbench at batch 1024 in bf16 needs about 1 GB per seed, as measured.
-ACTIVATION_FACTOR = 6.0
+#: Training memory per element of the layers' outputs (those of the leaf modules: the
+#: backward's saved tensors, functional GELUs, gradients), as a multiple of one element:
+#: calibrated so that airbench at batch 1024 in bf16 needs 1 GB per seed (the issue's
+#: figure; 271k leaf outputs per 32x32 image x 1024 x 2 bytes x 1.8).
+ACTIVATION_FACTOR = 1.8
 
 
 class PackedLinear(nn.Module):
@@ -221,10 +222,12 @@ class _SameInput(nn.Module):
 # ---------------------------------------------------------------- pack size
 
 
-def activation_bytes(cfg: TrainConfig, data: images.ImageData) -> int:
+def activation_bytes(
+    cfg: TrainConfig, data: images.ImageData, element_bytes: int | None = None
+) -> int:
     """Estimated training memory of one seed's activations at ``cfg.batch_size``: the
-    elements its layers output per image (counted on one small forward pass on the CPU)
-    times the batch, the bytes per element (2 in bf16 on CUDA, else 4) and
+    elements its layers output per image (counted on one forward pass of two images on
+    the CPU) times the batch, ``element_bytes`` (default 2 in bf16 on CUDA, else 4) and
     :data:`ACTIVATION_FACTOR`."""
     model = images.build_model(cfg.model, data.train_x.shape[1], data.n_classes)
     counted = [0]
@@ -239,7 +242,7 @@ def activation_bytes(cfg: TrainConfig, data: images.ImageData) -> int:
     for h in hooks:
         h.remove()
     precision = str(images.recipe_of(cfg).get("precision", "bf16"))
-    size = 2 if data.device.type == "cuda" and precision != "fp32" else 4
+    size = element_bytes or (2 if data.device.type == "cuda" and precision != "fp32" else 4)
     return int(counted[0] / 2 * cfg.batch_size * size * ACTIVATION_FACTOR)
 
 
@@ -260,8 +263,9 @@ def auto_pack_size(cfg: TrainConfig, data: images.ImageData, pending: int) -> in
 
 # ---------------------------------------------------------------- training a pack
 
-#: ``trace(kind, position, value)`` (tests): ``("init", s, state_dict)`` and
-#: ``("batch", s, indices)`` for the run at position ``s`` of the pack.
+#: ``trace(kind, position, value)`` (tests): ``("init", s, state_dict)``, ``("aug", s,
+#: draws)`` every epoch (``Augmenter.draw``) and ``("batch", s, indices)`` for the run
+#: at position ``s`` of the pack.
 Trace = Callable[[str, int, Any], None]
 
 
@@ -446,6 +450,8 @@ def _train_slice(
         images._train_whitening_bias(net, recipe, epoch)
         perms = torch.stack([torch.randperm(n, generator=g.order) for g in gens])
         draws = torch.stack([a.draw(g.aug, n, epoch) for a, g in zip(augs, gens, strict=True)])
+        for p, run_pos in enumerate(positions):
+            emit("aug", run_pos, draws[p])
         perm_d = perms.to(device, non_blocking=True)
         draws_d = draws.to(device, non_blocking=True)
         pos = 0
