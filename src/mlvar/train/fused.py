@@ -329,6 +329,12 @@ def train_pack(
             trace(kind, *payload)
 
     def work(positions: list[int], states: list, emit: Callable[..., None], stop) -> None:
+        if trace is None:  # the per-step events only when someone looks
+
+            def emit(kind: str, *payload: Any, _emit: Callable[..., None] = emit) -> None:
+                if kind == "epoch":
+                    _emit(kind, *payload)
+
         outs = _train_slice(
             data,
             cfg,
