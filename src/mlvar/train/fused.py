@@ -21,7 +21,9 @@ evolves as the run's own tensors would. A run's result therefore does not depend
 which runs share its pack, up to the rounding of the grouped kernels (``tests/
 test_fused.py`` bounds it).
 
-Checkpoints are per run: every ``checkpoint_every`` epochs each run's folder gets the
+The final logits of every split are those of each run's own network with its final
+weights (evaluated one run at a time, after training): exactly what its ``model.pt``
+computes. Checkpoints are per run: every ``checkpoint_every`` epochs each run's folder gets the
 ``single`` engine's ``checkpoint.pt`` for that run alone (its weights, momentum, EMA and
 generator states cut out of the pack), so a run resumes alone or in any pack, by either
 engine. A pack whose runs resume from different epochs trains as sub-packs of runs at
@@ -523,21 +525,39 @@ def _train_slice(
     if ema:  # the final weights are the lookahead average, as the single engine's
         with torch.no_grad():
             torch._foreach_copy_(images._ema_tensors(net), ema)
-    tta = int(recipe["tta"])
-    evaluated = {
-        split: images.predict(_SameInput(net, s), data, x, tta, precision)
-        for split, x in data.eval_x.items()
-    }
     weights = net.state_dict()
-    return [
-        images.RunOutput(
-            logits={split: v[:, p].contiguous() for split, v in evaluated.items()},
-            dynamics=torch.stack(recorded[p]) if record_dynamics else None,
-            state_dict={k: cut.of(k, v, p).detach().cpu().clone() for k, v in weights.items()},
-            resumed_from=start_epoch,
+    outputs = []
+    for p, gen in enumerate(gens):
+        state = {k: cut.of(k, v, p).detach().cpu().clone() for k, v in weights.items()}
+        outputs.append(
+            images.RunOutput(
+                logits=_evaluate(data, cfg, gen, state, recipe),
+                dynamics=torch.stack(recorded[p]) if record_dynamics else None,
+                state_dict=state,
+                resumed_from=start_epoch,
+            )
         )
-        for p in range(s)
-    ]
+    return outputs
+
+
+def _evaluate(
+    data: images.ImageData,
+    cfg: TrainConfig,
+    gen: RunGenerators,
+    state: dict[str, torch.Tensor],
+    recipe: dict[str, Any],
+) -> dict[str, torch.Tensor]:
+    """A run's final logits on every split, computed by the registry's network with its
+    weights (the single engine's kernels): the stored logits are then exactly what its
+    ``model.pt`` gives (a continuation of 0 epochs, saliency), not the pack's rounding."""
+    model = images.initial_model(data, cfg, gen, images.Start(state))
+    if data.device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    precision = str(recipe.get("precision", "bf16"))
+    tta = int(recipe["tta"])
+    return {
+        split: images.predict(model, data, x, tta, precision) for split, x in data.eval_x.items()
+    }
 
 
 def _run_state(
