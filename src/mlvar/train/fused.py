@@ -417,14 +417,27 @@ def _train_slice(
     record_dynamics: bool,
     stop: threading.Event,
 ) -> list[images.RunOutput]:
-    """Train runs that start at one epoch as one fused network."""
+    """Train runs that start at one epoch as one fused network.
+
+    A single run trains beside a twin (a copy of it with copies of its generators,
+    discarded), so that it too computes with the grouped kernels: a run's bits then do
+    not depend on its pack (on the CPU, packs of 2 and 3 measured bit-identical per run
+    for all three models, a plain convolution is not), which concurrent writers of one
+    experiment and resumed sub-packs rely on."""
     recipe = images.recipe_of(cfg)
     precision = str(recipe.get("precision", "bf16"))
     device = data.device
+    real = len(gens)
+    if real == 1:
+        gens = [gens[0], _twin(gens[0])]
+        run_dirs, identities = [run_dirs[0], None], identities * 2
+        states, positions = states * 2, [positions[0], -1]
     s = len(gens)
     models = [images.initial_model(data, cfg, g) for g in gens]
     for pos, model in zip(positions, models, strict=True):
-        emit("init", pos, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+        if pos >= 0:
+            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            emit("init", pos, state)
     net = fuse(models)
     del models
     if device.type == "cuda":
@@ -459,14 +472,16 @@ def _train_slice(
         perms = torch.stack([torch.randperm(n, generator=g.order) for g in gens])
         draws = torch.stack([a.draw(g.aug, n, epoch) for a, g in zip(augs, gens, strict=True)])
         for p, run_pos in enumerate(positions):
-            emit("aug", run_pos, draws[p])
+            if run_pos >= 0:
+                emit("aug", run_pos, draws[p])
         perm_d = perms.to(device, non_blocking=True)
         draws_d = draws.to(device, non_blocking=True)
         pos = 0
         for size in sizes:
             idx = perm_d[:, pos : pos + size]  # [S, B]
             for p, run_pos in enumerate(positions):
-                emit("batch", run_pos, perms[p, pos : pos + size])
+                if run_pos >= 0:
+                    emit("batch", run_pos, perms[p, pos : pos + size])
             xb = shared.batch(idx.reshape(-1), draws_d[:, pos : pos + size].reshape(-1, 3))
             xb = data.normalise(xb)  # [S B, C, H, W]
             xb = xb.reshape(s, size, *xb.shape[1:]).transpose(0, 1).reshape(size, -1, *xb.shape[2:])
@@ -519,7 +534,7 @@ def _train_slice(
                             "dynamics": recorded[p] if record_dynamics else [],
                         },
                     )
-        emit("epoch", s)
+        emit("epoch", real)
         if stop.is_set():
             raise _Stopped
     if ema:  # the final weights are the lookahead average, as the single engine's
@@ -527,7 +542,7 @@ def _train_slice(
             torch._foreach_copy_(images._ema_tensors(net), ema)
     weights = net.state_dict()
     outputs = []
-    for p, gen in enumerate(gens):
+    for p, gen in enumerate(gens[:real]):
         state = {k: cut.of(k, v, p).detach().cpu().clone() for k, v in weights.items()}
         outputs.append(
             images.RunOutput(
@@ -558,6 +573,16 @@ def _evaluate(
     return {
         split: images.predict(model, data, x, tta, precision) for split, x in data.eval_x.items()
     }
+
+
+def _twin(gen: RunGenerators) -> RunGenerators:
+    """A copy of ``gen`` whose generators continue from the same states."""
+    twin = copy.copy(gen)
+    for source in ("init", "order", "dropout", "aug"):
+        g = torch.Generator()
+        g.set_state(getattr(gen, source).get_state())
+        setattr(twin, source, g)
+    return twin
 
 
 def _run_state(
