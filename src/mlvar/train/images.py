@@ -1,4 +1,6 @@
-"""Seeded training of the image models (``cnn``, ``airbench``, ``resnet18``) on one device.
+"""Seeded training of the image models (``cnn``, ``airbench``, ``resnet18``) on one device:
+the ``single`` engine, one model at a time (``mlvar.train.fused`` is the ``fused`` one,
+built on the pieces here).
 
 The data pipeline lives on the device: every split is one uint8 ``[N, C, H, W]`` tensor,
 the training split is reflect-padded once, and each batch is cut out of it by one gather
