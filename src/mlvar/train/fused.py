@@ -18,8 +18,9 @@ pack's loss is their sum, so each run's gradient is that of its own loss), and i
 momentum buffers and lookahead (EMA) are its slices of the stacked ones, updated by
 multi-tensor (``torch._foreach_*``) kernels: element-wise arithmetic, so a slice
 evolves as the run's own tensors would. A run's result therefore does not depend on
-which runs share its pack, up to the rounding of the grouped kernels (``tests/
-test_fused.py`` bounds it).
+which runs share its pack: on the CPU not even in its bits (a pack of one trains beside
+a discarded twin so that it too runs the grouped kernels); against the ``single``
+engine it agrees to float rounding (``tests/test_fused.py``).
 
 The final logits of every split are those of each run's own network with its final
 weights (evaluated one run at a time, after training): exactly what its ``model.pt``
