@@ -22,6 +22,18 @@ the other with torch's default threads, the code before worker processes: the
 one-thread-per-kernel guard replaced by a no-op), ``workers=1`` (one after the other, one
 thread) and ``auto`` (``workers = 0``: one process per core, the default).
 
+Fused engine against worker processes on digits (CPU)::
+
+    python benchmarks/train_speed.py --cpu-fused                 # 16 seeds, 2 rounds
+    python benchmarks/train_speed.py --cpu-fused --seeds 16 --rounds 3 --pack-sizes 16,8
+
+trains the demo's experiment (``mlvar demo``: the CNN on digits, holdout of subclass 3,
+the cnn recipe) through ``mlvar train``'s service in this process, ``--seeds`` runs per
+variant, rounds interleaved: ``single`` (today's engine: worker processes, one per core,
+the baseline) and ``fused`` with each of ``--pack-sizes`` (0: the automatic pack). It
+prints seconds, the ratio against the baseline timed in the same run, and the test
+accuracy's mean and std over the seeds of each variant.
+
 CUDA, the prepared script for a lent H100/H200 (issue 16; under about 8 minutes)::
 
     PYTHONPATH=src python benchmarks/train_speed.py --device cuda --out train_speed_cuda.json
@@ -594,6 +606,82 @@ def print_cuda_table(info: dict) -> None:
         print(f"fused vs one at a time: {c.get('note') or c.get('error')}")
 
 
+def _train_digits(config, scenario: str, variant: str, seeds: int, name: str) -> dict:
+    """One ``mlvar train`` of the demo's experiment with ``variant``: its seconds and
+    per-run test accuracies."""
+    from mlvar.train.service import train
+
+    over: dict = {"model": "cnn", "workers": 0}
+    if variant == "single":
+        over["engine"] = "single"
+    else:
+        over["engine"], over["pack_size"] = "fused", int(variant.split("=")[1])
+    t0 = time.perf_counter()
+    result = train(config, "digits", scenario=scenario, runs=seeds, name=name, overrides=over)
+    seconds = time.perf_counter() - t0
+    assert len(result.trained) == seeds and result.engine == over["engine"]
+    return {"seconds": seconds, "test": [result.accuracy[r]["test"] for r in result.trained]}
+
+
+def measure_cpu_fused(args: argparse.Namespace) -> dict:
+    """``--cpu-fused``: the fused engine against worker processes on digits (CPU)."""
+    from mlvar.config import Config, PathsConfig
+    from mlvar.data import registry
+
+    variants = ["single"] + [f"fused pack={p}" for p in args.pack_sizes.split(",")]
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    accs: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        config = Config(paths=PathsConfig(root / "data", root / "runs", root / "reports"))
+        scenario = registry.prepare(root / "data", "digits", mode="holdout", subclass=3).name
+        _train_digits(config, scenario, variants[-1], 2, "warm-up")  # imports, kernels
+        for r in range(args.rounds):
+            for i, v in enumerate(variants if r % 2 == 0 else variants[::-1]):
+                out = _train_digits(config, scenario, v, args.seeds, f"r{r}-{i}")
+                times[v].append(out["seconds"])
+                accs[v] = out["test"]  # every round trains the same seeds alike
+    med = {v: statistics.median(t) for v, t in times.items()}
+    return {
+        "model": "cnn",
+        "dataset": "digits holdout subclass 3",
+        "seeds": args.seeds,
+        "threads": torch.get_num_threads(),
+        "seconds": times,
+        "median_s": med,
+        "speedup_vs_single": {v: med["single"] / med[v] for v in variants},
+        "test_accuracy": {
+            v: {"mean": statistics.mean(a), "std": statistics.stdev(a) if len(a) > 1 else 0.0}
+            for v, a in accs.items()
+        },
+        "max_seed_accuracy_gap": {
+            v: max(abs(x - y) for x, y in zip(a, accs["single"], strict=True))
+            for v, a in accs.items()
+        },
+    }
+
+
+def main_cpu_fused(args: argparse.Namespace) -> None:
+    r = measure_cpu_fused(args)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return
+    print(
+        f"device: CPU, {os.cpu_count()} cores, {r['threads']} torch threads; "
+        f"torch {torch.__version__}"
+    )
+    print(f"cnn on {r['dataset']}: {r['seeds']} seeds, the demo's recipe (mlvar train)")
+    print(f"  {'variant':<16} {'median s':>9} {'vs single':>9} {'test acc mean +- std':>21}")
+    for v, ts in r["seconds"].items():
+        acc = r["test_accuracy"][v]
+        print(
+            f"  {v:<16} {r['median_s'][v]:9.1f} {r['speedup_vs_single'][v]:8.2f}x "
+            f"{acc['mean']:13.4f} +- {acc['std']:.4f}   (rounds: "
+            + " ".join(f"{t:.1f}" for t in ts)
+            + f"; largest per-seed accuracy gap to single {r['max_seed_accuracy_gap'][v]:.4f})"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -625,6 +713,14 @@ def main() -> None:
     parser.add_argument("--rtol", type=float, default=1e-2, help="logits check (bf16 on CUDA)")
     parser.add_argument("--atol", type=float, default=5e-2, help="logits check")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--cpu-fused",
+        action="store_true",
+        help="digits, CPU: the fused engine against worker processes (mlvar train)",
+    )
+    parser.add_argument(
+        "--pack-sizes", default="0", help="--cpu-fused: fused pack sizes (0: automatic)"
+    )
     args = parser.parse_args()
     if args.child is not None:  # one row of the device script, in its own process
         spec = json.loads(args.child)
@@ -637,12 +733,17 @@ def main() -> None:
         main_cuda(args)
         return
     args.n_train_given = args.n_train is not None
+    seeds_given = args.seeds
     args.seeds = args.seeds or 2
     args.epochs = args.epochs or 1
     args.n_train = args.n_train or 512
     args.n_test = args.n_test or 256
     args.procs = args.procs or min(2, os.cpu_count() or 1)
     models = (args.models or "cnn,airbench,resnet18").split(",")
+    if args.cpu_fused:
+        args.seeds = seeds_given or 16
+        main_cpu_fused(args)
+        return
     if args.api:
         main_api(args, models)
         return

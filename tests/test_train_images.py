@@ -223,7 +223,11 @@ def test_model_checks(cifar_root: Path, tmp_path: Path) -> None:
 def _trained(root: Path, cifar_root: Path, workers: int, progress=None) -> ExperimentStore:
     cfg = _config(cifar_root, root)
     result = train(
-        cfg, "cifar10", runs=3, overrides=_fast("cnn", workers=workers), progress=progress
+        cfg,
+        "cifar10",
+        runs=3,
+        overrides=_fast("cnn", workers=workers, engine="single"),
+        progress=progress,
     )
     assert result.trained == ["run-0000", "run-0001", "run-0002"]
     return ExperimentStore.open(root, result.experiment)

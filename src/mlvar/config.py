@@ -33,13 +33,15 @@ from mlvar.recipes import (
     RANDOMNESS_SOURCES,
     custom_spec,
     is_custom,
+    model_engine,
     model_spec,
     models_for,
     protocol_model,
     recipe_models,
 )
 
-ENGINES = ("batched", "loop")
+#: Every --engine value (each model takes two of them: ModelSpec.engines).
+ENGINES = ("batched", "loop", "fused", "single")
 DEVICES = ("cpu", "cuda")
 LOGIT_DTYPES = ("float32", "float16")
 
@@ -64,11 +66,11 @@ class TrainConfig:
     hidden: int = 64  # width of both hidden layers
     dropout: float = 0.1  # drop probability before the output layer
     weight_decay: float = 0.0  # L2 coefficient added to the gradient (Adam or SGD)
-    engine: str = "batched"  # "batched" (all seeds stacked) or "loop" (one model at a time)
+    engine: str = "batched"  # MLP: batched | loop; image models: fused | single (recipes)
     device: str = "cpu"  # "cpu" or "cuda"
     base_seed: int = 0  # run r uses seed base_seed + r
     vary: list[str] = field(default_factory=lambda: ["init", "order", "dropout"])
-    pack_size: int = 50  # seeds trained together by the batched engine (bounds memory)
+    pack_size: int = 50  # seeds trained together (batched/fused; image models 0: automatic)
     logits_dtype: str = "float32"  # dtype of stored logits: float32 or float16
     record_dynamics: bool = False  # also store train-set logits after every epoch (float16)
     checkpoint_every: int = 2  # epochs between checkpoints of image models (0: none)
@@ -351,8 +353,12 @@ def validate_train(cfg: TrainConfig, where: str = "train") -> TrainConfig:
         raise bad("weight_decay", f"must be >= 0, got {cfg.weight_decay}", "try 0")
     if cfg.base_seed < 0:
         raise bad("base_seed", f"must be >= 0, got {cfg.base_seed}", "seeds are non-negative")
-    if cfg.pack_size < 1:
-        raise bad("pack_size", f"must be at least 1, got {cfg.pack_size}", "try 50")
+    if cfg.pack_size < (0 if cfg.model in IMAGE_MODELS else 1):
+        raise bad(
+            "pack_size",
+            f"must be at least {0 if cfg.model in IMAGE_MODELS else 1}, got {cfg.pack_size}",
+            "try 50" if cfg.model not in IMAGE_MODELS else "0: from a memory estimate",
+        )
     if cfg.checkpoint_every < 0:
         raise bad(
             "checkpoint_every", f"must be >= 0, got {cfg.checkpoint_every}", "0 disables, try 2"
@@ -391,7 +397,17 @@ def validate_train(cfg: TrainConfig, where: str = "train") -> TrainConfig:
     if is_custom(cfg.model):
         kind = DATASETS[dataset].input_kind if dataset in DATASETS else "image"
         sources = custom_spec(cfg.model, kind).sources
+        if kind == "image":  # a user's network is trained as it is: one seed at a time
+            cfg.engine = "single"
     else:
+        engine = model_engine(cfg.model, cfg.engine)
+        if engine is None:
+            raise bad(
+                "engine",
+                f"'{cfg.engine}' is no engine of model '{cfg.model}'",
+                "valid: " + ", ".join(MODELS[cfg.model].engines),
+            )
+        cfg.engine = engine
         sources = MODELS[cfg.model].sources
     for source in cfg.vary:
         if source not in RANDOMNESS_SOURCES:

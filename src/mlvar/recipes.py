@@ -48,6 +48,12 @@ class ModelSpec:
     recipe
         Fixed training details recorded in the experiment identity; empty for the MLP,
         whose identity predates recipes.
+    engines
+        The ``--engine`` values that train it, its default first in ``defaults``. The MLP:
+        ``batched`` (a pack of seeds stacked) and ``loop`` (one model at a time); the image
+        models: ``fused`` (a pack of seeds as one network, ``train/fused.py``) and
+        ``single`` (one model at a time). Each family's name for the other's engine of the
+        same kind is accepted (:data:`ENGINE_ALIASES`).
     continuation
         How a trained run of this model continues (``mlvar.train.continuation``): not part
         of the experiment identity (each retraining set records what it used). Keys:
@@ -65,6 +71,20 @@ class ModelSpec:
     defaults: dict[str, Any]
     recipe: dict[str, Any] = field(default_factory=dict)
     continuation: dict[str, Any] = field(default_factory=dict)
+    engines: tuple[str, ...] = ("batched", "loop")
+
+
+MLP_ENGINES = ("batched", "loop")
+IMAGE_ENGINES = ("fused", "single")
+#: An engine name of the other family read as this family's engine of the same kind
+#: (seeds stacked / one model at a time): ``engine = "batched"`` in a config file means
+#: stacking for every model, and a model switch never leaves an invalid engine behind.
+ENGINE_ALIASES = {"batched": "fused", "loop": "single", "fused": "batched", "single": "loop"}
+#: The image models' defaults for the engine settings: one model at a time (for the
+#: ``cnn`` on the CPU, ``fused`` measured faster: ``docs/performance.md``) and the pack
+#: size 0 (automatic: from a memory estimate, ``train/fused.py``).
+_SINGLE = {"engine": "single", "pack_size": 0}
+_FUSED = {"engine": "fused", "pack_size": 0}
 
 
 _IMAGE_SOURCES = ("init", "order", "aug", "impl")
@@ -92,6 +112,8 @@ MODELS: dict[str, ModelSpec] = {
                 "batch_size": 64,
                 "weight_decay": 0.0,
                 "vary": ["init", "order", "dropout"],
+                "engine": "batched",
+                "pack_size": 50,
             },
             continuation=_CONSTANT,
         ),
@@ -105,7 +127,9 @@ MODELS: dict[str, ModelSpec] = {
                 "batch_size": 64,
                 "weight_decay": 5e-4,
                 "vary": list(_IMAGE_VARY),
+                **_FUSED,
             },
+            engines=IMAGE_ENGINES,
             recipe={
                 "optimizer": "sgd",
                 "momentum": 0.9,
@@ -144,7 +168,9 @@ MODELS: dict[str, ModelSpec] = {
                 "batch_size": 1024,
                 "weight_decay": 0.00133,
                 "vary": list(_IMAGE_VARY),
+                **_SINGLE,
             },
+            engines=IMAGE_ENGINES,
             recipe={
                 "optimizer": "sgd",
                 "momentum": 0.85,
@@ -176,7 +202,9 @@ MODELS: dict[str, ModelSpec] = {
                 "batch_size": 128,
                 "weight_decay": 5e-4,
                 "vary": list(_IMAGE_VARY),
+                **_SINGLE,
             },
+            engines=IMAGE_ENGINES,
             recipe={
                 "optimizer": "sgd",
                 "momentum": 0.9,
@@ -231,6 +259,7 @@ STUDY_MODELS: dict[str, ModelSpec] = {
             inputs=("image",),
             sources=_IMAGE_SOURCES,
             defaults={**MODELS["resnet18"].defaults, "epochs": 150},  # lr 0.1, batch 128, wd 5e-4
+            engines=IMAGE_ENGINES,
             recipe={
                 **MODELS["resnet18"].recipe,
                 "schedule": "cosine-epochs",
@@ -282,6 +311,16 @@ def custom_spec(model: str, input_kind: str = "image") -> ModelSpec:
     base = MODELS["cnn"] if input_kind == "image" else MODELS["mlp"]
     recipe = dict(base.recipe) if input_kind == "image" else dict(CUSTOM_TABULAR_RECIPE)
     return ModelSpec(model, ("image", "tabular"), base.sources, dict(base.defaults), recipe)
+
+
+def model_engine(model: str, engine: str) -> str | None:
+    """``engine`` as ``model``'s engine (an alias of the other family's name mapped, see
+    :data:`ENGINE_ALIASES`), or None when it is no engine of ``model``."""
+    engines = MODELS[model].engines if model in MODELS else MLP_ENGINES
+    if engine in engines:
+        return engine
+    alias = ENGINE_ALIASES.get(engine)
+    return alias if alias in engines else None
 
 
 def model_spec(protocol: str, model: str) -> ModelSpec | None:

@@ -144,7 +144,8 @@ DeviceOpt = Annotated[
 EngineOpt = Annotated[
     str | None,
     typer.Option(
-        help="MLP: batched (all seeds stacked, default) or loop (one model at a time).",
+        help="MLP: batched (seeds stacked, default) or loop (one at a time); image models: "
+        "fused (seeds as one network; cnn default) or single (one at a time).",
         show_default=False,
     ),
 ]
@@ -170,7 +171,10 @@ BaseSeedOpt = Annotated[
 ]
 PackSizeOpt = Annotated[
     int | None,
-    typer.Option(help="Seeds trained together by the batched engine.", show_default=False),
+    typer.Option(
+        help="Seeds trained together by the batched/fused engine (fused 0: from memory).",
+        show_default=False,
+    ),
 ]
 RecordDynamicsOpt = Annotated[
     bool,

@@ -454,7 +454,7 @@ def continue_runs(
         target.name,
         target.root,
         device=cfg.device,
-        engine=cfg.engine if cfg.model == "mlp" else "loop",
+        engine=cfg.engine if cfg.model == "mlp" else "single",
         epochs=plan.epochs,
     )
     started = time.perf_counter()
@@ -750,7 +750,7 @@ class _Job:
             wall = time.perf_counter() - t0
             arrays = {s: v.numpy().astype(cfg.logits_dtype) for s, v in out.logits.items()}
             extra = {
-                "engine": "loop",
+                "engine": "single",
                 "pack_size": 1,
                 "started_at": started_at,
                 "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -1,4 +1,6 @@
-"""Seeded training of the image models (``cnn``, ``airbench``, ``resnet18``) on one device.
+"""Seeded training of the image models (``cnn``, ``airbench``, ``resnet18``) on one device:
+the ``single`` engine, one model at a time (``mlvar.train.fused`` is the ``fused`` one,
+built on the pieces here).
 
 The data pipeline lives on the device: every split is one uint8 ``[N, C, H, W]`` tensor,
 the training split is reflect-padded once, and each batch is cut out of it by one gather
@@ -28,6 +30,7 @@ split is normalised with the train split's statistics.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -184,7 +187,7 @@ class Augmenter:
         if flip == "alternating":
             if gen is None:
                 raise ValueError("alternating flips need the run's aug generator")
-            self.base_flip = torch.randint(0, 2, (len(x),), generator=gen)
+            self.base_flip = _flip_half(gen, len(x))
         _, c, h, w = x.shape
         device = x.device
         if translate and pad == "zero":
@@ -197,6 +200,15 @@ class Augmenter:
         self.rows = torch.arange(h, device=device)
         self.cols = torch.arange(w, device=device)
         self.channels = torch.arange(c, device=device)
+
+    def for_run(self, gen: torch.Generator) -> Augmenter:
+        """This augmenter for another run (the fused engine's seeds): the same padded
+        images, shared, and that run's alternating-flip half drawn from its ``gen``, as
+        its own augmenter would draw it."""
+        other = copy.copy(self)
+        if self.base_flip is not None:
+            other.base_flip = _flip_half(gen, len(self.base_flip))
+        return other
 
     def draw(self, gen: torch.Generator, n: int, epoch: int = 0) -> torch.Tensor:
         """Epoch ``epoch``'s draws ``[n, 3]`` (dy, dx, flip) from the run's ``aug``
@@ -223,6 +235,11 @@ class Augmenter:
             rows[:, None, :, None],
             cols[:, None, None, :],
         ]
+
+
+def _flip_half(gen: torch.Generator, n: int) -> torch.Tensor:
+    """The images an alternating flip flips in even epochs (1) and odd ones (0)."""
+    return torch.randint(0, 2, (n,), generator=gen)
 
 
 class SGD:
@@ -479,6 +496,21 @@ class Start:
     identity: dict[str, Any] | None = None
 
 
+def initial_model(
+    data: ImageData, cfg: TrainConfig, gen: RunGenerators, start: Start | None = None
+) -> nn.Module:
+    """The network a run starts from, on ``data``'s device: ``start``'s weights, or
+    initialised from the run's ``init`` generator (airbench: then its whitening)."""
+    model = make_network(cfg.model, tuple(data.train_x.shape[1:]), data.n_classes, gen.init)
+    if start is not None and start.state_dict is not None:  # a continuation: its weights
+        model.load_state_dict(start.state_dict)
+        return model.to(data.device)
+    model.to(data.device)
+    if hasattr(model, "init_whitening"):
+        model.init_whitening(data.normalise(data.train_x[:5000]))
+    return model
+
+
 def _train_run(
     data: ImageData,
     cfg: TrainConfig,
@@ -492,14 +524,7 @@ def _train_run(
 ) -> RunOutput:
     precision = str(recipe.get("precision", "bf16"))
     device = data.device
-    model = make_network(cfg.model, tuple(data.train_x.shape[1:]), data.n_classes, gen.init)
-    if start is not None and start.state_dict is not None:  # a continuation: its weights
-        model.load_state_dict(start.state_dict)
-        model.to(device)
-    else:
-        model.to(device)
-        if hasattr(model, "init_whitening"):
-            model.init_whitening(data.normalise(data.train_x[:5000]))
+    model = initial_model(data, cfg, gen, start)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     if trace:
@@ -674,6 +699,24 @@ def _train_and_write(
             data, cfg, gen, store.run_dir(run_id), on_epoch, record_dynamics=cfg.record_dynamics
         )
     wall = time.perf_counter() - t0
+    return finish_run(store, splits, cfg, index, gen, result, extra_meta, started_at, wall)
+
+
+def finish_run(
+    store: ExperimentStore,
+    splits: dict[str, SplitData],
+    cfg: TrainConfig,
+    index: int,
+    gen: RunGenerators,
+    result: RunOutput,
+    extra_meta: dict[str, Any],
+    started_at: str,
+    pack_wall: float,
+    pack_size: int = 1,
+) -> tuple[str, dict[str, float]]:
+    """Write run ``index``'s ``result`` (trained by ``cfg.engine`` in a pack of
+    ``pack_size`` runs that took ``pack_wall`` seconds); its id and accuracy."""
+    run_id = run_id_for(index)
     arrays = {s: v.numpy().astype(cfg.logits_dtype) for s, v in result.logits.items()}
     acc = {s: float((arrays[s].argmax(axis=1) == splits[s].y).mean()) for s in arrays}
     meta = {
@@ -682,13 +725,13 @@ def _train_and_write(
         "source_seeds": gen.seeds,
         "vary": cfg.vary,
         "config": cfg.record(),
-        "engine": "loop",
+        "engine": cfg.engine,
         "device": cfg.device,
-        "pack_size": 1,
+        "pack_size": pack_size,
         "started_at": started_at,
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "wall_time_s": wall,
-        "pack_wall_time_s": wall,
+        "wall_time_s": pack_wall / pack_size,
+        "pack_wall_time_s": pack_wall,
         "resumed_from_epoch": result.resumed_from,
         "metrics": {f"{s}_accuracy": a for s, a in acc.items()},
         **extra_meta,

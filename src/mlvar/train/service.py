@@ -428,13 +428,17 @@ def _train_claimed(
         }
         # On the CPU several runs may train at once in worker processes (cfg.workers):
         # they are yielded as they finish, and listed here in run order.
-        for run_id, acc in images.train_runs(
+        # The single engine here, the fused one (packs of seeds as one network) there.
+        from mlvar.train import fused
+
+        runner = fused.train_runs if cfg.engine == "fused" else images.train_runs
+        for run_id, acc in runner(
             store, found, splits, cfg, pending, extra, progress, schedule=claims.packs
         ):
             result.trained.append(run_id)
             result.accuracy[run_id] = acc
             trained_epochs += cfg.epochs
-        result.engine = "loop"
+        result.engine = cfg.engine
         result.wall_time_s = time.perf_counter() - started_all
         return
     device = torch.device(cfg.device)
