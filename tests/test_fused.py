@@ -51,7 +51,7 @@ def narrow(monkeypatch: pytest.MonkeyPatch) -> None:
             return models.AirbenchNet(channels, n_classes, widths=(8, 16, 16))
         return real(name, channels, n_classes)
 
-    monkeypatch.setattr(images, "build_model", build)
+    monkeypatch.setattr(models, "build_model", build)  # make_network and fused look it up there
 
 
 def _cfg(model: str, epochs: int = 2, **extra) -> TrainConfig:

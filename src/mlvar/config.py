@@ -353,11 +353,14 @@ def validate_train(cfg: TrainConfig, where: str = "train") -> TrainConfig:
         raise bad("weight_decay", f"must be >= 0, got {cfg.weight_decay}", "try 0")
     if cfg.base_seed < 0:
         raise bad("base_seed", f"must be >= 0, got {cfg.base_seed}", "seeds are non-negative")
-    if cfg.pack_size < (0 if cfg.model in IMAGE_MODELS else 1):
+    # Image models (and users' models, which take the cnn's defaults) may leave the pack
+    # size to a memory estimate (0); the MLP's batched engine needs one.
+    auto_pack = cfg.model in IMAGE_MODELS or is_custom(cfg.model)
+    if cfg.pack_size < (0 if auto_pack else 1):
         raise bad(
             "pack_size",
-            f"must be at least {0 if cfg.model in IMAGE_MODELS else 1}, got {cfg.pack_size}",
-            "try 50" if cfg.model not in IMAGE_MODELS else "0: from a memory estimate",
+            f"must be at least {0 if auto_pack else 1}, got {cfg.pack_size}",
+            "0: from a memory estimate" if auto_pack else "try 50",
         )
     if cfg.checkpoint_every < 0:
         raise bad(

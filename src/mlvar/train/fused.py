@@ -56,7 +56,7 @@ from torch.nn import functional as F
 from mlvar.config import TrainConfig
 from mlvar.data.scenario import Scenario, SplitData
 from mlvar.store import ExperimentStore, run_id_for
-from mlvar.train import images
+from mlvar.train import images, models
 from mlvar.train.mlp import _one_thread_per_kernel
 from mlvar.train.seeding import RunGenerators
 
@@ -232,7 +232,7 @@ def activation_bytes(
     elements its layers output per image (counted on one forward pass of two images on
     the CPU) times the batch, ``element_bytes`` (default 2 in bf16 on CUDA, else 4) and
     :data:`ACTIVATION_FACTOR`."""
-    model = images.build_model(cfg.model, data.train_x.shape[1], data.n_classes)
+    model = models.build_model(cfg.model, data.train_x.shape[1], data.n_classes)
     counted = [0]
 
     def count(_m: nn.Module, _i: Any, out: torch.Tensor) -> None:
