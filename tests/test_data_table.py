@@ -28,7 +28,6 @@ from mlvar.analysis import service as analysis
 from mlvar.analysis.metrics import softmax
 from mlvar.config import Config, PathsConfig
 from mlvar.data import registry, table
-from mlvar.data.scenario import open_scenario
 from mlvar.errors import MlvarError
 from mlvar.store import ExperimentStore
 from mlvar.train.study import train_study
@@ -117,8 +116,15 @@ def test_force_replaces_and_names_are_checked(tables: Path, tmp_path: Path) -> N
 # --------------------------------------------------------------------------- split, encoding
 
 
-def test_split_is_stratified_and_seeded(root: Path) -> None:
-    scenario = registry.prepare(root, "wine", mode="original")
+@pytest.fixture(scope="module")
+def wine_original(root: Path):
+    """``wine-original``, prepared once for the tests of this module that read it (each
+    xdist worker has its own module fixtures, so no test relies on another's output)."""
+    return registry.prepare(root, "wine", mode="original")
+
+
+def test_split_is_stratified_and_seeded(wine_original) -> None:
+    scenario = wine_original
     y = load_wine().target
     index = _split(y)
     for split, pos in index.items():
@@ -133,8 +139,8 @@ def test_split_is_stratified_and_seeded(root: Path) -> None:
     assert scenario.class_names == ["0", "1", "2"]
 
 
-def test_encoding_imputation_and_standardisation(root: Path) -> None:
-    scenario = open_scenario(root, "wine-original")
+def test_encoding_imputation_and_standardisation(wine_original) -> None:
+    scenario = wine_original
     frame = _wine_frame()
     train = _split(frame["target"].to_numpy())["train"]
     features = [c for c in frame.columns if c != "target"]
