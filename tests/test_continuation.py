@@ -166,6 +166,8 @@ def test_cnn_starts_from_the_saved_weights_and_resumes_identically(
     b = ExperimentStore.open(tmp_path, "killed")
     (rb,) = b.runs(verify=True)
     assert rb.meta["resumed_from_epoch"] == 1
+    # The source trained with the fused engine, so it continues (tests/test_fused.py).
+    assert whole.engine == "fused" and rb.meta["engine"] == "fused" and rb.meta["pack_size"] == 1
     assert _same_state(_weights(a, "run-0000"), _weights(b, "run-0000"))
     for split, logits in _logits(a, "run-0000").items():
         assert np.array_equal(logits, _logits(b, "run-0000")[split])

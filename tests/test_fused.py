@@ -5,6 +5,7 @@ through ``mlvar train`` ends with the uninterrupted runs."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -221,3 +222,105 @@ def test_engine_names_and_pack_size() -> None:
     assert fused.auto_pack_size(cfg, cifar, 100) == fused.CPU_ACTIVATION_BUDGET // per_seed
     cfg.pack_size = 8
     assert fused.auto_pack_size(cfg, cifar, 100) == 8 and fused.auto_pack_size(cfg, cifar, 3) == 3
+
+
+# ---------------------------------------------------------------- continued runs
+
+
+def _continued_single(data, pool_x, pool_y, cfg, index, add, start, stats):
+    """The single engine's continuation of run ``index`` (as ``mlvar.train.continuation``
+    trains it): the train split then pool rows ``add``, from ``start``."""
+    run = dataclasses.replace(
+        data,
+        train_x=torch.cat([data.train_x, pool_x[add]]),
+        train_y=torch.cat([data.train_y, pool_y[add]]),
+    )
+    if stats is not None:
+        run = dataclasses.replace(run, mean=stats[0], std=stats[1])
+    seen: dict = {"batch": []}
+
+    def trace(kind: str, value) -> None:
+        if kind == "init":
+            seen["init"] = value
+        else:
+            seen["batch"].append(value.clone())
+
+    with images._one_thread_per_kernel(data.device):
+        out = images.train_run(run, cfg, _gens(cfg, [index])[0], trace=trace, start=start)
+    return out, seen
+
+
+@pytest.mark.parametrize("model", ["cnn", "airbench"])
+@pytest.mark.parametrize("from_scratch", [False, True])
+def test_a_continued_seed_is_its_single_continuation(
+    data, model: str, from_scratch: bool, narrow: None
+) -> None:
+    """Continued runs of one pack, each on the train split plus its own 5 pool rows (one
+    shared table), from given weights or from scratch with its own enlarged set's
+    normalisation: each starts where the single engine starts (bit for bit), sees its
+    batches and ends at its logits to float tolerance; a run's result does not depend on
+    its pack."""
+    cfg = _cfg(model)
+    rng = np.random.default_rng(1)
+    pool = tiny_split(rng, 20, 2000)
+    pool_x, pool_y = images.to_nchw(pool.x), torch.from_numpy(pool.y)
+    n = len(data.train_y)
+    table = dataclasses.replace(
+        data, train_x=torch.cat([data.train_x, pool_x]), train_y=torch.cat([data.train_y, pool_y])
+    )
+    adds = {0: torch.tensor([1, 4, 7, 9, 15]), 1: torch.tensor([0, 2, 3, 12, 19])}
+    trained = _single(data, cfg, 5)[0].state_dict  # weights some training reached
+    starts, stats = {}, {}
+    for index, add in adds.items():
+        weights = (
+            None
+            if from_scratch
+            else {k: v + 0.01 * index if v.is_floating_point() else v for k, v in trained.items()}
+        )
+        starts[index] = images.Start(weights, identity={"added": add.tolist()})
+        if from_scratch:
+            enlarged = torch.cat([data.train_x, pool_x[add]])
+            stats[index] = tuple(t.float() for t in images.channel_stats(enlarged, 16))
+
+    def continuation(indices):
+        return fused.Continuation(
+            [starts[i] for i in indices],
+            torch.stack([torch.cat([torch.arange(n), n + adds[i]]) for i in indices]),
+            [stats[i] for i in indices] if from_scratch else None,
+        )
+
+    outs, seen = _pack(table, cfg, [0, 1], continuation=continuation([0, 1]))
+    for pos, index in enumerate([0, 1]):
+        single, alone = _continued_single(
+            data, pool_x, pool_y, cfg, index, adds[index], starts[index], stats.get(index)
+        )
+        assert all(torch.equal(seen[pos]["init"][k], v) for k, v in alone["init"].items())
+        if not from_scratch:
+            assert all(
+                torch.equal(alone["init"][k], v) for k, v in starts[index].state_dict.items()
+            )
+        assert len(seen[pos]["batch"]) == len(alone["batch"]) > 0
+        assert all(
+            torch.equal(a, b) for a, b in zip(seen[pos]["batch"], alone["batch"], strict=True)
+        )
+        # An epoch's batches draw from the run's n + 5 rows, its pool rows included.
+        first = torch.cat(seen[pos]["batch"][: len(alone["batch"]) // cfg.epochs])
+        assert len(first.unique()) == len(first) and n < first.max() < n + 5
+        _close(single, outs[pos])
+    assert not torch.allclose(outs[0].logits["test"], outs[1].logits["test"], atol=1e-3)
+    (alone,), _ = _pack(table, cfg, [1], continuation=continuation([1]))
+    assert all(torch.equal(alone.logits[s], outs[1].logits[s]) for s in data.eval_x)
+
+
+def test_the_train_split_without_tta(data, narrow: None) -> None:
+    """``--no-train-tta``: the fused engine's train logits are one plain pass, as the
+    single engine's (airbench's recipe flips and translates at test time)."""
+    cfg = _cfg("airbench", epochs=1, train_tta=False)
+    assert (
+        images.split_tta(images.recipe_of(cfg), cfg, "train")
+        == 0
+        < int(images.recipe_of(cfg)["tta"])
+    )
+    (out,), _ = _pack(data, cfg, [0])
+    single, _ = _single(data, cfg, 0)
+    _close(single, out)

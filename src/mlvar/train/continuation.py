@@ -454,7 +454,7 @@ def continue_runs(
         target.name,
         target.root,
         device=cfg.device,
-        engine=cfg.engine if cfg.model == "mlp" else "single",
+        engine=cfg.engine if cfg.model == "mlp" or cfg.engine == "fused" else "single",
         epochs=plan.epochs,
     )
     started = time.perf_counter()
@@ -689,52 +689,167 @@ class _Job:
 
     def _images(self, pending: list[str], claims: RunClaims, result: ContinueResult) -> None:
         from mlvar.train import images
-        from mlvar.train.mlp import _one_thread_per_kernel
 
         cfg = dataclasses.replace(
             self.cfg, epochs=self.plan.epochs, lr=self.plan.lr, record_dynamics=False
         )
         cfg.protocol = self.cfg.protocol
         device = torch.device(cfg.device)
-        manifest = self.scenario.manifest
         # Normalised with the train split's statistics, which the weights were trained with.
+        manifest = self.scenario.manifest
         base = images._build_data(self.splits, manifest, device, cfg, train=self.train)
-        pool_x = images.to_nchw(self.pool.x).to(device)
-        pool_y = torch.from_numpy(self.pool.y).to(device)
-        normalise = images.recipe_of(cfg).get("normalise")
-        # One run at a time in this process (each trains on its own rows).
+        pool = (images.to_nchw(self.pool.x).to(device), torch.from_numpy(self.pool.y).to(device))
+        if cfg.engine == "fused":
+            self._images_fused(pending, claims, result, cfg, base, pool)
+        else:
+            self._images_single(pending, claims, result, cfg, base, pool)
+
+    def _image_start(self, run_id: str) -> Any:
+        from mlvar.train import images
+
+        return images.Start(
+            state_dict=self._start_weights(run_id),
+            schedule_offset=self.plan.schedule_offset,
+            identity=dict(self._continued_from(run_id)),
+        )
+
+    def _scratch_stats(
+        self, run_id: str, cfg: TrainConfig, max_value: float, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normalisation a retraining from scratch uses: as ``mlvar train`` on the
+        enlarged set would, that set's statistics (or the recipe's constants)."""
+        from mlvar.train import images
+        from mlvar.train.mlp import _one_thread_per_kernel
+
+        enlarged = np.concatenate([self.train.x, self.pool.x[self.positions[run_id]]])
+        with _one_thread_per_kernel(device):
+            mean, std = images.channel_stats(
+                images.to_nchw(enlarged), max_value, images.recipe_of(cfg).get("normalise")
+            )
+        return mean.float().to(device), std.float().to(device)
+
+    def _image_trace(self, run_id_of: Callable[[Any], str]) -> Callable[..., None] | None:
+        """The engines' trace events (``init`` -> ``start`` when continuing) under the
+        continuation's run ids (``run_id_of(position or None)``)."""
+        if self.trace is None:
+            return None
+        user = self.trace
+
+        def trace(kind: str, *payload: Any) -> None:
+            where, value = (None, payload[0]) if len(payload) == 1 else payload
+            if kind == "init" and not self.from_scratch:
+                kind = "start"
+            user(kind, run_id_of(where), value)
+
+        return trace
+
+    def _write_image_run(
+        self,
+        run_id: str,
+        out: Any,
+        gen: RunGenerators,
+        cfg: TrainConfig,
+        timing: dict[str, Any],
+        result: ContinueResult,
+    ) -> None:
+        arrays = {s: v.numpy().astype(cfg.logits_dtype) for s, v in out.logits.items()}
+        extra = {
+            **timing,
+            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "resumed_from_epoch": out.resumed_from,
+        }
+        self._write(run_id, arrays, out.state_dict, gen, extra, result)
+
+    def _images_fused(
+        self,
+        pending: list[str],
+        claims: RunClaims,
+        result: ContinueResult,
+        cfg: TrainConfig,
+        base: Any,
+        pool: tuple[torch.Tensor, torch.Tensor],
+    ) -> None:
+        """Continued runs as the fused engine trains runs (``mlvar.train.fused``): packs of
+        runs that train on equally many rows (a set's runs all add the same number), one
+        table of train + pool rows, each run indexing its own."""
+        from mlvar.train import fused
+
+        n_train = len(base.train_y)
+        table = dataclasses.replace(
+            base,
+            train_x=torch.cat([base.train_x, pool[0]]),
+            train_y=torch.cat([base.train_y, pool[1]]),
+        )
+        rows = {
+            r: torch.cat([torch.arange(n_train), n_train + torch.from_numpy(self.positions[r])])
+            for r in pending
+        }
+        by_size: dict[int, list[int]] = {}
+        for r in pending:
+            by_size.setdefault(len(rows[r]), []).append(self._index(r))
+        for indices in by_size.values():
+            size = fused.auto_pack_size(cfg, base, len(indices))
+            for pack in claims.packs(indices, size):
+                ids = [run_id_for(i) for i in pack]
+                gens = [self._generators(r) for r in ids]
+                stats = None
+                if self.from_scratch:
+                    stats = [self._scratch_stats(r, cfg, base.max_value, base.device) for r in ids]
+                continuation = fused.Continuation(
+                    starts=[self._image_start(r) for r in ids],
+                    rows=torch.stack([rows[r] for r in ids]),
+                    stats=stats,
+                )
+                label = f"runs {ids[0]}..{ids[-1]}"
+                started_at = datetime.now(UTC).isoformat(timespec="seconds")
+                t0 = time.perf_counter()
+                outputs = fused.train_pack(
+                    table,
+                    cfg,
+                    gens,
+                    [self.target.run_dir(r) for r in ids],
+                    lambda done, _total, label=label: self._report(done, label),
+                    trace=self._image_trace(lambda pos, ids=ids: ids[pos]),
+                    continuation=continuation,
+                )
+                wall = time.perf_counter() - t0
+                timing = {
+                    "engine": "fused",
+                    "pack_size": len(ids),
+                    "started_at": started_at,
+                    "wall_time_s": wall / len(ids),
+                    "pack_wall_time_s": wall,
+                }
+                for run_id, gen, out in zip(ids, gens, outputs, strict=True):
+                    self._write_image_run(run_id, out, gen, cfg, timing, result)
+                self.done_epochs += len(ids) * cfg.epochs
+
+    def _images_single(
+        self,
+        pending: list[str],
+        claims: RunClaims,
+        result: ContinueResult,
+        cfg: TrainConfig,
+        base: Any,
+        pool: tuple[torch.Tensor, torch.Tensor],
+    ) -> None:
+        """Continued runs one at a time in this process (each trains on its own rows)."""
+        from mlvar.train import images
+        from mlvar.train.mlp import _one_thread_per_kernel
+
+        device = base.device
         for pack in claims.packs([self._index(r) for r in pending], 1):
             run_id = run_id_for(pack[0])
             add = torch.from_numpy(self.positions[run_id]).to(device)
             data = dataclasses.replace(
                 base,
-                train_x=torch.cat([base.train_x, pool_x[add]]),
-                train_y=torch.cat([base.train_y, pool_y[add]]),
+                train_x=torch.cat([base.train_x, pool[0][add]]),
+                train_y=torch.cat([base.train_y, pool[1][add]]),
             )
             if self.from_scratch:  # as mlvar train on the enlarged set: its statistics
-                enlarged = np.concatenate([self.train.x, self.pool.x[self.positions[run_id]]])
-                with _one_thread_per_kernel(device):
-                    mean, std = images.channel_stats(
-                        images.to_nchw(enlarged), base.max_value, normalise
-                    )
-                data = dataclasses.replace(
-                    data, mean=mean.float().to(device), std=std.float().to(device)
-                )
+                mean, std = self._scratch_stats(run_id, cfg, base.max_value, device)
+                data = dataclasses.replace(data, mean=mean, std=std)
             gen = self._generators(run_id)
-            start = images.Start(
-                state_dict=self._start_weights(run_id),
-                schedule_offset=self.plan.schedule_offset,
-                identity={k: v for k, v in self._continued_from(run_id).items()},
-            )
-            trace = None
-            if self.trace is not None:
-                user = self.trace
-
-                def trace(kind: str, value: Any, run_id=run_id, user=user) -> None:
-                    user(
-                        "start" if kind == "init" and not self.from_scratch else kind, run_id, value
-                    )
-
             started_at = datetime.now(UTC).isoformat(timespec="seconds")
             t0 = time.perf_counter()
             with _one_thread_per_kernel(device):
@@ -744,21 +859,18 @@ class _Job:
                     gen,
                     self.target.run_dir(run_id),
                     lambda done, _total, run_id=run_id: self._report(done, run_id),
-                    trace=trace,
-                    start=start,
+                    trace=self._image_trace(lambda _pos, run_id=run_id: run_id),
+                    start=self._image_start(run_id),
                 )
             wall = time.perf_counter() - t0
-            arrays = {s: v.numpy().astype(cfg.logits_dtype) for s, v in out.logits.items()}
-            extra = {
+            timing = {
                 "engine": "single",
                 "pack_size": 1,
                 "started_at": started_at,
-                "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
                 "wall_time_s": wall,
                 "pack_wall_time_s": wall,
-                "resumed_from_epoch": out.resumed_from,
             }
-            self._write(run_id, arrays, out.state_dict, gen, extra, result)
+            self._write_image_run(run_id, out, gen, cfg, timing, result)
             self.done_epochs += cfg.epochs
 
 

@@ -44,7 +44,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -273,6 +273,44 @@ Trace = Callable[[str, int, Any], None]
 
 
 @dataclass
+class Continuation:
+    """What makes the runs of a pack continued runs (``mlvar.train.continuation``).
+
+    ``starts``: each run's :class:`images.Start` (its weights, or None to initialise from
+    its ``init`` generator; one ``schedule_offset`` for the pack); ``rows``: ``[S, n]``
+    rows of ``data.train_x`` each run trains on, in the order of its own training set
+    (its epoch permutations index these), equally many for every run; ``stats``: each
+    run's ``(mean, std)`` normalisation, or None for ``data``'s (a retraining from scratch
+    normalises with its enlarged set's statistics, as ``mlvar train`` would).
+    """
+
+    starts: list[images.Start]
+    rows: torch.Tensor
+    stats: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def pick(self, positions: list[int]) -> Continuation:
+        """The continuation of the runs at ``positions`` of the pack."""
+        return Continuation(
+            [self.starts[p] for p in positions],
+            self.rows[positions],
+            None if self.stats is None else [self.stats[p] for p in positions],
+        )
+
+    def run_data(self, data: images.ImageData, p: int, whitening: bool) -> images.ImageData:
+        """``data`` as run ``p`` sees it: its normalisation, and with ``whitening`` (a
+        network initialised from its generator computes its whitening from its first
+        training images) its own training rows."""
+        run = data
+        if self.stats is not None:
+            mean, std = self.stats[p]
+            run = replace(run, mean=mean, std=std)
+        if whitening:
+            rows = self.rows[p]
+            run = replace(run, train_x=data.train_x[rows], train_y=data.train_y[rows])
+        return run
+
+
+@dataclass
 class _Group:
     """Runs of a pack that start at one epoch (a fresh pack: all of them)."""
 
@@ -289,16 +327,21 @@ def train_pack(
     record_dynamics: bool = False,
     trace: Trace | None = None,
     threads: int | None = None,
+    continuation: Continuation | None = None,
 ) -> list[images.RunOutput]:
     """Train the runs of ``gens`` as fused packs; one :class:`images.RunOutput` per run.
 
     ``run_dirs`` (one per run) get per-run checkpoints and are resumed from;
     ``progress(done, total)`` counts run-epochs of the whole pack; ``threads`` (CPU;
-    default one per core torch would use) train slices of the pack in parallel.
+    default one per core torch would use) train slices of the pack in parallel;
+    ``continuation`` continues trained runs, each on its own rows (:class:`Continuation`).
     """
     s = len(gens)
     dirs = run_dirs or [None] * s
-    identities = [images._identity_hash(cfg, g.seeds) for g in gens]
+    extras = [None] * s if continuation is None else [st.identity for st in continuation.starts]
+    identities = [
+        images._identity_hash(cfg, g.seeds, extra) for g, extra in zip(gens, extras, strict=True)
+    ]
     by_epoch: dict[int, _Group] = {}
     for pos, (run_dir, identity) in enumerate(zip(dirs, identities, strict=True)):
         state = (
@@ -349,6 +392,7 @@ def train_pack(
             emit,
             record_dynamics,
             stop,
+            None if continuation is None else continuation.pick(positions),
         )
         for p, out in zip(positions, outs, strict=True):
             outputs[p] = out
@@ -417,8 +461,10 @@ def _train_slice(
     emit: Callable[..., None],
     record_dynamics: bool,
     stop: threading.Event,
+    continuation: Continuation | None = None,
 ) -> list[images.RunOutput]:
-    """Train runs that start at one epoch as one fused network.
+    """Train runs that start at one epoch as one fused network (``continuation``: continued
+    runs, see :class:`Continuation`).
 
     A single run trains beside a twin (a copy of it with copies of its generators,
     discarded), so that it too computes with the grouped kernels: a run's bits then do
@@ -433,8 +479,21 @@ def _train_slice(
         gens = [gens[0], _twin(gens[0])]
         run_dirs, identities = [run_dirs[0], None], identities * 2
         states, positions = states * 2, [positions[0], -1]
+        if continuation is not None:
+            continuation = continuation.pick([0, 0])
     s = len(gens)
-    models = [images.initial_model(data, cfg, g) for g in gens]
+    if continuation is None:
+        run_data = [data] * s
+        models = [images.initial_model(data, cfg, g) for g in gens]
+    else:
+        starts = continuation.starts
+        run_data = [continuation.run_data(data, p, False) for p in range(s)]
+        models = [
+            images.initial_model(
+                continuation.run_data(data, p, starts[p].state_dict is None), cfg, g, starts[p]
+            )
+            for p, g in enumerate(gens)
+        ]
     for pos, model in zip(positions, models, strict=True):
         if pos >= 0:
             state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -448,16 +507,24 @@ def _train_slice(
     opt = ForeachSGD(single.groups, single.momentum, single.nesterov)
     ema = [t.clone() for t in images._ema_tensors(net)] if recipe["lookahead"] else []
     ema_names = [k for k, v in net.state_dict().items() if v.dtype.is_floating_point][: len(ema)]
+    rows = None if continuation is None else continuation.rows.to(device)
+    n = len(data.train_y) if rows is None else rows.shape[1]
     shared = images.Augmenter(
         data.train_x,
         int(recipe["translate"]),
         recipe["flip"],
         str(recipe.get("pad", "reflect")),
         gens[0].aug,
+        n,
     )
     augs = [shared] + [shared.for_run(g.aug) for g in gens[1:]]
-    per_epoch = images.epoch_lrs(recipe, cfg.lr, cfg.epochs)
-    n = len(data.train_y)
+    offset = 0 if continuation is None else continuation.starts[0].schedule_offset
+    per_epoch = images.epoch_lrs(recipe, cfg.lr, offset + cfg.epochs)
+    if per_epoch is not None:
+        per_epoch = per_epoch[offset:]
+    elif offset:
+        raise ValueError(f"schedule {recipe['schedule']!r} has no epoch offset")
+    norm = _pack_normaliser(data, continuation, s)
     sizes = images.steps_per_epoch(n, cfg.batch_size, bool(recipe.get("drop_last", False)))
     total = cfg.epochs * len(sizes)
     recorded: list[list[torch.Tensor]] = [[] for _ in range(s)]
@@ -483,9 +550,11 @@ def _train_slice(
             for p, run_pos in enumerate(positions):
                 if run_pos >= 0:
                     emit("batch", run_pos, perms[p, pos : pos + size])
+            if rows is not None:  # each run's positions -> rows of the shared table
+                idx = rows.gather(1, idx)
             xb = shared.batch(idx.reshape(-1), draws_d[:, pos : pos + size].reshape(-1, 3))
-            xb = data.normalise(xb)  # [S B, C, H, W]
-            xb = xb.reshape(s, size, *xb.shape[1:]).transpose(0, 1).reshape(size, -1, *xb.shape[2:])
+            xb = norm(xb).reshape(s, size, *xb.shape[1:])  # [S, B, C, H, W]
+            xb = xb.transpose(0, 1).reshape(size, -1, *xb.shape[3:])
             if device.type == "cuda":
                 xb = xb.contiguous(memory_format=torch.channels_last)
             pos += size
@@ -547,7 +616,7 @@ def _train_slice(
         state = {k: cut.of(k, v, p).detach().cpu().clone() for k, v in weights.items()}
         outputs.append(
             images.RunOutput(
-                logits=_evaluate(data, cfg, gen, state, recipe),
+                logits=_evaluate(run_data[p], cfg, gen, state, recipe),
                 dynamics=torch.stack(recorded[p]) if record_dynamics else None,
                 state_dict=state,
                 resumed_from=start_epoch,
@@ -570,10 +639,31 @@ def _evaluate(
     if data.device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     precision = str(recipe.get("precision", "bf16"))
-    tta = int(recipe["tta"])
     return {
-        split: images.predict(model, data, x, tta, precision) for split, x in data.eval_x.items()
+        split: images.predict(model, data, x, images.split_tta(recipe, cfg, split), precision)
+        for split, x in data.eval_x.items()
     }
+
+
+def _pack_normaliser(
+    data: images.ImageData, continuation: Continuation | None, s: int
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x [S B, C, H, W] -> normalised``: with ``data``'s statistics, or each run's own
+    (a retraining from scratch), by the same element-wise arithmetic as
+    :meth:`images.ImageData.normalise`, so a run's inputs are its own engine's bits."""
+    if continuation is None or continuation.stats is None:
+        return data.normalise
+    mean = torch.stack([m for m, _ in continuation.stats]).to(data.device)  # [S, 1, C, 1, 1]
+    std = torch.stack([d for _, d in continuation.stats]).to(data.device)
+
+    def normalise(x: torch.Tensor) -> torch.Tensor:
+        shaped = x.reshape(s, -1, *x.shape[1:]).float()
+        out = ((shaped / data.max_value - mean) / std).reshape(x.shape)
+        if out.device.type == "cuda":
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
+
+    return normalise
 
 
 def _twin(gen: RunGenerators) -> RunGenerators:

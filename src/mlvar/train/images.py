@@ -181,13 +181,16 @@ class Augmenter:
         flip: bool | str,
         pad: str = "reflect",
         gen: torch.Generator | None = None,
+        n: int | None = None,
     ) -> None:
         self.translate, self.flip = translate, flip
         self.base_flip: torch.Tensor | None = None
         if flip == "alternating":
             if gen is None:
                 raise ValueError("alternating flips need the run's aug generator")
-            self.base_flip = _flip_half(gen, len(x))
+            # ``n``: the run's training-set size where ``x`` holds more rows than it trains
+            # on (the fused engine's continued runs index one table of train + pool rows).
+            self.base_flip = _flip_half(gen, len(x) if n is None else n)
         _, c, h, w = x.shape
         device = x.device
         if translate and pad == "zero":
