@@ -72,6 +72,10 @@ def test_alternating_flip_order_and_resume() -> None:
     flips = [aug.draw(gen, 1000, epoch)[:, 2] for epoch in range(4)]
     assert torch.equal(flips[0], expected) and torch.equal(flips[2], expected)
     assert torch.equal(flips[1], 1 - expected) and torch.equal(flips[3], 1 - expected)
+    # The flip is the sample's: in a shuffled epoch position i carries sample order[i]'s.
+    order = torch.randperm(1000, generator=make_generator(6, "order"))
+    shuffled = aug.draw(gen, 1000, 1, order)[:, 2]
+    assert torch.equal(shuffled, 1 - expected[order]) and not torch.equal(shuffled, flips[1])
     # translations are still drawn every epoch, after the base flips; flips draw nothing
     after_base = make_generator(5, "aug")
     torch.randint(0, 2, (1000,), generator=after_base)

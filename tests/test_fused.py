@@ -122,8 +122,14 @@ def test_each_seed_is_its_single_run(data, model: str, narrow: None) -> None:
         gen = _gens(cfg, [index])[0]
         recipe = images.recipe_of(cfg)
         aug = images.Augmenter(data.train_x, int(recipe["translate"]), recipe["flip"], gen=gen.aug)
+        n = len(data.train_y)
+        flips = torch.zeros(len(seen[pos]["aug"]), n, dtype=torch.int64)
         for epoch, draws in enumerate(seen[pos]["aug"]):
-            assert torch.equal(draws, aug.draw(gen.aug, len(data.train_y), epoch))
+            order = torch.randperm(n, generator=gen.order)  # the epoch's, as training draws it
+            assert torch.equal(draws, aug.draw(gen.aug, n, epoch, order))
+            flips[epoch, order] = draws[:, 2]  # by sample
+        if recipe["flip"] == "alternating":  # every image flipped in every other epoch
+            assert torch.equal(flips[1], 1 - flips[0]) and 0 < flips[0].sum() < n
     # The seeds differ from each other (the test would pass trivially otherwise).
     assert not torch.allclose(outs[0].logits["test"], outs[1].logits["test"], atol=1e-3)
 

@@ -538,7 +538,12 @@ def _train_slice(
     for epoch in range(start_epoch, cfg.epochs):
         images._train_whitening_bias(net, recipe, epoch)
         perms = torch.stack([torch.randperm(n, generator=g.order) for g in gens])
-        draws = torch.stack([a.draw(g.aug, n, epoch) for a, g in zip(augs, gens, strict=True)])
+        draws = torch.stack(
+            [
+                a.draw(g.aug, n, epoch, perms[p])
+                for p, (a, g) in enumerate(zip(augs, gens, strict=True))
+            ]
+        )
         for p, run_pos in enumerate(positions):
             if run_pos >= 0:
                 emit("aug", run_pos, draws[p])

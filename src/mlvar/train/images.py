@@ -213,16 +213,21 @@ class Augmenter:
             other.base_flip = _flip_half(gen, len(self.base_flip))
         return other
 
-    def draw(self, gen: torch.Generator, n: int, epoch: int = 0) -> torch.Tensor:
+    def draw(
+        self, gen: torch.Generator, n: int, epoch: int = 0, order: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Epoch ``epoch``'s draws ``[n, 3]`` (dy, dx, flip) from the run's ``aug``
-        generator."""
+        generator, one per position of the epoch's sample ``order`` (its permutation;
+        default the samples in order). An alternating flip belongs to the sample, not to
+        the position: position ``i`` gets sample ``order[i]``'s flip of this epoch."""
         draws = torch.zeros(n, 3, dtype=torch.int64)
         if self.translate:
             draws[:, :2] = torch.randint(0, 2 * self.translate + 1, (n, 2), generator=gen)
         else:
             draws[:, :2] = 0
         if self.base_flip is not None:
-            draws[:, 2] = self.base_flip ^ (epoch % 2)
+            base = self.base_flip if order is None else self.base_flip[order]
+            draws[:, 2] = base ^ (epoch % 2)
         elif self.flip:
             draws[:, 2] = torch.randint(0, 2, (n,), generator=gen)
         return draws
@@ -577,7 +582,7 @@ def _train_run(
     for epoch in range(start_epoch, cfg.epochs):
         _train_whitening_bias(model, recipe, epoch)
         perm = torch.randperm(n, generator=gen.order)
-        draws = aug.draw(gen.aug, n, epoch)
+        draws = aug.draw(gen.aug, n, epoch, perm)
         perm_d = perm.to(device, non_blocking=True)
         draws_d = draws.to(device, non_blocking=True)
         pos = 0
