@@ -399,6 +399,21 @@ def test_train_cuda_unavailable(trained: Path, tree_listing: Listing) -> None:
     )
 
 
+def test_train_a_model_the_images_are_too_small_for(trained: Path, tree_listing: Listing) -> None:
+    """airbench pools 8x8 digits to nothing: refused before the experiment is created."""
+    fails_cleanly(
+        trained,
+        tree_listing,
+        "train",
+        "digits",
+        "--runs",
+        "1",
+        "--model",
+        "airbench",
+        words=("airbench", "8x8", "--model cnn"),
+    )
+
+
 def test_train_negative_base_seed(trained: Path, tree_listing: Listing) -> None:
     fails_cleanly(
         trained,

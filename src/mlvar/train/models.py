@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from mlvar.errors import MlvarError
 from mlvar.recipes import IMAGE_MODELS, is_custom
 from mlvar.train import custom
 
@@ -203,6 +204,29 @@ def build_model(name: str, channels: int | tuple[int, ...], n_classes: int) -> n
     if name == "resnet18":
         return ResNet18(channels, n_classes)
     raise KeyError(f"no image model '{name}'")
+
+
+def check_input(name: str, input_shape: tuple[int, ...], n_classes: int) -> None:
+    """Run the registry network ``name`` once on a zero batch of two inputs of shape
+    ``(C, H, W)`` (eval mode, no gradients), before anything is written.
+
+    Raises
+    ------
+    MlvarError
+        The network cannot take such images (airbench's 2x2 whitening and three poolings
+        need at least 9x9 pixels; 8x8 digits leave nothing to pool).
+    """
+    net = build_model(name, input_shape, n_classes)
+    net.eval()
+    try:
+        with torch.no_grad():
+            net(torch.zeros(2, *(int(n) for n in input_shape)))
+    except RuntimeError as exc:
+        _, h, w = (int(n) for n in input_shape)
+        raise MlvarError(
+            f"model '{name}' cannot train on {h}x{w} images ({custom._first_line(exc)})",
+            "use --model cnn (or resnet18) for small images, or a dataset of larger ones",
+        ) from None
 
 
 def make_network(

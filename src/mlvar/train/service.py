@@ -290,6 +290,10 @@ def prepare_training(
         kind = found.manifest.get("input", {}).get("kind", "tabular")
         n_classes = len(found.class_names)
         cfg.custom = custom.check(cfg.model, input_shape(found), n_classes, kind)
+    elif cfg.model != "mlp" and found.manifest.get("input", {}).get("kind") == "image":
+        from mlvar.train import models
+
+        models.check_input(cfg.model, input_shape(found), len(found.class_names))
     return found, cfg, exp_name
 
 
