@@ -110,9 +110,13 @@ def main(argv: list[str] | None = None) -> int:
         "continue_over_scratch": round(ratio, 3),
         "continue_epochs": cont.sets[0]["epochs"],
         "scratch_epochs": scratch.sets[0]["epochs"],
+        "engine": cont.sets[0]["engine"],
         "target_met": ratio <= 0.5,
     }
-    print(f"digits holdout sub3, {args.runs} {args.model} seeds, {n_sets} sets")
+    print(
+        f"digits holdout sub3, {args.runs} {args.model} seeds, {n_sets} sets, "
+        f"engine {table['engine']}"
+    )
     print(f"  train the runs:        {t_train:8.1f} s")
     print(f"  retrain (continue):    {t_cont:8.1f} s  ({table['continue_epochs']} epochs a run)")
     print(f"  retrain --from-scratch:{t_scratch:8.1f} s  ({table['scratch_epochs']} epochs a run)")

@@ -524,6 +524,7 @@ def retrain(
                 "trained": list(outcome.trained),
                 "skipped": list(outcome.skipped),
                 "epochs": outcome.epochs,
+                "engine": outcome.engine,
             }
         )
     if progress:
