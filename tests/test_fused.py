@@ -69,7 +69,7 @@ def _gens(cfg: TrainConfig, indices) -> list[RunGenerators]:
     return [RunGenerators(cfg.base_seed, i, cfg.vary) for i in indices]
 
 
-def _single(data, cfg, index: int) -> tuple[images.RunOutput, dict]:
+def _single(data, cfg, index: int, start=None) -> tuple[images.RunOutput, dict]:
     seen: dict = {"batch": []}
 
     def trace(kind: str, value) -> None:
@@ -79,7 +79,7 @@ def _single(data, cfg, index: int) -> tuple[images.RunOutput, dict]:
             seen["batch"].append(value.clone())
 
     with images._one_thread_per_kernel(data.device):
-        out = images.train_run(data, cfg, _gens(cfg, [index])[0], trace=trace)
+        out = images.train_run(data, cfg, _gens(cfg, [index])[0], trace=trace, start=start)
     return out, seen
 
 
@@ -243,17 +243,7 @@ def _continued_single(data, pool_x, pool_y, cfg, index, add, start, stats):
     )
     if stats is not None:
         run = dataclasses.replace(run, mean=stats[0], std=stats[1])
-    seen: dict = {"batch": []}
-
-    def trace(kind: str, value) -> None:
-        if kind == "init":
-            seen["init"] = value
-        else:
-            seen["batch"].append(value.clone())
-
-    with images._one_thread_per_kernel(data.device):
-        out = images.train_run(run, cfg, _gens(cfg, [index])[0], trace=trace, start=start)
-    return out, seen
+    return _single(run, cfg, index, start)
 
 
 @pytest.mark.parametrize("model", ["cnn", "airbench"])
